@@ -1,0 +1,166 @@
+//! A memory-bounded LRU cache of decoded chunks, shared by every reader of a store (and, through
+//! an `Arc`, by every store a server opens), so overlapping windows decode each chunk once.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use lru::LruCache;
+
+/// A decoded chunk in physical units (packing applied, missing values as NaN), in the chunk's
+/// own C order and full (padded) chunk shape.
+#[derive(Debug)]
+pub struct DecodedChunk {
+    /// Values, C order over `shape`.
+    pub values: Vec<f32>,
+    /// The chunk shape in the store's axis order.
+    pub shape: Vec<usize>,
+}
+
+impl DecodedChunk {
+    fn bytes(&self) -> u64 {
+        (self.values.len() * std::mem::size_of::<f32>()) as u64
+    }
+}
+
+/// Identifies a chunk: store URL, array path, chunk grid indices.
+pub type ChunkKey = (Arc<str>, Vec<u64>);
+
+/// Counters describing how the cache has been used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub resident_bytes: u64,
+    pub capacity_bytes: u64,
+}
+
+/// The shared decoded-chunk cache. Capacity is in bytes of decoded f32 values.
+#[derive(Debug)]
+pub struct ChunkCache {
+    capacity_bytes: u64,
+    inner: Mutex<Inner>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    lru: LruCache<ChunkKey, Arc<DecodedChunk>>,
+    resident_bytes: u64,
+}
+
+impl ChunkCache {
+    /// A cache holding at most `capacity_bytes` of decoded values (0 disables caching).
+    pub fn new(capacity_bytes: u64) -> Self {
+        Self {
+            capacity_bytes,
+            inner: Mutex::new(Inner {
+                lru: LruCache::unbounded(),
+                resident_bytes: 0,
+            }),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    /// Looks up a chunk, marking it most recently used.
+    pub fn get(&self, key: &ChunkKey) -> Option<Arc<DecodedChunk>> {
+        let found = self.lock().lru.get(key).cloned();
+        let counter = if found.is_some() { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// Inserts a chunk, evicting least recently used ones until the budget holds. A chunk larger
+    /// than the whole budget is not kept.
+    pub fn insert(&self, key: ChunkKey, chunk: Arc<DecodedChunk>) {
+        let size = chunk.bytes();
+        if size > self.capacity_bytes {
+            return;
+        }
+        let mut inner = self.lock();
+        if let Some(old) = inner.lru.put(key, chunk) {
+            inner.resident_bytes -= old.bytes();
+        }
+        inner.resident_bytes += size;
+        while inner.resident_bytes > self.capacity_bytes {
+            let Some((_, evicted)) = inner.lru.pop_lru() else {
+                break;
+            };
+            inner.resident_bytes -= evicted.bytes();
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            resident_bytes: self.lock().resident_bytes,
+            capacity_bytes: self.capacity_bytes,
+        }
+    }
+
+    /// Drops every cached chunk.
+    pub fn clear(&self) {
+        let mut inner = self.lock();
+        inner.lru.clear();
+        inner.resident_bytes = 0;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves the LRU consistent (every update is a single
+        // call), so a poisoned lock is still safe to use.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(n: usize) -> Arc<DecodedChunk> {
+        Arc::new(DecodedChunk {
+            values: vec![0.0; n],
+            shape: vec![n],
+        })
+    }
+
+    fn key(i: u64) -> ChunkKey {
+        (Arc::from("s/a"), vec![i])
+    }
+
+    #[test]
+    fn evicts_least_recently_used_within_budget() {
+        let cache = ChunkCache::new(3 * 400);
+        for i in 0..3 {
+            cache.insert(key(i), chunk(100));
+        }
+        assert!(cache.get(&key(0)).is_some()); // 0 becomes most recent
+        cache.insert(key(3), chunk(100)); // evicts 1
+        assert!(cache.get(&key(1)).is_none());
+        assert!(cache.get(&key(0)).is_some());
+        assert!(cache.get(&key(2)).is_some());
+        let stats = cache.stats();
+        assert_eq!(stats.resident_bytes, 1200);
+        assert_eq!(stats.evictions, 1);
+        assert_eq!((stats.hits, stats.misses), (3, 1));
+    }
+
+    #[test]
+    fn oversized_chunks_are_not_kept_and_budget_always_holds() {
+        let cache = ChunkCache::new(1000);
+        cache.insert(key(0), chunk(1000));
+        assert!(cache.get(&key(0)).is_none());
+        for i in 0..50 {
+            cache.insert(key(i), chunk(30 + i as usize));
+            assert!(cache.stats().resident_bytes <= 1000);
+        }
+    }
+}

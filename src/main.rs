@@ -1,0 +1,208 @@
+//! The `atmorep` command line: thin argument parsing over the atmorep-rs libraries.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use atmorep_loader::Dataset;
+use atmorep_loader::bench_storage::{BenchConfig, run_bench};
+use atmorep_loader::dataset::Layout;
+use atmorep_loader::inspect::inspect;
+use atmorep_loader::synth::{Codec, SynthConfig, ZarrFormat, write_store};
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "atmorep", version, about = "ERA5 Zarr → token batches → AtmoRep-style training")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The storage side: inspect, synthesize and benchmark ERA5 Zarr stores.
+    Loader {
+        #[command(subcommand)]
+        command: LoaderCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LoaderCommand {
+    /// Describe a store: variables, dims, chunking, codecs, time, grid, levels, sizes.
+    Inspect {
+        /// Store URL or path (file://, s3://, gs://, az://, http(s)://).
+        url: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also read every variable fully and print count/mean/std/min/max.
+        #[arg(long)]
+        stats: bool,
+    },
+    /// Write a synthetic ERA5-like store (and its cyclone tracks as CSV beside it).
+    Synth(SynthArgs),
+    /// Measure object GETs vs concurrency, decode speed per codec and hyperslab reads.
+    BenchStorage(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct SynthArgs {
+    /// Output directory (replaced if it exists).
+    out: PathBuf,
+    /// Grid spacing in degrees (0.25 = ERA5).
+    #[arg(long, default_value_t = 1.0)]
+    grid: f64,
+    /// First time step (UTC, RFC 3339).
+    #[arg(long, default_value = "2020-09-01T00:00:00Z")]
+    start: String,
+    /// Number of time steps.
+    #[arg(long, default_value_t = 49)]
+    steps: usize,
+    /// Hours between time steps.
+    #[arg(long, default_value_t = 3)]
+    step_hours: u32,
+    /// Pressure levels in hPa.
+    #[arg(long, value_delimiter = ',', default_value = "850,500,300")]
+    levels: Vec<u32>,
+    /// Variables (ERA5 short names: z, t, u, v, vo, d).
+    #[arg(long, value_delimiter = ',', default_value = "z,t,u,v,vo,d")]
+    variables: Vec<String>,
+    /// Zarr format: 2 or 3.
+    #[arg(long, default_value = "2")]
+    format: ZarrFormat,
+    /// Layout: per-variable (xarray/CF) or atmorep (one stacked `data` array).
+    #[arg(long, default_value = "per-variable", value_parser = parse_layout)]
+    layout: Layout,
+    /// Chunk shape time,level,lat,lon (default: 1,1,full globe; AtmoRep: 8,all,full globe).
+    #[arg(long, value_delimiter = ',')]
+    chunks: Option<Vec<u64>>,
+    /// blosc-lz4, blosc-lz4-bitshuffle, blosc-zstd, blosc-zstd-bitshuffle, zstd, gzip, none.
+    #[arg(long, default_value = "blosc-lz4")]
+    codec: Codec,
+    /// Zarr v3 sharding: inner chunk shape time,level,lat,lon (the chunks become shards).
+    #[arg(long, value_delimiter = ',')]
+    shard: Option<Vec<u64>>,
+    /// Number of tropical cyclones.
+    #[arg(long, default_value_t = 2)]
+    cyclones: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Store URL or path.
+    url: String,
+    /// Folder for the Parquet table and PNG plot.
+    #[arg(long, default_value = "bench-storage")]
+    out: PathBuf,
+    /// Variable for the hyperslab reads (default: the first).
+    #[arg(long)]
+    variable: Option<String>,
+    /// Time steps per hyperslab block read.
+    #[arg(long, default_value_t = 36)]
+    block: usize,
+    /// Repetitions per measurement (the best is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+}
+
+fn parse_layout(s: &str) -> Result<Layout, String> {
+    match s {
+        "per-variable" | "xarray" | "cf" => Ok(Layout::PerVariable),
+        "atmorep" => Ok(Layout::Atmorep),
+        _ => Err(format!("layout `{s}`: expected per-variable or atmorep")),
+    }
+}
+
+fn shape4(name: &str, v: Option<Vec<u64>>) -> Result<Option<[u64; 4]>> {
+    v.map(|v| {
+        <[u64; 4]>::try_from(v.as_slice())
+            .with_context(|| format!("--{name} needs four numbers: time,level,lat,lon"))
+    })
+    .transpose()
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Loader { command } => loader(command).await,
+    }
+}
+
+async fn loader(command: LoaderCommand) -> Result<()> {
+    match command {
+        LoaderCommand::Inspect { url, json, stats } => {
+            let dataset = Dataset::open(&url).await?;
+            let report = inspect(&dataset, stats, !json).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+        }
+        LoaderCommand::Synth(args) => {
+            let start = chrono_parse(&args.start)?;
+            let cfg = SynthConfig {
+                grid_deg: args.grid,
+                start_unix: start,
+                steps: args.steps,
+                step_hours: args.step_hours,
+                levels: args.levels,
+                variables: args.variables,
+                format: args.format,
+                layout: args.layout,
+                chunks: shape4("chunks", args.chunks)?,
+                codec: args.codec,
+                shard_inner: shape4("shard", args.shard)?,
+                cyclones: args.cyclones,
+                seed: args.seed,
+                progress: true,
+            };
+            let started = std::time::Instant::now();
+            let summary = tokio::task::spawn_blocking(move || write_store(&cfg, &args.out)).await??;
+            let [nt, nl, ny, nx] = summary.shape;
+            println!(
+                "wrote {} ({nt} steps × {nl} levels × {ny} × {nx}, {:.1} MB decoded) in {:.1} s",
+                summary.store.display(),
+                summary.decoded_bytes as f64 / 1e6,
+                started.elapsed().as_secs_f64()
+            );
+            println!(
+                "cyclone tracks: {} ({} storms)",
+                summary.tracks_csv.display(),
+                summary.cyclones.len()
+            );
+        }
+        LoaderCommand::BenchStorage(args) => {
+            if args.block == 0 || args.repeats == 0 {
+                bail!("--block and --repeats must be positive");
+            }
+            let report = run_bench(&BenchConfig {
+                url: args.url,
+                out: args.out,
+                variable: args.variable,
+                block: args.block,
+                repeats: args.repeats,
+                progress: true,
+            })
+            .await?;
+            print!("{}", report.to_text());
+        }
+    }
+    Ok(())
+}
+
+fn chrono_parse(s: &str) -> Result<i64> {
+    let with_zone = if s.ends_with('Z') || s.contains('+') { s.to_string() } else { format!("{s}Z") };
+    Ok(chrono::DateTime::parse_from_rfc3339(&with_zone)
+        .with_context(|| format!("--start `{s}` is not an RFC 3339 time"))?
+        .timestamp())
+}
