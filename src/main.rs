@@ -12,7 +12,11 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(name = "atmorep", version, about = "ERA5 Zarr → token batches → AtmoRep-style training")]
+#[command(
+    name = "atmorep",
+    version,
+    about = "ERA5 Zarr → token batches → AtmoRep-style training"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -167,7 +171,8 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 progress: true,
             };
             let started = std::time::Instant::now();
-            let summary = tokio::task::spawn_blocking(move || write_store(&cfg, &args.out)).await??;
+            let summary =
+                tokio::task::spawn_blocking(move || write_store(&cfg, &args.out)).await??;
             let [nt, nl, ny, nx] = summary.shape;
             println!(
                 "wrote {} ({nt} steps × {nl} levels × {ny} × {nx}, {:.1} MB decoded) in {:.1} s",
@@ -201,7 +206,11 @@ async fn loader(command: LoaderCommand) -> Result<()> {
 }
 
 fn chrono_parse(s: &str) -> Result<i64> {
-    let with_zone = if s.ends_with('Z') || s.contains('+') { s.to_string() } else { format!("{s}Z") };
+    let with_zone = if s.ends_with('Z') || s.contains('+') {
+        s.to_string()
+    } else {
+        format!("{s}Z")
+    };
     Ok(chrono::DateTime::parse_from_rfc3339(&with_zone)
         .with_context(|| format!("--start `{s}` is not an RFC 3339 time"))?
         .timestamp())

@@ -5,12 +5,14 @@
 //! `object_store` S3 code paths — in-process through [`S3TestServer::object_store`],
 //! or from a CLI subprocess through [`S3TestServer::s3_env`] /
 //! [`S3TestServer::configure_command`] — without any network access or cloud
-//! account.
+//! account. [`atmorep_bin`] builds (once per test process) and locates the
+//! `atmorep` CLI for tests that run it as a subprocess.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -31,6 +33,65 @@ pub const TEST_REGION: &str = "us-east-1";
 
 /// How long a stopping server waits for open connections to finish.
 const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The workspace root (the folder of the root `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the integration-test crate lives in a folder of the workspace")
+        .to_path_buf()
+}
+
+/// The `atmorep` CLI binary, built on first use (once per test process) in the profile these
+/// tests were built with (`--release` unless debug assertions are on).
+///
+/// Runs `$CARGO build --bin atmorep [--release] --manifest-path <workspace>/Cargo.toml` (`cargo`
+/// when `CARGO` is unset; under `cargo test` it is set) and returns
+/// `<target>/{release,debug}/atmorep`, where `<target>` is `CARGO_TARGET_DIR` (relative to the
+/// workspace root when relative) or `<workspace>/target`.
+///
+/// # Panics
+///
+/// If the build fails (its output is in the message) or the binary is not where expected.
+pub fn atmorep_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(build_atmorep_bin).clone()
+}
+
+fn build_atmorep_bin() -> PathBuf {
+    let root = workspace_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let release = !cfg!(debug_assertions);
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(&root)
+        .args(["build", "--bin", "atmorep", "--manifest-path"])
+        .arg(root.join("Cargo.toml"));
+    if release {
+        cmd.arg("--release");
+    }
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", Path::new(&cargo).display()));
+    assert!(
+        output.status.success(),
+        "building the atmorep binary failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    };
+    let bin = target
+        .join(if release { "release" } else { "debug" })
+        .join(format!("atmorep{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "cargo built atmorep but {} does not exist",
+        bin.display()
+    );
+    bin
+}
 
 /// An in-process S3-compatible server over real HTTP on `127.0.0.1:<random port>`.
 ///

@@ -15,9 +15,7 @@ use futures::{StreamExt, TryStreamExt};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
-use zarrs::array::{
-    Array, ArrayBytes, ArrayMetadata, ArrayMetadataV3, ArrayToBytesCodecTraits,
-};
+use zarrs::array::{Array, ArrayBytes, ArrayMetadata, ArrayMetadataV3, ArrayToBytesCodecTraits};
 
 use crate::dataset::{Dataset, Role, chunk_codec_options};
 use crate::error::{Result, StoreError};
@@ -91,7 +89,11 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
     let block = cfg.block.min(dataset.times.len());
     let base = Hyperslab {
         time: 0..block,
-        levels: if variable.has_level() { vec![0] } else { vec![] },
+        levels: if variable.has_level() {
+            vec![0]
+        } else {
+            vec![]
+        },
         ..Hyperslab::full(&dataset, &variable)
     };
     let keys = chunk_keys(&dataset, &variable, &base);
@@ -104,14 +106,28 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
             let bytes: u64 = futures::stream::iter(keys.iter())
                 .map(|k| {
                     let dataset = dataset.clone();
-                    async move { Ok::<_, StoreError>(dataset.location().get(k).await?.map_or(0, |b| b.len() as u64)) }
+                    async move {
+                        Ok::<_, StoreError>(
+                            dataset
+                                .location()
+                                .get(k)
+                                .await?
+                                .map_or(0, |b| b.len() as u64),
+                        )
+                    }
                 })
                 .buffer_unordered(concurrency)
                 .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
                 .await?;
             best = best.max(bytes as f64 / started.elapsed().as_secs_f64() / GB);
         }
-        rows.push(row("get", "object GET", concurrency as f64, best, "GB/s encoded"));
+        rows.push(row(
+            "get",
+            "object GET",
+            concurrency as f64,
+            best,
+            "GB/s encoded",
+        ));
     }
     bar.inc(1);
 
@@ -130,10 +146,8 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
         let node = variable.node.clone();
         let encoded = encoded.clone();
         let repeats = cfg.repeats;
-        crate::dataset::run_on_rayon(move || {
-            decode_rate(&node.array, &indices, &encoded, repeats)
-        })
-        .await?
+        crate::dataset::run_on_rayon(move || decode_rate(&node.array, &indices, &encoded, repeats))
+            .await?
     };
     rows.push(row(
         "decode",
@@ -151,7 +165,9 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
             .map(|codec| {
                 let array = f32_array(&shape, *codec)?;
                 let raw: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
-                let chunk_shape = array.chunk_shape(&vec![0; shape.len()]).map_err(bench_err)?;
+                let chunk_shape = array
+                    .chunk_shape(&vec![0; shape.len()])
+                    .map_err(bench_err)?;
                 let encoded = array
                     .codecs()
                     .encode(
@@ -185,7 +201,13 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
         block_read_gbps =
             block_read_gbps.max((values.len() * 4) as f64 / started.elapsed().as_secs_f64() / GB);
     }
-    rows.push(row("hyperslab", &format!("{block}-step block, 1 level, cold"), block as f64, block_read_gbps, "GB/s delivered"));
+    rows.push(row(
+        "hyperslab",
+        &format!("{block}-step block, 1 level, cold"),
+        block as f64,
+        block_read_gbps,
+        "GB/s delivered",
+    ));
     bar.inc(1);
 
     // 4. AtmoRep-sized sample windows (36 h × 54 × 108 points), cold and warm cache.
@@ -218,7 +240,10 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
                     dataset.read(w).await?;
                 }
             }
-            let decoded_before = dataset.counters.decoded_bytes.load(std::sync::atomic::Ordering::Relaxed);
+            let decoded_before = dataset
+                .counters
+                .decoded_bytes
+                .load(std::sync::atomic::Ordering::Relaxed);
             let started = Instant::now();
             let mut delivered = 0usize;
             for w in &windows {
@@ -228,26 +253,52 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
                 delivered += dataset.read(w).await?.len() * 4;
             }
             let rate = delivered as f64 / started.elapsed().as_secs_f64() / GB;
-            let decoded = dataset.counters.decoded_bytes.load(std::sync::atomic::Ordering::Relaxed) - decoded_before;
+            let decoded = dataset
+                .counters
+                .decoded_bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+                - decoded_before;
             best = best.max(rate);
             amplification = decoded as f64 / delivered as f64;
         }
         let label = if warm { "warm" } else { "cold" };
-        rows.push(row("hyperslab", &format!("sample window 36×54×108, {label}"), 8.0, best, "GB/s delivered"));
-        rows.push(row("amplification", &format!("sample window, {label}"), 8.0, amplification, "decoded/delivered"));
+        rows.push(row(
+            "hyperslab",
+            &format!("sample window 36×54×108, {label}"),
+            8.0,
+            best,
+            "GB/s delivered",
+        ));
+        rows.push(row(
+            "amplification",
+            &format!("sample window, {label}"),
+            8.0,
+            amplification,
+            "decoded/delivered",
+        ));
     }
     bar.inc(1);
     bar.finish_and_clear();
 
     let ratio = block_read_gbps / (store_decode_gbps * cores as f64);
-    rows.push(row("ratio", "block read / (store decode × cores)", cores as f64, ratio, "ratio"));
+    rows.push(row(
+        "ratio",
+        "block read / (store decode × cores)",
+        cores as f64,
+        ratio,
+        "ratio",
+    ));
     std::fs::create_dir_all(&cfg.out).map_err(|e| StoreError::io(&cfg.out, e))?;
     let parquet = cfg.out.join("bench-storage.parquet");
     write_parquet(&parquet, &rows)?;
     let png = cfg.out.join("bench-storage.png");
     let get_series = Series {
         name: "object GET".into(),
-        points: rows.iter().filter(|r| r.section == "get").map(|r| (r.x, r.value)).collect(),
+        points: rows
+            .iter()
+            .filter(|r| r.section == "get")
+            .map(|r| (r.x, r.value))
+            .collect(),
     };
     let bars: Vec<Bar> = rows
         .iter()
@@ -323,7 +374,11 @@ fn first_chunk_indices(variable: &crate::dataset::Variable) -> Vec<u64> {
         .collect()
 }
 
-fn chunk_keys(dataset: &Dataset, variable: &crate::dataset::Variable, slab: &Hyperslab) -> Vec<String> {
+fn chunk_keys(
+    dataset: &Dataset,
+    variable: &crate::dataset::Variable,
+    slab: &Hyperslab,
+) -> Vec<String> {
     let cs = variable.chunk_shape();
     let mut ranges: Vec<Vec<u64>> = Vec::new();
     for (axis, role) in variable.roles.iter().enumerate() {
@@ -351,7 +406,12 @@ fn chunk_keys(dataset: &Dataset, variable: &crate::dataset::Variable, slab: &Hyp
 }
 
 /// Best-of-`repeats` single-threaded decode rate (GB/s of decoded bytes).
-fn decode_rate<T: ?Sized>(array: &Array<T>, indices: &[u64], encoded: &[u8], repeats: usize) -> Result<f64> {
+fn decode_rate<T: ?Sized>(
+    array: &Array<T>,
+    indices: &[u64],
+    encoded: &[u8],
+    repeats: usize,
+) -> Result<f64> {
     let shape = array.chunk_shape(indices).map_err(bench_err)?;
     let options = chunk_codec_options();
     let mut best = 0.0f64;
@@ -408,18 +468,26 @@ fn write_parquet(path: &std::path::Path, rows: &[BenchRow]) -> Result<()> {
     let batch = RecordBatch::try_new(
         schema.clone(),
         vec![
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.section.as_str()))),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.name.as_str()))),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.section.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.name.as_str()),
+            )),
             Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.x))),
             Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.value))),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.unit.as_str()))),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.unit.as_str()),
+            )),
         ],
     )
     .map_err(|e| StoreError::output(path, e))?;
     let file = std::fs::File::create(path).map_err(|e| StoreError::io(path, e))?;
     let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None)
         .map_err(|e| StoreError::output(path, e))?;
-    writer.write(&batch).map_err(|e| StoreError::output(path, e))?;
+    writer
+        .write(&batch)
+        .map_err(|e| StoreError::output(path, e))?;
     writer.close().map_err(|e| StoreError::output(path, e))?;
     Ok(())
 }
@@ -428,17 +496,34 @@ impl BenchReport {
     /// The table as text.
     pub fn to_text(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "bench-storage {} (variable {}, {} cores)", self.url, self.variable, self.cores);
-        let _ = writeln!(s, "  {:<14} {:<44} {:>8} {:>10}  unit", "section", "name", "x", "value");
+        let _ = writeln!(
+            s,
+            "bench-storage {} (variable {}, {} cores)",
+            self.url, self.variable, self.cores
+        );
+        let _ = writeln!(
+            s,
+            "  {:<14} {:<44} {:>8} {:>10}  unit",
+            "section", "name", "x", "value"
+        );
         for r in &self.rows {
-            let _ = writeln!(s, "  {:<14} {:<44} {:>8} {:>10.3}  {}", r.section, r.name, r.x, r.value, r.unit);
+            let _ = writeln!(
+                s,
+                "  {:<14} {:<44} {:>8} {:>10.3}  {}",
+                r.section, r.name, r.x, r.value, r.unit
+            );
         }
         let _ = writeln!(
             s,
             "\nblock read {:.3} GB/s ÷ (store decode {:.3} GB/s × {} cores) = {:.3}",
             self.block_read_gbps, self.store_decode_gbps, self.cores, self.ratio
         );
-        let _ = writeln!(s, "table: {}\nplot:  {}", self.parquet.display(), self.png.display());
+        let _ = writeln!(
+            s,
+            "table: {}\nplot:  {}",
+            self.parquet.display(),
+            self.png.display()
+        );
         s
     }
 }

@@ -1,9 +1,9 @@
 //! A memory-bounded LRU cache of decoded chunks, shared by every reader of a store (and, through
 //! an `Arc`, by every store a server opens), so overlapping windows decode each chunk once.
 
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use lru::LruCache;
 
@@ -70,7 +70,11 @@ impl ChunkCache {
     /// Looks up a chunk, marking it most recently used.
     pub fn get(&self, key: &ChunkKey) -> Option<Arc<DecodedChunk>> {
         let found = self.lock().lru.get(key).cloned();
-        let counter = if found.is_some() { &self.hits } else { &self.misses };
+        let counter = if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         found
     }
@@ -117,7 +121,9 @@ impl ChunkCache {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves the LRU consistent (every update is a single
         // call), so a poisoned lock is still safe to use.
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

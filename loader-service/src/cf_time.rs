@@ -21,11 +21,11 @@ pub enum CfTimeError {
     UnknownUnit(String),
     #[error("cannot parse reference date `{0}`")]
     BadReference(String),
-    #[error(
-        "calendar `{0}` is not supported (standard, gregorian and proleptic_gregorian are)"
-    )]
+    #[error("calendar `{0}` is not supported (standard, gregorian and proleptic_gregorian are)")]
     UnsupportedCalendar(String),
-    #[error("calendar `standard` with a reference before 1582-10-15 mixes Julian and Gregorian dates")]
+    #[error(
+        "calendar `standard` with a reference before 1582-10-15 mixes Julian and Gregorian dates"
+    )]
     MixedCalendar,
     #[error("time value {0} is not finite")]
     NotFinite(f64),

@@ -204,7 +204,12 @@ impl Dataset {
             .ok_or_else(|| StoreError::UnknownVariable {
                 url: self.url().to_string(),
                 name: name.to_string(),
-                available: self.variables.keys().cloned().collect::<Vec<_>>().join(", "),
+                available: self
+                    .variables
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
             })
     }
 
@@ -242,7 +247,8 @@ impl Dataset {
                 })
         };
         let url = location.url().to_string();
-        let missing = |what: &str| StoreError::metadata(&url, format!("no {what} coordinate found"));
+        let missing =
+            |what: &str| StoreError::metadata(&url, format!("no {what} coordinate found"));
         let time = find(TIME_NAMES, "time", "T").ok_or_else(|| missing("time"))?;
         let lat = find(LAT_NAMES, "latitude", "Y").ok_or_else(|| missing("latitude"))?;
         let lon = find(LON_NAMES, "longitude", "X").ok_or_else(|| missing("longitude"))?;
@@ -312,7 +318,11 @@ impl Dataset {
                     node.name.clone(),
                     node,
                     roles,
-                    if has_level { levels.clone() } else { Vec::new() },
+                    if has_level {
+                        levels.clone()
+                    } else {
+                        Vec::new()
+                    },
                 )?,
             );
         }
@@ -341,10 +351,9 @@ impl Dataset {
         let url = location.url().to_string();
         let data = &metadata.arrays["data"];
         let need = |name: &str| {
-            metadata
-                .arrays
-                .get(name)
-                .ok_or_else(|| StoreError::metadata(&url, format!("AtmoRep layout without `{name}`")))
+            metadata.arrays.get(name).ok_or_else(|| {
+                StoreError::metadata(&url, format!("AtmoRep layout without `{name}`"))
+            })
         };
         let (times, time_units) = read_times(&location, need("time")?).await?;
         // AtmoRep stores colatitude (0 at the north pole) in `lats`.
@@ -379,7 +388,13 @@ impl Dataset {
                 .collect(),
         };
         let shape = data.array.shape();
-        let expect = [times.len(), fields.len(), levels.len(), store_lats.len(), store_lons.len()];
+        let expect = [
+            times.len(),
+            fields.len(),
+            levels.len(),
+            store_lats.len(),
+            store_lons.len(),
+        ];
         if shape.iter().zip(expect).any(|(a, b)| *a as usize != b) {
             return Err(StoreError::metadata(
                 format!("{url}/data"),
@@ -388,7 +403,13 @@ impl Dataset {
         }
         let mut variables = BTreeMap::new();
         for (index, field) in fields.iter().enumerate() {
-            let roles = vec![Role::Time, Role::Field(index as u64), Role::Level, Role::Lat, Role::Lon];
+            let roles = vec![
+                Role::Time,
+                Role::Field(index as u64),
+                Role::Level,
+                Role::Lat,
+                Role::Lon,
+            ];
             variables.insert(
                 field.clone(),
                 make_variable(&url, field.clone(), data, roles, levels.clone())?,
@@ -412,11 +433,7 @@ impl Dataset {
     }
 
     /// Fetches one chunk of `node` (through the cache) and decodes it to physical values.
-    pub async fn chunk(
-        &self,
-        variable: &Variable,
-        indices: &[u64],
-    ) -> Result<Arc<DecodedChunk>> {
+    pub async fn chunk(&self, variable: &Variable, indices: &[u64]) -> Result<Arc<DecodedChunk>> {
         let key = (self.cache_key(&variable.node), indices.to_vec());
         if let Some(hit) = self.cache.get(&key) {
             return Ok(hit);
@@ -434,7 +451,14 @@ impl Dataset {
         let url = self.url().to_string();
         let indices = indices.to_vec();
         let decoded = run_on_rayon(move || {
-            decode_chunk(&url, &node, &store_key, &indices, encoded.as_deref(), &packing)
+            decode_chunk(
+                &url,
+                &node,
+                &store_key,
+                &indices,
+                encoded.as_deref(),
+                &packing,
+            )
         })
         .await?;
         self.counters
@@ -507,11 +531,12 @@ pub fn decode_chunk(
             std::borrow::Cow::Owned(fill.repeat(count))
         }
     };
-    let values = to_physical(array.data_type(), &raw, packing)
-        .ok_or_else(|| StoreError::UnsupportedDataType {
+    let values = to_physical(array.data_type(), &raw, packing).ok_or_else(|| {
+        StoreError::UnsupportedDataType {
             array: format!("{url}/{}", node.name),
             dtype: format!("{:?}", array.data_type()),
-        })?;
+        }
+    })?;
     if values.len() != count {
         return Err(corrupt(format!(
             "decoded {} values, expected {count}",
@@ -638,12 +663,13 @@ fn make_variable(
         zarrs::array::ArrayMetadata::V3(m) => (m.data_type.name().to_string(), false),
     };
     if fill_is_missing {
-        let fill = to_f64(array.data_type(), array.fill_value().as_ne_bytes()).ok_or_else(|| {
-            StoreError::UnsupportedDataType {
-                array: format!("{url}/{}", node.name),
-                dtype: stored_dtype.clone(),
-            }
-        })?;
+        let fill =
+            to_f64(array.data_type(), array.fill_value().as_ne_bytes()).ok_or_else(|| {
+                StoreError::UnsupportedDataType {
+                    array: format!("{url}/{}", node.name),
+                    dtype: stored_dtype.clone(),
+                }
+            })?;
         missing.extend(fill.into_iter().filter(|v| !v.is_nan()));
     } else if to_f64(array.data_type(), &[]).is_none() {
         return Err(StoreError::UnsupportedDataType {
@@ -668,7 +694,10 @@ fn make_variable(
 }
 
 /// Reads a whole 1-D array as raw f64 values.
-pub(crate) async fn read_coordinate(location: &StoreLocation, node: &ArrayNode) -> Result<Vec<f64>> {
+pub(crate) async fn read_coordinate(
+    location: &StoreLocation,
+    node: &ArrayNode,
+) -> Result<Vec<f64>> {
     let array = &node.array;
     let len = array.shape()[0] as usize;
     let mut out = Vec::with_capacity(len);
@@ -680,7 +709,9 @@ pub(crate) async fn read_coordinate(location: &StoreLocation, node: &ArrayNode) 
             key: key.clone(),
             detail,
         };
-        let shape = array.chunk_shape(&[c]).map_err(|e| corrupt(e.to_string()))?;
+        let shape = array
+            .chunk_shape(&[c])
+            .map_err(|e| corrupt(e.to_string()))?;
         let raw: Vec<u8> = match encoded {
             Some(bytes) => array
                 .codecs()
@@ -695,14 +726,16 @@ pub(crate) async fn read_coordinate(location: &StoreLocation, node: &ArrayNode) 
                 .into_fixed()
                 .map_err(|e| corrupt(e.to_string()))?
                 .into_owned(),
-            None => array.fill_value().as_ne_bytes().repeat(shape[0].get() as usize),
+            None => array
+                .fill_value()
+                .as_ne_bytes()
+                .repeat(shape[0].get() as usize),
         };
-        let values = to_f64(array.data_type(), &raw).ok_or_else(|| {
-            StoreError::UnsupportedDataType {
+        let values =
+            to_f64(array.data_type(), &raw).ok_or_else(|| StoreError::UnsupportedDataType {
                 array: format!("{}/{}", location.url(), node.name),
                 dtype: format!("{:?}", array.data_type()),
-            }
-        })?;
+            })?;
         out.extend(values);
     }
     out.truncate(len);
@@ -791,7 +824,10 @@ mod tests {
         let g = Grid::new("mem", &lats, &lons).unwrap();
         assert_eq!(g.lats, vec![90.0, 45.0, 0.0, -45.0, -90.0]);
         assert!(g.lat_ascending);
-        assert_eq!(g.lons, vec![0.0, 45.0, 90.0, 135.0, 180.0, 225.0, 270.0, 315.0]);
+        assert_eq!(
+            g.lons,
+            vec![0.0, 45.0, 90.0, 135.0, 180.0, 225.0, 270.0, 315.0]
+        );
         assert_eq!(g.lon_shift, 4); // store index 4 holds lon 0
     }
 

@@ -217,10 +217,12 @@ fn node_v3(location: &StoreLocation, name: &str, meta: Value) -> Result<ArrayNod
     let metadata: ArrayMetadataV3 =
         serde_json::from_value(meta).map_err(|e| StoreError::metadata(&path, e))?;
     let attributes = metadata.attributes.clone();
-    let dims = metadata
-        .dimension_names
-        .as_ref()
-        .map(|names| names.iter().map(|n| n.clone().unwrap_or_default()).collect());
+    let dims = metadata.dimension_names.as_ref().map(|names| {
+        names
+            .iter()
+            .map(|n| n.clone().unwrap_or_default())
+            .collect()
+    });
     let array = make_array(location, name, ArrayMetadata::V3(metadata))?;
     Ok(ArrayNode {
         name: name.to_string(),
@@ -241,6 +243,19 @@ fn make_array(location: &StoreLocation, name: &str, metadata: ArrayMetadata) -> 
             array: array_name,
             dtype: detail.to_string(),
         },
+        // zarrs reports v2 conversion problems as text; sort them by what they name.
+        ArrayCreateError::UnsupportedZarrV2Array(detail) if detail.contains("codec") => {
+            StoreError::UnsupportedCodec {
+                array: array_name,
+                detail,
+            }
+        }
+        ArrayCreateError::UnsupportedZarrV2Array(detail) if detail.contains("data type") => {
+            StoreError::UnsupportedDataType {
+                array: array_name,
+                dtype: detail,
+            }
+        }
         other => StoreError::metadata(array_name, other),
     })
 }

@@ -93,7 +93,10 @@ impl StoreError {
         }
     }
 
-    pub(crate) fn output(path: impl AsRef<std::path::Path>, detail: impl std::fmt::Display) -> Self {
+    pub(crate) fn output(
+        path: impl AsRef<std::path::Path>,
+        detail: impl std::fmt::Display,
+    ) -> Self {
         Self::Output {
             path: path.as_ref().display().to_string(),
             detail: detail.to_string(),

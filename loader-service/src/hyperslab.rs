@@ -84,7 +84,12 @@ impl Dataset {
         let variable = self.variable(&slab.variable)?;
         self.validate(variable, slab)?;
         let shape = slab.shape();
-        let out_strides = [shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1];
+        let out_strides = [
+            shape[1] * shape[2] * shape[3],
+            shape[2] * shape[3],
+            shape[3],
+            1,
+        ];
         let array = &variable.node.array;
         let chunk_shape = variable.chunk_shape();
         let nlon = self.lons.len();
@@ -99,10 +104,17 @@ impl Dataset {
                     time_axis = axis;
                     (out_strides[0], slab.time.clone().enumerate().collect())
                 }
-                Role::Level => (out_strides[1], slab.levels.iter().copied().enumerate().collect()),
+                Role::Level => (
+                    out_strides[1],
+                    slab.levels.iter().copied().enumerate().collect(),
+                ),
                 Role::Lat => (
                     out_strides[2],
-                    slab.lat.clone().enumerate().map(|(i, y)| (i, self.store_lat(y))).collect(),
+                    slab.lat
+                        .clone()
+                        .enumerate()
+                        .map(|(i, y)| (i, self.store_lat(y)))
+                        .collect(),
                 ),
                 Role::Lon => (
                     out_strides[3],
@@ -152,7 +164,11 @@ impl Dataset {
                 })
                 .collect();
         }
-        debug_assert!(plans.iter().all(|p| p.indices.len() == array.dimensionality()));
+        debug_assert!(
+            plans
+                .iter()
+                .all(|p| p.indices.len() == array.dimensionality())
+        );
 
         let chunks: Vec<Arc<DecodedChunk>> = futures::stream::iter(plans.iter())
             .map(|plan| self.chunk(variable, &plan.indices))
@@ -280,7 +296,16 @@ fn scatter(
             }
         }
     };
-    walk(0, ndim - 1, pairs, out_strides, &chunk_strides, 0, 0, &mut visit);
+    walk(
+        0,
+        ndim - 1,
+        pairs,
+        out_strides,
+        &chunk_strides,
+        0,
+        0,
+        &mut visit,
+    );
 }
 
 #[allow(clippy::too_many_arguments)]

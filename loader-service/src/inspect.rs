@@ -153,7 +153,10 @@ pub async fn inspect(dataset: &Dataset, stats: bool, progress: bool) -> Result<I
         .collect();
     let times = &dataset.times;
     let steps: Vec<i64> = times.windows(2).map(|w| w[1] - w[0]).collect();
-    let regular = steps.first().copied().filter(|s| steps.iter().all(|x| x == s));
+    let regular = steps
+        .first()
+        .copied()
+        .filter(|s| steps.iter().all(|x| x == s));
     let (lats, lons) = (&dataset.lats, &dataset.lons);
     Ok(InspectReport {
         url: dataset.url().to_string(),
@@ -176,8 +179,18 @@ pub async fn inspect(dataset: &Dataset, stats: bool, progress: bool) -> Result<I
             lon_last: lons[lons.len() - 1],
             dlat: (lats[0] - lats[lats.len() - 1]) / (lats.len() - 1) as f64,
             dlon: lons[1] - lons[0],
-            stored_latitude: if dataset.lat_ascending { "ascending" } else { "descending" }.into(),
-            stored_longitude: if dataset.lon_shift == 0 { "0..360" } else { "-180..180" }.into(),
+            stored_latitude: if dataset.lat_ascending {
+                "ascending"
+            } else {
+                "descending"
+            }
+            .into(),
+            stored_longitude: if dataset.lon_shift == 0 {
+                "0..360"
+            } else {
+                "-180..180"
+            }
+            .into(),
         },
         arrays,
         variables,
@@ -209,7 +222,11 @@ fn dtype_name(metadata: &Value) -> String {
     metadata
         .get("dtype")
         .or_else(|| metadata.get("data_type"))
-        .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string())
+        })
         .unwrap_or_default()
 }
 
@@ -224,9 +241,17 @@ fn codec_names(metadata: &Value) -> Vec<String> {
         match name {
             "bytes" | "transpose" => {}
             "sharding_indexed" => {
-                let inner = config.get("chunk_shape").map(|v| v.to_string()).unwrap_or_default();
+                let inner = config
+                    .get("chunk_shape")
+                    .map(|v| v.to_string())
+                    .unwrap_or_default();
                 out.push(format!("sharding(inner {inner})"));
-                for c in config.get("codecs").and_then(Value::as_array).into_iter().flatten() {
+                for c in config
+                    .get("codecs")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
                     describe(c, out);
                 }
             }
@@ -255,7 +280,12 @@ fn codec_names(metadata: &Value) -> Vec<String> {
             describe(c, &mut out);
         }
     } else {
-        for f in metadata.get("filters").and_then(Value::as_array).into_iter().flatten() {
+        for f in metadata
+            .get("filters")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             describe(f, &mut out);
         }
         match metadata.get("compressor") {
@@ -289,7 +319,11 @@ impl InspectReport {
             s,
             "format     Zarr v{}{}, layout {:?}",
             self.zarr_format,
-            if self.consolidated { " (consolidated)" } else { "" },
+            if self.consolidated {
+                " (consolidated)"
+            } else {
+                ""
+            },
             self.layout
         );
         let step = self
@@ -306,8 +340,16 @@ impl InspectReport {
         let _ = writeln!(
             s,
             "grid       {} × {} (lat {:.3}→{:.3}, Δ{:.4}°; lon {:.3}→{:.3}, Δ{:.4}°); stored latitude {}, longitude {}",
-            g.nlat, g.nlon, g.lat_first, g.lat_last, g.dlat, g.lon_first, g.lon_last, g.dlon,
-            g.stored_latitude, g.stored_longitude
+            g.nlat,
+            g.nlon,
+            g.lat_first,
+            g.lat_last,
+            g.dlat,
+            g.lon_first,
+            g.lon_last,
+            g.dlon,
+            g.stored_latitude,
+            g.stored_longitude
         );
         let _ = writeln!(s, "\narrays");
         let _ = writeln!(
@@ -342,10 +384,17 @@ impl InspectReport {
             let levels = if v.levels.is_empty() {
                 "surface".to_string()
             } else {
-                v.levels.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",")
+                v.levels
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
             };
             let packing = if v.scale_factor != 1.0 || v.add_offset != 0.0 {
-                format!(" packed {}×{}+{}", v.stored_dtype, v.scale_factor, v.add_offset)
+                format!(
+                    " packed {}×{}+{}",
+                    v.stored_dtype, v.scale_factor, v.add_offset
+                )
             } else {
                 String::new()
             };
@@ -382,11 +431,15 @@ mod tests {
 
     #[test]
     fn codec_descriptions_cover_v2_and_v3() {
-        let v2 = json!({"compressor": {"id": "blosc", "cname": "lz4", "shuffle": 1}, "filters": null});
+        let v2 =
+            json!({"compressor": {"id": "blosc", "cname": "lz4", "shuffle": 1}, "filters": null});
         assert_eq!(codec_names(&v2), vec!["blosc-lz4-shuffle"]);
         let v3 = json!({"codecs": [{"name": "sharding_indexed", "configuration": {
             "chunk_shape": [1, 2], "codecs": [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 3}}]}}]});
-        assert_eq!(codec_names(&v3), vec!["sharding(inner [1,2])", "zstd(level 3)"]);
+        assert_eq!(
+            codec_names(&v3),
+            vec!["sharding(inner [1,2])", "zstd(level 3)"]
+        );
         assert_eq!(codec_names(&json!({"compressor": null})), vec!["none"]);
     }
 }

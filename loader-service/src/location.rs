@@ -33,7 +33,8 @@ impl StoreLocation {
         let Some(parsed) = parsed else {
             return Self::local(url, std::path::Path::new(trimmed));
         };
-        let prefix = ObjectPath::from_url_path(parsed.path()).map_err(|e| invalid(e.to_string()))?;
+        let prefix =
+            ObjectPath::from_url_path(parsed.path()).map_err(|e| invalid(e.to_string()))?;
         let store: Arc<dyn ObjectStore> = match parsed.scheme() {
             "file" => {
                 let path = parsed
@@ -82,12 +83,13 @@ impl StoreLocation {
             url: url.to_string(),
             detail: e.to_string(),
         })?;
-        let store = object_store::local::LocalFileSystem::new_with_prefix(&canonical).map_err(
-            |e| StoreError::InvalidUrl {
-                url: url.to_string(),
-                detail: e.to_string(),
-            },
-        )?;
+        let store =
+            object_store::local::LocalFileSystem::new_with_prefix(&canonical).map_err(|e| {
+                StoreError::InvalidUrl {
+                    url: url.to_string(),
+                    detail: e.to_string(),
+                }
+            })?;
         Ok(Self {
             url: url.to_string(),
             store: Arc::new(store),
@@ -116,7 +118,11 @@ impl StoreLocation {
 
     /// The object path of `key` (a Zarr key relative to the store root).
     pub fn path(&self, key: &str) -> ObjectPath {
-        let mut parts: Vec<String> = self.prefix.parts().map(|p| p.as_ref().to_string()).collect();
+        let mut parts: Vec<String> = self
+            .prefix
+            .parts()
+            .map(|p| p.as_ref().to_string())
+            .collect();
         parts.extend(key.split('/').filter(|s| !s.is_empty()).map(str::to_string));
         ObjectPath::from_iter(parts)
     }

@@ -64,9 +64,15 @@ pub fn lines_and_bars(
 
     let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let ys = series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
-    let (xmin, xmax) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |a, x| (a.0.min(x), a.1.max(x)));
+    let (xmin, xmax) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |a, x| {
+        (a.0.min(x), a.1.max(x))
+    });
     let ymax = ys.fold(0.0f64, f64::max).max(1e-9) * 1.15;
-    let (xmin, xmax) = if xmin.is_finite() { (xmin, xmax.max(xmin * 2.0)) } else { (1.0, 2.0) };
+    let (xmin, xmax) = if xmin.is_finite() {
+        (xmin, xmax.max(xmin * 2.0))
+    } else {
+        (1.0, 2.0)
+    };
     let mut chart = ChartBuilder::on(&left)
         .caption(line_title, ("sans-serif", 20))
         .margin(15)
@@ -85,10 +91,15 @@ pub fn lines_and_bars(
     for (i, s) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
-            .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(3)))
+            .draw_series(LineSeries::new(
+                s.points.iter().copied(),
+                color.stroke_width(3),
+            ))
             .map_err(|e| plot_err(path, e))?
             .label(s.name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
         chart
             .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
             .map_err(|e| plot_err(path, e))?;
@@ -102,7 +113,12 @@ pub fn lines_and_bars(
         .draw()
         .map_err(|e| plot_err(path, e))?;
 
-    let vmax = bars.iter().map(|b| b.value).fold(0.0f64, f64::max).max(1e-9) * 1.2;
+    let vmax = bars
+        .iter()
+        .map(|b| b.value)
+        .fold(0.0f64, f64::max)
+        .max(1e-9)
+        * 1.2;
     let n = bars.len().max(1);
     let mut chart = ChartBuilder::on(&right)
         .caption(bar_title, ("sans-serif", 20))
@@ -130,7 +146,10 @@ pub fn lines_and_bars(
         .draw_series(bars.iter().enumerate().map(|(i, b)| {
             let color = Palette99::pick(i).to_rgba();
             let mut rect = Rectangle::new(
-                [(0.0, SegmentValue::Exact(i)), (b.value, SegmentValue::Exact(i + 1))],
+                [
+                    (0.0, SegmentValue::Exact(i)),
+                    (b.value, SegmentValue::Exact(i + 1)),
+                ],
                 color.filled(),
             );
             rect.set_margin(6, 6, 0, 0);

@@ -114,16 +114,23 @@ mod tests {
     #[test]
     fn merged_blocks_equal_one_pass_in_f64() {
         let values: Vec<f32> = (0..10_000)
-            .map(|i| 5.0e4 + ((i * 7919) % 1000) as f32 * 0.37 - if i % 97 == 0 { f32::NAN } else { 0.0 })
+            .map(|i| {
+                5.0e4 + ((i * 7919) % 1000) as f32 * 0.37 - if i % 97 == 0 { f32::NAN } else { 0.0 }
+            })
             .collect();
         let whole = Moments::from_values(&values);
         let merged = values
             .chunks(333)
             .map(Moments::from_values)
             .fold(Moments::default(), Moments::merge);
-        let finite: Vec<f64> = values.iter().filter(|v| !v.is_nan()).map(|&v| v as f64).collect();
+        let finite: Vec<f64> = values
+            .iter()
+            .filter(|v| !v.is_nan())
+            .map(|&v| v as f64)
+            .collect();
         let mean = finite.iter().sum::<f64>() / finite.len() as f64;
-        let std = (finite.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / finite.len() as f64).sqrt();
+        let std =
+            (finite.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / finite.len() as f64).sqrt();
         for m in [whole, merged] {
             assert_eq!(m.count, finite.len() as u64);
             assert_eq!(m.missing, (values.len() - finite.len()) as u64);

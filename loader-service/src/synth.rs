@@ -65,7 +65,10 @@ impl FromStr for ZarrFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
     /// Blosc with lz4 or zstd; `bitshuffle` selects bit- instead of byte-shuffle.
-    Blosc { zstd: bool, bitshuffle: bool },
+    Blosc {
+        zstd: bool,
+        bitshuffle: bool,
+    },
     Zstd,
     Gzip,
     None,
@@ -75,10 +78,22 @@ impl FromStr for Codec {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         Ok(match s {
-            "blosc-lz4" | "blosc" => Self::Blosc { zstd: false, bitshuffle: false },
-            "blosc-lz4-bitshuffle" => Self::Blosc { zstd: false, bitshuffle: true },
-            "blosc-zstd" => Self::Blosc { zstd: true, bitshuffle: false },
-            "blosc-zstd-bitshuffle" => Self::Blosc { zstd: true, bitshuffle: true },
+            "blosc-lz4" | "blosc" => Self::Blosc {
+                zstd: false,
+                bitshuffle: false,
+            },
+            "blosc-lz4-bitshuffle" => Self::Blosc {
+                zstd: false,
+                bitshuffle: true,
+            },
+            "blosc-zstd" => Self::Blosc {
+                zstd: true,
+                bitshuffle: false,
+            },
+            "blosc-zstd-bitshuffle" => Self::Blosc {
+                zstd: true,
+                bitshuffle: true,
+            },
             "zstd" => Self::Zstd,
             "gzip" => Self::Gzip,
             "none" => Self::None,
@@ -111,10 +126,22 @@ impl std::fmt::Display for Codec {
 impl Codec {
     /// All codecs, for round-trip tests and benchmarks.
     pub const ALL: [Codec; 7] = [
-        Codec::Blosc { zstd: false, bitshuffle: false },
-        Codec::Blosc { zstd: false, bitshuffle: true },
-        Codec::Blosc { zstd: true, bitshuffle: false },
-        Codec::Blosc { zstd: true, bitshuffle: true },
+        Codec::Blosc {
+            zstd: false,
+            bitshuffle: false,
+        },
+        Codec::Blosc {
+            zstd: false,
+            bitshuffle: true,
+        },
+        Codec::Blosc {
+            zstd: true,
+            bitshuffle: false,
+        },
+        Codec::Blosc {
+            zstd: true,
+            bitshuffle: true,
+        },
         Codec::Zstd,
         Codec::Gzip,
         Codec::None,
@@ -150,7 +177,9 @@ impl Codec {
                     "blocksize": 0
                 }
             })],
-            Self::Zstd => vec![json!({"name": "zstd", "configuration": {"level": 3, "checksum": false}})],
+            Self::Zstd => {
+                vec![json!({"name": "zstd", "configuration": {"level": 3, "checksum": false}})]
+            }
             Self::Gzip => vec![json!({"name": "gzip", "configuration": {"level": 5}})],
             Self::None => vec![],
         }
@@ -236,7 +265,10 @@ impl Default for SynthConfig {
             format: ZarrFormat::V2,
             layout: Layout::PerVariable,
             chunks: None,
-            codec: Codec::Blosc { zstd: false, bitshuffle: false },
+            codec: Codec::Blosc {
+                zstd: false,
+                bitshuffle: false,
+            },
             shard_inner: None,
             cyclones: 2,
             seed: 42,
@@ -395,7 +427,9 @@ impl Grid {
         Self {
             nlat,
             nlon,
-            phi: (0..nlat).map(|j| (90.0 - g * j as f64).to_radians()).collect(),
+            phi: (0..nlat)
+                .map(|j| (90.0 - g * j as f64).to_radians())
+                .collect(),
             lam: (0..nlon).map(|i| (g * i as f64).to_radians()).collect(),
             dphi: g.to_radians(),
             dlam: g.to_radians(),
@@ -428,7 +462,13 @@ impl Grid {
 
 // Grid loops index several parallel arrays by (j, i); iterators would obscure the stencils.
 #[allow(clippy::needless_range_loop)]
-fn compute_level(cfg: &SynthConfig, grid: &Grid, cyclones: &[Cyclone], hours: f64, p: f64) -> LevelFields {
+fn compute_level(
+    cfg: &SynthConfig,
+    grid: &Grid,
+    cyclones: &[Cyclone],
+    hours: f64,
+    p: f64,
+) -> LevelFields {
     let (nlat, nlon) = (grid.nlat, grid.nlon);
     let a = EARTH_RADIUS;
     let height = ((1000.0 / p).ln() / (1000.0f64 / 300.0).ln()).max(0.0);
@@ -498,7 +538,10 @@ fn compute_level(cfg: &SynthConfig, grid: &Grid, cyclones: &[Cyclone], hours: f6
         for i in 0..nlon {
             let k = j * nlon + i;
             let (zonal, merid) = if cos > 1e-9 {
-                (grid.d_dlam(&chi, j, i) / (a * cos), grid.d_dlam(&psi, j, i) / (a * cos))
+                (
+                    grid.d_dlam(&chi, j, i) / (a * cos),
+                    grid.d_dlam(&psi, j, i) / (a * cos),
+                )
             } else {
                 (0.0, 0.0)
             };
@@ -506,8 +549,12 @@ fn compute_level(cfg: &SynthConfig, grid: &Grid, cyclones: &[Cyclone], hours: f6
             v[k] = merid + grid.d_dphi(&chi, j, i) / a;
         }
     }
-    let ucos: Vec<f64> = (0..nlat * nlon).map(|k| u[k] * grid.phi[k / nlon].cos()).collect();
-    let vcos: Vec<f64> = (0..nlat * nlon).map(|k| v[k] * grid.phi[k / nlon].cos()).collect();
+    let ucos: Vec<f64> = (0..nlat * nlon)
+        .map(|k| u[k] * grid.phi[k / nlon].cos())
+        .collect();
+    let vcos: Vec<f64> = (0..nlat * nlon)
+        .map(|k| v[k] * grid.phi[k / nlon].cos())
+        .collect();
     let mut vo = vec![0.0; nlat * nlon];
     let mut dv = vec![0.0; nlat * nlon];
     for j in 1..nlat - 1 {
@@ -685,7 +732,10 @@ fn metadata_json(format: ZarrFormat, spec: &ArraySpec<'_>) -> Value {
 }
 
 fn attrs(pairs: &[(&str, Value)]) -> serde_json::Map<String, Value> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }
 
 /// Writes the store described by `cfg` at `out` (a local directory, replaced if it exists) and
@@ -710,18 +760,19 @@ pub fn write_store(cfg: &SynthConfig, out: &Path) -> Result<SynthSummary> {
     let levels: Vec<i32> = cfg.levels.iter().map(|&l| l as i32).collect();
     let none = Codec::None;
 
-    let coord = |name: &'static str, n: usize, dtype: &'static str, a: serde_json::Map<String, Value>| {
-        ArraySpec {
-            name,
-            shape: vec![n as u64],
-            chunks: vec![n as u64],
-            shard_inner: None,
-            dtype,
-            dims: vec![name],
-            codec: none,
-            attributes: a,
-        }
-    };
+    let coord =
+        |name: &'static str, n: usize, dtype: &'static str, a: serde_json::Map<String, Value>| {
+            ArraySpec {
+                name,
+                shape: vec![n as u64],
+                chunks: vec![n as u64],
+                shard_inner: None,
+                dtype,
+                dims: vec![name],
+                codec: none,
+                attributes: a,
+            }
+        };
     let time_attrs = attrs(&[
         ("units", json!(TIME_UNITS)),
         ("calendar", json!("gregorian")),
@@ -748,35 +799,54 @@ pub fn write_store(cfg: &SynthConfig, out: &Path) -> Result<SynthSummary> {
 
     let main_arrays: Vec<(String, ArraySpec<'_>)> = match cfg.layout {
         Layout::PerVariable => {
-            write_array(coord("time", nt, "i64", time_attrs), ArrayData::I64(hours_enc))?;
             write_array(
-                coord("level", nlev, "i32", attrs(&[
-                    ("units", json!("hPa")),
-                    ("long_name", json!("pressure_level")),
-                    ("standard_name", json!("air_pressure")),
-                    ("positive", json!("down")),
-                ])),
+                coord("time", nt, "i64", time_attrs),
+                ArrayData::I64(hours_enc),
+            )?;
+            write_array(
+                coord(
+                    "level",
+                    nlev,
+                    "i32",
+                    attrs(&[
+                        ("units", json!("hPa")),
+                        ("long_name", json!("pressure_level")),
+                        ("standard_name", json!("air_pressure")),
+                        ("positive", json!("down")),
+                    ]),
+                ),
                 ArrayData::I32(levels.clone()),
             )?;
             write_array(
-                coord("latitude", nlat, "f64", attrs(&[
-                    ("units", json!("degrees_north")),
-                    ("standard_name", json!("latitude")),
-                ])),
+                coord(
+                    "latitude",
+                    nlat,
+                    "f64",
+                    attrs(&[
+                        ("units", json!("degrees_north")),
+                        ("standard_name", json!("latitude")),
+                    ]),
+                ),
                 ArrayData::F64(lats.clone()),
             )?;
             write_array(
-                coord("longitude", nlon, "f64", attrs(&[
-                    ("units", json!("degrees_east")),
-                    ("standard_name", json!("longitude")),
-                ])),
+                coord(
+                    "longitude",
+                    nlon,
+                    "f64",
+                    attrs(&[
+                        ("units", json!("degrees_east")),
+                        ("standard_name", json!("longitude")),
+                    ]),
+                ),
                 ArrayData::F64(lons.clone()),
             )?;
             let chunks = cfg.chunks.unwrap_or([1, 1, nlat as u64, nlon as u64]);
             cfg.variables
                 .iter()
                 .map(|var| {
-                    let (_, long, units) = VARIABLES.iter().find(|k| k.0 == var).expect("validated");
+                    let (_, long, units) =
+                        VARIABLES.iter().find(|k| k.0 == var).expect("validated");
                     let spec = ArraySpec {
                         name: VARIABLES.iter().find(|k| k.0 == var).expect("validated").0,
                         shape: vec![nt as u64, nlev as u64, nlat as u64, nlon as u64],
@@ -796,21 +866,37 @@ pub fn write_store(cfg: &SynthConfig, out: &Path) -> Result<SynthSummary> {
                 .collect()
         }
         Layout::Atmorep => {
-            write_array(coord("time", nt, "i64", time_attrs), ArrayData::I64(hours_enc))?;
+            write_array(
+                coord("time", nt, "i64", time_attrs),
+                ArrayData::I64(hours_enc),
+            )?;
             let colat: Vec<f64> = lats.iter().map(|l| 90.0 - l).collect();
             write_array(
-                coord("lats", nlat, "f64", attrs(&[("units", json!("degrees colatitude"))])),
+                coord(
+                    "lats",
+                    nlat,
+                    "f64",
+                    attrs(&[("units", json!("degrees colatitude"))]),
+                ),
                 ArrayData::F64(colat),
             )?;
             write_array(
-                coord("lons", nlon, "f64", attrs(&[("units", json!("degrees_east"))])),
+                coord(
+                    "lons",
+                    nlon,
+                    "f64",
+                    attrs(&[("units", json!("degrees_east"))]),
+                ),
                 ArrayData::F64(lons.clone()),
             )?;
             let nf = cfg.variables.len() as u64;
-            let c = cfg
-                .chunks
-                .map(|c| [c[0], nf, c[1], c[2], c[3]])
-                .unwrap_or([8, nf, nlev as u64, nlat as u64, nlon as u64]);
+            let c = cfg.chunks.map(|c| [c[0], nf, c[1], c[2], c[3]]).unwrap_or([
+                8,
+                nf,
+                nlev as u64,
+                nlat as u64,
+                nlon as u64,
+            ]);
             let spec = ArraySpec {
                 name: "data",
                 shape: vec![nt as u64, nf, nlev as u64, nlat as u64, nlon as u64],
@@ -824,7 +910,12 @@ pub fn write_store(cfg: &SynthConfig, out: &Path) -> Result<SynthSummary> {
                     ("levels", json!(levels)),
                     (
                         "units",
-                        json!(cfg.variables.iter().map(|v| VARIABLES.iter().find(|k| k.0 == v).map(|k| k.2)).collect::<Vec<_>>()),
+                        json!(
+                            cfg.variables
+                                .iter()
+                                .map(|v| VARIABLES.iter().find(|k| k.0 == v).map(|k| k.2))
+                                .collect::<Vec<_>>()
+                        ),
                     ),
                 ]),
             };
@@ -846,7 +937,9 @@ pub fn write_store(cfg: &SynthConfig, out: &Path) -> Result<SynthSummary> {
     let plane = nlat * nlon;
     for t0 in (0..nt).step_by(block_t) {
         let t1 = (t0 + block_t).min(nt);
-        let jobs: Vec<(usize, usize)> = (t0..t1).flat_map(|s| (0..nlev).map(move |l| (s, l))).collect();
+        let jobs: Vec<(usize, usize)> = (t0..t1)
+            .flat_map(|s| (0..nlev).map(move |l| (s, l)))
+            .collect();
         let fields: Vec<LevelFields> = jobs
             .par_iter()
             .map(|&(s, l)| {
@@ -856,7 +949,8 @@ pub fn write_store(cfg: &SynthConfig, out: &Path) -> Result<SynthSummary> {
             .collect();
         let at = |s: usize, l: usize| &fields[(s - t0) * nlev + l];
         for (var, array, shape) in &data_arrays {
-            let mut block = Vec::with_capacity((t1 - t0) * shape[1..].iter().product::<u64>() as usize);
+            let mut block =
+                Vec::with_capacity((t1 - t0) * shape[1..].iter().product::<u64>() as usize);
             match cfg.layout {
                 Layout::PerVariable => {
                     for s in t0..t1 {
@@ -970,12 +1064,7 @@ pub fn tracks_path(store: &Path) -> PathBuf {
     store.with_file_name(format!("{stem}.tracks.csv"))
 }
 
-fn write_tracks(
-    path: &Path,
-    cfg: &SynthConfig,
-    cyclones: &[Cyclone],
-    times: &[i64],
-) -> Result<()> {
+fn write_tracks(path: &Path, cfg: &SynthConfig, cyclones: &[Cyclone], times: &[i64]) -> Result<()> {
     let mut csv = String::from("SID,ISO_TIME,LAT,LON,VORT850,Z850_ANOM\n");
     let r850 = vortex_profile(850.0);
     for c in cyclones {
@@ -1012,9 +1101,11 @@ pub fn progress_bar(show: bool, len: u64, what: &str) -> ProgressBar {
     }
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix:>10} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_prefix(what.to_string());
     bar
@@ -1038,7 +1129,10 @@ mod tests {
         let hours = (cfg.steps - 1) as f64 * cfg.step_hours as f64;
         let (_, n_start, _) = cs[0].state(0.0).unwrap();
         let (_, n_end, _) = cs[0].state(hours).unwrap();
-        assert!(n_start > 180.0 && n_end < 180.0, "north storm crosses the dateline");
+        assert!(
+            n_start > 180.0 && n_end < 180.0,
+            "north storm crosses the dateline"
+        );
         let (_, s_start, _) = cs[1].state(0.0).unwrap();
         let (s_lat, s_end, _) = cs[1].state(hours).unwrap();
         assert!(s_start < 20.0 && s_end > 340.0, "south storm crosses 0°");
@@ -1070,7 +1164,10 @@ mod tests {
         let analytic = 2.0 * cs[0].strength * intensity / (r * r);
         let got = f.vo[j * grid.nlon + i] as f64;
         // Centred differences of a Gaussian sampled at R/Δ = 2.5 underestimate its peak Laplacian.
-        assert!((got - analytic).abs() / analytic < 0.25, "{got} vs {analytic}");
+        assert!(
+            (got - analytic).abs() / analytic < 0.25,
+            "{got} vs {analytic}"
+        );
         // Geopotential low and warm core above it.
         let z = f.z[j * grid.nlon + i];
         let z_far = f.z[j * grid.nlon + (i + 15) % grid.nlon];
