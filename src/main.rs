@@ -11,6 +11,11 @@ use atmorep_loader::synth::{Codec, SynthConfig, ZarrFormat, write_store};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+// Decoding allocates and frees many multi-megabyte chunk buffers; mimalloc reuses them instead of
+// returning pages to the OS and faulting them in again.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "atmorep",

@@ -14,6 +14,10 @@ use atmorep_loader::synth::{SynthConfig, write_store};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use zarrs::array::ArrayToBytesCodecTraits;
 
+// The same allocator as the `atmorep` binary, so the figures match what users run.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn store() -> PathBuf {
     let path = std::env::var_os("ATMOREP_BENCH_STORE")
         .map(PathBuf::from)
@@ -77,9 +81,12 @@ fn benches(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(slab.len() as u64 * 4));
     group.sample_size(10);
     group.bench_function("36-step-block", |b| {
+        let mut buffer = Vec::new();
         b.iter(|| {
             dataset.cache().clear();
-            runtime.block_on(dataset.read(&slab)).expect("read")
+            buffer = runtime
+                .block_on(dataset.read_into(&slab, std::mem::take(&mut buffer)))
+                .expect("read");
         })
     });
     group.bench_function("sample-window-warm", |b| {

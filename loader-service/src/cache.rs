@@ -11,15 +11,48 @@ use lru::LruCache;
 /// own C order and full (padded) chunk shape.
 #[derive(Debug)]
 pub struct DecodedChunk {
-    /// Values, C order over `shape`.
-    pub values: Vec<f32>,
+    storage: Storage,
     /// The chunk shape in the store's axis order.
     pub shape: Vec<usize>,
 }
 
+/// Plain f32 chunks keep the decoder's byte buffer as is (no copy); everything else is
+/// converted once into floats.
+#[derive(Debug)]
+enum Storage {
+    NativeBytes(Vec<u8>),
+    Floats(Vec<f32>),
+}
+
 impl DecodedChunk {
+    /// A chunk from physical values.
+    pub fn new(values: Vec<f32>, shape: Vec<usize>) -> Self {
+        Self {
+            storage: Storage::Floats(values),
+            shape,
+        }
+    }
+
+    /// A chunk from native-endian f32 bytes, kept without copying when suitably aligned.
+    pub fn from_native_bytes(bytes: Vec<u8>, shape: Vec<usize>) -> Self {
+        let storage = if bytemuck::try_cast_slice::<u8, f32>(&bytes).is_ok() {
+            Storage::NativeBytes(bytes)
+        } else {
+            Storage::Floats(bytemuck::pod_collect_to_vec(&bytes))
+        };
+        Self { storage, shape }
+    }
+
+    /// The values, C order over `shape`.
+    pub fn values(&self) -> &[f32] {
+        match &self.storage {
+            Storage::NativeBytes(bytes) => bytemuck::cast_slice(bytes),
+            Storage::Floats(values) => values,
+        }
+    }
+
     fn bytes(&self) -> u64 {
-        (self.values.len() * std::mem::size_of::<f32>()) as u64
+        std::mem::size_of_val(self.values()) as u64
     }
 }
 
@@ -132,10 +165,7 @@ mod tests {
     use super::*;
 
     fn chunk(n: usize) -> Arc<DecodedChunk> {
-        Arc::new(DecodedChunk {
-            values: vec![0.0; n],
-            shape: vec![n],
-        })
+        Arc::new(DecodedChunk::new(vec![0.0; n], vec![n]))
     }
 
     fn key(i: u64) -> ChunkKey {
@@ -157,6 +187,17 @@ mod tests {
         assert_eq!(stats.resident_bytes, 1200);
         assert_eq!(stats.evictions, 1);
         assert_eq!((stats.hits, stats.misses), (3, 1));
+    }
+
+    #[test]
+    fn native_bytes_are_read_as_f32_without_conversion() {
+        let values = [1.5f32, -2.0, f32::NAN, 7.25];
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let chunk = DecodedChunk::from_native_bytes(bytes, vec![4]);
+        assert_eq!(chunk.values()[..2], values[..2]);
+        assert!(chunk.values()[2].is_nan());
+        assert_eq!(chunk.values()[3], 7.25);
+        assert_eq!(chunk.bytes(), 16);
     }
 
     #[test]

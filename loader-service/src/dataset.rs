@@ -461,9 +461,10 @@ impl Dataset {
             )
         })
         .await?;
-        self.counters
-            .decoded_bytes
-            .fetch_add((decoded.values.len() * 4) as u64, Ordering::Relaxed);
+        self.counters.decoded_bytes.fetch_add(
+            std::mem::size_of_val(decoded.values()) as u64,
+            Ordering::Relaxed,
+        );
         let decoded = Arc::new(decoded);
         self.cache.insert(key, decoded.clone());
         Ok(decoded)
@@ -531,6 +532,17 @@ pub fn decode_chunk(
             std::borrow::Cow::Owned(fill.repeat(count))
         }
     };
+    if array.data_type().is::<Float32DataType>() && variable_is_plain(packing) {
+        if raw.len() != count * 4 {
+            return Err(corrupt(format!(
+                "decoded {} bytes, expected {}",
+                raw.len(),
+                count * 4
+            )));
+        }
+        // Compressed chunks arrive as an owned buffer, so this moves rather than copies.
+        return Ok(DecodedChunk::from_native_bytes(raw.into_owned(), dims));
+    }
     let values = to_physical(array.data_type(), &raw, packing).ok_or_else(|| {
         StoreError::UnsupportedDataType {
             array: format!("{url}/{}", node.name),
@@ -543,10 +555,11 @@ pub fn decode_chunk(
             values.len()
         )));
     }
-    Ok(DecodedChunk {
-        values,
-        shape: dims,
-    })
+    Ok(DecodedChunk::new(values, dims))
+}
+
+fn variable_is_plain(packing: &Packing) -> bool {
+    packing.is_identity()
 }
 
 macro_rules! numeric_kinds {
@@ -605,10 +618,6 @@ pub(crate) fn to_f64(dtype: &DataType, raw: &[u8]) -> Option<Vec<f64>> {
 }
 
 fn to_physical(dtype: &DataType, raw: &[u8], packing: &Packing) -> Option<Vec<f32>> {
-    if dtype.is::<Float32DataType>() && packing.is_identity() {
-        // The common ERA5 case: plain f32, NaN as fill; one pass, no widening.
-        return Some(elements(raw, f32::from_ne_bytes).collect());
-    }
     let wide = to_f64(dtype, raw)?;
     // Unpacking in f64 like xarray, so packed values match it to the last bit.
     Some(

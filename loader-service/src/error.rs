@@ -18,7 +18,7 @@ pub enum StoreError {
     NotAZarrStore { url: String },
 
     /// The object store itself failed (network, permissions, missing bucket…).
-    #[error("object store failure at `{url}`: {source}")]
+    #[error("object store failure at `{url}`")]
     ObjectStore {
         url: String,
         #[source]
@@ -66,7 +66,7 @@ pub enum StoreError {
     Write { path: String, detail: String },
 
     /// Local file-system I/O (outputs such as CSV, Parquet, PNG).
-    #[error("I/O error at `{path}`: {source}")]
+    #[error("I/O error at `{path}`")]
     Io {
         path: String,
         #[source]

@@ -230,7 +230,8 @@ fn dtype_name(metadata: &Value) -> String {
         .unwrap_or_default()
 }
 
-fn codec_names(metadata: &Value) -> Vec<String> {
+/// Short names of an array's codecs from its metadata JSON (e.g. `blosc-lz4-shuffle`).
+pub(crate) fn codec_names(metadata: &Value) -> Vec<String> {
     fn describe(codec: &Value, out: &mut Vec<String>) {
         let name = codec
             .get("name")

@@ -325,7 +325,6 @@ fn cli_inspect_of_a_missing_store_names_the_url() {
     server.configure_command(&mut cmd);
     let output = run(cmd.args(["loader", "inspect", &url, "--json"]));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    eprintln!("STDERR<<{stderr}>>");
     assert!(
         !output.status.success(),
         "inspect of {url} succeeded:\n{stderr}"
@@ -363,8 +362,6 @@ fn cli_inspect_with_wrong_credentials_names_the_object_store_failure() {
         server.configure_command(&mut cmd).env(key, value);
         let output = run(cmd.args(["loader", "inspect", &url, "--json"]));
         let stderr = String::from_utf8_lossy(&output.stderr);
-        eprintln!("STDERR<<{stderr}>>");
-        eprintln!("STDERR<<{stderr}>>");
         assert!(
             !output.status.success(),
             "inspect with a wrong {key} succeeded:\n{stderr}"
