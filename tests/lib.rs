@@ -64,7 +64,10 @@ fn build_atmorep_bin() -> PathBuf {
     let release = !cfg!(debug_assertions);
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(&root)
-        .args(["build", "--bin", "atmorep", "--manifest-path"])
+        // The whole workspace with all targets: the same feature set `cargo test --workspace`
+        // just built, so only the binary itself is linked rather than every dependency rebuilt
+        // with the plain-build features.
+        .args(["build", "--workspace", "--all-targets", "--manifest-path"])
         .arg(root.join("Cargo.toml"));
     if release {
         cmd.arg("--release");
