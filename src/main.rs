@@ -7,6 +7,7 @@ use atmorep_loader::Dataset;
 use atmorep_loader::bench_storage::{BenchConfig, run_bench};
 use atmorep_loader::dataset::Layout;
 use atmorep_loader::inspect::inspect;
+use atmorep_loader::normalization::{GLOBAL_FILE, GlobalStats};
 use atmorep_loader::synth::{Codec, SynthConfig, ZarrFormat, write_store};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -48,6 +49,17 @@ enum LoaderCommand {
         /// Also read every variable fully and print count/mean/std/min/max.
         #[arg(long)]
         stats: bool,
+    },
+    /// Compute global normalization statistics (per field, level, year and month) as Parquet.
+    Stats {
+        /// Store URL or path.
+        url: String,
+        /// Output folder (default for a local store: `STORE.stats` beside it).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Recompute even when the folder already holds statistics of this store.
+        #[arg(long)]
+        force: bool,
     },
     /// Write a synthetic ERA5-like store (and its cyclone tracks as CSV beside it).
     Synth(SynthArgs),
@@ -155,6 +167,26 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.to_text());
+            }
+        }
+        LoaderCommand::Stats { url, out, force } => {
+            let out = match out {
+                Some(dir) => dir,
+                None if std::path::Path::new(&url).exists() => {
+                    GlobalStats::default_dir(std::path::Path::new(&url))
+                }
+                None => bail!("--out is needed for a remote store"),
+            };
+            let dataset = Dataset::open(&url).await?;
+            let (stats, computed) = GlobalStats::compute_into(&dataset, &out, force, true).await?;
+            let rows = stats.iter().count();
+            if computed {
+                println!("wrote {rows} rows to {}", out.join(GLOBAL_FILE).display());
+            } else {
+                println!(
+                    "{} already holds statistics of {url} ({rows} rows); --force recomputes",
+                    out.display()
+                );
             }
         }
         LoaderCommand::Synth(args) => {

@@ -5,17 +5,24 @@
 //! the storage they live on.
 
 pub mod bench_storage;
+pub mod blur;
 pub mod cache;
 pub mod cf_time;
 pub mod dataset;
 pub mod discovery;
+pub mod epoch;
 pub mod error;
 pub mod hyperslab;
 pub mod inspect;
 pub mod location;
+pub mod masking;
+pub mod normalization;
+pub mod pipeline;
 pub mod plot;
+pub mod sampler;
 pub mod stats;
 pub mod synth;
+pub mod tokenizer;
 
 pub use cache::ChunkCache;
 pub use dataset::{Dataset, Layout, Variable};

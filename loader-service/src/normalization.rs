@@ -1,0 +1,392 @@
+//! Global normalization statistics: per field, level and calendar month (year, month), the
+//! count, mean, standard deviation, minimum and maximum over the globe, computed in one parallel
+//! streaming pass (f64 accumulation, Chan merge), kept beside the store as Parquet, and applied
+//! to windows as `(x − mean) / std` for the month each time step falls in.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Array as _, Float64Array, Int32Array, RecordBatch, StringArray, UInt64Array};
+use arrow::datatypes::{DataType as ArrowType, Field, Schema};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::{Dataset, Role};
+use crate::error::{Result, StoreError};
+use crate::hyperslab::Hyperslab;
+use crate::stats::Moments;
+use crate::synth::progress_bar;
+
+/// File name of the global statistics table inside a statistics folder.
+pub const GLOBAL_FILE: &str = "global_stats.parquet";
+const MANIFEST_FILE: &str = "manifest.json";
+
+/// (field, level value as f64 bits, year, month).
+type Key = (String, u64, i32, u32);
+
+/// Global statistics of a store.
+#[derive(Debug, Clone, Default)]
+pub struct GlobalStats {
+    entries: BTreeMap<Key, Moments>,
+}
+
+/// What a statistics folder was computed from; a rerun on the same store is a no-op.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Manifest {
+    store: String,
+    first_time: i64,
+    last_time: i64,
+    steps: usize,
+    variables: Vec<String>,
+}
+
+/// Calendar (year, month) of a Unix time (UTC), proleptic Gregorian.
+pub fn year_month(unix: i64) -> (i32, u32) {
+    let t = atmorep_proto::calendar::UtcDateTime::from_unix_seconds(unix);
+    (t.year as i32, t.month)
+}
+
+impl GlobalStats {
+    /// Computes the statistics of every variable (or of `only`) with a progress bar.
+    pub async fn compute(
+        dataset: &Dataset,
+        only: Option<&[String]>,
+        progress: bool,
+    ) -> Result<Self> {
+        let names: Vec<String> = match only {
+            Some(list) => {
+                for name in list {
+                    dataset.variable(name)?;
+                }
+                list.to_vec()
+            }
+            None => dataset.variables.keys().cloned().collect(),
+        };
+        let total = (names.len() * dataset.times.len()) as u64;
+        let bar = progress_bar(progress, total, "stats");
+        let mut entries: BTreeMap<Key, Moments> = BTreeMap::new();
+        let mut buffer = Vec::new();
+        for name in &names {
+            let variable = dataset.variable(name)?;
+            let time_axis = variable
+                .roles
+                .iter()
+                .position(|r| *r == Role::Time)
+                .unwrap_or(0);
+            let block = variable.chunk_shape()[time_axis].max(1) as usize;
+            let levels: Vec<f64> = if variable.levels.is_empty() {
+                vec![0.0]
+            } else {
+                variable.levels.clone()
+            };
+            let nplane = dataset.lats.len() * dataset.lons.len();
+            let mut t = 0;
+            while t < dataset.times.len() {
+                let end = (t + block).min(dataset.times.len());
+                let slab = Hyperslab {
+                    time: t..end,
+                    ..Hyperslab::full(dataset, variable)
+                };
+                buffer = dataset.read_into(&slab, buffer).await?;
+                let planes: Vec<(usize, usize, Moments)> = buffer
+                    .par_chunks(nplane)
+                    .enumerate()
+                    .map(|(i, plane)| {
+                        (
+                            t + i / levels.len(),
+                            i % levels.len(),
+                            Moments::from_values(plane),
+                        )
+                    })
+                    .collect();
+                for (step, level, m) in planes {
+                    let (year, month) = year_month(dataset.times[step]);
+                    let key = (name.clone(), levels[level].to_bits(), year, month);
+                    let entry = entries.entry(key).or_default();
+                    *entry = entry.merge(m);
+                }
+                bar.inc((end - t) as u64);
+                t = end;
+            }
+        }
+        bar.finish_and_clear();
+        Ok(Self { entries })
+    }
+
+    /// Computes and writes the statistics of `dataset` into `dir`, unless `dir` already holds
+    /// statistics of the same store (then it loads them); `force` recomputes.
+    pub async fn compute_into(
+        dataset: &Dataset,
+        dir: &Path,
+        force: bool,
+        progress: bool,
+    ) -> Result<(Self, bool)> {
+        let manifest = Manifest {
+            store: dataset.url().to_string(),
+            first_time: dataset.times[0],
+            last_time: dataset.times[dataset.times.len() - 1],
+            steps: dataset.times.len(),
+            variables: dataset.variables.keys().cloned().collect(),
+        };
+        let manifest_path = dir.join(MANIFEST_FILE);
+        if !force
+            && let Ok(text) = std::fs::read_to_string(&manifest_path)
+            && serde_json::from_str::<Manifest>(&text).ok().as_ref() == Some(&manifest)
+            && dir.join(GLOBAL_FILE).exists()
+        {
+            return Ok((Self::load(&dir.join(GLOBAL_FILE))?, false));
+        }
+        let stats = Self::compute(dataset, None, progress).await?;
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        stats.write(&dir.join(GLOBAL_FILE))?;
+        let text = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
+        std::fs::write(&manifest_path, text).map_err(|e| StoreError::io(&manifest_path, e))?;
+        Ok((stats, true))
+    }
+
+    /// Moments of one (field, level, year, month).
+    pub fn get(&self, field: &str, level: f64, year: i32, month: u32) -> Option<&Moments> {
+        self.entries
+            .get(&(field.to_string(), level.to_bits(), year, month))
+    }
+
+    /// Every entry as (field, level, year, month, moments).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, f64, i32, u32, &Moments)> {
+        self.entries
+            .iter()
+            .map(|((f, l, y, m), v)| (f.as_str(), f64::from_bits(*l), *y, *m, v))
+    }
+
+    /// Normalizes one plane (or any slice) of `field` at `level` and time `unix` in place.
+    pub fn normalize(
+        &self,
+        field: &str,
+        level: f64,
+        unix: i64,
+        values: &mut [f32],
+    ) -> Result<(), NormalizationError> {
+        let (year, month) = year_month(unix);
+        let m = self
+            .get(field, level, year, month)
+            .ok_or_else(|| NormalizationError::Missing {
+                field: field.to_string(),
+                level,
+                year,
+                month,
+            })?;
+        let (mean, std) = (m.mean, m.std());
+        if std.is_nan() || std <= 0.0 {
+            return Err(NormalizationError::ZeroSpread {
+                field: field.to_string(),
+                level,
+                year,
+                month,
+            });
+        }
+        let scale = (1.0 / std) as f32;
+        let mean = mean as f32;
+        for v in values {
+            *v = (*v - mean) * scale;
+        }
+        Ok(())
+    }
+
+    /// Inverse of [`GlobalStats::normalize`].
+    pub fn denormalize(
+        &self,
+        field: &str,
+        level: f64,
+        unix: i64,
+        values: &mut [f32],
+    ) -> Result<(), NormalizationError> {
+        let (year, month) = year_month(unix);
+        let m = self
+            .get(field, level, year, month)
+            .ok_or_else(|| NormalizationError::Missing {
+                field: field.to_string(),
+                level,
+                year,
+                month,
+            })?;
+        let (mean, std) = (m.mean as f32, m.std() as f32);
+        for v in values {
+            *v = *v * std + mean;
+        }
+        Ok(())
+    }
+
+    /// Writes the table as Parquet.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("field", ArrowType::Utf8, false),
+            Field::new("level", ArrowType::Float64, false),
+            Field::new("year", ArrowType::Int32, false),
+            Field::new("month", ArrowType::Int32, false),
+            Field::new("count", ArrowType::UInt64, false),
+            Field::new("missing", ArrowType::UInt64, false),
+            Field::new("mean", ArrowType::Float64, false),
+            Field::new("std", ArrowType::Float64, false),
+            Field::new("min", ArrowType::Float64, false),
+            Field::new("max", ArrowType::Float64, false),
+        ]));
+        let rows: Vec<_> = self.iter().collect();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.2))),
+                Arc::new(Int32Array::from_iter_values(
+                    rows.iter().map(|r| r.3 as i32),
+                )),
+                Arc::new(UInt64Array::from_iter_values(
+                    rows.iter().map(|r| r.4.count),
+                )),
+                Arc::new(UInt64Array::from_iter_values(
+                    rows.iter().map(|r| r.4.missing),
+                )),
+                Arc::new(Float64Array::from_iter_values(
+                    rows.iter().map(|r| r.4.mean),
+                )),
+                Arc::new(Float64Array::from_iter_values(
+                    rows.iter().map(|r| r.4.std()),
+                )),
+                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.4.min))),
+                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.4.max))),
+            ],
+        )
+        .map_err(|e| StoreError::output(path, e))?;
+        let tmp = path.with_extension("parquet.tmp");
+        let file = std::fs::File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+        let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None)
+            .map_err(|e| StoreError::output(path, e))?;
+        writer
+            .write(&batch)
+            .map_err(|e| StoreError::output(path, e))?;
+        writer.close().map_err(|e| StoreError::output(path, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| StoreError::io(path, e))
+    }
+
+    /// Reads a table written by [`GlobalStats::write`].
+    pub fn load(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| StoreError::io(path, e))?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .and_then(|b| b.build())
+            .map_err(|e| StoreError::output(path, e))?;
+        let mut entries = BTreeMap::new();
+        for batch in reader {
+            let batch = batch.map_err(|e| StoreError::output(path, e))?;
+            let col = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .ok_or_else(|| StoreError::output(path, format!("no column `{name}`")))
+            };
+            let bad = |name: &str| {
+                StoreError::output(path, format!("column `{name}` has the wrong type"))
+            };
+            macro_rules! typed {
+                ($name:literal, $t:ty) => {
+                    col($name)?
+                        .as_any()
+                        .downcast_ref::<$t>()
+                        .ok_or_else(|| bad($name))?
+                };
+            }
+            let field = typed!("field", StringArray);
+            let level = typed!("level", Float64Array);
+            let year = typed!("year", Int32Array);
+            let month = typed!("month", Int32Array);
+            let count = typed!("count", UInt64Array);
+            let missing = typed!("missing", UInt64Array);
+            let mean = typed!("mean", Float64Array);
+            let std = typed!("std", Float64Array);
+            let min = typed!("min", Float64Array);
+            let max = typed!("max", Float64Array);
+            for i in 0..batch.num_rows() {
+                let n = count.value(i);
+                entries.insert(
+                    (
+                        field.value(i).to_string(),
+                        level.value(i).to_bits(),
+                        year.value(i),
+                        month.value(i) as u32,
+                    ),
+                    Moments {
+                        count: n,
+                        mean: mean.value(i),
+                        m2: std.value(i).powi(2) * n as f64,
+                        min: min.value(i),
+                        max: max.value(i),
+                        missing: missing.value(i),
+                    },
+                );
+            }
+            debug_assert!(field.null_count() == 0);
+        }
+        Ok(Self { entries })
+    }
+
+    /// Default statistics folder of a local store: `STORE.stats` beside it.
+    pub fn default_dir(store: &Path) -> PathBuf {
+        let name = store
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "store".into());
+        store.with_file_name(format!("{name}.stats"))
+    }
+}
+
+/// Normalization that cannot be applied.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NormalizationError {
+    #[error("no statistics for field `{field}` level {level} in {year}-{month:02}")]
+    Missing {
+        field: String,
+        level: f64,
+        year: i32,
+        month: u32,
+    },
+    #[error("field `{field}` level {level} in {year}-{month:02} has zero spread")]
+    ZeroSpread {
+        field: String,
+        level: f64,
+        year: i32,
+        month: u32,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar_months_of_unix_times() {
+        assert_eq!(year_month(0), (1970, 1));
+        assert_eq!(year_month(951_782_400), (2000, 2)); // 2000-02-29
+        assert_eq!(year_month(951_868_800), (2000, 3)); // 2000-03-01
+        assert_eq!(year_month(-946_771_200), (1940, 1)); // 1940-01-01
+        assert_eq!(year_month(1_609_459_199), (2020, 12)); // 2020-12-31T23:59:59
+    }
+
+    #[test]
+    fn normalize_and_back() {
+        let mut stats = GlobalStats::default();
+        stats.entries.insert(
+            ("t".into(), 850f64.to_bits(), 2020, 9),
+            Moments::from_values(&[270.0, 280.0, 290.0]),
+        );
+        let mut v = vec![270.0, 290.0];
+        let t = 1_598_918_400; // 2020-09-01
+        stats.normalize("t", 850.0, t, &mut v).unwrap();
+        let s = (200.0f64 / 3.0).sqrt() as f32;
+        assert!((v[0] + 10.0 / s).abs() < 1e-5 && (v[1] - 10.0 / s).abs() < 1e-5);
+        stats.denormalize("t", 850.0, t, &mut v).unwrap();
+        assert!((v[0] - 270.0).abs() < 1e-3);
+        let err = stats.normalize("t", 500.0, t, &mut v).unwrap_err();
+        assert!(
+            err.to_string().contains("`t` level 500 in 2020-09"),
+            "{err}"
+        );
+    }
+}

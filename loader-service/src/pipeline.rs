@@ -1,0 +1,532 @@
+//! The sample pipeline: from the canonical store view to token samples. Reads are planned by
+//! time block: the split's time axis is cut into blocks of `block_steps`, `samples_per_block`
+//! samples are drawn inside each block, and an epoch visits blocks through a bounded shuffle
+//! buffer ([`crate::epoch::BlockShuffle`]), so each block's chunks are decoded once (they stay in
+//! the shared chunk cache while the block is open) and many samples are cut from them. Every
+//! random choice is a pure function of (seed, epoch, sample id, field).
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::Ordering as AtomicOrdering;
+
+use atmorep_proto::positional::{GlobalOffsets, PeInputs, encode};
+use atmorep_proto::token_info::{WindowCoords, flatten, token_infos};
+use atmorep_proto::{FieldGeometry, PeMode, TokenGeometry};
+use futures::future::try_join_all;
+use serde::{Deserialize, Serialize};
+
+use crate::blur::GaussianBlur;
+use crate::dataset::Dataset;
+use crate::epoch::{
+    BlockParams, Cursor, EpochPlan, EpochStream, Ordering, Purpose, SampleId, sample_rng,
+};
+use crate::hyperslab::Hyperslab;
+use crate::masking::{MaskGeometry, MaskSpec, try_apply};
+use crate::normalization::{GlobalStats, year_month};
+use crate::sampler::{FieldWindow, LatitudeWeighting, Sampler};
+use crate::tokenizer::tokenize;
+
+/// How a field is normalized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Normalization {
+    /// One mean/std per field, level and month over the globe.
+    #[default]
+    Global,
+    /// Physical units.
+    None,
+}
+
+/// One field of a sample request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FieldConfig {
+    /// Variable name in the store.
+    pub name: String,
+    /// Level values (as the store's level coordinate has them); empty for a surface variable.
+    pub levels: Vec<f64>,
+    /// Tokens along (time, lat, lon).
+    pub num_tokens: [usize; 3],
+    /// Grid points per token along (time, lat, lon).
+    pub token_size: [usize; 3],
+    /// Gaussian blur sigma in grid points (0 = none).
+    #[serde(default)]
+    pub blur_sigma: f64,
+    #[serde(default)]
+    pub normalization: Normalization,
+    pub pe: PeMode,
+    pub pe_width: usize,
+    #[serde(default)]
+    pub mask: MaskSpec,
+}
+
+/// Which part of the time axis a stream draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Split {
+    #[default]
+    Train,
+    Validation,
+    Test,
+}
+
+/// A sample request: fields, split and read plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PipelineConfig {
+    pub fields: Vec<FieldConfig>,
+    #[serde(default)]
+    pub split: Split,
+    /// Fractions of the time axis for (train, validation); test gets the rest.
+    #[serde(default = "default_fractions")]
+    pub split_fractions: [f64; 2],
+    pub seed: u64,
+    /// Time steps per planned block read.
+    pub block_steps: usize,
+    /// Samples cut from each block per epoch.
+    pub samples_per_block: u64,
+    /// Blocks open at once (the shuffle buffer).
+    pub buffer_blocks: u64,
+    #[serde(default)]
+    pub latitude_weighting: LatitudeWeighting,
+}
+
+fn default_fractions() -> [f64; 2] {
+    [0.8, 0.1]
+}
+
+/// Why a request cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Store(#[from] crate::error::StoreError),
+    #[error("field `{field}`: {detail}")]
+    Field { field: String, detail: String },
+    #[error("invalid request: {0}")]
+    Request(String),
+    #[error(transparent)]
+    Epoch(#[from] crate::epoch::EpochError),
+    #[error(transparent)]
+    Normalization(#[from] crate::normalization::NormalizationError),
+}
+
+fn field_err(field: &str, detail: impl std::fmt::Display) -> PipelineError {
+    PipelineError::Field {
+        field: field.to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+/// A field with everything resolved against the store.
+#[derive(Debug, Clone)]
+struct PreparedField {
+    config: FieldConfig,
+    level_indices: Vec<usize>,
+    level_values: Vec<f64>,
+    geometry: FieldGeometry,
+    mask_geometry: MaskGeometry,
+    blur: Option<GaussianBlur>,
+}
+
+/// One field of one sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldSample {
+    pub name: String,
+    /// Tokens after masking, (tokens, token values).
+    pub source: Vec<f32>,
+    /// Original values of the masked tokens, in `masked_indices` order.
+    pub target: Vec<f32>,
+    pub masked_indices: Vec<u32>,
+    /// (tokens, 8) token info.
+    pub token_info: Vec<f32>,
+    /// (tokens, pe_width) positional encoding.
+    pub pe: Vec<f32>,
+    pub window: FieldWindow,
+}
+
+/// One sample: all fields around one centre.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub id: SampleId,
+    pub epoch: u64,
+    pub fields: Vec<FieldSample>,
+}
+
+impl Sample {
+    /// Bytes of token payload (sources) in f32.
+    pub fn payload_bytes(&self) -> usize {
+        self.fields.iter().map(|f| f.source.len() * 4).sum()
+    }
+}
+
+/// A prepared request against one dataset.
+#[derive(Debug)]
+pub struct Pipeline {
+    dataset: Arc<Dataset>,
+    config: PipelineConfig,
+    fields: Vec<PreparedField>,
+    stats: Option<Arc<GlobalStats>>,
+    split_range: Range<usize>,
+    blocks: u64,
+    plan: EpochPlan,
+    time_step_h: f64,
+    grid_spacing: f64,
+}
+
+impl Pipeline {
+    /// Validates `config` against the dataset (and the statistics when a field normalizes).
+    pub fn new(
+        dataset: Arc<Dataset>,
+        config: PipelineConfig,
+        stats: Option<Arc<GlobalStats>>,
+    ) -> Result<Self, PipelineError> {
+        if config.fields.is_empty() {
+            return Err(PipelineError::Request("no fields requested".into()));
+        }
+        let nt = dataset.times.len();
+        let [f_train, f_val] = config.split_fractions;
+        if !(0.0..=1.0).contains(&f_train) || !(0.0..=1.0).contains(&f_val) || f_train + f_val > 1.0
+        {
+            return Err(PipelineError::Request(format!(
+                "split_fractions {:?} must be in [0, 1] and sum to at most 1",
+                config.split_fractions
+            )));
+        }
+        let train_end = (nt as f64 * f_train).round() as usize;
+        let val_end = (nt as f64 * (f_train + f_val)).round() as usize;
+        let split_range = match config.split {
+            Split::Train => 0..train_end,
+            Split::Validation => train_end..val_end,
+            Split::Test => val_end..nt,
+        };
+        if config.block_steps == 0 || config.samples_per_block == 0 || config.buffer_blocks == 0 {
+            return Err(PipelineError::Request(
+                "block_steps, samples_per_block and buffer_blocks must be positive".into(),
+            ));
+        }
+        let mut fields = Vec::new();
+        for fc in &config.fields {
+            let variable = dataset.variable(&fc.name)?;
+            let mut level_indices = Vec::new();
+            for level in &fc.levels {
+                let index = variable
+                    .levels
+                    .iter()
+                    .position(|l| l == level)
+                    .ok_or_else(|| {
+                        field_err(
+                            &fc.name,
+                            format!(
+                                "the store has no level {level} (it has {:?})",
+                                variable.levels
+                            ),
+                        )
+                    })?;
+                level_indices.push(index);
+            }
+            if variable.has_level() && level_indices.is_empty() {
+                return Err(field_err(&fc.name, "no levels requested"));
+            }
+            let level_values = if variable.has_level() {
+                fc.levels.clone()
+            } else {
+                vec![0.0]
+            };
+            let geometry = FieldGeometry::new(
+                (0..level_values.len()).collect(),
+                TokenGeometry::new(fc.num_tokens, fc.token_size),
+            );
+            geometry.validate().map_err(|e| field_err(&fc.name, e))?;
+            atmorep_proto::positional::check_width(fc.pe_width)
+                .map_err(|e| field_err(&fc.name, e))?;
+            let mask_geometry = MaskGeometry {
+                levels: level_values.len(),
+                nt: fc.num_tokens[0],
+                nlat: fc.num_tokens[1],
+                nlon: fc.num_tokens[2],
+                token_numel: geometry.geometry.token_numel(),
+            };
+            fc.mask
+                .validate(&mask_geometry)
+                .map_err(|e| field_err(&fc.name, e))?;
+            let blur = if fc.blur_sigma > 0.0 {
+                Some(GaussianBlur::new(fc.blur_sigma).map_err(|e| field_err(&fc.name, e))?)
+            } else if fc.blur_sigma < 0.0 || !fc.blur_sigma.is_finite() {
+                return Err(field_err(
+                    &fc.name,
+                    format!("blur_sigma {} must be ≥ 0", fc.blur_sigma),
+                ));
+            } else {
+                None
+            };
+            if fc.normalization == Normalization::Global {
+                let stats = stats.as_ref().ok_or_else(|| {
+                    field_err(
+                        &fc.name,
+                        "global normalization needs statistics (run `atmorep loader stats`)",
+                    )
+                })?;
+                for &unix in &dataset.times[split_range.clone()] {
+                    let (year, month) = year_month(unix);
+                    for &level in &level_values {
+                        if stats.get(&fc.name, level, year, month).is_none() {
+                            return Err(field_err(
+                                &fc.name,
+                                format!("statistics lack level {level} in {year}-{month:02}"),
+                            ));
+                        }
+                    }
+                }
+            }
+            fields.push(PreparedField {
+                config: fc.clone(),
+                level_indices,
+                level_values,
+                geometry,
+                mask_geometry,
+                blur,
+            });
+        }
+        let max_steps = fields
+            .iter()
+            .map(|f| f.geometry.geometry.window()[0])
+            .max()
+            .unwrap_or(1);
+        if config.block_steps < max_steps {
+            return Err(PipelineError::Request(format!(
+                "block_steps {} is shorter than the longest window ({max_steps} steps)",
+                config.block_steps
+            )));
+        }
+        // Blocks tile the split; a short tail that cannot hold a window is dropped.
+        let mut blocks = (split_range.len() / config.block_steps) as u64;
+        if split_range.len() % config.block_steps >= max_steps {
+            blocks += 1;
+        }
+        if blocks == 0 {
+            return Err(PipelineError::Request(format!(
+                "the {:?} split ({} steps) has no room for one {max_steps}-step window",
+                config.split,
+                split_range.len()
+            )));
+        }
+        // Build one sampler up front so geometry errors surface at request time.
+        let pipeline = Self {
+            time_step_h: if nt > 1 {
+                (dataset.times[1] - dataset.times[0]) as f64 / 3600.0
+            } else {
+                1.0
+            },
+            grid_spacing: (dataset.lats[0] - dataset.lats[1]).abs(),
+            plan: EpochPlan::new(config.seed, blocks * config.samples_per_block).with_ordering(
+                Ordering::BlockLocal(BlockParams {
+                    samples_per_block: config.samples_per_block,
+                    buffer_blocks: config.buffer_blocks,
+                }),
+            ),
+            dataset,
+            stats,
+            split_range,
+            blocks,
+            fields,
+            config,
+        };
+        pipeline.plan.validate()?;
+        pipeline.sampler(0)?;
+        Ok(pipeline)
+    }
+
+    /// Samples per epoch.
+    pub fn num_samples(&self) -> u64 {
+        self.plan.num_samples
+    }
+
+    /// The epoch plan (ordering and shards).
+    pub fn plan(&self) -> &EpochPlan {
+        &self.plan
+    }
+
+    /// The dataset.
+    pub fn dataset(&self) -> &Arc<Dataset> {
+        &self.dataset
+    }
+
+    /// Time steps of block `block`.
+    fn block_range(&self, block: u64) -> Range<usize> {
+        let start = self.split_range.start + block as usize * self.config.block_steps;
+        start..(start + self.config.block_steps).min(self.split_range.end)
+    }
+
+    fn sampler(&self, block: u64) -> Result<Sampler, PipelineError> {
+        let windows: Vec<(String, [usize; 3])> = self
+            .fields
+            .iter()
+            .map(|f| (f.config.name.clone(), f.geometry.geometry.window()))
+            .collect();
+        Sampler::new(
+            &self.dataset.lats,
+            self.dataset.lons.len(),
+            self.dataset.times.len(),
+            self.block_range(block),
+            &windows,
+            self.config.latitude_weighting,
+        )
+        .map_err(|e| match e {
+            crate::sampler::SamplerError::WindowTooLarge { ref field, .. }
+            | crate::sampler::SamplerError::NoRoomInTime { ref field, .. } => field_err(field, &e),
+            other => PipelineError::Request(other.to_string()),
+        })
+    }
+
+    /// Builds sample `id` of `epoch`.
+    pub async fn sample(&self, epoch: u64, id: SampleId) -> Result<Sample, PipelineError> {
+        if id >= self.num_samples() {
+            return Err(PipelineError::Request(format!(
+                "sample id {id} is outside 0..{}",
+                self.num_samples()
+            )));
+        }
+        let block = id / self.config.samples_per_block;
+        let sampler = self.sampler(block)?;
+        let centre = sampler.draw(&mut sample_rng(
+            self.config.seed,
+            epoch,
+            id,
+            0,
+            Purpose::Centre,
+        ));
+        let fields = try_join_all(self.fields.iter().enumerate().map(|(i, field)| {
+            let window = sampler.window(i, centre);
+            self.field_sample(epoch, id, i as u32, field, window)
+        }))
+        .await?;
+        Ok(Sample { id, epoch, fields })
+    }
+
+    async fn field_sample(
+        &self,
+        epoch: u64,
+        id: SampleId,
+        index: u32,
+        field: &PreparedField,
+        window: FieldWindow,
+    ) -> Result<FieldSample, PipelineError> {
+        let ds = &self.dataset;
+        let (nlat, nlon) = (ds.lats.len(), ds.lons.len());
+        let [wt, wy, wx] = window.size;
+        let name = &field.config.name;
+        // A halo for the blur, wrapping in longitude and clipped at the poles.
+        let r = field.blur.as_ref().map_or(0, GaussianBlur::radius);
+        let halo_x = r.min((nlon - wx) / 2);
+        let y0 = window.lat_start.saturating_sub(r);
+        let y1 = (window.lat_start + wy + r).min(nlat);
+        let slab = Hyperslab {
+            variable: name.clone(),
+            time: window.time_start..window.time_start + wt,
+            levels: if ds.variable(name)?.has_level() {
+                field.level_indices.clone()
+            } else {
+                vec![]
+            },
+            lat: y0..y1,
+            lon_start: (window.lon_start + nlon - halo_x) % nlon,
+            lon_len: wx + 2 * halo_x,
+        };
+        let mut values = ds.read(&slab).await?;
+        let nl = field.level_values.len();
+        let (py, px) = (y1 - y0, wx + 2 * halo_x);
+        if let Some(blur) = &field.blur {
+            for plane in values.chunks_mut(py * px) {
+                if px == nlon {
+                    blur.apply_globe(plane, py, px)
+                        .map_err(|e| field_err(name, e))?;
+                } else {
+                    blur.apply_window(plane, py, px)
+                        .map_err(|e| field_err(name, e))?;
+                }
+            }
+        }
+        // Crop the halo: (time, level, lat, lon) over the window.
+        let (oy, ox) = (window.lat_start - y0, halo_x);
+        let mut cropped = Vec::with_capacity(wt * nl * wy * wx);
+        for plane in values.chunks(py * px) {
+            for y in 0..wy {
+                let row = (oy + y) * px + ox;
+                cropped.extend_from_slice(&plane[row..row + wx]);
+            }
+        }
+        if field.config.normalization == Normalization::Global {
+            let stats = self.stats.as_ref().expect("checked in Pipeline::new");
+            for (k, plane) in cropped.chunks_mut(wy * wx).enumerate() {
+                let (t, l) = (k / nl, k % nl);
+                stats.normalize(
+                    name,
+                    field.level_values[l],
+                    ds.times[window.time_start + t],
+                    plane,
+                )?;
+            }
+        }
+        let tokens = tokenize(&field.geometry, &cropped);
+        let mut rng = sample_rng(self.config.seed, epoch, id, index, Purpose::Mask);
+        let masked = try_apply(&field.config.mask, &field.mask_geometry, &tokens, &mut rng)
+            .map_err(|e| field_err(name, e))?;
+        let lats: Vec<f64> = (0..wy).map(|y| ds.lats[window.lat_start + y]).collect();
+        let lons: Vec<f64> = (0..wx)
+            .map(|x| ds.lons[(window.lon_start + x) % nlon])
+            .collect();
+        let infos = token_infos(
+            &field.geometry,
+            &WindowCoords {
+                times_unix_s: &ds.times[window.time_start..window.time_start + wt],
+                level_values: &field.level_values,
+                lats_deg: &lats,
+                lons_deg: &lons,
+                time_step_h: self.time_step_h,
+                grid_spacing_deg: self.grid_spacing,
+            },
+        )
+        .map_err(|e| field_err(name, e))?;
+        let offsets = GlobalOffsets::from_grid_start(
+            [window.time_start, window.lat_start, window.lon_start],
+            field.geometry.geometry.token_size,
+            Some(nlon),
+        );
+        let pe = encode(
+            field.config.pe,
+            &field.geometry,
+            field.config.pe_width,
+            &PeInputs {
+                global_offsets: Some(offsets),
+                token_infos: Some(&infos),
+            },
+        )
+        .map_err(|e| field_err(name, e))?;
+        Ok(FieldSample {
+            name: name.clone(),
+            source: masked.source,
+            target: masked.target,
+            masked_indices: masked.masked_indices,
+            token_info: flatten(&infos),
+            pe,
+            window,
+        })
+    }
+
+    /// The sample ids of `rank`'s shard from `start` on, with the cursor after each.
+    pub fn ids(&self, rank: u32, world: u32, start: Cursor) -> Result<EpochStream, PipelineError> {
+        Ok(EpochStream::new(self.plan, rank, world, start)?)
+    }
+
+    /// Blocks in the split.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Decoded bytes per delivered byte since the dataset was opened.
+    pub fn read_amplification(&self, delivered: u64) -> f64 {
+        self.dataset
+            .counters
+            .decoded_bytes
+            .load(AtomicOrdering::Relaxed) as f64
+            / delivered.max(1) as f64
+    }
+}
