@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use atmorep_loader::Dataset;
+use atmorep_loader::bench_pipeline::{self, reference_config};
 use atmorep_loader::bench_storage::{BenchConfig, run_bench};
 use atmorep_loader::dataset::Layout;
 use atmorep_loader::inspect::inspect;
@@ -65,6 +66,29 @@ enum LoaderCommand {
     Synth(SynthArgs),
     /// Measure object GETs vs concurrency, decode speed per codec and hyperslab reads.
     BenchStorage(BenchArgs),
+    /// Run the sample pipeline in-process and compare it with the decode limit.
+    BenchPipeline {
+        /// Store URL or path.
+        url: String,
+        /// Pipeline request as TOML (default: two fields × 5 levels, AtmoRep geometry).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Fields of the default request.
+        #[arg(long, value_delimiter = ',', default_value = "t,z")]
+        fields: Vec<String>,
+        /// Statistics folder (default: `STORE.stats`, computed if missing).
+        #[arg(long)]
+        stats: Option<PathBuf>,
+        /// Decoded-chunk cache in MiB.
+        #[arg(long, default_value_t = 4096)]
+        cache_mib: u64,
+        /// Samples to run (default: one epoch).
+        #[arg(long)]
+        samples: Option<u64>,
+        /// Samples in flight.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -222,6 +246,42 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 summary.tracks_csv.display(),
                 summary.cyclones.len()
             );
+        }
+        LoaderCommand::BenchPipeline {
+            url,
+            config,
+            fields,
+            stats,
+            cache_mib,
+            samples,
+            concurrency,
+        } => {
+            let request = match config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    toml::from_str(&text)
+                        .with_context(|| format!("bad request in {}", path.display()))?
+                }
+                None => {
+                    let dataset = Dataset::open(&url).await?;
+                    let [a, b] = <[String; 2]>::try_from(fields)
+                        .map_err(|_| anyhow::anyhow!("--fields needs exactly two names"))?;
+                    let levels = dataset.variable(&a)?.levels.clone();
+                    reference_config([a.as_str(), b.as_str()], levels, dataset.times.len())
+                }
+            };
+            let report = bench_pipeline::run(
+                &url,
+                request,
+                stats.as_deref(),
+                cache_mib << 20,
+                samples,
+                concurrency,
+                true,
+            )
+            .await?;
+            print!("{}", report.to_text());
         }
         LoaderCommand::BenchStorage(args) => {
             if args.block == 0 || args.repeats == 0 {

@@ -74,6 +74,10 @@ pub struct CacheStats {
 pub struct ChunkCache {
     capacity_bytes: u64,
     inner: Mutex<Inner>,
+    /// Chunks being fetched and decoded right now: concurrent readers of the same chunk wait
+    /// for the first one instead of decoding it again.
+    inflight:
+        Mutex<std::collections::HashMap<ChunkKey, Arc<tokio::sync::OnceCell<Arc<DecodedChunk>>>>>,
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: AtomicU64,
@@ -94,10 +98,50 @@ impl ChunkCache {
                 lru: LruCache::unbounded(),
                 resident_bytes: 0,
             }),
+            inflight: Mutex::new(std::collections::HashMap::new()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
         }
+    }
+
+    /// The cached chunk, or the result of `load` — run once however many callers ask for the
+    /// same missing chunk at the same time — inserted into the cache.
+    pub async fn get_or_load<E, F, Fut>(
+        &self,
+        key: ChunkKey,
+        load: F,
+    ) -> Result<Arc<DecodedChunk>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Arc<DecodedChunk>, E>>,
+    {
+        if let Some(hit) = self.get(&key) {
+            return Ok(hit);
+        }
+        let cell = self
+            .inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let result = cell
+            .get_or_try_init(|| async {
+                let chunk = load().await?;
+                self.insert(key.clone(), chunk.clone());
+                Ok(chunk)
+            })
+            .await
+            .cloned();
+        let mut inflight = self
+            .inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            inflight.remove(&key);
+        }
+        result
     }
 
     /// Looks up a chunk, marking it most recently used.
@@ -198,6 +242,41 @@ mod tests {
         assert!(chunk.values()[2].is_nan());
         assert_eq!(chunk.values()[3], 7.25);
         assert_eq!(chunk.bytes(), 16);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_of_one_chunk_load_it_once() {
+        let cache = Arc::new(ChunkCache::new(1 << 20));
+        let loads = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (cache, loads) = (cache.clone(), loads.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get_or_load(key(9), || async {
+                            loads.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                            Ok::<_, ()>(chunk(10))
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().values().len(), 10);
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        // A failed load is not cached: the next caller tries again.
+        let err = cache
+            .get_or_load(key(10), || async { Err::<Arc<DecodedChunk>, _>("boom") })
+            .await;
+        assert_eq!(err.unwrap_err(), "boom");
+        assert!(
+            cache
+                .get_or_load(key(10), || async { Ok::<_, &str>(chunk(3)) })
+                .await
+                .is_ok()
+        );
     }
 
     #[test]

@@ -161,6 +161,9 @@ pub struct Dataset {
     pub(crate) cache_id: Arc<str>,
     /// Read counters.
     pub counters: ReadCounters,
+    /// When set, every chunk fetched from storage is recorded as (variable, chunk indices), so
+    /// a benchmark can replay exactly the decoding a run did.
+    pub(crate) fetch_log: std::sync::Mutex<Option<Vec<(String, Vec<u64>)>>>,
 }
 
 impl Dataset {
@@ -340,6 +343,7 @@ impl Dataset {
             variables,
             cache,
             counters: ReadCounters::default(),
+            fetch_log: std::sync::Mutex::new(None),
         })
     }
 
@@ -429,17 +433,33 @@ impl Dataset {
             variables,
             cache,
             counters: ReadCounters::default(),
+            fetch_log: std::sync::Mutex::new(None),
         })
     }
 
     /// Fetches one chunk of `node` (through the cache) and decodes it to physical values.
     pub async fn chunk(&self, variable: &Variable, indices: &[u64]) -> Result<Arc<DecodedChunk>> {
         let key = (self.cache_key(&variable.node), indices.to_vec());
-        if let Some(hit) = self.cache.get(&key) {
-            return Ok(hit);
-        }
+        self.cache
+            .get_or_load(key, || self.fetch_and_decode(variable, indices))
+            .await
+    }
+
+    async fn fetch_and_decode(
+        &self,
+        variable: &Variable,
+        indices: &[u64],
+    ) -> Result<Arc<DecodedChunk>> {
         let store_key = variable.node.array.chunk_key(indices).to_string();
         let encoded = self.location.get(&store_key).await?;
+        if let Some(log) = self
+            .fetch_log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_mut()
+        {
+            log.push((variable.name.clone(), indices.to_vec()));
+        }
         if let Some(bytes) = &encoded {
             self.counters
                 .fetched_bytes
@@ -465,9 +485,20 @@ impl Dataset {
             std::mem::size_of_val(decoded.values()) as u64,
             Ordering::Relaxed,
         );
-        let decoded = Arc::new(decoded);
-        self.cache.insert(key, decoded.clone());
-        Ok(decoded)
+        Ok(Arc::new(decoded))
+    }
+
+    /// Starts (or, with `false`, stops and returns) recording the chunks fetched from storage.
+    pub fn record_fetches(&self, on: bool) -> Vec<(String, Vec<u64>)> {
+        let mut log = self
+            .fetch_log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let taken = log.take().unwrap_or_default();
+        if on {
+            *log = Some(Vec::new());
+        }
+        taken
     }
 
     fn cache_key(&self, node: &ArrayNode) -> Arc<str> {

@@ -180,8 +180,11 @@ impl Dataset {
                 .all(|p| p.indices.len() == array.dimensionality())
         );
 
-        let chunks: Vec<Arc<DecodedChunk>> = futures::stream::iter(plans.iter())
-            .map(|plan| self.chunk(variable, &plan.indices))
+        // Owned indices keep the future `Send` (a borrowed closure argument trips the
+        // higher-ranked lifetime check when the read runs in a spawned task).
+        let indices: Vec<Vec<u64>> = plans.iter().map(|p| p.indices.clone()).collect();
+        let chunks: Vec<Arc<DecodedChunk>> = futures::stream::iter(indices)
+            .map(|idx| async move { self.chunk(variable, &idx).await })
             .buffered(FETCH_CONCURRENCY)
             .try_collect()
             .await?;

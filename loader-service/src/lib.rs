@@ -4,6 +4,7 @@
 //! memory-bounded cache of decoded chunks, writing synthetic ERA5-like stores, and benchmarking
 //! the storage they live on.
 
+pub mod bench_pipeline;
 pub mod bench_storage;
 pub mod blur;
 pub mod cache;
