@@ -122,6 +122,9 @@ impl Variable {
     }
 }
 
+/// A chunk fetched from storage: (variable, chunk grid indices).
+pub type FetchedChunk = (String, Vec<u64>);
+
 /// Bytes moved by reads since the dataset was opened.
 #[derive(Debug, Default)]
 pub struct ReadCounters {
@@ -163,7 +166,7 @@ pub struct Dataset {
     pub counters: ReadCounters,
     /// When set, every chunk fetched from storage is recorded as (variable, chunk indices), so
     /// a benchmark can replay exactly the decoding a run did.
-    pub(crate) fetch_log: std::sync::Mutex<Option<Vec<(String, Vec<u64>)>>>,
+    pub(crate) fetch_log: std::sync::Mutex<Option<Vec<FetchedChunk>>>,
 }
 
 impl Dataset {
@@ -489,7 +492,7 @@ impl Dataset {
     }
 
     /// Starts (or, with `false`, stops and returns) recording the chunks fetched from storage.
-    pub fn record_fetches(&self, on: bool) -> Vec<(String, Vec<u64>)> {
+    pub fn record_fetches(&self, on: bool) -> Vec<FetchedChunk> {
         let mut log = self
             .fetch_log
             .lock()
