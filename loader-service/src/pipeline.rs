@@ -446,13 +446,18 @@ impl Pipeline {
         }
         // Crop the halo: (time, level, lat, lon) over the window.
         let (oy, ox) = (window.lat_start - y0, halo_x);
-        let mut cropped = Vec::with_capacity(wt * nl * wy * wx);
-        for plane in values.chunks(py * px) {
-            for y in 0..wy {
-                let row = (oy + y) * px + ox;
-                cropped.extend_from_slice(&plane[row..row + wx]);
+        let mut cropped = if (py, px) == (wy, wx) {
+            values
+        } else {
+            let mut cropped = Vec::with_capacity(wt * nl * wy * wx);
+            for plane in values.chunks(py * px) {
+                for y in 0..wy {
+                    let row = (oy + y) * px + ox;
+                    cropped.extend_from_slice(&plane[row..row + wx]);
+                }
             }
-        }
+            cropped
+        };
         if field.config.normalization == Normalization::Global {
             let stats = self.stats.as_ref().expect("checked in Pipeline::new");
             for (k, plane) in cropped.chunks_mut(wy * wx).enumerate() {
