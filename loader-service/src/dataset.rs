@@ -16,7 +16,7 @@ use zarrs::array::{ArrayBytesRaw, ArrayToBytesCodecTraits, CodecOptions, DataTyp
 
 use crate::cache::{ChunkCache, DecodedChunk};
 use crate::cf_time::CfTimeUnits;
-use crate::discovery::{ArrayNode, StoreMetadata, discover};
+use crate::discovery::{ArrayNode, MetaArray, StoreMetadata, discover};
 use crate::error::{Result, StoreError};
 use crate::location::StoreLocation;
 
@@ -527,6 +527,38 @@ pub(crate) async fn run_on_rayon<T: Send + 'static>(
     rx.await.expect("rayon worker dropped its result")
 }
 
+/// Decodes one chunk's bytes (the fill value when it is missing) to native-endian elements,
+/// with the chunk's shape; errors are the codec's words, for the caller to attach the key to.
+fn decode_raw<'a>(
+    array: &MetaArray,
+    indices: &[u64],
+    encoded: Option<&'a [u8]>,
+) -> std::result::Result<(ArrayBytesRaw<'a>, Vec<usize>), String> {
+    let shape = array.chunk_shape(indices).map_err(|e| e.to_string())?;
+    let dims: Vec<usize> = shape.iter().map(|n| n.get() as usize).collect();
+    let raw = match encoded {
+        Some(bytes) => array
+            .codecs()
+            .decode(
+                std::borrow::Cow::Borrowed(bytes),
+                &shape,
+                array.data_type(),
+                array.fill_value(),
+                &chunk_codec_options(),
+            )
+            .map_err(|e| e.to_string())?
+            .into_fixed()
+            .map_err(|e| e.to_string())?,
+        None => std::borrow::Cow::Owned(
+            array
+                .fill_value()
+                .as_ne_bytes()
+                .repeat(dims.iter().product()),
+        ),
+    };
+    Ok((raw, dims))
+}
+
 /// Decodes encoded chunk bytes (or the fill value when the chunk is missing) of `node` to
 /// physical f32 values.
 pub fn decode_chunk(
@@ -543,30 +575,9 @@ pub fn decode_chunk(
         key: key.to_string(),
         detail,
     };
-    let shape = array
-        .chunk_shape(indices)
-        .map_err(|e| corrupt(e.to_string()))?;
-    let dims: Vec<usize> = shape.iter().map(|n| n.get() as usize).collect();
+    let (raw, dims) = decode_raw(array, indices, encoded).map_err(corrupt)?;
     let count: usize = dims.iter().product();
-    let raw: ArrayBytesRaw<'_> = match encoded {
-        Some(bytes) => array
-            .codecs()
-            .decode(
-                std::borrow::Cow::Borrowed(bytes),
-                &shape,
-                array.data_type(),
-                array.fill_value(),
-                &chunk_codec_options(),
-            )
-            .map_err(|e| corrupt(e.to_string()))?
-            .into_fixed()
-            .map_err(|e| corrupt(e.to_string()))?,
-        None => {
-            let fill = array.fill_value().as_ne_bytes();
-            std::borrow::Cow::Owned(fill.repeat(count))
-        }
-    };
-    if array.data_type().is::<Float32DataType>() && variable_is_plain(packing) {
+    if array.data_type().is::<Float32DataType>() && packing.is_identity() {
         if raw.len() != count * 4 {
             return Err(corrupt(format!(
                 "decoded {} bytes, expected {}",
@@ -590,10 +601,6 @@ pub fn decode_chunk(
         )));
     }
     Ok(DecodedChunk::new(values, dims))
-}
-
-fn variable_is_plain(packing: &Packing) -> bool {
-    packing.is_identity()
 }
 
 macro_rules! numeric_kinds {
@@ -752,28 +759,7 @@ pub(crate) async fn read_coordinate(
             key: key.clone(),
             detail,
         };
-        let shape = array
-            .chunk_shape(&[c])
-            .map_err(|e| corrupt(e.to_string()))?;
-        let raw: Vec<u8> = match encoded {
-            Some(bytes) => array
-                .codecs()
-                .decode(
-                    std::borrow::Cow::Borrowed(&bytes[..]),
-                    &shape,
-                    array.data_type(),
-                    array.fill_value(),
-                    &CodecOptions::default(),
-                )
-                .map_err(|e| corrupt(e.to_string()))?
-                .into_fixed()
-                .map_err(|e| corrupt(e.to_string()))?
-                .into_owned(),
-            None => array
-                .fill_value()
-                .as_ne_bytes()
-                .repeat(shape[0].get() as usize),
-        };
+        let (raw, _) = decode_raw(array, &[c], encoded.as_deref()).map_err(corrupt)?;
         let values =
             to_f64(array.data_type(), &raw).ok_or_else(|| StoreError::UnsupportedDataType {
                 array: format!("{}/{}", location.url(), node.name),

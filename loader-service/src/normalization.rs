@@ -158,6 +158,18 @@ impl GlobalStats {
             .map(|((f, l, y, m), v)| (f.as_str(), f64::from_bits(*l), *y, *m, v))
     }
 
+    /// The moments that apply to `field` at `level` and time `unix`.
+    fn at(&self, field: &str, level: f64, unix: i64) -> Result<&Moments, NormalizationError> {
+        let (year, month) = year_month(unix);
+        self.get(field, level, year, month)
+            .ok_or_else(|| NormalizationError::Missing {
+                field: field.to_string(),
+                level,
+                year,
+                month,
+            })
+    }
+
     /// Normalizes one plane (or any slice) of `field` at `level` and time `unix` in place.
     pub fn normalize(
         &self,
@@ -166,17 +178,10 @@ impl GlobalStats {
         unix: i64,
         values: &mut [f32],
     ) -> Result<(), NormalizationError> {
-        let (year, month) = year_month(unix);
-        let m = self
-            .get(field, level, year, month)
-            .ok_or_else(|| NormalizationError::Missing {
-                field: field.to_string(),
-                level,
-                year,
-                month,
-            })?;
+        let m = self.at(field, level, unix)?;
         let (mean, std) = (m.mean, m.std());
         if std.is_nan() || std <= 0.0 {
+            let (year, month) = year_month(unix);
             return Err(NormalizationError::ZeroSpread {
                 field: field.to_string(),
                 level,
@@ -200,15 +205,7 @@ impl GlobalStats {
         unix: i64,
         values: &mut [f32],
     ) -> Result<(), NormalizationError> {
-        let (year, month) = year_month(unix);
-        let m = self
-            .get(field, level, year, month)
-            .ok_or_else(|| NormalizationError::Missing {
-                field: field.to_string(),
-                level,
-                year,
-                month,
-            })?;
+        let m = self.at(field, level, unix)?;
         let (mean, std) = (m.mean as f32, m.std() as f32);
         for v in values {
             *v = *v * std + mean;
