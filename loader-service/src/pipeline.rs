@@ -24,7 +24,7 @@ use crate::hyperslab::Hyperslab;
 use crate::masking::{MaskGeometry, MaskSpec, try_apply};
 use crate::normalization::{GlobalStats, year_month};
 use crate::sampler::{FieldWindow, LatitudeWeighting, Sampler};
-use crate::tokenizer::tokenize;
+use crate::tokenizer::tokenize_into;
 
 /// How a field is normalized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -169,6 +169,9 @@ pub struct Pipeline {
     plan: EpochPlan,
     time_step_h: f64,
     grid_spacing: f64,
+    /// Window and token buffers returned by finished samples. Reusing them spares the kernel
+    /// zeroing fresh pages for every sample, which otherwise costs more than the decoding.
+    buffers: std::sync::Mutex<Vec<Vec<f32>>>,
 }
 
 impl Pipeline {
@@ -322,6 +325,7 @@ impl Pipeline {
                     buffer_blocks: config.buffer_blocks,
                 }),
             ),
+            buffers: std::sync::Mutex::new(Vec::new()),
             dataset,
             stats,
             split_range,
@@ -374,6 +378,25 @@ impl Pipeline {
             | crate::sampler::SamplerError::NoRoomInTime { ref field, .. } => field_err(field, &e),
             other => PipelineError::Request(other.to_string()),
         })
+    }
+
+    fn take_buffer(&self) -> Vec<f32> {
+        self.buffers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn return_buffer(&self, buffer: Vec<f32>) {
+        let mut pool = self
+            .buffers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Enough for every sample in flight; more would only hold memory.
+        if pool.len() < 64 {
+            pool.push(buffer);
+        }
     }
 
     /// Builds sample `id` of `epoch`.
@@ -430,7 +453,7 @@ impl Pipeline {
             lon_start: (window.lon_start + nlon - halo_x) % nlon,
             lon_len: wx + 2 * halo_x,
         };
-        let mut values = ds.read(&slab).await?;
+        let mut values = ds.read_into(&slab, self.take_buffer()).await?;
         let nl = field.level_values.len();
         let (py, px) = (y1 - y0, wx + 2 * halo_x);
         if let Some(blur) = &field.blur {
@@ -470,10 +493,13 @@ impl Pipeline {
                 )?;
             }
         }
-        let tokens = tokenize(&field.geometry, &cropped);
+        let tokens = tokenize_into(&field.geometry, &cropped, self.take_buffer());
+        self.return_buffer(cropped);
         let mut rng = sample_rng(self.config.seed, epoch, id, index, Purpose::Mask);
         let masked = try_apply(&field.config.mask, &field.mask_geometry, &tokens, &mut rng)
-            .map_err(|e| field_err(name, e))?;
+            .map_err(|e| field_err(name, e));
+        self.return_buffer(tokens);
+        let masked = masked?;
         let lats: Vec<f64> = (0..wy).map(|y| ds.lats[window.lat_start + y]).collect();
         let lons: Vec<f64> = (0..wx)
             .map(|x| ds.lons[(window.lon_start + x) % nlon])

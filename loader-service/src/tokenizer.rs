@@ -36,12 +36,17 @@ fn for_each_pair(field: &FieldGeometry, mut f: impl FnMut(usize, usize)) {
 
 /// Window values (time, level, lat, lon) → tokens (level, t, lat, lon) × (t, lat, lon).
 pub fn tokenize(field: &FieldGeometry, window: &[f32]) -> Vec<f32> {
+    tokenize_into(field, window, Vec::new())
+}
+
+/// [`tokenize`] into a reused buffer (resized as needed), sparing a fresh allocation.
+pub fn tokenize_into(field: &FieldGeometry, window: &[f32], mut tokens: Vec<f32>) -> Vec<f32> {
     assert_eq!(
         window.len(),
         field.numel(),
         "window size does not match the token geometry"
     );
-    let mut tokens = vec![0.0; window.len()];
+    tokens.resize(window.len(), 0.0);
     for_each_pair(field, |w, k| tokens[k] = window[w]);
     tokens
 }
@@ -77,6 +82,8 @@ mod tests {
         let tokens = tokenize(&layout, &window);
         assert_eq!(untokenize(&layout, &tokens), window);
         assert_ne!(tokens, window);
+        // A reused buffer of another size gives the same tokens.
+        assert_eq!(tokenize_into(&layout, &window, vec![9.0; 5]), tokens);
     }
 
     #[test]
