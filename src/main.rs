@@ -8,6 +8,7 @@ use atmorep_loader::bench_pipeline::{self, reference_config};
 use atmorep_loader::bench_storage::{BenchConfig, run_bench};
 use atmorep_loader::dataset::Layout;
 use atmorep_loader::inspect::inspect;
+use atmorep_loader::local_stats::{LOCAL_STORE, LocalStats};
 use atmorep_loader::normalization::{GLOBAL_FILE, GlobalStats};
 use atmorep_loader::synth::{Codec, SynthConfig, ZarrFormat, write_store};
 use clap::{Args, Parser, Subcommand};
@@ -61,6 +62,9 @@ enum LoaderCommand {
         /// Recompute even when the folder already holds statistics of this store.
         #[arg(long)]
         force: bool,
+        /// Also compute per-grid-point monthly statistics (`local_stats.zarr`).
+        #[arg(long)]
+        local: bool,
     },
     /// Write a synthetic ERA5-like store (and its cyclone tracks as CSV beside it).
     Synth(SynthArgs),
@@ -193,7 +197,12 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 print!("{}", report.to_text());
             }
         }
-        LoaderCommand::Stats { url, out, force } => {
+        LoaderCommand::Stats {
+            url,
+            out,
+            force,
+            local,
+        } => {
             let out = match out {
                 Some(dir) => dir,
                 None if std::path::Path::new(&url).exists() => {
@@ -204,6 +213,15 @@ async fn loader(command: LoaderCommand) -> Result<()> {
             let dataset = Dataset::open(&url).await?;
             let (stats, computed) = GlobalStats::compute_into(&dataset, &out, force, true).await?;
             let rows = stats.iter().count();
+            if local {
+                let path = out.join(LOCAL_STORE);
+                if force || !path.join("zarr.json").exists() {
+                    LocalStats::compute(&dataset, &[], true)
+                        .await?
+                        .write(&path)?;
+                    println!("wrote per-point monthly statistics to {}", path.display());
+                }
+            }
             if computed {
                 println!("wrote {rows} rows to {}", out.join(GLOBAL_FILE).display());
             } else {

@@ -15,6 +15,7 @@ pub mod epoch;
 pub mod error;
 pub mod hyperslab;
 pub mod inspect;
+pub mod local_stats;
 pub mod location;
 pub mod masking;
 pub mod normalization;

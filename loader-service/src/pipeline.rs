@@ -21,6 +21,7 @@ use crate::epoch::{
     BlockParams, Cursor, EpochPlan, EpochStream, Ordering, Purpose, SampleId, sample_rng,
 };
 use crate::hyperslab::Hyperslab;
+use crate::local_stats::LocalStats;
 use crate::masking::{MaskGeometry, MaskSpec, try_apply};
 use crate::normalization::{GlobalStats, year_month};
 use crate::sampler::{FieldWindow, LatitudeWeighting, Sampler};
@@ -33,6 +34,8 @@ pub enum Normalization {
     /// One mean/std per field, level and month over the globe.
     #[default]
     Global,
+    /// One mean/std per grid point, level and calendar month.
+    Local,
     /// Physical units.
     None,
 }
@@ -164,6 +167,7 @@ pub struct Pipeline {
     config: PipelineConfig,
     fields: Vec<PreparedField>,
     stats: Option<Arc<GlobalStats>>,
+    local: Option<Arc<LocalStats>>,
     split_range: Range<usize>,
     blocks: u64,
     plan: EpochPlan,
@@ -175,11 +179,22 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Validates `config` against the dataset (and the statistics when a field normalizes).
+    /// Validates `config` against the dataset (and the global statistics when a field
+    /// normalizes globally).
     pub fn new(
         dataset: Arc<Dataset>,
         config: PipelineConfig,
         stats: Option<Arc<GlobalStats>>,
+    ) -> Result<Self, PipelineError> {
+        Self::with_statistics(dataset, config, stats, None)
+    }
+
+    /// [`Pipeline::new`] with local (per-grid-point) statistics for fields that use them.
+    pub fn with_statistics(
+        dataset: Arc<Dataset>,
+        config: PipelineConfig,
+        stats: Option<Arc<GlobalStats>>,
+        local: Option<Arc<LocalStats>>,
     ) -> Result<Self, PipelineError> {
         if config.fields.is_empty() {
             return Err(PipelineError::Request("no fields requested".into()));
@@ -279,6 +294,38 @@ impl Pipeline {
                     }
                 }
             }
+            if fc.normalization == Normalization::Local {
+                let local = local.as_ref().ok_or_else(|| {
+                    field_err(&fc.name, "local normalization needs local statistics (`atmorep loader stats --local`)")
+                })?;
+                if (local.nlat, local.nlon) != (dataset.lats.len(), dataset.lons.len()) {
+                    return Err(field_err(
+                        &fc.name,
+                        "local statistics were computed on another grid",
+                    ));
+                }
+                let stats = local
+                    .fields
+                    .get(&fc.name)
+                    .ok_or_else(|| field_err(&fc.name, "local statistics lack this field"))?;
+                let plane = local.nlat * local.nlon;
+                for &unix in &dataset.times[split_range.clone()] {
+                    let (year, month) = year_month(unix);
+                    for &level in &level_values {
+                        let l = stats.levels.iter().position(|v| *v == level);
+                        let covered = l.is_some_and(|l| {
+                            stats.std[((month as usize - 1) * stats.levels.len() + l) * plane]
+                                .is_finite()
+                        });
+                        if !covered {
+                            return Err(field_err(
+                                &fc.name,
+                                format!("local statistics lack level {level} in {year}-{month:02}"),
+                            ));
+                        }
+                    }
+                }
+            }
             fields.push(PreparedField {
                 config: fc.clone(),
                 level_indices,
@@ -328,6 +375,7 @@ impl Pipeline {
             buffers: std::sync::Mutex::new(Vec::new()),
             dataset,
             stats,
+            local,
             split_range,
             blocks,
             fields,
@@ -481,17 +529,34 @@ impl Pipeline {
             }
             cropped
         };
-        if field.config.normalization == Normalization::Global {
-            let stats = self.stats.as_ref().expect("checked in Pipeline::new");
-            for (k, plane) in cropped.chunks_mut(wy * wx).enumerate() {
-                let (t, l) = (k / nl, k % nl);
-                stats.normalize(
+        match field.config.normalization {
+            Normalization::Global => {
+                let stats = self.stats.as_ref().expect("checked in Pipeline::new");
+                for (k, plane) in cropped.chunks_mut(wy * wx).enumerate() {
+                    let (t, l) = (k / nl, k % nl);
+                    stats.normalize(
+                        name,
+                        field.level_values[l],
+                        ds.times[window.time_start + t],
+                        plane,
+                    )?;
+                }
+            }
+            Normalization::Local => {
+                let local = self
+                    .local
+                    .as_ref()
+                    .expect("checked in Pipeline::with_statistics");
+                local.normalize(
                     name,
-                    field.level_values[l],
-                    ds.times[window.time_start + t],
-                    plane,
+                    &ds.times[window.time_start..window.time_start + wt],
+                    &field.level_values,
+                    window.lat_start..window.lat_start + wy,
+                    window.lon_start,
+                    &mut cropped,
                 )?;
             }
+            Normalization::None => {}
         }
         let tokens = tokenize_into(&field.geometry, &cropped, self.take_buffer());
         self.return_buffer(cropped);

@@ -224,3 +224,48 @@ async fn bad_requests_name_the_problem() {
         .unwrap_err();
     assert!(err.to_string().contains("outside"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_normalization_uses_per_point_monthly_statistics() {
+    use atmorep_loader::local_stats::LocalStats;
+    let dir = tempfile::tempdir().unwrap();
+    let (dataset, stats) = store(dir.path()).await;
+    let local = Arc::new(
+        LocalStats::compute(&dataset, &["t".to_string()], false)
+            .await
+            .unwrap(),
+    );
+    let mut cfg = config();
+    cfg.fields.truncate(1);
+    cfg.fields[0].normalization = Normalization::Local;
+    cfg.fields[0].mask = MaskSpec::None;
+    let err = Pipeline::new(dataset.clone(), cfg.clone(), Some(stats.clone())).unwrap_err();
+    assert!(err.to_string().contains("local statistics"), "{err}");
+    let pipeline =
+        Pipeline::with_statistics(dataset.clone(), cfg, None, Some(local.clone())).unwrap();
+    let sample = pipeline.sample(0, 4).await.unwrap();
+    let t = &sample.fields[0];
+    let w = t.window;
+    // Token 0 is level 0, first time/lat/lon token; its first value is the window's corner.
+    let slab = Hyperslab {
+        variable: "t".into(),
+        time: w.time_start..w.time_start + 1,
+        levels: vec![0],
+        lat: w.lat_start..w.lat_start + 1,
+        lon_start: w.lon_start,
+        lon_len: 1,
+    };
+    let x = dataset.read(&slab).await.unwrap()[0];
+    let (_, month) = atmorep_loader::normalization::year_month(dataset.times[w.time_start]);
+    let field = &local.fields["t"];
+    let plane = dataset.lats.len() * dataset.lons.len();
+    let i = ((month as usize - 1) * field.levels.len()) * plane
+        + w.lat_start * dataset.lons.len()
+        + w.lon_start;
+    let expected = (x - field.mean[i]) / field.std[i];
+    assert!(
+        (t.source[0] - expected).abs() < 1e-5,
+        "{} vs {expected}",
+        t.source[0]
+    );
+}

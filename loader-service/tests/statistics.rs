@@ -141,3 +141,71 @@ async fn global_stats_equal_an_f64_reference_and_round_trip() {
         assert!(computed, "--force recomputes");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_stats_equal_a_per_point_f64_reference_and_round_trip_through_zarr() {
+    use atmorep_loader::local_stats::LocalStats;
+    for store in ["xr_v2_gzip", "xr_v2_packed"] {
+        let path = fixtures().join(format!("{store}.zarr"));
+        let dataset = Dataset::open(path.to_str().unwrap()).await.unwrap();
+        let local = LocalStats::compute(&dataset, &[], false).await.unwrap();
+        let plane = dataset.lats.len() * dataset.lons.len();
+        for (name, variable) in &dataset.variables {
+            let values = expected_values(store, name);
+            let nl = variable.levels.len().max(1);
+            let field = &local.fields[name];
+            for month in 1..=12u32 {
+                for l in 0..nl {
+                    let steps: Vec<usize> = (0..dataset.times.len())
+                        .filter(|&t| year_month(dataset.times[t]).1 == month)
+                        .collect();
+                    for p in 0..plane {
+                        let i = ((month as usize - 1) * nl + l) * plane + p;
+                        let xs: Vec<f64> = steps
+                            .iter()
+                            .map(|&t| values[(t * nl + l) * plane + p] as f64)
+                            .collect();
+                        if xs.is_empty() {
+                            assert!(field.mean[i].is_nan() && field.std[i].is_nan());
+                            continue;
+                        }
+                        let n = xs.len() as f64;
+                        let mean = xs.iter().sum::<f64>() / n;
+                        let std = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+                        if mean.is_nan() {
+                            // A point with a fill value in that month has no statistics.
+                            assert!(field.mean[i].is_nan(), "{store} {name}");
+                            continue;
+                        }
+                        assert!(
+                            (field.mean[i] as f64 - mean).abs() <= 1e-6 * mean.abs().max(1e-12),
+                            "{store} {name} mean"
+                        );
+                        assert!(
+                            (field.std[i] as f64 - std).abs()
+                                <= 1e-5 * std.max(mean.abs() * 1e-6).max(1e-12),
+                            "{store} {name} std"
+                        );
+                    }
+                }
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("local_stats.zarr");
+        local.write(&out).unwrap();
+        let loaded = LocalStats::load(&out).unwrap();
+        assert_eq!(loaded.fields.len(), local.fields.len());
+        for (name, field) in &local.fields {
+            let other = &loaded.fields[name];
+            assert_eq!(other.levels, field.levels);
+            for (a, b) in field
+                .mean
+                .iter()
+                .zip(&other.mean)
+                .chain(field.std.iter().zip(&other.std))
+            {
+                assert!(a.to_bits() == b.to_bits(), "{name}");
+            }
+        }
+    }
+}
