@@ -111,6 +111,20 @@ impl Variable {
         ]
     }
 
+    /// Consecutive time ranges aligned with the variable's time chunks: reading the whole
+    /// variable block by block decodes every chunk once and bounds memory to one block.
+    pub fn time_blocks(&self, ntimes: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let axis = self
+            .roles
+            .iter()
+            .position(|r| *r == Role::Time)
+            .unwrap_or(0);
+        let block = self.chunk_shape()[axis].max(1) as usize;
+        (0..ntimes)
+            .step_by(block)
+            .map(move |t| t..(t + block).min(ntimes))
+    }
+
     /// Chunk shape in the store's axis order (the outer/shard chunk for sharded arrays).
     pub fn chunk_shape(&self) -> Vec<u64> {
         let zeros = vec![0; self.node.array.dimensionality()];

@@ -112,24 +112,16 @@ pub async fn inspect(dataset: &Dataset, stats: bool, progress: bool) -> Result<I
         let steps: u64 = dataset.variables.len() as u64 * dataset.times.len() as u64;
         let bar = progress_bar(progress, steps, "stats");
         for variable in dataset.variables.values() {
-            let block = variable.chunk_shape()[variable
-                .roles
-                .iter()
-                .position(|r| *r == crate::dataset::Role::Time)
-                .unwrap_or(0)]
-            .max(1) as usize;
             let mut acc = Moments::default();
-            let mut t = 0;
-            while t < dataset.times.len() {
-                let end = (t + block).min(dataset.times.len());
+            for time in variable.time_blocks(dataset.times.len()) {
+                let steps = time.len() as u64;
                 let slab = Hyperslab {
-                    time: t..end,
+                    time,
                     ..Hyperslab::full(dataset, variable)
                 };
                 let values = dataset.read(&slab).await?;
                 acc = acc.merge(Moments::from_values(&values));
-                bar.inc((end - t) as u64);
-                t = end;
+                bar.inc(steps);
             }
             moments.insert(variable.name.clone(), acc);
         }

@@ -12,7 +12,7 @@ use serde_json::json;
 use zarrs::array::{Array, ArrayMetadata, ArrayMetadataV3, ArraySubset};
 use zarrs::filesystem::FilesystemStore;
 
-use crate::dataset::{Dataset, Role};
+use crate::dataset::Dataset;
 use crate::error::{Result, StoreError};
 use crate::hyperslab::Hyperslab;
 use crate::normalization::{NormalizationError, year_month};
@@ -66,17 +66,10 @@ impl LocalStats {
             let mut count = vec![0u64; 12 * nl];
             let mut mean = vec![0f64; 12 * nl * plane];
             let mut m2 = vec![0f64; 12 * nl * plane];
-            let time_axis = variable
-                .roles
-                .iter()
-                .position(|r| *r == Role::Time)
-                .unwrap_or(0);
-            let block = variable.chunk_shape()[time_axis].max(1) as usize;
-            let mut t = 0;
-            while t < dataset.times.len() {
-                let end = (t + block).min(dataset.times.len());
+            for time in variable.time_blocks(dataset.times.len()) {
+                let (t, steps) = (time.start, time.len() as u64);
                 let slab = Hyperslab {
-                    time: t..end,
+                    time,
                     ..Hyperslab::full(dataset, variable)
                 };
                 buffer = dataset.read_into(&slab, buffer).await?;
@@ -102,8 +95,7 @@ impl LocalStats {
                             }
                         });
                 }
-                bar.inc((end - t) as u64);
-                t = end;
+                bar.inc(steps);
             }
             let mut out_mean = vec![f32::NAN; 12 * nl * plane];
             let mut out_std = vec![f32::NAN; 12 * nl * plane];

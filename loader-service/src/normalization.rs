@@ -12,7 +12,7 @@ use arrow::datatypes::{DataType as ArrowType, Field, Schema};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{Dataset, Role};
+use crate::dataset::Dataset;
 use crate::error::{Result, StoreError};
 use crate::hyperslab::Hyperslab;
 use crate::stats::Moments;
@@ -69,23 +69,16 @@ impl GlobalStats {
         let mut buffer = Vec::new();
         for name in &names {
             let variable = dataset.variable(name)?;
-            let time_axis = variable
-                .roles
-                .iter()
-                .position(|r| *r == Role::Time)
-                .unwrap_or(0);
-            let block = variable.chunk_shape()[time_axis].max(1) as usize;
             let levels: Vec<f64> = if variable.levels.is_empty() {
                 vec![0.0]
             } else {
                 variable.levels.clone()
             };
             let nplane = dataset.lats.len() * dataset.lons.len();
-            let mut t = 0;
-            while t < dataset.times.len() {
-                let end = (t + block).min(dataset.times.len());
+            for time in variable.time_blocks(dataset.times.len()) {
+                let (t, steps) = (time.start, time.len() as u64);
                 let slab = Hyperslab {
-                    time: t..end,
+                    time,
                     ..Hyperslab::full(dataset, variable)
                 };
                 buffer = dataset.read_into(&slab, buffer).await?;
@@ -106,8 +99,7 @@ impl GlobalStats {
                     let entry = entries.entry(key).or_default();
                     *entry = entry.merge(m);
                 }
-                bar.inc((end - t) as u64);
-                t = end;
+                bar.inc(steps);
             }
         }
         bar.finish_and_clear();
