@@ -95,6 +95,7 @@ pub async fn run(
         let sample =
             joined.map_err(|e| PipelineError::Request(format!("sample task failed: {e}")))??;
         payload += sample.payload_bytes() as u64;
+        pipeline.recycle(sample);
         bar.inc(1);
     }
     let seconds = started.elapsed().as_secs_f64();

@@ -70,12 +70,83 @@ impl Hyperslab {
     }
 }
 
-/// Per store axis: (output index, index within the chunk) pairs, for one chunk along that axis.
+/// Per store axis: (canonical output index, index within the chunk) pairs, for one chunk along
+/// that axis.
 type AxisPairs = Vec<(usize, usize)>;
 
 struct ChunkPlan {
     indices: Vec<u64>,
     pairs: Vec<AxisPairs>,
+}
+
+/// Where a window's points land in an output buffer. The offset of canonical point
+/// (time, level, lat, lon) is the sum of one offset per axis; plain canonical order and the
+/// token order of DESIGN §3 both have this form, so one scatter serves both and a window can be
+/// cut from the decoded chunks straight into tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputLayout {
+    /// Per canonical axis (time, level, lat, lon): output offset of each index.
+    offsets: [Vec<usize>; 4],
+}
+
+impl OutputLayout {
+    /// Canonical C order over `shape` (time, level, lat, lon).
+    pub fn canonical(shape: [usize; 4]) -> Self {
+        let strides = [
+            shape[1] * shape[2] * shape[3],
+            shape[2] * shape[3],
+            shape[3],
+            1,
+        ];
+        Self {
+            offsets: std::array::from_fn(|a| (0..shape[a]).map(|i| i * strides[a]).collect()),
+        }
+    }
+
+    /// Token order of `field`: tokens (level, t, lat, lon), values (t, lat, lon) inside each.
+    pub fn tokens(field: &atmorep_proto::FieldGeometry) -> Self {
+        let [nt, ny, nx] = field.geometry.num_tokens;
+        let [st, sy, sx] = field.geometry.token_size;
+        let numel = st * sy * sx;
+        Self {
+            offsets: [
+                (0..nt * st)
+                    .map(|t| (t / st) * ny * nx * numel + (t % st) * sy * sx)
+                    .collect(),
+                (0..field.num_levels())
+                    .map(|l| l * nt * ny * nx * numel)
+                    .collect(),
+                (0..ny * sy)
+                    .map(|y| (y / sy) * nx * numel + (y % sy) * sx)
+                    .collect(),
+                (0..nx * sx).map(|x| (x / sx) * numel + x % sx).collect(),
+            ],
+        }
+    }
+
+    /// The window shape (time, level, lat, lon) this layout covers.
+    pub fn shape(&self) -> [usize; 4] {
+        std::array::from_fn(|a| self.offsets[a].len())
+    }
+}
+
+/// A per-plane affine map `v ↦ (v - offset) · scale`, indexed by `time · levels + level`; how
+/// normalization rides along with the copy instead of costing a pass of its own.
+pub type PlaneAffine = [(f32, f32)];
+
+/// Which canonical axis each store axis feeds (`None` for the stacked field axis).
+fn canonical_axes(variable: &Variable) -> Vec<Option<usize>> {
+    variable
+        .roles
+        .iter()
+        .map(|role| match role {
+            Role::Time => Some(0),
+            Role::Level => Some(1),
+            Role::Lat => Some(2),
+            Role::Lon => Some(3),
+            Role::Field(_) => None,
+        })
+        .collect()
 }
 
 impl Dataset {
@@ -90,53 +161,131 @@ impl Dataset {
     /// much as decoding.
     pub async fn read_into(&self, slab: &Hyperslab, mut out: Vec<f32>) -> Result<Vec<f32>> {
         let variable = self.variable(&slab.variable)?;
-        self.validate(variable, slab)?;
+        let (plans, chunks) = self.fetch_slab(variable, slab).await?;
         // Every element is overwritten below: each output point lies in exactly one chunk.
         out.resize(slab.len(), 0.0);
-        let shape = slab.shape();
-        let out_strides = [
-            shape[1] * shape[2] * shape[3],
-            shape[2] * shape[3],
-            shape[3],
-            1,
-        ];
+        let layout = Arc::new(OutputLayout::canonical(slab.shape()));
+        let axes = canonical_axes(variable);
+        let time_axis = axes.iter().position(|a| *a == Some(0)).unwrap_or(0);
+        let time_stride = slab.shape()[1..].iter().product::<usize>();
+
+        // Chunks that share a time chunk write one disjoint time slab of the output, so slabs
+        // are filled in parallel without sharing mutable state.
+        let mut by_time: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for (i, plan) in plans.iter().enumerate() {
+            by_time.entry(plan.indices[time_axis]).or_default().push(i);
+        }
+        let out = run_on_rayon(move || {
+            let mut rest: &mut [f32] = &mut out;
+            let mut consumed = 0;
+            let mut jobs = Vec::with_capacity(by_time.len());
+            for members in by_time.values() {
+                let times = &plans[members[0]].pairs[time_axis];
+                let (first, last) = (times[0].0, times[times.len() - 1].0);
+                let start = first * time_stride;
+                let end = (last + 1) * time_stride;
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - consumed);
+                let (slab_out, tail) = tail.split_at_mut(end - start);
+                rest = tail;
+                consumed = end;
+                jobs.push((slab_out, start, members));
+            }
+            jobs.into_par_iter().for_each(|(slab_out, base, members)| {
+                for &i in members {
+                    scatter(
+                        &chunks[i],
+                        &plans[i].pairs,
+                        &axes,
+                        &layout,
+                        None,
+                        slab_out,
+                        base,
+                    );
+                }
+            });
+            out
+        })
+        .await;
+        self.counters
+            .delivered_bytes
+            .fetch_add((out.len() * 4) as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Reads `slab` straight into `layout` order (e.g. [`OutputLayout::tokens`]), applying
+    /// `affine` per (time, level) plane on the way, into `out` (resized). One pass over the
+    /// decoded chunks replaces read, normalize and tokenize. The copy runs on the calling thread:
+    /// callers assemble many samples concurrently, which keeps the cores busy without splitting
+    /// one window's small planes across threads.
+    pub async fn read_layout_into(
+        &self,
+        slab: &Hyperslab,
+        layout: &OutputLayout,
+        affine: Option<&PlaneAffine>,
+        mut out: Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let variable = self.variable(&slab.variable)?;
+        if layout.shape() != slab.shape() {
+            return Err(StoreError::InvalidHyperslab {
+                variable: variable.name.clone(),
+                detail: format!(
+                    "output layout {:?} does not match the window {:?}",
+                    layout.shape(),
+                    slab.shape()
+                ),
+            });
+        }
+        if let Some(affine) = affine {
+            let planes = slab.shape()[0] * slab.shape()[1];
+            if affine.len() != planes {
+                return Err(StoreError::InvalidHyperslab {
+                    variable: variable.name.clone(),
+                    detail: format!("{} plane transforms for {planes} planes", affine.len()),
+                });
+            }
+        }
+        let (plans, chunks) = self.fetch_slab(variable, slab).await?;
+        out.resize(slab.len(), 0.0);
+        let axes = canonical_axes(variable);
+        for (plan, chunk) in plans.iter().zip(&chunks) {
+            scatter(chunk, &plan.pairs, &axes, layout, affine, &mut out, 0);
+        }
+        self.counters
+            .delivered_bytes
+            .fetch_add((out.len() * 4) as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Plans which chunks `slab` touches and fetches them (through the cache), concurrently.
+    async fn fetch_slab(
+        &self,
+        variable: &Variable,
+        slab: &Hyperslab,
+    ) -> Result<(Vec<ChunkPlan>, Vec<Arc<DecodedChunk>>)> {
+        self.validate(variable, slab)?;
         let array = &variable.node.array;
         let chunk_shape = variable.chunk_shape();
         let nlon = self.lons.len();
 
-        // For every store axis: the output stride and (output index, store index) pairs.
-        let mut axis_strides = Vec::with_capacity(variable.roles.len());
-        let mut axis_pairs: Vec<Vec<(usize, usize)>> = Vec::with_capacity(variable.roles.len());
-        let mut time_axis = 0;
-        for (axis, role) in variable.roles.iter().enumerate() {
-            let (stride, pairs): (usize, Vec<(usize, usize)>) = match *role {
-                Role::Time => {
-                    time_axis = axis;
-                    (out_strides[0], slab.time.clone().enumerate().collect())
-                }
-                Role::Level => (
-                    out_strides[1],
-                    slab.levels.iter().copied().enumerate().collect(),
-                ),
-                Role::Lat => (
-                    out_strides[2],
-                    slab.lat
-                        .clone()
-                        .enumerate()
-                        .map(|(i, y)| (i, self.store_lat(y)))
-                        .collect(),
-                ),
-                Role::Lon => (
-                    out_strides[3],
-                    (0..slab.lon_len)
-                        .map(|i| (i, self.store_lon((slab.lon_start + i) % nlon)))
-                        .collect(),
-                ),
-                Role::Field(f) => (0, vec![(0, f as usize)]),
-            };
-            axis_strides.push(stride);
-            axis_pairs.push(pairs);
-        }
+        // For every store axis: (output index, store index) pairs.
+        let axis_pairs: Vec<Vec<(usize, usize)>> = variable
+            .roles
+            .iter()
+            .map(|role| match *role {
+                Role::Time => slab.time.clone().enumerate().collect(),
+                Role::Level => slab.levels.iter().copied().enumerate().collect(),
+                Role::Lat => slab
+                    .lat
+                    .clone()
+                    .enumerate()
+                    .map(|(i, y)| (i, self.store_lat(y)))
+                    .collect(),
+                Role::Lon => (0..slab.lon_len)
+                    .map(|i| (i, self.store_lon((slab.lon_start + i) % nlon)))
+                    .collect(),
+                Role::Field(f) => vec![(0, f as usize)],
+            })
+            .collect();
 
         // Group each axis's pairs by chunk; the touched chunks are their cartesian product.
         let per_axis: Vec<BTreeMap<u64, AxisPairs>> = axis_pairs
@@ -188,40 +337,7 @@ impl Dataset {
             .buffered(FETCH_CONCURRENCY)
             .try_collect()
             .await?;
-
-        // Chunks that share a time chunk write one disjoint time slab of the output, so slabs
-        // are filled in parallel without sharing mutable state.
-        let mut by_time: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
-        for (i, plan) in plans.iter().enumerate() {
-            by_time.entry(plan.indices[time_axis]).or_default().push(i);
-        }
-        let out = run_on_rayon(move || {
-            let mut rest: &mut [f32] = &mut out;
-            let mut consumed = 0;
-            let mut jobs = Vec::with_capacity(by_time.len());
-            for members in by_time.values() {
-                let times = &plans[members[0]].pairs[time_axis];
-                let (first, last) = (times[0].0, times[times.len() - 1].0);
-                let start = first * out_strides[0];
-                let end = (last + 1) * out_strides[0];
-                let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - consumed);
-                let (slab_out, tail) = tail.split_at_mut(end - start);
-                rest = tail;
-                consumed = end;
-                jobs.push((slab_out, start, members));
-            }
-            jobs.into_par_iter().for_each(|(slab_out, base, members)| {
-                for &i in members {
-                    scatter(&chunks[i], &plans[i].pairs, &axis_strides, slab_out, base);
-                }
-            });
-            out
-        })
-        .await;
-        self.counters
-            .delivered_bytes
-            .fetch_add((out.len() * 4) as u64, Ordering::Relaxed);
-        Ok(out)
+        Ok((plans, chunks))
     }
 
     fn validate(&self, variable: &Variable, slab: &Hyperslab) -> Result<()> {
@@ -270,11 +386,14 @@ impl Dataset {
 }
 
 /// Copies the selected part of one decoded chunk into `out`, which starts at output offset
-/// `base`. The innermost store axis is copied in runs that are contiguous on both sides.
+/// `base`, placing each point where `layout` says and mapping it through its plane's `affine`.
+/// The innermost store axis is copied in runs that are contiguous on both sides.
 fn scatter(
     chunk: &DecodedChunk,
     pairs: &[AxisPairs],
-    out_strides: &[usize],
+    axes: &[Option<usize>],
+    layout: &OutputLayout,
+    affine: Option<&PlaneAffine>,
     out: &mut [f32],
     base: usize,
 ) {
@@ -284,66 +403,76 @@ fn scatter(
     for a in (0..ndim - 1).rev() {
         chunk_strides[a] = chunk_strides[a + 1] * chunk.shape[a + 1];
     }
-    let inner = &pairs[ndim - 1];
-    let inner_stride = out_strides[ndim - 1];
-    let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (out index, chunk index, length)
-    for &(o, c) in inner {
+    let levels = layout.offsets[1].len();
+    // Per store axis: (output offset, chunk offset, plane index contribution) of each pair.
+    let steps: Vec<Vec<(usize, usize, usize)>> = pairs
+        .iter()
+        .zip(axes)
+        .enumerate()
+        .map(|(a, (pairs, axis))| {
+            pairs
+                .iter()
+                .map(|&(o, c)| {
+                    let (offset, plane) = match *axis {
+                        Some(0) => (layout.offsets[0][o], o * levels),
+                        Some(1) => (layout.offsets[1][o], o),
+                        Some(k) => (layout.offsets[k][o], 0),
+                        None => (0, 0),
+                    };
+                    (offset, c * chunk_strides[a], plane)
+                })
+                .collect()
+        })
+        .collect();
+    // Runs of the innermost axis, contiguous on both sides and within one plane:
+    // (output offset, chunk offset, length, plane contribution).
+    let mut runs: Vec<(usize, usize, usize, usize)> = Vec::new();
+    for &(o, c, p) in &steps[ndim - 1] {
         match runs.last_mut() {
-            Some((ro, rc, len)) if inner_stride == 1 && *ro + *len == o && *rc + *len == c => {
-                *len += 1
-            }
-            _ => runs.push((o, c, 1)),
+            Some((ro, rc, len, rp)) if *ro + *len == o && *rc + *len == c && *rp == p => *len += 1,
+            _ => runs.push((o, c, 1, p)),
         }
     }
-    let mut visit = |out_off: usize, chunk_off: usize| {
-        for &(o, c, len) in &runs {
-            let dst = out_off + o * inner_stride - base;
+    let mut visit = |out_off: usize, chunk_off: usize, plane: usize| {
+        for &(o, c, len, p) in &runs {
+            let dst = out_off + o - base;
             let src = chunk_off + c;
-            if inner_stride == 1 {
-                out[dst..dst + len].copy_from_slice(&values[src..src + len]);
-            } else {
-                for k in 0..len {
-                    out[dst + k * inner_stride] = values[src + k];
+            let (dst, src) = (&mut out[dst..dst + len], &values[src..src + len]);
+            match affine {
+                None => dst.copy_from_slice(src),
+                Some(affine) => {
+                    let (offset, scale) = affine[plane + p];
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d = (*s - offset) * scale;
+                    }
                 }
             }
         }
     };
-    walk(
-        0,
-        ndim - 1,
-        pairs,
-        out_strides,
-        &chunk_strides,
-        0,
-        0,
-        &mut visit,
-    );
+    walk(0, ndim - 1, &steps, 0, 0, 0, &mut visit);
 }
 
-#[allow(clippy::too_many_arguments)]
 fn walk(
     axis: usize,
     inner_axis: usize,
-    pairs: &[AxisPairs],
-    out_strides: &[usize],
-    chunk_strides: &[usize],
+    steps: &[Vec<(usize, usize, usize)>],
     out_off: usize,
     chunk_off: usize,
-    visit: &mut impl FnMut(usize, usize),
+    plane: usize,
+    visit: &mut impl FnMut(usize, usize, usize),
 ) {
     if axis == inner_axis {
-        visit(out_off, chunk_off);
+        visit(out_off, chunk_off, plane);
         return;
     }
-    for &(o, c) in &pairs[axis] {
+    for &(o, c, p) in &steps[axis] {
         walk(
             axis + 1,
             inner_axis,
-            pairs,
-            out_strides,
-            chunk_strides,
-            out_off + o * out_strides[axis],
-            chunk_off + c * chunk_strides[axis],
+            steps,
+            out_off + o,
+            chunk_off + c,
+            plane + p,
             visit,
         );
     }

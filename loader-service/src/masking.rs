@@ -219,6 +219,18 @@ pub fn try_apply(
     tokens: &[f32],
     rng: &mut impl Rng,
 ) -> Result<Masked, MaskError> {
+    try_apply_in_place(spec, geometry, tokens.to_vec(), Vec::new(), rng)
+}
+
+/// [`try_apply`] that masks `tokens` in place (it becomes the source) and collects the targets
+/// into the reused `target` buffer, sparing a copy of every token.
+pub fn try_apply_in_place(
+    spec: &MaskSpec,
+    geometry: &MaskGeometry,
+    tokens: Vec<f32>,
+    mut target: Vec<f32>,
+    rng: &mut impl Rng,
+) -> Result<Masked, MaskError> {
     spec.validate(geometry)?;
     let expected = geometry.num_values();
     if tokens.len() != expected {
@@ -227,20 +239,30 @@ pub fn try_apply(
             got: tokens.len(),
         });
     }
+    target.clear();
     Ok(match *spec {
         MaskSpec::None => Masked {
-            source: tokens.to_vec(),
+            source: tokens,
+            target,
             ..Masked::default()
         },
         MaskSpec::Bert {
             r_max,
             noise_fraction,
             mask_value,
-        } => bert(geometry, tokens, r_max, noise_fraction, mask_value, rng),
+        } => bert(
+            geometry,
+            tokens,
+            target,
+            r_max,
+            noise_fraction,
+            mask_value,
+            rng,
+        ),
         MaskSpec::Forecast { k } => {
             let first = geometry.nt - k;
             let slices: Vec<bool> = (0..geometry.nt).map(|t| t >= first).collect();
-            mask_time_slices(geometry, tokens, &slices)
+            mask_time_slices(geometry, tokens, target, &slices)
         }
         MaskSpec::Interpolation { k } => {
             // Partial Fisher–Yates over the interior slices 1..nt-1.
@@ -253,7 +275,7 @@ pub fn try_apply(
             for &t in &interior[..k] {
                 slices[t] = true;
             }
-            mask_time_slices(geometry, tokens, &slices)
+            mask_time_slices(geometry, tokens, target, &slices)
         }
     })
 }
@@ -273,7 +295,8 @@ fn choose_sorted(n: usize, count: usize, rng: &mut impl Rng) -> Vec<u32> {
 
 fn bert(
     geometry: &MaskGeometry,
-    tokens: &[f32],
+    mut source: Vec<f32>,
+    mut target: Vec<f32>,
     r_max: f32,
     noise_fraction: f32,
     mask_value: f32,
@@ -285,12 +308,11 @@ fn bert(
     let count = ((r * n as f64).round() as usize).min(n);
     let masked_indices = choose_sorted(n, count, rng);
 
-    let mut source = tokens.to_vec();
-    let mut target = Vec::with_capacity(count * numel);
+    target.reserve(count * numel);
     let mut noised_indices = Vec::new();
     for &i in &masked_indices {
         let range = i as usize * numel..(i as usize + 1) * numel;
-        target.extend_from_slice(&tokens[range.clone()]);
+        target.extend_from_slice(&source[range.clone()]);
         if rng.random::<f32>() < noise_fraction {
             fill_standard_normal(&mut source[range], rng);
             noised_indices.push(i);
@@ -306,15 +328,18 @@ fn bert(
     }
 }
 
-fn mask_time_slices(geometry: &MaskGeometry, tokens: &[f32], slices: &[bool]) -> Masked {
+fn mask_time_slices(
+    geometry: &MaskGeometry,
+    mut source: Vec<f32>,
+    mut target: Vec<f32>,
+    slices: &[bool],
+) -> Masked {
     let numel = geometry.token_numel;
-    let mut source = tokens.to_vec();
-    let mut target = Vec::new();
     let mut masked_indices = Vec::new();
     for i in 0..geometry.num_tokens() {
         if slices[geometry.time_of(i)] {
             let range = i * numel..(i + 1) * numel;
-            target.extend_from_slice(&tokens[range.clone()]);
+            target.extend_from_slice(&source[range.clone()]);
             source[range].fill(DEFAULT_MASK_VALUE);
             masked_indices.push(i as u32);
         }

@@ -170,6 +170,21 @@ impl GlobalStats {
         unix: i64,
         values: &mut [f32],
     ) -> Result<(), NormalizationError> {
+        let (mean, scale) = self.affine(field, level, unix)?;
+        for v in values {
+            *v = (*v - mean) * scale;
+        }
+        Ok(())
+    }
+
+    /// The map [`GlobalStats::normalize`] applies, as `(mean, 1 / std)`: normalized
+    /// `= (v - mean) · scale`.
+    pub fn affine(
+        &self,
+        field: &str,
+        level: f64,
+        unix: i64,
+    ) -> Result<(f32, f32), NormalizationError> {
         let m = self.at(field, level, unix)?;
         let (mean, std) = (m.mean, m.std());
         if std.is_nan() || std <= 0.0 {
@@ -181,12 +196,7 @@ impl GlobalStats {
                 month,
             });
         }
-        let scale = (1.0 / std) as f32;
-        let mean = mean as f32;
-        for v in values {
-            *v = (*v - mean) * scale;
-        }
-        Ok(())
+        Ok((mean as f32, (1.0 / std) as f32))
     }
 
     /// Inverse of [`GlobalStats::normalize`].

@@ -20,9 +20,9 @@ use crate::dataset::Dataset;
 use crate::epoch::{
     BlockParams, Cursor, EpochPlan, EpochStream, Ordering, Purpose, SampleId, sample_rng,
 };
-use crate::hyperslab::Hyperslab;
+use crate::hyperslab::{Hyperslab, OutputLayout};
 use crate::local_stats::LocalStats;
-use crate::masking::{MaskGeometry, MaskSpec, try_apply};
+use crate::masking::{MaskGeometry, MaskSpec, try_apply_in_place};
 use crate::normalization::{GlobalStats, year_month};
 use crate::sampler::{FieldWindow, LatitudeWeighting, Sampler};
 use crate::tokenizer::tokenize_into;
@@ -127,6 +127,8 @@ struct PreparedField {
     geometry: FieldGeometry,
     mask_geometry: MaskGeometry,
     blur: Option<GaussianBlur>,
+    /// Where each window point lands in token order.
+    layout: OutputLayout,
 }
 
 /// One field of one sample.
@@ -327,6 +329,7 @@ impl Pipeline {
                 }
             }
             fields.push(PreparedField {
+                layout: OutputLayout::tokens(&geometry),
                 config: fc.clone(),
                 level_indices,
                 level_values,
@@ -481,90 +484,57 @@ impl Pipeline {
         window: FieldWindow,
     ) -> Result<FieldSample, PipelineError> {
         let ds = &self.dataset;
-        let (nlat, nlon) = (ds.lats.len(), ds.lons.len());
+        let nlon = ds.lons.len();
         let [wt, wy, wx] = window.size;
         let name = &field.config.name;
-        // A halo for the blur, wrapping in longitude and clipped at the poles.
-        let r = field.blur.as_ref().map_or(0, GaussianBlur::radius);
-        let halo_x = r.min((nlon - wx) / 2);
-        let y0 = window.lat_start.saturating_sub(r);
-        let y1 = (window.lat_start + wy + r).min(nlat);
-        let slab = Hyperslab {
-            variable: name.clone(),
-            time: window.time_start..window.time_start + wt,
-            levels: if ds.variable(name)?.has_level() {
-                field.level_indices.clone()
-            } else {
-                vec![]
-            },
-            lat: y0..y1,
-            lon_start: (window.lon_start + nlon - halo_x) % nlon,
-            lon_len: wx + 2 * halo_x,
-        };
-        let mut values = ds.read_into(&slab, self.take_buffer()).await?;
-        let nl = field.level_values.len();
-        let (py, px) = (y1 - y0, wx + 2 * halo_x);
-        if let Some(blur) = &field.blur {
-            for plane in values.chunks_mut(py * px) {
-                if px == nlon {
-                    blur.apply_globe(plane, py, px)
-                        .map_err(|e| field_err(name, e))?;
-                } else {
-                    blur.apply_window(plane, py, px)
-                        .map_err(|e| field_err(name, e))?;
-                }
-            }
-        }
-        // Crop the halo: (time, level, lat, lon) over the window.
-        let (oy, ox) = (window.lat_start - y0, halo_x);
-        let mut cropped = if (py, px) == (wy, wx) {
-            values
+        let levels = if ds.variable(name)?.has_level() {
+            field.level_indices.clone()
         } else {
-            let mut cropped = Vec::with_capacity(wt * nl * wy * wx);
-            for plane in values.chunks(py * px) {
-                for y in 0..wy {
-                    let row = (oy + y) * px + ox;
-                    cropped.extend_from_slice(&plane[row..row + wx]);
-                }
-            }
-            cropped
+            vec![]
         };
-        match field.config.normalization {
-            Normalization::Global => {
-                let stats = self.stats.as_ref().expect("checked in Pipeline::new");
-                for (k, plane) in cropped.chunks_mut(wy * wx).enumerate() {
-                    let (t, l) = (k / nl, k % nl);
-                    stats.normalize(
-                        name,
-                        field.level_values[l],
-                        ds.times[window.time_start + t],
-                        plane,
-                    )?;
-                }
+        let tokens = match (&field.blur, field.config.normalization) {
+            // The common case cuts tokens straight from the decoded chunks, normalizing on the
+            // way: one pass instead of read, normalize and tokenize.
+            (None, Normalization::Global | Normalization::None) => {
+                let slab = Hyperslab {
+                    variable: name.clone(),
+                    time: window.time_start..window.time_start + wt,
+                    levels,
+                    lat: window.lat_start..window.lat_start + wy,
+                    lon_start: window.lon_start,
+                    lon_len: wx,
+                };
+                let affine = match field.config.normalization {
+                    Normalization::Global => {
+                        let stats = self.stats.as_ref().expect("checked in Pipeline::new");
+                        let mut affine = Vec::with_capacity(wt * field.level_values.len());
+                        for t in 0..wt {
+                            for &level in &field.level_values {
+                                affine.push(stats.affine(
+                                    name,
+                                    level,
+                                    ds.times[window.time_start + t],
+                                )?);
+                            }
+                        }
+                        Some(affine)
+                    }
+                    _ => None,
+                };
+                ds.read_layout_into(&slab, &field.layout, affine.as_deref(), self.take_buffer())
+                    .await?
             }
-            Normalization::Local => {
-                let local = self
-                    .local
-                    .as_ref()
-                    .expect("checked in Pipeline::with_statistics");
-                local.normalize(
-                    name,
-                    &ds.times[window.time_start..window.time_start + wt],
-                    &field.level_values,
-                    window.lat_start..window.lat_start + wy,
-                    window.lon_start,
-                    &mut cropped,
-                )?;
-            }
-            Normalization::None => {}
-        }
-        let tokens = tokenize_into(&field.geometry, &cropped, self.take_buffer());
-        self.return_buffer(cropped);
+            _ => self.window_tokens(field, &window, levels).await?,
+        };
         let mut rng = sample_rng(self.config.seed, epoch, id, index, Purpose::Mask);
-        let masked = try_apply(&field.config.mask, &field.mask_geometry, &tokens, &mut rng)
-            .map_err(|e| field_err(name, e));
-        self.return_buffer(tokens);
-        let masked = masked?;
+        let masked = try_apply_in_place(
+            &field.config.mask,
+            &field.mask_geometry,
+            tokens,
+            self.take_buffer(),
+            &mut rng,
+        )
+        .map_err(|e| field_err(name, e))?;
         let lats: Vec<f64> = (0..wy).map(|y| ds.lats[window.lat_start + y]).collect();
         let lons: Vec<f64> = (0..wx)
             .map(|x| ds.lons[(window.lon_start + x) % nlon])
@@ -605,6 +575,103 @@ impl Pipeline {
             pe,
             window,
         })
+    }
+
+    /// Tokens of a field window through a window buffer: the path for blurred fields (the blur
+    /// needs a halo and whole planes) and local normalization (per grid point).
+    async fn window_tokens(
+        &self,
+        field: &PreparedField,
+        window: &FieldWindow,
+        levels: Vec<usize>,
+    ) -> Result<Vec<f32>, PipelineError> {
+        let ds = &self.dataset;
+        let (nlat, nlon) = (ds.lats.len(), ds.lons.len());
+        let [wt, wy, wx] = window.size;
+        let name = &field.config.name;
+        // A halo for the blur, wrapping in longitude and clipped at the poles.
+        let r = field.blur.as_ref().map_or(0, GaussianBlur::radius);
+        let halo_x = r.min((nlon - wx) / 2);
+        let y0 = window.lat_start.saturating_sub(r);
+        let y1 = (window.lat_start + wy + r).min(nlat);
+        let slab = Hyperslab {
+            variable: name.clone(),
+            time: window.time_start..window.time_start + wt,
+            levels,
+            lat: y0..y1,
+            lon_start: (window.lon_start + nlon - halo_x) % nlon,
+            lon_len: wx + 2 * halo_x,
+        };
+        let mut values = ds.read_into(&slab, self.take_buffer()).await?;
+        let nl = field.level_values.len();
+        let (py, px) = (y1 - y0, wx + 2 * halo_x);
+        if let Some(blur) = &field.blur {
+            for plane in values.chunks_mut(py * px) {
+                if px == nlon {
+                    blur.apply_globe(plane, py, px)
+                        .map_err(|e| field_err(name, e))?;
+                } else {
+                    blur.apply_window(plane, py, px)
+                        .map_err(|e| field_err(name, e))?;
+                }
+            }
+        }
+        // Crop the halo: (time, level, lat, lon) over the window.
+        let (oy, ox) = (window.lat_start - y0, halo_x);
+        let mut cropped = if (py, px) == (wy, wx) {
+            values
+        } else {
+            let mut cropped = self.take_buffer();
+            cropped.clear();
+            for plane in values.chunks(py * px) {
+                for y in 0..wy {
+                    let row = (oy + y) * px + ox;
+                    cropped.extend_from_slice(&plane[row..row + wx]);
+                }
+            }
+            self.return_buffer(values);
+            cropped
+        };
+        match field.config.normalization {
+            Normalization::Global => {
+                let stats = self.stats.as_ref().expect("checked in Pipeline::new");
+                for (k, plane) in cropped.chunks_mut(wy * wx).enumerate() {
+                    let (t, l) = (k / nl, k % nl);
+                    stats.normalize(
+                        name,
+                        field.level_values[l],
+                        ds.times[window.time_start + t],
+                        plane,
+                    )?;
+                }
+            }
+            Normalization::Local => {
+                let local = self
+                    .local
+                    .as_ref()
+                    .expect("checked in Pipeline::with_statistics");
+                local.normalize(
+                    name,
+                    &ds.times[window.time_start..window.time_start + wt],
+                    &field.level_values,
+                    window.lat_start..window.lat_start + wy,
+                    window.lon_start,
+                    &mut cropped,
+                )?;
+            }
+            Normalization::None => {}
+        }
+        let tokens = tokenize_into(&field.geometry, &cropped, self.take_buffer());
+        self.return_buffer(cropped);
+        Ok(tokens)
+    }
+
+    /// Hands a finished sample's large buffers back for reuse by later samples.
+    pub fn recycle(&self, sample: Sample) {
+        for field in sample.fields {
+            self.return_buffer(field.source);
+            self.return_buffer(field.target);
+        }
     }
 
     /// The sample ids of `rank`'s shard from `start` on, with the cursor after each.
