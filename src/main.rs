@@ -14,6 +14,9 @@ use atmorep_loader::synth::{Codec, SynthConfig, ZarrFormat, write_store};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+mod pull;
+mod serve;
+
 // Decoding allocates and frees many multi-megabyte chunk buffers; mimalloc reuses them instead of
 // returning pages to the OS and faulting them in again.
 #[global_allocator]
@@ -89,6 +92,10 @@ enum LoaderCommand {
     Synth(SynthArgs),
     /// Measure object GETs vs concurrency, decode speed per codec and hyperslab reads.
     BenchStorage(BenchArgs),
+    /// Serve datasets over gRPC until SIGTERM or Ctrl-C.
+    Serve(serve::ServeArgs),
+    /// Consume a loader stream in this process and report throughput (and check an epoch).
+    Pull(pull::PullArgs),
     /// Run the sample pipeline in-process and compare it with the decode limit.
     BenchPipeline {
         /// Store URL or path.
@@ -208,6 +215,8 @@ async fn main() -> Result<()> {
 
 async fn loader(command: LoaderCommand) -> Result<()> {
     match command {
+        LoaderCommand::Serve(args) => serve::serve(args).await?,
+        LoaderCommand::Pull(args) => pull::pull(args).await?,
         LoaderCommand::Inspect { url, json, stats } => {
             let dataset = Dataset::open(&url).await?;
             let report = inspect(&dataset, stats, !json).await?;

@@ -9,14 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use futures::StreamExt;
 use rayon::prelude::*;
 
 use crate::dataset::{Dataset, decode_chunk};
 use crate::epoch::Cursor;
 use crate::error::StoreError;
 use crate::normalization::GlobalStats;
-use crate::pipeline::{Normalization, Pipeline, PipelineConfig, PipelineError};
+use crate::pipeline::{BatchSpec, Normalization, Pipeline, PipelineConfig, PipelineError};
 use crate::synth::progress_bar;
 use crate::{ChunkCache, StoreLocation};
 
@@ -69,35 +68,41 @@ pub async fn run(
     let total = samples
         .unwrap_or(pipeline.num_samples())
         .min(pipeline.num_samples());
-    let ids: Vec<u64> = pipeline
-        .ids(0, 1, Cursor::start_of(0))?
-        .with_end_epoch(1)
-        .take(total as usize)
-        .map(|(id, _)| id)
-        .collect();
 
     dataset.cache().clear();
     dataset.record_fetches(true);
     let decoded_before = dataset.counters.decoded_bytes.load(Ordering::Relaxed);
-    let bar = progress_bar(progress, ids.len() as u64, "samples");
+    let bar = progress_bar(progress, total, "samples");
     let started = Instant::now();
-    // Each sample is its own task so tokenization, blur and masking of different samples run on
-    // all runtime workers while decoding runs on the rayon pool; `buffered` keeps the next
-    // samples in flight while the current ones finish.
+    // The same batch stream the service sends: samples assembled `concurrency` at a time on the
+    // runtime's workers while chunks decode on the rayon pool, batches of 16 kept ready.
+    let mut batches = pipeline.batches(BatchSpec {
+        rank: 0,
+        world: 1,
+        start: Cursor::start_of(0),
+        end_epoch: Some(1),
+        batch_size: 16,
+        sample_concurrency: concurrency,
+        prefetch_batches: 2,
+        memory: None,
+    })?;
     let mut payload = 0u64;
-    let mut stream = futures::stream::iter(ids.iter().copied())
-        .map(|id| {
-            let pipeline = pipeline.clone();
-            tokio::spawn(async move { pipeline.sample(0, id).await })
-        })
-        .buffered(concurrency.max(1));
-    while let Some(joined) = stream.next().await {
-        let sample =
-            joined.map_err(|e| PipelineError::Request(format!("sample task failed: {e}")))??;
-        payload += sample.payload_bytes() as u64;
-        pipeline.recycle(sample);
-        bar.inc(1);
+    let mut delivered = 0u64;
+    while delivered < total {
+        let Some(batch) = batches.next().await else {
+            break;
+        };
+        for sample in batch?.samples {
+            if delivered == total {
+                break;
+            }
+            payload += sample.payload_bytes() as u64;
+            delivered += 1;
+            pipeline.recycle(sample);
+            bar.inc(1);
+        }
     }
+    drop(batches);
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let fetched = dataset.record_fetches(false);
@@ -133,9 +138,9 @@ pub async fn run(
     let decode_seconds = decode_started.elapsed().as_secs_f64();
     let decoded_limit = decoded_limit?;
     Ok(PipelineBenchReport {
-        samples: ids.len() as u64,
+        samples: delivered,
         seconds,
-        samples_per_second: ids.len() as f64 / seconds,
+        samples_per_second: delivered as f64 / seconds,
         token_gbps: payload as f64 / seconds / 1e9,
         read_amplification: decoded as f64 / payload.max(1) as f64,
         decode_seconds,
@@ -167,6 +172,8 @@ pub fn reference_config(fields: [&str; 2], levels: Vec<f64>, steps: usize) -> Pi
         fields: vec![field(fields[0]), field(fields[1])],
         split: crate::pipeline::Split::Train,
         split_fractions: [1.0, 0.0],
+        split_dates: None,
+        mode: Default::default(),
         seed: 1,
         block_steps: steps,
         samples_per_block: 128,

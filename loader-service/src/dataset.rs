@@ -150,6 +150,8 @@ pub struct ReadCounters {
     pub decoded_bytes: AtomicU64,
     /// Bytes of values delivered to callers.
     pub delivered_bytes: AtomicU64,
+    /// Time spent decoding chunks, summed over threads.
+    pub decode_nanos: AtomicU64,
 }
 
 /// An opened store in canonical form.
@@ -487,6 +489,7 @@ impl Dataset {
         let packing = variable.packing.clone();
         let url = self.url().to_string();
         let indices = indices.to_vec();
+        let started = std::time::Instant::now();
         let decoded = run_on_rayon(move || {
             decode_chunk(
                 &url,
@@ -498,6 +501,9 @@ impl Dataset {
             )
         })
         .await?;
+        self.counters
+            .decode_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.counters.decoded_bytes.fetch_add(
             std::mem::size_of_val(decoded.values()) as u64,
             Ordering::Relaxed,

@@ -301,6 +301,8 @@ pub enum Ordering {
     Global,
     /// Locality-aware: [`BlockShuffle`] with the plan's seed.
     BlockLocal(BlockParams),
+    /// Ids in increasing order, every epoch (ordered tiles for inference and downstream use).
+    Sequential,
 }
 
 /// What an epoch is: the seed, how many samples, and how they are ordered.
@@ -331,7 +333,7 @@ impl EpochPlan {
     /// Checks the ordering parameters.
     pub fn validate(&self) -> Result<(), EpochError> {
         match self.ordering {
-            Ordering::Global => Ok(()),
+            Ordering::Global | Ordering::Sequential => Ok(()),
             Ordering::BlockLocal(p) => self.block_shuffle(p).validate(),
         }
     }
@@ -361,6 +363,7 @@ impl EpochPlan {
     pub fn order(&self, epoch: u64) -> Vec<SampleId> {
         match self.ordering {
             Ordering::Global => self.permutation(epoch),
+            Ordering::Sequential => (0..self.num_samples).collect(),
             Ordering::BlockLocal(p) => {
                 let mut ids = self.block_shuffle(p).order(epoch);
                 let n = self.num_samples;

@@ -22,6 +22,7 @@ pub mod normalization;
 pub mod pipeline;
 pub mod plot;
 pub mod sampler;
+pub mod service;
 pub mod stats;
 pub mod synth;
 pub mod tokenizer;

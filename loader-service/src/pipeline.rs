@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use atmorep_proto::positional::{GlobalOffsets, PeInputs, encode};
 use atmorep_proto::token_info::{WindowCoords, flatten, token_infos};
 use atmorep_proto::{FieldGeometry, PeMode, TokenGeometry};
+use futures::StreamExt;
 use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
 
@@ -24,7 +25,7 @@ use crate::hyperslab::{Hyperslab, OutputLayout};
 use crate::local_stats::LocalStats;
 use crate::masking::{MaskGeometry, MaskSpec, try_apply_in_place};
 use crate::normalization::{GlobalStats, year_month};
-use crate::sampler::{FieldWindow, LatitudeWeighting, Sampler};
+use crate::sampler::{Centre, FieldWindow, LatitudeWeighting, Sampler, Tiling};
 use crate::tokenizer::tokenize_into;
 
 /// How a field is normalized.
@@ -72,6 +73,63 @@ pub enum Split {
     Test,
 }
 
+/// Dates (ISO 8601, UTC) that cut the time axis into splits: train before `train_end`,
+/// validation from `train_end` to before `validation_end`, test from `validation_end` on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitDates {
+    pub train_end: String,
+    pub validation_end: String,
+}
+
+/// Where samples come from.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum SampleMode {
+    /// Random centres, block-local shuffled epochs (training and validation).
+    #[default]
+    Training,
+    /// Ordered tiles covering the globe, time-major, for inference and downstream clients. All
+    /// fields share one window; `overlap` is in grid points per (time, lat, lon); the time range
+    /// (inclusive ISO dates) defaults to the split.
+    Tiles {
+        #[serde(default)]
+        overlap: [usize; 3],
+        #[serde(default)]
+        time_start: Option<String>,
+        #[serde(default)]
+        time_end: Option<String>,
+    },
+}
+
+/// Parses an ISO 8601 UTC time: `2021-06-01`, `2021-06-01T06:00`, `2021-06-01T06:00:00Z` or
+/// with an offset.
+pub fn parse_iso_time(text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.timestamp());
+    }
+    for format in [
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%dT%H:%M",
+        "%Y-%m-%d %H:%M:%S",
+        "%Y-%m-%d %H:%M",
+    ] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(text.trim_end_matches('Z'), format) {
+            return Ok(t.and_utc().timestamp());
+        }
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(d
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight")
+            .and_utc()
+            .timestamp());
+    }
+    Err(format!(
+        "`{text}` is not an ISO 8601 time such as 2021-06-01T06:00:00Z"
+    ))
+}
+
 /// A sample request: fields, split and read plan.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PipelineConfig {
@@ -81,6 +139,11 @@ pub struct PipelineConfig {
     /// Fractions of the time axis for (train, validation); test gets the rest.
     #[serde(default = "default_fractions")]
     pub split_fractions: [f64; 2],
+    /// Split by dates instead of fractions.
+    #[serde(default)]
+    pub split_dates: Option<SplitDates>,
+    #[serde(default)]
+    pub mode: SampleMode,
     pub seed: u64,
     /// Time steps per planned block read.
     pub block_steps: usize,
@@ -162,6 +225,110 @@ impl Sample {
     }
 }
 
+/// What [`Pipeline::batches`] streams.
+#[derive(Debug, Clone)]
+pub struct BatchSpec {
+    pub rank: u32,
+    pub world: u32,
+    /// Where to start (a resume cursor, or the start of an epoch).
+    pub start: Cursor,
+    /// Stop before this epoch; `None` streams forever.
+    pub end_epoch: Option<u64>,
+    pub batch_size: usize,
+    /// Samples assembled at once.
+    pub sample_concurrency: usize,
+    /// Finished batches kept ready ahead of the consumer.
+    pub prefetch_batches: usize,
+    /// A budget shared with other streams for samples in flight and batches not yet consumed.
+    pub memory: Option<MemoryBudget>,
+}
+
+/// A byte budget shared by every stream of a server: a sample reserves its size before it is
+/// assembled and the reservation travels with its batch until the batch is dropped, so memory
+/// held by samples in flight and batches waiting for slow clients stays bounded no matter how
+/// many clients connect.
+#[derive(Debug, Clone)]
+pub struct MemoryBudget {
+    semaphore: Arc<tokio::sync::Semaphore>,
+    /// Permits are KiB so that budgets up to terabytes fit the semaphore's counter.
+    total_kib: u32,
+}
+
+impl MemoryBudget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: u64) -> Self {
+        let total_kib = (bytes / 1024).clamp(1, u64::from(u32::MAX >> 3)) as u32;
+        Self {
+            semaphore: Arc::new(tokio::sync::Semaphore::new(total_kib as usize)),
+            total_kib,
+        }
+    }
+
+    /// Waits until `bytes` (capped at the whole budget, so one oversized sample still runs
+    /// alone) are free and reserves them.
+    pub async fn reserve(&self, bytes: u64) -> tokio::sync::OwnedSemaphorePermit {
+        let kib = (bytes.div_ceil(1024) as u32).clamp(1, self.total_kib);
+        self.semaphore
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .expect("the budget's semaphore is never closed")
+    }
+
+    /// Bytes not reserved right now.
+    pub fn available_bytes(&self) -> u64 {
+        self.semaphore.available_permits() as u64 * 1024
+    }
+
+    /// The whole budget in bytes.
+    pub fn total_bytes(&self) -> u64 {
+        u64::from(self.total_kib) * 1024
+    }
+}
+
+/// One batch from [`Pipeline::batches`].
+#[derive(Debug, Default)]
+pub struct SampleBatch {
+    pub samples: Vec<Sample>,
+    /// The stream cursor after the batch's last sample: resuming there continues exactly.
+    pub cursor_after: Cursor,
+    /// The last batch of a finite stream.
+    pub last: bool,
+    /// This batch's share of the [`MemoryBudget`], released when the batch is dropped.
+    pub reservation: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Batches assembled ahead of the consumer by a background task; dropping it stops the task.
+#[derive(Debug)]
+pub struct BatchStream {
+    rx: tokio::sync::mpsc::Receiver<Result<SampleBatch, PipelineError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BatchStream {
+    /// The next batch; `None` when the stream is finished.
+    pub async fn next(&mut self) -> Option<Result<SampleBatch, PipelineError>> {
+        self.rx.recv().await
+    }
+}
+
+impl futures::Stream for BatchStream {
+    type Item = Result<SampleBatch, PipelineError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for BatchStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// A prepared request against one dataset.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -173,6 +340,8 @@ pub struct Pipeline {
     split_range: Range<usize>,
     blocks: u64,
     plan: EpochPlan,
+    /// The tiles of [`SampleMode::Tiles`]; `None` in training mode.
+    tiling: Option<Tiling>,
     time_step_h: f64,
     grid_spacing: f64,
     /// Window and token buffers returned by finished samples. Reusing them spares the kernel
@@ -202,16 +371,42 @@ impl Pipeline {
             return Err(PipelineError::Request("no fields requested".into()));
         }
         let nt = dataset.times.len();
-        let [f_train, f_val] = config.split_fractions;
-        if !(0.0..=1.0).contains(&f_train) || !(0.0..=1.0).contains(&f_val) || f_train + f_val > 1.0
-        {
-            return Err(PipelineError::Request(format!(
-                "split_fractions {:?} must be in [0, 1] and sum to at most 1",
-                config.split_fractions
-            )));
-        }
-        let train_end = (nt as f64 * f_train).round() as usize;
-        let val_end = (nt as f64 * (f_train + f_val)).round() as usize;
+        let (train_end, val_end) = match &config.split_dates {
+            Some(dates) => {
+                let parse = |name: &str, text: &str| {
+                    parse_iso_time(text)
+                        .map_err(|e| PipelineError::Request(format!("split_dates.{name}: {e}")))
+                };
+                let train = parse("train_end", &dates.train_end)?;
+                let val = parse("validation_end", &dates.validation_end)?;
+                if val < train {
+                    return Err(PipelineError::Request(format!(
+                        "split_dates: validation_end {} is before train_end {}",
+                        dates.validation_end, dates.train_end
+                    )));
+                }
+                (
+                    dataset.times.partition_point(|&t| t < train),
+                    dataset.times.partition_point(|&t| t < val),
+                )
+            }
+            None => {
+                let [f_train, f_val] = config.split_fractions;
+                if !(0.0..=1.0).contains(&f_train)
+                    || !(0.0..=1.0).contains(&f_val)
+                    || f_train + f_val > 1.0
+                {
+                    return Err(PipelineError::Request(format!(
+                        "split_fractions {:?} must be in [0, 1] and sum to at most 1",
+                        config.split_fractions
+                    )));
+                }
+                (
+                    (nt as f64 * f_train).round() as usize,
+                    (nt as f64 * (f_train + f_val)).round() as usize,
+                )
+            }
+        };
         let split_range = match config.split {
             Split::Train => 0..train_end,
             Split::Validation => train_end..val_end,
@@ -343,25 +538,79 @@ impl Pipeline {
             .map(|f| f.geometry.geometry.window()[0])
             .max()
             .unwrap_or(1);
-        if config.block_steps < max_steps {
-            return Err(PipelineError::Request(format!(
-                "block_steps {} is shorter than the longest window ({max_steps} steps)",
-                config.block_steps
-            )));
-        }
-        // Blocks tile the split; a short tail that cannot hold a window is dropped.
-        let mut blocks = (split_range.len() / config.block_steps) as u64;
-        if split_range.len() % config.block_steps >= max_steps {
-            blocks += 1;
-        }
-        if blocks == 0 {
-            return Err(PipelineError::Request(format!(
-                "the {:?} split ({} steps) has no room for one {max_steps}-step window",
-                config.split,
-                split_range.len()
-            )));
-        }
-        // Build one sampler up front so geometry errors surface at request time.
+        let (blocks, plan, tiling) = match &config.mode {
+            SampleMode::Training => {
+                if config.block_steps < max_steps {
+                    return Err(PipelineError::Request(format!(
+                        "block_steps {} is shorter than the longest window ({max_steps} steps)",
+                        config.block_steps
+                    )));
+                }
+                // Blocks tile the split; a short tail that cannot hold a window is dropped.
+                let mut blocks = (split_range.len() / config.block_steps) as u64;
+                if split_range.len() % config.block_steps >= max_steps {
+                    blocks += 1;
+                }
+                if blocks == 0 {
+                    return Err(PipelineError::Request(format!(
+                        "the {:?} split ({} steps) has no room for one {max_steps}-step window",
+                        config.split,
+                        split_range.len()
+                    )));
+                }
+                let plan = EpochPlan::new(config.seed, blocks * config.samples_per_block)
+                    .with_ordering(Ordering::BlockLocal(BlockParams {
+                        samples_per_block: config.samples_per_block,
+                        buffer_blocks: config.buffer_blocks,
+                    }));
+                (blocks, plan, None)
+            }
+            SampleMode::Tiles {
+                overlap,
+                time_start,
+                time_end,
+            } => {
+                let window = fields[0].geometry.geometry.window();
+                if let Some(other) = fields
+                    .iter()
+                    .find(|f| f.geometry.geometry.window() != window)
+                {
+                    return Err(field_err(
+                        &other.config.name,
+                        format!(
+                            "tiles need one window for all fields: {:?} here, {window:?} for `{}`",
+                            other.geometry.geometry.window(),
+                            fields[0].config.name
+                        ),
+                    ));
+                }
+                let bound = |name: &str, text: &Option<String>| {
+                    text.as_deref()
+                        .map(|t| {
+                            parse_iso_time(t)
+                                .map_err(|e| PipelineError::Request(format!("tiles.{name}: {e}")))
+                        })
+                        .transpose()
+                };
+                let start = bound("time_start", time_start)?.map_or(split_range.start, |t| {
+                    dataset.times.partition_point(|&x| x < t)
+                });
+                let end = bound("time_end", time_end)?.map_or(split_range.end, |t| {
+                    dataset.times.partition_point(|&x| x <= t)
+                });
+                let tiling = Tiling::new(
+                    dataset.lats.len(),
+                    dataset.lons.len(),
+                    start..end.max(start),
+                    window,
+                    *overlap,
+                )
+                .map_err(|e| PipelineError::Request(format!("tiles: {e}")))?;
+                let plan = EpochPlan::new(config.seed, tiling.tiles().len() as u64)
+                    .with_ordering(Ordering::Sequential);
+                (0, plan, Some(tiling))
+            }
+        };
         let pipeline = Self {
             time_step_h: if nt > 1 {
                 (dataset.times[1] - dataset.times[0]) as f64 / 3600.0
@@ -369,12 +618,8 @@ impl Pipeline {
                 1.0
             },
             grid_spacing: (dataset.lats[0] - dataset.lats[1]).abs(),
-            plan: EpochPlan::new(config.seed, blocks * config.samples_per_block).with_ordering(
-                Ordering::BlockLocal(BlockParams {
-                    samples_per_block: config.samples_per_block,
-                    buffer_blocks: config.buffer_blocks,
-                }),
-            ),
+            plan,
+            tiling,
             buffers: std::sync::Mutex::new(Vec::new()),
             dataset,
             stats,
@@ -385,7 +630,10 @@ impl Pipeline {
             config,
         };
         pipeline.plan.validate()?;
-        pipeline.sampler(0)?;
+        if pipeline.tiling.is_none() {
+            // One sampler up front so geometry errors surface at request time.
+            pipeline.sampler(0)?;
+        }
         Ok(pipeline)
     }
 
@@ -458,19 +706,98 @@ impl Pipeline {
                 self.num_samples()
             )));
         }
-        let block = id / self.config.samples_per_block;
-        let sampler = self.sampler(block)?;
-        let centre = sampler.draw(&mut sample_rng(
-            self.config.seed,
-            epoch,
-            id,
-            0,
-            Purpose::Centre,
-        ));
-        let fields = try_join_all(self.fields.iter().enumerate().map(|(i, field)| {
-            let window = sampler.window(i, centre);
-            self.field_sample(epoch, id, i as u32, field, window)
-        }))
+        let windows: Vec<FieldWindow> = match &self.tiling {
+            Some(tiling) => vec![tiling.tiles()[id as usize]; self.fields.len()],
+            None => {
+                let block = id / self.config.samples_per_block;
+                let sampler = self.sampler(block)?;
+                let centre = sampler.draw(&mut sample_rng(
+                    self.config.seed,
+                    epoch,
+                    id,
+                    0,
+                    Purpose::Centre,
+                ));
+                (0..self.fields.len())
+                    .map(|i| sampler.window(i, centre))
+                    .collect()
+            }
+        };
+        self.assemble(epoch, id, windows).await
+    }
+
+    /// Builds the sample centred on (`time` index, latitude, longitude in degrees): the nearest
+    /// grid point, windows shifted inward at the poles. Masks and noise are drawn as for sample
+    /// id `time · nlat · nlon + lat · nlon + lon` of `epoch` (for debugging and plotting).
+    pub async fn sample_at(
+        &self,
+        epoch: u64,
+        time: usize,
+        lat_deg: f64,
+        lon_deg: f64,
+    ) -> Result<Sample, PipelineError> {
+        let ds = &self.dataset;
+        let (nlat, nlon) = (ds.lats.len(), ds.lons.len());
+        if !(-90.0..=90.0).contains(&lat_deg) || !lon_deg.is_finite() {
+            return Err(PipelineError::Request(format!(
+                "centre ({lat_deg}, {lon_deg}) is not a latitude in [-90, 90] and a longitude"
+            )));
+        }
+        let lat = (0..nlat)
+            .min_by(|&a, &b| {
+                (ds.lats[a] - lat_deg)
+                    .abs()
+                    .total_cmp(&(ds.lats[b] - lat_deg).abs())
+            })
+            .unwrap_or(0);
+        let lon_step = 360.0 / nlon as f64;
+        let lon = ((lon_deg - ds.lons[0]).rem_euclid(360.0) / lon_step).round() as usize % nlon;
+        let sampler = Sampler::new(
+            &ds.lats,
+            nlon,
+            ds.times.len(),
+            0..ds.times.len(),
+            &self
+                .fields
+                .iter()
+                .map(|f| (f.config.name.clone(), f.geometry.geometry.window()))
+                .collect::<Vec<_>>(),
+            self.config.latitude_weighting,
+        )
+        .map_err(|e| PipelineError::Request(e.to_string()))?;
+        let max_t = self
+            .fields
+            .iter()
+            .map(|f| f.geometry.geometry.window()[0])
+            .max()
+            .unwrap_or(1);
+        if time < max_t / 2 || time - max_t / 2 + max_t > ds.times.len() {
+            return Err(PipelineError::Request(format!(
+                "time index {time}: a {max_t}-step window around it leaves 0..{}",
+                ds.times.len()
+            )));
+        }
+        let centre = Centre { time, lat, lon };
+        let windows = (0..self.fields.len())
+            .map(|i| sampler.window(i, centre))
+            .collect();
+        let id = (time * nlat * nlon + lat * nlon + lon) as u64;
+        self.assemble(epoch, id, windows).await
+    }
+
+    async fn assemble(
+        &self,
+        epoch: u64,
+        id: SampleId,
+        windows: Vec<FieldWindow>,
+    ) -> Result<Sample, PipelineError> {
+        let fields = try_join_all(
+            self.fields
+                .iter()
+                .zip(windows)
+                .enumerate()
+                .map(|(i, (field, window))| self.field_sample(epoch, id, i as u32, field, window)),
+        )
         .await?;
         Ok(Sample { id, epoch, fields })
     }
@@ -672,6 +999,102 @@ impl Pipeline {
             self.return_buffer(field.source);
             self.return_buffer(field.target);
         }
+    }
+
+    /// Per field: (name, values per token, tokens, PE width), in request order.
+    pub fn field_geometries(&self) -> Vec<(String, usize, usize, usize)> {
+        self.fields
+            .iter()
+            .map(|f| {
+                (
+                    f.config.name.clone(),
+                    f.geometry.geometry.token_numel(),
+                    f.geometry.num_tokens_total(),
+                    f.config.pe_width,
+                )
+            })
+            .collect()
+    }
+
+    /// Bytes one sample holds at most while it is assembled and sent (sources, targets, token
+    /// info and positional encodings in f32).
+    pub fn sample_bytes(&self) -> u64 {
+        self.fields
+            .iter()
+            .map(|f| {
+                let tokens = f.geometry.num_tokens_total() as u64;
+                let values = f.geometry.numel() as u64;
+                4 * (2 * values + tokens * (8 + f.config.pe_width as u64))
+            })
+            .sum()
+    }
+
+    /// Batches of `spec.batch_size` samples of `rank`'s shard from `spec.start` on, assembled by a
+    /// background task that keeps about `sample_concurrency` samples in flight (whole batches,
+    /// at least one) and up to `prefetch_batches` finished batches ready. Dropping the stream stops
+    /// the task. The stream ends after the last batch (flagged `last`) when an end epoch is set,
+    /// and after the first error otherwise.
+    pub fn batches(self: &Arc<Self>, spec: BatchSpec) -> Result<BatchStream, PipelineError> {
+        if spec.batch_size == 0 {
+            return Err(PipelineError::Request("batch_size must be positive".into()));
+        }
+        let mut ids = self.ids(spec.rank, spec.world, spec.start)?;
+        if let Some(end) = spec.end_epoch {
+            ids = ids.with_end_epoch(end);
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(spec.prefetch_batches.max(1));
+        let pipeline = self.clone();
+        let task = tokio::spawn(async move {
+            let batch_bytes = pipeline.sample_bytes() * spec.batch_size as u64;
+            let mut items = std::iter::from_fn(move || {
+                let epoch = ids.cursor().epoch;
+                ids.next().map(|(id, after)| (epoch, id, after))
+            })
+            .peekable();
+            let batch_items = std::iter::from_fn(move || {
+                let batch: Vec<_> = items.by_ref().take(spec.batch_size).collect();
+                (!batch.is_empty()).then(|| (batch, items.peek().is_none()))
+            });
+            // Whole batches reserve their memory at once: a batch holding part of its share while
+            // waiting for the rest could deadlock against other streams doing the same.
+            let in_flight = spec.sample_concurrency.div_ceil(spec.batch_size).max(1);
+            let mut batches = futures::stream::iter(batch_items)
+                .map(|(items, last)| {
+                    let pipeline = pipeline.clone();
+                    let memory = spec.memory.clone();
+                    async move {
+                        let reservation = match &memory {
+                            Some(budget) => Some(budget.reserve(batch_bytes).await),
+                            None => None,
+                        };
+                        let cursor_after = items.last().expect("non-empty batch").2;
+                        let tasks = items.into_iter().map(|(epoch, id, _)| {
+                            let pipeline = pipeline.clone();
+                            tokio::spawn(async move { pipeline.sample(epoch, id).await })
+                        });
+                        let mut samples = Vec::with_capacity(spec.batch_size);
+                        for joined in futures::future::join_all(tasks).await {
+                            samples.push(joined.map_err(|e| {
+                                PipelineError::Request(format!("sample task failed: {e}"))
+                            })??);
+                        }
+                        Ok::<_, PipelineError>(SampleBatch {
+                            samples,
+                            cursor_after,
+                            last: last && spec.end_epoch.is_some(),
+                            reservation,
+                        })
+                    }
+                })
+                .buffered(in_flight);
+            while let Some(batch) = batches.next().await {
+                let failed = batch.is_err();
+                if tx.send(batch).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(BatchStream { rx, task })
     }
 
     /// The sample ids of `rank`'s shard from `start` on, with the cursor after each.

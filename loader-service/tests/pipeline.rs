@@ -70,6 +70,8 @@ fn config() -> PipelineConfig {
         ],
         split: Split::Train,
         split_fractions: [0.8, 0.1],
+        split_dates: None,
+        mode: Default::default(),
         seed: 11,
         block_steps: 16,
         samples_per_block: 8,
@@ -268,4 +270,190 @@ async fn local_normalization_uses_per_point_monthly_statistics() {
         "{} vs {expected}",
         t.source[0]
     );
+}
+
+/// The batch stream delivers every id of the epoch once, in the epoch's order, flags the last
+/// batch, resumes from a mid-epoch cursor with exactly the rest (same bytes), and gives its
+/// memory reservations back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_cover_the_epoch_once_and_resume_exactly() {
+    use atmorep_loader::pipeline::{BatchSpec, MemoryBudget};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (dataset, stats) = store(dir.path()).await;
+    let pipeline = Arc::new(Pipeline::new(dataset, config(), Some(stats)).unwrap());
+    let budget = MemoryBudget::new(3 * pipeline.sample_bytes());
+    let spec = |start: Cursor| BatchSpec {
+        rank: 0,
+        world: 1,
+        start,
+        end_epoch: Some(1),
+        batch_size: 5,
+        sample_concurrency: 4,
+        prefetch_batches: 2,
+        memory: Some(budget.clone()),
+    };
+    let mut stream = pipeline.batches(spec(Cursor::start_of(0))).unwrap();
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.next().await {
+        let mut batch = batch.unwrap();
+        assert!(batch.samples.len() <= 5);
+        // A batch holds its share of the budget until the consumer lets go of it.
+        assert!(budget.available_bytes() < budget.total_bytes());
+        drop(batch.reservation.take());
+        batches.push(batch);
+    }
+    let n = pipeline.num_samples();
+    let ids: Vec<u64> = batches
+        .iter()
+        .flat_map(|b| b.samples.iter().map(|s| s.id))
+        .collect();
+    let expected: Vec<u64> = pipeline
+        .ids(0, 1, Cursor::start_of(0))
+        .unwrap()
+        .with_end_epoch(1)
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ids, expected, "the epoch's order");
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "every id once");
+    assert!(batches.last().unwrap().last);
+    assert!(batches[..batches.len() - 1].iter().all(|b| !b.last));
+    assert_eq!(batches.last().unwrap().cursor_after, Cursor::start_of(1));
+
+    // Resume after the second batch.
+    let cursor = batches[1].cursor_after;
+    let mut resumed = pipeline.batches(spec(cursor)).unwrap();
+    let mut rest = Vec::new();
+    while let Some(batch) = resumed.next().await {
+        rest.extend(batch.unwrap().samples);
+    }
+    let original: Vec<_> = batches[2..]
+        .iter()
+        .flat_map(|b| b.samples.clone())
+        .collect();
+    assert_eq!(rest, original, "the rest of the epoch, same bytes");
+
+    drop(batches);
+    drop(stream);
+    assert_eq!(budget.available_bytes(), budget.total_bytes());
+}
+
+fn iso(unix: i64) -> String {
+    chrono::DateTime::from_timestamp(unix, 0)
+        .unwrap()
+        .to_rfc3339()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splits_by_date_keep_windows_inside_their_range() {
+    use atmorep_loader::pipeline::SplitDates;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (dataset, stats) = store(dir.path()).await;
+    let times = dataset.times.clone();
+    let dated = |split| PipelineConfig {
+        split,
+        split_dates: Some(SplitDates {
+            train_end: iso(times[20]),
+            validation_end: iso(times[34]),
+        }),
+        block_steps: 12,
+        ..config()
+    };
+    let ranges = [
+        (Split::Train, 0..20),
+        (Split::Validation, 20..34),
+        (Split::Test, 34..48),
+    ];
+    for (split, range) in ranges {
+        let pipeline = Pipeline::new(dataset.clone(), dated(split), Some(stats.clone())).unwrap();
+        for id in 0..pipeline.num_samples() {
+            let sample = pipeline.sample(0, id).await.unwrap();
+            for f in &sample.fields {
+                let w = &f.window;
+                assert!(
+                    range.start <= w.time_start && w.time_start + w.size[0] <= range.end,
+                    "{split:?} sample {id}: window {w:?} leaves {range:?}"
+                );
+            }
+        }
+    }
+    let bad = PipelineConfig {
+        split_dates: Some(SplitDates {
+            train_end: "2021-13-01".into(),
+            validation_end: iso(times[34]),
+        }),
+        ..config()
+    };
+    let err = Pipeline::new(dataset.clone(), bad, Some(stats.clone())).unwrap_err();
+    assert!(err.to_string().contains("split_dates.train_end"), "{err}");
+}
+
+/// Tiles mode: every grid point of every time step in range is covered, tiles come in time
+/// order, and fields with different windows are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiles_cover_the_globe_in_time_order() {
+    use atmorep_loader::pipeline::SampleMode;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (dataset, stats) = store(dir.path()).await;
+    let (nlat, nlon) = (dataset.lats.len(), dataset.lons.len());
+    let times = dataset.times.clone();
+    let mut cfg = config();
+    cfg.fields[1].num_tokens = cfg.fields[0].num_tokens;
+    cfg.fields[1].mask = MaskSpec::None;
+    cfg.fields[0].mask = MaskSpec::None;
+    cfg.mode = SampleMode::Tiles {
+        overlap: [0, 3, 6],
+        time_start: Some(iso(times[3])),
+        time_end: Some(iso(times[26])),
+    };
+    let pipeline = Pipeline::new(dataset.clone(), cfg.clone(), Some(stats.clone())).unwrap();
+    let mut covered = vec![0u32; 24 * nlat * nlon];
+    let mut last_start = 0;
+    for id in 0..pipeline.num_samples() {
+        let sample = pipeline.sample(0, id).await.unwrap();
+        let w = sample.fields[0].window;
+        assert_eq!(w, sample.fields[1].window, "fields share the tile");
+        assert!(w.time_start >= last_start, "time order");
+        last_start = w.time_start;
+        assert!(sample.fields[0].masked_indices.is_empty());
+        for t in w.time_start..w.time_start + w.size[0] {
+            for y in w.lat_start..w.lat_start + w.size[1] {
+                for x in 0..w.size[2] {
+                    covered[((t - 3) * nlat + y) * nlon + (w.lon_start + x) % nlon] += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        covered.iter().all(|&c| c >= 1),
+        "every point of 3..=26 covered"
+    );
+
+    let mut mismatched = cfg;
+    mismatched.fields[1].num_tokens = [4, 3, 4];
+    let err = Pipeline::new(dataset, mismatched, Some(stats)).unwrap_err();
+    assert!(
+        matches!(&err, PipelineError::Field { field, .. } if field == "vo"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sample_by_centre_is_shifted_inside_the_grid() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dataset, stats) = store(dir.path()).await;
+    let pipeline = Pipeline::new(dataset.clone(), config(), Some(stats)).unwrap();
+    let sample = pipeline.sample_at(0, 20, 90.0, 359.0).await.unwrap();
+    let w = sample.fields[0].window;
+    assert_eq!(w.lat_start, 0, "shifted inward at the north pole");
+    assert_eq!(w.time_start, 20 - 6);
+    assert!(
+        pipeline.sample_at(0, 2, 0.0, 0.0).await.is_err(),
+        "window before t=0"
+    );
+    assert!(pipeline.sample_at(0, 20, 91.0, 0.0).await.is_err());
 }

@@ -29,6 +29,7 @@ pub mod convert;
 pub mod error;
 pub mod geometry;
 pub mod positional;
+pub mod request;
 pub mod tensor;
 pub mod token_info;
 
@@ -52,6 +53,7 @@ pub use error::{ProtoError, Result};
 pub use geometry::{FieldGeometry, TokenGeometry};
 pub use pb::Dtype;
 pub use positional::{GlobalOffsets, PeInputs, PeMode};
+pub use request::{FieldRequestConfig, MaskConfig, RequestConfig, RequestConfigError};
 pub use tensor::TensorError;
 pub use token_info::{TOKEN_INFO_LEN, TokenInfo, WindowCoords};
 

@@ -1,0 +1,222 @@
+//! The server's TOML configuration (`atmorep loader serve --config loader.toml`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a loader server needs to start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC address; loopback unless TLS and a token are configured.
+    #[serde(default = "default_bind")]
+    pub bind: SocketAddr,
+    /// Prometheus scrape address (`/metrics`); none when absent.
+    #[serde(default)]
+    pub metrics_bind: Option<SocketAddr>,
+    /// Decoded-chunk cache shared by every dataset and stream.
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: u64,
+    /// Samples in flight plus batches waiting to be sent, over all streams.
+    #[serde(default = "default_budget_mib")]
+    pub memory_budget_mib: u64,
+    /// Largest gRPC message; bigger batches are split into parts.
+    #[serde(default = "default_message_mib")]
+    pub max_message_mib: usize,
+    /// Finished batches each stream keeps ready.
+    #[serde(default = "default_prefetch")]
+    pub prefetch_batches: usize,
+    /// Samples each stream assembles at once.
+    #[serde(default = "default_concurrency")]
+    pub sample_concurrency: usize,
+    /// Largest batch a request may ask for.
+    #[serde(default = "default_max_batch")]
+    pub max_batch_size: u32,
+    /// Bearer token clients must send (`authorization: Bearer …`).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Name of an environment variable holding the token (keeps it out of the file).
+    #[serde(default)]
+    pub token_env: Option<String>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Allows a non-loopback bind without TLS and a token (a private network you trust).
+    #[serde(default)]
+    pub allow_insecure: bool,
+    pub datasets: Vec<DatasetConfig>,
+}
+
+/// PEM files of the server's certificate chain and key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// One dataset the server offers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    pub name: String,
+    /// Store URL or path.
+    pub url: String,
+    #[serde(default)]
+    pub description: String,
+    /// Statistics folder (`STORE.stats` next to a local store when absent).
+    #[serde(default)]
+    pub stats: Option<PathBuf>,
+}
+
+fn default_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50051))
+}
+fn default_cache_mib() -> u64 {
+    4096
+}
+fn default_budget_mib() -> u64 {
+    1024
+}
+fn default_message_mib() -> usize {
+    64
+}
+fn default_prefetch() -> usize {
+    2
+}
+fn default_concurrency() -> usize {
+    16
+}
+fn default_max_batch() -> u32 {
+    256
+}
+
+/// Why a configuration cannot start a server.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bad configuration `{path}`: {detail}")]
+    Parse { path: PathBuf, detail: String },
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl ServerConfig {
+    /// Reads and checks a TOML file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// A configuration serving `datasets` with defaults for everything else.
+    pub fn with_datasets(datasets: Vec<DatasetConfig>) -> Self {
+        Self {
+            bind: default_bind(),
+            metrics_bind: None,
+            cache_mib: default_cache_mib(),
+            memory_budget_mib: default_budget_mib(),
+            max_message_mib: default_message_mib(),
+            prefetch_batches: default_prefetch(),
+            sample_concurrency: default_concurrency(),
+            max_batch_size: default_max_batch(),
+            token: None,
+            token_env: None,
+            tls: None,
+            allow_insecure: false,
+            datasets,
+        }
+    }
+
+    /// The bearer token, from the file or the named environment variable.
+    pub fn bearer_token(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(token) = &self.token {
+            return Ok(Some(token.clone()));
+        }
+        match &self.token_env {
+            Some(var) => std::env::var(var).map(Some).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "token_env: environment variable `{var}` is not set"
+                ))
+            }),
+            None => Ok(None),
+        }
+    }
+
+    /// Refuses configurations that would expose data unprotected or cannot work.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.datasets.is_empty() {
+            return Err(ConfigError::Invalid("no [[datasets]] configured".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for d in &self.datasets {
+            if d.name.is_empty() || !names.insert(d.name.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "dataset names must be unique and non-empty (`{}`)",
+                    d.name
+                )));
+            }
+        }
+        if self.max_message_mib == 0 || self.max_batch_size == 0 || self.memory_budget_mib == 0 {
+            return Err(ConfigError::Invalid(
+                "max_message_mib, max_batch_size and memory_budget_mib must be positive".into(),
+            ));
+        }
+        let protected = self.tls.is_some() && self.bearer_token()?.is_some();
+        if !self.bind.ip().is_loopback() && !protected && !self.allow_insecure {
+            return Err(ConfigError::Invalid(format!(
+                "bind {} is beyond loopback: configure [tls] and a token (or allow_insecure = true)",
+                self.bind
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minimal_file_gets_defaults_and_exposure_is_refused() {
+        let config: ServerConfig = toml::from_str(
+            r#"
+            [[datasets]]
+            name = "era5"
+            url = "demo.zarr"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.bind, default_bind());
+        config.check().unwrap();
+
+        let exposed = ServerConfig {
+            bind: "0.0.0.0:50051".parse().unwrap(),
+            ..config.clone()
+        };
+        assert!(exposed.check().unwrap_err().to_string().contains("[tls]"));
+        let trusted = ServerConfig {
+            allow_insecure: true,
+            ..exposed
+        };
+        trusted.check().unwrap();
+
+        let twice = ServerConfig {
+            datasets: vec![config.datasets[0].clone(), config.datasets[0].clone()],
+            ..config
+        };
+        assert!(twice.check().is_err());
+        assert!(toml::from_str::<ServerConfig>("bogus = 1\ndatasets = []").is_err());
+    }
+}

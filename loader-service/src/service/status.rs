@@ -1,0 +1,61 @@
+//! The one place library errors become gRPC statuses, with the code a client can act on:
+//! malformed requests are INVALID_ARGUMENT, missing things NOT_FOUND, storage that cannot be
+//! reached UNAVAILABLE (the client retries), data that cannot be decoded DATA_LOSS.
+
+use tonic::{Code, Status};
+
+use super::request::RequestError;
+use crate::error::StoreError;
+use crate::pipeline::PipelineError;
+
+/// The status for a request that failed validation.
+pub fn from_request(error: RequestError) -> Status {
+    match error {
+        RequestError::Invalid { .. } => Status::invalid_argument(error.to_string()),
+        RequestError::NotFound { .. } => Status::not_found(error.to_string()),
+    }
+}
+
+/// The status for a store failure.
+pub fn from_store(error: &StoreError) -> Status {
+    let code = match error {
+        StoreError::UnknownVariable { .. } => Code::NotFound,
+        StoreError::InvalidHyperslab { .. } => Code::InvalidArgument,
+        StoreError::ObjectStore { .. } | StoreError::Io { .. } => Code::Unavailable,
+        StoreError::CorruptChunk { .. }
+        | StoreError::Metadata { .. }
+        | StoreError::UnsupportedCodec { .. }
+        | StoreError::UnsupportedDataType { .. }
+        | StoreError::CfTime { .. } => Code::DataLoss,
+        _ => Code::Internal,
+    };
+    Status::new(code, full_chain(error))
+}
+
+/// The status for a pipeline failure.
+pub fn from_pipeline(error: &PipelineError) -> Status {
+    match error {
+        PipelineError::Store(e) => from_store(e),
+        PipelineError::Field { .. } | PipelineError::Request(_) => {
+            Status::invalid_argument(error.to_string())
+        }
+        // Rank, world or cursor outside the plan: the request is wrong.
+        PipelineError::Epoch(_) => Status::invalid_argument(error.to_string()),
+        // The statistics the request needs are missing: the server must run `loader stats`.
+        PipelineError::Normalization(e) => {
+            Status::failed_precondition(format!("statistics: {}", full_chain(e)))
+        }
+    }
+}
+
+/// The message and every source below it: the object store's reason is often two levels down.
+fn full_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,173 @@
+//! `atmorep loader pull`: a stream consumer in its own process that reports what a trainer would
+//! see — samples/s, token GB/s, the gaps between batches — and optionally checks that an epoch
+//! arrived exactly once.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use atmorep_proto::client::{ClientConfig, LoaderClient};
+use atmorep_proto::request::RequestConfig;
+use clap::Args;
+use serde::Serialize;
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Loader endpoint(s), comma-separated (`http://127.0.0.1:50051`; `https://` with TLS); the
+    /// client fails over between them.
+    #[arg(value_delimiter = ',', required = true)]
+    endpoints: Vec<String>,
+    /// The request as TOML (dataset, fields, batch size, …).
+    #[arg(long)]
+    request: PathBuf,
+    /// Stop after this many batches (default: the request's end epoch, or forever).
+    #[arg(long)]
+    batches: Option<u64>,
+    /// Stream exactly one epoch (the resume epoch) and verify every sample id arrived once.
+    #[arg(long)]
+    check_epoch: bool,
+    /// Bearer token.
+    #[arg(long, env = "ATMOREP_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) that signed the server's certificate.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Server name to verify in its certificate (default: the endpoint's host).
+    #[arg(long)]
+    domain: Option<String>,
+    /// Batches kept ready ahead of the consumer.
+    #[arg(long, default_value_t = 4)]
+    prefetch: usize,
+    /// Simulated work per batch in milliseconds (a slow consumer).
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What a pull measured.
+#[derive(Debug, Serialize)]
+pub struct PullReport {
+    pub batches: u64,
+    pub samples: u64,
+    pub seconds: f64,
+    pub samples_per_second: f64,
+    pub token_gbps: f64,
+    pub gap_p50_ms: f64,
+    pub gap_p99_ms: f64,
+    pub reconnects: u64,
+    pub epoch_checked: bool,
+    /// (epoch, id) of every sample, in arrival order, when `--check-epoch`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<(u64, u64)>,
+}
+
+pub async fn pull(args: PullArgs) -> Result<()> {
+    let config = RequestConfig::load(&args.request)?;
+    let mut request = config.to_proto();
+    if args.check_epoch {
+        let epoch = request.resume.map_or(0, |c| c.epoch);
+        request.end_epoch = Some(epoch + 1);
+    }
+    let mut client_config = ClientConfig::new(args.endpoints.clone());
+    client_config.bearer_token = args.token.clone();
+    client_config.prefetch = args.prefetch;
+    client_config.tls_domain = args.domain.clone();
+    if let Some(ca) = &args.ca {
+        client_config.tls_ca_pem =
+            Some(std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?);
+    }
+    let client = LoaderClient::connect(client_config).await?;
+    let mut stream = client.stream(request);
+
+    let started = Instant::now();
+    let mut last = started;
+    let mut gaps = Vec::new();
+    let (mut batches, mut samples, mut bytes) = (0u64, 0u64, 0u64);
+    let mut seen = HashSet::new();
+    let mut ids = Vec::new();
+    while args.batches.is_none_or(|n| batches < n) {
+        let Some(batch) = stream.next().await else {
+            break;
+        };
+        let batch = batch?;
+        let now = Instant::now();
+        gaps.push(now - last);
+        batches += 1;
+        samples += batch.len() as u64;
+        bytes += batch.payload_bytes() as u64;
+        if args.check_epoch {
+            for (&id, &epoch) in batch.sample_ids.iter().zip(&batch.sample_epochs) {
+                if !seen.insert((epoch, id)) {
+                    bail!("sample {id} of epoch {epoch} arrived twice");
+                }
+                ids.push((epoch, id));
+            }
+        }
+        if args.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(args.delay_ms)).await;
+        }
+        last = Instant::now();
+        if batch.end_of_stream {
+            break;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if args.check_epoch {
+        let mut sorted: Vec<u64> = ids.iter().map(|&(_, id)| id).collect();
+        sorted.sort_unstable();
+        if config.world_size <= 1 && sorted.iter().enumerate().any(|(i, &id)| id != i as u64) {
+            bail!(
+                "the epoch is incomplete: {} ids arrived, not 0..{}",
+                sorted.len(),
+                sorted.len()
+            );
+        }
+    }
+    let mut millis: Vec<f64> = gaps.iter().map(|g| g.as_secs_f64() * 1e3).collect();
+    millis.sort_by(f64::total_cmp);
+    let quantile = |q: f64| {
+        if millis.is_empty() {
+            0.0
+        } else {
+            millis[((millis.len() - 1) as f64 * q).round() as usize]
+        }
+    };
+    let report = PullReport {
+        batches,
+        samples,
+        seconds,
+        samples_per_second: samples as f64 / seconds,
+        token_gbps: bytes as f64 / seconds / 1e9,
+        gap_p50_ms: quantile(0.5),
+        gap_p99_ms: quantile(0.99),
+        reconnects: stream.reconnects(),
+        epoch_checked: args.check_epoch,
+        ids,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("batches            {}", report.batches);
+        println!(
+            "samples            {} in {:.2} s",
+            report.samples, report.seconds
+        );
+        println!("samples/s          {:.1}", report.samples_per_second);
+        println!("token payload      {:.3} GB/s", report.token_gbps);
+        println!(
+            "batch gap          p50 {:.1} ms, p99 {:.1} ms",
+            report.gap_p50_ms, report.gap_p99_ms
+        );
+        println!("reconnects         {}", report.reconnects);
+        if args.check_epoch {
+            println!(
+                "epoch check        every one of {} sample ids arrived exactly once",
+                report.ids.len()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! `atmorep loader serve`: the loader service in the foreground until SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use atmorep_loader::service::{self, DatasetConfig, LoaderService, ServerConfig};
+use clap::Args;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Server configuration (TOML: bind, datasets, cache, budget, TLS, token).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A dataset as NAME=URL (repeatable); with --config, added to its datasets.
+    #[arg(long = "dataset")]
+    datasets: Vec<String>,
+    /// Override the configured gRPC address (port 0 picks a free one).
+    #[arg(long)]
+    bind: Option<SocketAddr>,
+    /// Override the Prometheus address.
+    #[arg(long)]
+    metrics_bind: Option<SocketAddr>,
+}
+
+pub async fn serve(args: ServeArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => ServerConfig::load(path)?,
+        None => ServerConfig::with_datasets(Vec::new()),
+    };
+    for spec in &args.datasets {
+        let Some((name, url)) = spec.split_once('=') else {
+            bail!("--dataset `{spec}`: expected NAME=URL");
+        };
+        config.datasets.push(DatasetConfig {
+            name: name.into(),
+            url: url.into(),
+            description: String::new(),
+            stats: None,
+        });
+    }
+    if let Some(bind) = args.bind {
+        config.bind = bind;
+    }
+    if let Some(bind) = args.metrics_bind {
+        config.metrics_bind = Some(bind);
+    }
+    config.check()?;
+    if let Some(addr) = config.metrics_bind {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("starting the Prometheus endpoint on {addr}"))?;
+        tracing::info!(%addr, "Prometheus metrics at /metrics");
+    }
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .with_context(|| format!("binding {}", config.bind))?;
+    let addr = listener.local_addr()?;
+    let service = LoaderService::open(config).await?;
+    // Scripts and tests read the address from this line (the port may have been 0).
+    println!("listening on {addr}");
+    service::run(service, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
