@@ -14,6 +14,7 @@ use atmorep_loader::synth::{Codec, SynthConfig, ZarrFormat, write_store};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+mod demo;
 mod pull;
 mod serve;
 
@@ -54,6 +55,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The whole system on this machine: synthetic ERA5, statistics, the loader on loopback and
+    /// a client streaming an epoch over gRPC.
+    Demo(demo::DemoArgs),
     /// The storage side: inspect, synthesize and benchmark ERA5 Zarr stores.
     Loader {
         #[command(subcommand)]
@@ -206,9 +210,11 @@ async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => demo::demo(args).await,
         Command::Loader { command } => loader(command).await,
     }
 }

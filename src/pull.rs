@@ -64,13 +64,16 @@ pub struct PullReport {
     pub ids: Vec<(u64, u64)>,
 }
 
+/// How to consume a stream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Consume {
+    pub max_batches: Option<u64>,
+    pub check_epoch: bool,
+    pub delay: Duration,
+}
+
 pub async fn pull(args: PullArgs) -> Result<()> {
     let config = RequestConfig::load(&args.request)?;
-    let mut request = config.to_proto();
-    if args.check_epoch {
-        let epoch = request.resume.map_or(0, |c| c.epoch);
-        request.end_epoch = Some(epoch + 1);
-    }
     let mut client_config = ClientConfig::new(args.endpoints.clone());
     client_config.bearer_token = args.token.clone();
     client_config.prefetch = args.prefetch;
@@ -80,6 +83,36 @@ pub async fn pull(args: PullArgs) -> Result<()> {
             Some(std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?);
     }
     let client = LoaderClient::connect(client_config).await?;
+    let report = consume(
+        &client,
+        &config,
+        Consume {
+            max_batches: args.batches,
+            check_epoch: args.check_epoch,
+            delay: Duration::from_millis(args.delay_ms),
+        },
+    )
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
+}
+
+/// Streams `config` from `client` and measures it; with `check_epoch`, exactly one epoch (the
+/// resume epoch) whose ids must each arrive once.
+pub async fn consume(
+    client: &LoaderClient,
+    config: &RequestConfig,
+    how: Consume,
+) -> Result<PullReport> {
+    let mut request = config.to_proto();
+    if how.check_epoch {
+        let epoch = request.resume.map_or(0, |c| c.epoch);
+        request.end_epoch = Some(epoch + 1);
+    }
     let mut stream = client.stream(request);
 
     let started = Instant::now();
@@ -88,7 +121,7 @@ pub async fn pull(args: PullArgs) -> Result<()> {
     let (mut batches, mut samples, mut bytes) = (0u64, 0u64, 0u64);
     let mut seen = HashSet::new();
     let mut ids = Vec::new();
-    while args.batches.is_none_or(|n| batches < n) {
+    while how.max_batches.is_none_or(|n| batches < n) {
         let Some(batch) = stream.next().await else {
             break;
         };
@@ -98,7 +131,7 @@ pub async fn pull(args: PullArgs) -> Result<()> {
         batches += 1;
         samples += batch.len() as u64;
         bytes += batch.payload_bytes() as u64;
-        if args.check_epoch {
+        if how.check_epoch {
             for (&id, &epoch) in batch.sample_ids.iter().zip(&batch.sample_epochs) {
                 if !seen.insert((epoch, id)) {
                     bail!("sample {id} of epoch {epoch} arrived twice");
@@ -106,8 +139,8 @@ pub async fn pull(args: PullArgs) -> Result<()> {
                 ids.push((epoch, id));
             }
         }
-        if args.delay_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(args.delay_ms)).await;
+        if !how.delay.is_zero() {
+            tokio::time::sleep(how.delay).await;
         }
         last = Instant::now();
         if batch.end_of_stream {
@@ -115,7 +148,7 @@ pub async fn pull(args: PullArgs) -> Result<()> {
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    if args.check_epoch {
+    if how.check_epoch {
         let mut sorted: Vec<u64> = ids.iter().map(|&(_, id)| id).collect();
         sorted.sort_unstable();
         if config.world_size <= 1 && sorted.iter().enumerate().any(|(i, &id)| id != i as u64) {
@@ -135,7 +168,7 @@ pub async fn pull(args: PullArgs) -> Result<()> {
             millis[((millis.len() - 1) as f64 * q).round() as usize]
         }
     };
-    let report = PullReport {
+    Ok(PullReport {
         batches,
         samples,
         seconds,
@@ -144,30 +177,33 @@ pub async fn pull(args: PullArgs) -> Result<()> {
         gap_p50_ms: quantile(0.5),
         gap_p99_ms: quantile(0.99),
         reconnects: stream.reconnects(),
-        epoch_checked: args.check_epoch,
+        epoch_checked: how.check_epoch,
         ids,
-    };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("batches            {}", report.batches);
-        println!(
-            "samples            {} in {:.2} s",
-            report.samples, report.seconds
+    })
+}
+
+impl PullReport {
+    /// The figures as text.
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "batches            {}\nsamples            {} in {:.2} s\nsamples/s          {:.1}\n\
+             token payload      {:.3} GB/s\nbatch gap          p50 {:.1} ms, p99 {:.1} ms\n\
+             reconnects         {}\n",
+            self.batches,
+            self.samples,
+            self.seconds,
+            self.samples_per_second,
+            self.token_gbps,
+            self.gap_p50_ms,
+            self.gap_p99_ms,
+            self.reconnects
         );
-        println!("samples/s          {:.1}", report.samples_per_second);
-        println!("token payload      {:.3} GB/s", report.token_gbps);
-        println!(
-            "batch gap          p50 {:.1} ms, p99 {:.1} ms",
-            report.gap_p50_ms, report.gap_p99_ms
-        );
-        println!("reconnects         {}", report.reconnects);
-        if args.check_epoch {
-            println!(
-                "epoch check        every one of {} sample ids arrived exactly once",
-                report.ids.len()
-            );
+        if self.epoch_checked {
+            s.push_str(&format!(
+                "epoch check        every one of {} sample ids arrived exactly once\n",
+                self.ids.len()
+            ));
         }
+        s
     }
-    Ok(())
 }

@@ -1,0 +1,1635 @@
+//! The gRPC loader service across processes: every test starts a real `atmorep loader serve`
+//! on `127.0.0.1:0` (reading the port from its `listening on ADDR` line) over a tiny synthetic
+//! store and talks to it with the real client library (`atmorep_proto::client`), raw tonic
+//! clients (health, reflection) or `atmorep loader pull` in another process.
+//!
+//! Covered (issue 5): a table of malformed requests and the gRPC code and field each one is
+//! answered with, after which the same server still streams; a corrupt chunk in one dataset
+//! (DATA_LOSS naming the chunk) while a stream on another dataset finishes its epoch; eight
+//! concurrent clients under a small cache and memory budget (peak resident memory bounded, every
+//! epoch complete); a slow client beside a fast one; resume from a mid-epoch cursor (same ids,
+//! same bytes); `kill -9` of the server mid-epoch and a restart on another endpoint (every id
+//! exactly once); TLS with a bearer token (accepted, wrong or missing token, plaintext client);
+//! health, reflection, `GetSample` by id and by centre, `ListDatasets`, `GetDatasetInfo` and the
+//! Prometheus endpoint.
+//!
+//! Server processes (and `pull` children) live in guards that kill them on drop, so a failing
+//! test leaves nothing running; a failing test also prints the tail of the server's log.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use atmorep_integration_tests::{atmorep_bin, workspace_root};
+use atmorep_loader::Dataset;
+use atmorep_loader::normalization::GlobalStats;
+use atmorep_loader::synth::{SynthConfig, write_store};
+use atmorep_proto::batch::{Batch, Cursor};
+use atmorep_proto::client::{
+    BatchStream, ClientConfig, ClientError, LoaderClient, ReconnectPolicy,
+};
+use atmorep_proto::pb;
+use atmorep_proto::request::RequestConfig;
+use serde_json::Value;
+use tempfile::TempDir;
+use tonic::Code;
+
+/// How long a server may take to print its address (the first test may wait for the binary).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Upper bound for any one stream in these tests; they take well under a second each.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------------------
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failed assertion never leaves
+/// a server or a `pull` behind.
+#[derive(Debug)]
+struct ChildGuard(Option<Child>);
+
+impl ChildGuard {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("the child is still guarded")
+    }
+
+    fn is_running(&mut self) -> bool {
+        matches!(self.child().try_wait(), Ok(None))
+    }
+
+    /// Waits for the process and returns what it wrote (stdout and stderr must be piped).
+    fn wait_output(mut self) -> Output {
+        let child = self.0.take().expect("the child is still guarded");
+        child.wait_with_output().expect("waiting for a child process")
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A running `atmorep loader serve` with its address and log file.
+#[derive(Debug)]
+struct Server {
+    child: ChildGuard,
+    pid: u32,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `atmorep loader serve ARGS --bind 127.0.0.1:0` with its log in `log`.
+    fn start(args: &[String], log: &Path) -> Self {
+        Self::start_on("127.0.0.1:0", args, log)
+    }
+
+    /// Starts the server on `bind` and waits for its `listening on ADDR` line.
+    fn start_on(bind: &str, args: &[String], log: &Path) -> Self {
+        let stderr = std::fs::File::create(log).expect("creating the server log");
+        let child = Command::new(atmorep_bin())
+            .args(["loader", "serve"])
+            .args(args)
+            .args(["--bind", bind])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("starting atmorep loader serve");
+        let mut child = ChildGuard(Some(child));
+        let stdout = child.child().stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        // A thread reads the address line and then drains stdout until the server exits, so the
+        // server can never block on a full pipe.
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+                if let Some(addr) = line.trim().strip_prefix("listening on ") {
+                    let _ = tx.send(addr.parse::<SocketAddr>().ok());
+                    let _ = std::io::copy(&mut reader, &mut std::io::sink());
+                    return;
+                }
+                line.clear();
+            }
+            let _ = tx.send(None);
+        });
+        match rx.recv_timeout(STARTUP_TIMEOUT) {
+            Ok(Some(addr)) => Self {
+                pid: child.child().id(),
+                child,
+                addr,
+                log: log.to_path_buf(),
+            },
+            outcome => {
+                drop(child);
+                panic!(
+                    "the server did not report its address ({outcome:?}); its log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.is_running()
+    }
+
+    /// `kill -9`: no graceful shutdown, open streams are cut mid-message.
+    fn kill9(&mut self) {
+        let child = self.child.child();
+        child.kill().expect("SIGKILL the server");
+        let _ = child.wait();
+    }
+
+    /// A line of `/proc/PID/status` in KiB (`VmHWM`: peak resident set; `VmRSS`: now).
+    fn proc_status_kib(&self, key: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("reading /proc/PID/status (Linux)");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc/{}/status", self.pid()))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- last lines of {} ---\n{}",
+                self.log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}
+
+/// `atmorep loader pull ENDPOINTS --request FILE --json ARGS` as a child (stdout/stderr piped).
+fn spawn_pull(endpoints: &[String], request: &Path, args: &[&str]) -> ChildGuard {
+    let child = Command::new(atmorep_bin())
+        .args(["loader", "pull", &endpoints.join(",")])
+        .arg("--request")
+        .arg(request)
+        .arg("--json")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("ATMOREP_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting atmorep loader pull");
+    ChildGuard(Some(child))
+}
+
+/// Runs `pull --check-epoch` to completion and returns its JSON report, after checking the
+/// process succeeded and verified the epoch.
+async fn pull_epoch(endpoints: &[String], request: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["--check-epoch"];
+    all.extend_from_slice(args);
+    let child = spawn_pull(endpoints, request, &all);
+    let output = tokio::task::spawn_blocking(move || child.wait_output())
+        .await
+        .expect("the pull waiter");
+    pull_report(&output)
+}
+
+fn pull_report(output: &Output) -> Value {
+    assert!(
+        output.status.success(),
+        "pull failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "pull printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    });
+    assert_eq!(report["epoch_checked"], Value::Bool(true), "{report}");
+    report
+}
+
+/// A port that was free a moment ago (for `--metrics-bind`, which does not report its port, and
+/// for a restart on an endpoint the client already knows).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding 127.0.0.1:0")
+        .port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stores and requests
+// ---------------------------------------------------------------------------------------------
+
+/// 10° grid (19 × 36), 16 steps of 6 h, `z` and `t` on 850 and 500 hPa: 2.7 KB per chunk.
+fn tiny_config() -> SynthConfig {
+    SynthConfig {
+        grid_deg: 10.0,
+        steps: 16,
+        step_hours: 6,
+        levels: vec![850, 500],
+        variables: vec!["z".into(), "t".into()],
+        ..SynthConfig::default()
+    }
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("test paths are UTF-8")
+}
+
+/// Writes the store `dir/name` and its global statistics in `dir/name.stats` (where the server
+/// looks by default).
+async fn store_with_stats(dir: &Path, name: &str, config: &SynthConfig) -> PathBuf {
+    let path = dir.join(name);
+    write_store(config, &path).unwrap_or_else(|e| panic!("writing {name}: {e}"));
+    let dataset = Dataset::open(path_str(&path))
+        .await
+        .unwrap_or_else(|e| panic!("opening {name}: {e}"));
+    GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(&path), false, false)
+        .await
+        .unwrap_or_else(|e| panic!("statistics of {name}: {e}"));
+    path
+}
+
+/// `--dataset NAME=PATH`.
+fn dataset_arg(name: &str, path: &Path) -> Vec<String> {
+    vec!["--dataset".into(), format!("{name}={}", path_str(path))]
+}
+
+/// The request file of every test: `z` on both levels (BERT-masked) and `t` on 500 hPa, 2×3×6
+/// tokens of 1×3×3 points (a 2-step × 30° × 60° window on the 10° grid). The training split of
+/// the tiny store is 13 steps, cut into 2 blocks of 8, so an epoch has `2 · samples_per_block`
+/// samples. `extra` holds more top-level keys (`end_epoch`, `resume`, …).
+fn request_toml(dataset: &str, batch_size: u32, samples_per_block: u64, extra: &str) -> String {
+    format!(
+        r#"
+dataset = "{dataset}"
+batch_size = {batch_size}
+seed = 7
+samples_per_block = {samples_per_block}
+{extra}
+
+[[fields]]
+name = "z"
+levels = [850, 500]
+num_tokens = [2, 3, 6]
+token_size = [1, 3, 3]
+pe = "local"
+pe_width = 8
+mask = {{ kind = "bert", r_max = 0.5 }}
+
+[[fields]]
+name = "t"
+levels = [500]
+num_tokens = [2, 3, 6]
+token_size = [1, 3, 3]
+pe = "global"
+pe_width = 8
+"#
+    )
+}
+
+/// [`request_toml`] as the wire request the client library sends.
+fn request(
+    dataset: &str,
+    batch_size: u32,
+    samples_per_block: u64,
+    extra: &str,
+) -> pb::BatchRequest {
+    RequestConfig::from_toml(&request_toml(dataset, batch_size, samples_per_block, extra))
+        .expect("the test request parses")
+        .to_proto()
+}
+
+/// Writes [`request_toml`] to `dir/file` for `atmorep loader pull`.
+fn request_file(dir: &Path, file: &str, toml: &str) -> PathBuf {
+    let path = dir.join(file);
+    std::fs::write(&path, toml).expect("writing the request file");
+    path
+}
+
+/// A client that retries a lost connection briefly (tests must fail, not hang).
+fn client_config(endpoints: Vec<String>) -> ClientConfig {
+    let mut config = ClientConfig::new(endpoints);
+    config.reconnect = ReconnectPolicy {
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(500),
+        max_attempts: Some(8),
+        give_up_after: Some(Duration::from_secs(30)),
+    };
+    config.connect_timeout = Duration::from_secs(5);
+    config
+}
+
+async fn connect(config: ClientConfig) -> LoaderClient {
+    LoaderClient::connect(config)
+        .await
+        .expect("the client configuration is valid")
+}
+
+/// Every batch of a finite stream, with a deadline so a stuck stream fails the test.
+async fn collect(stream: &mut BatchStream) -> Vec<Batch> {
+    let all = async {
+        let mut batches = Vec::new();
+        while let Some(batch) = stream.next().await {
+            batches.push(batch.unwrap_or_else(|e| panic!("stream failed: {e}")));
+        }
+        batches
+    };
+    tokio::time::timeout(STREAM_TIMEOUT, all)
+        .await
+        .expect("the stream did not finish in time")
+}
+
+/// (epoch, id) of every sample, in arrival order.
+fn ids(batches: &[Batch]) -> Vec<(u64, u64)> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.sample_epochs
+                .iter()
+                .copied()
+                .zip(b.sample_ids.iter().copied())
+        })
+        .collect()
+}
+
+/// Checks that `ids` is epoch `epoch` exactly: `0..n` each once.
+fn assert_whole_epoch(ids: &[(u64, u64)], epoch: u64, n: u64) {
+    assert_eq!(ids.len() as u64, n, "sample count of the epoch");
+    let unique: HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "a sample arrived twice: {ids:?}");
+    let expected: HashSet<(u64, u64)> = (0..n).map(|id| (epoch, id)).collect();
+    assert_eq!(unique, expected.iter().collect(), "ids of epoch {epoch}");
+}
+
+/// The raw bytes of sample `i` of a batch, field by field (sources, targets, token info, PE):
+/// what "the same sample" means when comparing two streams.
+fn sample_bytes(batch: &Batch, i: usize) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for field in &batch.fields {
+        let bits = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        out.push(bits(field.source_of(i)));
+        out.push(bits(field.target_of(i)));
+        out.push(bits(field.token_info_of(i)));
+        out.push(bits(field.pe_of(i)));
+        out.push(
+            field.masked_indices[i]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        );
+    }
+    out
+}
+
+/// (epoch, id) → the sample's bytes, for a whole stream.
+fn samples_by_id(batches: &[Batch]) -> std::collections::HashMap<(u64, u64), Vec<Vec<u8>>> {
+    let mut map = std::collections::HashMap::new();
+    for batch in batches {
+        for i in 0..batch.len() {
+            map.insert(
+                (batch.sample_epochs[i], batch.sample_ids[i]),
+                sample_bytes(batch, i),
+            );
+        }
+    }
+    map
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Malformed requests
+// ---------------------------------------------------------------------------------------------
+
+/// One malformed call and how the server must answer it.
+struct BadCall {
+    what: &'static str,
+    call: Call,
+    code: Code,
+    /// The offending field as the message must name it.
+    names: &'static str,
+}
+
+enum Call {
+    Stream(pb::BatchRequest),
+    Sample(pb::SampleRequest),
+    Info(&'static str),
+}
+
+/// The base request with `edit` applied.
+fn bad(edit: impl FnOnce(&mut pb::BatchRequest)) -> Call {
+    let mut r = request("era5", 4, 8, "end_epoch = 1");
+    edit(&mut r);
+    Call::Stream(r)
+}
+
+fn bad_sample(edit: impl FnOnce(&mut pb::SampleRequest)) -> Call {
+    let mut r = pb::SampleRequest::by_id(request("era5", 1, 8, ""), 0, 0);
+    edit(&mut r);
+    Call::Sample(r)
+}
+
+fn bert(r: &mut pb::BatchRequest) -> &mut pb::BertMask {
+    match r.fields[0].mask.as_mut().and_then(|m| m.kind.as_mut()) {
+        Some(pb::mask::Kind::Bert(b)) => b,
+        other => panic!("field 0 of the base request is BERT-masked, not {other:?}"),
+    }
+}
+
+fn centre(
+    time: Option<pb::sample_by_centre::Time>,
+    lat: f64,
+) -> Option<pb::sample_request::Selector> {
+    Some(pb::sample_request::Selector::ByCentre(pb::SampleByCentre {
+        time,
+        lat,
+        lon: 0.0,
+    }))
+}
+
+fn bad_calls() -> Vec<BadCall> {
+    use Code::{InvalidArgument as Invalid, NotFound};
+    let row = |what, call, code, names| BadCall {
+        what,
+        call,
+        code,
+        names,
+    };
+    let iso = |t: &str| Some(pb::sample_by_centre::Time::IsoTime(t.into()));
+    vec![
+        row(
+            "unknown dataset",
+            bad(|r| r.dataset = "era6".into()),
+            NotFound,
+            "dataset",
+        ),
+        row("no fields", bad(|r| r.fields.clear()), Invalid, "fields"),
+        row(
+            "empty field name",
+            bad(|r| r.fields[0].name.clear()),
+            Invalid,
+            "fields[0].name",
+        ),
+        row(
+            "field twice",
+            bad(|r| r.fields[1].name = "z".into()),
+            Invalid,
+            "fields[1].name",
+        ),
+        row(
+            "unknown variable",
+            bad(|r| r.fields[0].name = "q".into()),
+            NotFound,
+            "fields[0].name",
+        ),
+        row(
+            "unknown level",
+            bad(|r| r.fields[1].levels = vec![123.0]),
+            NotFound,
+            "fields[1].levels[0]",
+        ),
+        row(
+            "NaN level",
+            bad(|r| r.fields[0].levels[1] = f64::NAN),
+            Invalid,
+            "fields[0].levels[1]",
+        ),
+        row(
+            "no levels",
+            bad(|r| r.fields[0].levels.clear()),
+            Invalid,
+            "fields[0].levels",
+        ),
+        row(
+            "level twice",
+            bad(|r| r.fields[0].levels = vec![850.0, 850.0]),
+            Invalid,
+            "`z`",
+        ),
+        row(
+            "two num_tokens",
+            bad(|r| r.fields[0].num_tokens = vec![2, 3]),
+            Invalid,
+            "fields[0].num_tokens",
+        ),
+        row(
+            "zero token_size",
+            bad(|r| r.fields[0].token_size[1] = 0),
+            Invalid,
+            "fields[0].token_size",
+        ),
+        row(
+            "huge geometry",
+            bad(|r| {
+                r.fields[1].num_tokens = vec![u32::MAX; 3];
+                r.fields[1].token_size = vec![u32::MAX; 3];
+            }),
+            Invalid,
+            "`t`",
+        ),
+        row(
+            "negative blur",
+            bad(|r| r.fields[0].blur_sigma = -1.0),
+            Invalid,
+            "fields[0].blur_sigma",
+        ),
+        row(
+            "NaN blur",
+            bad(|r| r.fields[1].blur_sigma = f64::NAN),
+            Invalid,
+            "fields[1].blur_sigma",
+        ),
+        row(
+            "unknown normalization",
+            bad(|r| r.fields[0].normalization = 42),
+            Invalid,
+            "fields[0].normalization",
+        ),
+        row(
+            "PE unspecified",
+            bad(|r| r.fields[0].pe = 0),
+            Invalid,
+            "fields[0].pe",
+        ),
+        row(
+            "unknown PE",
+            bad(|r| r.fields[1].pe = 99),
+            Invalid,
+            "fields[1].pe",
+        ),
+        row(
+            "odd PE width",
+            bad(|r| r.fields[0].pe_width = 7),
+            Invalid,
+            "fields[0].pe_width",
+        ),
+        row(
+            "zero PE width",
+            bad(|r| r.fields[1].pe_width = 0),
+            Invalid,
+            "fields[1].pe_width",
+        ),
+        row(
+            "huge PE width",
+            bad(|r| r.fields[0].pe_width = 1 << 20),
+            Invalid,
+            "fields[0].pe_width",
+        ),
+        row(
+            "BERT r_max ≥ 1",
+            bad(|r| bert(r).r_max = 1.5),
+            Invalid,
+            "fields[0].mask.bert.r_max",
+        ),
+        row(
+            "BERT r_max < 0",
+            bad(|r| bert(r).r_max = -0.1),
+            Invalid,
+            "fields[0].mask.bert.r_max",
+        ),
+        row(
+            "BERT noise > 1",
+            bad(|r| bert(r).noise_fraction = Some(2.0)),
+            Invalid,
+            "fields[0].mask.bert.noise_fraction",
+        ),
+        row(
+            "BERT mask value ∞",
+            bad(|r| bert(r).mask_value = f32::INFINITY),
+            Invalid,
+            "fields[0].mask.bert.mask_value",
+        ),
+        row(
+            "forecast longer than the window",
+            bad(|r| {
+                r.fields[1].mask = Some(pb::Mask {
+                    kind: Some(pb::mask::Kind::Forecast(pb::ForecastMask { steps: 5 })),
+                });
+            }),
+            Invalid,
+            "`t`",
+        ),
+        row(
+            "batch size 0",
+            bad(|r| r.batch_size = 0),
+            Invalid,
+            "batch_size",
+        ),
+        row(
+            "batch size over the limit",
+            bad(|r| r.batch_size = 100_000),
+            Invalid,
+            "batch_size",
+        ),
+        row("unknown dtype", bad(|r| r.dtype = 9), Invalid, "dtype"),
+        row(
+            "rank = world size",
+            bad(|r| {
+                r.rank = 2;
+                r.world_size = 2;
+            }),
+            Invalid,
+            "rank",
+        ),
+        row(
+            "rank without world size",
+            bad(|r| r.rank = 1),
+            Invalid,
+            "rank",
+        ),
+        row("unknown units", bad(|r| r.units = 9), Invalid, "units"),
+        row(
+            "unknown split",
+            bad(|r| r.split.as_mut().expect("split").split = 9),
+            Invalid,
+            "split.split",
+        ),
+        row(
+            "one split fraction",
+            bad(|r| r.split.as_mut().expect("split").fractions = vec![0.5]),
+            Invalid,
+            "split.fractions",
+        ),
+        row(
+            "split fractions over 1",
+            bad(|r| r.split.as_mut().expect("split").fractions = vec![0.9, 0.5]),
+            Invalid,
+            "split_fractions",
+        ),
+        row(
+            "train_end alone",
+            bad(|r| r.split.as_mut().expect("split").train_end = Some("2020-09-02".into())),
+            Invalid,
+            "split",
+        ),
+        row(
+            "split date not a date",
+            bad(|r| {
+                let s = r.split.as_mut().expect("split");
+                s.train_end = Some("yesterday".into());
+                s.validation_end = Some("2020-09-03".into());
+            }),
+            Invalid,
+            "train_end",
+        ),
+        row("unknown mode", bad(|r| r.mode = 9), Invalid, "mode"),
+        row(
+            "tile overlap of two axes",
+            bad(|r| {
+                r.mode = pb::Mode::Tiles as i32;
+                r.tiles = Some(pb::TileOptions {
+                    overlap: vec![1, 2],
+                    ..Default::default()
+                });
+            }),
+            Invalid,
+            "tiles.overlap",
+        ),
+        row(
+            "tile overlap as large as the window",
+            bad(|r| {
+                r.mode = pb::Mode::Tiles as i32;
+                r.tiles = Some(pb::TileOptions {
+                    overlap: vec![0, 9, 18],
+                    ..Default::default()
+                });
+            }),
+            Invalid,
+            "tiles",
+        ),
+        row(
+            "tiles with two windows",
+            bad(|r| {
+                r.mode = pb::Mode::Tiles as i32;
+                r.fields[1].num_tokens = vec![2, 3, 3];
+            }),
+            Invalid,
+            "`t`",
+        ),
+        row(
+            "unknown latitude weighting",
+            bad(|r| r.latitude_weighting = 9),
+            Invalid,
+            "latitude_weighting",
+        ),
+        // 7 × 3 = 21 latitudes on a 19-latitude grid.
+        row(
+            "window taller than the grid",
+            bad(|r| r.fields[0].num_tokens = vec![2, 7, 6]),
+            Invalid,
+            "`z`",
+        ),
+        // 13 × 3 = 39 longitudes on a 36-longitude grid.
+        row(
+            "window wider than the grid",
+            bad(|r| r.fields[1].num_tokens = vec![2, 3, 13]),
+            Invalid,
+            "`t`",
+        ),
+        // A 14-step window in a 13-step training split.
+        row(
+            "time range with no room",
+            bad(|r| {
+                for f in &mut r.fields {
+                    f.num_tokens[0] = 14;
+                }
+            }),
+            Invalid,
+            "split",
+        ),
+        row(
+            "block shorter than the window",
+            bad(|r| {
+                r.read_plan = Some(pb::ReadPlan {
+                    block_steps: 1,
+                    samples_per_block: 8,
+                    buffer_blocks: 1,
+                });
+            }),
+            Invalid,
+            "block_steps",
+        ),
+        row(
+            "end_epoch before resume",
+            bad(|r| {
+                r.resume = Some(pb::Cursor {
+                    epoch: 3,
+                    position: 0,
+                });
+                r.end_epoch = Some(2);
+            }),
+            Invalid,
+            "end_epoch",
+        ),
+        // The epoch has 16 samples.
+        row(
+            "resume cursor beyond the shard",
+            bad(|r| {
+                r.resume = Some(pb::Cursor {
+                    epoch: 0,
+                    position: 17,
+                })
+            }),
+            Invalid,
+            "cursor",
+        ),
+        row(
+            "more ranks than samples",
+            bad(|r| r.world_size = 1000),
+            Invalid,
+            "1000 ranks",
+        ),
+        row(
+            "local normalization without local statistics",
+            bad(|r| {
+                r.fields[0].normalization = pb::Normalization::Local as i32;
+            }),
+            Invalid,
+            "`z`",
+        ),
+        // GetSample and GetDatasetInfo.
+        row(
+            "sample without request",
+            bad_sample(|s| s.request = None),
+            Invalid,
+            "request",
+        ),
+        row(
+            "sample without selector",
+            bad_sample(|s| s.selector = None),
+            Invalid,
+            "selector",
+        ),
+        row(
+            "sample id beyond the epoch",
+            bad_sample(|s| {
+                s.selector = Some(pb::sample_request::Selector::ById(pb::SampleById {
+                    epoch: 0,
+                    id: 16,
+                }));
+            }),
+            Invalid,
+            "by_id.id",
+        ),
+        row(
+            "sample of a bad request",
+            bad_sample(|s| {
+                s.request.as_mut().expect("request").fields[0].pe_width = 3;
+            }),
+            Invalid,
+            "fields[0].pe_width",
+        ),
+        row(
+            "centre without time",
+            bad_sample(|s| s.selector = centre(None, 0.0)),
+            Invalid,
+            "by_centre.time",
+        ),
+        row(
+            "centre time index beyond the axis",
+            bad_sample(|s| {
+                s.selector = centre(Some(pb::sample_by_centre::Time::TimeIndex(16)), 0.0);
+            }),
+            Invalid,
+            "by_centre.time_index",
+        ),
+        row(
+            "centre time not a date",
+            bad_sample(|s| s.selector = centre(iso("noon"), 0.0)),
+            Invalid,
+            "by_centre.iso_time",
+        ),
+        row(
+            "centre time not in the store",
+            bad_sample(|s| s.selector = centre(iso("1999-01-01"), 0.0)),
+            NotFound,
+            "by_centre.iso_time",
+        ),
+        row(
+            "centre latitude beyond the pole",
+            bad_sample(|s| {
+                s.selector = centre(Some(pb::sample_by_centre::Time::TimeIndex(4)), 95.0);
+            }),
+            Invalid,
+            "centre",
+        ),
+        row(
+            "centre window leaving the time axis",
+            bad_sample(|s| {
+                s.selector = centre(Some(pb::sample_by_centre::Time::TimeIndex(0)), 0.0);
+            }),
+            Invalid,
+            "time index 0",
+        ),
+        row(
+            "info of an unknown dataset",
+            Call::Info("era6"),
+            NotFound,
+            "dataset",
+        ),
+    ]
+}
+
+/// Issue 5, bad input: every malformed request is answered with its code and a message naming
+/// the offending field; none of them hurts the server, which then streams a valid epoch to the
+/// client library and to `atmorep loader pull` in another process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_their_code_and_field_and_the_server_carries_on() {
+    let dir = TempDir::new().unwrap();
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let mut server = Server::start(&dataset_arg("era5", &store), &dir.path().join("server.log"));
+    let mut config = client_config(vec![server.endpoint()]);
+    // One attempt: a request that crashed the server must fail its row, not be retried.
+    config.reconnect.max_attempts = Some(1);
+    let client = connect(config).await;
+
+    let calls = bad_calls();
+    assert!(calls.len() >= 20, "the table has {} rows", calls.len());
+    let mut failures = Vec::new();
+    for BadCall {
+        what,
+        call,
+        code,
+        names,
+    } in calls
+    {
+        let outcome: Result<(), ClientError> = match call {
+            Call::Stream(r) => match client.stream(r).next().await {
+                Some(Err(e)) => Err(e),
+                Some(Ok(_)) | None => Ok(()),
+            },
+            Call::Sample(r) => client.sample(r).await.map(|_| ()),
+            Call::Info(name) => client.dataset_info(name).await.map(|_| ()),
+        };
+        match outcome {
+            Ok(()) => failures.push(format!("{what}: accepted")),
+            Err(e) => {
+                let message = e
+                    .status()
+                    .map_or_else(|| e.to_string(), |s| s.message().to_string());
+                if e.code() != Some(code) || !message.contains(names) {
+                    failures.push(format!(
+                        "{what}: expected {code:?} naming `{names}`, got {:?}: {message}",
+                        e.code()
+                    ));
+                }
+            }
+        }
+        assert!(server.is_running(), "the server died on `{what}`");
+    }
+    assert!(
+        failures.is_empty(),
+        "rows that failed:\n{}",
+        failures.join("\n")
+    );
+
+    // The same server, still up, serves a whole epoch to the library…
+    let mut stream = client.stream(request("era5", 4, 8, "end_epoch = 1"));
+    assert_whole_epoch(&ids(&collect(&mut stream).await), 0, 16);
+    // …and to a client in another process.
+    let file = request_file(dir.path(), "req.toml", &request_toml("era5", 4, 8, ""));
+    let report = pull_epoch(&[server.endpoint()], &file, &[]).await;
+    assert_eq!(report["samples"], 16, "{report}");
+    assert!(server.is_running());
+}
+
+/// Global normalization on a dataset served without statistics: the request is well formed, the
+/// server lacks what it needs (`atmorep loader stats` was not run), so FAILED_PRECONDITION —
+/// the code `service/status.rs` reserves for missing statistics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: Pipeline::with_statistics reports missing statistics as PipelineError::Field, \
+            which status::from_pipeline maps to INVALID_ARGUMENT, not FAILED_PRECONDITION"]
+async fn missing_statistics_are_a_failed_precondition() {
+    let dir = TempDir::new().unwrap();
+    let store = dir.path().join("bare.zarr");
+    write_store(&tiny_config(), &store).expect("writing the store");
+    let server = Server::start(&dataset_arg("bare", &store), &dir.path().join("server.log"));
+    let mut config = client_config(vec![server.endpoint()]);
+    config.reconnect.max_attempts = Some(1);
+    let client = connect(config).await;
+    let err = match client
+        .stream(request("bare", 4, 8, "end_epoch = 1"))
+        .next()
+        .await
+    {
+        Some(Err(e)) => e,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("statistics"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A corrupt chunk in one dataset, another dataset unharmed
+// ---------------------------------------------------------------------------------------------
+
+/// Dataset A has its first `z` chunk (8 steps × 850 hPa × globe: every sample of time block 0
+/// needs it) overwritten with garbage. A stream on A fails with DATA_LOSS naming the chunk key;
+/// `pull` on dataset B of the same server, running meanwhile, completes its epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_chunk_fails_only_its_stream() {
+    let dir = TempDir::new().unwrap();
+    // Chunks of 8 steps: chunk `z/0.0.0.0` is all of block 0 at 850 hPa.
+    let chunked = SynthConfig {
+        chunks: Some([8, 1, 19, 36]),
+        ..tiny_config()
+    };
+    let a = store_with_stats(dir.path(), "a.zarr", &chunked).await;
+    let b = store_with_stats(dir.path(), "b.zarr", &tiny_config()).await;
+    let key = "z/0.0.0.0";
+    let chunk = a.join(key);
+    assert!(chunk.is_file(), "{} is not a chunk file", chunk.display());
+    std::fs::write(&chunk, b"this is not a blosc frame, nor anything else").unwrap();
+
+    let mut args = dataset_arg("a", &a);
+    args.extend(dataset_arg("b", &b));
+    let mut server = Server::start(&args, &dir.path().join("server.log"));
+
+    // B: 64 samples in 32 batches, 40 ms of "work" each: over a second, long enough to be
+    // running while A fails.
+    let file = request_file(dir.path(), "b.toml", &request_toml("b", 2, 32, ""));
+    let pull_b = spawn_pull(
+        &[server.endpoint()],
+        &file,
+        &["--check-epoch", "--delay-ms", "40"],
+    );
+
+    let client = connect(client_config(vec![server.endpoint()])).await;
+    let mut stream_a = client.stream(request("a", 4, 16, "end_epoch = 1"));
+    let failure = tokio::time::timeout(STREAM_TIMEOUT, async {
+        while let Some(batch) = stream_a.next().await {
+            if let Err(e) = batch {
+                return e;
+            }
+        }
+        panic!("the stream on the corrupt dataset ended without an error");
+    })
+    .await
+    .expect("the stream on A neither failed nor ended");
+    assert_eq!(failure.code(), Some(Code::DataLoss), "{failure}");
+    let message = failure.status().expect("a status").message();
+    assert!(
+        message.contains(key),
+        "the message does not name `{key}`: {message}"
+    );
+
+    let mut pull_b = pull_b;
+    assert!(
+        pull_b.is_running(),
+        "the stream on B finished before A failed: the two did not overlap"
+    );
+    let output = tokio::task::spawn_blocking(move || pull_b.wait_output())
+        .await
+        .unwrap();
+    let report = pull_report(&output);
+    assert_eq!(report["samples"], 64, "{report}");
+    assert_eq!(report["reconnects"], 0, "{report}");
+
+    // Only that stream failed: the server is up and A's metadata still answers.
+    assert!(server.is_running());
+    let names: Vec<String> = client
+        .list_datasets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Eight concurrent clients under a memory budget
+// ---------------------------------------------------------------------------------------------
+
+/// What the server process may hold beyond its cache and its memory budget: the binary, the
+/// tokio and rayon threads, the Zarr metadata of a store, eight HTTP/2 connections and
+/// allocator slack. The idle server resides in about 20 MiB.
+const BASELINE_MIB: u64 = 64;
+
+/// Eight clients (eight connections) stream a whole epoch each at once from a server configured
+/// with a 4 MiB cache and a 4 MiB memory budget over a store whose decoded chunks (6 MiB) do not
+/// fit the cache: every client gets every sample of its epoch exactly once, and the server's
+/// peak resident memory (`VmHWM`) stays under cache + budget + [`BASELINE_MIB`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_concurrent_clients_stay_within_the_memory_budget() {
+    const CACHE_MIB: u64 = 4;
+    const BUDGET_MIB: u64 = 4;
+    let dir = TempDir::new().unwrap();
+    // 2.5°: 73 × 144 points, 42 KB per chunk; 24 steps × 2 levels × 2 variables = 4 MiB.
+    let synth = SynthConfig {
+        grid_deg: 2.5,
+        steps: 24,
+        ..tiny_config()
+    };
+    let store = store_with_stats(dir.path(), "era5.zarr", &synth).await;
+    let config = dir.path().join("loader.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cache_mib = {CACHE_MIB}\nmemory_budget_mib = {BUDGET_MIB}\n\n\
+             [[datasets]]\nname = \"era5\"\nurl = \"{}\"\n",
+            path_str(&store)
+        ),
+    )
+    .unwrap();
+    let server = Server::start(
+        &["--config".into(), path_str(&config).into()],
+        &dir.path().join("server.log"),
+    );
+    let idle_kib = server.proc_status_kib("VmRSS");
+
+    // 19 training steps: 3 blocks of 8 (the last 3 steps hold a 2-step window) × 32 samples.
+    let samples = 96;
+    let streams = (0..8u64).map(|k| {
+        let endpoint = server.endpoint();
+        tokio::spawn(async move {
+            // A client per task: eight connections, as eight trainers would open.
+            let client = connect(client_config(vec![endpoint])).await;
+            // Different seeds, so the streams do not walk the blocks in step.
+            let mut r = request("era5", 8, 32, "end_epoch = 1");
+            r.seed = k;
+            let mut stream = client.stream(r);
+            ids(&collect(&mut stream).await)
+        })
+    });
+    let started = Instant::now();
+    for (k, ids) in futures::future::join_all(streams)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let ids = ids.unwrap_or_else(|e| panic!("client {k}: {e}"));
+        assert_whole_epoch(&ids, 0, samples);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+
+    let peak_mib = server.proc_status_kib("VmHWM") / 1024;
+    let limit_mib = CACHE_MIB + BUDGET_MIB + BASELINE_MIB;
+    println!(
+        "8 × {samples} samples in {seconds:.2} s; server RSS idle {} MiB, peak {peak_mib} MiB \
+         (limit {limit_mib} MiB)",
+        idle_kib / 1024
+    );
+    assert!(
+        peak_mib <= limit_mib,
+        "peak resident memory {peak_mib} MiB exceeds cache {CACHE_MIB} + budget {BUDGET_MIB} + \
+         baseline {BASELINE_MIB} MiB (idle: {} MiB)",
+        idle_kib / 1024
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A slow client next to a fast one
+// ---------------------------------------------------------------------------------------------
+
+/// A client that takes 100 ms per batch (small prefetch and HTTP/2 window, so the server feels
+/// it at once) and a fast one stream the same dataset from one server: the fast one finishes its
+/// epoch while the slow one has not got a third of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_does_not_hold_back_a_fast_one() {
+    let dir = TempDir::new().unwrap();
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let server = Server::start(&dataset_arg("era5", &store), &dir.path().join("server.log"));
+
+    let mut slow_config = client_config(vec![server.endpoint()]);
+    slow_config.prefetch = 1;
+    slow_config.stream_window_bytes = 64 << 10;
+    slow_config.connection_window_bytes = 64 << 10;
+    let slow_client = connect(slow_config).await;
+    let fast_client = connect(client_config(vec![server.endpoint()])).await;
+
+    // 64 samples in batches of 2: 32 batches, 3.2 s for the slow client.
+    let total = 32usize;
+    let (progress_tx, progress) = tokio::sync::watch::channel(0usize);
+    let mut slow_stream = slow_client.stream(request("era5", 2, 32, "end_epoch = 1"));
+    let slow = tokio::spawn(async move {
+        let mut received = 0;
+        while let Some(batch) = slow_stream.next().await {
+            batch.expect("the slow stream");
+            received += 1;
+            let _ = progress_tx.send(received);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        received
+    });
+    // Let the slow stream start and fill its buffers first.
+    let mut watch = progress.clone();
+    tokio::time::timeout(STREAM_TIMEOUT, watch.wait_for(|&n| n >= 1))
+        .await
+        .expect("the slow client got no batch")
+        .expect("the slow task ended");
+
+    let started = Instant::now();
+    let mut fast = fast_client.stream(request("era5", 2, 32, "end_epoch = 1"));
+    let fast_batches = collect(&mut fast).await;
+    let fast_seconds = started.elapsed().as_secs_f64();
+    let slow_done = *progress.borrow();
+    assert_whole_epoch(&ids(&fast_batches), 0, 64);
+    println!("fast epoch in {fast_seconds:.3} s; the slow client had {slow_done}/{total} batches");
+    assert!(
+        slow_done < total / 3,
+        "the slow client had {slow_done} of {total} batches when the fast one finished: \
+         the fast one was held back (or the slow one was not slow)"
+    );
+    assert!(!slow.is_finished());
+    slow.abort();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Resume from a mid-epoch cursor
+// ---------------------------------------------------------------------------------------------
+
+/// An uninterrupted epoch, then a new stream from the `cursor_after` of a batch in its middle:
+/// the resumed stream delivers exactly the tail of the epoch, in the same order, and every
+/// sample with the same bytes (sources, masks, targets, token info, PE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_from_a_mid_epoch_cursor_continues_exactly() {
+    let dir = TempDir::new().unwrap();
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let server = Server::start(&dataset_arg("era5", &store), &dir.path().join("server.log"));
+    let client = connect(client_config(vec![server.endpoint()])).await;
+
+    // 48 samples in batches of 5: the last batch is short, and the cut below is not a multiple
+    // of anything but the batch size.
+    let whole = collect(&mut client.stream(request("era5", 5, 24, "end_epoch = 1"))).await;
+    let all_ids = ids(&whole);
+    assert_whole_epoch(&all_ids, 0, 48);
+    assert!(whole.last().is_some_and(|b| b.end_of_stream));
+
+    let cut = 4; // batches before the cursor
+    let cursor: Cursor = whole[cut - 1].cursor_after;
+    assert_eq!((cursor.epoch, cursor.position), (0, 20));
+    let mut resumed_request = request("era5", 5, 24, "end_epoch = 1");
+    resumed_request.resume = Some(cursor.into());
+    let resumed = collect(&mut client.stream(resumed_request)).await;
+
+    assert_eq!(ids(&resumed), all_ids[cut * 5..], "ids after the cursor");
+    let expected = samples_by_id(&whole);
+    for (key, bytes) in samples_by_id(&resumed) {
+        assert!(
+            expected[&key] == bytes,
+            "sample {key:?} differs after resuming"
+        );
+    }
+    // The resumed stream's cursors continue the uninterrupted ones.
+    let cursors = |b: &[Batch]| b.iter().map(|b| b.cursor_after).collect::<Vec<_>>();
+    assert_eq!(cursors(&resumed), cursors(&whole)[cut..]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. kill -9 mid-epoch, restart elsewhere, every id exactly once
+// ---------------------------------------------------------------------------------------------
+
+/// The client knows two endpoints: the server it streams from, and a port where nothing listens
+/// yet. After 4 of 32 batches the server is killed with SIGKILL and a new one started on the
+/// second endpoint; the client reconnects there and resumes from its last complete batch. Every
+/// id of the epoch arrives exactly once, in the order of an uninterrupted epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_epoch_then_restart_elsewhere_delivers_each_id_once() {
+    let dir = TempDir::new().unwrap();
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let args = dataset_arg("era5", &store);
+    let mut first = Server::start(&args, &dir.path().join("first.log"));
+    let second_port = free_port();
+    let second_endpoint = format!("http://127.0.0.1:{second_port}");
+
+    let mut config = client_config(vec![first.endpoint(), second_endpoint.clone()]);
+    // Small buffers: the server cannot run far ahead, so the kill cuts the epoch mid-way.
+    config.prefetch = 1;
+    config.stream_window_bytes = 64 << 10;
+    config.connection_window_bytes = 64 << 10;
+    config.reconnect.max_attempts = None;
+    let client = connect(config).await;
+
+    // 128 samples in batches of 4 (about 48 KB each): 32 batches.
+    let samples = 128;
+    let mut stream = client.stream(request("era5", 4, 64, "end_epoch = 1"));
+    let mut batches = Vec::new();
+    let mut second = None;
+    let consumed = async {
+        while let Some(batch) = stream.next().await {
+            batches.push(batch.expect("the stream survives the restart"));
+            if batches.len() == 4 {
+                first.kill9();
+                second = Some(Server::start_on(
+                    &format!("127.0.0.1:{second_port}"),
+                    &args,
+                    &dir.path().join("second.log"),
+                ));
+            }
+            // A consumer with some work per batch.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(STREAM_TIMEOUT, consumed)
+        .await
+        .expect("the stream did not finish after the restart");
+    let second = second.expect("the server was restarted");
+    let arrived = ids(&batches);
+    assert_whole_epoch(&arrived, 0, samples);
+    assert!(
+        stream.reconnects() >= 1,
+        "the client never reconnected: the kill came too late ({:?})",
+        stream.stats()
+    );
+
+    // The same order as an epoch nobody interrupted.
+    let fresh = connect(client_config(vec![second.endpoint()])).await;
+    let uninterrupted = collect(&mut fresh.stream(request("era5", 4, 64, "end_epoch = 1"))).await;
+    assert_eq!(arrived, ids(&uninterrupted));
+    println!(
+        "reconnected {} time(s): {:?}",
+        stream.reconnects(),
+        stream.stats()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. TLS and the bearer token
+// ---------------------------------------------------------------------------------------------
+
+const TOKEN: &str = "correct horse battery staple";
+
+fn fixture(name: &str) -> PathBuf {
+    workspace_root().join("proto/tests/fixtures").join(name)
+}
+
+fn tls_client_config(endpoint: &str, token: Option<&str>) -> ClientConfig {
+    let mut config = client_config(vec![endpoint.to_string()]);
+    config.tls_ca_pem = Some(std::fs::read(fixture("ca.pem")).expect("the test CA"));
+    config.tls_domain = Some("loader.test".into());
+    config.bearer_token = token.map(str::to_string);
+    config.reconnect.max_attempts = Some(2);
+    config
+}
+
+/// A server with `[tls]` (the fixture certificate for `loader.test`) and a token: a client with
+/// the CA and the token lists datasets and streams an epoch (also `pull --ca --token` in another
+/// process); a wrong or missing token is UNAUTHENTICATED on unary and streaming calls alike; a
+/// plaintext client gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_token_accept_the_right_client_and_reject_the_others() {
+    let dir = TempDir::new().unwrap();
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let config = dir.path().join("loader.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "token = \"{TOKEN}\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n\
+             [[datasets]]\nname = \"era5\"\nurl = \"{}\"\n",
+            path_str(&fixture("server.pem")),
+            path_str(&fixture("server.key")),
+            path_str(&store)
+        ),
+    )
+    .unwrap();
+    let mut server = Server::start(
+        &["--config".into(), path_str(&config).into()],
+        &dir.path().join("server.log"),
+    );
+    let https = format!("https://127.0.0.1:{}", server.addr.port());
+
+    // The right client.
+    let good = connect(tls_client_config(&https, Some(TOKEN))).await;
+    let datasets = good.list_datasets().await.expect("TLS + token is accepted");
+    assert_eq!(datasets.len(), 1);
+    let batches = collect(&mut good.stream(request("era5", 4, 8, "end_epoch = 1"))).await;
+    assert_whole_epoch(&ids(&batches), 0, 16);
+    let file = request_file(dir.path(), "req.toml", &request_toml("era5", 4, 8, ""));
+    let ca = path_str(&fixture("ca.pem")).to_string();
+    let report = pull_epoch(
+        std::slice::from_ref(&https),
+        &file,
+        &["--ca", &ca, "--domain", "loader.test", "--token", TOKEN],
+    )
+    .await;
+    assert_eq!(report["samples"], 16, "{report}");
+
+    // Wrong and missing tokens, over TLS.
+    for (token, says) in [
+        (Some("guess"), "wrong token"),
+        (None, "bearer token is required"),
+    ] {
+        let client = connect(tls_client_config(&https, token)).await;
+        let unary = client.list_datasets().await.expect_err("rejected");
+        assert_eq!(unary.code(), Some(Code::Unauthenticated), "{unary}");
+        assert!(unary.to_string().contains(says), "{unary}");
+        let streamed = match client
+            .stream(request("era5", 4, 8, "end_epoch = 1"))
+            .next()
+            .await
+        {
+            Some(Err(e)) => e,
+            other => panic!("a stream without the right token gave {other:?}"),
+        };
+        assert_eq!(streamed.code(), Some(Code::Unauthenticated), "{streamed}");
+        let sample = client
+            .sample(pb::SampleRequest::by_id(request("era5", 1, 8, ""), 0, 0))
+            .await
+            .expect_err("rejected");
+        assert_eq!(sample.code(), Some(Code::Unauthenticated), "{sample}");
+    }
+
+    // Plaintext against the TLS port, with the right token: no answer at all.
+    let mut plain = client_config(vec![format!("http://127.0.0.1:{}", server.addr.port())]);
+    plain.bearer_token = Some(TOKEN.into());
+    plain.reconnect.max_attempts = Some(2);
+    let plain = connect(plain).await;
+    let refused = tokio::time::timeout(Duration::from_secs(30), plain.list_datasets())
+        .await
+        .expect("the plaintext call did not end");
+    assert!(
+        refused.is_err(),
+        "a plaintext client was answered: {refused:?}"
+    );
+    let err = refused.unwrap_err();
+    assert_ne!(err.code(), Some(Code::Ok), "{err}");
+
+    // None of this hurt the server.
+    assert!(server.is_running());
+    good.list_datasets()
+        .await
+        .expect("the server still answers");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Health, reflection, unary calls and metrics
+// ---------------------------------------------------------------------------------------------
+
+/// The text of `GET /metrics` on `port`, or `None` while nothing answers there.
+fn scrape(port: u16) -> Option<String> {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// The value of a Prometheus sample line that starts with `prefix` (name and labels).
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// gRPC health (`grpc.health.v1.Health/Check`) and reflection (v1) through real tonic
+/// clients; `ListDatasets` and `GetDatasetInfo` describe the tiny store; `GetSample` by id
+/// returns the very sample the stream sent under that id, and by centre a window around the
+/// centre; after the stream the Prometheus endpoint counts the samples served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reflection_unary_calls_and_metrics_answer() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let dir = TempDir::new().unwrap();
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let metrics_port = free_port();
+    let mut args = dataset_arg("era5", &store);
+    args.extend(["--metrics-bind".into(), format!("127.0.0.1:{metrics_port}")]);
+    let server = Server::start(&args, &dir.path().join("server.log"));
+    let channel = tonic::transport::Endpoint::from_shared(server.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connecting a plain tonic channel");
+
+    // Health.
+    let mut health = HealthClient::new(channel.clone());
+    let check = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let serving = health
+        .check(check("atmorep.loader.v1.Loader"))
+        .await
+        .expect("Health/Check answers")
+        .into_inner();
+    assert_eq!(serving.status, ServingStatus::Serving as i32);
+    let unknown = health
+        .check(check("no.such.Service"))
+        .await
+        .expect_err("an unknown service has no health");
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    // Reflection: the services, and the file that defines the loader.
+    let mut reflection = ServerReflectionClient::new(channel);
+    let ask = |request: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([
+            ask(MessageRequest::ListServices(String::new())),
+            ask(MessageRequest::FileContainingSymbol(
+                "atmorep.loader.v1.Loader".into(),
+            )),
+        ]))
+        .await
+        .expect("reflection answers")
+        .into_inner();
+    let services = match answers
+        .message()
+        .await
+        .unwrap()
+        .and_then(|r| r.message_response)
+    {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+        }
+        other => panic!("ListServices answered {other:?}"),
+    };
+    for name in ["atmorep.loader.v1.Loader", "grpc.health.v1.Health"] {
+        assert!(
+            services.iter().any(|s| s == name),
+            "{name} not in {services:?}"
+        );
+    }
+    match answers
+        .message()
+        .await
+        .unwrap()
+        .and_then(|r| r.message_response)
+    {
+        Some(MessageResponse::FileDescriptorResponse(files)) => {
+            assert!(!files.file_descriptor_proto.is_empty());
+        }
+        other => panic!("FileContainingSymbol answered {other:?}"),
+    }
+
+    // ListDatasets and GetDatasetInfo.
+    let client = connect(client_config(vec![server.endpoint()])).await;
+    let list = client.list_datasets().await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].name, "era5");
+    let mut variables = list[0].variables.clone();
+    variables.sort();
+    assert_eq!(variables, ["t", "z"]);
+    assert_eq!(list[0].time_start, "2020-09-01T00:00:00Z");
+    assert_eq!(list[0].time_end, "2020-09-04T18:00:00Z");
+    let info = client.dataset_info("era5").await.unwrap();
+    let grid = info.grid.expect("a grid");
+    assert_eq!((grid.nlat, grid.nlon), (19, 36));
+    assert!((grid.lat_step.abs() - 10.0).abs() < 1e-9, "{grid:?}");
+    assert!((grid.lon_step - 10.0).abs() < 1e-9, "{grid:?}");
+    let time = info.time.expect("a time axis");
+    assert_eq!(time.count, 16);
+    assert!((time.step_hours - 6.0).abs() < 1e-9);
+    let z = info.variables.iter().find(|v| v.name == "z").expect("z");
+    assert_eq!(z.levels, [850.0, 500.0]);
+    assert!(!z.chunk_shape.is_empty());
+    let stats = info.statistics.expect("a statistics summary");
+    let mut global = stats.global.clone();
+    global.sort();
+    assert_eq!(global, ["t", "z"]);
+    assert_eq!(
+        (stats.global_first_year, stats.global_last_year),
+        (2020, 2020)
+    );
+    let geometry = info.geometry.expect("the servable geometry");
+    assert_eq!(geometry.max_window, [16, 19, 36]);
+    assert!(geometry.max_batch_size > 0);
+
+    // A stream, then GetSample by id gives the same sample, byte for byte.
+    let whole = collect(&mut client.stream(request("era5", 4, 8, "end_epoch = 1"))).await;
+    assert_whole_epoch(&ids(&whole), 0, 16);
+    let streamed = samples_by_id(&whole);
+    for id in [0, 11] {
+        let one = client
+            .sample(pb::SampleRequest::by_id(request("era5", 1, 8, ""), 0, id))
+            .await
+            .unwrap();
+        assert_eq!(
+            (one.sample_ids.as_slice(), one.sample_epochs.as_slice()),
+            (&[id][..], &[0][..])
+        );
+        assert!(
+            sample_bytes(&one, 0) == streamed[&(0, id)],
+            "GetSample({id}) differs from the stream"
+        );
+    }
+
+    // GetSample by centre: the window's token centres surround the requested point, at the
+    // requested time (step 4 = 2020-09-02T00:00Z; a token is dated by its last step).
+    for time in [
+        pb::sample_by_centre::Time::TimeIndex(4),
+        pb::sample_by_centre::Time::IsoTime("2020-09-02T00:00:00Z".into()),
+    ] {
+        let one = client
+            .sample(pb::SampleRequest::by_centre(
+                request("era5", 1, 8, ""),
+                time,
+                30.0,
+                120.0,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(one.len(), 1);
+        let t = one.field("t").expect("field t");
+        let infos: Vec<&[f32]> = t.token_info_of(0).chunks(8).collect();
+        assert_eq!(infos.len(), 2 * 3 * 6);
+        let mean =
+            |k: usize| infos.iter().map(|i| f64::from(i[k])).sum::<f64>() / infos.len() as f64;
+        assert!(
+            (mean(4) - 30.0).abs() <= 10.0,
+            "token latitudes centre on {}",
+            mean(4)
+        );
+        assert!(
+            (mean(5) - 120.0).abs() <= 10.0,
+            "token longitudes centre on {}",
+            mean(5)
+        );
+        let days: HashSet<u32> = infos.iter().map(|i| i[1] as u32).collect();
+        // 2020-09-01 is day 244 (0-based) of a leap year; the window spans steps 3..5.
+        assert!(days.iter().all(|d| (244..=245).contains(d)), "{days:?}");
+    }
+
+    // The Prometheus endpoint has counted the streamed samples (and the two by id).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(metrics_port);
+        let served = text
+            .as_deref()
+            .and_then(|t| metric(t, "atmorep_samples_served_total{dataset=\"era5\"}"));
+        if served.is_some_and(|n| n >= 16.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no atmorep_samples_served_total ≥ 16 on :{metrics_port}: {served:?}\n{}",
+            text.unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
