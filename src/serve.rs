@@ -84,3 +84,19 @@ async fn shutdown_signal() {
         _ = term => {},
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use atmorep_loader::service::ServerConfig;
+    use atmorep_proto::request::RequestConfig;
+
+    /// The README points users at these files; they must stay valid.
+    #[test]
+    fn the_example_configurations_parse() {
+        let server = ServerConfig::load(std::path::Path::new("examples/loader.toml")).unwrap();
+        assert_eq!(server.datasets[0].name, "era5");
+        let request = RequestConfig::load(std::path::Path::new("examples/request.toml")).unwrap();
+        assert_eq!(request.dataset, "era5");
+        assert_eq!(request.fields.len(), 2);
+    }
+}

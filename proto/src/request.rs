@@ -39,7 +39,7 @@
 //! buffer_blocks = 0           # blocks open at once (the shuffle buffer)
 //!
 //! # Tiles mode only: overlap of neighbouring tiles in grid points along (time, lat, lon) and the
-//! # time range to tile (start inclusive, end exclusive; left out: the split's range).
+//! # time range to tile (both ends inclusive; left out: the split's range).
 //! tile_overlap = [0, 0, 0]
 //! # tile_time_start = "2020-01-01"
 //! # tile_time_end = "2020-02-01"
