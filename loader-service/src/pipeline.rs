@@ -168,10 +168,21 @@ pub enum PipelineError {
     Field { field: String, detail: String },
     #[error("invalid request: {0}")]
     Request(String),
+    /// The request is fine; the statistics it needs were never computed.
+    #[error("field `{field}`: {detail}")]
+    MissingStatistics { field: String, detail: String },
     #[error(transparent)]
     Epoch(#[from] crate::epoch::EpochError),
     #[error(transparent)]
     Normalization(#[from] crate::normalization::NormalizationError),
+}
+
+/// A field's normalization needs statistics the server does not have.
+fn stats_err(field: &str, detail: impl std::fmt::Display) -> PipelineError {
+    PipelineError::MissingStatistics {
+        field: field.to_string(),
+        detail: detail.to_string(),
+    }
 }
 
 fn field_err(field: &str, detail: impl std::fmt::Display) -> PipelineError {
@@ -474,7 +485,7 @@ impl Pipeline {
             };
             if fc.normalization == Normalization::Global {
                 let stats = stats.as_ref().ok_or_else(|| {
-                    field_err(
+                    stats_err(
                         &fc.name,
                         "global normalization needs statistics (run `atmorep loader stats`)",
                     )
@@ -483,7 +494,7 @@ impl Pipeline {
                     let (year, month) = year_month(unix);
                     for &level in &level_values {
                         if stats.get(&fc.name, level, year, month).is_none() {
-                            return Err(field_err(
+                            return Err(stats_err(
                                 &fc.name,
                                 format!("statistics lack level {level} in {year}-{month:02}"),
                             ));
@@ -493,10 +504,10 @@ impl Pipeline {
             }
             if fc.normalization == Normalization::Local {
                 let local = local.as_ref().ok_or_else(|| {
-                    field_err(&fc.name, "local normalization needs local statistics (`atmorep loader stats --local`)")
+                    stats_err(&fc.name, "local normalization needs local statistics (`atmorep loader stats --local`)")
                 })?;
                 if (local.nlat, local.nlon) != (dataset.lats.len(), dataset.lons.len()) {
-                    return Err(field_err(
+                    return Err(stats_err(
                         &fc.name,
                         "local statistics were computed on another grid",
                     ));
@@ -504,7 +515,7 @@ impl Pipeline {
                 let stats = local
                     .fields
                     .get(&fc.name)
-                    .ok_or_else(|| field_err(&fc.name, "local statistics lack this field"))?;
+                    .ok_or_else(|| stats_err(&fc.name, "local statistics lack this field"))?;
                 let plane = local.nlat * local.nlon;
                 for &unix in &dataset.times[split_range.clone()] {
                     let (year, month) = year_month(unix);
@@ -515,7 +526,7 @@ impl Pipeline {
                                 .is_finite()
                         });
                         if !covered {
-                            return Err(field_err(
+                            return Err(stats_err(
                                 &fc.name,
                                 format!("local statistics lack level {level} in {year}-{month:02}"),
                             ));

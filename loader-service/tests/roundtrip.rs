@@ -145,14 +145,12 @@ fn slice(full: &[f32], shape: [usize; 4], slab: &Hyperslab) -> Vec<f32> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn windows_across_the_seam_and_at_the_poles_equal_slices_of_the_field() {
-    let dir = tempfile::tempdir().unwrap();
-    let expected = oracle(dir.path());
-    let stores = [
-        write(dir.path(), "v2.zarr", &base_config()),
+/// A plain v2 store and a sharded v3 AtmoRep-layout store with chunks that split every axis.
+fn two_layouts(dir: &Path) -> [PathBuf; 2] {
+    [
+        write(dir, "v2.zarr", &base_config()),
         write(
-            dir.path(),
+            dir,
             "v3-atmorep-sharded.zarr",
             &SynthConfig {
                 format: ZarrFormat::V3,
@@ -162,7 +160,14 @@ async fn windows_across_the_seam_and_at_the_poles_equal_slices_of_the_field() {
                 ..base_config()
             },
         ),
-    ];
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_across_the_seam_and_at_the_poles_equal_slices_of_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = oracle(dir.path());
+    let stores = two_layouts(dir.path());
     let shape = [6, 2, 19, 36];
     let windows = [
         // across 0°/360°
@@ -210,20 +215,7 @@ async fn token_order_reads_equal_tokenized_windows() {
     use atmorep_proto::{FieldGeometry, TokenGeometry};
 
     let dir = tempfile::tempdir().unwrap();
-    let stores = [
-        write(dir.path(), "v2.zarr", &base_config()),
-        write(
-            dir.path(),
-            "v3-atmorep-sharded.zarr",
-            &SynthConfig {
-                format: ZarrFormat::V3,
-                layout: Layout::Atmorep,
-                chunks: Some([4, 2, 14, 36]),
-                shard_inner: Some([2, 1, 7, 12]),
-                ..base_config()
-            },
-        ),
-    ];
+    let stores = two_layouts(dir.path());
     let geometry = FieldGeometry::new(vec![0, 1], TokenGeometry::new([2, 2, 3], [2, 3, 4]));
     let layout = OutputLayout::tokens(&geometry);
     // Across the seam, touching the north pole.

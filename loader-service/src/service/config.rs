@@ -21,7 +21,8 @@ pub struct ServerConfig {
     /// Samples in flight plus batches waiting to be sent, over all streams.
     #[serde(default = "default_budget_mib")]
     pub memory_budget_mib: u64,
-    /// Largest gRPC message; bigger batches are split into parts.
+    /// Target size of one gRPC message; bigger batches are split into parts (by sample). Smaller
+    /// parts keep the encode buffers small enough to be reused instead of faulted in afresh.
     #[serde(default = "default_message_mib")]
     pub max_message_mib: usize,
     /// Finished batches each stream keeps ready.
@@ -79,7 +80,7 @@ fn default_budget_mib() -> u64 {
     1024
 }
 fn default_message_mib() -> usize {
-    64
+    16
 }
 fn default_prefetch() -> usize {
     2

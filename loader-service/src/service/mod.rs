@@ -230,6 +230,9 @@ fn to_wire(
             pe_width,
             windows: Vec::with_capacity(b),
         };
+        field
+            .target
+            .reserve_exact(samples.iter().map(|s| s.fields[f].target.len()).sum());
         for sample in &samples {
             let s = &sample.fields[f];
             field.source.extend_from_slice(&s.source);
@@ -695,7 +698,9 @@ pub async fn run(
     let loader = LoaderServer::new(service.clone())
         // Requests are small; a large limit only invites abuse.
         .max_decoding_message_size(1 << 20)
-        .max_encoding_message_size(max_message + (1 << 20))
+        // Batches are split into parts of about `max_message` bytes; a single sample larger
+        // than that still goes out whole.
+        .max_encoding_message_size(max_message.max(1 << 29))
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd)
         .send_compressed(CompressionEncoding::Gzip)

@@ -39,6 +39,9 @@ pub fn from_pipeline(error: &PipelineError) -> Status {
         PipelineError::Field { .. } | PipelineError::Request(_) => {
             Status::invalid_argument(error.to_string())
         }
+        PipelineError::MissingStatistics { .. } => Status::failed_precondition(format!(
+            "statistics: {error} — run `atmorep loader stats` for this dataset"
+        )),
         // Rank, world or cursor outside the plan: the request is wrong.
         PipelineError::Epoch(_) => Status::invalid_argument(error.to_string()),
         // The statistics the request needs are missing: the server must run `loader stats`.
