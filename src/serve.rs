@@ -98,5 +98,8 @@ mod tests {
         let request = RequestConfig::load(std::path::Path::new("examples/request.toml")).unwrap();
         assert_eq!(request.dataset, "era5");
         assert_eq!(request.fields.len(), 2);
+        let reference =
+            RequestConfig::load(std::path::Path::new("examples/reference.toml")).unwrap();
+        assert_eq!(reference.fields[0].num_tokens, [12, 6, 12]);
     }
 }
