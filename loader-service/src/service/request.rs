@@ -148,6 +148,12 @@ impl StreamRequest {
                 if !level.is_finite() {
                     return Err(invalid(format!("{at}.levels[{k}]"), "is not finite"));
                 }
+                if f.levels[..k].contains(level) {
+                    return Err(invalid(
+                        format!("{at}.levels[{k}]"),
+                        format!("level {level} is listed twice"),
+                    ));
+                }
                 if !variable.levels.contains(level) {
                     return Err(RequestError::NotFound {
                         field: format!("{at}.levels[{k}]"),
