@@ -72,6 +72,28 @@ fn build_atmorep_bin() -> PathBuf {
     if release {
         cmd.arg("--release");
     }
+    // Cargo gives this test process the variables of the package under test. Passed on, some
+    // build scripts see them as changed inputs, and the next `cargo test` rebuilds half the
+    // dependency tree; the nested build gets the environment a user's shell would have.
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let package_specific = key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+                    | "OUT_DIR"
+            );
+        if package_specific {
+            cmd.env_remove(key);
+        }
+    }
     let output = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", Path::new(&cargo).display()));

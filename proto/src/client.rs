@@ -352,6 +352,7 @@ fn endpoint(raw: &str, config: &ClientConfig) -> Result<Endpoint, ClientError> {
             .keep_alive_timeout(config.keepalive_timeout);
     }
     if https {
+        crate::tls::install_crypto_provider();
         let mut tls = ClientTlsConfig::new();
         tls = match &config.tls_ca_pem {
             Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),

@@ -31,6 +31,7 @@ pub mod geometry;
 pub mod positional;
 pub mod request;
 pub mod tensor;
+pub mod tls;
 pub mod token_info;
 
 /// The generated `atmorep.loader.v1` messages, enums, client ([`pb::loader_client`]) and server

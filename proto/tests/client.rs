@@ -812,6 +812,8 @@ async fn tls_with_a_private_ca() {
         token: Some("s3cret".into()),
         ..Behaviour::default()
     });
+    // The test's server builds its TLS config before any client does.
+    atmorep_proto::tls::install_crypto_provider();
     let tls = tonic::transport::ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(cert, key));
     let server = TestServer::start_with(loader, bind(), Some(tls));

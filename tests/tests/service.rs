@@ -1199,10 +1199,6 @@ async fn the_bearer_token_admits_the_right_client_only() {
 /// the CA and the token lists datasets and streams an epoch (also `pull --ca --token` in another
 /// process); a wrong or missing token is UNAUTHENTICATED; a plaintext client gets nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: `atmorep loader serve` with [tls] panics before serving: rustls has both its \
-            ring (tonic tls-ring) and aws-lc-rs (object_store aws → reqwest) features, so \
-            tonic's ServerConfig::builder() finds no process-level CryptoProvider \
-            (service::run → Server::tls_config)"]
 async fn tls_and_token_accept_the_right_client_and_reject_the_others() {
     let dir = TempDir::new().unwrap();
     let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;

@@ -713,6 +713,7 @@ pub async fn run(
         .initial_connection_window_size(Some(32 << 20))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
     if let Some(tls) = &config.tls {
+        atmorep_proto::tls::install_crypto_provider();
         let read = |p: &Path| {
             std::fs::read(p).map_err(|e| ServeError::Tls(format!("{}: {e}", p.display())))
         };
