@@ -1,0 +1,180 @@
+//! Multi-head attention with fused projections, able to hand back its attention weights.
+//!
+//! The query/key/value projections have no bias: a key bias adds the same score to every key of
+//! a query, which softmax ignores, and a value bias reappears unchanged in the output (weights
+//! sum to 1), where the output projection's bias already is. Both would only collect gradients
+//! that are zero up to rounding.
+//!
+//! Weights come back as `[B, heads, T, S]` (query tokens × key tokens, rows summing to 1): the
+//! plotting of attention maps per layer and head needs them, and returning them costs nothing
+//! extra because they are computed anyway.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::ops::{linear, softmax_last_dim};
+
+/// `[B, T, H·dh]` → `[B, H, T, dh]`.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    x.reshape((b, t, heads, d / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// `[B, H, T, dh]` → `[B, T, H·dh]`.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, t, dh) = x.dims4()?;
+    x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * dh))
+}
+
+/// Scaled dot-product attention of `q` `[B, H, T, dh]` over `k`, `v` `[B, H, S, dh]`. Returns
+/// the context `[B, H, T, dh]` and the weights `[B, H, T, S]`.
+pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dh = q.dim(3)?;
+    let scores = q
+        .matmul(&k.transpose(2, 3)?.contiguous()?)?
+        .affine(1.0 / (dh as f64).sqrt(), 0.0)?;
+    let weights = softmax_last_dim(&scores)?;
+    let ctx = weights.matmul(v)?;
+    Ok((ctx, weights))
+}
+
+/// Self-attention with one fused `Linear(D → 3·D)` for queries, keys and values.
+#[derive(Debug, Clone)]
+pub struct MultiHeadAttention {
+    qkv: Linear,
+    out: Linear,
+    num_heads: usize,
+}
+
+impl MultiHeadAttention {
+    pub fn new(vb: VarBuilder, d_model: usize, num_heads: usize) -> Result<Self> {
+        Ok(Self {
+            qkv: linear(vb.pp("qkv"), d_model, 3 * d_model, false)?,
+            out: linear(vb.pp("out"), d_model, d_model, true)?,
+            num_heads,
+        })
+    }
+
+    pub fn num_heads(&self) -> usize {
+        self.num_heads
+    }
+
+    /// Queries, keys and values of `x` `[B, T, D]`, each `[B, H, T, dh]`.
+    pub fn project_qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let qkv = self.qkv.forward(x)?;
+        let d = qkv.dim(2)? / 3;
+        let part = |i: usize| split_heads(&qkv.narrow(2, i * d, d)?, self.num_heads);
+        Ok((part(0)?, part(1)?, part(2)?))
+    }
+
+    /// The output projection of a context `[B, H, T, dh]`, giving `[B, T, D]`.
+    pub fn project_out(&self, ctx: &Tensor) -> Result<Tensor> {
+        self.out.forward(&merge_heads(ctx)?)
+    }
+
+    /// The attention output `[B, T, D]` and weights `[B, H, T, T]`.
+    pub fn forward_with_weights(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (q, k, v) = self.project_qkv(x)?;
+        let (ctx, weights) = scaled_dot_product(&q, &k, &v)?;
+        Ok((self.project_out(&ctx)?, weights))
+    }
+}
+
+impl Module for MultiHeadAttention {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_with_weights(x)?.0)
+    }
+}
+
+/// Attention of one sequence's queries into another ("memory"): `Linear(D → D)` for queries,
+/// one fused `Linear(D → 2·D)` for keys and values.
+#[derive(Debug, Clone)]
+pub struct CrossAttention {
+    q: Linear,
+    kv: Linear,
+    out: Linear,
+    num_heads: usize,
+}
+
+impl CrossAttention {
+    pub fn new(vb: VarBuilder, d_model: usize, num_heads: usize) -> Result<Self> {
+        Ok(Self {
+            q: linear(vb.pp("q"), d_model, d_model, false)?,
+            kv: linear(vb.pp("kv"), d_model, 2 * d_model, false)?,
+            out: linear(vb.pp("out"), d_model, d_model, true)?,
+            num_heads,
+        })
+    }
+
+    /// The output `[B, T, D]` for queries from `x` `[B, T, D]` and keys/values from `memory`
+    /// `[B, S, D]`, and the weights `[B, H, T, S]`.
+    pub fn forward_with_weights(&self, x: &Tensor, memory: &Tensor) -> Result<(Tensor, Tensor)> {
+        let q = split_heads(&self.q.forward(x)?, self.num_heads)?;
+        let kv = self.kv.forward(memory)?;
+        let d = kv.dim(2)? / 2;
+        let k = split_heads(&kv.narrow(2, 0, d)?, self.num_heads)?;
+        let v = split_heads(&kv.narrow(2, d, d)?, self.num_heads)?;
+        let (ctx, weights) = scaled_dot_product(&q, &k, &v)?;
+        Ok((self.out.forward(&merge_heads(&ctx)?)?, weights))
+    }
+
+    pub fn forward(&self, x: &Tensor, memory: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_with_weights(x, memory)?.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    use crate::init::initialize;
+
+    fn assert_rows_sum_to_one(w: &Tensor) -> Result<()> {
+        let sums: Vec<f32> = w.sum(3)?.flatten_all()?.to_vec1()?;
+        for s in sums {
+            assert!((s - 1.0).abs() < 1e-5, "row sums to {s}");
+        }
+        let min: f32 = w.flatten_all()?.min(0)?.to_scalar()?;
+        assert!(min >= 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn weights_have_shape_and_rows_sum_to_one() -> Result<()> {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let mha = MultiHeadAttention::new(vb.pp("self"), 16, 4)?;
+        let xa = CrossAttention::new(vb.pp("cross"), 16, 4)?;
+        initialize(&vm, 3).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 16), &dev)?;
+        let mem = Tensor::randn(0f32, 1.0, (2, 7, 16), &dev)?;
+        let (y, w) = mha.forward_with_weights(&x)?;
+        assert_eq!(y.dims(), &[2, 5, 16]);
+        assert_eq!(w.dims(), &[2, 4, 5, 5]);
+        assert_rows_sum_to_one(&w)?;
+        let (y, w) = xa.forward_with_weights(&x, &mem)?;
+        assert_eq!(y.dims(), &[2, 5, 16]);
+        assert_eq!(w.dims(), &[2, 4, 5, 7]);
+        assert_rows_sum_to_one(&w)?;
+        Ok(())
+    }
+
+    #[test]
+    fn heads_round_trip() -> Result<()> {
+        let x = Tensor::arange(0f32, 24.0, &Device::Cpu)?.reshape((1, 3, 8))?;
+        let h = split_heads(&x, 2)?;
+        assert_eq!(h.dims(), &[1, 2, 3, 4]);
+        // Head 1 of token 2 holds channels 4..8 of token 2.
+        assert_eq!(
+            h.get(0)?.get(1)?.get(2)?.to_vec1::<f32>()?,
+            [20.0, 21.0, 22.0, 23.0]
+        );
+        assert_eq!(merge_heads(&h)?.to_vec3::<f32>()?, x.to_vec3::<f32>()?);
+        Ok(())
+    }
+}

@@ -1,0 +1,88 @@
+//! The per-field decoder layer: pre-LayerNorm self-attention within the field,
+//! cross-attention into the field's encoder output, MLP.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::attention::{CrossAttention, MultiHeadAttention};
+use crate::config::{AuxInfo, ModelConfig};
+use crate::encoder::reappend_info;
+use crate::ops::{LayerNorm, Mlp, linear};
+
+/// One field's attention weights in one decoder layer.
+#[derive(Debug, Clone)]
+pub struct DecoderAttention {
+    /// `[B, H, T, T]`.
+    pub self_attn: Tensor,
+    /// `[B, H, T, S]` into the encoder output (`S = T` tokens of the same field).
+    pub cross_attn: Tensor,
+}
+
+/// One decoder layer of one field.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    ln1: LayerNorm,
+    self_attn: MultiHeadAttention,
+    ln2: LayerNorm,
+    /// The encoder output is an un-normalized residual stream; it gets its own norm.
+    ln_memory: LayerNorm,
+    cross_attn: CrossAttention,
+    ln3: LayerNorm,
+    mlp: Mlp,
+    /// [`AuxInfo::Reappend`]: one projection after each of the two attention sub-layers.
+    reappend: Option<(Linear, Linear)>,
+}
+
+impl DecoderLayer {
+    pub fn new(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (d, h, eps) = (cfg.d_model, cfg.num_heads, cfg.layer_norm_eps);
+        let reappend = match cfg.aux_info {
+            AuxInfo::Reappend => Some((
+                linear(vb.pp("reappend_self"), cfg.d_info, d, false)?,
+                linear(vb.pp("reappend_cross"), cfg.d_info, d, false)?,
+            )),
+            _ => None,
+        };
+        Ok(Self {
+            ln1: LayerNorm::new(vb.pp("ln1"), d, eps)?,
+            self_attn: MultiHeadAttention::new(vb.pp("self_attn"), d, h)?,
+            ln2: LayerNorm::new(vb.pp("ln2"), d, eps)?,
+            ln_memory: LayerNorm::new(vb.pp("ln_memory"), d, eps)?,
+            cross_attn: CrossAttention::new(vb.pp("cross_attn"), d, h)?,
+            ln3: LayerNorm::new(vb.pp("ln3"), d, eps)?,
+            mlp: Mlp::new(vb.pp("mlp"), d, cfg.mlp_hidden())?,
+            reappend,
+        })
+    }
+
+    /// Applies the layer to `x` `[B, T, D]` attending into `memory` `[B, S, D]`; `info` is the
+    /// field's info embedding for [`AuxInfo::Reappend`].
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        memory: &Tensor,
+        info: Option<&Tensor>,
+    ) -> Result<(Tensor, DecoderAttention)> {
+        let (a, self_w) = self.self_attn.forward_with_weights(&self.ln1.forward(x)?)?;
+        let mut h = (x + a)?;
+        if let (Some((p, _)), Some(info)) = (&self.reappend, info) {
+            h = reappend_info(&h, p, info)?;
+        }
+        let memory = self.ln_memory.forward(memory)?;
+        let (a, cross_w) = self
+            .cross_attn
+            .forward_with_weights(&self.ln2.forward(&h)?, &memory)?;
+        h = (h + a)?;
+        if let (Some((_, p)), Some(info)) = (&self.reappend, info) {
+            h = reappend_info(&h, p, info)?;
+        }
+        let h = (&h + self.mlp.forward(&self.ln3.forward(&h)?)?)?;
+        Ok((
+            h,
+            DecoderAttention {
+                self_attn: self_w,
+                cross_attn: cross_w,
+            },
+        ))
+    }
+}

@@ -1,0 +1,33 @@
+//! `atmorep-trainer`: the AtmoRep-style multiformer in candle (DESIGN §4).
+//!
+//! This crate owns the *model*: its configuration ([`config`]), the differentiable building
+//! blocks candle-nn lacks ([`ops`]), token embedding with the aux-info variants ([`embed`]),
+//! attention that can return its weights ([`attention`]), the field-coupled encoder layer
+//! ([`encoder`]), the per-field decoder layer ([`decoder`]), the tail ([`tail`]), the whole
+//! [`MultiFormer`] ([`model`]), losses on masked tokens ([`loss`]) and seeded initialization
+//! ([`init`]). The training loop, checkpoints and evaluation build on it.
+//!
+//! ```no_run
+//! use atmorep_trainer::{ModelConfig, MultiFormer};
+//! use candle_core::{DType, Device};
+//! let cfg = ModelConfig::tiny();
+//! let (model, varmap) = MultiFormer::seeded(&cfg, 42, DType::F32, &Device::Cpu)?;
+//! # let _ = (model, varmap);
+//! # Ok::<(), atmorep_trainer::Error>(())
+//! ```
+
+pub mod attention;
+pub mod config;
+pub mod decoder;
+pub mod embed;
+pub mod encoder;
+pub mod error;
+pub mod init;
+pub mod loss;
+pub mod model;
+pub mod ops;
+pub mod tail;
+
+pub use config::{AuxInfo, FieldSpec, ModelConfig};
+pub use error::{Error, Result};
+pub use model::{AttentionMaps, FieldInput, MultiFormer};

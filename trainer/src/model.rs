@@ -1,0 +1,207 @@
+//! The multiformer: per-field embeddings, coupled encoder layers, per-field decoders and tails.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::config::ModelConfig;
+use crate::decoder::{DecoderAttention, DecoderLayer};
+use crate::embed::{TOKEN_INFO_LEN, TokenEmbedding};
+use crate::encoder::{EncoderAttention, EncoderLayer};
+use crate::error::{Result, input_err};
+use crate::init::initialize;
+use crate::tail::Tail;
+
+/// One field's part of a batch, as the loader sends it (see `atmorep_proto::batch::FieldBatch`).
+#[derive(Debug, Clone)]
+pub struct FieldInput {
+    /// `[B, T, V]`: the token values after masking.
+    pub source: Tensor,
+    /// `[B, T, 8]`: raw token info.
+    pub token_info: Tensor,
+    /// `[B, T, W]`: positional encoding.
+    pub pe: Tensor,
+}
+
+/// Every attention map of one forward pass, indexed `[layer][field]`.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionMaps {
+    pub encoder: Vec<Vec<EncoderAttention>>,
+    pub decoder: Vec<Vec<DecoderAttention>>,
+}
+
+/// The AtmoRep-style multiformer. Variables live under `embed.<field>`, `encoder.<layer>.<field>`,
+/// `decoder.<layer>.<field>` and `tail.<field>`.
+#[derive(Debug, Clone)]
+pub struct MultiFormer {
+    cfg: ModelConfig,
+    dtype: DType,
+    embeds: Vec<TokenEmbedding>,
+    encoder: Vec<EncoderLayer>,
+    /// `[layer][field]`.
+    decoder: Vec<Vec<DecoderLayer>>,
+    tails: Vec<Tail>,
+}
+
+impl MultiFormer {
+    /// Builds the model (validating `cfg`) with variables from `vb`: a checkpoint, or a `VarMap`
+    /// that [`crate::init::initialize`] fills afterwards.
+    pub fn new(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        cfg.validate()?;
+        let embeds = cfg
+            .fields
+            .iter()
+            .map(|f| TokenEmbedding::new(vb.pp("embed").pp(&f.name), f, cfg))
+            .collect::<candle_core::Result<_>>()?;
+        let encoder = (0..cfg.encoder_layers)
+            .map(|l| EncoderLayer::new(vb.pp("encoder").pp(l), cfg))
+            .collect::<candle_core::Result<_>>()?;
+        let decoder = (0..cfg.decoder_layers)
+            .map(|l| {
+                cfg.fields
+                    .iter()
+                    .map(|f| DecoderLayer::new(vb.pp("decoder").pp(l).pp(&f.name), cfg))
+                    .collect::<candle_core::Result<Vec<_>>>()
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let tails = cfg
+            .fields
+            .iter()
+            .map(|f| {
+                Tail::new(
+                    vb.pp("tail").pp(&f.name),
+                    cfg.d_model,
+                    f.token_numel,
+                    cfg.ensemble,
+                    cfg.layer_norm_eps,
+                )
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+            embeds,
+            encoder,
+            decoder,
+            tails,
+        })
+    }
+
+    /// A fresh model with its variables in a new `VarMap`, initialized from `seed`.
+    pub fn seeded(
+        cfg: &ModelConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Self, VarMap)> {
+        let varmap = VarMap::new();
+        let model = Self::new(VarBuilder::from_varmap(&varmap, dtype, device), cfg)?;
+        initialize(&varmap, seed)?;
+        Ok((model, varmap))
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Per field, the predictions `[B, T, E, V]`.
+    pub fn forward(&self, inputs: &[FieldInput]) -> Result<Vec<Tensor>> {
+        Ok(self.run(inputs, false)?.0)
+    }
+
+    /// Per field, the predictions `[B, T, E, V]`, and every attention map.
+    pub fn forward_with_attention(
+        &self,
+        inputs: &[FieldInput],
+    ) -> Result<(Vec<Tensor>, AttentionMaps)> {
+        let (preds, maps) = self.run(inputs, true)?;
+        Ok((preds, maps.expect("asked for")))
+    }
+
+    fn run(
+        &self,
+        inputs: &[FieldInput],
+        want: bool,
+    ) -> Result<(Vec<Tensor>, Option<AttentionMaps>)> {
+        self.check_inputs(inputs)?;
+        let mut xs = Vec::with_capacity(inputs.len());
+        let mut infos = Vec::with_capacity(inputs.len());
+        for (embed, input) in self.embeds.iter().zip(inputs) {
+            let e = embed.forward(&input.source, &input.token_info, &input.pe)?;
+            xs.push(e.tokens);
+            infos.push(e.info);
+        }
+        let mut maps = want.then(AttentionMaps::default);
+        // The decoder reads the encoder's layers in reverse, as AtmoRep does (a U-Net-like
+        // skip: early decoder layers see the most-mixed features, later ones less-mixed ones).
+        let mut encoder_outputs = Vec::with_capacity(self.encoder.len());
+        for layer in &self.encoder {
+            let (next, w) = layer.forward(&xs, &infos, want)?;
+            xs = next;
+            encoder_outputs.push(xs.clone());
+            if let (Some(m), Some(w)) = (maps.as_mut(), w) {
+                m.encoder.push(w);
+            }
+        }
+        for (l, layer) in self.decoder.iter().enumerate() {
+            let memory = &encoder_outputs[encoder_outputs.len().saturating_sub(l + 1)];
+            let mut layer_maps = Vec::with_capacity(xs.len());
+            for (f, field_layer) in layer.iter().enumerate() {
+                let (y, w) = field_layer.forward(&xs[f], &memory[f], infos[f].as_ref())?;
+                xs[f] = y;
+                layer_maps.push(w);
+            }
+            if let Some(m) = maps.as_mut() {
+                m.decoder.push(layer_maps);
+            }
+        }
+        let extra = self.cfg.aux_info.extra_tokens();
+        let preds = xs
+            .iter()
+            .zip(&self.tails)
+            .zip(&self.cfg.fields)
+            .map(|((x, tail), spec)| tail.forward(&x.narrow(1, extra, spec.num_tokens)?))
+            .collect::<candle_core::Result<_>>()?;
+        Ok((preds, maps))
+    }
+
+    fn check_inputs(&self, inputs: &[FieldInput]) -> Result<()> {
+        let fields = &self.cfg.fields;
+        if inputs.len() != fields.len() {
+            return Err(input_err(
+                "fields",
+                format!(
+                    "the model has {} fields, got {} inputs",
+                    fields.len(),
+                    inputs.len()
+                ),
+            ));
+        }
+        let batch = inputs[0].source.dims().first().copied().unwrap_or(0);
+        for (spec, input) in fields.iter().zip(inputs) {
+            let t = spec.num_tokens;
+            for (what, tensor, want) in [
+                ("source", &input.source, [batch, t, spec.token_numel]),
+                ("token_info", &input.token_info, [batch, t, TOKEN_INFO_LEN]),
+                ("pe", &input.pe, [batch, t, spec.pe_width]),
+            ] {
+                if tensor.dims() != want {
+                    return Err(input_err(
+                        format!("{}.{what}", spec.name),
+                        format!("expected shape {want:?}, got {:?}", tensor.dims()),
+                    ));
+                }
+                if tensor.dtype() != self.dtype {
+                    return Err(input_err(
+                        format!("{}.{what}", spec.name),
+                        format!(
+                            "dtype {:?} but the model is {:?}",
+                            tensor.dtype(),
+                            self.dtype
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
