@@ -66,15 +66,7 @@ impl MultiFormer {
         let tails = cfg
             .fields
             .iter()
-            .map(|f| {
-                Tail::new(
-                    vb.pp("tail").pp(&f.name),
-                    cfg.d_model,
-                    f.token_numel,
-                    cfg.ensemble,
-                    cfg.layer_norm_eps,
-                )
-            })
+            .map(|f| Tail::new(vb.pp("tail").pp(&f.name), f, cfg))
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
             cfg: cfg.clone(),
@@ -205,3 +197,7 @@ impl MultiFormer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "model_tests.rs"]
+mod tests;

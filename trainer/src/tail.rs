@@ -3,6 +3,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
+use crate::config::{FieldSpec, ModelConfig};
 use crate::ops::{LayerNorm, linear};
 
 /// `LayerNorm`, then `Linear(D → E·V)`, reshaped to `[B, T, E, V]`.
@@ -15,18 +16,13 @@ pub struct Tail {
 }
 
 impl Tail {
-    pub fn new(
-        vb: VarBuilder,
-        d_model: usize,
-        token_numel: usize,
-        ensemble: usize,
-        eps: f64,
-    ) -> Result<Self> {
+    pub fn new(vb: VarBuilder, field: &FieldSpec, cfg: &ModelConfig) -> Result<Self> {
+        let (d, e, v) = (cfg.d_model, cfg.ensemble, field.token_numel);
         Ok(Self {
-            ln: LayerNorm::new(vb.pp("ln"), d_model, eps)?,
-            proj: linear(vb.pp("proj"), d_model, ensemble * token_numel, true)?,
-            ensemble,
-            token_numel,
+            ln: LayerNorm::new(vb.pp("ln"), d, cfg.layer_norm_eps)?,
+            proj: linear(vb.pp("proj"), d, e * v, true)?,
+            ensemble: e,
+            token_numel: v,
         })
     }
 }
