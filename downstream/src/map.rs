@@ -1,0 +1,226 @@
+//! A PNG map of tracks: a latitude/longitude frame, one coloured line per track with a dot at its
+//! first point, reference tracks dashed. No coastlines — the map is for judging tracks against
+//! each other, and stays free of map data.
+//!
+//! The longitude frame is [0°, 360°) or [−180°, 180°), whichever keeps the tracks more compact,
+//! so a storm crossing the dateline (or 0°) is drawn as one line; a line that still wraps within
+//! the frame is broken at the edge rather than drawn across the map.
+
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrackError};
+use crate::tracks::Track;
+
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+static REGISTER: Once = Once::new();
+
+/// Registers the embedded font as `sans-serif`, so maps render on machines without fonts.
+fn register_font() {
+    REGISTER.call_once(|| {
+        // The font is compiled in; failing to parse it is a build defect, not a runtime state.
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+            .map_err(|_| "embedded font is invalid")
+            .expect("embedded DejaVuSans.ttf parses");
+    });
+}
+
+/// What the map shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MapConfig {
+    /// Image size in pixels.
+    pub width: u32,
+    pub height: u32,
+    pub title: String,
+    /// Latitude range (south, north); `None`: the tracks' extent plus a margin.
+    pub lat_range: Option<(f64, f64)>,
+    /// Longitude range (west, east) in the frame's convention; `None`: the tracks' extent plus
+    /// a margin.
+    pub lon_range: Option<(f64, f64)>,
+    /// Label each track with its SID in a legend (up to this many tracks).
+    pub legend_max: usize,
+}
+
+impl Default for MapConfig {
+    fn default() -> Self {
+        Self {
+            width: 1200,
+            height: 700,
+            title: "Tropical cyclone tracks".into(),
+            lat_range: None,
+            lon_range: None,
+            legend_max: 12,
+        }
+    }
+}
+
+/// Longitude in the frame starting at `west` (either 0 or −180).
+fn in_frame(lon: f64, west: f64) -> f64 {
+    (lon - west).rem_euclid(360.0) + west
+}
+
+/// Picks the frame (its western edge) in which all points span the least longitude.
+fn pick_frame(lons: &[f64]) -> f64 {
+    let span = |west: f64| {
+        let v: Vec<f64> = lons.iter().map(|&l| in_frame(l, west)).collect();
+        let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, &x| {
+            (a.0.min(x), a.1.max(x))
+        });
+        hi - lo
+    };
+    if span(-180.0) < span(0.0) {
+        -180.0
+    } else {
+        0.0
+    }
+}
+
+/// A track's points in the frame, split where consecutive points jump by more than half the
+/// globe (the track wraps within the frame).
+fn segments(track: &Track, west: f64) -> Vec<Vec<(f64, f64)>> {
+    let mut out: Vec<Vec<(f64, f64)>> = vec![Vec::new()];
+    let mut prev: Option<f64> = None;
+    for p in &track.points {
+        let x = in_frame(p.lon, west);
+        if let Some(px) = prev
+            && (x - px).abs() > 180.0
+        {
+            out.push(Vec::new());
+        }
+        out.last_mut().expect("never empty").push((x, p.lat));
+        prev = Some(x);
+    }
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+/// Draws `tracks` (and `reference` dashed, if given) into a PNG at `path`.
+pub fn draw_map(
+    path: &Path,
+    tracks: &[Track],
+    reference: Option<&[Track]>,
+    cfg: &MapConfig,
+) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| TrackError::Plot {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    };
+    if cfg.width < 200 || cfg.height < 150 {
+        return Err(TrackError::Config(format!(
+            "map size {}×{} is too small (at least 200×150)",
+            cfg.width, cfg.height
+        )));
+    }
+    register_font();
+    let reference = reference.unwrap_or(&[]);
+    let all = || tracks.iter().chain(reference).flat_map(|t| &t.points);
+    let lons: Vec<f64> = all().map(|p| p.lon).collect();
+    let west = pick_frame(&lons);
+    let (lon_lo, lon_hi) = cfg.lon_range.unwrap_or_else(|| {
+        if lons.is_empty() {
+            return (west, west + 360.0);
+        }
+        let (lo, hi) = lons
+            .iter()
+            .map(|&l| in_frame(l, west))
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |a, x| {
+                (a.0.min(x), a.1.max(x))
+            });
+        ((lo - 10.0).max(west), (hi + 10.0).min(west + 360.0))
+    });
+    let (lat_lo, lat_hi) = cfg.lat_range.unwrap_or_else(|| {
+        let (lo, hi) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+            (a.0.min(p.lat), a.1.max(p.lat))
+        });
+        if lo.is_finite() {
+            ((lo - 8.0).max(-90.0), (hi + 8.0).min(90.0))
+        } else {
+            (-90.0, 90.0)
+        }
+    });
+    if !(lon_lo < lon_hi && lat_lo < lat_hi) {
+        return Err(TrackError::Config(format!(
+            "map ranges lon {lon_lo}…{lon_hi}, lat {lat_lo}…{lat_hi} are empty"
+        )));
+    }
+
+    let root = BitMapBackend::new(path, (cfg.width, cfg.height)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(&cfg.title, ("sans-serif", 24))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(lon_lo..lon_hi, lat_lo..lat_hi)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("longitude")
+        .y_desc("latitude")
+        .x_label_formatter(&|x| {
+            let l = crate::geo::wrap_180(*x);
+            format!("{:.0}°{}", l.abs(), if l < 0.0 { "W" } else { "E" })
+        })
+        .y_label_formatter(&|y| format!("{:.0}°{}", y.abs(), if *y < 0.0 { "S" } else { "N" }))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(|e| err(&e))?;
+
+    let legend = tracks.len() + reference.len() <= cfg.legend_max;
+    for (k, r) in reference.iter().enumerate() {
+        let style = ShapeStyle::from(&RGBColor(60, 60, 60)).stroke_width(2);
+        for (n, seg) in segments(r, west).into_iter().enumerate() {
+            let series = chart
+                .draw_series(DashedLineSeries::new(seg, 8, 5, style))
+                .map_err(|e| err(&e))?;
+            if legend && n == 0 {
+                series
+                    .label(format!("{} (reference)", r.sid))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+            }
+        }
+        if let Some(p) = r.points.first() {
+            let at = (in_frame(p.lon, west), p.lat);
+            chart
+                .draw_series(std::iter::once(TriangleMarker::new(at, 6, style)))
+                .map_err(|e| err(&e))?;
+        }
+        let _ = k;
+    }
+    for (k, t) in tracks.iter().enumerate() {
+        let colour = Palette99::pick(k).to_rgba();
+        let style = ShapeStyle::from(&colour).stroke_width(3);
+        for (n, seg) in segments(t, west).into_iter().enumerate() {
+            let series = chart
+                .draw_series(LineSeries::new(seg, style))
+                .map_err(|e| err(&e))?;
+            if legend && n == 0 {
+                series
+                    .label(t.sid.clone())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+            }
+        }
+        if let Some(p) = t.points.first() {
+            let at = (in_frame(p.lon, west), p.lat);
+            chart
+                .draw_series(std::iter::once(Circle::new(at, 5, colour.filled())))
+                .map_err(|e| err(&e))?;
+        }
+    }
+    if legend && !(tracks.is_empty() && reference.is_empty()) {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
