@@ -4,8 +4,9 @@
 //! blocks candle-nn lacks ([`ops`]), token embedding with the aux-info variants ([`embed`]),
 //! attention that can return its weights ([`attention`]), the field-coupled encoder layer
 //! ([`encoder`]), the per-field decoder layer ([`decoder`]), the tail ([`tail`]), the whole
-//! [`MultiFormer`] ([`model`]), losses on masked tokens ([`loss`]) and seeded initialization
-//! ([`init`]). The training loop, checkpoints and evaluation build on it.
+//! [`MultiFormer`] ([`model`]), losses on masked tokens ([`loss`]), seeded initialization
+//! ([`init`]) and the step from the loader's decoded batches to tensors ([`batch`]). The
+//! training loop, checkpoints and evaluation build on it; they are not here.
 //!
 //! ```no_run
 //! use atmorep_trainer::{ModelConfig, MultiFormer};
@@ -17,6 +18,7 @@
 //! ```
 
 pub mod attention;
+pub mod batch;
 pub mod config;
 pub mod decoder;
 pub mod embed;
@@ -28,6 +30,7 @@ pub mod model;
 pub mod ops;
 pub mod tail;
 
+pub use batch::{FieldTensors, batch_tensors};
 pub use config::{AuxInfo, FieldSpec, ModelConfig};
 pub use error::{Error, Result};
 pub use model::{AttentionMaps, FieldInput, MultiFormer};
