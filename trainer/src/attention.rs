@@ -30,13 +30,17 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 
 /// Scaled dot-product attention of `q` `[B, H, T, dh]` over `k`, `v` `[B, H, S, dh]`. Returns
 /// the context `[B, H, T, dh]` and the weights `[B, H, T, S]`.
+///
+/// Inputs may be strided (head slices, concatenations along the token axis): candle's batched
+/// matmul wants each matrix contiguous, and `contiguous()` costs nothing when they already are.
 pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     let dh = q.dim(3)?;
     let scores = q
+        .contiguous()?
         .matmul(&k.transpose(2, 3)?.contiguous()?)?
         .affine(1.0 / (dh as f64).sqrt(), 0.0)?;
     let weights = softmax_last_dim(&scores)?;
-    let ctx = weights.matmul(v)?;
+    let ctx = weights.matmul(&v.contiguous()?)?;
     Ok((ctx, weights))
 }
 

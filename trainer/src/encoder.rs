@@ -108,17 +108,15 @@ impl EncoderLayer {
                 within: None,
                 across: None,
             };
+            let heads = |t: &Tensor, start, len| t.narrow(1, start, len);
             if hw > 0 {
-                let (ctx, w) = scaled_dot_product(
-                    &q.narrow(1, 0, hw)?,
-                    &k.narrow(1, 0, hw)?,
-                    &v.narrow(1, 0, hw)?,
-                )?;
+                let (ctx, w) =
+                    scaled_dot_product(&heads(q, 0, hw)?, &heads(k, 0, hw)?, &heads(v, 0, hw)?)?;
                 ctxs.push(ctx);
                 maps.within = Some(w);
             }
             if let (Some(ck), Some(cv)) = (&cross_k, &cross_v) {
-                let (ctx, w) = scaled_dot_product(&q.narrow(1, hw, hc)?, ck, cv)?;
+                let (ctx, w) = scaled_dot_product(&heads(q, hw, hc)?, ck, cv)?;
                 ctxs.push(ctx);
                 maps.across = Some(w);
             }

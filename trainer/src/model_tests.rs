@@ -115,7 +115,9 @@ fn every_variable_gets_a_gradient_for_every_aux_variant() {
     for aux in AuxInfo::ALL {
         // Two layers each so that the decoder's reversed skip reads a non-final encoder layer,
         // and an ensemble so the CRPS path is exercised too.
+        // 4 heads, 1 crossing: head slices on both sides of the split, strided over batch 2.
         let cfg = ModelConfig {
+            num_heads: 4,
             encoder_layers: 2,
             decoder_layers: 2,
             ensemble: 2,
@@ -255,13 +257,17 @@ fn assert_weights(w: &Tensor, dims: &[usize], what: &str) {
 
 #[test]
 fn attention_maps_have_shapes_and_rows_sum_to_one() {
-    for (aux, cross) in [
-        (AuxInfo::Concat, 1),
-        (AuxInfo::ClassToken, 1),
-        (AuxInfo::None, 0),
-        (AuxInfo::Reappend, 2),
+    // (variant, heads, cross heads): several heads on both sides of the split, with batch > 1,
+    // catch head slices that are strided over the batch.
+    for (aux, heads, cross) in [
+        (AuxInfo::Concat, 2, 1),
+        (AuxInfo::ClassToken, 4, 1),
+        (AuxInfo::ProjectBeforeAppend, 8, 3),
+        (AuxInfo::None, 2, 0),
+        (AuxInfo::Reappend, 2, 2),
     ] {
         let mut cfg = ModelConfig {
+            num_heads: heads,
             cross_heads: cross,
             encoder_layers: 2,
             decoder_layers: 3,
@@ -394,5 +400,39 @@ fn tiny_model_overfits_one_batch() {
     assert!(
         last < first / 10.0,
         "loss fell only from {first} to {last} in 200 steps"
+    );
+}
+
+/// DESIGN §4's benchmark point on this machine's CPU: one forward + backward + AdamW step at
+/// batch 4. Minutes in debug and seconds in release, so only on request:
+/// `cargo test -p atmorep-trainer --release bench_mid -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark; run on request"]
+fn bench_mid_training_step_throughput() {
+    let cfg = ModelConfig::bench_mid();
+    let (model, vm) = MultiFormer::seeded(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    let params: usize = vm.all_vars().iter().map(|v| v.elem_count()).sum();
+    let b = batch(&cfg, 4, 2, DType::F32);
+    let mut opt = AdamW::new(
+        vm.all_vars(),
+        ParamsAdamW {
+            lr: 1e-4,
+            weight_decay: 0.05,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let tokens: usize = 4 * cfg.fields.iter().map(|f| f.num_tokens).sum::<usize>();
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        let l = loss(&model, &b);
+        opt.backward_step(&l).unwrap();
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+    eprintln!(
+        "bench-mid: {params} parameters; step times {times:.2?} s; best {:.0} tokens/s",
+        tokens as f64 / best
     );
 }
