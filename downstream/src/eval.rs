@@ -257,3 +257,145 @@ pub fn period_of(tracks: &[Track]) -> Option<(i64, i64)> {
 pub fn format_period((start, end): (i64, i64)) -> String {
     format!("{} … {}", format_iso(start), format_iso(end))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geo::KM_PER_DEG;
+    use crate::tracks::{TrackPoint, parse_tracks_csv, tracks_to_csv};
+
+    const T0: i64 = 1_598_918_400;
+
+    /// A track every `step_h` hours moving `dlon_per_h` degrees east per hour.
+    fn track_every(
+        step_h: i64,
+        sid: &str,
+        start_h: i64,
+        steps: i64,
+        lat: f64,
+        lon: f64,
+        dlon_per_h: f64,
+    ) -> Track {
+        Track {
+            sid: sid.into(),
+            points: (0..steps)
+                .map(|k| TrackPoint {
+                    time_unix: T0 + (start_h + step_h * k) * 3600,
+                    lat,
+                    lon: crate::geo::wrap_360(lon + dlon_per_h * (step_h * k) as f64),
+                    vorticity: None,
+                    z_centre: None,
+                    warm_core: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn track(sid: &str, start_h: i64, steps: i64, lat: f64, lon: f64, dlon_per_h: f64) -> Track {
+        track_every(3, sid, start_h, steps, lat, lon, dlon_per_h)
+    }
+
+    #[test]
+    fn hits_misses_false_alarms_and_errors() {
+        // Truth every 3 h; tracks every 6 h, 0.5° north of the truth (55.6 km), the second one
+        // drifting further off with time.
+        let truth = vec![
+            track("SYN0001N", 0, 25, 14.0, 188.0, -0.1),
+            track("SYN0002S", 0, 25, -16.0, 8.0, -0.1),
+            track("SYN0003N", 0, 25, 20.0, 60.0, -0.1),
+        ];
+        let mut ours = vec![
+            track_every(6, "A", 0, 13, 14.5, 188.0, -0.1),
+            track_every(6, "B", 0, 13, -15.5, 8.0, -0.1),
+            // Nowhere near a storm of the truth.
+            track_every(6, "C", 0, 13, 25.0, 300.0, -0.1),
+        ];
+        for (k, p) in ours[1].points.iter_mut().enumerate() {
+            p.lat += 0.1 * k as f64;
+        }
+        let report = evaluate(&ours, &truth, &EvalConfig::default()).unwrap();
+        assert_eq!(
+            (report.hits, report.misses, report.false_alarms),
+            (2, 1, 1),
+            "{report}"
+        );
+        assert_eq!(report.missed, vec!["SYN0003N"]);
+        assert_eq!(report.unmatched_tracks, vec!["C"]);
+        assert_eq!(report.probability_of_detection, Some(2.0 / 3.0));
+        assert_eq!(report.false_alarm_ratio, Some(1.0 / 3.0));
+        let a = report.matches.iter().find(|m| m.track == "A").unwrap();
+        assert_eq!((a.reference.as_str(), a.points), ("SYN0001N", 13));
+        assert!((a.mean_km - 0.5 * KM_PER_DEG).abs() < 0.1, "{a:?}");
+        // By lead: 13 bins of 6 h with 2 points each; the error grows with B's drift.
+        assert_eq!(report.by_lead.len(), 13);
+        assert!(report.by_lead.iter().all(|l| l.points == 2));
+        assert!((report.by_lead[0].mean_km - 0.5 * KM_PER_DEG).abs() < 0.1);
+        assert!(report.by_lead[12].max_km > 1.6 * KM_PER_DEG);
+        assert_eq!(report.by_lead[12].lead_hours, 72.0);
+        let mean = report.mean_error_km.unwrap();
+        assert!(mean > 0.5 * KM_PER_DEG && mean < 1.2 * KM_PER_DEG, "{mean}");
+        let text = report.to_string();
+        assert!(text.contains("hits 2  misses 1  false alarms 1"), "{text}");
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(
+            json.contains(r#""hits":2,"misses":1,"false_alarms":1"#),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn a_far_track_does_not_match_and_each_storm_matches_once() {
+        let truth = vec![track("T", 0, 9, 15.0, 140.0, -0.5)];
+        let ours = vec![
+            track("near", 0, 9, 15.2, 140.0, -0.5),
+            track("twin", 0, 9, 15.6, 140.0, -0.5),
+            track("far", 0, 9, 22.0, 140.0, -0.5),
+        ];
+        let r = evaluate(&ours, &truth, &EvalConfig::default()).unwrap();
+        assert_eq!((r.hits, r.misses, r.false_alarms), (1, 0, 2));
+        assert_eq!(r.matches[0].track, "near");
+        // No shared instant: no match.
+        let late = vec![track("late", 1, 9, 15.0, 140.0, -0.5)];
+        let r = evaluate(&late, &truth, &EvalConfig::default()).unwrap();
+        assert_eq!((r.hits, r.misses, r.false_alarms), (0, 1, 1));
+        assert_eq!(r.mean_error_km, None);
+        assert!(
+            evaluate(
+                &ours,
+                &truth,
+                &EvalConfig {
+                    min_overlap_points: 0,
+                    ..EvalConfig::default()
+                }
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn reference_files_are_restricted_to_the_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ibtracs.csv");
+        std::fs::write(&path, crate::tracks::tests::IBTRACS).unwrap();
+        let all = read_reference(&path, None).unwrap();
+        assert_eq!(all.len(), 2);
+        let laura_only = crate::time::parse_iso("2020-08-20 00:00").unwrap();
+        let end = crate::time::parse_iso("2020-08-20 15:00").unwrap();
+        let some = read_reference(&path, Some((laura_only, end))).unwrap();
+        assert_eq!(some.len(), 1);
+        assert_eq!(some[0].points.len(), 2);
+        let truth = parse_tracks_csv(crate::tracks::tests::SYNTH_TRUTH, "t").unwrap();
+        assert_eq!(period_of(&truth), Some((T0, T0 + 6 * 3600)));
+        assert_eq!(
+            format_period((T0, T0 + 6 * 3600)),
+            "2020-09-01 00:00:00 … 2020-09-01 06:00:00"
+        );
+        // Our own files are references too.
+        let ours = parse_tracks_csv(&tracks_to_csv(&truth), "ours").unwrap();
+        let r = evaluate(&ours, &truth, &EvalConfig::default()).unwrap();
+        assert_eq!((r.hits, r.misses, r.false_alarms), (2, 0, 0));
+        assert!(r.mean_error_km.unwrap() < 0.1);
+        let e = read_reference(&dir.path().join("absent.csv"), None).unwrap_err();
+        assert!(e.to_string().contains("absent.csv"));
+    }
+}

@@ -62,3 +62,73 @@ pub fn track(snapshots: &[Snapshot], cfg: &TrackConfig) -> Result<Vec<Track>> {
     let detections = detect(snapshots, &cfg.detect)?;
     stitch_tracks(&detections, &cfg.stitch)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geo::{KM_PER_DEG, distance_km};
+    use crate::testutil::{Upper, Vortex, snapshot};
+
+    /// Position of a storm moving linearly from (`lat`, `lon`) by (`dlat`, `dlon`) per hour.
+    fn at(lat: f64, lon: f64, dlat: f64, dlon: f64, hours: f64) -> (f64, f64) {
+        (lat + dlat * hours, geo::wrap_360(lon + dlon * hours))
+    }
+
+    #[test]
+    fn tracks_storms_across_the_dateline_and_0_degrees_and_drops_decoys() {
+        let grid = Grid::global(1.0);
+        let steps = 13; // 72 h, 6-hourly
+        let north = (14.3, 177.6, 0.05, 0.1); // crosses 180°
+        let south = (-15.2, 2.7, -0.04, -0.1); // crosses 0°/360°
+        let snapshots: Vec<Snapshot> = (0..steps)
+            .map(|k| {
+                let h = 6.0 * k as f64;
+                let p = |s: (f64, f64, f64, f64)| at(s.0, s.1, s.2, s.3, h);
+                let (nlat, nlon) = p(north);
+                let (slat, slon) = p(south);
+                let mut storms = vec![
+                    Vortex::tc(nlat, nlon),
+                    Vortex::tc(slat, slon),
+                    // Cold-core low all along.
+                    Vortex {
+                        thickness: -100.0,
+                        ..Vortex::tc(20.0 + 0.05 * h, 90.0 - 0.1 * h)
+                    },
+                    // Poleward of 50° all along.
+                    Vortex::tc(56.0, 320.0 + 0.1 * h),
+                ];
+                // A warm-core storm living 36 h only.
+                if (12.0..=48.0).contains(&h) {
+                    storms.push(Vortex::tc(12.0, 250.0 - 0.1 * h));
+                }
+                snapshot(
+                    grid,
+                    1_598_918_400 + (h * 3600.0) as i64,
+                    &storms,
+                    Upper::Geopotential,
+                )
+            })
+            .collect();
+        let tracks = track(&snapshots, &TrackConfig::default()).unwrap();
+        assert_eq!(tracks.len(), 2, "{tracks:#?}");
+        let half = 0.5 * KM_PER_DEG * grid.spacing();
+        for (storm, hemisphere) in [(north, 1.0), (south, -1.0)] {
+            let t = tracks
+                .iter()
+                .find(|t| t.points[0].lat.signum() == hemisphere)
+                .unwrap();
+            assert_eq!(t.points.len(), steps, "{t:#?}");
+            for (k, p) in t.points.iter().enumerate() {
+                let (lat, lon) = at(storm.0, storm.1, storm.2, storm.3, 6.0 * k as f64);
+                let km = distance_km(p.lat, p.lon, lat, lon);
+                assert!(km < half, "{} at step {k}: {km:.1} km off", t.sid);
+                assert_eq!(p.vorticity.unwrap().signum(), hemisphere);
+            }
+        }
+        let north_track = tracks.iter().find(|t| t.points[0].lat > 0.0).unwrap();
+        assert!(north_track.points[0].lon < 180.0 && north_track.points[12].lon > 180.0);
+        assert_eq!(north_track.sid, "2020245N14178");
+        let south_track = tracks.iter().find(|t| t.points[0].lat < 0.0).unwrap();
+        assert!(south_track.points[0].lon < 5.0 && south_track.points[12].lon > 355.0);
+    }
+}

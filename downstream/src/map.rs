@@ -224,3 +224,59 @@ pub fn draw_map(
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracks::TrackPoint;
+
+    fn track(sid: &str, lat: f64, lons: &[f64]) -> Track {
+        Track {
+            sid: sid.into(),
+            points: lons
+                .iter()
+                .enumerate()
+                .map(|(k, &lon)| TrackPoint {
+                    time_unix: k as i64 * 21_600,
+                    lat: lat + 0.4 * k as f64,
+                    lon,
+                    vorticity: None,
+                    z_centre: None,
+                    warm_core: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn frames_keep_crossing_tracks_whole() {
+        // Across the dateline: the 0…360 frame; across 0°: the −180…180 frame.
+        assert_eq!(pick_frame(&[176.0, 179.0, 182.0]), 0.0);
+        assert_eq!(pick_frame(&[355.0, 359.0, 2.0]), -180.0);
+        let t = track("X", 15.0, &[176.0, 179.0, 182.0]);
+        assert_eq!(segments(&t, 0.0).len(), 1);
+        assert_eq!(segments(&t, -180.0).len(), 2);
+    }
+
+    #[test]
+    fn draws_a_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tracks.png");
+        let ours = vec![
+            track("2020245N14176", 14.0, &[176.0, 178.5, 181.0, 183.5]),
+            track("2020245N20150", 20.0, &[150.0, 149.0, 148.0]),
+        ];
+        let truth = vec![track("SYN0001N", 14.2, &[176.2, 178.7, 181.2, 183.7])];
+        draw_map(&path, &ours, Some(&truth), &MapConfig::default()).unwrap();
+        let png = std::fs::read(&path).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        assert!(png.len() > 5_000);
+        // Nothing to draw is still a map (the whole globe), and a tiny one is refused.
+        draw_map(&path, &[], None, &MapConfig::default()).unwrap();
+        let tiny = MapConfig {
+            width: 10,
+            ..MapConfig::default()
+        };
+        assert!(draw_map(&path, &ours, None, &tiny).is_err());
+    }
+}

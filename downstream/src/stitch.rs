@@ -147,8 +147,9 @@ pub struct TileStitcher {
     pending: BTreeMap<usize, Vec<Plane>>,
     /// The next time index to hand out (`None` before the first): every one below it is out.
     next: Option<usize>,
-    /// Largest window start seen: tiles are time-major, so no later tile reaches below it.
-    latest_start: Option<usize>,
+    /// Per field, the largest window start seen: tiles are time-major, so no later tile of
+    /// that field reaches below it.
+    latest_start: Vec<Option<usize>>,
 }
 
 impl TileStitcher {
@@ -186,13 +187,13 @@ impl TileStitcher {
             )));
         }
         Ok(Self {
+            latest_start: vec![None; fields.len()],
             fields,
             grid,
             time,
             rel_tolerance: 1e-6,
             pending: BTreeMap::new(),
             next: None,
-            latest_start: None,
         })
     }
 
@@ -234,14 +235,16 @@ impl TileStitcher {
                 let values = untokenize(&g, levels, fb.source_of(b));
                 self.add_tile(k, w, &values)?;
             }
+            let latest = fb.windows.iter().map(|w| w.time_start).max();
+            self.latest_start[k] = self.latest_start[k].max(latest);
         }
-        let latest = batch
-            .fields
+        // A step is final once every field has moved past it.
+        let sealed = self
+            .latest_start
             .iter()
-            .flat_map(|f| f.windows.iter().map(|w| w.time_start))
-            .max();
-        self.latest_start = self.latest_start.max(latest);
-        let sealed = self.latest_start.unwrap_or(0);
+            .map(|s| s.unwrap_or(0))
+            .min()
+            .unwrap_or(0);
         self.release(sealed)
     }
 
@@ -418,5 +421,333 @@ impl TileStitcher {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atmorep_proto::batch::{Cursor, FieldBatch};
+    use atmorep_proto::geometry::FieldGeometry;
+
+    /// The loader's tile starts (loader-service `sampler::tile_starts`).
+    fn tile_starts(n: usize, window: usize, overlap: usize, periodic: bool) -> Vec<usize> {
+        let step = window - overlap;
+        if periodic {
+            return (0..n.div_ceil(step)).map(|i| i * step).collect();
+        }
+        let mut starts: Vec<usize> = (0..)
+            .map(|i| i * step)
+            .take_while(|s| s + window < n)
+            .collect();
+        starts.push(n - window);
+        starts.dedup();
+        starts
+    }
+
+    const T0: i64 = 1_598_918_400;
+    const STEP: i64 = 3 * 3600;
+
+    fn axis() -> TimeAxis {
+        TimeAxis {
+            start_unix: T0,
+            step_seconds: STEP,
+        }
+    }
+
+    /// Two fields with one window of 2 × 15 × 28 points but different tokens.
+    fn fields() -> Vec<TileField> {
+        vec![
+            TileField::new("vo", vec![850.0], TokenGeometry::new([2, 3, 4], [1, 5, 7])),
+            TileField::new(
+                "z",
+                vec![850.0, 500.0, 300.0],
+                TokenGeometry::new([1, 3, 2], [2, 5, 14]),
+            ),
+        ]
+    }
+
+    /// The value of field `k`, level `l` at time index `t`, grid point (`j`, `i`).
+    fn truth(k: usize, l: usize, t: usize, j: usize, i: usize) -> f32 {
+        let (lat, lon) = (90.0 - 2.0 * j as f32, 2.0 * i as f32);
+        (k * 10_000 + l * 1_000 + t * 100) as f32
+            + lat.to_radians().sin() * 50.0
+            + (lon.to_radians() * 3.0).cos() * 7.0
+    }
+
+    /// Tiles-mode batches of `batch_size` over time indices `times` (time-major, as the
+    /// loader sends them), with `overlap`.
+    fn stream(
+        grid: &Grid,
+        times: std::ops::Range<usize>,
+        overlap: [usize; 3],
+        batch_size: usize,
+    ) -> Vec<Batch> {
+        let fs = fields();
+        let window = fs[0].geometry.window();
+        let mut windows = Vec::new();
+        for t in tile_starts(times.len(), window[0], overlap[0], false) {
+            for y in tile_starts(grid.nlat, window[1], overlap[1], false) {
+                for x in tile_starts(grid.nlon, window[2], overlap[2], true) {
+                    windows.push(Window {
+                        time_start: times.start + t,
+                        lat_start: y,
+                        lon_start: x % grid.nlon,
+                        size: window,
+                    });
+                }
+            }
+        }
+        let n_tiles = windows.len();
+        windows
+            .chunks(batch_size)
+            .enumerate()
+            .map(|(seq, ws)| {
+                let fields = fs
+                    .iter()
+                    .enumerate()
+                    .map(|(k, f)| {
+                        let levels = f.levels.len();
+                        let mut source = Vec::new();
+                        for w in ws {
+                            let mut values = Vec::new();
+                            for l in 0..levels {
+                                for t in 0..window[0] {
+                                    for y in 0..window[1] {
+                                        for x in 0..window[2] {
+                                            values.push(truth(
+                                                k,
+                                                l,
+                                                w.time_start + t,
+                                                w.lat_start + y,
+                                                (w.lon_start + x) % grid.nlon,
+                                            ));
+                                        }
+                                    }
+                                }
+                            }
+                            source.extend(tokenize(&f.geometry, levels, &values));
+                        }
+                        let n = levels * f.geometry.tokens_per_level();
+                        let b = ws.len();
+                        FieldBatch {
+                            name: f.name.clone(),
+                            source,
+                            source_shape: [b, n, f.geometry.token_numel()],
+                            target: Vec::new(),
+                            masked_indices: vec![Vec::new(); b],
+                            token_info: vec![0.0; b * n * 8],
+                            pe: vec![0.0; b * n * 2],
+                            pe_width: 2,
+                            windows: ws.to_vec(),
+                        }
+                    })
+                    .collect();
+                let first = seq * batch_size;
+                Batch {
+                    sequence: seq as u64,
+                    epoch: 0,
+                    sample_ids: (first as u64..(first + ws.len()) as u64).collect(),
+                    sample_epochs: vec![0; ws.len()],
+                    fields,
+                    cursor_after: Cursor {
+                        epoch: 0,
+                        position: (first + ws.len()) as u64,
+                    },
+                    end_of_stream: first + ws.len() == n_tiles,
+                }
+            })
+            .collect()
+    }
+
+    fn check_exact(snapshots: &[Snapshot], times: std::ops::Range<usize>) {
+        assert_eq!(snapshots.len(), times.len());
+        for (s, t) in snapshots.iter().zip(times) {
+            assert_eq!(s.time_unix, T0 + t as i64 * STEP);
+            for (k, f) in fields().iter().enumerate() {
+                for (l, &level) in f.levels.iter().enumerate() {
+                    let field = s.get(&f.name, Some(level)).unwrap();
+                    let g = field.grid();
+                    for j in 0..g.nlat {
+                        for i in 0..g.nlon {
+                            assert_eq!(
+                                field.get(j, i),
+                                truth(k, l, t, j, i),
+                                "{k} {l} {t} {j} {i}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn untokenize_follows_the_contract_geometry() {
+        let f = FieldGeometry::new(vec![850, 500], TokenGeometry::new([2, 3, 2], [2, 3, 4]));
+        let g = f.geometry;
+        let [wt, wy, wx] = g.window();
+        let tokens: Vec<f32> = (0..f.numel()).map(|k| k as f32).collect();
+        let window = untokenize(&g, 2, &tokens);
+        for (k, &v) in tokens.iter().enumerate() {
+            let (token, value) = (k / g.token_numel(), k % g.token_numel());
+            let [l, t, y, x] = f.token_coords(token).unwrap();
+            let [dt, dy, dx] = g.value_coords(value).unwrap();
+            let [t0, y0, x0] = g.token_grid_start(t, y, x);
+            let at = ((l * wt + t0 + dt) * wy + y0 + dy) * wx + x0 + dx;
+            assert_eq!(window[at], v);
+        }
+        assert_eq!(tokenize(&g, 2, &window), tokens);
+    }
+
+    #[test]
+    fn stitching_tiles_reproduces_the_fields_exactly() {
+        let grid = Grid::global(2.0);
+        // Lat (91 rows) and lon (180 columns) do not divide by the 15 × 28 window: the last
+        // row of tiles overlaps, the last column of tiles wraps past 360° onto the first; time
+        // indices 5 … 11 (7 steps) overlap in the last time block too.
+        let batches = stream(&grid, 5..12, [0, 0, 0], 7);
+        let mut stitcher = TileStitcher::new(fields(), grid, axis()).unwrap();
+        let mut early = 0;
+        let mut out = Vec::new();
+        for (k, b) in batches.iter().enumerate() {
+            let done = stitcher.push(b).unwrap();
+            if k + 1 < batches.len() {
+                early += done.len();
+            }
+            out.extend(done);
+        }
+        out.extend(stitcher.finish().unwrap());
+        // Steps are handed out while the stream goes on, not all at its end.
+        assert!(early >= 4, "{early}");
+        check_exact(&out, 5..12);
+
+        // With overlap in every direction, in one go.
+        let batches = stream(&grid, 0..6, [1, 4, 6], 16);
+        let out = TileStitcher::new(fields(), grid, axis())
+            .unwrap()
+            .stitch_all(batches)
+            .unwrap();
+        check_exact(&out, 0..6);
+    }
+
+    #[test]
+    fn a_missing_tile_is_reported() {
+        let grid = Grid::global(2.0);
+        let mut batches = stream(&grid, 0..4, [0, 0, 0], 1);
+        // Drops one tile of the first time block (time indices 0 and 1).
+        batches.remove(10);
+        let e = TileStitcher::new(fields(), grid, axis())
+            .unwrap()
+            .stitch_all(batches)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TrackError::MissingTiles {
+                    time_index: 0,
+                    missing: 420,
+                    total: 16380,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("2020-09-01 00:00:00"), "{e}");
+        // The end of the stream: the last block incomplete.
+        let mut batches = stream(&grid, 0..4, [0, 0, 0], 1);
+        batches.pop();
+        let e = TileStitcher::new(fields(), grid, axis())
+            .unwrap()
+            .stitch_all(batches)
+            .unwrap_err();
+        assert!(
+            matches!(e, TrackError::MissingTiles { time_index: 2, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn inconsistent_overlaps_and_disorder_are_errors() {
+        let grid = Grid::global(2.0);
+        let mut batches = stream(&grid, 0..2, [0, 0, 0], 1);
+        // The last row of tiles starts at row 76 and overlaps the one before (75 … 89).
+        let k = batches
+            .iter()
+            .position(|b| b.fields[0].windows[0].lat_start == 76)
+            .unwrap();
+        batches[k].fields[0].source[0] += 1.0;
+        let e = TileStitcher::new(fields(), grid, axis())
+            .unwrap()
+            .stitch_all(batches)
+            .unwrap_err();
+        assert!(
+            matches!(&e, TrackError::InconsistentOverlap { row: 76, field, .. } if field == "vo"),
+            "{e}"
+        );
+
+        // A tile of the first time block again after the second block has begun.
+        let mut batches = stream(&grid, 0..4, [0, 0, 0], 9);
+        let again = batches[0].clone();
+        batches.insert(batches.len() - 1, again);
+        let e = TileStitcher::new(fields(), grid, axis())
+            .unwrap()
+            .stitch_all(batches)
+            .unwrap_err();
+        assert!(e.to_string().contains("time-major"), "{e}");
+    }
+
+    #[test]
+    fn mismatched_requests_are_errors() {
+        let grid = Grid::global(2.0);
+        let batches = stream(&grid, 0..2, [0, 0, 0], 4);
+        let mut wrong = fields();
+        wrong[1].geometry = TokenGeometry::new([1, 3, 2], [2, 5, 7]);
+        wrong[1].geometry.num_tokens = [1, 3, 4];
+        let e = TileStitcher::new(wrong, grid, axis())
+            .unwrap()
+            .push(&batches[0])
+            .unwrap_err();
+        assert!(
+            matches!(&e, TrackError::Tile { field, .. } if field == "z"),
+            "{e}"
+        );
+        let mut absent = fields();
+        absent[0].name = "t".into();
+        let e = TileStitcher::new(absent, grid, axis())
+            .unwrap()
+            .push(&batches[0])
+            .unwrap_err();
+        assert!(e.to_string().contains("`t`: missing from batch 0"), "{e}");
+        // Extra fields in the batch are fine.
+        let only_vo = vec![fields().remove(0)];
+        let out = TileStitcher::new(only_vo, grid, axis())
+            .unwrap()
+            .stitch_all(batches)
+            .unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].keys().count(), 1);
+        assert!(TileStitcher::new(Vec::new(), grid, axis()).is_err());
+        let too_big = TileField::new("vo", vec![], TokenGeometry::new([1, 1, 1], [1, 100, 1]));
+        assert!(TileStitcher::new(vec![too_big], grid, axis()).is_err());
+    }
+
+    #[test]
+    fn fields_from_a_request_file() {
+        let req: atmorep_proto::RequestConfig = toml::from_str(
+            "dataset = \"era5\"\nmode = \"tiles\"\nunits = \"physical\"\n\
+             [[fields]]\nname = \"vo\"\nlevels = [850]\nnum_tokens = [2, 3, 4]\n\
+             token_size = [1, 5, 7]\npe = \"none\"\npe_width = 2\n",
+        )
+        .unwrap();
+        let f = TileField::from_request(&req.fields[0]);
+        assert_eq!(f, fields()[0]);
+        let t = TimeAxis::from_proto(&pb::TimeAxis {
+            start_unix: T0,
+            step_hours: 3.0,
+            ..Default::default()
+        });
+        assert_eq!(t, axis());
+        assert_eq!(t.time_of(2), T0 + 6 * 3600);
     }
 }

@@ -352,3 +352,254 @@ pub fn parse_tracks_csv(text: &str, source_name: &str) -> Result<Vec<Track>> {
         })
         .collect()
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    const T0: i64 = 1_598_918_400; // 2020-09-01 00:00 UTC
+
+    fn det(hours: i64, lat: f64, lon: f64) -> Detection {
+        Detection {
+            time_unix: T0 + hours * 3600,
+            lat,
+            lon: wrap_360(lon),
+            vorticity: lat.signum() * 1e-4,
+            z_centre: 14_000.0,
+            closed_contour: 300.0,
+            warm_core: Some(80.0),
+        }
+    }
+
+    /// Detections of one storm every 6 h for `steps` steps from `start_h`, moving by
+    /// (`dlat`, `dlon`) per step.
+    fn storm(start_h: i64, steps: i64, lat: f64, lon: f64, dlat: f64, dlon: f64) -> Vec<Detection> {
+        (0..steps)
+            .map(|k| {
+                det(
+                    start_h + 6 * k,
+                    lat + dlat * k as f64,
+                    lon + dlon * k as f64,
+                )
+            })
+            .collect()
+    }
+
+    /// Groups detections by time, as `detect` returns them.
+    fn by_step(dets: Vec<Detection>) -> Vec<Vec<Detection>> {
+        let mut m: BTreeMap<i64, Vec<Detection>> = BTreeMap::new();
+        for d in dets {
+            m.entry(d.time_unix).or_default().push(d);
+        }
+        m.into_values().collect()
+    }
+
+    #[test]
+    fn links_storms_and_drops_short_lived_ones() {
+        let mut dets = storm(0, 13, 14.0, 140.0, 0.5, -1.0);
+        dets.extend(storm(0, 13, 19.0, 145.0, 0.4, -1.0));
+        // 36 h only: shorter than 54 h.
+        dets.extend(storm(12, 7, -15.0, 60.0, -0.3, -0.8));
+        let tracks = stitch_tracks(&by_step(dets), &StitchConfig::default()).unwrap();
+        assert_eq!(tracks.len(), 2, "{tracks:#?}");
+        for t in &tracks {
+            assert_eq!(t.points.len(), 13);
+            assert_eq!(t.lifetime_hours(), 72.0);
+            // Each track stays with its own storm.
+            let first = t.points[0].lat;
+            assert!(t.points.iter().all(|p| (p.lat - first).abs() < 6.5));
+        }
+        assert_eq!(tracks[0].sid, "2020245N14140");
+        assert_eq!(tracks[1].sid, "2020245N19145");
+    }
+
+    #[test]
+    fn tracks_crossing_the_dateline_and_0_degrees_stay_whole() {
+        let mut dets = storm(0, 12, 15.0, 176.0, 0.3, 1.2);
+        dets.extend(storm(0, 12, -16.0, 4.0, -0.3, -1.1));
+        let tracks = stitch_tracks(&by_step(dets), &StitchConfig::default()).unwrap();
+        assert_eq!(tracks.len(), 2, "{tracks:#?}");
+        let north = tracks.iter().find(|t| t.points[0].lat > 0.0).unwrap();
+        let south = tracks.iter().find(|t| t.points[0].lat < 0.0).unwrap();
+        assert_eq!((north.points.len(), south.points.len()), (12, 12));
+        assert!(north.points[0].lon < 180.0 && north.points[11].lon > 180.0);
+        assert!(south.points[0].lon < 10.0 && south.points[11].lon > 350.0);
+        assert!(south.sid.contains('S'));
+    }
+
+    #[test]
+    fn gaps_up_to_the_limit_keep_a_track() {
+        let full = storm(0, 16, 12.0, 130.0, 0.3, -0.8);
+        // Missing at 3 steps: 24 h between two points.
+        let gap24: Vec<Detection> = full
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| !(5..8).contains(k))
+            .map(|(_, d)| d.clone())
+            .collect();
+        let tracks = stitch_tracks(&by_step(gap24), &StitchConfig::default()).unwrap();
+        assert_eq!(tracks.len(), 1);
+        assert_eq!(tracks[0].points.len(), 13);
+        // Missing at 4 steps: 30 h, the track breaks, and both halves are too short.
+        let gap30: Vec<Detection> = full
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| !(5..9).contains(k))
+            .map(|(_, d)| d.clone())
+            .collect();
+        let cfg = StitchConfig {
+            min_lifetime_hours: 0.0,
+            ..StitchConfig::default()
+        };
+        assert_eq!(
+            stitch_tracks(&by_step(gap30.clone()), &cfg).unwrap().len(),
+            2
+        );
+        assert!(
+            stitch_tracks(&by_step(gap30), &StitchConfig::default())
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_distance_limit_scales_with_the_time_between_points() {
+        let cfg = StitchConfig {
+            min_lifetime_hours: 0.0,
+            ..StitchConfig::default()
+        };
+        // 10° in 6 h is too fast (8° allowed) …
+        let fast = vec![vec![det(0, 15.0, 100.0)], vec![det(6, 15.0, 110.36)]];
+        assert_eq!(stitch_tracks(&fast, &cfg).unwrap().len(), 2);
+        // … 10° in 12 h is not (16° allowed).
+        let slow = vec![vec![det(0, 15.0, 100.0)], vec![det(12, 15.0, 110.36)]];
+        assert_eq!(stitch_tracks(&slow, &cfg).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn csv_round_trip() {
+        let mut dets = storm(0, 10, 14.0, 178.0, 0.5, 1.0);
+        dets.push(Detection {
+            warm_core: None,
+            ..det(60, 40.0, 10.0)
+        });
+        let cfg = StitchConfig {
+            min_lifetime_hours: 0.0,
+            ..StitchConfig::default()
+        };
+        let tracks = stitch_tracks(&by_step(dets), &cfg).unwrap();
+        let text = tracks_to_csv(&tracks);
+        assert!(text.starts_with(CSV_HEADER));
+        // IBTrACS' longitude convention on disk.
+        assert!(text.contains(",-179.0000,"), "{text}");
+        assert!(text.contains("2020-09-01 06:00:00"));
+        let back = parse_tracks_csv(&text, "ours").unwrap();
+        assert_eq!(back.len(), tracks.len());
+        for (a, b) in back.iter().zip(&tracks) {
+            assert_eq!(a.sid, b.sid);
+            assert_eq!(a.points.len(), b.points.len());
+            for (p, q) in a.points.iter().zip(&b.points) {
+                assert_eq!(p.time_unix, q.time_unix);
+                assert!((p.lat - q.lat).abs() < 1e-4 && (p.lon - q.lon).abs() < 1e-4);
+                assert_eq!(p.warm_core.is_some(), q.warm_core.is_some());
+                assert!((p.vorticity.unwrap() - q.vorticity.unwrap()).abs() < 1e-9);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tracks.csv");
+        write_tracks_csv(&path, &tracks).unwrap();
+        assert_eq!(read_tracks_csv(&path).unwrap(), back);
+    }
+
+    /// What `atmorep loader synth` writes beside a store (loader-service/src/synth.rs).
+    pub(crate) const SYNTH_TRUTH: &str = "\
+SID,ISO_TIME,LAT,LON,VORT850,Z850_ANOM
+SYN0001N,2020-09-01 00:00:00,14.0000,-172.0000,2.979150e-4,-245.36
+SYN0001N,2020-09-01 03:00:00,14.1250,-172.3333,3.066815e-4,-254.88
+SYN0001N,2020-09-01 06:00:00,14.2500,-172.6667,3.152870e-4,-264.32
+SYN0002S,2020-09-01 00:00:00,-16.0000,8.0000,-2.979150e-4,-277.41
+SYN0002S,2020-09-01 03:00:00,-16.1042,7.6667,-3.066815e-4,-287.02
+";
+
+    /// The head of an IBTrACS v04 CSV: the units line, blank fields, 3-hourly interpolated
+    /// points, longitudes in −180 … 180.
+    pub(crate) const IBTRACS: &str = "\
+SID,SEASON,NUMBER,BASIN,SUBBASIN,NAME,ISO_TIME,NATURE,LAT,LON,WMO_WIND,WMO_PRES,WMO_AGENCY,TRACK_TYPE,DIST2LAND,LANDFALL,IFLAG
+ ,Year, , , , , , ,degrees_north,degrees_east,kts,mb, , ,km,km, 
+2020233N14313,2020,77,NA,MM,LAURA,2020-08-20 12:00:00,TS,14.5000,-46.1000,25,1008,hurdat_atl,main,1675,1675,O____________
+2020233N14313,2020,77,NA,MM,LAURA,2020-08-20 15:00:00,TS,14.6350,-47.0126, , , ,main,1608,1608,P____________
+2020233N14313,2020,77,NA,MM,LAURA,2020-08-20 18:00:00,TS,14.8000,-47.9000,30,1007,hurdat_atl,main,1534,1534,O____________
+2020238N16152,2020,80,WP,MM,BAVI,2020-08-21 00:00:00,DS,16.3000,152.5000, , , ,main,1823,1823,______________
+2020238N16152,2020,80,WP,MM,\"BAVI\",2020-08-21 06:00:00,DS,16.6000,151.8000, , , ,main,1780,1780,______________
+";
+
+    #[test]
+    fn synthetic_truth_parses() {
+        let tracks = parse_tracks_csv(SYNTH_TRUTH, "truth").unwrap();
+        assert_eq!(tracks.len(), 2);
+        assert_eq!(tracks[0].sid, "SYN0001N");
+        assert_eq!(tracks[0].points.len(), 3);
+        assert_eq!(tracks[0].points[0].lon, 188.0);
+        assert_eq!(tracks[0].points[2].time_unix, T0 + 6 * 3600);
+        assert_eq!(tracks[1].points[1].vorticity, Some(-3.066815e-4));
+        // Z850_ANOM is an anomaly, not the centre value: not read as Z850.
+        assert_eq!(tracks[1].points[0].z_centre, None);
+    }
+
+    #[test]
+    fn ibtracs_sample_parses() {
+        let tracks = parse_tracks_csv(IBTRACS, "ibtracs.csv").unwrap();
+        assert_eq!(tracks.len(), 2);
+        let laura = &tracks[0];
+        assert_eq!(laura.sid, "2020233N14313");
+        assert_eq!(laura.points.len(), 3);
+        assert!((laura.points[1].lon - (360.0 - 47.0126)).abs() < 1e-9);
+        assert_eq!(laura.points[0].vorticity, None);
+        let bavi = &tracks[1];
+        assert_eq!(bavi.points[1].lat, 16.6);
+        assert_eq!(
+            bavi.points[1].time_unix - bavi.points[0].time_unix,
+            6 * 3600
+        );
+    }
+
+    #[test]
+    fn malformed_lines_are_named() {
+        let cases = [
+            (SYNTH_TRUTH.replace("14.1250", "north"), 3, "LAT `north`"),
+            (
+                SYNTH_TRUTH.replace("2020-09-01 06:00:00", "2020-09-31 06:00"),
+                4,
+                "ISO_TIME",
+            ),
+            (SYNTH_TRUTH.replace(",-16.1042", ""), 6, "5 fields"),
+            (
+                SYNTH_TRUTH.replace("SYN0002S,2020-09-01 00", ",2020-09-01 00"),
+                5,
+                "SID",
+            ),
+            (SYNTH_TRUTH.replace("14.2500", "95.0"), 4, "outside"),
+            (SYNTH_TRUTH.replace("LON,", "LONGITUDE,"), 1, "LON"),
+            (
+                SYNTH_TRUTH.replace("03:00:00,14.1250", "00:00:00,14.1250"),
+                3,
+                "second point",
+            ),
+            (IBTRACS.replace("14.8000", "\"14.8"), 5, "quoted"),
+            (IBTRACS.replace(",-47.9000,", ",,"), 5, "LON ``"),
+            (String::new(), 1, "empty"),
+        ];
+        for (text, line, what) in cases {
+            let e = parse_tracks_csv(&text, "f.csv").unwrap_err();
+            assert!(
+                matches!(&e, TrackError::Csv { line: l, .. } if *l == line),
+                "expected line {line}: {e}"
+            );
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with(&format!("f.csv:{line}:")) && msg.contains(what),
+                "{msg}"
+            );
+        }
+    }
+}
