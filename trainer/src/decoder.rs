@@ -14,7 +14,8 @@ use crate::ops::{LayerNorm, Mlp, linear};
 pub struct DecoderAttention {
     /// `[B, H, T, T]`.
     pub self_attn: Tensor,
-    /// `[B, H, T, S]` into the encoder output (`S = T` tokens of the same field).
+    /// `[B, H, T, S]` into the same field's encoder output (`S = T`: the field's own tokens,
+    /// class token included where there is one).
     pub cross_attn: Tensor,
 }
 

@@ -139,8 +139,9 @@ impl EncoderLayer {
     }
 }
 
-/// Adds the per-layer projection of the info embedding `info` `[B, T, d_info]` to the last `T`
-/// tokens of `h` (all of them: class tokens never come with `Reappend`).
+/// [`AuxInfo::Reappend`] after an attention sub-layer: adds the layer's projection of the info
+/// embedding `info` `[B, T, d_info]` to `h` `[B, T, D]` (see [`AuxInfo::Reappend`] for why an
+/// addition is an append).
 pub(crate) fn reappend_info(h: &Tensor, proj: &Linear, info: &Tensor) -> Result<Tensor> {
     h + proj.forward(info)?
 }
