@@ -204,9 +204,24 @@ fn shape4(name: &str, v: Option<Vec<u64>>) -> Result<Option<[u64; 4]>> {
     .transpose()
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     keep_freed_memory_for_reuse();
+    // Storage reads run on tokio's blocking pool (object_store's local files), where every thread
+    // keeps an allocator heap of its own: tokio's default of 512 threads let a burst of reads
+    // hold tens of MiB of idle heaps. A few threads per core keep the disks just as busy.
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS_PER_CORE * cores)
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(run())
+}
+
+/// Blocking-pool threads per core (file reads and other blocking calls).
+const BLOCKING_THREADS_PER_CORE: usize = 4;
+
+async fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

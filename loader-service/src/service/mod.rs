@@ -301,7 +301,7 @@ impl Loader for LoaderService {
         Ok(Response::new(dataset_info(served, self.limits())))
     }
 
-    type StreamBatchesStream = ReceiverStream<Result<pb::Batch, Status>>;
+    type StreamBatchesStream = Replies;
 
     async fn stream_batches(
         &self,
@@ -349,7 +349,7 @@ impl Loader for LoaderService {
             }),
             span,
         ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Replies(ReceiverStream::new(rx))))
     }
 
     async fn get_sample(
@@ -416,10 +416,56 @@ impl Loader for LoaderService {
     }
 }
 
+/// A reply queued for tonic, holding its batch's share of the memory budget.
+struct Outgoing {
+    reply: Result<pb::Batch, Status>,
+    reservation: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl Outgoing {
+    fn new(
+        reply: Result<pb::Batch, Status>,
+        reservation: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+    ) -> Self {
+        Self { reply, reservation }
+    }
+
+    fn error(status: Status) -> Self {
+        Self::new(Err(status), None)
+    }
+}
+
+/// The replies of one `StreamBatches` call. A batch's reservation ends when tonic takes its last
+/// part: tonic encodes a message in the same poll that takes it, so that is when the batch's
+/// memory is freed, and not before (a queued batch waiting for a slow client still counts).
+pub struct Replies(ReceiverStream<Outgoing>);
+
+impl std::fmt::Debug for Replies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replies").finish_non_exhaustive()
+    }
+}
+
+impl futures::Stream for Replies {
+    type Item = Result<pb::Batch, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.0).poll_next(cx).map(|next| {
+            next.map(|Outgoing { reply, reservation }| {
+                drop(reservation);
+                reply
+            })
+        })
+    }
+}
+
 struct StreamTask {
     pipeline: Arc<Pipeline>,
     batches: crate::pipeline::BatchStream,
-    tx: tokio::sync::mpsc::Sender<Result<pb::Batch, Status>>,
+    tx: tokio::sync::mpsc::Sender<Outgoing>,
     parsed: StreamRequest,
     max_bytes: usize,
     dataset: Arc<Dataset>,
@@ -435,7 +481,7 @@ async fn serve_stream(mut task: StreamTask) {
         let next = tokio::select! {
             next = task.batches.next() => next,
             _ = async { task.shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {
-                let _ = task.tx.send(Err(Status::unavailable("the loader is shutting down"))).await;
+                let _ = task.tx.send(Outgoing::error(Status::unavailable("the loader is shutting down"))).await;
                 break;
             }
         };
@@ -452,10 +498,13 @@ async fn serve_stream(mut task: StreamTask) {
                 );
                 let _ = task
                     .tx
-                    .send(empty.map(|mut m| {
-                        m.parts = 1;
-                        m
-                    }))
+                    .send(Outgoing::new(
+                        empty.map(|mut m| {
+                            m.parts = 1;
+                            m
+                        }),
+                        None,
+                    ))
                     .await;
             }
             break;
@@ -469,7 +518,7 @@ async fn serve_stream(mut task: StreamTask) {
             Ok(batch) => batch,
             Err(e) => {
                 let status = failed(status::from_pipeline(&e));
-                let _ = task.tx.send(Err(status)).await;
+                let _ = task.tx.send(Outgoing::error(status)).await;
                 break;
             }
         };
@@ -487,7 +536,7 @@ async fn serve_stream(mut task: StreamTask) {
         }) {
             Ok(parts) => parts,
             Err(status) => {
-                let _ = task.tx.send(Err(failed(status))).await;
+                let _ = task.tx.send(Outgoing::error(failed(status))).await;
                 break;
             }
         };
@@ -498,8 +547,11 @@ async fn serve_stream(mut task: StreamTask) {
             .map(|t| t.as_ref().map_or(0, |t| t.data.len()))
             .sum();
         let waiting = Instant::now();
+        // Every part keeps the batch's share of the budget until tonic takes it for encoding.
+        let reservation = reservation.map(Arc::new);
         for part in message {
-            if task.tx.send(Ok(part)).await.is_err() {
+            let outgoing = Outgoing::new(Ok(part), reservation.clone());
+            if task.tx.send(outgoing).await.is_err() {
                 tracing::info!(batches = sequence, "client went away");
                 metrics::gauge!("atmorep_streams_active").decrement(1.0);
                 return;
@@ -508,7 +560,6 @@ async fn serve_stream(mut task: StreamTask) {
         // Time a finished batch waited for the client: this stream's lag.
         metrics::histogram!("atmorep_stream_send_wait_seconds", &labels)
             .record(waiting.elapsed().as_secs_f64());
-        drop(reservation);
         metrics::counter!("atmorep_samples_served_total", &labels).increment(n);
         metrics::counter!("atmorep_bytes_served_total", &labels).increment(bytes as u64);
         record_dataset_gauges(&task.dataset, &labels);
