@@ -186,6 +186,11 @@ pub struct WarmCoreConfig {
     pub distance_deg: f64,
     /// … of its maximum within this distance of the candidate (degrees).
     pub offset_deg: f64,
+    /// Test the thickness minus its zonal mean. The criterion is about the storm's own warm
+    /// anomaly; where the planetary-scale meridional gradient of thickness over 6.5° exceeds
+    /// the anomaly (as in the synthetic stores), the raw thickness keeps rising equatorward
+    /// and no warm core would ever close. Off: TempestExtremes' raw thickness.
+    pub zonal_anomaly: bool,
 }
 
 impl WarmCoreConfig {
@@ -209,6 +214,7 @@ impl Default for WarmCoreConfig {
             delta: 58.8,
             distance_deg: 6.5,
             offset_deg: 1.0,
+            zonal_anomaly: true,
         }
     }
 }
@@ -293,6 +299,7 @@ mod tests {
             (w.upper_level, w.lower_level, w.delta, w.distance_deg),
             (300.0, 500.0, 58.8, 6.5)
         );
+        assert!(w.enabled && w.zonal_anomaly);
         assert_eq!(
             (
                 c.stitch.max_distance_deg,

@@ -9,7 +9,10 @@
 //!    Rays (rather than a flood fill) keep the check local and cheap; with 32 of them a gap in
 //!    the contour narrower than ~11° of bearing is the only thing they can miss.
 //! 4. Where both upper levels exist, the 300–500 hPa thickness must fall the same way around
-//!    its maximum near the centre: a warm core. Without geopotential aloft the thickness comes
+//!    its maximum near the centre: a warm core. By default the thickness is taken as a
+//!    deviation from its zonal mean, so that a planetary-scale meridional gradient steeper than
+//!    the storm's own anomaly does not open every contour on the equatorward side (see
+//!    [`crate::WarmCoreConfig::zonal_anomaly`]). Without geopotential aloft the thickness comes
 //!    from the layer-mean temperature (hypsometric equation); without either the check is
 //!    skipped and the detection says so.
 //!
@@ -104,8 +107,16 @@ fn detect_step_unchecked(snapshot: &Snapshot, cfg: &DetectConfig) -> Result<Vec<
     Ok(out)
 }
 
-/// Where the upper-level thickness comes from.
-enum Thickness<'a> {
+/// The upper-level thickness, from geopotential or (hypsometrically) from temperature, as a
+/// deviation from its zonal mean when so configured.
+struct Thickness<'a> {
+    source: ThicknessSource<'a>,
+    /// Zonal mean per grid row, subtracted from every value; empty: none.
+    zonal_mean: Vec<f64>,
+    grid: Grid,
+}
+
+enum ThicknessSource<'a> {
     Geopotential {
         upper: &'a Field,
         lower: &'a Field,
@@ -117,33 +128,75 @@ enum Thickness<'a> {
     },
 }
 
+impl<'a> ThicknessSource<'a> {
+    fn combine(&self, up: f64, low: f64) -> f64 {
+        match self {
+            Self::Geopotential { .. } => up - low,
+            Self::Temperature { factor, .. } => factor * (up + low),
+        }
+    }
+
+    fn fields(&self) -> (&'a Field, &'a Field) {
+        match self {
+            Self::Geopotential { upper, lower } | Self::Temperature { upper, lower, .. } => {
+                (upper, lower)
+            }
+        }
+    }
+}
+
 impl<'a> Thickness<'a> {
     fn of(s: &'a Snapshot, cfg: &DetectConfig) -> Option<Self> {
         let (up, low) = (cfg.warm_core.upper_level, cfg.warm_core.lower_level);
         let pair = |var: &str| Some((s.get(var, Some(up))?, s.get(var, Some(low))?));
-        if let Some((upper, lower)) = pair(&cfg.geopotential) {
-            return Some(Self::Geopotential { upper, lower });
-        }
-        // Hypsometric: Φ_up − Φ_low = R_d · T̄ · ln(p_low / p_up), T̄ ≈ the mean of the two levels.
-        let (upper, lower) = pair(&cfg.temperature)?;
-        Some(Self::Temperature {
-            upper,
-            lower,
-            factor: R_DRY * (low / up).ln() / 2.0,
+        let source = if let Some((upper, lower)) = pair(&cfg.geopotential) {
+            ThicknessSource::Geopotential { upper, lower }
+        } else {
+            // Hypsometric: Φ_up − Φ_low = R_d · T̄ · ln(p_low / p_up), T̄ ≈ the mean of the two
+            // levels.
+            let (upper, lower) = pair(&cfg.temperature)?;
+            ThicknessSource::Temperature {
+                upper,
+                lower,
+                factor: R_DRY * (low / up).ln() / 2.0,
+            }
+        };
+        let (upper, lower) = source.fields();
+        let grid = *upper.grid();
+        let zonal_mean = if cfg.warm_core.zonal_anomaly {
+            let mean = |f: &Field, j: usize| {
+                let row = &f.values()[j * grid.nlon..(j + 1) * grid.nlon];
+                row.iter().map(|&v| f64::from(v)).sum::<f64>() / grid.nlon as f64
+            };
+            (0..grid.nlat)
+                .map(|j| source.combine(mean(upper, j), mean(lower, j)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Some(Self {
+            source,
+            zonal_mean,
+            grid,
         })
     }
 
     fn at(&self, lat: f64, lon: f64) -> f64 {
-        match self {
-            Self::Geopotential { upper, lower } => {
-                upper.interpolate(lat, lon) - lower.interpolate(lat, lon)
-            }
-            Self::Temperature {
-                upper,
-                lower,
-                factor,
-            } => factor * (upper.interpolate(lat, lon) + lower.interpolate(lat, lon)),
+        let (upper, lower) = self.source.fields();
+        let raw = self
+            .source
+            .combine(upper.interpolate(lat, lon), lower.interpolate(lat, lon));
+        if self.zonal_mean.is_empty() {
+            return raw;
         }
+        let y = self
+            .grid
+            .row_of(lat)
+            .clamp(0.0, (self.grid.nlat - 1) as f64);
+        let j0 = y.floor() as usize;
+        let j1 = (j0 + 1).min(self.grid.nlat - 1);
+        let fy = y - y.floor();
+        raw - ((1.0 - fy) * self.zonal_mean[j0] + fy * self.zonal_mean[j1])
     }
 }
 
@@ -410,6 +463,29 @@ mod tests {
             "{:?}",
             found[0]
         );
+    }
+
+    #[test]
+    fn warm_cores_on_a_steep_meridional_gradient_need_the_zonal_anomaly() {
+        // Thickness rising 15 m² s⁻² per degree towards the equator: more than a 100 m² s⁻²
+        // warm core falls off on its equatorward side.
+        let mut s = snapshot(grid(), 0, &[Vortex::tc(16.0, 120.0)], Upper::Geopotential);
+        let z300 = s.get("z", Some(300.0)).unwrap().clone();
+        let sloped = Field::from_fn(grid(), |lat, lon| {
+            z300.interpolate(lat, lon) - 15.0 * lat.abs()
+        })
+        .unwrap();
+        s.insert("z", Some(300.0), sloped).unwrap();
+        let found = detect_step(&s, &DetectConfig::default()).unwrap();
+        assert_eq!(found.len(), 1);
+        assert!(
+            (found[0].warm_core.unwrap() - 100.0).abs() < 15.0,
+            "{:?}",
+            found[0]
+        );
+        let mut raw = DetectConfig::default();
+        raw.warm_core.zonal_anomaly = false;
+        assert!(detect_step(&s, &raw).unwrap().is_empty());
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! first point, reference tracks dashed. No coastlines — the map is for judging tracks against
 //! each other, and stays free of map data.
 //!
-//! The longitude frame is [0°, 360°) or [−180°, 180°), whichever keeps the tracks more compact,
-//! so a storm crossing the dateline (or 0°) is drawn as one line; a line that still wraps within
-//! the frame is broken at the edge rather than drawn across the map.
+//! The longitude frame starts in the widest stretch of longitude without points, so storms
+//! crossing the dateline or 0° are drawn as one line each; a line that still wraps within the
+//! frame is broken at its edge rather than drawn across the map.
 
 use std::path::Path;
 use std::sync::Once;
@@ -58,25 +58,27 @@ impl Default for MapConfig {
     }
 }
 
-/// Longitude in the frame starting at `west` (either 0 or −180).
+/// Longitude in the 360° frame starting at `west`.
 fn in_frame(lon: f64, west: f64) -> f64 {
     (lon - west).rem_euclid(360.0) + west
 }
 
-/// Picks the frame (its western edge) in which all points span the least longitude.
+/// Picks the frame's western edge in the middle of the widest stretch of longitude without
+/// points, so that the frame cuts the globe where there is nothing to cut — tracks crossing 0°
+/// and tracks crossing 180° both stay whole.
 fn pick_frame(lons: &[f64]) -> f64 {
-    let span = |west: f64| {
-        let v: Vec<f64> = lons.iter().map(|&l| in_frame(l, west)).collect();
-        let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, &x| {
-            (a.0.min(x), a.1.max(x))
-        });
-        hi - lo
+    let mut v: Vec<f64> = lons.iter().map(|&l| crate::geo::wrap_360(l)).collect();
+    v.sort_by(f64::total_cmp);
+    let (Some(&first), Some(&last)) = (v.first(), v.last()) else {
+        return 0.0;
     };
-    if span(-180.0) < span(0.0) {
-        -180.0
-    } else {
-        0.0
+    let mut best = (first + 360.0 - last, last);
+    for w in v.windows(2) {
+        if w[1] - w[0] > best.0 {
+            best = (w[1] - w[0], w[0]);
+        }
     }
+    crate::geo::wrap_360(best.1 + best.0 / 2.0)
 }
 
 /// A track's points in the frame, split where consecutive points jump by more than half the
@@ -250,12 +252,21 @@ mod tests {
 
     #[test]
     fn frames_keep_crossing_tracks_whole() {
-        // Across the dateline: the 0…360 frame; across 0°: the −180…180 frame.
-        assert_eq!(pick_frame(&[176.0, 179.0, 182.0]), 0.0);
-        assert_eq!(pick_frame(&[355.0, 359.0, 2.0]), -180.0);
-        let t = track("X", 15.0, &[176.0, 179.0, 182.0]);
-        assert_eq!(segments(&t, 0.0).len(), 1);
-        assert_eq!(segments(&t, -180.0).len(), 2);
+        // The frame starts opposite a lone cluster …
+        assert_eq!(pick_frame(&[176.0, 179.0, 182.0]), 359.0);
+        assert_eq!(pick_frame(&[355.0, 359.0, 2.0]), 178.5);
+        assert_eq!(pick_frame(&[]), 0.0);
+        // … and between two, so that a track across 180° and one across 0° both stay whole.
+        let east = track("E", 15.0, &[176.0, 179.0, 182.0]);
+        let zero = track("Z", -15.0, &[3.0, 0.5, 358.0]);
+        let lons: Vec<f64> = [&east, &zero]
+            .iter()
+            .flat_map(|t| t.points.iter().map(|p| p.lon))
+            .collect();
+        let west = pick_frame(&lons);
+        assert_eq!(segments(&east, west).len(), 1);
+        assert_eq!(segments(&zero, west).len(), 1);
+        assert_eq!(segments(&east, -180.0).len(), 2);
     }
 
     #[test]

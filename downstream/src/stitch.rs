@@ -150,6 +150,10 @@ pub struct TileStitcher {
     /// Per field, the largest window start seen: tiles are time-major, so no later tile of
     /// that field reaches below it.
     latest_start: Vec<Option<usize>>,
+    /// The epoch of the first sample: the tiling's one pass.
+    epoch: Option<u64>,
+    /// A later epoch has begun: everything is out, further batches are ignored.
+    done: bool,
 }
 
 impl TileStitcher {
@@ -194,6 +198,8 @@ impl TileStitcher {
             rel_tolerance: 1e-6,
             pending: BTreeMap::new(),
             next: None,
+            epoch: None,
+            done: false,
         })
     }
 
@@ -206,10 +212,27 @@ impl TileStitcher {
     }
 
     /// Adds the tiles of one batch; returns the time steps it completed, in time order.
+    ///
+    /// The tiling is one pass (epoch); a stream that goes on into the next epoch repeats it, so
+    /// samples of a later epoch than the first sample's are not used: they complete the stitcher
+    /// ([`Self::is_done`]), which then hands out every remaining step and ignores further
+    /// batches.
     pub fn push(&mut self, batch: &Batch) -> Result<Vec<Snapshot>> {
-        if batch.is_empty() {
+        if batch.is_empty() || self.done {
             return Ok(Vec::new());
         }
+        let epoch = *self
+            .epoch
+            .get_or_insert(batch.sample_epochs.first().copied().unwrap_or(batch.epoch));
+        let take = if batch.sample_epochs.is_empty() {
+            batch.len()
+        } else {
+            batch
+                .sample_epochs
+                .iter()
+                .take_while(|&&e| e == epoch)
+                .count()
+        };
         for k in 0..self.fields.len() {
             let name = self.fields[k].name.clone();
             let fb = batch.field(&name).ok_or_else(|| {
@@ -231,12 +254,16 @@ impl TileStitcher {
                     ),
                 ));
             }
-            for (b, w) in fb.windows.iter().enumerate() {
+            for (b, w) in fb.windows.iter().enumerate().take(take) {
                 let values = untokenize(&g, levels, fb.source_of(b));
                 self.add_tile(k, w, &values)?;
             }
-            let latest = fb.windows.iter().map(|w| w.time_start).max();
+            let latest = fb.windows.iter().take(take).map(|w| w.time_start).max();
             self.latest_start[k] = self.latest_start[k].max(latest);
+        }
+        if take < batch.len() {
+            self.done = true;
+            return self.release(self.pending_end());
         }
         // A step is final once every field has moved past it.
         let sealed = self
@@ -248,10 +275,21 @@ impl TileStitcher {
         self.release(sealed)
     }
 
+    /// Whether the tiling is complete: the stream has moved on to its next epoch, and every
+    /// time step has been handed out. Stop reading then.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
     /// Ends the stream: returns the remaining time steps, or an error if any lacks tiles.
     pub fn finish(mut self) -> Result<Vec<Snapshot>> {
-        let end = self.pending.keys().next_back().map_or(0, |&t| t + 1);
+        let end = self.pending_end();
         self.release(end)
+    }
+
+    /// One past the last pending time index.
+    fn pending_end(&self) -> usize {
+        self.pending.keys().next_back().map_or(0, |&t| t + 1)
     }
 
     /// Stitches a whole finite stream of batches.
@@ -262,6 +300,9 @@ impl TileStitcher {
         let mut out = Vec::new();
         for b in batches {
             out.extend(self.push(&b)?);
+            if self.done {
+                break;
+            }
         }
         out.extend(self.finish()?);
         Ok(out)
@@ -629,6 +670,47 @@ mod tests {
             .stitch_all(batches)
             .unwrap();
         check_exact(&out, 0..6);
+    }
+
+    /// `a` followed by the samples of `b`, as one batch.
+    fn concat(mut a: Batch, b: &Batch) -> Batch {
+        a.sample_ids.extend(&b.sample_ids);
+        a.sample_epochs.extend(&b.sample_epochs);
+        for (f, g) in a.fields.iter_mut().zip(&b.fields) {
+            f.source.extend(&g.source);
+            f.source_shape[0] += g.source_shape[0];
+            f.masked_indices.extend(g.masked_indices.iter().cloned());
+            f.token_info.extend(&g.token_info);
+            f.pe.extend(&g.pe);
+            f.windows.extend(&g.windows);
+        }
+        a.cursor_after = b.cursor_after;
+        a
+    }
+
+    #[test]
+    fn a_stream_going_on_into_the_next_epoch_ends_the_tiling() {
+        let grid = Grid::global(2.0);
+        let mut batches = stream(&grid, 0..4, [0, 0, 0], 8);
+        // The loader without `end_epoch` starts the tiling over (epoch 1) within a batch.
+        let mut again = batches[0].clone();
+        again.sample_epochs.fill(1);
+        let last = batches.pop().unwrap();
+        batches.push(concat(last, &again));
+        batches.push(again.clone());
+        let mut stitcher = TileStitcher::new(fields(), grid, axis()).unwrap();
+        let mut out = Vec::new();
+        for b in &batches {
+            out.extend(stitcher.push(b).unwrap());
+        }
+        assert!(stitcher.is_done());
+        assert!(stitcher.finish().unwrap().is_empty());
+        check_exact(&out, 0..4);
+        let out = TileStitcher::new(fields(), grid, axis())
+            .unwrap()
+            .stitch_all(batches)
+            .unwrap();
+        check_exact(&out, 0..4);
     }
 
     #[test]
