@@ -16,6 +16,35 @@
 //!
 //! [`track`] runs detection and stitching in one call. The crate depends on the contract crate
 //! alone: no Zarr, no gRPC server, no tokio — a client feeds it batches however it receives them.
+//! From a tiles-mode request (`units = "physical"`, no masking, `world_size = 1`) and the
+//! dataset's `DatasetInfo` (`Grid::from_proto`, `TimeAxis::from_proto`):
+//!
+//! ```
+//! use atmorep_proto::Batch;
+//! use atmorep_track::{Grid, TileField, TileStitcher, TimeAxis, Track, TrackConfig};
+//!
+//! fn track_stream(
+//!     batches: impl IntoIterator<Item = Batch>,
+//!     fields: Vec<TileField>, // TileField::from_request for each [[fields]] of the request
+//!     grid: Grid,
+//!     time: TimeAxis,
+//! ) -> atmorep_track::Result<Vec<Track>> {
+//!     let mut stitcher = TileStitcher::new(fields, grid, time)?;
+//!     let mut steps = Vec::new();
+//!     for batch in batches {
+//!         steps.extend(stitcher.push(&batch)?);
+//!         // Without `end_epoch` the loader starts the tiling over: the stitcher notices.
+//!         if batch.end_of_stream || stitcher.is_done() {
+//!             break;
+//!         }
+//!     }
+//!     steps.extend(stitcher.finish()?);
+//!     atmorep_track::track(&steps, &TrackConfig::default())
+//! }
+//! ```
+//!
+//! With 850 hPa vorticity and geopotential plus 300 and 500 hPa geopotential (or temperature),
+//! the defaults are DESIGN §6's; see [`config`].
 //!
 //! ```
 //! use atmorep_track::{Field, Grid, Snapshot, TrackConfig};
