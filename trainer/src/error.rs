@@ -20,6 +20,30 @@ pub enum Error {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A training configuration setting is impossible or inconsistent; `setting` names it
+    /// (`request.fields[0].num_tokens`, `optimizer.lr`).
+    #[error("train config: {setting}: {reason}")]
+    TrainConfig { setting: String, reason: String },
+    /// A checkpoint cannot be used: `path` names the file or folder, `what` the problem
+    /// (missing, corrupt, wrong version, a tensor of the wrong shape, another config).
+    #[error("checkpoint `{path}`: {what}")]
+    Checkpoint { path: String, what: String },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The loader stream failed (after the client's own retries).
+    #[error("loader: {0}")]
+    Loader(#[from] atmorep_proto::ClientError),
+    /// The loader stream ended before training did.
+    #[error("loader: the {what} stream ended after {batches} batches")]
+    StreamEnded { what: String, batches: u64 },
+    /// Writing the metrics table failed.
+    #[error("metrics `{path}`: {detail}")]
+    Metrics { path: String, detail: String },
 }
 
 /// The crate's result type.
@@ -36,5 +60,26 @@ pub(crate) fn input_err(what: impl Into<String>, detail: impl Into<String>) -> E
     Error::Input {
         what: what.into(),
         detail: detail.into(),
+    }
+}
+
+pub(crate) fn train_config_err(setting: impl Into<String>, reason: impl Into<String>) -> Error {
+    Error::TrainConfig {
+        setting: setting.into(),
+        reason: reason.into(),
+    }
+}
+
+pub(crate) fn checkpoint_err(path: &std::path::Path, what: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: path.display().to_string(),
+        what: what.into(),
+    }
+}
+
+pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.display().to_string(),
+        source,
     }
 }

@@ -5,8 +5,12 @@
 //! attention that can return its weights ([`attention`]), the field-coupled encoder layer
 //! ([`encoder`]), the per-field decoder layer ([`decoder`]), the tail ([`tail`]), the whole
 //! [`MultiFormer`] ([`model`]), losses on masked tokens ([`loss`]), seeded initialization
-//! ([`init`]) and the step from the loader's decoded batches to tensors ([`batch`]). The
-//! training loop, checkpoints and evaluation build on it; they are not here.
+//! ([`init`]) and the step from the loader's decoded batches to tensors ([`batch`]).
+//!
+//! Training builds on it: AdamW with saveable moments, the LR schedule, clipping and
+//! accumulation ([`optim`]), atomic checkpoints ([`checkpoint`]), per-step metrics as Parquet
+//! and `metrics` gauges ([`metrics_log`]) and the loop over the loader's gRPC stream with its
+//! config ([`train`]).
 //!
 //! ```no_run
 //! use atmorep_trainer::{ModelConfig, MultiFormer};
@@ -19,6 +23,7 @@
 
 pub mod attention;
 pub mod batch;
+pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod embed;
@@ -26,11 +31,15 @@ pub mod encoder;
 pub mod error;
 pub mod init;
 pub mod loss;
+pub mod metrics_log;
 pub mod model;
 pub mod ops;
+pub mod optim;
 pub mod tail;
+pub mod train;
 
 pub use batch::{FieldTensors, batch_tensors};
 pub use config::{AuxInfo, FieldSpec, ModelConfig};
 pub use error::{Error, Result};
 pub use model::{AttentionMaps, FieldInput, MultiFormer};
+pub use train::{RunOptions, RunSummary, TrainConfig, Trainer};

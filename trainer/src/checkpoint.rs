@@ -1,0 +1,550 @@
+//! Checkpoints: everything a run needs to continue exactly where it stopped.
+//!
+//! A run's output folder holds `checkpoints/step-NNNNNNNN/` folders and a `checkpoints/LATEST`
+//! file naming the newest complete one. Each checkpoint folder has
+//!
+//! - `model.safetensors`: the weights, by variable name;
+//! - `optimizer.safetensors`: AdamW's moments, `m.<var>` and `v.<var>`;
+//! - `train.toml`: the resolved training config (model and loader request spelt out);
+//! - `state.json`: format name and version, the optimizer step, per task the loader cursor after
+//!   the last batch the run consumed, and the task-choice RNG's state.
+//!
+//! Writing is atomic at two levels. The folder is written as `.tmp-step-NNNNNNNN`, every file
+//! and the folder fsynced, then renamed to its final name; only then is `LATEST` replaced (a
+//! temporary file, fsynced, renamed over it, the folder fsynced), and only after that are old
+//! checkpoints pruned. A process killed at any point leaves `LATEST` naming a complete
+//! checkpoint; leftover temporary folders are removed by the next save.
+//!
+//! Loading checks the format, the version, that every file parses, and (in
+//! [`crate::train::Trainer::from_checkpoint`]) that every tensor matches the model; each
+//! failure is an [`Error::Checkpoint`] naming the file and the problem.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use atmorep_proto::Cursor;
+use candle_core::{Device, Tensor};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result, checkpoint_err, io_err};
+use crate::train::TrainConfig;
+
+/// `state.json`'s `format`.
+pub const FORMAT: &str = "atmorep-trainer-checkpoint";
+/// The checkpoint layout this build writes and reads.
+pub const VERSION: u32 = 1;
+/// The folder of a run's checkpoints inside its output folder.
+pub const DIR: &str = "checkpoints";
+/// The file naming the newest complete checkpoint.
+pub const LATEST: &str = "LATEST";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const CONFIG_FILE: &str = "train.toml";
+pub const STATE_FILE: &str = "state.json";
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Where one task's stream stands: the `cursor_after` of the last batch the run consumed
+/// (`None`: none yet, start at the beginning).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskCursor {
+    pub task: String,
+    pub cursor: Option<Cursor>,
+}
+
+/// A ChaCha8 generator's complete state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngState {
+    /// The 32-byte key, hex.
+    pub seed: String,
+    pub stream: u64,
+    /// The position in the key stream in 32-bit words (a u128, as a decimal string since JSON
+    /// numbers are not that wide).
+    pub word_pos: String,
+}
+
+impl RngState {
+    pub fn capture(rng: &ChaCha8Rng) -> Self {
+        Self {
+            seed: rng.get_seed().iter().map(|b| format!("{b:02x}")).collect(),
+            stream: rng.get_stream(),
+            word_pos: rng.get_word_pos().to_string(),
+        }
+    }
+
+    pub fn restore(&self) -> std::result::Result<ChaCha8Rng, String> {
+        use rand::SeedableRng;
+        let bytes = self.seed.as_bytes();
+        if bytes.len() != 64 {
+            return Err(format!("rng.seed has {} hex digits, not 64", bytes.len()));
+        }
+        let mut seed = [0u8; 32];
+        for (i, pair) in bytes.chunks(2).enumerate() {
+            let s = std::str::from_utf8(pair).map_err(|e| e.to_string())?;
+            seed[i] =
+                u8::from_str_radix(s, 16).map_err(|_| format!("rng.seed: `{s}` is not hex"))?;
+        }
+        let pos: u128 = self
+            .word_pos
+            .parse()
+            .map_err(|_| format!("rng.word_pos `{}` is not a number", self.word_pos))?;
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        rng.set_stream(self.stream);
+        rng.set_word_pos(pos);
+        Ok(rng)
+    }
+}
+
+/// `state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct State {
+    format: String,
+    version: u32,
+    /// Optimizer steps taken.
+    step: u64,
+    tasks: Vec<TaskCursor>,
+    rng: RngState,
+}
+
+/// What a checkpoint holds, ready to save (borrowed from a running trainer).
+#[derive(Debug)]
+pub struct Snapshot<'a> {
+    pub config: &'a TrainConfig,
+    pub step: u64,
+    pub tasks: Vec<TaskCursor>,
+    pub rng: RngState,
+    pub weights: Vec<(String, Tensor)>,
+    pub optimizer: Vec<(String, Tensor)>,
+}
+
+/// A checkpoint read back from disk.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The checkpoint's own folder (`…/checkpoints/step-NNNNNNNN`).
+    pub dir: PathBuf,
+    pub config: TrainConfig,
+    pub step: u64,
+    pub tasks: Vec<TaskCursor>,
+    pub rng: RngState,
+    pub weights: HashMap<String, Tensor>,
+    pub optimizer: HashMap<String, Tensor>,
+}
+
+/// Where a save may be made to fail, for the atomicity tests (a process killed there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// After the weights are written into the temporary folder.
+    AfterWeights,
+    /// After the folder got its final name, before `LATEST` names it.
+    BeforeLatest,
+}
+
+/// The folder name of the checkpoint after `step` optimizer steps.
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// Writes `snap` under `out/checkpoints/` (see the module docs), keeps the newest `keep`
+/// checkpoints (at least the new one) and returns the new checkpoint's folder. A checkpoint of
+/// the same step that already exists is complete and identical (a run that resumed and stopped
+/// at once), so it is kept as it is.
+pub fn save(out: &Path, snap: &Snapshot<'_>, keep: usize) -> Result<PathBuf> {
+    save_with(out, snap, keep, None)
+}
+
+pub(crate) fn save_with(
+    out: &Path,
+    snap: &Snapshot<'_>,
+    keep: usize,
+    fault: Option<Fault>,
+) -> Result<PathBuf> {
+    let root = out.join(DIR);
+    std::fs::create_dir_all(&root).map_err(io_err(&root))?;
+    remove_temporaries(&root)?;
+    let name = step_dir_name(snap.step);
+    let dir = root.join(&name);
+    if !dir.join(STATE_FILE).exists() {
+        let tmp = root.join(format!("{TMP_PREFIX}{name}"));
+        std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+        write_safetensors(&tmp.join(MODEL_FILE), &snap.weights)?;
+        if fault == Some(Fault::AfterWeights) {
+            return Err(injected());
+        }
+        write_safetensors(&tmp.join(OPTIMIZER_FILE), &snap.optimizer)?;
+        write_synced(
+            &tmp.join(CONFIG_FILE),
+            snap.config.to_toml_string().as_bytes(),
+        )?;
+        let state = State {
+            format: FORMAT.into(),
+            version: VERSION,
+            step: snap.step,
+            tasks: snap.tasks.clone(),
+            rng: snap.rng.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&state).expect("the state always serializes");
+        write_synced(&tmp.join(STATE_FILE), &json)?;
+        sync_dir(&tmp)?;
+        std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+        sync_dir(&root)?;
+    }
+    if fault == Some(Fault::BeforeLatest) {
+        return Err(injected());
+    }
+    let latest_tmp = root.join(format!("{TMP_PREFIX}{LATEST}"));
+    write_synced(&latest_tmp, format!("{name}\n").as_bytes())?;
+    let latest = root.join(LATEST);
+    std::fs::rename(&latest_tmp, &latest).map_err(io_err(&latest))?;
+    sync_dir(&root)?;
+    prune(&root, &name, keep.max(1))?;
+    Ok(dir)
+}
+
+fn injected() -> Error {
+    Error::Io {
+        path: "<injected fault>".into(),
+        source: std::io::Error::other("simulated crash"),
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let map: HashMap<&str, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.clone()))
+        .collect();
+    candle_core::safetensors::save(&map, path)?;
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(path))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Removes what an interrupted save left behind.
+fn remove_temporaries(root: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(root).map_err(io_err(root))? {
+        let entry = entry.map_err(io_err(root))?;
+        if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            let path = entry.path();
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.map_err(io_err(&path))?;
+        }
+    }
+    Ok(())
+}
+
+/// The names of the complete checkpoints under `root`, oldest first.
+fn step_dirs(root: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(root).map_err(io_err(root))? {
+        let entry = entry.map_err(io_err(root))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("step-") && entry.path().is_dir() {
+            names.push(name);
+        }
+    }
+    // Zero-padded step numbers sort as numbers.
+    names.sort();
+    Ok(names)
+}
+
+fn prune(root: &Path, latest: &str, keep: usize) -> Result<()> {
+    let names = step_dirs(root)?;
+    let excess = names.len().saturating_sub(keep);
+    for name in names.iter().take(excess).filter(|n| n.as_str() != latest) {
+        let path = root.join(name);
+        std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
+    }
+    Ok(())
+}
+
+/// Whether `out` already holds checkpoints (a run that `--resume` should continue rather than
+/// a new run overwrite).
+pub fn has_checkpoints(out: &Path) -> bool {
+    out.join(DIR).join(LATEST).exists()
+}
+
+/// The checkpoint folder `path` means: a checkpoint folder itself, a `checkpoints` folder (its
+/// `LATEST`), or a run's output folder (its `checkpoints/LATEST`).
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.join(STATE_FILE).exists() {
+        return Ok(path.to_path_buf());
+    }
+    for root in [path.to_path_buf(), path.join(DIR)] {
+        let latest = root.join(LATEST);
+        if latest.exists() {
+            let name = std::fs::read_to_string(&latest).map_err(io_err(&latest))?;
+            let name = name.trim();
+            if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+                return Err(checkpoint_err(
+                    &latest,
+                    format!("names no checkpoint: `{name}`"),
+                ));
+            }
+            let dir = root.join(name);
+            if !dir.join(STATE_FILE).exists() {
+                return Err(checkpoint_err(
+                    &latest,
+                    format!("names `{name}`, which is not a complete checkpoint"),
+                ));
+            }
+            return Ok(dir);
+        }
+    }
+    Err(checkpoint_err(
+        path,
+        if path.exists() {
+            format!("not a checkpoint (no {STATE_FILE}, no {LATEST}, no {DIR}/{LATEST})")
+        } else {
+            "does not exist".into()
+        },
+    ))
+}
+
+/// Reads the checkpoint `path` means (see [`resolve`]), checking its format and version and
+/// that every file parses. Tensors are loaded on `device`.
+pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
+    let dir = resolve(path)?;
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read(&state_path).map_err(io_err(&state_path))?;
+    // Format and version first, so a newer layout is reported as such rather than as a
+    // parse error of some field it renamed.
+    let head: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| checkpoint_err(&state_path, format!("corrupt: {e}")))?;
+    match head.get("format").and_then(|v| v.as_str()) {
+        Some(FORMAT) => {}
+        other => {
+            return Err(checkpoint_err(
+                &state_path,
+                format!("format {other:?} is not `{FORMAT}`"),
+            ));
+        }
+    }
+    match head.get("version").and_then(|v| v.as_u64()) {
+        Some(v) if v == u64::from(VERSION) => {}
+        other => {
+            return Err(checkpoint_err(
+                &state_path,
+                format!(
+                    "version {} is not supported (this build reads version {VERSION})",
+                    other.map_or("missing".into(), |v| v.to_string())
+                ),
+            ));
+        }
+    }
+    let state: State = serde_json::from_value(head)
+        .map_err(|e| checkpoint_err(&state_path, format!("corrupt: {e}")))?;
+    let config_path = dir.join(CONFIG_FILE);
+    let config_text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+    let config = TrainConfig::from_toml_str(&config_text, None)
+        .map_err(|e| checkpoint_err(&config_path, format!("invalid: {e}")))?;
+    let read = |file: &str| -> Result<HashMap<String, Tensor>> {
+        let p = dir.join(file);
+        if !p.exists() {
+            return Err(checkpoint_err(&p, "missing"));
+        }
+        candle_core::safetensors::load(&p, device)
+            .map_err(|e| checkpoint_err(&p, format!("corrupt: {e}")))
+    };
+    let weights = read(MODEL_FILE)?;
+    let optimizer = read(OPTIMIZER_FILE)?;
+    if state.tasks.len() != config.tasks().len() {
+        return Err(checkpoint_err(
+            &state_path,
+            format!(
+                "{} task cursors for the config's {} tasks",
+                state.tasks.len(),
+                config.tasks().len()
+            ),
+        ));
+    }
+    Ok(Checkpoint {
+        dir,
+        config,
+        step: state.step,
+        tasks: state.tasks,
+        rng: state.rng,
+        weights,
+        optimizer,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+    use rand::{Rng, SeedableRng};
+
+    fn snapshot(config: &TrainConfig, step: u64, value: f32) -> Snapshot<'_> {
+        let t = |v: f32| Tensor::full(v, (2, 3), &Device::Cpu).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        for _ in 0..step {
+            let _: u64 = rng.random();
+        }
+        Snapshot {
+            config,
+            step,
+            tasks: config
+                .tasks()
+                .iter()
+                .map(|t| TaskCursor {
+                    task: t.name.clone(),
+                    cursor: Some(Cursor {
+                        epoch: 1,
+                        position: step * 4,
+                    }),
+                })
+                .collect(),
+            rng: RngState::capture(&rng),
+            weights: vec![("w".into(), t(value))],
+            optimizer: vec![("m.w".into(), t(0.5)), ("v.w".into(), t(0.25))],
+        }
+    }
+
+    fn weight(c: &Checkpoint) -> f32 {
+        c.weights["w"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0]
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = TrainConfig::example();
+        let snap = snapshot(&config, 7, 1.5);
+        let written = save(dir.path(), &snap, 2).unwrap();
+        assert_eq!(written, dir.path().join(DIR).join("step-00000007"));
+        for path in [dir.path(), &dir.path().join(DIR), &written] {
+            let c = load(path, &Device::Cpu).unwrap();
+            assert_eq!(c.dir, written);
+            assert_eq!(c.step, 7);
+            assert_eq!(c.config, config);
+            assert_eq!(c.tasks, snap.tasks);
+            assert_eq!(c.rng, snap.rng);
+            assert_eq!(weight(&c), 1.5);
+            assert_eq!(c.optimizer["v.w"].dtype(), DType::F32);
+            // The RNG continues where it stood.
+            let mut a = c.rng.restore().unwrap();
+            let mut b = ChaCha8Rng::seed_from_u64(9);
+            for _ in 0..7 {
+                let _: u64 = b.random();
+            }
+            assert_eq!(a.random::<u64>(), b.random::<u64>());
+        }
+        assert!(has_checkpoints(dir.path()));
+    }
+
+    #[test]
+    fn keeps_the_newest_and_prunes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = TrainConfig::example();
+        for step in [1, 2, 3, 4] {
+            save(dir.path(), &snapshot(&config, step, step as f32), 2).unwrap();
+        }
+        let root = dir.path().join(DIR);
+        assert_eq!(
+            step_dirs(&root).unwrap(),
+            ["step-00000003", "step-00000004"]
+        );
+        assert_eq!(weight(&load(dir.path(), &Device::Cpu).unwrap()), 4.0);
+    }
+
+    #[test]
+    fn a_crash_mid_write_leaves_the_previous_checkpoint_loadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = TrainConfig::example();
+        save(dir.path(), &snapshot(&config, 1, 1.0), 1).unwrap();
+        for fault in [Fault::AfterWeights, Fault::BeforeLatest] {
+            save_with(dir.path(), &snapshot(&config, 2, 2.0), 1, Some(fault)).unwrap_err();
+            let c = load(dir.path(), &Device::Cpu).unwrap();
+            assert_eq!((c.step, weight(&c)), (1, 1.0), "{fault:?}");
+            // The next save cleans up and succeeds.
+            save(dir.path(), &snapshot(&config, 3, 3.0), 1).unwrap();
+            let c = load(dir.path(), &Device::Cpu).unwrap();
+            assert_eq!((c.step, weight(&c)), (3, 3.0));
+            let root = dir.path().join(DIR);
+            let names: Vec<String> = std::fs::read_dir(&root)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.'))
+                .collect();
+            assert!(names.is_empty(), "{names:?}");
+            // Back to one checkpoint at step 1 for the next fault.
+            std::fs::remove_dir_all(&root).unwrap();
+            save(dir.path(), &snapshot(&config, 1, 1.0), 1).unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_checkpoints_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = TrainConfig::example();
+        let ckpt = save(dir.path(), &snapshot(&config, 1, 1.0), 1).unwrap();
+        let err = |path: &Path| load(path, &Device::Cpu).unwrap_err().to_string();
+
+        let e = err(&dir.path().join("nowhere"));
+        assert!(e.contains("does not exist"), "{e}");
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let e = err(&empty);
+        assert!(e.contains("not a checkpoint"), "{e}");
+
+        let state_path = ckpt.join(STATE_FILE);
+        let state = std::fs::read_to_string(&state_path).unwrap();
+        std::fs::write(
+            &state_path,
+            state.replace("\"version\": 1", "\"version\": 99"),
+        )
+        .unwrap();
+        let e = err(&ckpt);
+        assert!(e.contains("version 99") && e.contains(STATE_FILE), "{e}");
+        std::fs::write(&state_path, state.replace(FORMAT, "something-else")).unwrap();
+        assert!(err(&ckpt).contains("format"));
+        std::fs::write(&state_path, &state[..state.len() / 2]).unwrap();
+        assert!(err(&ckpt).contains("corrupt"));
+        std::fs::write(&state_path, &state).unwrap();
+
+        let model = ckpt.join(MODEL_FILE);
+        let bytes = std::fs::read(&model).unwrap();
+        std::fs::write(&model, &bytes[..bytes.len() - 5]).unwrap();
+        let e = err(&ckpt);
+        assert!(e.contains(MODEL_FILE) && e.contains("corrupt"), "{e}");
+        std::fs::remove_file(&model).unwrap();
+        let e = err(&ckpt);
+        assert!(e.contains(MODEL_FILE) && e.contains("missing"), "{e}");
+        std::fs::write(&model, &bytes).unwrap();
+
+        let cfg = ckpt.join(CONFIG_FILE);
+        std::fs::write(&cfg, "steps = \"many\"").unwrap();
+        let e = err(&ckpt);
+        assert!(e.contains(CONFIG_FILE), "{e}");
+
+        std::fs::write(dir.path().join(DIR).join(LATEST), "step-00000099\n").unwrap();
+        let e = err(dir.path());
+        assert!(
+            e.contains("step-00000099") && e.contains("not a complete"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,1060 @@
+//! The training loop: batches from loaders over gRPC, masked-token losses, AdamW with warm-up
+//! and decay, clipping, accumulation, validation on the validation split, metrics and
+//! checkpoints from which a run continues bit for bit.
+//!
+//! A [`TrainConfig`] (TOML) names the model (a preset or a full model table), the loader request
+//! (embedded, or a path to a request file), the tasks, the optimizer and the schedule:
+//!
+//! ```toml
+//! steps = 200               # length of the LR schedule (and of the run, unless told to stop earlier)
+//! seed = 0                  # weights and the task choice
+//! model = "tiny"            # a preset, or a [model] table (see ModelConfig)
+//! request = "request.toml"  # a path (relative to this file), or a [request] table
+//!
+//! [[tasks]]                 # left out: one task with the request's own masks
+//! name = "bert"
+//! weight = 3                # chosen with probability weight / Σ weights, per micro-batch
+//! mask = { kind = "bert", r_max = 0.5 }
+//! [[tasks]]
+//! name = "forecast"
+//! weight = 1
+//! mask = { kind = "forecast", steps = 1 }
+//!
+//! [optimizer]
+//! lr = 1e-3
+//! warmup_steps = 10
+//! decay = "cosine"          # "cosine" | "linear" | "constant"
+//! weight_decay = 0.05
+//! grad_clip_norm = 1.0
+//! accumulation = 1
+//!
+//! [validation]
+//! every = 50                # steps; 0 = never
+//! batches = 4               # per task, on the validation split
+//!
+//! [checkpoint]
+//! every = 100               # steps; 0 = only at the end of the run
+//! keep = 2
+//! ```
+//!
+//! Each task streams the request with every field's mask replaced by the task's, and the seed
+//! offset by the task's index (so the tasks see samples in different orders). Each step draws
+//! the task of each micro-batch from a seeded ChaCha stream whose state the checkpoint keeps;
+//! with the loader cursors, the weights and AdamW's moments, that is all a run's state, so
+//! resuming from a checkpoint reproduces an uninterrupted run exactly (on the CPU, where candle's
+//! kernels are deterministic).
+//!
+//! The loop awaits the stream and computes on the calling task: run it on a multi-threaded
+//! tokio runtime so the client's prefetch keeps receiving while a step computes.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use atmorep_proto::client::{BatchStream, LoaderClient};
+use atmorep_proto::request::{ModeName, RequestConfig, SplitName};
+use atmorep_proto::{Batch, Cursor, MaskConfig};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{FieldTensors, batch_tensors};
+use crate::checkpoint::{self, Checkpoint, RngState, Snapshot, TaskCursor};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result, checkpoint_err, io_err, train_config_err};
+use crate::loss::{masked_crps, masked_mse};
+use crate::metrics_log::{self, StepRecord};
+use crate::model::{FieldInput, MultiFormer};
+use crate::optim::{AdamW, Grads, OptimizerConfig};
+
+/// One self-supervised task: a masking of every field, and how often it is drawn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    pub name: String,
+    /// Relative frequency.
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    /// The mask of every field; left out: the request's own masks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<MaskConfig>,
+}
+
+fn default_weight() -> f64 {
+    1.0
+}
+
+fn default_val_batches() -> u64 {
+    4
+}
+
+/// Validation on the validation time split.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Validate after every `every` steps; 0 = never.
+    #[serde(default)]
+    pub every: u64,
+    /// Batches per task; always the first ones of the validation stream, so every validation
+    /// sees the same samples and masks.
+    #[serde(default = "default_val_batches")]
+    pub batches: u64,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self {
+            every: 0,
+            batches: default_val_batches(),
+        }
+    }
+}
+
+fn default_keep() -> usize {
+    2
+}
+
+/// When checkpoints are written (into the run's output folder) and how many are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Every `every` steps; 0 = only at the end of a run. A run always writes one at its end.
+    #[serde(default)]
+    pub every: u64,
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            every: 0,
+            keep: default_keep(),
+        }
+    }
+}
+
+/// A whole training run's configuration (see the module docs), with the model and the request
+/// spelt out (a preset name or a request path is replaced when the file is read).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps of the schedule.
+    pub steps: u64,
+    #[serde(default)]
+    pub seed: u64,
+    pub model: ModelConfig,
+    pub request: RequestConfig,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<TaskConfig>,
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    #[serde(default)]
+    pub validation: ValidationConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+/// The sections of a config that decide what a run computes; a checkpoint resumes only under
+/// the same ones.
+const IDENTITY: [&str; 6] = ["steps", "seed", "model", "request", "tasks", "optimizer"];
+
+impl TrainConfig {
+    /// `examples/train.toml`: the tiny preset on `t` and `z` at 850 and 500 hPa of the store
+    /// `atmorep loader synth` writes.
+    pub fn example() -> Self {
+        Self::from_toml_str(include_str!("../../examples/train.toml"), None)
+            .expect("examples/train.toml is valid")
+    }
+
+    /// Reads a config file; a request path in it is relative to the file's folder.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+        Self::from_toml_str(&text, path.parent()).map_err(|e| match e {
+            Error::TrainConfig { setting, reason } => Error::TrainConfig {
+                setting,
+                reason: format!("{reason} (in {})", path.display()),
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates a config; a request path is relative to `base` (the working folder
+    /// when `None`).
+    pub fn from_toml_str(text: &str, base: Option<&Path>) -> Result<Self> {
+        let parse_err = |e: &dyn std::fmt::Display| train_config_err("<file>", e.to_string());
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| parse_err(&e))?;
+        match table.get("model") {
+            Some(toml::Value::String(name)) => {
+                let preset = ModelConfig::preset(name)
+                    .map_err(|e| train_config_err("model", e.to_string()))?;
+                let value = toml::Value::try_from(preset).expect("a model config serializes");
+                table.insert("model".into(), value);
+            }
+            Some(toml::Value::Table(_)) => {}
+            Some(_) => return Err(train_config_err("model", "a preset name or a table")),
+            None => return Err(train_config_err("model", "missing")),
+        }
+        match table.get("request") {
+            Some(toml::Value::String(path)) => {
+                let path = base.unwrap_or(Path::new("")).join(path);
+                let request = RequestConfig::load(&path)
+                    .map_err(|e| train_config_err("request", e.to_string()))?;
+                let value = toml::Value::try_from(request).expect("a request serializes");
+                table.insert("request".into(), value);
+            }
+            Some(toml::Value::Table(_)) => {}
+            Some(_) => return Err(train_config_err("request", "a file path or a table")),
+            None => return Err(train_config_err("request", "missing")),
+        }
+        let cfg: Self = table.try_into().map_err(|e| parse_err(&e))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The config as TOML (what a checkpoint keeps).
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string(self).expect("a train config always serializes")
+    }
+
+    /// The tasks; one called `request` with the request's masks when the config lists none.
+    pub fn tasks(&self) -> Vec<TaskConfig> {
+        if self.tasks.is_empty() {
+            vec![TaskConfig {
+                name: "request".into(),
+                weight: 1.0,
+                mask: None,
+            }]
+        } else {
+            self.tasks.clone()
+        }
+    }
+
+    /// Task `i`'s training request: the task's mask on every field, the seed offset by `i`.
+    pub fn task_request(&self, i: usize) -> RequestConfig {
+        let mut r = self.request.clone();
+        if let Some(mask) = self.tasks().get(i).and_then(|t| t.mask) {
+            for f in &mut r.fields {
+                f.mask = mask;
+            }
+        }
+        r.seed = r.seed.wrapping_add(i as u64);
+        r
+    }
+
+    /// Task `i`'s validation request: its training request on the validation split, from the
+    /// start.
+    pub fn validation_request(&self, i: usize) -> RequestConfig {
+        let mut r = self.task_request(i);
+        r.split = SplitName::Validation;
+        r.resume = None;
+        r
+    }
+
+    /// Tokens of one sample over the model's fields.
+    pub fn tokens_per_sample(&self) -> u64 {
+        self.model.fields.iter().map(|f| f.num_tokens as u64).sum()
+    }
+
+    /// Rejects impossible or inconsistent settings; the error names the setting.
+    pub fn validate(&self) -> Result<()> {
+        self.model
+            .validate()
+            .map_err(|e| train_config_err("model", e.to_string()))?;
+        self.optimizer.validate()?;
+        if self.steps == 0 {
+            return Err(train_config_err("steps", "must be at least 1"));
+        }
+        let r = &self.request;
+        if r.mode != ModeName::Training {
+            return Err(train_config_err(
+                "request.mode",
+                "training needs `training`",
+            ));
+        }
+        if r.split != SplitName::Train {
+            return Err(train_config_err(
+                "request.split",
+                "training reads `train` (validation uses the validation split by itself)",
+            ));
+        }
+        if let Some(end) = r.end_epoch {
+            return Err(train_config_err(
+                "request.end_epoch",
+                format!(
+                    "{end}: a training stream must not end (leave it out; `steps` ends the run)"
+                ),
+            ));
+        }
+        if r.resume.is_some() {
+            return Err(train_config_err(
+                "request.resume",
+                "a run resumes from its checkpoint (`--resume`), not from the request",
+            ));
+        }
+        if r.batch_size == 0 {
+            return Err(train_config_err("request.batch_size", "must be at least 1"));
+        }
+        for (m, spec) in self.model.fields.iter().enumerate() {
+            let Some(i) = r.fields.iter().position(|f| f.name == spec.name) else {
+                return Err(train_config_err(
+                    format!("model.fields[{m}].name"),
+                    format!(
+                        "`{}` is not among the request's fields {:?}",
+                        spec.name,
+                        r.fields.iter().map(|f| &f.name).collect::<Vec<_>>()
+                    ),
+                ));
+            };
+            let f = &r.fields[i];
+            let levels = f.levels.len().max(1) as u64;
+            let tokens = levels * f.num_tokens.iter().map(|&n| u64::from(n)).product::<u64>();
+            let numel: u64 = f.token_size.iter().map(|&n| u64::from(n)).product();
+            for (what, got, want) in [
+                ("num_tokens", tokens, spec.num_tokens as u64),
+                ("token_size", numel, spec.token_numel as u64),
+                ("pe_width", u64::from(f.pe_width), spec.pe_width as u64),
+            ] {
+                if got != want {
+                    return Err(train_config_err(
+                        format!("request.fields[{i}].{what}"),
+                        format!(
+                            "field `{}` gives {got} (tokens per sample over all levels, values \
+                             per token, PE width), the model's field expects {want}",
+                            f.name
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, t) in self.tasks.iter().enumerate() {
+            if t.name.is_empty() || !names.insert(t.name.as_str()) {
+                return Err(train_config_err(
+                    format!("tasks[{i}].name"),
+                    format!("`{}` is empty or named twice", t.name),
+                ));
+            }
+            if !(t.weight.is_finite() && t.weight > 0.0) {
+                return Err(train_config_err(
+                    format!("tasks[{i}].weight"),
+                    format!("{} must be positive", t.weight),
+                ));
+            }
+        }
+        for (i, _) in self.tasks().iter().enumerate() {
+            let req = self.task_request(i);
+            let masked = req
+                .fields
+                .iter()
+                .any(|f| self.model.field_index(&f.name).is_some() && f.mask != MaskConfig::None);
+            if !masked {
+                let setting = if self.tasks.is_empty() {
+                    "request.fields".to_string()
+                } else {
+                    format!("tasks[{i}].mask")
+                };
+                return Err(train_config_err(
+                    setting,
+                    "no field of the model is masked, so there is nothing to learn",
+                ));
+            }
+        }
+        if self.checkpoint.keep == 0 {
+            return Err(train_config_err("checkpoint.keep", "must be at least 1"));
+        }
+        if self.validation.every > 0 && self.validation.batches == 0 {
+            return Err(train_config_err("validation.batches", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The identity settings (see [`IDENTITY`]) in which `other` differs, as dotted keys.
+    pub fn identity_differences(&self, other: &Self) -> Vec<String> {
+        let a = toml::Table::try_from(self).expect("serializes");
+        let b = toml::Table::try_from(other).expect("serializes");
+        let mut out = Vec::new();
+        for key in IDENTITY {
+            let (x, y) = (a.get(key), b.get(key));
+            if x == y {
+                continue;
+            }
+            match (x, y) {
+                (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                    let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                    keys.sort();
+                    keys.dedup();
+                    out.extend(
+                        keys.into_iter()
+                            .filter(|k| x.get(*k) != y.get(*k))
+                            .map(|k| format!("{key}.{k}")),
+                    );
+                }
+                _ => out.push(key.to_string()),
+            }
+        }
+        out
+    }
+}
+
+/// How to run: where to stop, where to write, whether to show progress.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop once this many optimizer steps have been taken in all (default: the config's
+    /// `steps`). The schedule still spans the config's `steps`.
+    pub stop_at: Option<u64>,
+    /// Output folder for checkpoints and the metrics tables; `None`: write nothing.
+    pub out: Option<PathBuf>,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    /// One record per step of this run.
+    pub steps: Vec<StepRecord>,
+    /// The last checkpoint written.
+    pub checkpoint: Option<PathBuf>,
+    /// The metrics tables written.
+    pub metrics_files: Vec<PathBuf>,
+}
+
+/// Mean time per step and its parts, over some steps of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Breakdown {
+    pub steps: usize,
+    pub tokens_per_s: f64,
+    pub step_s: f64,
+    pub data_wait_s: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
+}
+
+impl Breakdown {
+    pub fn data_wait_fraction(&self) -> f64 {
+        self.data_wait_s / self.step_s.max(1e-12)
+    }
+
+    /// A few lines for a terminal.
+    pub fn to_text(&self) -> String {
+        let pct = |s: f64| 100.0 * s / self.step_s.max(1e-12);
+        format!(
+            "{:.0} tokens/s over {} steps; {:.2} ms per step: data wait {:.2} ms ({:.1}%), \
+             forward {:.2} ms ({:.1}%), backward {:.2} ms ({:.1}%), optimizer {:.2} ms ({:.1}%)\n",
+            self.tokens_per_s,
+            self.steps,
+            self.step_s * 1e3,
+            self.data_wait_s * 1e3,
+            pct(self.data_wait_s),
+            self.forward_s * 1e3,
+            pct(self.forward_s),
+            self.backward_s * 1e3,
+            pct(self.backward_s),
+            self.optimizer_s * 1e3,
+            pct(self.optimizer_s),
+        )
+    }
+}
+
+impl RunSummary {
+    /// The training losses, step by step.
+    pub fn losses(&self) -> Vec<f64> {
+        self.steps.iter().map(|s| s.loss).collect()
+    }
+
+    /// Means over the steps after the first `skip` (warm-up of caches and the stream).
+    pub fn breakdown(&self, skip: usize) -> Breakdown {
+        let rows = &self.steps[skip.min(self.steps.len())..];
+        let n = rows.len().max(1) as f64;
+        let sum = |f: fn(&StepRecord) -> f64| rows.iter().map(f).sum::<f64>();
+        let total = sum(|r| r.step_s);
+        Breakdown {
+            steps: rows.len(),
+            tokens_per_s: rows.iter().map(|r| r.tokens).sum::<u64>() as f64 / total.max(1e-12),
+            step_s: total / n,
+            data_wait_s: sum(|r| r.data_wait_s) / n,
+            forward_s: sum(|r| r.forward_s) / n,
+            backward_s: sum(|r| r.backward_s) / n,
+            optimizer_s: sum(|r| r.optimizer_s) / n,
+        }
+    }
+}
+
+/// A model, its optimizer and everything else a run's state is made of.
+pub struct Trainer {
+    config: TrainConfig,
+    model: MultiFormer,
+    varmap: VarMap,
+    opt: AdamW,
+    /// Draws the task of each micro-batch.
+    rng: ChaCha8Rng,
+    /// Per task, the cursor after the last batch consumed.
+    cursors: Vec<Option<Cursor>>,
+    device: Device,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `VarMap` has no `Debug`; the variables are listed through the optimizer.
+        f.debug_struct("Trainer")
+            .field("step", &self.step())
+            .field("cursors", &self.cursors)
+            .field("model", &self.model)
+            .field("opt", &self.opt)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The task-choice RNG's stream, apart from the weights' (which use one per variable name).
+const TASK_RNG_STREAM: u64 = 0x7461_736b;
+
+impl Trainer {
+    /// A fresh run: weights from the config's seed, moments at zero, streams at their start.
+    pub fn new(config: TrainConfig) -> Result<Self> {
+        config.validate()?;
+        let (device, dtype) = (Device::Cpu, DType::F32);
+        let (model, varmap) = MultiFormer::seeded(&config.model, config.seed, dtype, &device)?;
+        let opt = AdamW::new(&varmap, &config.optimizer)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        rng.set_stream(TASK_RNG_STREAM);
+        let cursors = vec![None; config.tasks().len()];
+        Ok(Self {
+            config,
+            model,
+            varmap,
+            opt,
+            rng,
+            cursors,
+            device,
+            dtype,
+        })
+    }
+
+    /// Continues the run of `ckpt`. With `config` (e.g. from `--config`), its identity settings
+    /// (model, request, tasks, optimizer, steps, seed) must equal the checkpoint's; its
+    /// validation and checkpoint cadence replace the checkpoint's.
+    pub fn from_checkpoint(ckpt: Checkpoint, config: Option<TrainConfig>) -> Result<Self> {
+        let dir = ckpt.dir.clone();
+        let config = match config {
+            Some(given) => {
+                let diff = ckpt.config.identity_differences(&given);
+                if !diff.is_empty() {
+                    return Err(checkpoint_err(
+                        &dir.join(checkpoint::CONFIG_FILE),
+                        format!(
+                            "was trained with another config: it differs from the given one in {} \
+                             (resume without a config to use the checkpoint's)",
+                            diff.iter()
+                                .map(|d| format!("`{d}`"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+                given
+            }
+            None => ckpt.config.clone(),
+        };
+        let mut trainer = Self::new(config)?;
+        let model_path = dir.join(checkpoint::MODEL_FILE);
+        let mut weights = ckpt.weights;
+        for (name, var) in trainer.opt.vars() {
+            let t = weights.remove(name).ok_or_else(|| {
+                checkpoint_err(
+                    &model_path,
+                    format!("no tensor `{name}`, which the model needs"),
+                )
+            })?;
+            if t.dims() != var.dims() {
+                return Err(checkpoint_err(
+                    &model_path,
+                    format!(
+                        "tensor `{name}` has shape {:?}, the model needs {:?}",
+                        t.dims(),
+                        var.dims()
+                    ),
+                ));
+            }
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        if let Some(extra) = weights.keys().min() {
+            return Err(checkpoint_err(
+                &model_path,
+                format!("tensor `{extra}` belongs to no variable of the model"),
+            ));
+        }
+        trainer
+            .opt
+            .load_state(ckpt.optimizer, ckpt.step)
+            .map_err(|what| checkpoint_err(&dir.join(checkpoint::OPTIMIZER_FILE), what))?;
+        let state_path = dir.join(checkpoint::STATE_FILE);
+        for (task, saved) in trainer.config.tasks().iter().zip(&ckpt.tasks) {
+            if task.name != saved.task {
+                return Err(checkpoint_err(
+                    &state_path,
+                    format!(
+                        "a cursor for task `{}` where the config has `{}`",
+                        saved.task, task.name
+                    ),
+                ));
+            }
+        }
+        trainer.cursors = ckpt.tasks.iter().map(|t| t.cursor).collect();
+        trainer.rng = ckpt
+            .rng
+            .restore()
+            .map_err(|what| checkpoint_err(&state_path, what))?;
+        Ok(trainer)
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    pub fn model(&self) -> &MultiFormer {
+        &self.model
+    }
+
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// Optimizer steps taken.
+    pub fn step(&self) -> u64 {
+        self.opt.steps_taken()
+    }
+
+    /// Per task, the cursor after the last batch consumed.
+    pub fn cursors(&self) -> &[Option<Cursor>] {
+        &self.cursors
+    }
+
+    /// The run's state as a checkpoint would save it.
+    pub fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot {
+            config: &self.config,
+            step: self.step(),
+            tasks: self
+                .config
+                .tasks()
+                .into_iter()
+                .zip(&self.cursors)
+                .map(|(t, c)| TaskCursor {
+                    task: t.name,
+                    cursor: *c,
+                })
+                .collect(),
+            rng: RngState::capture(&self.rng),
+            weights: self
+                .opt
+                .vars()
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect(),
+            optimizer: self.opt.state_tensors(),
+        }
+    }
+
+    /// Writes a checkpoint under `out` and returns its folder.
+    pub fn save_checkpoint(&self, out: &Path) -> Result<PathBuf> {
+        checkpoint::save(out, &self.snapshot(), self.config.checkpoint.keep)
+    }
+
+    /// The training loss of one batch: per field with masked tokens the MSE of the ensemble
+    /// mean (plus the CRPS with an ensemble), averaged over those fields.
+    pub fn loss(&self, preds: &[Tensor], fields: &[FieldTensors]) -> Result<Tensor> {
+        let ensemble = self.config.model.ensemble > 1;
+        let mut terms = Vec::new();
+        for (p, f) in preds.iter().zip(fields) {
+            if f.target.elem_count() == 0 {
+                continue;
+            }
+            let mut l = masked_mse(p, &f.target, &f.masked_indices)?;
+            if ensemble {
+                l = (l + masked_crps(p, &f.target, &f.masked_indices)?)?;
+            }
+            terms.push(l);
+        }
+        if terms.is_empty() {
+            // A batch without masked tokens: a zero that keeps the graph, all gradients zero.
+            return Ok(preds[0].sum_all()?.affine(0.0, 0.0)?);
+        }
+        let n = terms.len();
+        Ok(Tensor::stack(&terms, 0)?
+            .sum_all()?
+            .affine(1.0 / n as f64, 0.0)?)
+    }
+
+    fn forward_loss(&self, batch: &Batch) -> Result<(Tensor, u64)> {
+        let fields = batch_tensors(batch, &self.config.model, self.dtype, &self.device)?;
+        let inputs: Vec<FieldInput> = fields.iter().map(|f| f.input.clone()).collect();
+        let preds = self.model.forward(&inputs)?;
+        let tokens = batch.len() as u64 * self.config.tokens_per_sample();
+        Ok((self.loss(&preds, &fields)?, tokens))
+    }
+
+    fn pick_task(&mut self, weights: &[f64]) -> usize {
+        let total: f64 = weights.iter().sum();
+        let mut x = self.rng.random::<f64>() * total;
+        for (i, w) in weights.iter().enumerate() {
+            if x < *w {
+                return i;
+            }
+            x -= w;
+        }
+        weights.len() - 1
+    }
+
+    /// Trains until `opts.stop_at` (or the config's `steps`), pulling batches from `client`.
+    pub async fn run(&mut self, client: &LoaderClient, opts: &RunOptions) -> Result<RunSummary> {
+        let stop = opts.stop_at.unwrap_or(self.config.steps);
+        let tasks = self.config.tasks();
+        let weights: Vec<f64> = tasks.iter().map(|t| t.weight).collect();
+        let mut streams: Vec<BatchStream> = (0..tasks.len())
+            .map(|i| {
+                let mut r = self.config.task_request(i);
+                r.resume = self.cursors[i];
+                client.stream(r.to_proto())
+            })
+            .collect();
+        let mut delivered = vec![0u64; tasks.len()];
+        let bar = progress_bar(opts.progress, self.step(), stop);
+        let mut summary = RunSummary::default();
+        let mut unwritten: Vec<StepRecord> = Vec::new();
+        let accumulation = self.config.optimizer.accumulation;
+        let mut saved_at = None;
+
+        while self.step() < stop {
+            let started = Instant::now();
+            let step = self.step();
+            let lr = self.config.optimizer.lr_at(step, self.config.steps);
+            let mut acc = Grads::default();
+            let mut record = StepRecord {
+                step: step + 1,
+                tasks: String::new(),
+                loss: 0.0,
+                lr,
+                grad_norm: 0.0,
+                tokens: 0,
+                step_s: 0.0,
+                data_wait_s: 0.0,
+                forward_s: 0.0,
+                backward_s: 0.0,
+                optimizer_s: 0.0,
+                val_loss: None,
+            };
+            let mut names = Vec::with_capacity(accumulation);
+            for _ in 0..accumulation {
+                let task = self.pick_task(&weights);
+                names.push(tasks[task].name.as_str());
+                let t = Instant::now();
+                let batch =
+                    next_batch(&mut streams[task], &tasks[task].name, &mut delivered[task]).await?;
+                record.data_wait_s += t.elapsed().as_secs_f64();
+
+                let t = Instant::now();
+                let (loss, tokens) = self.forward_loss(&batch)?;
+                record.loss += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+                record.tokens += tokens;
+                record.forward_s += t.elapsed().as_secs_f64();
+
+                let t = Instant::now();
+                let store = loss.backward()?;
+                acc.accumulate(Grads::from_store(
+                    &store,
+                    self.opt.vars(),
+                    1.0 / accumulation as f64,
+                )?)?;
+                record.backward_s += t.elapsed().as_secs_f64();
+                self.cursors[task] = Some(batch.cursor_after);
+            }
+            record.loss /= accumulation as f64;
+            record.tasks = names.join("+");
+
+            let t = Instant::now();
+            record.grad_norm = acc.clip(self.config.optimizer.grad_clip_norm)?;
+            self.opt.step(&acc, lr)?;
+            record.optimizer_s = t.elapsed().as_secs_f64();
+            record.step_s = started.elapsed().as_secs_f64();
+
+            let done = self.step();
+            let every = self.config.validation.every;
+            if every > 0 && done.is_multiple_of(every) {
+                record.val_loss = Some(self.validate(client).await?);
+            }
+            record.record();
+            bar.set_position(done);
+            bar.set_message(format!(
+                "loss {:.4} · {:.0} tok/s · data wait {:.1}%{}",
+                record.loss,
+                record.tokens_per_s(),
+                100.0 * record.data_wait_fraction(),
+                record
+                    .val_loss
+                    .map(|v| format!(" · val {v:.4}"))
+                    .unwrap_or_default()
+            ));
+            summary.steps.push(record.clone());
+            unwritten.push(record);
+
+            let every = self.config.checkpoint.every;
+            if let Some(out) = &opts.out
+                && ((every > 0 && done.is_multiple_of(every)) || done == stop)
+            {
+                summary.checkpoint = Some(self.save_checkpoint(out)?);
+                summary
+                    .metrics_files
+                    .extend(metrics_log::write_steps(out, &unwritten)?);
+                unwritten.clear();
+                saved_at = Some(done);
+            }
+        }
+        if let Some(out) = &opts.out
+            && saved_at != Some(self.step())
+        {
+            // Nothing to train (already at `stop`): still leave a checkpoint of where it stands.
+            summary.checkpoint = Some(self.save_checkpoint(out)?);
+            summary
+                .metrics_files
+                .extend(metrics_log::write_steps(out, &unwritten)?);
+        }
+        bar.finish_and_clear();
+        Ok(summary)
+    }
+
+    /// The mean loss over the first `validation.batches` batches of every task's validation
+    /// stream (the same batches every time). Touches no state of the run.
+    pub async fn validate(&self, client: &LoaderClient) -> Result<f64> {
+        let mut sum = 0.0;
+        let mut n = 0u64;
+        for (i, task) in self.config.tasks().iter().enumerate() {
+            let mut stream = client.stream(self.config.validation_request(i).to_proto());
+            let what = format!("validation `{}`", task.name);
+            let mut delivered = 0;
+            for _ in 0..self.config.validation.batches {
+                let batch = next_batch(&mut stream, &what, &mut delivered).await?;
+                let (loss, _) = self.forward_loss(&batch)?;
+                sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+                n += 1;
+            }
+        }
+        let loss = sum / n.max(1) as f64;
+        Ok(loss)
+    }
+}
+
+/// The next batch with samples (a finite stream's closing message may have none).
+async fn next_batch(stream: &mut BatchStream, what: &str, delivered: &mut u64) -> Result<Batch> {
+    loop {
+        match stream.next().await {
+            Some(Ok(batch)) if batch.is_empty() && !batch.end_of_stream => continue,
+            Some(Ok(batch)) if batch.is_empty() => break,
+            Some(Ok(batch)) => {
+                *delivered += 1;
+                return Ok(batch);
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => break,
+        }
+    }
+    Err(Error::StreamEnded {
+        what: what.to_string(),
+        batches: *delivered,
+    })
+}
+
+fn progress_bar(show: bool, pos: u64, len: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len).with_position(pos);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps · {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_is_valid_and_round_trips() {
+        let cfg = TrainConfig::example();
+        assert_eq!(cfg.model, ModelConfig::tiny());
+        assert_eq!(cfg.tasks().len(), 2);
+        let again = TrainConfig::from_toml_str(&cfg.to_toml_string(), None).unwrap();
+        assert_eq!(again, cfg);
+        assert!(cfg.identity_differences(&again).is_empty());
+        // The tasks stream the request with their masks and their own seeds.
+        let (a, b) = (cfg.task_request(0), cfg.task_request(1));
+        assert_ne!(a.fields[0].mask, b.fields[0].mask);
+        assert_eq!(b.seed, a.seed + 1);
+        assert_eq!(cfg.validation_request(1).split, SplitName::Validation);
+    }
+
+    #[test]
+    fn a_request_path_is_read_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = TrainConfig::example();
+        // The BERT task's request: masks of its own, so the run needs no tasks.
+        let request = cfg.task_request(0);
+        std::fs::write(
+            dir.path().join("req.toml"),
+            toml::to_string(&request).unwrap(),
+        )
+        .unwrap();
+        let text = "steps = 5\nmodel = \"tiny\"\nrequest = \"req.toml\"\n";
+        let path = dir.path().join("train.toml");
+        std::fs::write(&path, text).unwrap();
+        let loaded = TrainConfig::from_toml_file(&path).unwrap();
+        assert_eq!(loaded.request, request);
+        assert!(loaded.tasks.is_empty());
+        let e = TrainConfig::from_toml_str(text, Some(Path::new("/nonexistent")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("request"), "{e}");
+    }
+
+    #[test]
+    fn bad_configs_name_the_setting() {
+        let base = TrainConfig::example();
+        type Edit = Box<dyn Fn(&mut TrainConfig)>;
+        let cases: Vec<(&str, Edit)> = vec![
+            ("steps", Box::new(|c| c.steps = 0)),
+            ("optimizer.lr", Box::new(|c| c.optimizer.lr = -1.0)),
+            (
+                "request.fields[0].num_tokens",
+                Box::new(|c| c.request.fields[0].num_tokens[0] = 3),
+            ),
+            (
+                "request.fields[1].token_size",
+                Box::new(|c| c.request.fields[1].token_size[2] = 5),
+            ),
+            (
+                "request.fields[0].pe_width",
+                Box::new(|c| c.request.fields[0].pe_width = 16),
+            ),
+            (
+                "model.fields[1].name",
+                Box::new(|c| c.request.fields[1].name = "q".into()),
+            ),
+            (
+                "request.end_epoch",
+                Box::new(|c| c.request.end_epoch = Some(3)),
+            ),
+            (
+                "request.split",
+                Box::new(|c| c.request.split = SplitName::Test),
+            ),
+            (
+                "tasks[1].name",
+                Box::new(|c| c.tasks[1].name = c.tasks[0].name.clone()),
+            ),
+            ("tasks[0].weight", Box::new(|c| c.tasks[0].weight = 0.0)),
+            (
+                "tasks[0].mask",
+                Box::new(|c| c.tasks[0].mask = Some(MaskConfig::None)),
+            ),
+            ("model", Box::new(|c| c.model.num_heads = 3)),
+            ("checkpoint.keep", Box::new(|c| c.checkpoint.keep = 0)),
+        ];
+        for (setting, edit) in cases {
+            let mut cfg = base.clone();
+            edit(&mut cfg);
+            match cfg.validate().unwrap_err() {
+                Error::TrainConfig { setting: s, reason } => {
+                    assert_eq!(s, setting, "{reason}")
+                }
+                other => panic!("{setting}: {other}"),
+            }
+        }
+        let e = TrainConfig::from_toml_str("steps = 1\nmodel = \"huge\"\nrequest = \"x\"", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model") && e.contains("huge"), "{e}");
+    }
+
+    #[test]
+    fn identity_differences_are_dotted_keys() {
+        let a = TrainConfig::example();
+        let mut b = a.clone();
+        b.optimizer.lr *= 2.0;
+        b.model.d_model = 64;
+        b.validation.every = 99;
+        assert_eq!(
+            a.identity_differences(&b),
+            ["model.d_model", "optimizer.lr"]
+        );
+    }
+
+    #[test]
+    fn checkpoint_weights_must_fit_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let trainer = Trainer::new(TrainConfig::example()).unwrap();
+        trainer.save_checkpoint(dir.path()).unwrap();
+
+        // Resumes as saved.
+        let ckpt = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
+        let back = Trainer::from_checkpoint(ckpt, None).unwrap();
+        assert_eq!(back.step(), 0);
+
+        // Another config: named.
+        let mut other = TrainConfig::example();
+        other.optimizer.weight_decay = 0.1;
+        let ckpt = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
+        let e = Trainer::from_checkpoint(ckpt, Some(other))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("optimizer.weight_decay"), "{e}");
+
+        // A tensor of the wrong shape, a missing one, an unknown one.
+        let model_path = dir
+            .path()
+            .join("checkpoints/step-00000000")
+            .join(checkpoint::MODEL_FILE);
+        let mut ckpt = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
+        let name = ckpt.weights.keys().min().unwrap().clone();
+        ckpt.weights.insert(
+            name.clone(),
+            Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = Trainer::from_checkpoint(ckpt, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&name) && e.contains("[7]"), "{e}");
+        assert!(e.contains(&model_path.display().to_string()), "{e}");
+        let mut ckpt = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
+        ckpt.weights.remove(&name);
+        let e = Trainer::from_checkpoint(ckpt, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&name) && e.contains("no tensor"), "{e}");
+        let mut ckpt = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
+        ckpt.weights.insert(
+            "bogus".into(),
+            Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = Trainer::from_checkpoint(ckpt, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`bogus`"), "{e}");
+        let mut ckpt = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
+        ckpt.optimizer.remove(&format!("v.{name}"));
+        let e = Trainer::from_checkpoint(ckpt, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(checkpoint::OPTIMIZER_FILE) && e.contains(&format!("v.{name}")),
+            "{e}"
+        );
+    }
+}
