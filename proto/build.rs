@@ -26,6 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Tensor payloads stay `Bytes`: decoding slices the received buffer instead of copying
         // it into a `Vec<u8>`, and servers can hand over buffers they already own.
         .bytes(".atmorep.loader.v1.Tensor.data")
+        // Encodes each message into a buffer reserved at its exact size (see `codec.rs`).
+        .codec_path("crate::codec::ReservingCodec")
         .compile_fds(fds)?;
     Ok(())
 }

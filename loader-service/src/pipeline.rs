@@ -357,7 +357,73 @@ pub struct Pipeline {
     grid_spacing: f64,
     /// Window and token buffers returned by finished samples. Reusing them spares the kernel
     /// zeroing fresh pages for every sample, which otherwise costs more than the decoding.
-    buffers: std::sync::Mutex<Vec<Vec<f32>>>,
+    pool: Arc<BufferPool>,
+}
+
+/// Sample buffers kept for reuse, bounded in count and bytes. One pool can serve every stream of
+/// a server, so that idle buffers stay a bounded share of its memory however many streams run.
+#[derive(Debug)]
+pub struct BufferPool {
+    buffers: std::sync::Mutex<(Vec<Vec<f32>>, u64)>,
+    max_buffers: usize,
+    max_bytes: u64,
+}
+
+impl BufferPool {
+    /// A pool that keeps at most `max_buffers` buffers of at most `max_bytes` in all.
+    pub fn new(max_buffers: usize, max_bytes: u64) -> Self {
+        Self {
+            buffers: std::sync::Mutex::new((Vec::new(), 0)),
+            max_buffers,
+            max_bytes,
+        }
+    }
+
+    /// A pooled buffer (empty, with some capacity) or a new empty one.
+    pub fn take(&self) -> Vec<f32> {
+        let mut guard = self.lock();
+        let (buffers, bytes) = &mut *guard;
+        match buffers.pop() {
+            Some(buffer) => {
+                *bytes -= Self::size(&buffer);
+                buffer
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Keeps `buffer` for reuse if the pool has room, frees it otherwise.
+    pub fn give(&self, mut buffer: Vec<f32>) {
+        buffer.clear();
+        let size = Self::size(&buffer);
+        let mut guard = self.lock();
+        let (buffers, bytes) = &mut *guard;
+        if size > 0 && buffers.len() < self.max_buffers && *bytes + size <= self.max_bytes {
+            *bytes += size;
+            buffers.push(buffer);
+        }
+    }
+
+    /// Bytes held by pooled buffers.
+    pub fn held_bytes(&self) -> u64 {
+        self.lock().1
+    }
+
+    fn size(buffer: &Vec<f32>) -> u64 {
+        buffer.capacity() as u64 * 4
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Vec<f32>>, u64)> {
+        self.buffers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl atmorep_proto::tensor::Recycle for BufferPool {
+    fn recycle(&self, buffer: Vec<f32>) {
+        self.give(buffer);
+    }
 }
 
 impl Pipeline {
@@ -631,7 +697,8 @@ impl Pipeline {
             grid_spacing: (dataset.lats[0] - dataset.lats[1]).abs(),
             plan,
             tiling,
-            buffers: std::sync::Mutex::new(Vec::new()),
+            // Enough for every sample in flight of one stream; more would only hold memory.
+            pool: Arc::new(BufferPool::new(64, u64::MAX)),
             dataset,
             stats,
             local,
@@ -691,22 +758,22 @@ impl Pipeline {
     }
 
     fn take_buffer(&self) -> Vec<f32> {
-        self.buffers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pop()
-            .unwrap_or_default()
+        self.pool.take()
     }
 
     fn return_buffer(&self, buffer: Vec<f32>) {
-        let mut pool = self
-            .buffers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Enough for every sample in flight; more would only hold memory.
-        if pool.len() < 64 {
-            pool.push(buffer);
-        }
+        self.pool.give(buffer);
+    }
+
+    /// Takes buffers from (and returns them to) `pool` instead of a pool of its own.
+    pub fn with_pool(mut self, pool: Arc<BufferPool>) -> Self {
+        self.pool = pool;
+        self
+    }
+
+    /// The pool this pipeline's sample buffers come from and go back to.
+    pub fn pool(&self) -> &Arc<BufferPool> {
+        &self.pool
     }
 
     /// Builds sample `id` of `epoch`.

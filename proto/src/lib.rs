@@ -25,6 +25,7 @@
 pub mod batch;
 pub mod calendar;
 pub mod client;
+pub mod codec;
 pub mod convert;
 pub mod error;
 pub mod geometry;

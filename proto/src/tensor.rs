@@ -10,6 +10,7 @@
 //! [`pb::Tensor::as_f32`] borrows the received buffer when it is F32 and suitably aligned.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -101,6 +102,53 @@ pub fn encode_f32(values: Vec<f32>, dtype: Dtype) -> Bytes {
         #[cfg(target_endian = "little")]
         Dtype::F32 => Bytes::from_owner(F32Le(values)),
         _ => encode_f32_slice(&values, dtype),
+    }
+}
+
+/// Takes back the buffers of sent tensors (see [`encode_f32_recycled`]): a buffer pool.
+pub trait Recycle: Send + Sync {
+    fn recycle(&self, buffer: Vec<f32>);
+}
+
+/// Owns an `f32` vector shown as bytes and hands it back to its pool once the message that
+/// holds it has been encoded and dropped.
+#[cfg(target_endian = "little")]
+struct Recycled {
+    values: Vec<f32>,
+    pool: Arc<dyn Recycle>,
+}
+
+#[cfg(target_endian = "little")]
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.values)
+    }
+}
+
+#[cfg(target_endian = "little")]
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        self.pool.recycle(std::mem::take(&mut self.values));
+    }
+}
+
+/// [`encode_f32`], giving `values` back to `pool` once the bytes are dropped (F32 on
+/// little-endian machines: no copy), or right after converting them (other cases).
+///
+/// # Panics
+/// On `DTYPE_UNSPECIFIED`, as [`encode_f32`].
+pub fn encode_f32_recycled(values: Vec<f32>, dtype: Dtype, pool: &Arc<dyn Recycle>) -> Bytes {
+    match dtype {
+        #[cfg(target_endian = "little")]
+        Dtype::F32 => Bytes::from_owner(Recycled {
+            values,
+            pool: pool.clone(),
+        }),
+        _ => {
+            let bytes = encode_f32_slice(&values, dtype);
+            pool.recycle(values);
+            bytes
+        }
     }
 }
 
@@ -428,5 +476,37 @@ mod tests {
         let t = pb::Tensor::from_f32(&[0, 5], vec![], Dtype::F32).unwrap();
         assert_eq!(t.to_f32().unwrap(), Vec::<f32>::new());
         assert_eq!(t.numel().unwrap(), 0);
+    }
+
+    struct Pool(std::sync::Mutex<Vec<Vec<f32>>>);
+
+    impl Recycle for Pool {
+        fn recycle(&self, buffer: Vec<f32>) {
+            self.0.lock().unwrap().push(buffer);
+        }
+    }
+
+    #[test]
+    fn recycled_buffers_return_to_their_pool_when_the_bytes_are_dropped() {
+        let pool = Arc::new(Pool(std::sync::Mutex::new(Vec::new())));
+        let dyn_pool: Arc<dyn Recycle> = pool.clone();
+        let values = vec![1.0f32, -2.5, 3.25];
+        let bytes = encode_f32_recycled(values.clone(), Dtype::F32, &dyn_pool);
+        let slice = bytes.slice(4..);
+        drop(bytes);
+        assert!(
+            pool.0.lock().unwrap().is_empty(),
+            "a slice still holds the buffer"
+        );
+        let mut decoded = Vec::new();
+        decode_into(&slice, Dtype::F32, &mut decoded).unwrap();
+        assert_eq!(decoded, values[1..]);
+        drop(slice);
+        assert_eq!(*pool.0.lock().unwrap(), vec![values.clone()]);
+
+        // bf16 converts at once and gives the buffer back straight away.
+        let bytes = encode_f32_recycled(values.clone(), Dtype::Bf16, &dyn_pool);
+        assert_eq!(pool.0.lock().unwrap().len(), 2);
+        assert_eq!(bytes.len(), 6);
     }
 }

@@ -14,9 +14,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use atmorep_proto::batch::split_parts;
 use atmorep_proto::pb;
 use atmorep_proto::pb::loader_server::{Loader, LoaderServer};
+use atmorep_proto::tensor::{encode_f32, encode_f32_recycled};
+use atmorep_proto::token_info::TOKEN_INFO_LEN;
+use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::codec::CompressionEncoding;
@@ -27,7 +29,9 @@ use crate::dataset::Dataset;
 use crate::epoch::Cursor;
 use crate::local_stats::{LOCAL_STORE, LocalStats};
 use crate::normalization::{GLOBAL_FILE, GlobalStats};
-use crate::pipeline::{BatchSpec, MemoryBudget, Pipeline, Sample, SampleBatch};
+use crate::pipeline::{
+    BatchSpec, BufferPool, FieldSample, MemoryBudget, Pipeline, Sample, SampleBatch,
+};
 use crate::{ChunkCache, StoreLocation};
 pub use config::{ConfigError, DatasetConfig, ServerConfig, TlsConfig};
 use request::{Limits, StreamRequest};
@@ -66,6 +70,8 @@ struct State {
     config: ServerConfig,
     datasets: BTreeMap<String, Served>,
     budget: MemoryBudget,
+    /// Sample buffers shared by every stream, holding at most a quarter of the budget's size.
+    pool: Arc<BufferPool>,
     next_stream: AtomicU64,
     /// Flips to `true` on shutdown so endless streams end (with UNAVAILABLE, which clients
     /// answer by resuming elsewhere) instead of holding the server open.
@@ -144,6 +150,10 @@ impl LoaderService {
         Ok(Self {
             state: Arc::new(State {
                 budget: MemoryBudget::new(config.memory_budget_mib << 20),
+                pool: Arc::new(BufferPool::new(
+                    POOL_BUFFERS,
+                    config.memory_budget_mib << 20,
+                )),
                 config,
                 datasets,
                 next_stream: AtomicU64::new(0),
@@ -193,7 +203,8 @@ impl LoaderService {
             served.stats.clone(),
             served.local.clone(),
         )
-        .map_err(|e| status::from_pipeline(&e))?;
+        .map_err(|e| status::from_pipeline(&e))?
+        .with_pool(self.state.pool.clone());
         Ok((parsed, Arc::new(pipeline)))
     }
 }
@@ -206,7 +217,17 @@ fn failed(status: Status) -> Status {
     status
 }
 
-/// The wire form of a batch; the samples' buffers go back to the pipeline's pool.
+/// Bytes of a message part the server aims for: large enough that per-message costs vanish,
+/// small enough that samples of this size or larger travel without being copied into a batch.
+const PART_BYTES: usize = 4 << 20;
+
+/// Most sample buffers the server-wide pool keeps (its byte limit usually binds first).
+const POOL_BUFFERS: usize = 4096;
+
+/// The wire form of a batch: consecutive parts of at most `max_bytes` (and about
+/// [`PART_BYTES`]) each. A sample that fills a part alone travels in its own buffers, which go
+/// back to the pipeline's pool once tonic has encoded them; smaller samples are gathered into one
+/// buffer per tensor.
 fn to_wire(
     pipeline: &Pipeline,
     samples: Vec<Sample>,
@@ -214,59 +235,143 @@ fn to_wire(
     cursor_after: Cursor,
     end_of_stream: bool,
     dtype: pb::Dtype,
-) -> Result<pb::Batch, Status> {
-    let geometry = pipeline.field_geometries();
-    let b = samples.len();
-    let mut fields = Vec::with_capacity(geometry.len());
-    for (f, (name, numel, tokens, pe_width)) in geometry.into_iter().enumerate() {
-        let mut field = atmorep_proto::FieldBatch {
-            name,
-            source: Vec::with_capacity(b * tokens * numel),
-            source_shape: [b, tokens, numel],
-            target: Vec::new(),
-            masked_indices: Vec::with_capacity(b),
-            token_info: Vec::with_capacity(b * tokens * 8),
-            pe: Vec::with_capacity(b * tokens * pe_width),
-            pe_width,
-            windows: Vec::with_capacity(b),
-        };
-        field
-            .target
-            .reserve_exact(samples.iter().map(|s| s.fields[f].target.len()).sum());
-        for sample in &samples {
-            let s = &sample.fields[f];
-            field.source.extend_from_slice(&s.source);
-            field.target.extend_from_slice(&s.target);
-            field.masked_indices.push(s.masked_indices.clone());
-            field.token_info.extend_from_slice(&s.token_info);
-            field.pe.extend_from_slice(&s.pe);
-            field.windows.push(atmorep_proto::Window {
-                time_start: s.window.time_start,
-                lat_start: s.window.lat_start,
-                lon_start: s.window.lon_start,
-                size: s.window.size,
-            });
-        }
-        fields.push(field);
-    }
-    let batch = atmorep_proto::Batch {
-        sequence,
-        epoch: samples.first().map_or(cursor_after.epoch, |s| s.epoch),
-        sample_ids: samples.iter().map(|s| s.id).collect(),
-        sample_epochs: samples.iter().map(|s| s.epoch).collect(),
-        fields,
-        cursor_after: atmorep_proto::Cursor {
-            epoch: cursor_after.epoch,
-            position: cursor_after.position,
-        },
-        end_of_stream,
+    max_bytes: usize,
+) -> Vec<pb::Batch> {
+    let elem = if dtype == pb::Dtype::Bf16 { 2 } else { 4 };
+    let wire_bytes = |s: &Sample| -> usize {
+        s.fields
+            .iter()
+            .map(|f| {
+                (f.source.len() + f.target.len() + f.pe.len()) * elem
+                    + f.token_info.len() * 4
+                    + f.masked_indices.len() * 5
+                    + 128
+            })
+            .sum::<usize>()
+            + 64
     };
+    let limit = max_bytes.saturating_sub(1024).clamp(1, PART_BYTES);
+    let mut groups: Vec<Vec<Sample>> = Vec::new();
+    let mut group_bytes = 0;
     for sample in samples {
-        pipeline.recycle(sample);
+        let bytes = wire_bytes(&sample);
+        match groups.last_mut() {
+            Some(group) if group_bytes + bytes <= limit => {
+                group.push(sample);
+                group_bytes += bytes;
+            }
+            _ => {
+                groups.push(vec![sample]);
+                group_bytes = bytes;
+            }
+        }
     }
-    batch
-        .into_proto(dtype)
-        .map_err(|e| Status::internal(format!("encoding batch {sequence}: {e}")))
+    let epoch = groups
+        .first()
+        .and_then(|g| g.first())
+        .map_or(cursor_after.epoch, |s| s.epoch);
+    if groups.is_empty() {
+        // An empty batch still carries its cursor and the end of the stream.
+        groups.push(Vec::new());
+    }
+    let parts = groups.len() as u32;
+    let geometry = pipeline.field_geometries();
+    let pool: Arc<dyn atmorep_proto::tensor::Recycle> = pipeline.pool().clone();
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut group)| {
+            let last = k + 1 == parts as usize;
+            let fields = geometry
+                .iter()
+                .enumerate()
+                .map(|(f, (name, numel, tokens, pe_width))| {
+                    let (g, n) = (group.len() as u64, *tokens as u64);
+                    let masked_counts: Vec<u32> = group
+                        .iter()
+                        .map(|s| s.fields[f].masked_indices.len() as u32)
+                        .collect();
+                    let masked = u64::from(masked_counts.iter().sum::<u32>());
+                    let tensor = |shape: Vec<u64>, data: Bytes, dtype: pb::Dtype| pb::Tensor {
+                        shape,
+                        dtype: dtype as i32,
+                        data,
+                    };
+                    let mut gather = |part: fn(&mut FieldSample) -> &mut Vec<f32>| {
+                        if let [only] = group.as_mut_slice() {
+                            std::mem::take(part(&mut only.fields[f]))
+                        } else {
+                            let mut out = pipeline.pool().take();
+                            for s in group.iter_mut() {
+                                let values = std::mem::take(part(&mut s.fields[f]));
+                                out.extend_from_slice(&values);
+                                pipeline.pool().give(values);
+                            }
+                            out
+                        }
+                    };
+                    let source = gather(|f| &mut f.source);
+                    let target = gather(|f| &mut f.target);
+                    let info = gather(|f| &mut f.token_info);
+                    let pe = gather(|f| &mut f.pe);
+                    pb::FieldBatch {
+                        name: name.clone(),
+                        source: Some(tensor(
+                            vec![g, n, *numel as u64],
+                            encode_f32_recycled(source, dtype, &pool),
+                            dtype,
+                        )),
+                        target: Some(tensor(
+                            vec![masked, *numel as u64],
+                            encode_f32_recycled(target, dtype, &pool),
+                            dtype,
+                        )),
+                        masked_indices: group
+                            .iter()
+                            .flat_map(|s| s.fields[f].masked_indices.iter().copied())
+                            .collect(),
+                        masked_counts,
+                        token_info: Some(tensor(
+                            vec![g, n, TOKEN_INFO_LEN as u64],
+                            encode_f32(info, pb::Dtype::F32),
+                            pb::Dtype::F32,
+                        )),
+                        pe: Some(tensor(
+                            vec![g, n, *pe_width as u64],
+                            encode_f32(pe, dtype),
+                            dtype,
+                        )),
+                        windows: group
+                            .iter()
+                            .map(|s| {
+                                let w = &s.fields[f].window;
+                                pb::Window {
+                                    time_start: w.time_start as u64,
+                                    lat_start: w.lat_start as u64,
+                                    lon_start: w.lon_start as u64,
+                                    size: w.size.iter().map(|&d| d as u64).collect(),
+                                }
+                            })
+                            .collect(),
+                    }
+                })
+                .collect();
+            pb::Batch {
+                sequence,
+                epoch,
+                sample_ids: group.iter().map(|s| s.id).collect(),
+                sample_epochs: group.iter().map(|s| s.epoch).collect(),
+                fields,
+                cursor_after: last.then(|| pb::Cursor {
+                    epoch: cursor_after.epoch,
+                    position: cursor_after.position,
+                }),
+                part: k as u32,
+                parts,
+                end_of_stream: last && end_of_stream,
+            }
+        })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -409,9 +514,17 @@ impl Loader for LoaderService {
         }
         .map_err(|e| failed(status::from_pipeline(&e)))?;
         let cursor = Cursor::default();
-        let mut message = to_wire(&pipeline, vec![sample], 0, cursor, true, parsed.dtype)?;
-        message.part = 0;
-        message.parts = 1;
+        // One message whatever its size: a unary reply has no parts.
+        let mut parts = to_wire(
+            &pipeline,
+            vec![sample],
+            0,
+            cursor,
+            true,
+            parsed.dtype,
+            usize::MAX,
+        );
+        let message = parts.pop().expect("one sample makes one part");
         Ok(Response::new(message))
     }
 }
@@ -488,24 +601,16 @@ async fn serve_stream(mut task: StreamTask) {
         let Some(next) = next else {
             if sequence == 0 && task.parsed.end_epoch.is_some() {
                 // Resumed at the very end: say so, or the client would take silence for a loss.
-                let empty = to_wire(
+                let mut empty = to_wire(
                     &task.pipeline,
                     Vec::new(),
                     0,
                     task.parsed.resume,
                     true,
                     task.parsed.dtype,
+                    task.max_bytes,
                 );
-                let _ = task
-                    .tx
-                    .send(Outgoing::new(
-                        empty.map(|mut m| {
-                            m.parts = 1;
-                            m
-                        }),
-                        None,
-                    ))
-                    .await;
+                let _ = task.tx.send(Outgoing::new(Ok(empty.remove(0)), None)).await;
             }
             break;
         };
@@ -523,23 +628,15 @@ async fn serve_stream(mut task: StreamTask) {
             }
         };
         let n = samples.len() as u64;
-        let message = match to_wire(
+        let message = to_wire(
             &task.pipeline,
             samples,
             sequence,
             cursor_after,
             last,
             task.parsed.dtype,
-        )
-        .and_then(|m| {
-            split_parts(m, task.max_bytes).map_err(|e| Status::internal(format!("splitting: {e}")))
-        }) {
-            Ok(parts) => parts,
-            Err(status) => {
-                let _ = task.tx.send(Outgoing::error(failed(status))).await;
-                break;
-            }
-        };
+            task.max_bytes,
+        );
         let bytes: usize = message
             .iter()
             .flat_map(|m| &m.fields)
