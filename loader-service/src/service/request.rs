@@ -347,6 +347,12 @@ impl StreamRequest {
                 format!("{end} is not after the resume epoch {}", resume.epoch),
             ));
         }
+        // Tiles cover the globe once per epoch: a tiles stream is one pass unless the request
+        // asks for more (clients take the end of the stream as the end of the pass).
+        let end_epoch = match (&mode, request.end_epoch) {
+            (SampleMode::Tiles { .. }, None) => Some(resume.epoch + 1),
+            (_, end) => end,
+        };
         Ok(Self {
             dataset: request.dataset.clone(),
             pipeline: PipelineConfig {
@@ -366,7 +372,7 @@ impl StreamRequest {
             rank: request.rank,
             world,
             resume,
-            end_epoch: request.end_epoch,
+            end_epoch,
         })
     }
 }
