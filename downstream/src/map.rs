@@ -219,12 +219,39 @@ pub fn draw_map(
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::UpperRight)
+            .position(emptiest_corner(
+                all().map(|p| (in_frame(p.lon, west), p.lat)),
+                (lon_lo, lon_hi),
+                (lat_lo, lat_hi),
+            ))
             .draw()
             .map_err(|e| err(&e))?;
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+/// The corner of the frame with the fewest track points, where the legend hides the least.
+fn emptiest_corner(
+    points: impl Iterator<Item = (f64, f64)>,
+    (lon_lo, lon_hi): (f64, f64),
+    (lat_lo, lat_hi): (f64, f64),
+) -> SeriesLabelPosition {
+    let (lon_mid, lat_mid) = ((lon_lo + lon_hi) / 2.0, (lat_lo + lat_hi) / 2.0);
+    // Upper right, upper left, lower right, lower left: ties keep the earlier corner.
+    let mut counts = [0usize; 4];
+    for (lon, lat) in points {
+        let k = usize::from(lon < lon_mid) + 2 * usize::from(lat < lat_mid);
+        counts[k] += 1;
+    }
+    let corner = (0..4).min_by_key(|&k| counts[k]).unwrap_or(0);
+    [
+        SeriesLabelPosition::UpperRight,
+        SeriesLabelPosition::UpperLeft,
+        SeriesLabelPosition::LowerRight,
+        SeriesLabelPosition::LowerLeft,
+    ][corner]
+        .clone()
 }
 
 #[cfg(test)]
@@ -289,5 +316,21 @@ mod tests {
             ..MapConfig::default()
         };
         assert!(draw_map(&path, &ours, None, &tiny).is_err());
+    }
+
+    #[test]
+    fn the_legend_goes_to_the_emptiest_corner() {
+        let corner = |points: &[(f64, f64)]| {
+            emptiest_corner(points.iter().copied(), (0.0, 100.0), (-50.0, 50.0))
+        };
+        assert!(matches!(corner(&[]), SeriesLabelPosition::UpperRight));
+        assert!(matches!(
+            corner(&[(90.0, 40.0), (10.0, 40.0), (10.0, -40.0)]),
+            SeriesLabelPosition::LowerRight
+        ));
+        assert!(matches!(
+            corner(&[(90.0, 40.0), (90.0, -40.0), (10.0, -40.0)]),
+            SeriesLabelPosition::UpperLeft
+        ));
     }
 }
