@@ -6,7 +6,8 @@
 //! or from a CLI subprocess through [`S3TestServer::s3_env`] /
 //! [`S3TestServer::configure_command`] — without any network access or cloud
 //! account. [`atmorep_bin`] builds (once per test process) and locates the
-//! `atmorep` CLI for tests that run it as a subprocess.
+//! `atmorep` CLI for tests that run it as a subprocess, and [`Server`] runs
+//! `atmorep loader serve` as one.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -23,6 +24,9 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use s3s::auth::SimpleAuth;
 use s3s::service::{S3Service, S3ServiceBuilder};
 use tokio::sync::oneshot;
+
+pub mod loader_process;
+pub use loader_process::{ChildGuard, Server};
 
 /// Access key id accepted by every [`S3TestServer`].
 pub const TEST_ACCESS_KEY: &str = "atmorep-test-access-key";

@@ -17,14 +17,13 @@
 //! test leaves nothing running; a failing test also prints the tail of the server's log.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use atmorep_integration_tests::{atmorep_bin, workspace_root};
+use atmorep_integration_tests::{ChildGuard, Server, atmorep_bin, workspace_root};
 use atmorep_loader::Dataset;
 use atmorep_loader::normalization::GlobalStats;
 use atmorep_loader::synth::{SynthConfig, write_store};
@@ -39,7 +38,6 @@ use tempfile::TempDir;
 use tonic::Code;
 
 /// How long a server may take to open its stores and print its address.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Upper bound for any one stream in these tests; they take well under a second each.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -49,144 +47,6 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A child process killed (SIGKILL) and reaped when dropped, so a failed assertion never leaves
 /// a server or a `pull` behind.
-#[derive(Debug)]
-struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("the child is still guarded")
-    }
-
-    fn is_running(&mut self) -> bool {
-        matches!(self.child().try_wait(), Ok(None))
-    }
-
-    /// Waits for the process and returns what it wrote (stdout and stderr must be piped).
-    fn wait_output(mut self) -> Output {
-        let child = self.0.take().expect("the child is still guarded");
-        child
-            .wait_with_output()
-            .expect("waiting for a child process")
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A running `atmorep loader serve` with its address and log file.
-#[derive(Debug)]
-struct Server {
-    child: ChildGuard,
-    pid: u32,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Server {
-    /// Starts `atmorep loader serve ARGS --bind 127.0.0.1:0` with its log in `log`.
-    fn start(args: &[String], log: &Path) -> Self {
-        Self::start_on("127.0.0.1:0", args, log)
-    }
-
-    /// Starts the server on `bind` and waits for its `listening on ADDR` line.
-    fn start_on(bind: &str, args: &[String], log: &Path) -> Self {
-        let stderr = std::fs::File::create(log).expect("creating the server log");
-        let child = Command::new(atmorep_bin())
-            .args(["loader", "serve"])
-            .args(args)
-            .args(["--bind", bind])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("starting atmorep loader serve");
-        let mut child = ChildGuard(Some(child));
-        let stdout = child.child().stdout.take().expect("stdout is piped");
-        let (tx, rx) = mpsc::channel();
-        // A thread reads the address line and then drains stdout until the server exits, so the
-        // server can never block on a full pipe.
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
-                if let Some(addr) = line.trim().strip_prefix("listening on ") {
-                    let _ = tx.send(addr.parse::<SocketAddr>().ok());
-                    let _ = std::io::copy(&mut reader, &mut std::io::sink());
-                    return;
-                }
-                line.clear();
-            }
-            let _ = tx.send(None);
-        });
-        match rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(Some(addr)) => Self {
-                pid: child.child().id(),
-                child,
-                addr,
-                log: log.to_path_buf(),
-            },
-            outcome => {
-                drop(child);
-                panic!(
-                    "the server did not report its address ({outcome:?}); its log:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child.is_running()
-    }
-
-    /// `kill -9`: no graceful shutdown, open streams are cut mid-message.
-    fn kill9(&mut self) {
-        let child = self.child.child();
-        child.kill().expect("SIGKILL the server");
-        let _ = child.wait();
-    }
-
-    /// A line of `/proc/PID/status` in KiB (`VmHWM`: peak resident set; `VmRSS`: now).
-    fn proc_status_kib(&self, key: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("reading /proc/PID/status (Linux)");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in /proc/{}/status", self.pid()))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!(
-                "--- last lines of {} ---\n{}",
-                self.log.display(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
-    }
-}
-
 /// `atmorep loader pull ENDPOINTS --request FILE --json ARGS` as a child (stdout/stderr piped).
 fn spawn_pull(endpoints: &[String], request: &Path, args: &[&str]) -> ChildGuard {
     let child = Command::new(atmorep_bin())
