@@ -362,7 +362,7 @@ fn to_wire(
                 sample_ids: group.iter().map(|s| s.id).collect(),
                 sample_epochs: group.iter().map(|s| s.epoch).collect(),
                 fields,
-                cursor_after: last.then(|| pb::Cursor {
+                cursor_after: last.then_some(pb::Cursor {
                     epoch: cursor_after.epoch,
                     position: cursor_after.position,
                 }),
