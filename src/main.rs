@@ -17,6 +17,7 @@ use tracing_subscriber::EnvFilter;
 mod demo;
 mod pull;
 mod serve;
+mod train;
 
 // Decoding allocates and frees many multi-megabyte chunk buffers; mimalloc reuses them instead of
 // returning pages to the OS and faulting them in again.
@@ -63,6 +64,8 @@ enum Command {
         #[command(subcommand)]
         command: LoaderCommand,
     },
+    /// Train the multiformer on batches streamed from loaders; checkpoints, metrics, --resume.
+    Train(train::TrainArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -231,6 +234,7 @@ async fn run() -> Result<()> {
     match cli.command {
         Command::Demo(args) => demo::demo(args).await,
         Command::Loader { command } => loader(command).await,
+        Command::Train(args) => train::train(args).await,
     }
 }
 

@@ -39,6 +39,8 @@ pub mod tail;
 pub mod train;
 
 pub use batch::{FieldTensors, batch_tensors};
+/// The tensor types, so a user of the trainer needs no candle dependency of its own.
+pub use candle_core::{DType, Device};
 pub use config::{AuxInfo, FieldSpec, ModelConfig};
 pub use error::{Error, Result};
 pub use model::{AttentionMaps, FieldInput, MultiFormer};

@@ -716,13 +716,17 @@ impl Trainer {
         let stop = opts.stop_at.unwrap_or(self.config.steps);
         let tasks = self.config.tasks();
         let weights: Vec<f64> = tasks.iter().map(|t| t.weight).collect();
-        let mut streams: Vec<BatchStream> = (0..tasks.len())
-            .map(|i| {
-                let mut r = self.config.task_request(i);
-                r.resume = self.cursors[i];
-                client.stream(r.to_proto())
-            })
-            .collect();
+        // One HTTP/2 connection per stream. A stream the loop is not reading keeps up to its
+        // flow-control window of batches in the transport, and streams on one connection share
+        // the connection's window: two idle task streams of small batches filled it and the
+        // validation stream, opened on the same connection, never received a byte.
+        let mut streams = Vec::with_capacity(tasks.len());
+        for i in 0..tasks.len() {
+            let mut r = self.config.task_request(i);
+            r.resume = self.cursors[i];
+            streams.push(own_connection(client).await?.stream(r.to_proto()));
+        }
+        let validation_client = own_connection(client).await?;
         let mut delivered = vec![0u64; tasks.len()];
         let bar = progress_bar(opts.progress, self.step(), stop);
         let mut summary = RunSummary::default();
@@ -786,7 +790,7 @@ impl Trainer {
             let done = self.step();
             let every = self.config.validation.every;
             if every > 0 && done.is_multiple_of(every) {
-                record.val_loss = Some(self.validate(client).await?);
+                record.val_loss = Some(self.validate(&validation_client).await?);
             }
             record.record();
             bar.set_position(done);
@@ -829,7 +833,8 @@ impl Trainer {
     }
 
     /// The mean loss over the first `validation.batches` batches of every task's validation
-    /// stream (the same batches every time). Touches no state of the run.
+    /// stream (the same batches every time). Touches no state of the run. Give it a client
+    /// whose connection carries no other stream that is not being read (see [`Self::run`]).
     pub async fn validate(&self, client: &LoaderClient) -> Result<f64> {
         let mut sum = 0.0;
         let mut n = 0u64;
@@ -847,6 +852,11 @@ impl Trainer {
         let loss = sum / n.max(1) as f64;
         Ok(loss)
     }
+}
+
+/// A client like `client` on a connection of its own.
+async fn own_connection(client: &LoaderClient) -> Result<LoaderClient> {
+    Ok(LoaderClient::connect(client.config().clone()).await?)
 }
 
 /// The next batch with samples (a finite stream's closing message may have none).

@@ -1,0 +1,384 @@
+//! The trainer against a real loader process: every test starts `atmorep loader serve` on
+//! `127.0.0.1:0` over a tiny synthetic store and trains the tiny model in this process through
+//! the trainer library (or runs `atmorep train`) over gRPC.
+//!
+//! Covered (issue 6): a short run in which the loss falls, with validation, a checkpoint and
+//! the metrics table; exact resume (k steps, a checkpoint, a fresh trainer from it for N − k
+//! steps: the same losses, gradient norms, learning rates and final weights as N uninterrupted
+//! steps, bit for bit); `atmorep train --bench` and its `--resume`, which refuses a mismatched
+//! config without touching the run.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use atmorep_integration_tests::{atmorep_bin, workspace_root};
+use atmorep_loader::Dataset;
+use atmorep_loader::normalization::GlobalStats;
+use atmorep_loader::synth::{SynthConfig, write_store};
+use atmorep_proto::client::{ClientConfig, LoaderClient, ReconnectPolicy};
+use atmorep_trainer::metrics_log::read_steps;
+use atmorep_trainer::{RunOptions, TrainConfig, Trainer, checkpoint};
+use tempfile::TempDir;
+
+/// How long a server may take to open its store and print its address.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `atmorep loader serve` on `127.0.0.1:0`, killed (SIGKILL) and reaped when dropped.
+#[derive(Debug)]
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(dataset: &str, store: &Path, log: &Path) -> Self {
+        let stderr = std::fs::File::create(log).expect("creating the server log");
+        let mut child = Command::new(atmorep_bin())
+            .args(["loader", "serve", "--bind", "127.0.0.1:0", "--dataset"])
+            .arg(format!("{dataset}={}", store.display()))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("starting atmorep loader serve");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        // Reads the address line, then drains stdout so the server never blocks on the pipe.
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+                if let Some(addr) = line.trim().strip_prefix("listening on ") {
+                    let _ = tx.send(addr.parse::<SocketAddr>().ok());
+                    let _ = std::io::copy(&mut reader, &mut std::io::sink());
+                    return;
+                }
+                line.clear();
+            }
+            let _ = tx.send(None);
+        });
+        let addr = match rx.recv_timeout(STARTUP_TIMEOUT) {
+            Ok(Some(addr)) => addr,
+            outcome => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the server did not report its address ({outcome:?}); its log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+        };
+        Self {
+            child,
+            addr,
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- last lines of {} ---\n{}",
+                self.log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}
+
+/// 10° grid (19 × 36), 40 steps of 6 h, `z` and `t` on 850 and 500 hPa: a validation split of
+/// 4 steps, enough for the 2-step windows of the tiny geometry.
+fn tiny_store_config() -> SynthConfig {
+    SynthConfig {
+        grid_deg: 10.0,
+        steps: 40,
+        step_hours: 6,
+        levels: vec![850, 500],
+        variables: vec!["z".into(), "t".into()],
+        ..SynthConfig::default()
+    }
+}
+
+/// Writes the store `dir/tiny.zarr` with its statistics and serves it as dataset `tiny`.
+async fn serve_tiny_store(dir: &Path) -> Server {
+    let path = dir.join("tiny.zarr");
+    write_store(&tiny_store_config(), &path).expect("writing the store");
+    let dataset = Dataset::open(path.to_str().unwrap())
+        .await
+        .expect("opening the store");
+    GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(&path), false, false)
+        .await
+        .expect("statistics");
+    Server::start("tiny", &path, &dir.join("server.log"))
+}
+
+async fn client(server: &Server) -> LoaderClient {
+    let mut config = ClientConfig::new([server.endpoint()]);
+    config.reconnect = ReconnectPolicy {
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(500),
+        max_attempts: Some(8),
+        give_up_after: Some(Duration::from_secs(30)),
+    };
+    LoaderClient::connect(config).await.expect("client config")
+}
+
+/// Fails the test instead of hanging when a run stalls.
+async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took over 60 s"))
+}
+
+/// `examples/train.toml` on the test store, `steps` long.
+fn config(steps: u64) -> TrainConfig {
+    let mut cfg = TrainConfig::example();
+    cfg.steps = steps;
+    cfg.request.dataset = "tiny".into();
+    cfg.optimizer.warmup_steps = 5;
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loss_falls_in_a_short_run_against_a_loader_process() {
+    let dir = TempDir::new().unwrap();
+    let server = serve_tiny_store(dir.path()).await;
+    let client = client(&server).await;
+    let mut cfg = config(60);
+    cfg.validation.every = 30;
+    cfg.validation.batches = 2;
+    cfg.checkpoint.every = 30;
+    let out = dir.path().join("run");
+    let mut trainer = Trainer::new(cfg).unwrap();
+    let opts = RunOptions {
+        out: Some(out.clone()),
+        ..Default::default()
+    };
+    let summary = within("the run", trainer.run(&client, &opts))
+        .await
+        .unwrap();
+
+    let losses = summary.losses();
+    assert_eq!(losses.len(), 60);
+    let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len() as f64;
+    let (first, last) = (mean(&losses[..10]), mean(&losses[50..]));
+    assert!(
+        last < 0.7 * first,
+        "the loss did not fall: first 10 steps {first:.4}, last 10 {last:.4}: {losses:?}"
+    );
+    assert!(losses.iter().all(|l| l.is_finite()));
+    let vals: Vec<_> = summary.steps.iter().filter_map(|s| s.val_loss).collect();
+    assert_eq!(vals.len(), 2, "validation after steps 30 and 60");
+    assert!(vals.iter().all(|v| v.is_finite() && *v > 0.0));
+    // Both tasks were drawn.
+    let tasks: std::collections::HashSet<_> =
+        summary.steps.iter().map(|s| s.tasks.as_str()).collect();
+    assert!(
+        tasks.contains("bert") && tasks.contains("forecast"),
+        "{tasks:?}"
+    );
+
+    // The metrics table holds every step, the checkpoint the last one.
+    let rows = read_steps(&out).unwrap();
+    assert_eq!(rows, summary.steps);
+    assert_eq!(summary.metrics_files.len(), 2);
+    let ckpt = checkpoint::load(&out, &atmorep_trainer::Device::Cpu).unwrap();
+    assert_eq!(ckpt.step, 60);
+    assert_eq!(Some(ckpt.dir), summary.checkpoint);
+    let b = summary.breakdown(5);
+    assert!(
+        b.tokens_per_s > 0.0 && b.data_wait_fraction() < 1.0,
+        "{b:?}"
+    );
+    eprint!("tiny, in-process trainer: {}", b.to_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_run_reproduces_the_uninterrupted_run_bit_for_bit() {
+    let dir = TempDir::new().unwrap();
+    let server = serve_tiny_store(dir.path()).await;
+    let client = client(&server).await;
+    // Accumulation and validation in the mix: neither may disturb the run's state.
+    let (n, k) = (24, 10);
+    let mut cfg = config(n);
+    cfg.optimizer.accumulation = 2;
+    cfg.validation.every = 4;
+    cfg.validation.batches = 1;
+    let opts = |out: &Path, stop: Option<u64>| RunOptions {
+        stop_at: stop,
+        out: Some(out.to_path_buf()),
+        progress: false,
+    };
+
+    let whole_out = dir.path().join("whole");
+    let mut whole = Trainer::new(cfg.clone()).unwrap();
+    let a = within("N steps", whole.run(&client, &opts(&whole_out, None)))
+        .await
+        .unwrap();
+
+    let split_out = dir.path().join("split");
+    let mut first = Trainer::new(cfg.clone()).unwrap();
+    let b1 = first
+        .run(&client, &opts(&split_out, Some(k)))
+        .await
+        .unwrap();
+    assert_eq!(first.step(), k);
+    drop(first);
+    let ckpt = checkpoint::load(&split_out, &atmorep_trainer::Device::Cpu).unwrap();
+    assert_eq!(ckpt.step, k);
+    let mut resumed = Trainer::from_checkpoint(ckpt, Some(cfg)).unwrap();
+    let b2 = within("N - k steps", resumed.run(&client, &opts(&split_out, None)))
+        .await
+        .unwrap();
+
+    let bits = |steps: &[atmorep_trainer::metrics_log::StepRecord]| -> Vec<(u64, String, u64, u64, u64, Option<u64>)> {
+        steps
+            .iter()
+            .map(|s| {
+                (
+                    s.step,
+                    s.tasks.clone(),
+                    s.loss.to_bits(),
+                    s.lr.to_bits(),
+                    s.grad_norm.to_bits(),
+                    s.val_loss.map(f64::to_bits),
+                )
+            })
+            .collect()
+    };
+    let joined = [b1.steps.clone(), b2.steps.clone()].concat();
+    assert_eq!(
+        bits(&joined),
+        bits(&a.steps),
+        "losses {:?} vs {:?}",
+        b2.losses(),
+        &a.losses()[k as usize..]
+    );
+    assert_eq!(whole.cursors(), resumed.cursors());
+    for ((name, x), (_, y)) in whole
+        .snapshot()
+        .weights
+        .iter()
+        .zip(&resumed.snapshot().weights)
+    {
+        let (x, y) = (
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(
+            x.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "weights of `{name}` differ"
+        );
+    }
+    // The resumed run's metrics continue the first part's.
+    let steps: Vec<u64> = read_steps(&split_out)
+        .unwrap()
+        .iter()
+        .map(|s| s.step)
+        .collect();
+    assert_eq!(steps, (1..=n).collect::<Vec<_>>());
+}
+
+/// `atmorep train --bench` for a few steps, then `--resume` of its folder with a config that
+/// differs: a clear error naming the setting, and the run's checkpoint is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_train_command_benches_and_refuses_a_mismatched_resume() {
+    let dir = TempDir::new().unwrap();
+    let server = serve_tiny_store(dir.path()).await;
+    let example = std::fs::read_to_string(workspace_root().join("examples/train.toml")).unwrap();
+    let config = dir.path().join("train.toml");
+    std::fs::write(
+        &config,
+        example.replace("dataset = \"era5\"", "dataset = \"tiny\""),
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let train = |args: &[&str]| {
+        Command::new(atmorep_bin())
+            .arg("train")
+            .arg("--loader")
+            .arg(server.endpoint())
+            .arg("--out")
+            .arg(&out)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("running atmorep train")
+    };
+    let cfg_arg = config.to_str().unwrap();
+    let run = train(&["--config", cfg_arg, "--steps", "20", "--bench", "--quiet"]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for want in [
+        "tokens/s",
+        "data wait",
+        "forward",
+        "backward",
+        "optimizer",
+        "checkpoint:",
+    ] {
+        assert!(stdout.contains(want), "no `{want}` in:\n{stdout}");
+    }
+    eprintln!("atmorep train --bench (tiny):\n{stdout}");
+
+    // A new run into the same folder would overwrite it: refused.
+    let again = train(&["--config", cfg_arg, "--steps", "2", "--quiet"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+
+    let latest = out.join("checkpoints/LATEST");
+    let before = std::fs::read_to_string(&latest).unwrap();
+    let other = dir.path().join("other.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&other, text.replace("lr = 3e-3", "lr = 1e-3")).unwrap();
+    let bad = train(&[
+        "--config",
+        other.to_str().unwrap(),
+        "--resume",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        stderr.contains("optimizer.lr") && stderr.contains("train.toml"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&latest).unwrap(), before);
+
+    // Resuming under its own config continues to step 25.
+    let ok = train(&[
+        "--resume",
+        out.to_str().unwrap(),
+        "--steps",
+        "25",
+        "--quiet",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let ckpt = checkpoint::load(&out, &atmorep_trainer::Device::Cpu).unwrap();
+    assert_eq!(ckpt.step, 25);
+}
