@@ -58,19 +58,19 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         grid_deg: args.grid,
         ..SynthConfig::default()
     };
-    println!("1/4 synthetic ERA5 → {}", store.display());
+    println!("1/5 synthetic ERA5 → {}", store.display());
     let written = store.clone();
-    tokio::task::spawn_blocking(move || write_store(&synth, &written))
+    let summary = tokio::task::spawn_blocking(move || write_store(&synth, &written))
         .await?
         .context("writing the synthetic store")?;
 
-    println!("2/4 normalization statistics");
+    println!("2/5 normalization statistics");
     let url = store.to_str().context("non-UTF-8 path")?.to_string();
     let dataset = Arc::new(Dataset::open(&url).await?);
     let stats_dir = GlobalStats::default_dir(&store);
     GlobalStats::compute_into(&dataset, &stats_dir, false, true).await?;
 
-    println!("3/4 loader service on loopback");
+    println!("3/5 loader service on loopback");
     let config = ServerConfig::with_datasets(vec![DatasetConfig {
         name: "demo".into(),
         url,
@@ -85,7 +85,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         let _ = stopped.await;
     }));
 
-    println!("4/4 one epoch streamed over gRPC from {addr}");
+    println!("4/5 one epoch streamed over gRPC from {addr}");
     let client = LoaderClient::connect(ClientConfig::new(vec![format!("http://{addr}")])).await?;
     let request = RequestConfig::from_toml(DEMO_REQUEST)?;
     let report = consume(
@@ -101,6 +101,25 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     let path = args.out.join("pull.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     println!("report: {}", path.display());
+
+    println!("5/5 tropical cyclones tracked in the loader's global tiles");
+    crate::track::track_with(
+        &client,
+        &crate::track::RunArgs {
+            loader: Vec::new(),
+            dataset: "demo".into(),
+            start: None,
+            end: None,
+            out: args.out.join("tracks.csv"),
+            map: Some(args.out.join("tracks.png")),
+            truth: Some(summary.tracks_csv),
+            config: None,
+            every_hours: 6,
+            token: None,
+            ca: None,
+        },
+    )
+    .await?;
 
     let _ = stop.send(());
     server.await??;

@@ -17,6 +17,7 @@ use tracing_subscriber::EnvFilter;
 mod demo;
 mod pull;
 mod serve;
+mod track;
 mod train;
 
 // Decoding allocates and frees many multi-megabyte chunk buffers; mimalloc reuses them instead of
@@ -66,6 +67,8 @@ enum Command {
     },
     /// Train the multiformer on batches streamed from loaders; checkpoints, metrics, --resume.
     Train(train::TrainArgs),
+    /// Track tropical cyclones in a loader's global tiles (`track eval`: score tracks).
+    Track(track::TrackArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -235,6 +238,7 @@ async fn run() -> Result<()> {
         Command::Demo(args) => demo::demo(args).await,
         Command::Loader { command } => loader(command).await,
         Command::Train(args) => train::train(args).await,
+        Command::Track(args) => track::track(args).await,
     }
 }
 

@@ -56,6 +56,9 @@ pub struct RunArgs {
     /// Detection and stitching thresholds (TOML; left out: DESIGN §6 defaults)
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Track on every this many hours (DESIGN §6: 6-hourly); steps in between are skipped
+    #[arg(long, default_value_t = 6)]
+    pub every_hours: u32,
     /// Bearer token
     #[arg(long, env = "ATMOREP_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -162,6 +165,19 @@ async fn run(args: &RunArgs) -> Result<()> {
     if args.loader.is_empty() {
         bail!("--loader: give at least one loader endpoint");
     }
+    let mut client_config = ClientConfig::new(args.loader.clone());
+    client_config.bearer_token = args.token.clone();
+    if let Some(ca) = &args.ca {
+        client_config.tls_ca_pem =
+            Some(std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?);
+    }
+    let client = LoaderClient::connect(client_config).await?;
+    track_with(&client, args).await
+}
+
+/// Tracks `args.dataset` from `client`'s loader and writes what `args` asks for (the loader
+/// and TLS settings of `args` are not used: the client is already connected).
+pub async fn track_with(client: &LoaderClient, args: &RunArgs) -> Result<()> {
     let cfg = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -174,13 +190,6 @@ async fn run(args: &RunArgs) -> Result<()> {
         }
         None => TrackConfig::default(),
     };
-    let mut client_config = ClientConfig::new(args.loader.clone());
-    client_config.bearer_token = args.token.clone();
-    if let Some(ca) = &args.ca {
-        client_config.tls_ca_pem =
-            Some(std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?);
-    }
-    let client = LoaderClient::connect(client_config).await?;
     let info = client.dataset_info(&args.dataset).await?;
     let request = tracker_request(&info, args.start.as_deref(), args.end.as_deref())?;
     let grid = Grid::from_proto(info.grid.as_ref().context("the loader sent no grid")?)?;
@@ -193,18 +202,40 @@ async fn run(args: &RunArgs) -> Result<()> {
     let mut snapshots = Vec::new();
     let mut bytes = 0usize;
     let progress = indicatif::ProgressBar::new_spinner().with_message("receiving tiles");
+    let window = format!(
+        "global tiles of `{}` from {} to {}",
+        args.dataset,
+        args.start.as_deref().unwrap_or("the first step"),
+        args.end.as_deref().unwrap_or("the last step")
+    );
+    // Detection runs on a fixed cadence from the first step; the loader still sends every step.
+    let cadence = i64::from(args.every_hours.max(1)) * 3600;
+    let mut first = None;
     while let Some(batch) = stream.next().await {
-        let batch = batch?;
+        let batch = batch.with_context(|| window.clone())?;
         bytes += batch.payload_bytes();
-        snapshots.extend(stitcher.push(&batch)?);
+        for snapshot in stitcher.push(&batch)? {
+            let t0 = *first.get_or_insert(snapshot.time_unix);
+            if (snapshot.time_unix - t0) % cadence == 0 {
+                snapshots.push(snapshot);
+            }
+        }
         progress.set_message(format!("{} time steps stitched", snapshots.len()));
         progress.tick();
         if batch.end_of_stream || stitcher.is_done() {
             break;
         }
     }
-    snapshots.extend(stitcher.finish()?);
+    for snapshot in stitcher.finish()? {
+        let t0 = *first.get_or_insert(snapshot.time_unix);
+        if (snapshot.time_unix - t0) % cadence == 0 {
+            snapshots.push(snapshot);
+        }
+    }
     progress.finish_and_clear();
+    if snapshots.is_empty() {
+        bail!("{window}: the loader sent no complete time step");
+    }
     let transfer = started.elapsed().as_secs_f64();
 
     let detecting = Instant::now();
