@@ -8,14 +8,11 @@
 //! steps, bit for bit); `atmorep train --bench` and its `--resume`, which refuses a mismatched
 //! config without touching the run.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
-use atmorep_integration_tests::{atmorep_bin, workspace_root};
+use atmorep_integration_tests::{Server, atmorep_bin, workspace_root};
 use atmorep_loader::Dataset;
 use atmorep_loader::normalization::GlobalStats;
 use atmorep_loader::synth::{SynthConfig, write_store};
@@ -23,84 +20,6 @@ use atmorep_proto::client::{ClientConfig, LoaderClient, ReconnectPolicy};
 use atmorep_trainer::metrics_log::read_steps;
 use atmorep_trainer::{RunOptions, TrainConfig, Trainer, checkpoint};
 use tempfile::TempDir;
-
-/// How long a server may take to open its store and print its address.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// `atmorep loader serve` on `127.0.0.1:0`, killed (SIGKILL) and reaped when dropped.
-#[derive(Debug)]
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(dataset: &str, store: &Path, log: &Path) -> Self {
-        let stderr = std::fs::File::create(log).expect("creating the server log");
-        let mut child = Command::new(atmorep_bin())
-            .args(["loader", "serve", "--bind", "127.0.0.1:0", "--dataset"])
-            .arg(format!("{dataset}={}", store.display()))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("starting atmorep loader serve");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, rx) = mpsc::channel();
-        // Reads the address line, then drains stdout so the server never blocks on the pipe.
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
-                if let Some(addr) = line.trim().strip_prefix("listening on ") {
-                    let _ = tx.send(addr.parse::<SocketAddr>().ok());
-                    let _ = std::io::copy(&mut reader, &mut std::io::sink());
-                    return;
-                }
-                line.clear();
-            }
-            let _ = tx.send(None);
-        });
-        let addr = match rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(Some(addr)) => addr,
-            outcome => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "the server did not report its address ({outcome:?}); its log:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-        };
-        Self {
-            child,
-            addr,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!(
-                "--- last lines of {} ---\n{}",
-                self.log.display(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
-    }
-}
 
 /// 10° grid (19 × 36), 40 steps of 6 h, `z` and `t` on 850 and 500 hPa: a validation split of
 /// 4 steps, enough for the 2-step windows of the tiny geometry.
@@ -125,7 +44,8 @@ async fn serve_tiny_store(dir: &Path) -> Server {
     GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(&path), false, false)
         .await
         .expect("statistics");
-    Server::start("tiny", &path, &dir.join("server.log"))
+    let dataset = format!("tiny={}", path.display());
+    Server::start(&["--dataset".into(), dataset], &dir.join("server.log"))
 }
 
 async fn client(server: &Server) -> LoaderClient {
