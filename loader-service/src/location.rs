@@ -1,12 +1,24 @@
 //! Where a store lives: a URL or plain path turned into an `object_store` handle plus the prefix
 //! of the store inside it. Credentials and endpoints come from the environment (the usual
 //! `AWS_*`, `GOOGLE_*`, `AZURE_*` variables), so the same command works on a laptop and a cluster.
+//!
+//! Remote stores retry what may be transient — 5xx answers, timeouts, connection resets, a body
+//! cut off mid-transfer (resumed with a range request) — with exponential backoff and jitter, then
+//! fail with an error that names the object. The policy is [`retry_config_from_env`]:
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `ATMOREP_STORE_MAX_RETRIES` | 10 | retries per request after the first try (0: none) |
+//! | `ATMOREP_STORE_RETRY_TIMEOUT_SECS` | 180 | no new retry once this long has passed since the first try |
+//! | `ATMOREP_STORE_BACKOFF_MS` | 100 | the first backoff |
+//! | `ATMOREP_STORE_MAX_BACKOFF_MS` | 15000 | the longest backoff (each is up to twice the previous) |
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, RetryConfig};
 use url::Url;
 
 use crate::error::{Result, StoreError};
@@ -35,6 +47,7 @@ impl StoreLocation {
         };
         let prefix =
             ObjectPath::from_url_path(parsed.path()).map_err(|e| invalid(e.to_string()))?;
+        let retry = || retry_config_from_env().map_err(|detail| invalid(detail));
         let store: Arc<dyn ObjectStore> = match parsed.scheme() {
             "file" => {
                 let path = parsed
@@ -45,18 +58,21 @@ impl StoreLocation {
             "s3" | "s3a" => Arc::new(
                 object_store::aws::AmazonS3Builder::from_env()
                     .with_url(trimmed)
+                    .with_retry(retry()?)
                     .build()
                     .map_err(|e| invalid(e.to_string()))?,
             ),
             "gs" => Arc::new(
                 object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_url(trimmed)
+                    .with_retry(retry()?)
                     .build()
                     .map_err(|e| invalid(e.to_string()))?,
             ),
             "az" | "abfs" | "abfss" | "azure" | "adl" => Arc::new(
                 object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_url(trimmed)
+                    .with_retry(retry()?)
                     .build()
                     .map_err(|e| invalid(e.to_string()))?,
             ),
@@ -65,6 +81,7 @@ impl StoreLocation {
                 base.set_path("");
                 let store = object_store::http::HttpBuilder::new()
                     .with_url(base.as_str())
+                    .with_retry(retry()?)
                     .build()
                     .map_err(|e| invalid(e.to_string()))?;
                 Arc::new(store)
@@ -159,5 +176,102 @@ impl StoreLocation {
             url: format!("{}/{}", self.url.trim_end_matches('/'), key),
             source,
         }
+    }
+}
+
+/// The retry policy of remote stores: object_store's defaults (10 retries within 3 minutes,
+/// backoff from 100 ms doubling up to 15 s, with jitter) unless the `ATMOREP_STORE_*` variables
+/// in the module docs say otherwise. The error names the variable and its bad value.
+pub fn retry_config_from_env() -> std::result::Result<RetryConfig, String> {
+    retry_config_from(|name| std::env::var(name).ok())
+}
+
+/// [`retry_config_from_env`] with the variables looked up by `var` (tests, embedding).
+pub fn retry_config_from(
+    var: impl Fn(&str) -> Option<String>,
+) -> std::result::Result<RetryConfig, String> {
+    let number = |name: &str| -> std::result::Result<Option<u64>, String> {
+        match var(name) {
+            None => Ok(None),
+            Some(text) if text.trim().is_empty() => Ok(None),
+            Some(text) => text
+                .trim()
+                .parse::<u64>()
+                .map(Some)
+                .map_err(|_| format!("{name}={text:?} is not a whole number")),
+        }
+    };
+    let defaults = RetryConfig::default();
+    let max_retries = match number("ATMOREP_STORE_MAX_RETRIES")? {
+        Some(n) => {
+            usize::try_from(n).map_err(|_| format!("ATMOREP_STORE_MAX_RETRIES={n} is too large"))?
+        }
+        None => defaults.max_retries,
+    };
+    let retry_timeout = number("ATMOREP_STORE_RETRY_TIMEOUT_SECS")?
+        .map_or(defaults.retry_timeout, Duration::from_secs);
+    let init_backoff = number("ATMOREP_STORE_BACKOFF_MS")?
+        .map_or(defaults.backoff.init_backoff, Duration::from_millis);
+    let max_backoff = number("ATMOREP_STORE_MAX_BACKOFF_MS")?
+        .map_or(defaults.backoff.max_backoff, Duration::from_millis)
+        .max(init_backoff);
+    Ok(RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff,
+            max_backoff,
+            base: defaults.backoff.base,
+        },
+        max_retries,
+        retry_timeout,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        }
+    }
+
+    #[test]
+    fn retry_defaults_are_object_stores() {
+        let config = retry_config_from(lookup(&[])).unwrap();
+        let defaults = RetryConfig::default();
+        assert_eq!(config.max_retries, defaults.max_retries);
+        assert_eq!(config.retry_timeout, defaults.retry_timeout);
+        assert_eq!(config.backoff.init_backoff, defaults.backoff.init_backoff);
+        assert_eq!(config.backoff.max_backoff, defaults.backoff.max_backoff);
+    }
+
+    #[test]
+    fn retry_settings_from_variables() {
+        let config = retry_config_from(lookup(&[
+            ("ATMOREP_STORE_MAX_RETRIES", "3"),
+            ("ATMOREP_STORE_RETRY_TIMEOUT_SECS", "20"),
+            ("ATMOREP_STORE_BACKOFF_MS", "5"),
+            ("ATMOREP_STORE_MAX_BACKOFF_MS", "50"),
+        ]))
+        .unwrap();
+        assert_eq!(config.max_retries, 3);
+        assert_eq!(config.retry_timeout, Duration::from_secs(20));
+        assert_eq!(config.backoff.init_backoff, Duration::from_millis(5));
+        assert_eq!(config.backoff.max_backoff, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn bad_retry_setting_names_the_variable() {
+        let err = retry_config_from(lookup(&[("ATMOREP_STORE_MAX_RETRIES", "many")])).unwrap_err();
+        assert!(err.contains("ATMOREP_STORE_MAX_RETRIES"), "{err}");
+        assert!(err.contains("many"), "{err}");
     }
 }
