@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 mod demo;
+mod eval;
 mod pull;
 mod serve;
 mod track;
@@ -69,6 +70,9 @@ enum Command {
     Train(train::TrainArgs),
     /// Track tropical cyclones in a loader's global tiles (`track eval`: score tracks).
     Track(track::TrackArgs),
+    /// Score a checkpoint on a held-out split: masked-token RMSE in physical units against
+    /// climatology, persistence and interpolation.
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -239,6 +243,7 @@ async fn run() -> Result<()> {
         Command::Loader { command } => loader(command).await,
         Command::Train(args) => train::train(args).await,
         Command::Track(args) => track::track(args).await,
+        Command::Eval(args) => eval::eval(args).await.map(drop),
     }
 }
 

@@ -460,6 +460,25 @@ impl LoaderClient {
         .await
     }
 
+    /// The global normalization statistics of `dataset` (of `variables`; all when empty).
+    pub async fn statistics(
+        &self,
+        dataset: &str,
+        variables: &[String],
+    ) -> Result<crate::statistics::MonthlyStatistics, ClientError> {
+        let request = pb::StatisticsRequest {
+            dataset: dataset.to_string(),
+            variables: variables.to_vec(),
+        };
+        let msg = self
+            .unary(move |mut c| {
+                let request = request.clone();
+                async move { c.get_statistics(request).await }
+            })
+            .await?;
+        Ok(crate::statistics::MonthlyStatistics::from_proto(&msg))
+    }
+
     /// One sample (a batch of one), by id or by centre.
     pub async fn sample(&self, request: pb::SampleRequest) -> Result<Batch, ClientError> {
         let msg = self

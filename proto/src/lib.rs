@@ -16,7 +16,9 @@
 //! - [`calendar`]: UTC calendar arithmetic on unix seconds (no time-zone database, no chrono);
 //! - [`token_info`]: the 8 floats of metadata every token carries (DESIGN §3);
 //! - [`positional`]: the positional encodings of the seed's ablation (global, local, standard,
-//!   info+standard, none).
+//!   info+standard, none);
+//! - [`statistics`]: the loader's global normalization statistics, to map normalized values
+//!   back to physical units.
 //!
 //! No Zarr and no candle: trainers and downstream tools depend on this crate alone. The pure
 //! modules (geometry, calendar, token info, positional) are deterministic and computed in `f64`
@@ -31,6 +33,7 @@ pub mod error;
 pub mod geometry;
 pub mod positional;
 pub mod request;
+pub mod statistics;
 pub mod tensor;
 pub mod tls;
 pub mod token_info;
@@ -55,6 +58,7 @@ pub use error::{ProtoError, Result};
 pub use geometry::{FieldGeometry, TokenGeometry};
 pub use pb::Dtype;
 pub use positional::{GlobalOffsets, PeInputs, PeMode};
+pub use statistics::{MonthlyStatistics, StatisticsError};
 pub use request::{FieldRequestConfig, MaskConfig, RequestConfig, RequestConfigError};
 pub use tensor::TensorError;
 pub use token_info::{TOKEN_INFO_LEN, TokenInfo, WindowCoords};

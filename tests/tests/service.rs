@@ -555,6 +555,46 @@ async fn missing_statistics_are_a_failed_precondition() {
         );
         assert!(err.to_string().contains("statistics"), "{err}");
     }
+    let err = client.statistics("bare", &[]).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("`bare`"), "{err}");
+}
+
+/// `GetStatistics` hands out the server's global statistics exactly as the store's Parquet file
+/// has them (the moments a client denormalizes with); unknown datasets and variables are
+/// NOT_FOUND by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_arrive_exactly_as_the_store_has_them() {
+    let dir = TempDir::new().unwrap();
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let server = Server::start(&dataset_arg("era5", &store), &dir.path().join("server.log"));
+    let mut config = client_config(vec![server.endpoint()]);
+    config.reconnect.max_attempts = Some(1);
+    let client = connect(config).await;
+    let local = GlobalStats::load(
+        &GlobalStats::default_dir(&store).join(atmorep_loader::normalization::GLOBAL_FILE),
+    )
+    .unwrap();
+    let all = client.statistics("era5", &[]).await.unwrap();
+    assert_eq!(all.iter().count(), local.iter().count());
+    for ((v, l, y, m, got), (lv, ll, ly, lm, want)) in all.iter().zip(local.iter()) {
+        assert_eq!((v, l, y, m), (lv, ll, ly, lm));
+        assert_eq!(
+            (got.count, got.mean, got.std, got.min, got.max),
+            (want.count, want.mean, want.std(), want.min, want.max)
+        );
+    }
+    let z = client.statistics("era5", &["z".to_string()]).await.unwrap();
+    assert!(z.has_variable("z") && !z.has_variable("t"));
+    assert!(z.iter().count() > 0);
+    let err = client
+        .statistics("era5", &["q".to_string()])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound), "{err}");
+    assert!(err.to_string().contains("`q`"), "{err}");
+    let err = client.statistics("nope", &[]).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound), "{err}");
 }
 
 /// A level named twice in one field (`levels = [850, 850]`) is malformed: the sample would carry

@@ -9,8 +9,8 @@
 //!
 //! Training builds on it: AdamW with saveable moments, the LR schedule, clipping and
 //! accumulation ([`optim`]), atomic checkpoints ([`checkpoint`]), per-step metrics as Parquet
-//! and `metrics` gauges ([`metrics_log`]) and the loop over the loader's gRPC stream with its
-//! config ([`train`]).
+//! and `metrics` gauges ([`metrics_log`]), the loop over the loader's gRPC stream with its
+//! config ([`train`]) and evaluation against baselines in physical units ([`eval`]).
 //!
 //! ```no_run
 //! use atmorep_trainer::{ModelConfig, MultiFormer};
@@ -29,6 +29,7 @@ pub mod decoder;
 pub mod embed;
 pub mod encoder;
 pub mod error;
+pub mod eval;
 pub mod init;
 pub mod loss;
 pub mod metrics_log;

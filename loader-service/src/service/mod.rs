@@ -527,6 +527,52 @@ impl Loader for LoaderService {
         let message = parts.pop().expect("one sample makes one part");
         Ok(Response::new(message))
     }
+
+    async fn get_statistics(
+        &self,
+        request: Request<pb::StatisticsRequest>,
+    ) -> Result<Response<pb::Statistics>, Status> {
+        let request = request.into_inner();
+        let served = self.served(&request.dataset).map_err(failed)?;
+        let stats = served.stats.as_ref().ok_or_else(|| {
+            failed(Status::failed_precondition(format!(
+                "dataset: `{}` has no global statistics (run `atmorep loader stats` on its store)",
+                request.dataset
+            )))
+        })?;
+        for name in &request.variables {
+            if !served.dataset.variables.contains_key(name) {
+                return Err(failed(Status::not_found(format!(
+                    "variables: dataset `{}` has no variable `{name}`",
+                    request.dataset
+                ))));
+            }
+            if !stats.iter().any(|(field, ..)| field == name) {
+                return Err(failed(Status::failed_precondition(format!(
+                    "variables: `{name}` of dataset `{}` has no global statistics",
+                    request.dataset
+                ))));
+            }
+        }
+        let global = stats
+            .iter()
+            .filter(|(field, ..)| {
+                request.variables.is_empty() || request.variables.iter().any(|v| v == field)
+            })
+            .map(|(field, level, year, month, m)| pb::MonthlyMoments {
+                variable: field.to_string(),
+                level,
+                year,
+                month,
+                count: m.count,
+                mean: m.mean,
+                std: m.std(),
+                min: m.min,
+                max: m.max,
+            })
+            .collect();
+        Ok(Response::new(pb::Statistics { global }))
+    }
 }
 
 /// A reply queued for tonic, holding its batch's share of the memory budget.

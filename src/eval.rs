@@ -1,0 +1,92 @@
+//! `atmorep eval`: scores a checkpoint on a held-out split of the loader's stream — masked-token
+//! RMSE per task, field and level in physical units beside climatology, persistence and
+//! interpolation — as a table on stdout and a Parquet file.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use atmorep_proto::client::{ClientConfig, LoaderClient};
+use atmorep_proto::request::SplitName;
+use atmorep_trainer::eval::{self, EvalOptions, EvalRow};
+use atmorep_trainer::{Device, Trainer, checkpoint};
+use clap::Args;
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A checkpoint folder, or a run folder (its latest checkpoint).
+    ckpt: PathBuf,
+    /// Loader endpoint(s), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    loader: Vec<String>,
+    /// The time split to score: train, validation or test.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Batches per task at most (fewer when the split's epoch is shorter).
+    #[arg(long, default_value_t = 32)]
+    batches: u64,
+    /// The Parquet report (default: `eval-SPLIT.parquet` in the checkpoint folder).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the rows as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Bearer token for the loaders.
+    #[arg(long, env = "ATMOREP_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+pub async fn eval(args: EvalArgs) -> Result<Vec<EvalRow>> {
+    let split: SplitName = serde_json::from_value(serde_json::Value::String(args.split.clone()))
+        .with_context(|| {
+            format!(
+                "--split: `{}` is not one of train, validation, test",
+                args.split
+            )
+        })?;
+    let ckpt = checkpoint::load(&args.ckpt, &Device::Cpu)?;
+    let dir = ckpt.dir.clone();
+    let step = ckpt.step;
+    let trainer = Trainer::from_checkpoint(ckpt, None)?;
+    let mut config = ClientConfig::new(args.loader.clone());
+    config.bearer_token = args.token.clone();
+    let client = LoaderClient::connect(config).await?;
+    let scores = eval::evaluate(
+        trainer.model(),
+        trainer.config(),
+        &client,
+        &EvalOptions {
+            split,
+            batches: args.batches,
+        },
+    )
+    .await
+    .with_context(|| format!("evaluating {}", dir.display()))?;
+    let rows = scores.rows();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| dir.join(format!("eval-{}.parquet", args.split)));
+    eval::write_parquet(&out, &rows)?;
+    if args.json {
+        let json: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "task": r.task, "field": r.field, "level": r.level,
+                    "baseline": r.baseline.name(), "values": r.values,
+                    "model_rmse": r.model_rmse, "baseline_rmse": r.baseline_rmse,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        println!(
+            "{} at step {step} on the {} split (physical units):",
+            dir.display(),
+            args.split
+        );
+        print!("{}", eval::table(&rows));
+        println!("report: {}", out.display());
+    }
+    Ok(rows)
+}

@@ -1,0 +1,699 @@
+//! Evaluation on a held-out split: the root-mean-square error of the model's masked-token
+//! predictions per task, field and level **in physical units**, each beside a baseline scored on
+//! exactly the same values:
+//!
+//! - **climatology**: the loader's global statistics' mean for the field, level and month (what a
+//!   normalized prediction of 0 means) — defined for every masked value;
+//! - **persistence**: the latest earlier value of the same grid point the model could see (an
+//!   unmasked token of the sample) — defined where such a value exists (forecast masks);
+//! - **interpolation**: linear in time between the nearest visible values before and after —
+//!   defined for interior masks only.
+//!
+//! Normalized values map back through the loader's statistics (`GetStatistics`): each value
+//! with the moments of its own level and month, the month taken from the window's place on the
+//! dataset's time axis. The scoring ([`Scores::add_field`]) is pure, so a case with a known
+//! answer tests it; [`evaluate`] drives it over the loader's test stream.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Float64Array, RecordBatch, StringArray, UInt64Array};
+use arrow::datatypes::{DataType as ArrowType, Field, Schema};
+use atmorep_proto::request::{NormalizationName, SplitName};
+use atmorep_proto::{Batch, FieldBatch, LoaderClient, MonthlyStatistics};
+use candle_core::{DType, Device, Tensor};
+use parquet::arrow::ArrowWriter;
+
+use crate::batch::batch_tensors;
+use crate::error::{Error, Result, input_err, io_err};
+use crate::model::{FieldInput, MultiFormer};
+use crate::train::TrainConfig;
+
+/// A baseline the model is compared against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Baseline {
+    Climatology,
+    Persistence,
+    Interpolation,
+}
+
+impl Baseline {
+    pub const ALL: [Baseline; 3] = [
+        Baseline::Climatology,
+        Baseline::Persistence,
+        Baseline::Interpolation,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Baseline::Climatology => "climatology",
+            Baseline::Persistence => "persistence",
+            Baseline::Interpolation => "interpolation",
+        }
+    }
+}
+
+/// The dataset's time axis: step `i` is at `start_unix + i · step_s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeAxis {
+    pub start_unix: i64,
+    pub step_s: i64,
+}
+
+/// How one field of a batch is laid out and how its values map back to physical units.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldLayout {
+    pub name: String,
+    /// Level values in token order; `[0.0]` for a surface variable.
+    pub levels: Vec<f64>,
+    /// Tokens along (time, lat, lon) per level.
+    pub num_tokens: [usize; 3],
+    /// Grid points per token along (time, lat, lon).
+    pub token_size: [usize; 3],
+    /// `false` when the field arrives in physical units already (normalization `none`).
+    pub normalized: bool,
+}
+
+impl FieldLayout {
+    /// The layout of a request field; local normalization cannot be undone from the global
+    /// statistics, so it is refused by name.
+    pub fn from_request(f: &atmorep_proto::FieldRequestConfig) -> Result<Self> {
+        let normalized = match f.normalization {
+            NormalizationName::Global => true,
+            NormalizationName::None => false,
+            NormalizationName::Local => {
+                return Err(input_err(
+                    format!("field `{}`", f.name),
+                    "evaluation maps values back with the global statistics; this field is \
+                     normalized locally",
+                ));
+            }
+        };
+        Ok(Self {
+            name: f.name.clone(),
+            levels: if f.levels.is_empty() {
+                vec![0.0]
+            } else {
+                f.levels.clone()
+            },
+            num_tokens: f.num_tokens.map(|n| n as usize),
+            token_size: f.token_size.map(|n| n as usize),
+            normalized,
+        })
+    }
+
+    fn window(&self) -> [usize; 3] {
+        [0, 1, 2].map(|a| self.num_tokens[a] * self.token_size[a])
+    }
+}
+
+/// Squared errors of the model and of one baseline over the same values.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Acc {
+    n: u64,
+    model: f64,
+    baseline: f64,
+}
+
+impl Acc {
+    fn add(&mut self, truth: f64, model: f64, baseline: f64) {
+        self.n += 1;
+        self.model += (model - truth).powi(2);
+        self.baseline += (baseline - truth).powi(2);
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalRow {
+    pub task: String,
+    pub field: String,
+    pub level: f64,
+    pub baseline: Baseline,
+    /// Masked values both were scored on.
+    pub values: u64,
+    pub model_rmse: f64,
+    pub baseline_rmse: f64,
+}
+
+impl EvalRow {
+    /// `1 − model / baseline`: positive when the model beats the baseline.
+    pub fn skill(&self) -> f64 {
+        1.0 - self.model_rmse / self.baseline_rmse
+    }
+}
+
+/// Accumulated squared errors per (task, field, level, baseline).
+#[derive(Debug, Clone, Default)]
+pub struct Scores {
+    acc: BTreeMap<(String, String, u64, Baseline), Acc>,
+}
+
+impl Scores {
+    /// Scores one field of a batch. `pred` is the model's output for every token, `[B, N, V]`
+    /// (the ensemble mean), in the field's normalized units.
+    pub fn add_field(
+        &mut self,
+        task: &str,
+        fb: &FieldBatch,
+        pred: &[f32],
+        layout: &FieldLayout,
+        stats: &MonthlyStatistics,
+        time: TimeAxis,
+    ) -> Result<()> {
+        let what = || format!("field `{}`", layout.name);
+        let [nt, ny, nx] = layout.num_tokens;
+        let [st, sy, sx] = layout.token_size;
+        let [wt, wy, wx] = layout.window();
+        let nl = layout.levels.len();
+        let (b, n, v) = (fb.batch_size(), fb.num_tokens(), fb.token_numel());
+        if n != nl * nt * ny * nx || v != st * sy * sx {
+            return Err(input_err(
+                what(),
+                format!(
+                    "{n} tokens of {v} values, the request's geometry makes {} of {}",
+                    nl * nt * ny * nx,
+                    st * sy * sx
+                ),
+            ));
+        }
+        if pred.len() != b * n * v || fb.windows.len() != b {
+            return Err(input_err(
+                what(),
+                format!(
+                    "{} predicted values and {} windows for {b} samples of {n}×{v}",
+                    pred.len(),
+                    fb.windows.len()
+                ),
+            ));
+        }
+        // (mean, std) per level and time step of the window: physical = x · std + mean.
+        let affine = |l: usize, t_abs: usize| -> Result<(f64, f64)> {
+            if !layout.normalized {
+                return Ok((0.0, 1.0));
+            }
+            let unix = time.start_unix + t_abs as i64 * time.step_s;
+            stats
+                .affine(&layout.name, layout.levels[l], unix)
+                .map_err(|e| input_err(what(), e.to_string()))
+        };
+        let plane = wy * wx;
+        let index = |l: usize, t: usize, y: usize, x: usize| ((l * wt + t) * wy + y) * wx + x;
+        let mut known = vec![f64::NAN; nl * wt * plane];
+        let mut row = 0usize;
+        for i in 0..b {
+            let t0 = fb.windows[i].time_start;
+            let mut moments = Vec::with_capacity(nl * wt);
+            for l in 0..nl {
+                for t in 0..wt {
+                    moments.push(affine(l, t0 + t)?);
+                }
+            }
+            let masked = &fb.masked_indices[i];
+            known.fill(f64::NAN);
+            let source = fb.source_of(i);
+            for k in 0..n {
+                if masked.binary_search(&(k as u32)).is_ok() {
+                    continue;
+                }
+                for_each_value(k, layout, |j, l, t, y, x| {
+                    let (mean, std) = moments[l * wt + t];
+                    known[index(l, t, y, x)] = f64::from(source[k * v + j]) * std + mean;
+                });
+            }
+            let p = &pred[i * n * v..(i + 1) * n * v];
+            for &k in masked {
+                let k = k as usize;
+                let target = fb.target.get(row * v..(row + 1) * v).ok_or_else(|| {
+                    input_err(what(), "fewer target rows than masked tokens".to_string())
+                })?;
+                row += 1;
+                for_each_value(k, layout, |j, l, t, y, x| {
+                    let (mean, std) = moments[l * wt + t];
+                    let truth = f64::from(target[j]) * std + mean;
+                    let model = f64::from(p[k * v + j]) * std + mean;
+                    let level = layout.levels[l].to_bits();
+                    let mut add = |baseline: Baseline, value: f64| {
+                        self.acc
+                            .entry((task.to_string(), layout.name.clone(), level, baseline))
+                            .or_default()
+                            .add(truth, model, value);
+                    };
+                    add(Baseline::Climatology, mean);
+                    let at = |tt: usize| known[index(l, tt, y, x)];
+                    let before = (0..t).rev().find(|&tt| !at(tt).is_nan());
+                    let after = (t + 1..wt).find(|&tt| !at(tt).is_nan());
+                    if let Some(t_0) = before {
+                        add(Baseline::Persistence, at(t_0));
+                        if let Some(t_1) = after {
+                            let w = (t - t_0) as f64 / (t_1 - t_0) as f64;
+                            add(Baseline::Interpolation, at(t_0) + (at(t_1) - at(t_0)) * w);
+                        }
+                    }
+                });
+            }
+        }
+        if row * v != fb.target.len() {
+            return Err(input_err(
+                what(),
+                format!(
+                    "{} target values for {row} masked tokens of {v}",
+                    fb.target.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The report, sorted by task, field, level and baseline.
+    pub fn rows(&self) -> Vec<EvalRow> {
+        self.acc
+            .iter()
+            .map(|((task, field, level, baseline), a)| EvalRow {
+                task: task.clone(),
+                field: field.clone(),
+                level: f64::from_bits(*level),
+                baseline: *baseline,
+                values: a.n,
+                model_rmse: (a.model / a.n as f64).sqrt(),
+                baseline_rmse: (a.baseline / a.n as f64).sqrt(),
+            })
+            .collect()
+    }
+}
+
+/// Calls `f(j, level, t, y, x)` for each value `j` of token `k`, with its place in the window.
+fn for_each_value(
+    k: usize,
+    layout: &FieldLayout,
+    mut f: impl FnMut(usize, usize, usize, usize, usize),
+) {
+    let [nt, ny, nx] = layout.num_tokens;
+    let [st, sy, sx] = layout.token_size;
+    let (tx, rest) = (k % nx, k / nx);
+    let (ty, rest) = (rest % ny, rest / ny);
+    let (tt, l) = (rest % nt, rest / nt);
+    let mut j = 0;
+    for dt in 0..st {
+        for dy in 0..sy {
+            for dx in 0..sx {
+                f(j, l, tt * st + dt, ty * sy + dy, tx * sx + dx);
+                j += 1;
+            }
+        }
+    }
+}
+
+/// The report as an aligned text table.
+pub fn table(rows: &[EvalRow]) -> String {
+    let mut out = format!(
+        "{:<10} {:<6} {:>8} {:<14} {:>9} {:>12} {:>12} {:>7}\n",
+        "task", "field", "level", "baseline", "values", "model RMSE", "base RMSE", "skill"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{:<10} {:<6} {:>8} {:<14} {:>9} {:>12.5} {:>12.5} {:>+7.3}\n",
+            r.task,
+            r.field,
+            r.level,
+            r.baseline.name(),
+            r.values,
+            r.model_rmse,
+            r.baseline_rmse,
+            r.skill()
+        ));
+    }
+    out
+}
+
+/// Writes the report as Parquet (temporary file, then rename).
+pub fn write_parquet(path: &Path, rows: &[EvalRow]) -> Result<()> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("task", ArrowType::Utf8, false),
+        Field::new("field", ArrowType::Utf8, false),
+        Field::new("level", ArrowType::Float64, false),
+        Field::new("baseline", ArrowType::Utf8, false),
+        Field::new("values", ArrowType::UInt64, false),
+        Field::new("model_rmse", ArrowType::Float64, false),
+        Field::new("baseline_rmse", ArrowType::Float64, false),
+        Field::new("skill", ArrowType::Float64, false),
+    ]));
+    let strings =
+        |f: fn(&EvalRow) -> &str| Arc::new(StringArray::from_iter_values(rows.iter().map(f))) as _;
+    let floats =
+        |f: fn(&EvalRow) -> f64| Arc::new(Float64Array::from_iter_values(rows.iter().map(f))) as _;
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            strings(|r| &r.task),
+            strings(|r| &r.field),
+            floats(|r| r.level),
+            strings(|r| r.baseline.name()),
+            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.values))) as _,
+            floats(|r| r.model_rmse),
+            floats(|r| r.baseline_rmse),
+            floats(EvalRow::skill),
+        ],
+    )
+    .map_err(|e| parquet_err(path, e))?;
+    let tmp = tmp_path(path);
+    let file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut writer = ArrowWriter::try_new(file, schema, None).map_err(|e| parquet_err(path, e))?;
+    writer.write(&batch).map_err(|e| parquet_err(path, e))?;
+    let file = writer.into_inner().map_err(|e| parquet_err(path, e))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok(())
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+fn parquet_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Metrics {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    }
+}
+
+/// What to evaluate on.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub split: SplitName,
+    /// Batches per task at most (one pass over the split's first epoch otherwise).
+    pub batches: u64,
+}
+
+/// Scores `model` on every task of `config` over the `opts.split` stream of `client`.
+pub async fn evaluate(
+    model: &MultiFormer,
+    config: &TrainConfig,
+    client: &LoaderClient,
+    opts: &EvalOptions,
+) -> Result<Scores> {
+    let dataset = &config.request.dataset;
+    let info = client.dataset_info(dataset).await?;
+    let axis = info.time.as_ref().ok_or_else(|| {
+        input_err(
+            format!("dataset `{dataset}`"),
+            "the loader sent no time axis",
+        )
+    })?;
+    let time = TimeAxis {
+        start_unix: axis.start_unix,
+        step_s: (axis.step_hours * 3600.0).round() as i64,
+    };
+    let layouts = config
+        .model
+        .fields
+        .iter()
+        .map(|spec| {
+            let f = config
+                .request
+                .fields
+                .iter()
+                .find(|f| f.name == spec.name)
+                .ok_or_else(|| {
+                    input_err(
+                        format!("field `{}`", spec.name),
+                        "the model has it, the request does not",
+                    )
+                })?;
+            FieldLayout::from_request(f)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let names: Vec<String> = layouts
+        .iter()
+        .filter(|l| l.normalized)
+        .map(|l| l.name.clone())
+        .collect();
+    let stats = if names.is_empty() {
+        MonthlyStatistics::default()
+    } else {
+        client.statistics(dataset, &names).await?
+    };
+    let mut scores = Scores::default();
+    for (i, task) in config.tasks().iter().enumerate() {
+        let mut request = config.task_request(i);
+        request.split = opts.split;
+        request.resume = None;
+        request.end_epoch = Some(1);
+        let mut stream = client.stream(request.to_proto());
+        let mut taken = 0;
+        while taken < opts.batches {
+            let batch = match stream.next().await {
+                Some(Ok(batch)) if batch.is_empty() => {
+                    if batch.end_of_stream {
+                        break;
+                    }
+                    continue;
+                }
+                Some(Ok(batch)) => batch,
+                Some(Err(e)) => return Err(e.into()),
+                None => break,
+            };
+            taken += 1;
+            score_batch(
+                &mut scores,
+                &task.name,
+                &batch,
+                model,
+                &layouts,
+                &stats,
+                time,
+            )?;
+        }
+        if taken == 0 {
+            return Err(Error::StreamEnded {
+                what: format!("{:?} split of task `{}`", opts.split, task.name),
+                batches: 0,
+            });
+        }
+    }
+    Ok(scores)
+}
+
+fn score_batch(
+    scores: &mut Scores,
+    task: &str,
+    batch: &Batch,
+    model: &MultiFormer,
+    layouts: &[FieldLayout],
+    stats: &MonthlyStatistics,
+    time: TimeAxis,
+) -> Result<()> {
+    let fields = batch_tensors(batch, model.config(), DType::F32, &Device::Cpu)?;
+    let inputs: Vec<FieldInput> = fields.iter().map(|f| f.input.clone()).collect();
+    let preds = model.forward(&inputs)?;
+    for ((pred, layout), spec) in preds.iter().zip(layouts).zip(&model.config().fields) {
+        let fb = batch
+            .field(&spec.name)
+            .expect("batch_tensors found every field");
+        if fb.masked_indices.iter().all(Vec::is_empty) {
+            continue;
+        }
+        // [B, N, E, V] → the ensemble mean [B, N, V].
+        let mean: Tensor = pred.mean(2)?.to_dtype(DType::F32)?;
+        let values = mean.flatten_all()?.to_vec1::<f32>()?;
+        scores.add_field(task, fb, &values, layout, stats, time)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atmorep_proto::Window;
+    use atmorep_proto::statistics::Moments;
+
+    /// One level, 4 time tokens of 1 step, one 1×2 token per step: a window of 4 steps × 1 × 2.
+    fn layout() -> FieldLayout {
+        FieldLayout {
+            name: "t".into(),
+            levels: vec![850.0],
+            num_tokens: [4, 1, 1],
+            token_size: [1, 1, 2],
+            normalized: true,
+        }
+    }
+
+    /// 2020-01-01T00:00Z, hourly; January has mean 280 and std 10.
+    fn stats() -> (MonthlyStatistics, TimeAxis) {
+        let mut s = MonthlyStatistics::default();
+        let m = Moments {
+            count: 1,
+            mean: 280.0,
+            std: 10.0,
+            min: 0.0,
+            max: 0.0,
+        };
+        s.insert("t", 850.0, 2020, 1, m);
+        (
+            s,
+            TimeAxis {
+                start_unix: 1_577_836_800,
+                step_s: 3600,
+            },
+        )
+    }
+
+    /// Physical values at step t, point x: 280 + 10·(t + x/2) ⇒ normalized t + x/2 — linear in
+    /// time, so interpolation is exact and persistence is off by 10 per step.
+    fn field(masked: Vec<u32>, noise: f32) -> FieldBatch {
+        let norm = |t: usize, x: usize| t as f32 + x as f32 / 2.0;
+        let mut source = Vec::new();
+        let mut target = Vec::new();
+        for t in 0..4 {
+            for x in 0..2 {
+                if masked.contains(&(t as u32)) {
+                    source.push(noise);
+                    target.push(norm(t, x));
+                } else {
+                    source.push(norm(t, x));
+                }
+            }
+        }
+        FieldBatch {
+            name: "t".into(),
+            source,
+            source_shape: [1, 4, 2],
+            target,
+            masked_indices: vec![masked],
+            token_info: vec![0.0; 4 * 8],
+            pe: vec![],
+            pe_width: 0,
+            windows: vec![Window {
+                time_start: 0,
+                lat_start: 0,
+                lon_start: 0,
+                size: [4, 1, 2],
+            }],
+        }
+    }
+
+    fn row(rows: &[EvalRow], b: Baseline) -> &EvalRow {
+        rows.iter().find(|r| r.baseline == b).unwrap()
+    }
+
+    #[test]
+    fn baselines_have_their_known_answers() {
+        let (s, time) = stats();
+        // Tokens 1 and 3 masked: step 1 lies between visible steps 0 and 2, step 3 has only a
+        // past. The model predicts normalized 0.5 everywhere (physical 285).
+        let fb = field(vec![1, 3], 9.0);
+        let pred = vec![0.5f32; 8];
+        let mut scores = Scores::default();
+        scores
+            .add_field("bert", &fb, &pred, &layout(), &s, time)
+            .unwrap();
+        let rows = scores.rows();
+        assert_eq!(rows.len(), 3);
+        // Truths (physical): step 1 → 290, 295; step 3 → 310, 315.
+        let clim = row(&rows, Baseline::Climatology);
+        assert_eq!(clim.values, 4);
+        let want = ((10f64.powi(2) + 15f64.powi(2) + 30f64.powi(2) + 35f64.powi(2)) / 4.0).sqrt();
+        assert!((clim.baseline_rmse - want).abs() < 1e-9, "{clim:?}");
+        let model = ((5f64.powi(2) + 10f64.powi(2) + 25f64.powi(2) + 30f64.powi(2)) / 4.0).sqrt();
+        assert!((clim.model_rmse - model).abs() < 1e-9, "{clim:?}");
+        // Persistence: step 1 from step 0 (off by 10), step 3 from step 2 (off by 10).
+        let pers = row(&rows, Baseline::Persistence);
+        assert_eq!(pers.values, 4);
+        assert!((pers.baseline_rmse - 10.0).abs() < 1e-9, "{pers:?}");
+        // Interpolation: only step 1, exactly.
+        let interp = row(&rows, Baseline::Interpolation);
+        assert_eq!(interp.values, 2);
+        assert!(interp.baseline_rmse.abs() < 1e-9, "{interp:?}");
+        let model = ((5f64.powi(2) + 10f64.powi(2)) / 2.0).sqrt();
+        assert!((interp.model_rmse - model).abs() < 1e-9, "{interp:?}");
+        assert!(interp.skill() < 0.0 && clim.skill() > 0.0);
+    }
+
+    #[test]
+    fn a_perfect_model_scores_zero_and_masked_sources_are_never_used() {
+        let (s, time) = stats();
+        // Step 0 masked: no past, so only climatology applies; the noise in the masked source
+        // must not leak into any baseline.
+        let fb = field(vec![0, 2], 1e6);
+        let mut pred = vec![0f32; 8];
+        for t in 0..4 {
+            for x in 0..2 {
+                pred[t * 2 + x] = t as f32 + x as f32 / 2.0;
+            }
+        }
+        let mut scores = Scores::default();
+        scores
+            .add_field("bert", &fb, &pred, &layout(), &s, time)
+            .unwrap();
+        let rows = scores.rows();
+        assert_eq!(row(&rows, Baseline::Climatology).values, 4);
+        assert_eq!(row(&rows, Baseline::Persistence).values, 2);
+        let interp = row(&rows, Baseline::Interpolation);
+        assert_eq!(interp.values, 2);
+        assert!(interp.baseline_rmse.abs() < 1e-9 && interp.model_rmse.abs() < 1e-9);
+        for r in &rows {
+            assert!(r.model_rmse < 1e-9, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn missing_statistics_and_local_normalization_are_named() {
+        let (_, time) = stats();
+        let fb = field(vec![1], 0.0);
+        let err = Scores::default()
+            .add_field(
+                "bert",
+                &fb,
+                &[0.0; 8],
+                &layout(),
+                &MonthlyStatistics::default(),
+                time,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("`t`"), "{err}");
+        let f: atmorep_proto::FieldRequestConfig = toml::from_str(
+            "name = 't'\nnum_tokens = [1, 1, 1]\ntoken_size = [1, 1, 1]\npe = 'local'\n\
+             pe_width = 8\nnormalization = 'local'",
+        )
+        .unwrap();
+        let err = FieldLayout::from_request(&f).unwrap_err();
+        assert!(err.to_string().contains("normalized locally"), "{err}");
+    }
+
+    #[test]
+    fn the_report_round_trips_through_parquet() {
+        let (s, time) = stats();
+        let mut scores = Scores::default();
+        scores
+            .add_field(
+                "bert",
+                &field(vec![1, 3], 0.0),
+                &[0.5; 8],
+                &layout(),
+                &s,
+                time,
+            )
+            .unwrap();
+        let rows = scores.rows();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eval.parquet");
+        write_parquet(&path, &rows).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        let n: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+        assert_eq!(n, rows.len());
+        let text = table(&rows);
+        assert!(
+            text.contains("interpolation") && text.contains("persistence"),
+            "{text}"
+        );
+    }
+}
