@@ -26,6 +26,7 @@ pub mod service;
 pub mod stats;
 pub mod synth;
 pub mod tokenizer;
+pub mod writer;
 
 pub use cache::ChunkCache;
 pub use dataset::{Dataset, Layout, Variable};

@@ -633,7 +633,7 @@ fn pick<'a>(fields: &'a LevelFields, var: &str) -> &'a [f32] {
     }
 }
 
-fn write_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
+pub(crate) fn write_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
     StoreError::Write {
         path: path.display().to_string(),
         detail: e.to_string(),
@@ -641,7 +641,7 @@ fn write_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
 }
 
 /// Builds a store-less array from metadata JSON; one path for v2 and v3.
-fn array_from_json(
+pub(crate) fn array_from_json(
     store: &Arc<FilesystemStore>,
     out: &Path,
     name: &str,
@@ -662,18 +662,18 @@ fn array_from_json(
     Ok(array)
 }
 
-struct ArraySpec<'a> {
-    name: &'a str,
-    shape: Vec<u64>,
-    chunks: Vec<u64>,
-    shard_inner: Option<Vec<u64>>,
-    dtype: &'a str,
-    dims: Vec<&'a str>,
-    codec: Codec,
-    attributes: serde_json::Map<String, Value>,
+pub(crate) struct ArraySpec<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) shape: Vec<u64>,
+    pub(crate) chunks: Vec<u64>,
+    pub(crate) shard_inner: Option<Vec<u64>>,
+    pub(crate) dtype: &'a str,
+    pub(crate) dims: Vec<&'a str>,
+    pub(crate) codec: Codec,
+    pub(crate) attributes: serde_json::Map<String, Value>,
 }
 
-fn metadata_json(format: ZarrFormat, spec: &ArraySpec<'_>) -> Value {
+pub(crate) fn metadata_json(format: ZarrFormat, spec: &ArraySpec<'_>) -> Value {
     let (v2_dtype, v3_dtype, size, fill) = match spec.dtype {
         "f32" => ("<f4", "float32", 4, json!("NaN")),
         "f64" => ("<f8", "float64", 8, json!("NaN")),
@@ -731,7 +731,7 @@ fn metadata_json(format: ZarrFormat, spec: &ArraySpec<'_>) -> Value {
     }
 }
 
-fn attrs(pairs: &[(&str, Value)]) -> serde_json::Map<String, Value> {
+pub(crate) fn attrs(pairs: &[(&str, Value)]) -> serde_json::Map<String, Value> {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.clone()))
@@ -1002,7 +1002,7 @@ enum ArrayData {
     I32(Vec<i32>),
 }
 
-fn write_array_meta(
+pub(crate) fn write_array_meta(
     written: &mut Vec<(String, Value)>,
     store: &Arc<FilesystemStore>,
     out: &Path,
@@ -1016,7 +1016,7 @@ fn write_array_meta(
 }
 
 /// Root group metadata; v2 stores also get consolidated `.zmetadata` like xarray writes.
-fn write_root(
+pub(crate) fn write_root(
     format: ZarrFormat,
     out: &Path,
     root_attrs: &serde_json::Map<String, Value>,
