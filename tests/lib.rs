@@ -5,17 +5,26 @@
 //! `object_store` S3 code paths — in-process through [`S3TestServer::object_store`],
 //! or from a CLI subprocess through [`S3TestServer::s3_env`] /
 //! [`S3TestServer::configure_command`] — without any network access or cloud
-//! account. [`atmorep_bin`] builds (once per test process) and locates the
+//! account. Its [`FaultInjector`] (see [`S3TestServer::faults`]) makes chosen objects fail the
+//! way real object storage does — 5xx answers, latency, bodies cut off mid-transfer or served
+//! short — and logs every object request, so tests can check retries and error reports.
+//! [`atmorep_bin`] builds (once per test process) and locates the
 //! `atmorep` CLI for tests that run it as a subprocess, and [`Server`] runs
 //! `atmorep loader serve` as one.
 
+use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
@@ -23,6 +32,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use s3s::auth::SimpleAuth;
 use s3s::service::{S3Service, S3ServiceBuilder};
+use s3s::{HttpError, HttpResponse};
 use tokio::sync::oneshot;
 
 pub mod loader_process;
@@ -138,11 +148,15 @@ fn build_atmorep_bin() -> PathBuf {
 /// disk (see [`S3TestServer::upload_dir`]) are fully served without them: the
 /// ETag is then computed from the file's MD5 on demand.
 ///
+/// Every request passes through the server's [`FaultInjector`] ([`S3TestServer::faults`]),
+/// which serves it unchanged until a test injects faults.
+///
 /// The server stops on [`S3TestServer::shutdown`] or on drop.
 #[derive(Debug)]
 pub struct S3TestServer {
     root: PathBuf,
     addr: SocketAddr,
+    faults: FaultInjector,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -171,6 +185,11 @@ impl S3TestServer {
             builder.set_auth(SimpleAuth::from_single(TEST_ACCESS_KEY, TEST_SECRET_KEY));
             builder.build()
         };
+        let faults = FaultInjector::default();
+        let service = FaultyS3 {
+            inner: service,
+            faults: faults.clone(),
+        };
 
         // Bind here so that the port is known (and listening) before we return.
         let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
@@ -194,6 +213,7 @@ impl S3TestServer {
         Ok(Self {
             root,
             addr,
+            faults,
             stop: Some(stop_tx),
             thread: Some(thread),
         })
@@ -213,6 +233,12 @@ impl S3TestServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+
+    /// The fault injector in front of this server: inject faults on objects and read the log of
+    /// object requests.
+    pub fn faults(&self) -> &FaultInjector {
+        &self.faults
     }
 
     /// The served root directory (canonicalized).
@@ -390,7 +416,7 @@ fn copy_tree(src: &Path, dest: &Path) -> io::Result<usize> {
 /// `stop` fires or its sender is dropped; then a bounded graceful shutdown.
 async fn serve(
     listener: std::net::TcpListener,
-    service: S3Service,
+    service: FaultyS3,
     mut stop: oneshot::Receiver<()>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -424,4 +450,340 @@ async fn serve(
 
     drop(listener);
     let _ = tokio::time::timeout(GRACEFUL_TIMEOUT, graceful.shutdown()).await;
+}
+
+/// A fault an object answers with, in place of (or on top of) its real response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// An S3 error answer with this HTTP status and no object: 500 `InternalError`, 503
+    /// `SlowDown`, 403 `AccessDenied`, 404 `NoSuchKey`, others `InjectedFault`.
+    Status(u16),
+    /// The real answer, after this delay.
+    Latency(Duration),
+    /// The real status and headers (the full `Content-Length`), then only the first `n` bytes
+    /// of the body (at most all but one), then the connection drops: a transfer cut off, which
+    /// the client sees as an incomplete body. GET only.
+    CutBody(usize),
+    /// A complete, well-formed answer carrying only the first `n` bytes of the body, with a
+    /// `Content-Length` to match (ETag unchanged): what a torn write or a lying proxy serves,
+    /// which no HTTP client can detect; only the reader of the bytes can. GET only.
+    ShortBody(usize),
+}
+
+impl Fault {
+    fn applies_to(self, method: &http::Method) -> bool {
+        match self {
+            Fault::Status(_) | Fault::Latency(_) => {
+                method == http::Method::GET || method == http::Method::HEAD
+            }
+            Fault::CutBody(_) | Fault::ShortBody(_) => method == http::Method::GET,
+        }
+    }
+}
+
+/// One request for an object that reached the server (listings and bucket requests are not
+/// logged).
+#[derive(Debug, Clone)]
+pub struct ObjectRequest {
+    /// `GET` or `HEAD` (other methods are logged too, but never faulted).
+    pub method: String,
+    pub bucket: String,
+    /// The object key (percent-decoded).
+    pub key: String,
+    /// The `Range` header, if any (`bytes=START-END`).
+    pub range: Option<String>,
+    /// The fault injected on this request, if any.
+    pub fault: Option<Fault>,
+    /// When the request arrived.
+    pub at: Instant,
+}
+
+#[derive(Debug)]
+struct FaultRule {
+    bucket: String,
+    /// An exact key, or a prefix when `prefix` is set.
+    key: String,
+    prefix: bool,
+    fault: Fault,
+    /// Requests this rule still applies to; `None`: every one.
+    remaining: Option<usize>,
+}
+
+impl FaultRule {
+    fn matches(&self, bucket: &str, key: &str, method: &http::Method) -> bool {
+        self.remaining != Some(0)
+            && self.bucket == bucket
+            && if self.prefix {
+                key.starts_with(&self.key)
+            } else {
+                key == self.key
+            }
+            && self.fault.applies_to(method)
+    }
+}
+
+#[derive(Debug, Default)]
+struct FaultState {
+    rules: Vec<FaultRule>,
+    log: Vec<ObjectRequest>,
+}
+
+/// Injects faults on chosen objects of an [`S3TestServer`] and logs the requests for objects.
+///
+/// A rule names a bucket, an object key (or, with a trailing `*`, a key prefix), a [`Fault`]
+/// and how many matching requests it spoils (`Some(n)`: the next `n`; `None`: all). A request
+/// takes the fault of the first rule, in the order they were added, that matches it and has
+/// requests left; with none, it is served as usual. Cloning gives another handle on the same
+/// rules and log.
+#[derive(Debug, Clone, Default)]
+pub struct FaultInjector {
+    state: Arc<Mutex<FaultState>>,
+}
+
+impl FaultInjector {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FaultState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a rule: `fault` on the next `times` requests (`None`: every request) for `key` in
+    /// `bucket`; `key` ending in `*` matches every key with that prefix.
+    pub fn inject(&self, bucket: &str, key: &str, fault: Fault, times: Option<usize>) {
+        let (key, prefix) = match key.strip_suffix('*') {
+            Some(prefix) => (prefix, true),
+            None => (key, false),
+        };
+        self.lock().rules.push(FaultRule {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            prefix,
+            fault,
+            remaining: times,
+        });
+    }
+
+    /// `fault` on the next `n` requests for `key` (see [`FaultInjector::inject`]).
+    pub fn times(&self, bucket: &str, key: &str, fault: Fault, n: usize) {
+        self.inject(bucket, key, fault, Some(n));
+    }
+
+    /// `fault` on every request for `key` from now on (see [`FaultInjector::inject`]).
+    pub fn always(&self, bucket: &str, key: &str, fault: Fault) {
+        self.inject(bucket, key, fault, None);
+    }
+
+    /// Removes every rule (the log stays).
+    pub fn clear(&self) {
+        self.lock().rules.clear();
+    }
+
+    /// Empties the request log.
+    pub fn clear_log(&self) {
+        self.lock().log.clear();
+    }
+
+    /// Every logged object request so far, in arrival order.
+    pub fn log(&self) -> Vec<ObjectRequest> {
+        self.lock().log.clone()
+    }
+
+    /// The logged requests for `key` in `bucket` (exact key), in arrival order.
+    pub fn requests(&self, bucket: &str, key: &str) -> Vec<ObjectRequest> {
+        self.lock()
+            .log
+            .iter()
+            .filter(|r| r.bucket == bucket && r.key == key)
+            .cloned()
+            .collect()
+    }
+
+    /// Logs the request and returns the fault it gets, using up one request of that rule.
+    fn take(&self, req: &http::Request<hyper::body::Incoming>) -> Option<Fault> {
+        let (bucket, key) = object_of(req.uri().path())?;
+        let method = req.method();
+        let mut state = self.lock();
+        let fault = state
+            .rules
+            .iter_mut()
+            .find(|rule| rule.matches(&bucket, &key, method))
+            .map(|rule| {
+                if let Some(left) = &mut rule.remaining {
+                    *left -= 1;
+                }
+                rule.fault
+            });
+        state.log.push(ObjectRequest {
+            method: method.to_string(),
+            bucket,
+            key,
+            range: req
+                .headers()
+                .get(http::header::RANGE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            fault,
+            at: Instant::now(),
+        });
+        fault
+    }
+}
+
+/// `(bucket, key)` of a path-style object URL path (`/bucket/key…`); `None` for the service
+/// root and bucket-level requests.
+fn object_of(path: &str) -> Option<(String, String)> {
+    let (bucket, key) = path.strip_prefix('/')?.split_once('/')?;
+    if bucket.is_empty() || key.is_empty() {
+        return None;
+    }
+    Some((percent_decode(bucket), percent_decode(key)))
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The s3s service behind a [`FaultInjector`].
+#[derive(Clone)]
+struct FaultyS3 {
+    inner: S3Service,
+    faults: FaultInjector,
+}
+
+type ServiceFuture = Pin<Box<dyn Future<Output = Result<HttpResponse, HttpError>> + Send>>;
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for FaultyS3 {
+    type Response = HttpResponse;
+    type Error = HttpError;
+    type Future = ServiceFuture;
+
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
+        let fault = self.faults.take(&req);
+        let resource = req.uri().path().to_owned();
+        let inner = self.inner.clone();
+        let serve = move |req| hyper::service::Service::call(&inner, req);
+        match fault {
+            None => serve(req),
+            Some(Fault::Status(code)) => Box::pin(async move { Ok(error_answer(code, &resource)) }),
+            Some(Fault::Latency(delay)) => Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                serve(req).await
+            }),
+            Some(Fault::CutBody(n)) => Box::pin(async move {
+                let (mut parts, body) = serve(req).await?.into_parts();
+                let full = collect(body).await?;
+                if !parts.status.is_success() || full.is_empty() {
+                    return Ok(HttpResponse::from_parts(parts, s3s::Body::from(full)));
+                }
+                parts.headers.insert(
+                    http::header::CONTENT_LENGTH,
+                    http::HeaderValue::from(full.len()),
+                );
+                let head = full.slice(..n.min(full.len() - 1));
+                Ok(HttpResponse::from_parts(
+                    parts,
+                    s3s::Body::http_body(CutBody::new(head)),
+                ))
+            }),
+            Some(Fault::ShortBody(n)) => Box::pin(async move {
+                let (mut parts, body) = serve(req).await?.into_parts();
+                let full = collect(body).await?;
+                if !parts.status.is_success() {
+                    return Ok(HttpResponse::from_parts(parts, s3s::Body::from(full)));
+                }
+                let short = full.slice(..n.min(full.len()));
+                parts.headers.insert(
+                    http::header::CONTENT_LENGTH,
+                    http::HeaderValue::from(short.len()),
+                );
+                Ok(HttpResponse::from_parts(parts, s3s::Body::from(short)))
+            }),
+        }
+    }
+}
+
+async fn collect(body: s3s::Body) -> Result<Bytes, HttpError> {
+    body.collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .map_err(|e| HttpError::new(e.into()))
+}
+
+/// An S3 error document for an injected status.
+fn error_answer(code: u16, resource: &str) -> HttpResponse {
+    let status =
+        http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let name = match status.as_u16() {
+        500 => "InternalError",
+        503 => "SlowDown",
+        403 => "AccessDenied",
+        404 => "NoSuchKey",
+        _ => "InjectedFault",
+    };
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{name}</Code>\
+         <Message>fault injected by the S3 test server</Message>\
+         <Resource>{resource}</Resource><RequestId>injected</RequestId></Error>"
+    );
+    let mut answer = HttpResponse::new(s3s::Body::from(xml));
+    *answer.status_mut() = status;
+    answer.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/xml"),
+    );
+    answer
+}
+
+/// A body that yields its bytes, waits a moment (so the server flushes them to the socket) and
+/// then fails, which makes the server drop the connection short of its `Content-Length`.
+struct CutBody {
+    head: Option<Bytes>,
+    pause: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl CutBody {
+    fn new(head: Bytes) -> Self {
+        Self {
+            head: Some(head).filter(|h| !h.is_empty()),
+            pause: Box::pin(tokio::time::sleep(Duration::from_millis(20))),
+        }
+    }
+}
+
+impl http_body::Body for CutBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, io::Error>>> {
+        if let Some(head) = self.head.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(head))));
+        }
+        match self.pause.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(Some(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "fault injected by the S3 test server: body cut off",
+            )))),
+        }
+    }
 }
