@@ -133,6 +133,8 @@ struct Plane {
     values: Vec<f32>,
     covered: Vec<bool>,
     count: usize,
+    /// Tiles that covered each point, when overlaps are averaged (empty otherwise).
+    hits: Vec<u16>,
 }
 
 /// Reassembles global fields per time step from tiles-mode batches; see the [module
@@ -143,6 +145,8 @@ pub struct TileStitcher {
     grid: Grid,
     time: TimeAxis,
     rel_tolerance: f32,
+    /// Overlapping tiles are averaged instead of checked against each other.
+    average: bool,
     /// Per time index, one plane per (field, level) in `fields` order.
     pending: BTreeMap<usize, Vec<Plane>>,
     /// The next time index to hand out (`None` before the first): every one below it is out.
@@ -196,6 +200,7 @@ impl TileStitcher {
             grid,
             time,
             rel_tolerance: 1e-6,
+            average: false,
             pending: BTreeMap::new(),
             next: None,
             epoch: None,
@@ -208,6 +213,14 @@ impl TileStitcher {
     /// stream disagrees.
     pub fn with_tolerance(mut self, rel_tolerance: f32) -> Self {
         self.rel_tolerance = rel_tolerance;
+        self
+    }
+
+    /// Averages where tiles overlap instead of requiring them to agree: for tiles that are a
+    /// model's predictions, not cuts of one stored field (the inverse of an overlapping tiling
+    /// for global inference).
+    pub fn with_averaged_overlaps(mut self) -> Self {
+        self.average = true;
         self
     }
 
@@ -331,7 +344,13 @@ impl TileStitcher {
                     if plane.count < self.grid.len() {
                         return Err(self.missing(t, p, Some(plane)));
                     }
-                    let field = Field::new(self.grid, plane.values.clone())?;
+                    let mut values = plane.values.clone();
+                    if self.average {
+                        for (v, &h) in values.iter_mut().zip(&plane.hits) {
+                            *v /= f32::from(h.max(1));
+                        }
+                    }
+                    let field = Field::new(self.grid, values)?;
                     snapshot.insert(&f.name, level, field)?;
                     p += 1;
                 }
@@ -415,6 +434,7 @@ impl TileStitcher {
         let (nlat, nlon) = (self.grid.nlat, self.grid.nlon);
         let n = self.grid.len();
         let tol = self.rel_tolerance;
+        let average = self.average;
         for l in 0..levels {
             for t in 0..wt {
                 let ti = w.time_start + t;
@@ -424,6 +444,7 @@ impl TileStitcher {
                             values: vec![f32::NAN; n],
                             covered: vec![false; n],
                             count: 0,
+                            hits: if average { vec![0; n] } else { Vec::new() },
                         })
                         .collect()
                 });
@@ -435,7 +456,15 @@ impl TileStitcher {
                         let col = (w.lon_start + x) % nlon;
                         let at = row * nlon + col;
                         let v = values[src + x];
-                        if plane.covered[at] {
+                        if average {
+                            if !plane.covered[at] {
+                                plane.covered[at] = true;
+                                plane.values[at] = 0.0;
+                                plane.count += 1;
+                            }
+                            plane.values[at] += v;
+                            plane.hits[at] = plane.hits[at].saturating_add(1);
+                        } else if plane.covered[at] {
                             let old = plane.values[at];
                             let same = old == v
                                 || (old.is_nan() && v.is_nan())
@@ -766,6 +795,35 @@ mod tests {
         assert!(
             matches!(&e, TrackError::InconsistentOverlap { row: 76, field, .. } if field == "vo"),
             "{e}"
+        );
+
+        // Averaged instead: the disagreeing point is the mean of its two tiles, every other
+        // point exact.
+        let mut batches = stream(&grid, 0..2, [0, 0, 0], 1);
+        batches[k].fields[0].source[0] += 1.0;
+        let w = batches[k].fields[0].windows[0];
+        let covers = |v: &Window| {
+            let [wt, wy, wx] = v.size;
+            (v.time_start..v.time_start + wt).contains(&w.time_start)
+                && (v.lat_start..v.lat_start + wy).contains(&76)
+                && (0..wx).any(|x| (v.lon_start + x) % grid.nlon == w.lon_start)
+        };
+        let hits = batches
+            .iter()
+            .filter(|b| covers(&b.fields[0].windows[0]))
+            .count();
+        assert!(hits >= 2, "{hits}");
+        let out = TileStitcher::new(fields(), grid, axis())
+            .unwrap()
+            .with_averaged_overlaps()
+            .stitch_all(batches)
+            .unwrap();
+        let vo = out[w.time_start].get("vo", Some(850.0)).unwrap();
+        let want = truth(0, 0, w.time_start, 76, w.lon_start);
+        assert!((vo.get(76, w.lon_start) - (want + 1.0 / hits as f32)).abs() < 1e-4);
+        assert_eq!(
+            vo.get(77, w.lon_start),
+            truth(0, 0, w.time_start, 77, w.lon_start)
         );
 
         // A tile of the first time block again after the second block has begun.
