@@ -284,7 +284,7 @@ impl Scores {
 }
 
 /// Calls `f(j, level, t, y, x)` for each value `j` of token `k`, with its place in the window.
-fn for_each_value(
+pub(crate) fn for_each_value(
     k: usize,
     layout: &FieldLayout,
     mut f: impl FnMut(usize, usize, usize, usize, usize),

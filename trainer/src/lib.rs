@@ -10,7 +10,8 @@
 //! Training builds on it: AdamW with saveable moments, the LR schedule, clipping and
 //! accumulation ([`optim`]), atomic checkpoints ([`checkpoint`]), per-step metrics as Parquet
 //! and `metrics` gauges ([`metrics_log`]), the loop over the loader's gRPC stream with its
-//! config ([`train`]) and evaluation against baselines in physical units ([`eval`]).
+//! config ([`train`]), evaluation against baselines in physical units ([`eval`]) and global
+//! inference, every token predicted from the others ([`infer`]).
 //!
 //! ```no_run
 //! use atmorep_trainer::{ModelConfig, MultiFormer};
@@ -30,6 +31,7 @@ pub mod embed;
 pub mod encoder;
 pub mod error;
 pub mod eval;
+pub mod infer;
 pub mod init;
 pub mod loss;
 pub mod metrics_log;

@@ -1,0 +1,291 @@
+//! Global inference: every token of a tile predicted by the model from the tokens around it.
+//!
+//! A tile's tokens are split into `passes` interleaved groups by the parity of
+//! `level + t + lat + lon` (with two passes, a checkerboard in all four token axes): in pass `j`
+//! group `j` is replaced by the mask value and predicted, so each token is predicted once, from
+//! context the model saw in training (BERT masks of up to half the tokens), and the output is
+//! the model's everywhere. [`denormalize`] maps the predictions back to physical units with the
+//! loader's statistics, for stitching and writing as a store the loader can serve.
+
+use atmorep_proto::{Batch, MonthlyStatistics};
+use candle_core::{DType, Device, Tensor};
+
+use crate::batch::batch_tensors;
+use crate::error::{Result, input_err};
+use crate::eval::{FieldLayout, TimeAxis, for_each_value};
+use crate::model::{FieldInput, MultiFormer};
+
+/// The group of token `k` of a field laid out as `layout`.
+fn group(k: usize, layout: &FieldLayout, passes: usize) -> usize {
+    let [nt, ny, nx] = layout.num_tokens;
+    let (x, rest) = (k % nx, k / nx);
+    let (y, rest) = (rest % ny, rest / ny);
+    let (t, l) = (rest % nt, rest / nt);
+    (l + t + y + x) % passes
+}
+
+/// Per model field, the predictions `[B, N, V]` (normalized units, the ensemble mean) of every
+/// token of `batch`, each from a pass in which it was masked with `mask_value`.
+pub fn reconstruct(
+    model: &MultiFormer,
+    batch: &Batch,
+    layouts: &[FieldLayout],
+    passes: usize,
+    mask_value: f32,
+) -> Result<Vec<Vec<f32>>> {
+    if passes < 2 {
+        return Err(input_err(
+            "passes",
+            format!("{passes}: at least 2, so every token is predicted from others"),
+        ));
+    }
+    let cfg = model.config();
+    if layouts.len() != cfg.fields.len() {
+        return Err(input_err(
+            "layouts",
+            format!(
+                "{} for a model of {} fields",
+                layouts.len(),
+                cfg.fields.len()
+            ),
+        ));
+    }
+    let fields = batch_tensors(batch, cfg, DType::F32, &Device::Cpu)?;
+    let mut out: Vec<Vec<f32>> = fields
+        .iter()
+        .map(|f| vec![0.0; f.input.source.elem_count()])
+        .collect();
+    for pass in 0..passes {
+        let mut inputs = Vec::with_capacity(fields.len());
+        let mut masks = Vec::with_capacity(fields.len());
+        for (f, layout) in fields.iter().zip(layouts) {
+            let (_, n, _) = f.input.source.dims3()?;
+            let masked: Vec<bool> = (0..n).map(|k| group(k, layout, passes) == pass).collect();
+            let keep: Vec<f32> = masked.iter().map(|&m| if m { 0.0 } else { 1.0 }).collect();
+            let keep = Tensor::from_vec(keep, (1, n, 1), &Device::Cpu)?;
+            let fill = keep.affine(-f64::from(mask_value), f64::from(mask_value))?;
+            let source = f.input.source.broadcast_mul(&keep)?.broadcast_add(&fill)?;
+            inputs.push(FieldInput {
+                source,
+                ..f.input.clone()
+            });
+            masks.push(masked);
+        }
+        let preds = model.forward(&inputs)?;
+        for ((pred, masked), o) in preds.iter().zip(&masks).zip(&mut out) {
+            let (b, n, _, v) = pred.dims4()?;
+            let values = pred.mean(2)?.flatten_all()?.to_vec1::<f32>()?;
+            for i in 0..b {
+                for (k, _) in masked.iter().enumerate().filter(|(_, m)| **m) {
+                    let at = (i * n + k) * v;
+                    o[at..at + v].copy_from_slice(&values[at..at + v]);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Maps `values` (`[B, N, V]` in the field's normalized units, the samples cut at `windows`)
+/// to physical units in place, each value with the statistics of its level and month.
+pub fn denormalize(
+    values: &mut [f32],
+    windows: &[atmorep_proto::Window],
+    layout: &FieldLayout,
+    stats: &MonthlyStatistics,
+    time: TimeAxis,
+) -> Result<()> {
+    if !layout.normalized {
+        return Ok(());
+    }
+    let n = layout.levels.len() * layout.num_tokens.iter().product::<usize>();
+    let v = layout.token_size.iter().product::<usize>();
+    if values.len() != windows.len() * n * v {
+        return Err(input_err(
+            format!("field `{}`", layout.name),
+            format!(
+                "{} values for {} samples of {n} tokens × {v}",
+                values.len(),
+                windows.len()
+            ),
+        ));
+    }
+    for (i, w) in windows.iter().enumerate() {
+        for k in 0..n {
+            let mut failed = None;
+            let token = &mut values[(i * n + k) * v..(i * n + k + 1) * v];
+            for_each_value(k, layout, |j, l, t, _, _| {
+                let unix = time.start_unix + (w.time_start + t) as i64 * time.step_s;
+                match stats.affine(&layout.name, layout.levels[l], unix) {
+                    Ok((mean, std)) => token[j] = (f64::from(token[j]) * std + mean) as f32,
+                    Err(e) => failed = Some(e),
+                }
+            });
+            if let Some(e) = failed {
+                return Err(input_err(format!("field `{}`", layout.name), e.to_string()));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+    use atmorep_proto::statistics::Moments;
+    use atmorep_proto::{FieldBatch, TOKEN_INFO_LEN, Window};
+
+    /// The tiny preset's field shape: 2 levels × 2×2×2 tokens of 1×3×4.
+    fn layout(name: &str) -> FieldLayout {
+        FieldLayout {
+            name: name.into(),
+            levels: vec![850.0, 500.0],
+            num_tokens: [2, 2, 2],
+            token_size: [1, 3, 4],
+            normalized: true,
+        }
+    }
+
+    fn batch(cfg: &ModelConfig, b: usize) -> Batch {
+        let fields = cfg
+            .fields
+            .iter()
+            .map(|spec| {
+                let (n, v, w) = (spec.num_tokens, spec.token_numel, spec.pe_width);
+                FieldBatch {
+                    name: spec.name.clone(),
+                    source: (0..b * n * v)
+                        .map(|i| ((i * 7) % 11) as f32 * 0.1)
+                        .collect(),
+                    source_shape: [b, n, v],
+                    target: vec![],
+                    masked_indices: vec![vec![]; b],
+                    token_info: vec![1.0; b * n * TOKEN_INFO_LEN],
+                    pe: vec![0.5; b * n * w],
+                    pe_width: w,
+                    windows: vec![
+                        Window {
+                            time_start: 0,
+                            lat_start: 0,
+                            lon_start: 0,
+                            size: [2, 6, 8],
+                        };
+                        b
+                    ],
+                }
+            })
+            .collect();
+        Batch {
+            sample_ids: (0..b as u64).collect(),
+            sample_epochs: vec![0; b],
+            fields,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_token_comes_from_the_pass_that_masked_it() {
+        let cfg = ModelConfig::tiny();
+        let (model, _) = MultiFormer::seeded(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+        let layouts = [layout("t"), layout("z")];
+        let b = batch(&cfg, 2);
+        let out = reconstruct(&model, &b, &layouts, 2, 0.0).unwrap();
+        // The same by hand: pass 0 masks the even-parity tokens, pass 1 the odd ones.
+        let fields = batch_tensors(&b, &cfg, DType::F32, &Device::Cpu).unwrap();
+        for pass in 0..2 {
+            let inputs: Vec<FieldInput> = fields
+                .iter()
+                .zip(&layouts)
+                .map(|(f, layout)| {
+                    let mut src = f
+                        .input
+                        .source
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    let (n, v) = (16, 12);
+                    for i in 0..2 {
+                        for k in 0..n {
+                            if group(k, layout, 2) == pass {
+                                src[(i * n + k) * v..(i * n + k + 1) * v].fill(0.0);
+                            }
+                        }
+                    }
+                    FieldInput {
+                        source: Tensor::from_vec(src, (2, n, v), &Device::Cpu).unwrap(),
+                        ..f.input.clone()
+                    }
+                })
+                .collect();
+            let preds = model.forward(&inputs).unwrap();
+            for ((p, o), layout) in preds.iter().zip(&out).zip(&layouts) {
+                let p = p.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                for k in (0..32).filter(|k| group(k % 16, layout, 2) == pass) {
+                    assert_eq!(
+                        &o[k * 12..(k + 1) * 12],
+                        &p[k * 12..(k + 1) * 12],
+                        "token {k}"
+                    );
+                }
+            }
+        }
+        // Neighbours along every token axis fall in different groups.
+        let l = layout("t");
+        // Token k = ((l·2 + t)·2 + y)·2 + x: a step along one axis adds 8, 4, 2 or 1 to k
+        // where that coordinate is 0.
+        for k in 0..16 {
+            for (bit, d) in [(8, 8), (4, 4), (2, 2), (1, 1)] {
+                if k & bit == 0 {
+                    assert_ne!(group(k, &l, 2), group(k + d, &l, 2), "{k} {d}");
+                }
+            }
+        }
+        assert!(reconstruct(&model, &b, &layouts, 1, 0.0).is_err());
+    }
+
+    #[test]
+    fn denormalize_uses_each_values_level_and_month() {
+        let mut stats = MonthlyStatistics::default();
+        let m = |mean, std| Moments {
+            count: 1,
+            mean,
+            std,
+            min: 0.0,
+            max: 0.0,
+        };
+        stats.insert("t", 850.0, 2020, 1, m(280.0, 10.0));
+        stats.insert("t", 500.0, 2020, 1, m(250.0, 5.0));
+        stats.insert("t", 850.0, 2020, 2, m(275.0, 2.0));
+        stats.insert("t", 500.0, 2020, 2, m(245.0, 1.0));
+        // Step 0 is 2020-01-31T23:00Z, step 1 is in February.
+        let time = TimeAxis {
+            start_unix: 1_580_511_600,
+            step_s: 3600,
+        };
+        let l = layout("t");
+        let mut values = vec![1.0f32; 16 * 12];
+        let w = Window {
+            time_start: 0,
+            lat_start: 0,
+            lon_start: 0,
+            size: [2, 6, 8],
+        };
+        denormalize(&mut values, &[w], &l, &stats, time).unwrap();
+        // Token order (level, t, lat, lon): tokens 0..4 are 850 hPa step 0, 4..8 step 1,
+        // 8..12 500 hPa step 0, 12..16 step 1.
+        assert_eq!(values[0], 290.0);
+        assert_eq!(values[4 * 12], 277.0);
+        assert_eq!(values[8 * 12], 255.0);
+        assert_eq!(values[12 * 12 + 11], 246.0);
+        let mut short = vec![0.0; 5];
+        assert!(denormalize(&mut short, &[w], &l, &stats, time).is_err());
+        let time = TimeAxis {
+            start_unix: 1_600_000_000,
+            step_s: 3600,
+        };
+        let err = denormalize(&mut values, &[w], &l, &stats, time).unwrap_err();
+        assert!(err.to_string().contains("`t`"), "{err}");
+    }
+}
