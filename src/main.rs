@@ -16,6 +16,7 @@ use tracing_subscriber::EnvFilter;
 
 mod demo;
 mod eval;
+mod plot;
 mod pull;
 mod serve;
 mod track;
@@ -73,6 +74,8 @@ enum Command {
     /// Score a checkpoint on a held-out split: masked-token RMSE in physical units against
     /// climatology, persistence and interpolation.
     Eval(eval::EvalArgs),
+    /// Pictures: attention maps, token evolution, training curves, fields on a map.
+    Plot(plot::PlotArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -244,6 +247,7 @@ async fn run() -> Result<()> {
         Command::Train(args) => train::train(args).await,
         Command::Track(args) => track::track(args).await,
         Command::Eval(args) => eval::eval(args).await.map(drop),
+        Command::Plot(args) => plot::plot(args).await,
     }
 }
 

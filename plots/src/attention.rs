@@ -108,8 +108,9 @@ pub struct AttentionOptions {
 }
 
 const PANEL: u32 = 300;
-const TITLE_H: u32 = 56;
-const BAR_W: u32 = 120;
+/// Height of a figure's title block (a title and up to three lines of subtitle).
+pub(crate) const TITLE_H: u32 = 92;
+const BAR_W: u32 = 132;
 
 /// Writes `attention-FIELD.png` (the matrices) and `attention-query-FIELD.png` (the query map)
 /// for each field into `out`.
@@ -248,7 +249,8 @@ fn matrix_figure(
     })
 }
 
-/// Draws the figure title (and a smaller subtitle) and returns the area below.
+/// Draws the figure title (and a smaller subtitle, broken after its ` · `s into at most three
+/// lines as wide as the figure) and returns the area below.
 pub(crate) fn title<'a>(
     root: &Area<'a>,
     what: &str,
@@ -262,12 +264,27 @@ pub(crate) fn title<'a>(
         (FONT_FAMILY, 22).into_font().color(&BLACK),
     ))
     .map_err(draw_err(what))?;
-    top.draw(&Text::new(
-        subtitle.to_string(),
-        (14, 33),
-        (FONT_FAMILY, 15).into_font().color(&RGBColor(70, 70, 70)),
-    ))
-    .map_err(draw_err(what))?;
+    // DejaVu Sans at 15 px averages about 8 px a character.
+    let fits = (top.dim_in_pixel().0.saturating_sub(28) / 8) as usize;
+    let mut lines: Vec<String> = Vec::new();
+    for part in subtitle.split(" · ") {
+        match lines.last_mut() {
+            Some(line) if line.chars().count() + 3 + part.chars().count() <= fits => {
+                line.push_str(" · ");
+                line.push_str(part);
+            }
+            _ => lines.push(part.to_string()),
+        }
+    }
+    lines.truncate(3);
+    for (k, line) in lines.iter().enumerate() {
+        top.draw(&Text::new(
+            line.clone(),
+            (14, 34 + 19 * k as i32),
+            (FONT_FAMILY, 15).into_font().color(&RGBColor(70, 70, 70)),
+        ))
+        .map_err(draw_err(what))?;
+    }
     Ok(body)
 }
 

@@ -261,9 +261,11 @@ pub fn colour_bar(area: &Area<'_>, scale: &ColourScale, what: &str) -> Result<()
     let mut chart = ChartBuilder::on(area)
         .margin_top(30)
         .margin_bottom(30)
-        .margin_left(10)
-        .margin_right(16)
-        .right_y_label_area_size(area.dim_in_pixel().0.saturating_sub(50).min(70))
+        .margin_left(6)
+        .margin_right(12)
+        // The label area holds the tick labels and the rotated axis title; the bar keeps the
+        // rest, at least 42 px less the margins.
+        .right_y_label_area_size(area.dim_in_pixel().0.saturating_sub(42).min(88))
         .build_cartesian_2d(0.0..1.0, scale.min..scale.max)
         .map_err(draw_err(what))?;
     chart

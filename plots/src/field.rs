@@ -17,7 +17,7 @@ use crate::sample::format_time;
 
 /// Size of the field map.
 pub const SIZE: (u32, u32) = (1400, 780);
-const BAR_W: u32 = 130;
+const BAR_W: u32 = 140;
 
 /// A global (or regional) field on a regular latitude/longitude grid.
 #[derive(Debug, Clone)]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
-use crate::attention::{Figure, title};
+use crate::attention::{Figure, TITLE_H, title};
 use crate::canvas::{
     Area, ColourScale, FONT_FAMILY, NO_DATA, colour_bar, grid_with_bar, raster, render, spread,
     tick, write_gif, write_png,
@@ -27,8 +27,7 @@ pub const GIF_FRAME_MS: u32 = 700;
 
 const ROWS: [&str; 4] = ["source", "masked input", "prediction", "target"];
 const PANEL_W: u32 = 250;
-const BAR_W: u32 = 120;
-const TITLE_H: u32 = 56;
+const BAR_W: u32 = 132;
 
 /// One field level of the first sample as grid-point maps: `[row][time][lat · lon]`, rows in
 /// [`ROWS`] order (`NaN` where a row has no value), and which points belong to masked tokens.

@@ -1,0 +1,386 @@
+//! `atmorep plot`: fetches what a picture needs — a checkpoint and one loader sample, a run's
+//! step log, a field of a store — and hands it to atmorep-plot, which draws it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use atmorep_loader::Dataset;
+use atmorep_loader::hyperslab::Hyperslab;
+use atmorep_plot::{AttentionOptions, FieldMap, ModelRun, TokenOptions};
+use atmorep_proto::client::{ClientConfig, LoaderClient};
+use atmorep_proto::pb;
+use atmorep_proto::request::{RequestConfig, SplitName};
+use atmorep_trainer::{Device, Trainer, checkpoint, metrics_log};
+use clap::{Args, Subcommand};
+
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    #[command(subcommand)]
+    command: PlotCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum PlotCommand {
+    /// Encoder attention of one sample: every layer and head (within and across fields) as heat
+    /// maps, and a query token's attention on the map.
+    Attention {
+        #[command(flatten)]
+        sample: SampleArgs,
+        /// The query token of the map figure, in the field's token order (default: the middle
+        /// token of the first level at the last token time).
+        #[arg(long)]
+        query: Option<usize>,
+    },
+    /// One sample's source, masked input, prediction and target per time slice, per field and
+    /// level (PNG and animated GIF).
+    Tokens {
+        #[command(flatten)]
+        sample: SampleArgs,
+        /// Only these levels, comma-separated, as the store names them (default: all).
+        #[arg(long, value_delimiter = ',')]
+        level: Vec<f64>,
+    },
+    /// Loss (per task, validation), learning rate, gradient norm and data wait of a training
+    /// run, from its Parquet step log.
+    Training {
+        /// The run's output folder (`atmorep train --out`).
+        run_dir: PathBuf,
+        /// The PNG (default: RUN_DIR/training.png).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// A field at one level and time on a map in physical units, optionally with cyclone tracks.
+    Field {
+        /// Store URL or path.
+        url: String,
+        /// Variable name.
+        #[arg(long)]
+        var: String,
+        /// Level as the store names it (e.g. 500); needed when the variable has levels.
+        #[arg(long)]
+        level: Option<f64>,
+        /// Time: ISO 8601 UTC (one of the store's steps) or an index on its time axis.
+        #[arg(long)]
+        time: String,
+        /// Cyclone tracks to draw on top (CSV as `atmorep track` or `loader synth` write).
+        #[arg(long)]
+        tracks: Option<PathBuf>,
+        /// The PNG (default: field-VAR-LEVEL-TIME.png in the working folder).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Which model and which sample.
+#[derive(Debug, Args)]
+struct SampleArgs {
+    /// A checkpoint folder, or a run folder (its latest checkpoint).
+    ckpt: PathBuf,
+    /// Loader endpoint(s), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    loader: Vec<String>,
+    /// The sample id (as the stream of the checkpoint's request numbers them).
+    #[arg(long)]
+    sample: u64,
+    /// The epoch the id belongs to (it decides the masks).
+    #[arg(long, default_value_t = 0)]
+    epoch: u64,
+    /// The time split: train, validation or test.
+    #[arg(long, default_value = "validation")]
+    split: String,
+    /// The task whose masking the sample gets (default: the config's first).
+    #[arg(long)]
+    task: Option<String>,
+    /// Only these fields, comma-separated (default: all of the model's).
+    #[arg(long, value_delimiter = ',')]
+    field: Vec<String>,
+    /// Output folder.
+    #[arg(long, default_value = "plots")]
+    out: PathBuf,
+    /// Bearer token for the loaders.
+    #[arg(long, env = "ATMOREP_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+pub async fn plot(args: PlotArgs) -> Result<()> {
+    let figures = match args.command {
+        PlotCommand::Attention { sample, query } => {
+            let (run, subtitle) = model_run(&sample).await?;
+            let opts = AttentionOptions {
+                fields: sample.field.clone(),
+                query,
+                subtitle,
+            };
+            atmorep_plot::attention_figures(&run, &sample.out, &opts)?
+        }
+        PlotCommand::Tokens { sample, level } => {
+            let (run, subtitle) = model_run(&sample).await?;
+            let opts = TokenOptions {
+                fields: sample.field.clone(),
+                levels: level,
+                subtitle,
+            };
+            let figs = atmorep_plot::token_figures(&run, &sample.out, &opts)?;
+            for f in &figs {
+                println!("wrote {}", f.path.with_extension("gif").display());
+            }
+            figs
+        }
+        PlotCommand::Training { run_dir, out } => vec![training(&run_dir, out)?],
+        PlotCommand::Field {
+            url,
+            var,
+            level,
+            time,
+            tracks,
+            out,
+        } => vec![field(&url, &var, level, &time, tracks.as_deref(), out).await?],
+    };
+    for f in figures {
+        println!(
+            "wrote {} ({}×{}, {} panels)",
+            f.path.display(),
+            f.width,
+            f.height,
+            f.panels
+        );
+    }
+    Ok(())
+}
+
+/// Loads the checkpoint, fetches the sample its request cuts as `--sample` and runs the model
+/// on it; returns the run and a subtitle naming what was drawn.
+async fn model_run(args: &SampleArgs) -> Result<(ModelRun, String)> {
+    let split: SplitName = serde_json::from_value(serde_json::Value::String(args.split.clone()))
+        .with_context(|| {
+            format!(
+                "--split: `{}` is not one of train, validation, test",
+                args.split
+            )
+        })?;
+    let ckpt = checkpoint::load(&args.ckpt, &Device::Cpu)?;
+    let (dir, step) = (ckpt.dir.clone(), ckpt.step);
+    let trainer = Trainer::from_checkpoint(ckpt, None)?;
+    let config = trainer.config();
+    let tasks = config.tasks();
+    let task = match &args.task {
+        None => 0,
+        Some(name) => tasks
+            .iter()
+            .position(|t| &t.name == name)
+            .with_context(|| {
+                format!(
+                    "--task {name}: the checkpoint's tasks are {:?}",
+                    tasks.iter().map(|t| &t.name).collect::<Vec<_>>()
+                )
+            })?,
+    };
+    let mut request = config.task_request(task);
+    request.split = split;
+    request.batch_size = 1;
+
+    let mut client_config = ClientConfig::new(args.loader.clone());
+    client_config.bearer_token = args.token.clone();
+    let client = LoaderClient::connect(client_config).await?;
+    let loader = args.loader.join(",");
+    check_fields(&client, &request, &dir, &loader).await?;
+    let batch = client
+        .sample(pb::SampleRequest::by_id(
+            request.to_proto(),
+            args.epoch,
+            args.sample,
+        ))
+        .await
+        .with_context(|| {
+            format!(
+                "fetching sample {} of epoch {} ({} split) from {loader}",
+                args.sample, args.epoch, args.split
+            )
+        })?;
+    let run = ModelRun::new(trainer.model(), &batch, &request)
+        .with_context(|| format!("running the model of {}", dir.display()))?;
+    let subtitle = format!(
+        "sample {} of epoch {}, {} split, {} masking · checkpoint {} (step {step})",
+        args.sample,
+        args.epoch,
+        args.split,
+        tasks[task].name,
+        dir.display()
+    );
+    Ok((run, subtitle))
+}
+
+/// Fails, naming the field, when the loader's dataset lacks a field or level the checkpoint's
+/// model was trained on.
+async fn check_fields(
+    client: &LoaderClient,
+    request: &RequestConfig,
+    ckpt: &Path,
+    loader: &str,
+) -> Result<()> {
+    let info = client
+        .dataset_info(&request.dataset)
+        .await
+        .with_context(|| {
+            format!(
+                "the checkpoint {} was trained on dataset `{}`, which {loader} does not serve",
+                ckpt.display(),
+                request.dataset
+            )
+        })?;
+    for field in &request.fields {
+        let Some(var) = info.variables.iter().find(|v| v.name == field.name) else {
+            bail!(
+                "the checkpoint {} needs field `{}`, but dataset `{}` at {loader} has only {:?}",
+                ckpt.display(),
+                field.name,
+                request.dataset,
+                info.variables.iter().map(|v| &v.name).collect::<Vec<_>>()
+            );
+        };
+        if let Some(level) = field.levels.iter().find(|l| !var.levels.contains(l)) {
+            bail!(
+                "the checkpoint {} needs field `{}` at level {level}, but dataset `{}` at \
+                 {loader} has it at {:?}",
+                ckpt.display(),
+                field.name,
+                request.dataset,
+                var.levels
+            );
+        }
+    }
+    Ok(())
+}
+
+fn training(run_dir: &Path, out: Option<PathBuf>) -> Result<atmorep_plot::Figure> {
+    if !run_dir.is_dir() {
+        bail!("run folder {} does not exist", run_dir.display());
+    }
+    let log = run_dir.join(metrics_log::DIR);
+    if !log.is_dir() {
+        bail!(
+            "{} has no step log ({} is missing): not a training run's output folder",
+            run_dir.display(),
+            log.display()
+        );
+    }
+    let rows = metrics_log::read_steps(run_dir)?;
+    if rows.is_empty() {
+        bail!(
+            "the step log {} holds no steps (a run writes it at its checkpoints and at its end)",
+            log.display()
+        );
+    }
+    let out = out.unwrap_or_else(|| run_dir.join("training.png"));
+    let subtitle = format!(
+        "run {} · steps {}–{}",
+        run_dir.display(),
+        rows.first().map_or(0, |r| r.step),
+        rows.last().map_or(0, |r| r.step)
+    );
+    Ok(atmorep_plot::training_figure(&rows, &out, &subtitle)?)
+}
+
+async fn field(
+    url: &str,
+    var: &str,
+    level: Option<f64>,
+    time: &str,
+    tracks: Option<&Path>,
+    out: Option<PathBuf>,
+) -> Result<atmorep_plot::Figure> {
+    // Tracks first: a bad CSV fails before the store is read.
+    let tracks = match tracks {
+        Some(path) => atmorep_track::tracks::read_tracks_csv(path)
+            .with_context(|| format!("reading the tracks {}", path.display()))?,
+        None => Vec::new(),
+    };
+    let dataset = Dataset::open(url).await?;
+    let variable = dataset.variable(var)?;
+    let levels = match (level, variable.has_level()) {
+        (Some(l), true) => {
+            vec![
+                variable
+                    .levels
+                    .iter()
+                    .position(|v| *v == l)
+                    .with_context(|| {
+                        format!(
+                            "--level {l}: `{var}` of {url} has levels {:?}",
+                            variable.levels
+                        )
+                    })?,
+            ]
+        }
+        (None, true) => bail!(
+            "--level is needed: `{var}` of {url} has levels {:?}",
+            variable.levels
+        ),
+        (Some(l), false) => bail!("--level {l}: `{var}` of {url} is a surface field"),
+        (None, false) => Vec::new(),
+    };
+    let times = &dataset.times;
+    let range = || {
+        format!(
+            "{} steps from {} to {}",
+            times.len(),
+            atmorep_plot::sample::format_time(times[0]),
+            atmorep_plot::sample::format_time(times[times.len() - 1])
+        )
+    };
+    let t = match time.parse::<usize>() {
+        Ok(i) if i < times.len() => i,
+        Ok(i) => bail!("--time {i} is outside the store's {}", range()),
+        Err(_) => {
+            let with_zone = if time.ends_with('Z') || time.contains('+') {
+                time.to_string()
+            } else {
+                format!("{time}Z")
+            };
+            let unix = chrono::DateTime::parse_from_rfc3339(&with_zone)
+                .with_context(|| format!("--time `{time}` is neither an index nor an ISO time"))?
+                .timestamp();
+            times.binary_search(&unix).map_err(|_| {
+                anyhow::anyhow!("--time {time} is not among the store's {}", range())
+            })?
+        }
+    };
+    let slab = Hyperslab {
+        variable: var.to_string(),
+        time: t..t + 1,
+        levels,
+        lat: 0..dataset.lats.len(),
+        lon_start: 0,
+        lon_len: dataset.lons.len(),
+    };
+    let values = dataset
+        .read(&slab)
+        .await
+        .with_context(|| format!("reading `{var}` from {url}"))?;
+    let map = FieldMap {
+        variable: var.to_string(),
+        long_name: variable.long_name.clone(),
+        units: variable.units.clone(),
+        level,
+        time_unix: times[t],
+        lats: dataset.lats.clone(),
+        lons: dataset.lons.clone(),
+        values,
+    };
+    let out = out.unwrap_or_else(|| {
+        let stamp = atmorep_plot::sample::format_time(times[t])
+            .replace([' ', ':'], "")
+            .replace('-', "");
+        let level = level.map_or(String::new(), |l| format!("-{l}"));
+        PathBuf::from(format!("field-{var}{level}-{stamp}.png"))
+    });
+    let subtitle = format!(
+        "{url} · {} tracks",
+        if tracks.is_empty() {
+            "no".to_string()
+        } else {
+            tracks.len().to_string()
+        }
+    );
+    Ok(atmorep_plot::field_figure(&map, &tracks, &out, &subtitle)?)
+}
