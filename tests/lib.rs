@@ -723,7 +723,7 @@ async fn collect(body: s3s::Body) -> Result<Bytes, HttpError> {
     body.collect()
         .await
         .map(|collected| collected.to_bytes())
-        .map_err(|e| HttpError::new(e.into()))
+        .map_err(HttpError::new)
 }
 
 /// An S3 error document for an injected status.

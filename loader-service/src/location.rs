@@ -47,7 +47,7 @@ impl StoreLocation {
         };
         let prefix =
             ObjectPath::from_url_path(parsed.path()).map_err(|e| invalid(e.to_string()))?;
-        let retry = || retry_config_from_env().map_err(|detail| invalid(detail));
+        let retry = || retry_config_from_env().map_err(&invalid);
         let store: Arc<dyn ObjectStore> = match parsed.scheme() {
             "file" => {
                 let path = parsed

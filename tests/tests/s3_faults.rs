@@ -291,7 +291,7 @@ async fn a_body_cut_off_every_time_is_an_error_naming_the_chunk() {
 async fn a_short_but_well_formed_body_is_an_error_naming_the_chunk() {
     // Neither compressed nor uncompressed chunks may turn into values when bytes are missing.
     for codec in [BLOSC, Codec::Zstd, Codec::None] {
-        let fx = Fixture::new(codec.clone());
+        let fx = Fixture::new(codec);
         let chunk = fx.key(CHUNK);
         let size = std::fs::metadata(fx.local.join(CHUNK)).unwrap().len() as usize;
         fx.server
