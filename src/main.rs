@@ -16,6 +16,7 @@ use tracing_subscriber::EnvFilter;
 
 mod demo;
 mod eval;
+mod infer;
 mod plot;
 mod pull;
 mod serve;
@@ -74,6 +75,9 @@ enum Command {
     /// Score a checkpoint on a held-out split: masked-token RMSE in physical units against
     /// climatology, persistence and interpolation.
     Eval(eval::EvalArgs),
+    /// Global inference: the model's prediction of every token of the loader's global tiles,
+    /// stitched and written as a Zarr store the loader can serve.
+    Infer(infer::InferArgs),
     /// Pictures: attention maps, token evolution, training curves, fields on a map.
     Plot(plot::PlotArgs),
 }
@@ -247,6 +251,7 @@ async fn run() -> Result<()> {
         Command::Train(args) => train::train(args).await,
         Command::Track(args) => track::track(args).await,
         Command::Eval(args) => eval::eval(args).await.map(drop),
+        Command::Infer(args) => infer::infer(args).await.map(drop),
         Command::Plot(args) => plot::plot(args).await,
     }
 }

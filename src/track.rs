@@ -139,10 +139,18 @@ pub fn tracker_request(
     } else if upper.iter().all(|&l| has("t", l)) {
         t_levels.extend(upper);
     }
+    // Tiles of 4 × 8 tokens of 9 × 9 points; on a grid too coarse for that, one token as large
+    // as the grid allows (tiles are only transport here, stitched back before detection).
+    let grid = info.grid.as_ref().context("the loader sent no grid")?;
+    let (num_tokens, token_size) = if grid.nlat >= 36 && grid.nlon >= 72 {
+        ([1, 4, 8], [1, 9, 9])
+    } else {
+        ([1, 1, 1], [1, grid.nlat.min(36), grid.nlon.min(72)])
+    };
     let field = |name: &str, levels: &[f64]| {
         format!(
-            "[[fields]]\nname = \"{name}\"\nlevels = {levels:?}\nnum_tokens = [1, 4, 8]\n\
-             token_size = [1, 9, 9]\nnormalization = \"none\"\npe = \"none\"\npe_width = 2\n\n"
+            "[[fields]]\nname = \"{name}\"\nlevels = {levels:?}\nnum_tokens = {num_tokens:?}\n\
+             token_size = {token_size:?}\nnormalization = \"none\"\npe = \"none\"\npe_width = 2\n\n"
         )
     };
     let mut toml = format!(

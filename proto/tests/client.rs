@@ -285,6 +285,16 @@ impl Loader for TestLoader {
         let batch = self.batch(0, &mut cursor, 1, None);
         Ok(Response::new(batch.into_proto(Dtype::Bf16).unwrap()))
     }
+
+    async fn get_statistics(
+        &self,
+        request: Request<pb::StatisticsRequest>,
+    ) -> Result<Response<pb::Statistics>, Status> {
+        self.check_auth(&request)?;
+        Err(Status::failed_precondition(
+            "dataset: this test loader has no statistics",
+        ))
+    }
 }
 
 /// A loader in its own runtime, so that killing it drops every connection at once, as a dying
