@@ -273,7 +273,7 @@ fn training(run_dir: &Path, out: Option<PathBuf>) -> Result<atmorep_plot::Figure
     }
     let out = out.unwrap_or_else(|| run_dir.join("training.png"));
     let subtitle = format!(
-        "run {} · steps {}–{}",
+        "{} · steps {}–{}",
         run_dir.display(),
         rows.first().map_or(0, |r| r.step),
         rows.last().map_or(0, |r| r.step)

@@ -256,41 +256,86 @@ impl ColourScale {
     }
 }
 
-/// Draws a vertical colour bar for `scale` filling `area` (labels on its right).
+/// Draws a vertical colour bar for `scale` filling `area`: the bar on the left, tick labels to
+/// its right and the scale's label, reading upwards, along the right edge. Drawn by hand rather
+/// than as a plotters chart, whose right-axis labels are placed by estimated text widths and
+/// can land on the bar.
 pub fn colour_bar(area: &Area<'_>, scale: &ColourScale, what: &str) -> Result<()> {
-    let mut chart = ChartBuilder::on(area)
-        .margin_top(30)
-        .margin_bottom(30)
-        .margin_left(6)
-        .margin_right(12)
-        // The label area holds the tick labels and the rotated axis title; the bar keeps the
-        // rest, at least 42 px less the margins.
-        .right_y_label_area_size(area.dim_in_pixel().0.saturating_sub(42).min(88))
-        .build_cartesian_2d(0.0..1.0, scale.min..scale.max)
-        .map_err(draw_err(what))?;
-    chart
-        .configure_mesh()
-        .disable_mesh()
-        .disable_x_axis()
-        .y_desc(scale.label.as_str())
-        .y_labels(7)
-        .y_label_formatter(&|v| tick(*v))
-        .label_style((FONT_FAMILY, 13))
-        .axis_desc_style((FONT_FAMILY, 14))
-        .draw()
-        .map_err(draw_err(what))?;
+    let (w, h) = area.dim_in_pixel();
+    let (w, h) = (w as i32, h as i32);
+    let (x0, bar_w, top, bottom) = (8, (w / 5).clamp(12, 28), 30, h - 30);
+    if bottom - top < 40 {
+        return Err(input_err(what, "too little room for a colour bar"));
+    }
     let (min, max) = (scale.min, scale.max);
-    raster(&chart.plotting_area().strip_coord_spec(), what, |_, fy| {
+    let bar = area.clone().shrink((x0, top), (bar_w, bottom - top));
+    raster(&bar, what, |_, fy| {
         Some(scale.colour(min + (max - min) * fy))
     })?;
-    chart
-        .plotting_area()
-        .draw(&Rectangle::new(
-            [(0.0, min), (1.0, max)],
+    area.draw(&Rectangle::new(
+        [(x0, top), (x0 + bar_w, bottom)],
+        BLACK.stroke_width(1),
+    ))
+    .map_err(draw_err(what))?;
+    let y_of = |v: f64| bottom - ((v - min) / (max - min) * f64::from(bottom - top)).round() as i32;
+    let style = TextStyle::from((FONT_FAMILY, 13).into_font())
+        .color(&BLACK)
+        .pos(plotters::style::text_anchor::Pos::new(
+            plotters::style::text_anchor::HPos::Left,
+            plotters::style::text_anchor::VPos::Center,
+        ));
+    for v in nice_ticks(min, max, 6) {
+        let y = y_of(v);
+        area.draw(&PathElement::new(
+            vec![(x0 + bar_w, y), (x0 + bar_w + 4, y)],
             BLACK.stroke_width(1),
         ))
         .map_err(draw_err(what))?;
+        area.draw(&Text::new(tick(v), (x0 + bar_w + 7, y), style.clone()))
+            .map_err(draw_err(what))?;
+    }
+    let label = TextStyle::from(
+        (FONT_FAMILY, 14)
+            .into_font()
+            .transform(FontTransform::Rotate270),
+    )
+    .color(&BLACK)
+    .pos(plotters::style::text_anchor::Pos::new(
+        plotters::style::text_anchor::HPos::Center,
+        plotters::style::text_anchor::VPos::Center,
+    ));
+    area.draw(&Text::new(
+        scale.label.clone(),
+        (w - 12, (top + bottom) / 2),
+        label,
+    ))
+    .map_err(draw_err(what))?;
     Ok(())
+}
+
+/// About `n` round tick values (1, 2, 2.5 or 5 × 10ᵏ apart) inside `min..=max`.
+pub fn nice_ticks(min: f64, max: f64, n: usize) -> Vec<f64> {
+    let span = max - min;
+    if !(span.is_finite() && span > 0.0) || n == 0 {
+        return Vec::new();
+    }
+    let raw = span / n as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
+    // The slack keeps an end that is a multiple of the step (-0.3 / 0.1 = -2.9999…) in.
+    let first = (min / step - 1e-9).ceil() as i64;
+    let last = (max / step + 1e-9).floor() as i64;
+    (first..=last)
+        .map(|k| {
+            let v = k as f64 * step;
+            // A zero tick that rounding left as 1e-17 (or -0) prints as 0.
+            if v.abs() < step * 1e-9 { 0.0 } else { v }
+        })
+        .collect()
 }
 
 /// Fills every pixel of `area` with `colour(fx, fy)`, where `fx` runs 0 → 1 left to right and
@@ -329,7 +374,9 @@ pub fn tick(v: f64) -> String {
             .trim_end_matches('.')
             .into()
     } else {
-        format!("{v:.3}")
+        // Four significant digits, so neighbouring ticks such as 0.0025 and 0.003 stay apart.
+        let decimals = (3 - a.log10().floor() as i32).max(0) as usize;
+        format!("{v:.decimals$}")
             .trim_end_matches('0')
             .trim_end_matches('.')
             .into()
@@ -433,9 +480,25 @@ mod tests {
     fn ticks_are_short() {
         assert_eq!(tick(0.0), "0");
         assert_eq!(tick(1.5), "1.5");
-        assert_eq!(tick(0.0625), "0.062");
+        assert_eq!(tick(0.0625), "0.0625");
+        assert_eq!(tick(0.0025), "0.0025");
+        assert_eq!(tick(0.35), "0.35");
         assert_eq!(tick(250.4), "250");
         assert_eq!(tick(1.0e-5), "1.0e-5");
+    }
+
+    #[test]
+    fn nice_ticks_are_round_and_inside() {
+        let labels = |min, max, n| -> Vec<String> {
+            nice_ticks(min, max, n).into_iter().map(tick).collect()
+        };
+        assert_eq!(labels(0.0, 1.0, 5), ["0", "0.2", "0.4", "0.6", "0.8", "1"]);
+        assert_eq!(
+            labels(-0.3, 0.3, 6),
+            ["-0.3", "-0.2", "-0.1", "0", "0.1", "0.2", "0.3"]
+        );
+        assert_eq!(labels(4990.0, 5310.0, 6), ["5000", "5100", "5200", "5300"]);
+        assert!(nice_ticks(1.0, 1.0, 5).is_empty());
     }
 
     #[test]

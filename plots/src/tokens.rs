@@ -3,7 +3,7 @@
 //! Per field and level, one figure with a column per time slice of the window (at most
 //! [`MAX_COLUMNS`], evenly spread) and four rows: the **source** (the sample before masking),
 //! the **masked input** the model saw, the model's **prediction** (ensemble mean) and the
-//! **target** (the original values of the masked tokens only; the rest is grey). Masked tokens
+//! **target**, both in the masked tokens only (the rest is grey: the loss sees nothing else). Masked tokens
 //! are outlined in the lower three rows. All panels share one colour scale, so a prediction is
 //! compared with its target by colour alone. An animated GIF shows the same four maps for every
 //! time slice in turn.
@@ -66,7 +66,8 @@ pub fn token_series(run: &ModelRun, f: usize, level: usize) -> TokenSeries {
                 let is_masked = masked_set.contains(&token);
                 maps[0].push(source[i]);
                 maps[1].push(input[i]);
-                maps[2].push(pred[i]);
+                // The loss sees only masked tokens, so a prediction elsewhere means nothing.
+                maps[2].push(if is_masked { pred[i] } else { f32::NAN });
                 maps[3].push(if is_masked { source[i] } else { f32::NAN });
             }
         }
@@ -181,7 +182,11 @@ fn draw_tokens(g: &FieldGrid, s: &TokenSeries, out: &Path, subtitle: &str) -> Re
         let (cells, bar) = grid_with_bar(&body, (ROWS.len(), times.len()), BAR_W);
         for (r, name) in ROWS.iter().enumerate() {
             for (c, &tau) in times.iter().enumerate() {
-                let cap = format!("{name} · {}", g.time_label(tau));
+                let cap = if r >= 2 && s.masked[tau].is_empty() {
+                    format!("{name}: no token masked")
+                } else {
+                    format!("{name} · {}", g.time_label(tau))
+                };
                 map_panel(
                     &cells[r * times.len() + c],
                     &what,
@@ -313,7 +318,8 @@ mod tests {
         assert_eq!(s.rows[0][0][8 + 5], fb.source_of(0)[12 + 5] + 0.5);
         assert_eq!(s.rows[3][0][8 + 5], s.rows[0][0][8 + 5]);
         assert!(s.rows[3][0][0].is_nan());
-        assert_eq!(s.rows[2][0][0], run.predictions[0][0]);
+        assert!(s.rows[2][0][0].is_nan());
+        assert_eq!(s.rows[2][0][5], run.predictions[0][12 + 1]);
     }
 
     #[test]

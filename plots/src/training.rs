@@ -231,7 +231,7 @@ fn line_chart(
                 .y_label_formatter(&|v| tick(*v))
                 .label_style((FONT_FAMILY, 13))
                 .axis_desc_style((FONT_FAMILY, 14))
-                .light_line_style(RGBColor(235, 235, 235))
+                .light_line_style(TRANSPARENT)
                 .draw()
                 .map_err(draw_err(what))?;
             chart
