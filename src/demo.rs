@@ -1,14 +1,18 @@
-//! `atmorep demo`: the whole system on one machine with an embedded default — a synthetic ERA5
-//! store with cyclones, its statistics, the loader service on loopback, and a client in the
-//! same process that streams an epoch of token batches over real gRPC and checks it.
+//! `atmorep demo`: the whole system on one machine with an embedded default. A synthetic ERA5
+//! store with cyclones and its statistics; the loader service as a **separate process** on
+//! loopback; one epoch streamed over gRPC and checked; the trainer as a **separate process**
+//! training the multiformer on the loader's stream (about 3 minutes on 2 cores); evaluation
+//! against climatology, persistence and interpolation; global inference written back as a Zarr
+//! store; cyclones tracked in the reanalysis and in the model's output (each through a loader);
+//! everything in one folder.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use atmorep_loader::Dataset;
 use atmorep_loader::normalization::GlobalStats;
-use atmorep_loader::service::{self, DatasetConfig, LoaderService, ServerConfig};
 use atmorep_loader::synth::{SynthConfig, write_store};
 use atmorep_proto::client::{ClientConfig, LoaderClient};
 use atmorep_proto::request::RequestConfig;
@@ -18,15 +22,18 @@ use crate::pull::{Consume, consume};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Output folder (the store, its statistics and reports go here).
+    /// Output folder (the store, its statistics, the run, reports and pictures go here).
     #[arg(long, default_value = "demo")]
     out: PathBuf,
     /// Grid spacing of the synthetic store in degrees.
     #[arg(long, default_value_t = 1.0)]
     grid: f64,
+    /// Optimizer steps of the training run (the default takes about 3 minutes on 2 cores).
+    #[arg(long, default_value_t = 400)]
+    steps: u64,
 }
 
-/// The demo's request: two fields on two pressure levels, BERT-masked temperature and
+/// The demo's pull check: two fields on two pressure levels, BERT-masked temperature and
 /// forecast-masked geopotential, 12-hour windows of 4×8 tokens.
 const DEMO_REQUEST: &str = r#"
 dataset = "demo"
@@ -35,58 +42,202 @@ seed = 1
 [[fields]]
 name = "t"
 levels = [850, 500]
-num_tokens = [4, 4, 8]
-token_size = [3, 6, 6]
+num_tokens = [2, 4, 8]
+token_size = [1, 6, 6]
 pe = "local"
 pe_width = 16
 mask = { kind = "bert", r_max = 0.5 }
 [[fields]]
 name = "z"
 levels = [850, 500]
-num_tokens = [4, 4, 8]
-token_size = [3, 6, 6]
+num_tokens = [2, 4, 8]
+token_size = [1, 6, 6]
 pe = "global"
 pe_width = 16
 mask = { kind = "forecast", steps = 1 }
 "#;
 
+/// The demo's training run: `t`, `z` and `vo` (so the tracker can run on the model's output)
+/// at 850 and 500 hPa, windows of 4 steps × 15° × 20° in tokens of 1 × 5 × 5 points; BERT,
+/// forecast and interpolation tasks.
+const DEMO_TRAIN: &str = r#"
+steps = STEPS
+seed = 0
+
+[model]
+d_model = 48
+num_heads = 4
+cross_heads = 2
+encoder_layers = 2
+decoder_layers = 1
+d_info = 8
+fields = [
+  { name = "vo", token_numel = 25, num_tokens = 96, pe_width = 16 },
+  { name = "z", token_numel = 25, num_tokens = 96, pe_width = 16 },
+  { name = "t", token_numel = 25, num_tokens = 96, pe_width = 16 },
+]
+
+[[tasks]]
+name = "bert"
+weight = 2
+mask = { kind = "bert", r_max = 0.5, noise_fraction = 0.1, mask_value = 0.0 }
+
+[[tasks]]
+name = "forecast"
+weight = 1
+mask = { kind = "forecast", steps = 1 }
+
+[[tasks]]
+name = "interpolation"
+weight = 1
+mask = { kind = "interpolation", steps = 1 }
+
+[optimizer]
+lr = 2e-3
+min_lr = 1e-4
+warmup_steps = 20
+decay = "cosine"
+weight_decay = 0.05
+grad_clip_norm = 1.0
+
+[validation]
+every = 100
+batches = 2
+
+[checkpoint]
+every = 0
+keep = 1
+
+[request]
+dataset = "demo"
+batch_size = 8
+seed = 0
+split_fractions = [0.7, 0.15]
+
+[[request.fields]]
+name = "vo"
+levels = [850, 500]
+num_tokens = [4, 3, 4]
+token_size = [1, 5, 5]
+pe = "local"
+pe_width = 16
+
+[[request.fields]]
+name = "z"
+levels = [850, 500]
+num_tokens = [4, 3, 4]
+token_size = [1, 5, 5]
+pe = "local"
+pe_width = 16
+
+[[request.fields]]
+name = "t"
+levels = [850, 500]
+num_tokens = [4, 3, 4]
+token_size = [1, 5, 5]
+pe = "local"
+pe_width = 16
+"#;
+
+/// A child process killed when dropped (the demo never leaves a loader behind).
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `atmorep loader serve --dataset NAME=STORE --bind 127.0.0.1:0` as a child; its log goes to
+/// `log`; returns it with its endpoint once it listens.
+fn start_loader(datasets: &[(&str, &Path)], log: &Path) -> Result<(Guard, String)> {
+    let exe = std::env::current_exe().context("locating the atmorep binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["loader", "serve", "--bind", "127.0.0.1:0"]);
+    for (name, store) in datasets {
+        cmd.arg("--dataset")
+            .arg(format!("{name}={}", store.display()));
+    }
+    let log_file =
+        std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut child = Guard(
+        cmd.stdout(Stdio::piped())
+            .stderr(log_file)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting the loader process")?,
+    );
+    let stdout = child.0.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(addr) = line.trim().strip_prefix("listening on ") {
+                    let endpoint = format!("http://{addr}");
+                    // Keep draining stdout so the server never blocks on a full pipe.
+                    std::thread::spawn(move || lines.for_each(drop));
+                    return Ok((child, endpoint));
+                }
+            }
+            _ => bail!(
+                "the loader process exited before listening; its log: {}",
+                log.display()
+            ),
+        }
+    }
+}
+
+/// Runs `atmorep ARGS` as a child process, inheriting the terminal (progress bars, tables).
+async fn run_child(what: &str, args: &[String]) -> Result<()> {
+    let exe = std::env::current_exe().context("locating the atmorep binary")?;
+    let args = args.to_vec();
+    let status = tokio::task::spawn_blocking(move || Command::new(exe).args(args).status())
+        .await?
+        .with_context(|| format!("starting {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn path_arg(p: &Path) -> String {
+    p.display().to_string()
+}
+
 pub async fn demo(args: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let store = args.out.join("era5.zarr");
+    // 30 days, 6-hourly: long enough for train, validation and test splits of 4-step windows.
     let synth = SynthConfig {
         grid_deg: args.grid,
+        steps: 121,
+        step_hours: 6,
+        levels: vec![850, 500, 300],
+        variables: ["t", "z", "vo", "u", "v"].map(String::from).to_vec(),
         ..SynthConfig::default()
     };
-    println!("1/5 synthetic ERA5 → {}", store.display());
+    println!("1/8 synthetic ERA5 → {}", store.display());
     let written = store.clone();
     let summary = tokio::task::spawn_blocking(move || write_store(&synth, &written))
         .await?
         .context("writing the synthetic store")?;
 
-    println!("2/5 normalization statistics");
+    println!("2/8 normalization statistics");
     let url = store.to_str().context("non-UTF-8 path")?.to_string();
-    let dataset = Arc::new(Dataset::open(&url).await?);
-    let stats_dir = GlobalStats::default_dir(&store);
-    GlobalStats::compute_into(&dataset, &stats_dir, false, true).await?;
+    let dataset = Dataset::open(&url).await?;
+    GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(&store), false, true).await?;
 
-    println!("3/5 loader service on loopback");
-    let config = ServerConfig::with_datasets(vec![DatasetConfig {
-        name: "demo".into(),
-        url,
-        description: "synthetic ERA5 with two tropical cyclones".into(),
-        stats: Some(stats_dir),
-    }]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let service = LoaderService::open(config).await?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(service::run(service, listener, async {
-        let _ = stopped.await;
-    }));
+    println!("3/8 the loader service, a separate process on loopback");
+    let (_loader, endpoint) = start_loader(&[("demo", &store)], &args.out.join("loader.log"))?;
+    println!(
+        "    {endpoint} (log: {})",
+        args.out.join("loader.log").display()
+    );
 
-    println!("4/5 one epoch streamed over gRPC from {addr}");
-    let client = LoaderClient::connect(ClientConfig::new(vec![format!("http://{addr}")])).await?;
+    println!("4/8 one epoch streamed over gRPC and checked");
+    let client = LoaderClient::connect(ClientConfig::new(vec![endpoint.clone()])).await?;
     let request = RequestConfig::from_toml(DEMO_REQUEST)?;
     let report = consume(
         &client,
@@ -100,28 +251,104 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     print!("{}", report.to_text());
     let path = args.out.join("pull.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-    println!("report: {}", path.display());
 
-    println!("5/5 tropical cyclones tracked in the loader's global tiles");
-    crate::track::track_with(
-        &client,
-        &crate::track::RunArgs {
-            loader: Vec::new(),
-            dataset: "demo".into(),
-            start: None,
-            end: None,
-            out: args.out.join("tracks.csv"),
-            map: Some(args.out.join("tracks.png")),
-            truth: Some(summary.tracks_csv),
-            config: None,
-            every_hours: 6,
-            token: None,
-            ca: None,
-        },
+    println!("5/8 the trainer, a separate process: {} steps", args.steps);
+    let config = args.out.join("train.toml");
+    std::fs::write(
+        &config,
+        DEMO_TRAIN.replace("STEPS", &args.steps.to_string()),
+    )?;
+    let run = args.out.join("run");
+    if run.exists() {
+        std::fs::remove_dir_all(&run).with_context(|| format!("clearing {}", run.display()))?;
+    }
+    run_child(
+        "atmorep train",
+        &[
+            "train".into(),
+            "--config".into(),
+            path_arg(&config),
+            "--loader".into(),
+            endpoint.clone(),
+            "--out".into(),
+            path_arg(&run),
+            "--bench".into(),
+        ],
     )
     .await?;
 
-    let _ = stop.send(());
-    server.await??;
+    println!("6/8 evaluation on the test split against the baselines (physical units)");
+    run_child(
+        "atmorep eval",
+        &[
+            "eval".into(),
+            path_arg(&run),
+            "--loader".into(),
+            endpoint.clone(),
+            "--out".into(),
+            path_arg(&args.out.join("eval.parquet")),
+        ],
+    )
+    .await?;
+
+    println!("7/8 global inference → model.zarr");
+    let model_store = args.out.join("model.zarr");
+    run_child(
+        "atmorep infer",
+        &[
+            "infer".into(),
+            path_arg(&run),
+            "--loader".into(),
+            endpoint.clone(),
+            "--out".into(),
+            path_arg(&model_store),
+        ],
+    )
+    .await?;
+
+    println!("8/8 tropical cyclones tracked in the reanalysis and in the model's output");
+    for (name, client_endpoint, tracks, map) in [
+        ("demo", endpoint.clone(), "tracks.csv", "tracks.png"),
+        (
+            "model",
+            String::new(),
+            "model-tracks.csv",
+            "model-tracks.png",
+        ),
+    ] {
+        let model_loader;
+        let ep = if client_endpoint.is_empty() {
+            let (guard, ep) = start_loader(
+                &[("model", &model_store)],
+                &args.out.join("model-loader.log"),
+            )?;
+            model_loader = Some(guard);
+            ep
+        } else {
+            model_loader = None;
+            client_endpoint
+        };
+        let client = LoaderClient::connect(ClientConfig::new(vec![ep])).await?;
+        println!("  in `{name}`:");
+        crate::track::track_with(
+            &client,
+            &crate::track::RunArgs {
+                loader: Vec::new(),
+                dataset: name.into(),
+                start: None,
+                end: None,
+                out: args.out.join(tracks),
+                map: Some(args.out.join(map)),
+                truth: Some(summary.tracks_csv.clone()),
+                config: None,
+                every_hours: 6,
+                token: None,
+                ca: None,
+            },
+        )
+        .await?;
+        drop(model_loader);
+    }
+    println!("everything is in {}", args.out.display());
     Ok(())
 }

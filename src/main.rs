@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 mod demo;
+mod embed;
 mod eval;
 mod infer;
 mod plot;
@@ -78,6 +79,8 @@ enum Command {
     /// Global inference: the model's prediction of every token of the loader's global tiles,
     /// stitched and written as a Zarr store the loader can serve.
     Infer(infer::InferArgs),
+    /// Export the encoder's embedding of every token of a split's samples to Zarr.
+    Embed(embed::EmbedArgs),
     /// Pictures: attention maps, token evolution, training curves, fields on a map.
     Plot(plot::PlotArgs),
 }
@@ -252,6 +255,7 @@ async fn run() -> Result<()> {
         Command::Track(args) => track::track(args).await,
         Command::Eval(args) => eval::eval(args).await.map(drop),
         Command::Infer(args) => infer::infer(args).await.map(drop),
+        Command::Embed(args) => embed::embed(args).await.map(drop),
         Command::Plot(args) => plot::plot(args).await,
     }
 }

@@ -72,7 +72,9 @@ impl StoreWriter {
     ) -> Result<Self> {
         let fail = |detail: String| write_err(out, detail);
         if axes.lats.is_empty() || axes.lons.is_empty() || axes.times.is_empty() {
-            return Err(fail("the grid and the time axis need at least one point".into()));
+            return Err(fail(
+                "the grid and the time axis need at least one point".into(),
+            ));
         }
         if variables.is_empty() {
             return Err(fail("no variables to write".into()));
@@ -193,13 +195,13 @@ impl StoreWriter {
                     zstd: false,
                     bitshuffle: false,
                 },
-                attributes: attrs(&[
-                    ("units", json!(v.units)),
-                    ("long_name", json!(v.long_name)),
-                ]),
+                attributes: attrs(&[("units", json!(v.units)), ("long_name", json!(v.long_name))]),
             };
             let array = write_array_meta(&mut written, &store, out, format, &spec)?;
-            if arrays.insert(v.name.clone(), (array, v.has_level)).is_some() {
+            if arrays
+                .insert(v.name.clone(), (array, v.has_level))
+                .is_some()
+            {
                 return Err(fail(format!("variable `{}` listed twice", v.name)));
             }
         }
@@ -278,6 +280,82 @@ impl StoreWriter {
     }
 }
 
+/// A dense f32 array for [`write_arrays`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DenseArray {
+    pub name: String,
+    pub dims: Vec<String>,
+    pub shape: Vec<u64>,
+    /// Row-major, `shape.product()` values.
+    pub data: Vec<f32>,
+    pub attributes: serde_json::Map<String, Value>,
+}
+
+/// Writes `arrays` as a consolidated Zarr v2 group at `out` (blosc-lz4, chunked along the first
+/// axis by at most 64), built in a temporary sibling folder and renamed into place.
+pub fn write_arrays(out: &Path, arrays: &[DenseArray], title: &str) -> Result<PathBuf> {
+    let name = out
+        .file_name()
+        .ok_or_else(|| write_err(out, "the store path has no final component"))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+    let store = Arc::new(FilesystemStore::new(&tmp).map_err(|e| write_err(out, e))?);
+    let mut written: Vec<(String, Value)> = Vec::new();
+    for a in arrays {
+        let n: u64 = a.shape.iter().product();
+        if a.data.len() as u64 != n || a.dims.len() != a.shape.len() || a.shape.is_empty() {
+            return Err(write_err(
+                out,
+                format!(
+                    "array `{}`: {} values and dims {:?} for shape {:?}",
+                    a.name,
+                    a.data.len(),
+                    a.dims,
+                    a.shape
+                ),
+            ));
+        }
+        let mut chunks = a.shape.clone();
+        chunks[0] = chunks[0].clamp(1, 64);
+        let spec = ArraySpec {
+            name: &a.name,
+            shape: a.shape.clone(),
+            chunks,
+            shard_inner: None,
+            dtype: "f32",
+            dims: a.dims.iter().map(String::as_str).collect(),
+            codec: Codec::Blosc {
+                zstd: false,
+                bitshuffle: false,
+            },
+            attributes: a.attributes.clone(),
+        };
+        let array = write_array_meta(&mut written, &store, out, ZarrFormat::V2, &spec)?;
+        array
+            .store_array_subset(
+                &ArraySubset::new_with_shape(a.shape.clone()),
+                a.data.clone(),
+            )
+            .map_err(|e| write_err(out, e))?;
+    }
+    write_root(
+        ZarrFormat::V2,
+        &tmp,
+        &attrs(&[("title", json!(title))]),
+        &written,
+    )?;
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| StoreError::io(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| StoreError::io(out, e))?;
+    Ok(out.to_path_buf())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,5 +412,33 @@ mod tests {
         assert!(!msl.has_level());
         let got = ds.read(&Hyperslab::full(&ds, msl)).await.unwrap();
         assert_eq!(got[40], 1e5 + 1.0);
+    }
+
+    #[test]
+    fn dense_arrays_round_trip_through_zarrs() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("emb.zarr");
+        let data: Vec<f32> = (0..3 * 70 * 4).map(|i| i as f32 * 0.25).collect();
+        let a = DenseArray {
+            name: "t/embedding".into(),
+            dims: vec!["sample".into(), "token".into(), "channel".into()],
+            shape: vec![70, 3, 4],
+            data: data.clone(),
+            attributes: Default::default(),
+        };
+        write_arrays(&out, &[a.clone()], "test").unwrap();
+        let store = Arc::new(FilesystemStore::new(&out).unwrap());
+        let array = Array::open(store, "/t/embedding").unwrap();
+        assert_eq!(array.shape(), &[70, 3, 4]);
+        let got: Vec<f32> = array
+            .retrieve_array_subset(&ArraySubset::new_with_shape(vec![70, 3, 4]))
+            .unwrap();
+        assert_eq!(got, data);
+        let bad = DenseArray {
+            shape: vec![71, 3, 4],
+            ..a
+        };
+        let err = write_arrays(&out, &[bad], "test").unwrap_err();
+        assert!(err.to_string().contains("t/embedding"), "{err}");
     }
 }

@@ -129,7 +129,7 @@ impl MonthlyStatistics {
                 year,
                 month,
             })?;
-        if !(m.std > 0.0) {
+        if m.std.is_nan() || m.std <= 0.0 {
             return Err(StatisticsError::ZeroSpread {
                 variable: variable.to_string(),
                 level,

@@ -109,11 +109,29 @@ impl MultiFormer {
         Ok((preds, maps.expect("asked for")))
     }
 
-    fn run(
+    /// Per field, the last encoder layer's output for each token, `[B, T, D]` (without the
+    /// class token of [`crate::AuxInfo::ClassToken`]): the embeddings `atmorep embed` exports.
+    pub fn encode(&self, inputs: &[FieldInput]) -> Result<Vec<Tensor>> {
+        let (encoder_outputs, _, _) = self.run_encoder(inputs, false)?;
+        let last = encoder_outputs
+            .last()
+            .expect("a validated config has encoder layers");
+        let extra = self.cfg.aux_info.extra_tokens();
+        Ok(last
+            .iter()
+            .zip(&self.cfg.fields)
+            .map(|(x, spec)| x.narrow(1, extra, spec.num_tokens))
+            .collect::<candle_core::Result<_>>()?)
+    }
+
+    /// Embedding and encoder: every encoder layer's per-field outputs, the per-field info
+    /// embeddings, and the encoder's attention maps when `want`.
+    #[allow(clippy::type_complexity)]
+    fn run_encoder(
         &self,
         inputs: &[FieldInput],
         want: bool,
-    ) -> Result<(Vec<Tensor>, Option<AttentionMaps>)> {
+    ) -> Result<(Vec<Vec<Tensor>>, Vec<Option<Tensor>>, Option<AttentionMaps>)> {
         self.check_inputs(inputs)?;
         let mut xs = Vec::with_capacity(inputs.len());
         let mut infos = Vec::with_capacity(inputs.len());
@@ -123,8 +141,6 @@ impl MultiFormer {
             infos.push(e.info);
         }
         let mut maps = want.then(AttentionMaps::default);
-        // The decoder reads the encoder's layers in reverse, as AtmoRep does (a U-Net-like
-        // skip: early decoder layers see the most-mixed features, later ones less-mixed ones).
         let mut encoder_outputs = Vec::with_capacity(self.encoder.len());
         for layer in &self.encoder {
             let (next, w) = layer.forward(&xs, &infos, want)?;
@@ -134,6 +150,18 @@ impl MultiFormer {
                 m.encoder.push(w);
             }
         }
+        Ok((encoder_outputs, infos, maps))
+    }
+
+    fn run(
+        &self,
+        inputs: &[FieldInput],
+        want: bool,
+    ) -> Result<(Vec<Tensor>, Option<AttentionMaps>)> {
+        let (encoder_outputs, infos, mut maps) = self.run_encoder(inputs, want)?;
+        let mut xs = encoder_outputs.last().cloned().unwrap_or_default();
+        // The decoder reads the encoder's layers in reverse, as AtmoRep does (a U-Net-like
+        // skip: early decoder layers see the most-mixed features, later ones less-mixed ones).
         for (l, layer) in self.decoder.iter().enumerate() {
             let memory = &encoder_outputs[encoder_outputs.len().saturating_sub(l + 1)];
             let mut layer_maps = Vec::with_capacity(xs.len());

@@ -243,6 +243,22 @@ fn output_shapes_for_every_variant_and_pe_width() {
             let preds = model.forward(&b.inputs).unwrap();
             assert_eq!(preds[0].dims(), &[3, 16, 3, 12], "{aux} {pe_width}");
             assert_eq!(preds[1].dims(), &[3, 10, 3, 5], "{aux} {pe_width}");
+            // Embeddings: one D-vector per token, class token dropped; they depend on the other
+            // field's input through the cross-field heads.
+            let emb = model.encode(&b.inputs).unwrap();
+            assert_eq!(emb[0].dims(), &[3, 16, cfg.d_model], "{aux}");
+            assert_eq!(emb[1].dims(), &[3, 10, cfg.d_model], "{aux}");
+            let mut other = b.inputs.clone();
+            other[1].source = (other[1].source.clone() + 1.0).unwrap();
+            let moved = (model.encode(&other).unwrap()[0].clone() - &emb[0])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(moved > 0.0, "{aux}");
         }
     }
 }
