@@ -88,7 +88,7 @@ async fn eval_and_global_inference_on_a_loader_and_tracking_on_the_output() {
 
     // The tiny model on `vo` and `z` instead of `t` and `z`.
     let mut cfg = TrainConfig::example();
-    cfg.steps = 200;
+    cfg.steps = 150;
     cfg.request.dataset = "tiny".into();
     cfg.model.fields[0].name = "vo".into();
     cfg.request.fields[0].name = "vo".into();
@@ -117,6 +117,8 @@ async fn eval_and_global_inference_on_a_loader_and_tracking_on_the_output() {
         &endpoint,
         "--split",
         "test",
+        "--batches",
+        "8",
         "--json",
         "--out",
         report.to_str().unwrap(),
@@ -210,6 +212,32 @@ async fn eval_and_global_inference_on_a_loader_and_tracking_on_the_output() {
                 mv.levels[l]
             );
         }
+    }
+
+    // Embeddings: one D-vector per token of each exported sample, with its token info.
+    let emb = dir.path().join("emb.zarr");
+    run(&[
+        "embed",
+        run_arg,
+        "--loader",
+        &endpoint,
+        "--out",
+        emb.to_str().unwrap(),
+        "--samples",
+        "12",
+    ]);
+    let store = std::sync::Arc::new(zarrs::filesystem::FilesystemStore::new(&emb).unwrap());
+    for field in ["vo", "z"] {
+        let array =
+            zarrs::array::Array::open(store.clone(), &format!("/{field}_embedding")).unwrap();
+        assert_eq!(array.shape(), &[12, 16, 32], "{field}");
+        let values: Vec<f32> = array
+            .retrieve_array_subset(&zarrs::array::ArraySubset::new_with_shape(vec![12, 16, 32]))
+            .unwrap();
+        assert!(values.iter().all(|v| v.is_finite()) && values.iter().any(|&v| v != 0.0));
+        let info =
+            zarrs::array::Array::open(store.clone(), &format!("/{field}_token_info")).unwrap();
+        assert_eq!(info.shape(), &[12, 16, 8]);
     }
 
     // The tracker runs on the model's output exactly as on reanalysis.

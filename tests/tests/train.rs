@@ -302,3 +302,97 @@ async fn the_train_command_benches_and_refuses_a_mismatched_resume() {
     let ckpt = checkpoint::load(&out, &atmorep_trainer::Device::Cpu).unwrap();
     assert_eq!(ckpt.step, 25);
 }
+
+/// A loader that does not serve a field the model needs: the run fails naming the field, and
+/// nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_without_a_field_of_the_model_is_named() {
+    let dir = TempDir::new().unwrap();
+    let server = serve_tiny_store(dir.path()).await;
+    let client = client(&server).await;
+    let mut cfg = config(10);
+    cfg.model.fields[0].name = "q".into();
+    cfg.request.fields[0].name = "q".into();
+    let out = dir.path().join("run");
+    let mut trainer = Trainer::new(cfg).unwrap();
+    let opts = RunOptions {
+        out: Some(out.clone()),
+        ..Default::default()
+    };
+    let err = within("the run", trainer.run(&client, &opts))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("`q`"), "{err}");
+    assert!(!checkpoint::has_checkpoints(&out));
+}
+
+/// `atmorep train --metrics-bind` serves the training metrics for Prometheus while it trains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_train_command_serves_prometheus_metrics() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new().unwrap();
+    let server = serve_tiny_store(dir.path()).await;
+    let example = std::fs::read_to_string(workspace_root().join("examples/train.toml")).unwrap();
+    let config = dir.path().join("train.toml");
+    std::fs::write(
+        &config,
+        example
+            .replace("dataset = \"era5\"", "dataset = \"tiny\"")
+            .replace("steps = 200", "steps = 100000"),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(atmorep_bin())
+        .args([
+            "train",
+            "--quiet",
+            "--loader",
+            &server.endpoint(),
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--out")
+        .arg(dir.path().join("run"))
+        .args(["--metrics-bind", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = atmorep_integration_tests::ChildGuard(Some(child));
+    let scrape = || -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        Some(body)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(body) = scrape()
+            && body.contains("atmorep_train_steps_total")
+        {
+            for name in [
+                "atmorep_train_loss",
+                "atmorep_train_tokens_per_second",
+                "atmorep_train_step_seconds",
+            ] {
+                assert!(body.contains(name), "{name} missing:\n{body}");
+            }
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no training metrics on 127.0.0.1:{port} within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -308,19 +308,27 @@ pub(crate) fn for_each_value(
 /// The report as an aligned text table.
 pub fn table(rows: &[EvalRow]) -> String {
     let mut out = format!(
-        "{:<10} {:<6} {:>8} {:<14} {:>9} {:>12} {:>12} {:>7}\n",
+        "{:<13} {:<6} {:>8} {:<14} {:>9} {:>12} {:>12} {:>7}\n",
         "task", "field", "level", "baseline", "values", "model RMSE", "base RMSE", "skill"
     );
+    // Vorticity and divergence are ~1e-5 s⁻¹: fixed decimals would print them as zeros.
+    let num = |x: f64| {
+        if x != 0.0 && x.abs() < 1e-2 {
+            format!("{x:>12.4e}")
+        } else {
+            format!("{x:>12.5}")
+        }
+    };
     for r in rows {
         out.push_str(&format!(
-            "{:<10} {:<6} {:>8} {:<14} {:>9} {:>12.5} {:>12.5} {:>+7.3}\n",
+            "{:<13} {:<6} {:>8} {:<14} {:>9} {} {} {:>+7.3}\n",
             r.task,
             r.field,
             r.level,
             r.baseline.name(),
             r.values,
-            r.model_rmse,
-            r.baseline_rmse,
+            num(r.model_rmse),
+            num(r.baseline_rmse),
             r.skill()
         ));
     }
