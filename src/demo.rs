@@ -277,6 +277,18 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     )
     .await?;
 
+    run_child(
+        "atmorep plot training",
+        &[
+            "plot".into(),
+            "training".into(),
+            path_arg(&run),
+            "--out".into(),
+            path_arg(&args.out.join("training.png")),
+        ],
+    )
+    .await?;
+
     println!("6/8 evaluation on the test split against the baselines (physical units)");
     run_child(
         "atmorep eval",
@@ -291,7 +303,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     )
     .await?;
 
-    println!("7/8 global inference → model.zarr");
+    println!("7/8 global inference of the last week → model.zarr");
     let model_store = args.out.join("model.zarr");
     run_child(
         "atmorep infer",
@@ -302,6 +314,9 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
             endpoint.clone(),
             "--out".into(),
             path_arg(&model_store),
+            // The last week (of 30 days): the test split and the days before it.
+            "--start".into(),
+            "2020-09-24T00:00:00Z".into(),
         ],
     )
     .await?;
