@@ -391,7 +391,7 @@ mod tests {
         let z = |t: usize| -> Vec<f32> { (0..80).map(|i| (t * 1000 + i) as f32 * 0.5).collect() };
         for t in 0..2 {
             w.write_step("z", t, &z(t)).unwrap();
-            w.write_step("msl", t, &vec![1e5 + t as f32; 40]).unwrap();
+            w.write_step("msl", t, &[1e5 + t as f32; 40]).unwrap();
         }
         let err = w.write_step("z", 2, &z(0)).unwrap_err();
         assert!(err.to_string().contains("`z` step 2"), "{err}");
@@ -426,7 +426,7 @@ mod tests {
             data: data.clone(),
             attributes: Default::default(),
         };
-        write_arrays(&out, &[a.clone()], "test").unwrap();
+        write_arrays(&out, std::slice::from_ref(&a), "test").unwrap();
         let store = Arc::new(FilesystemStore::new(&out).unwrap());
         let array = Array::open(store, "/t/embedding").unwrap();
         assert_eq!(array.shape(), &[70, 3, 4]);

@@ -58,8 +58,8 @@ pub use error::{ProtoError, Result};
 pub use geometry::{FieldGeometry, TokenGeometry};
 pub use pb::Dtype;
 pub use positional::{GlobalOffsets, PeInputs, PeMode};
-pub use statistics::{MonthlyStatistics, StatisticsError};
 pub use request::{FieldRequestConfig, MaskConfig, RequestConfig, RequestConfigError};
+pub use statistics::{MonthlyStatistics, StatisticsError};
 pub use tensor::TensorError;
 pub use token_info::{TOKEN_INFO_LEN, TokenInfo, WindowCoords};
 
