@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use atmorep_loader::writer::{DenseArray, write_arrays};
 use atmorep_proto::MaskConfig;
-use atmorep_proto::client::{ClientConfig, LoaderClient};
-use atmorep_proto::request::SplitName;
-use atmorep_trainer::{DType, Device, FieldInput, Trainer, batch_tensors, checkpoint};
+use atmorep_trainer::{DType, Device, FieldInput, batch_tensors};
 use clap::Args;
 use serde_json::json;
+
+use crate::saved_run::{SavedRun, connect, parse_split};
 
 #[derive(Debug, Args)]
 pub struct EmbedArgs {
@@ -36,23 +36,13 @@ pub struct EmbedArgs {
 }
 
 pub async fn embed(args: EmbedArgs) -> Result<PathBuf> {
-    let split: SplitName = serde_json::from_value(serde_json::Value::String(args.split.clone()))
-        .with_context(|| {
-            format!(
-                "--split: `{}` is not one of train, validation, test",
-                args.split
-            )
-        })?;
+    let split = parse_split(&args.split)?;
     if args.samples == 0 {
         bail!("--samples: at least 1");
     }
-    let ckpt = checkpoint::load(&args.ckpt, &Device::Cpu)?;
-    let dir = ckpt.dir.clone();
-    let trainer = Trainer::from_checkpoint(ckpt, None)?;
+    let SavedRun { dir, trainer, .. } = SavedRun::load(&args.ckpt)?;
     let (model, config) = (trainer.model(), trainer.config());
-    let mut client_config = ClientConfig::new(args.loader.clone());
-    client_config.bearer_token = args.token.clone();
-    let client = LoaderClient::connect(client_config).await?;
+    let client = connect(&args.loader, args.token.as_deref()).await?;
     // Unmasked samples: the embedding of what the model sees when nothing is hidden.
     let mut request = config.request.clone();
     for f in &mut request.fields {

@@ -5,10 +5,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use atmorep_proto::client::{ClientConfig, LoaderClient};
-use atmorep_proto::request::SplitName;
 use atmorep_trainer::eval::{self, EvalOptions, EvalRow};
-use atmorep_trainer::{Device, Trainer, checkpoint};
+
+use crate::saved_run::{SavedRun, connect, parse_split};
 use clap::Args;
 
 #[derive(Debug, Args)]
@@ -36,20 +35,9 @@ pub struct EvalArgs {
 }
 
 pub async fn eval(args: EvalArgs) -> Result<Vec<EvalRow>> {
-    let split: SplitName = serde_json::from_value(serde_json::Value::String(args.split.clone()))
-        .with_context(|| {
-            format!(
-                "--split: `{}` is not one of train, validation, test",
-                args.split
-            )
-        })?;
-    let ckpt = checkpoint::load(&args.ckpt, &Device::Cpu)?;
-    let dir = ckpt.dir.clone();
-    let step = ckpt.step;
-    let trainer = Trainer::from_checkpoint(ckpt, None)?;
-    let mut config = ClientConfig::new(args.loader.clone());
-    config.bearer_token = args.token.clone();
-    let client = LoaderClient::connect(config).await?;
+    let split = parse_split(&args.split)?;
+    let SavedRun { dir, step, trainer } = SavedRun::load(&args.ckpt)?;
+    let client = connect(&args.loader, args.token.as_deref()).await?;
     let scores = eval::evaluate(
         trainer.model(),
         trainer.config(),

@@ -10,13 +10,14 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use atmorep_loader::writer::{GridAxes, StoreWriter, VariableSpec};
 use atmorep_proto::MaskConfig;
-use atmorep_proto::client::{ClientConfig, LoaderClient};
 use atmorep_proto::request::{ModeName, UnitsName};
 use atmorep_track::time::parse_iso;
 use atmorep_track::{Grid, TileField, TileStitcher, TimeAxis};
 use atmorep_trainer::eval::{self, FieldLayout};
-use atmorep_trainer::{Device, Trainer, checkpoint, infer};
+use atmorep_trainer::infer;
 use clap::Args;
+
+use crate::saved_run::{SavedRun, connect};
 
 #[derive(Debug, Args)]
 pub struct InferArgs {
@@ -46,13 +47,9 @@ pub struct InferArgs {
 }
 
 pub async fn infer(args: InferArgs) -> Result<PathBuf> {
-    let ckpt = checkpoint::load(&args.ckpt, &Device::Cpu)?;
-    let dir = ckpt.dir.clone();
-    let trainer = Trainer::from_checkpoint(ckpt, None)?;
+    let SavedRun { dir, trainer, .. } = SavedRun::load(&args.ckpt)?;
     let (model, config) = (trainer.model(), trainer.config());
-    let mut client_config = ClientConfig::new(args.loader.clone());
-    client_config.bearer_token = args.token.clone();
-    let client = LoaderClient::connect(client_config).await?;
+    let client = connect(&args.loader, args.token.as_deref()).await?;
     let dataset = config.request.dataset.clone();
     let info = client.dataset_info(&dataset).await?;
     let axis = info.time.as_ref().context("the loader sent no time axis")?;

@@ -20,6 +20,7 @@ mod eval;
 mod infer;
 mod plot;
 mod pull;
+mod saved_run;
 mod serve;
 mod track;
 mod train;

@@ -7,11 +7,13 @@ use anyhow::{Context, Result, bail};
 use atmorep_loader::Dataset;
 use atmorep_loader::hyperslab::Hyperslab;
 use atmorep_plot::{AttentionOptions, FieldMap, ModelRun, TokenOptions};
-use atmorep_proto::client::{ClientConfig, LoaderClient};
+use atmorep_proto::client::LoaderClient;
 use atmorep_proto::pb;
-use atmorep_proto::request::{RequestConfig, SplitName};
-use atmorep_trainer::{Device, Trainer, checkpoint, metrics_log};
+use atmorep_proto::request::RequestConfig;
+use atmorep_trainer::metrics_log;
 use clap::{Args, Subcommand};
+
+use crate::saved_run::{SavedRun, connect, parse_split};
 
 #[derive(Debug, Args)]
 pub struct PlotArgs {
@@ -151,16 +153,8 @@ pub async fn plot(args: PlotArgs) -> Result<()> {
 /// Loads the checkpoint, fetches the sample its request cuts as `--sample` and runs the model
 /// on it; returns the run and a subtitle naming what was drawn.
 async fn model_run(args: &SampleArgs) -> Result<(ModelRun, String)> {
-    let split: SplitName = serde_json::from_value(serde_json::Value::String(args.split.clone()))
-        .with_context(|| {
-            format!(
-                "--split: `{}` is not one of train, validation, test",
-                args.split
-            )
-        })?;
-    let ckpt = checkpoint::load(&args.ckpt, &Device::Cpu)?;
-    let (dir, step) = (ckpt.dir.clone(), ckpt.step);
-    let trainer = Trainer::from_checkpoint(ckpt, None)?;
+    let split = parse_split(&args.split)?;
+    let SavedRun { dir, step, trainer } = SavedRun::load(&args.ckpt)?;
     let config = trainer.config();
     let tasks = config.tasks();
     let task = match &args.task {
@@ -179,9 +173,7 @@ async fn model_run(args: &SampleArgs) -> Result<(ModelRun, String)> {
     request.split = split;
     request.batch_size = 1;
 
-    let mut client_config = ClientConfig::new(args.loader.clone());
-    client_config.bearer_token = args.token.clone();
-    let client = LoaderClient::connect(client_config).await?;
+    let client = connect(&args.loader, args.token.as_deref()).await?;
     let loader = args.loader.join(",");
     check_fields(&client, &request, &dir, &loader).await?;
     let batch = client
