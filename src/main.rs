@@ -14,6 +14,7 @@ use atmorep_loader::synth::{Codec, SynthConfig, ZarrFormat, write_store};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+mod child;
 mod demo;
 mod embed;
 mod eval;
