@@ -14,6 +14,7 @@ use atmorep_loader::synth::{Codec, SynthConfig, ZarrFormat, write_store};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+mod ablate;
 mod child;
 mod demo;
 mod embed;
@@ -85,6 +86,9 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Pictures: attention maps, token evolution, training curves, fields on a map.
     Plot(plot::PlotArgs),
+    /// Ablation studies: train variants of one config (aux info, positional encoding, blur) on
+    /// the same stream and compare them against the baselines (`--quick`: a built-in one).
+    Ablate(ablate::AblateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -259,6 +263,7 @@ async fn run() -> Result<()> {
         Command::Infer(args) => infer::infer(args).await.map(drop),
         Command::Embed(args) => embed::embed(args).await.map(drop),
         Command::Plot(args) => plot::plot(args).await,
+        Command::Ablate(args) => ablate::ablate(args).await.map(drop),
     }
 }
 

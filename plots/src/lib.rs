@@ -6,7 +6,8 @@
 //! - [`tokens`]: a sample's source, masked input, prediction and target per time slice on one
 //!   colour scale, as a PNG and an animated GIF;
 //! - [`training`]: a run's loss, learning rate, gradient norm and data wait from its step log;
-//! - [`field`]: a field on an equirectangular map in physical units, with cyclone tracks.
+//! - [`field`]: a field on an equirectangular map in physical units, with cyclone tracks;
+//! - [`ablation`]: an ablation's errors per variant and field as bars, and its loss curves.
 //!
 //! It takes its data already loaded — a checkpoint's model and a loader sample ([`sample`]), a
 //! run's step records, a grid read from a store — so the `atmorep plot` command only fetches and
@@ -21,6 +22,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod ablation;
 pub mod attention;
 pub mod canvas;
 pub mod error;

@@ -365,10 +365,16 @@ pub fn write_parquet(path: &Path, rows: &[EvalRow]) -> Result<()> {
         ],
     )
     .map_err(|e| parquet_err(path, e))?;
+    write_record_batch(path, &batch)
+}
+
+/// Writes one record batch as a Parquet file at `path` (temporary file, fsync, then rename).
+pub(crate) fn write_record_batch(path: &Path, batch: &RecordBatch) -> Result<()> {
     let tmp = tmp_path(path);
     let file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    let mut writer = ArrowWriter::try_new(file, schema, None).map_err(|e| parquet_err(path, e))?;
-    writer.write(&batch).map_err(|e| parquet_err(path, e))?;
+    let mut writer =
+        ArrowWriter::try_new(file, batch.schema(), None).map_err(|e| parquet_err(path, e))?;
+    writer.write(batch).map_err(|e| parquet_err(path, e))?;
     let file = writer.into_inner().map_err(|e| parquet_err(path, e))?;
     file.sync_all().map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))?;

@@ -11,7 +11,8 @@
 //! accumulation ([`optim`]), atomic checkpoints ([`checkpoint`]), per-step metrics as Parquet
 //! and `metrics` gauges ([`metrics_log`]), the loop over the loader's gRPC stream with its
 //! config ([`train`]), evaluation against baselines in physical units ([`eval`]) and global
-//! inference, every token predicted from the others ([`infer`]).
+//! inference, every token predicted from the others ([`infer`]); ablation studies run variants of
+//! one config on one stream and report them side by side ([`ablation`]).
 //!
 //! ```no_run
 //! use atmorep_trainer::{ModelConfig, MultiFormer};
@@ -22,6 +23,7 @@
 //! # Ok::<(), atmorep_trainer::Error>(())
 //! ```
 
+pub mod ablation;
 pub mod attention;
 pub mod batch;
 pub mod checkpoint;

@@ -1,0 +1,788 @@
+//! Ablation studies (DESIGN §4, the seed's second half): how the model uses the external
+//! information of each token (year, month, hour, latitude, longitude), its positional
+//! encoding, and blurred against raw data.
+//!
+//! An [`AblationConfig`] (TOML) names a base training config and the studies to run; it expands
+//! into [`Variant`]s, each the base config with one setting changed. Every variant trains from
+//! the same seed on the same stream (same samples, same masks: the loader's choices are pure
+//! functions of the request seed), for the same number of steps, and is then scored on the
+//! same test batches with [`crate::eval`] — masked-token RMSE per field in physical units,
+//! beside the baselines on exactly the same values.
+//!
+//! ```toml
+//! base = "train.toml"         # a training config file (relative to this file) or a [base] table
+//! steps = 300                 # per variant (default: the base config's `steps`)
+//! studies = ["aux-info", "positional-encoding", "blur"]
+//! blur_sigma = 1.0            # grid points, for the blur study
+//!
+//! [[variants]]                # optional extra variants, each changing any of the three
+//! name = "class-token+standard"
+//! aux_info = "class-token"
+//! pe = "standard"
+//!
+//! [eval]
+//! split = "test"
+//! batches = 4                 # per task
+//! ```
+//!
+//! The first variant is always `base` itself; a study adds every alternative the base does not
+//! already use. The report ([`AblationReport`]) holds what is the same on every machine and
+//! every run — losses and errors, never timings — so two runs give the same table.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Float64Array, Float64Builder, RecordBatch, StringArray, UInt64Array};
+use arrow::datatypes::{DataType as ArrowType, Field, Schema};
+use atmorep_proto::PeMode;
+use atmorep_proto::request::SplitName;
+use serde::{Deserialize, Serialize};
+
+use crate::config::AuxInfo;
+use crate::error::{Error, Result, io_err, train_config_err};
+use crate::eval::{Baseline, EvalRow, write_record_batch};
+use crate::train::TrainConfig;
+
+/// A family of variants: every alternative of one setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Study {
+    /// The five ways the token info enters the model ([`AuxInfo`]).
+    AuxInfo,
+    /// The five positional encodings the loader computes ([`PeMode`]), on every field.
+    PositionalEncoding,
+    /// Blurred (`blur_sigma`) against raw data.
+    Blur,
+}
+
+/// One setting changed from the base config; `None` keeps the base's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aux_info: Option<AuxInfo>,
+    /// The positional encoding of every field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pe: Option<PeMode>,
+    /// The Gaussian blur of every field, in grid points (0 = raw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blur_sigma: Option<f64>,
+}
+
+impl Variant {
+    /// The base config with this variant's settings.
+    pub fn apply(&self, base: &TrainConfig) -> Result<TrainConfig> {
+        if let Some(sigma) = self.blur_sigma
+            && !(sigma.is_finite() && sigma >= 0.0)
+        {
+            return Err(train_config_err(
+                format!("variants.{}.blur_sigma", self.name),
+                format!("{sigma} must be finite and at least 0"),
+            ));
+        }
+        let mut cfg = base.clone();
+        if let Some(aux) = self.aux_info {
+            cfg.model.aux_info = aux;
+        }
+        for f in &mut cfg.request.fields {
+            if let Some(pe) = self.pe {
+                f.pe = pe;
+            }
+            if let Some(sigma) = self.blur_sigma {
+                f.blur_sigma = sigma;
+            }
+        }
+        cfg.validate()
+            .map_err(|e| train_config_err(format!("variants.{}", self.name), e.to_string()))?;
+        Ok(cfg)
+    }
+}
+
+/// What the variants are scored on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AblationEval {
+    #[serde(default = "default_split")]
+    pub split: SplitName,
+    /// Batches per task.
+    #[serde(default = "default_eval_batches")]
+    pub batches: u64,
+}
+
+fn default_split() -> SplitName {
+    SplitName::Test
+}
+
+fn default_eval_batches() -> u64 {
+    4
+}
+
+impl Default for AblationEval {
+    fn default() -> Self {
+        Self {
+            split: default_split(),
+            batches: default_eval_batches(),
+        }
+    }
+}
+
+fn default_blur_sigma() -> f64 {
+    1.0
+}
+
+/// A whole ablation (see the module docs), with the base config read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AblationConfig {
+    pub base: TrainConfig,
+    /// Optimizer steps per variant; the base config's `steps` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
+    #[serde(default)]
+    pub studies: Vec<Study>,
+    #[serde(default = "default_blur_sigma")]
+    pub blur_sigma: f64,
+    #[serde(default)]
+    pub variants: Vec<Variant>,
+    #[serde(default)]
+    pub eval: AblationEval,
+}
+
+impl AblationConfig {
+    /// Reads a config file; a base config path in it is relative to the file's folder.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+        Self::from_toml_str(&text, path.parent()).map_err(|e| match e {
+            Error::TrainConfig { setting, reason } => Error::TrainConfig {
+                setting,
+                reason: format!("{reason} (in {})", path.display()),
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates a config; a base config path is relative to `dir`.
+    pub fn from_toml_str(text: &str, dir: Option<&Path>) -> Result<Self> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| train_config_err("<ablation file>", e.to_string()))?;
+        let base = match table.remove("base") {
+            Some(toml::Value::String(path)) => {
+                TrainConfig::from_toml_file(&dir.unwrap_or(Path::new("")).join(path))?
+            }
+            Some(toml::Value::Table(t)) => {
+                let text = toml::to_string(&t).expect("a TOML table serializes");
+                TrainConfig::from_toml_str(&text, dir)?
+            }
+            Some(_) => return Err(train_config_err("base", "a file path or a table")),
+            None => return Err(train_config_err("base", "missing")),
+        };
+        table.insert(
+            "base".into(),
+            toml::Value::try_from(&base).expect("a train config serializes"),
+        );
+        let cfg: Self = table
+            .try_into()
+            .map_err(|e: toml::de::Error| train_config_err("<ablation file>", e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Rejects what cannot run; the error names the setting.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == Some(0) {
+            return Err(train_config_err("steps", "must be at least 1"));
+        }
+        if !(self.blur_sigma.is_finite() && self.blur_sigma > 0.0) {
+            return Err(train_config_err(
+                "blur_sigma",
+                format!("{} must be positive and finite", self.blur_sigma),
+            ));
+        }
+        if self.eval.batches == 0 {
+            return Err(train_config_err("eval.batches", "must be at least 1"));
+        }
+        let variants = self.expand();
+        if variants.len() < 2 {
+            return Err(train_config_err(
+                "studies",
+                "no variant besides the base: name a study or a [[variants]] table",
+            ));
+        }
+        for (i, v) in variants.iter().enumerate() {
+            if let Some(j) = variants[..i].iter().position(|w| w.name == v.name) {
+                return Err(train_config_err(
+                    format!("variants.{}", v.name),
+                    format!("the name is used twice (variants {j} and {i})"),
+                ));
+            }
+            self.variant_config(v)?;
+        }
+        Ok(())
+    }
+
+    /// Every variant, `base` first, then the studies' alternatives, then the explicit ones.
+    pub fn expand(&self) -> Vec<Variant> {
+        let none = |name: String| Variant {
+            name,
+            aux_info: None,
+            pe: None,
+            blur_sigma: None,
+        };
+        let mut out = vec![none("base".into())];
+        let base_blur = self.base.request.fields.first().map(|f| f.blur_sigma);
+        for study in &self.studies {
+            match study {
+                Study::AuxInfo => {
+                    for aux in AuxInfo::ALL {
+                        if aux != self.base.model.aux_info {
+                            out.push(Variant {
+                                aux_info: Some(aux),
+                                ..none(format!("aux={aux}"))
+                            });
+                        }
+                    }
+                }
+                Study::PositionalEncoding => {
+                    for pe in PeMode::ALL {
+                        let uniform = self.base.request.fields.iter().all(|f| f.pe == pe);
+                        if !uniform {
+                            out.push(Variant {
+                                pe: Some(pe),
+                                ..none(format!("pe={}", pe.as_str()))
+                            });
+                        }
+                    }
+                }
+                Study::Blur => {
+                    // A blurred base is compared with raw data, a raw base with blurred data.
+                    let sigma = if base_blur.unwrap_or(0.0) > 0.0 {
+                        0.0
+                    } else {
+                        self.blur_sigma
+                    };
+                    out.push(Variant {
+                        blur_sigma: Some(sigma),
+                        ..none(format!("blur={sigma}"))
+                    });
+                }
+            }
+        }
+        out.extend(self.variants.iter().cloned());
+        out
+    }
+
+    /// The training config of `variant`: the base with its settings and the ablation's steps.
+    pub fn variant_config(&self, variant: &Variant) -> Result<TrainConfig> {
+        let mut cfg = variant.apply(&self.base)?;
+        if let Some(steps) = self.steps {
+            cfg.steps = steps;
+        }
+        Ok(cfg)
+    }
+}
+
+/// What one variant's run and evaluation gave.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VariantResult {
+    pub name: String,
+    pub aux_info: AuxInfo,
+    /// The fields' positional encoding (`mixed` when they differ).
+    pub pe: String,
+    pub blur_sigma: f64,
+    /// `(step, training loss)` of every step.
+    pub losses: Vec<(u64, f64)>,
+    /// `(step, validation loss)` wherever validation ran, the final one included.
+    pub val_losses: Vec<(u64, f64)>,
+    /// The evaluation's rows (every task, field, level and baseline).
+    pub eval: Vec<EvalRow>,
+}
+
+impl VariantResult {
+    /// Describes `cfg`'s settings under `name`; the run's figures come later.
+    pub fn new(name: &str, cfg: &TrainConfig) -> Self {
+        let pes: Vec<PeMode> = cfg.request.fields.iter().map(|f| f.pe).collect();
+        let pe = match pes.first() {
+            Some(first) if pes.iter().all(|p| p == first) => first.as_str().to_string(),
+            Some(_) => "mixed".into(),
+            None => "-".into(),
+        };
+        let sigmas: Vec<f64> = cfg.request.fields.iter().map(|f| f.blur_sigma).collect();
+        Self {
+            name: name.into(),
+            aux_info: cfg.model.aux_info,
+            pe,
+            blur_sigma: sigmas.iter().copied().fold(0.0, f64::max),
+            losses: Vec::new(),
+            val_losses: Vec::new(),
+            eval: Vec::new(),
+        }
+    }
+
+    /// The mean training loss of the last tenth of the run (at least one step): one step's
+    /// loss depends on which task and batch it drew.
+    pub fn final_loss(&self) -> Option<f64> {
+        let n = (self.losses.len() / 10).max(1).min(self.losses.len());
+        (n > 0).then(|| {
+            self.losses[self.losses.len() - n..]
+                .iter()
+                .map(|l| l.1)
+                .sum::<f64>()
+                / n as f64
+        })
+    }
+
+    /// The masked-token RMSE of the model and of `baseline` for `field`, pooled over tasks and
+    /// levels on the values where `baseline` is defined, and how many values that is.
+    pub fn pooled(&self, field: &str, baseline: Baseline) -> Option<Pooled> {
+        let mut p = Pooled::default();
+        for r in self
+            .eval
+            .iter()
+            .filter(|r| r.field == field && r.baseline == baseline)
+        {
+            let n = r.values as f64;
+            p.values += r.values;
+            p.model += n * r.model_rmse.powi(2);
+            p.baseline += n * r.baseline_rmse.powi(2);
+        }
+        (p.values > 0).then(|| {
+            let n = p.values as f64;
+            Pooled {
+                values: p.values,
+                model: (p.model / n).sqrt(),
+                baseline: (p.baseline / n).sqrt(),
+            }
+        })
+    }
+}
+
+/// RMSEs pooled over rows (see [`VariantResult::pooled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Pooled {
+    pub values: u64,
+    pub model: f64,
+    pub baseline: f64,
+}
+
+impl Pooled {
+    /// `model / baseline`: below 1 when the model beats the baseline.
+    pub fn ratio(&self) -> f64 {
+        self.model / self.baseline
+    }
+}
+
+/// Units of ERA5's variables by short name, for table headers.
+pub fn units(field: &str) -> &'static str {
+    match field {
+        "t" => "K",
+        "z" => "m² s⁻²",
+        "u" | "v" | "w" => "m s⁻¹",
+        "vo" | "d" => "s⁻¹",
+        "q" => "kg kg⁻¹",
+        "sp" | "msl" => "Pa",
+        _ => "physical units",
+    }
+}
+
+/// All variants' results, in run order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AblationReport {
+    pub fields: Vec<String>,
+    pub variants: Vec<VariantResult>,
+    /// Said above the table (store, steps, evaluation split).
+    pub caption: String,
+}
+
+/// Numbers as the tables print them: vorticity (~1e-5) needs exponents.
+fn num(x: f64) -> String {
+    if !x.is_finite() {
+        "–".into()
+    } else if x != 0.0 && x.abs() < 1e-2 {
+        format!("{x:.3e}")
+    } else if x.abs() >= 1e3 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.4}")
+    }
+}
+
+impl AblationReport {
+    /// The report as markdown: one row per variant (losses, and per field the model's RMSE with
+    /// its skill against climatology on the same values), then the baselines on the base
+    /// variant's values.
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        if !self.caption.is_empty() {
+            out.push_str(&self.caption);
+            out.push_str("\n\n");
+        }
+        out.push_str("| variant | aux info | PE | blur σ | train loss | val loss |");
+        let mut rule = String::from("|---|---|---|---:|---:|---:|");
+        for f in &self.fields {
+            out.push_str(&format!(" {f} RMSE [{}] (skill) |", units(f)));
+            rule.push_str("---:|");
+        }
+        out.push('\n');
+        out.push_str(&rule);
+        out.push('\n');
+        for v in &self.variants {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |",
+                v.name,
+                v.aux_info,
+                v.pe,
+                v.blur_sigma,
+                v.final_loss().map(num).unwrap_or_else(|| "–".into()),
+                v.val_losses
+                    .last()
+                    .map(|l| num(l.1))
+                    .unwrap_or_else(|| "–".into()),
+            ));
+            for f in &self.fields {
+                let cell = match v.pooled(f, Baseline::Climatology) {
+                    Some(p) => format!(" {} ({:+.3}) |", num(p.model), 1.0 - p.ratio()),
+                    None => " – |".into(),
+                };
+                out.push_str(&cell);
+            }
+            out.push('\n');
+        }
+        if let Some(base) = self.variants.first() {
+            out.push_str(&format!(
+                "\nBaselines on the values `{}` was scored on (the model's RMSE on the same \
+                 values in brackets; skill = 1 − model / climatology):\n\n| baseline |",
+                base.name
+            ));
+            let mut rule = String::from("|---|");
+            for f in &self.fields {
+                out.push_str(&format!(" {f} [{}] |", units(f)));
+                rule.push_str("---:|");
+            }
+            out.push('\n');
+            out.push_str(&rule);
+            out.push('\n');
+            for b in Baseline::ALL {
+                out.push_str(&format!("| {} |", b.name()));
+                for f in &self.fields {
+                    let cell = match base.pooled(f, b) {
+                        Some(p) => format!(" {} ({}) |", num(p.baseline), num(p.model)),
+                        None => " – |".into(),
+                    };
+                    out.push_str(&cell);
+                }
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Writes every variant's evaluation rows (long format, one row per variant, task, field,
+    /// level and baseline) as Parquet.
+    pub fn write_parquet(&self, path: &Path) -> Result<()> {
+        let rows: Vec<(&VariantResult, &EvalRow)> = self
+            .variants
+            .iter()
+            .flat_map(|v| v.eval.iter().map(move |r| (v, r)))
+            .collect();
+        let mut final_loss = Float64Builder::with_capacity(rows.len());
+        for (v, _) in &rows {
+            final_loss.append_option(v.final_loss());
+        }
+        let strings = |f: &dyn Fn(&(&VariantResult, &EvalRow)) -> String| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
+        };
+        let floats = |f: &dyn Fn(&(&VariantResult, &EvalRow)) -> f64| -> ArrayRef {
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(f)))
+        };
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("variant", ArrowType::Utf8, false),
+            Field::new("aux_info", ArrowType::Utf8, false),
+            Field::new("pe", ArrowType::Utf8, false),
+            Field::new("blur_sigma", ArrowType::Float64, false),
+            Field::new("final_train_loss", ArrowType::Float64, true),
+            Field::new("task", ArrowType::Utf8, false),
+            Field::new("field", ArrowType::Utf8, false),
+            Field::new("level", ArrowType::Float64, false),
+            Field::new("baseline", ArrowType::Utf8, false),
+            Field::new("values", ArrowType::UInt64, false),
+            Field::new("model_rmse", ArrowType::Float64, false),
+            Field::new("baseline_rmse", ArrowType::Float64, false),
+        ]));
+        let columns: Vec<ArrayRef> = vec![
+            strings(&|(v, _)| v.name.clone()),
+            strings(&|(v, _)| v.aux_info.to_string()),
+            strings(&|(v, _)| v.pe.clone()),
+            floats(&|(v, _)| v.blur_sigma),
+            Arc::new(final_loss.finish()),
+            strings(&|(_, r)| r.task.clone()),
+            strings(&|(_, r)| r.field.clone()),
+            floats(&|(_, r)| r.level),
+            strings(&|(_, r)| r.baseline.name().to_string()),
+            Arc::new(UInt64Array::from_iter_values(
+                rows.iter().map(|(_, r)| r.values),
+            )),
+            floats(&|(_, r)| r.model_rmse),
+            floats(&|(_, r)| r.baseline_rmse),
+        ];
+        let batch = RecordBatch::try_new(schema, columns).map_err(|e| Error::Metrics {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        write_record_batch(path, &batch)
+    }
+
+    /// Per variant, the field RMSEs as fractions of climatology's on the same values (what the
+    /// bar chart draws): `[variant][field]`, NaN where a field was not scored.
+    pub fn climatology_ratios(&self) -> Vec<Vec<f64>> {
+        self.variants
+            .iter()
+            .map(|v| {
+                self.fields
+                    .iter()
+                    .map(|f| {
+                        v.pooled(f, Baseline::Climatology)
+                            .map_or(f64::NAN, |p| p.ratio())
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUICK: &str = include_str!("../../examples/ablation-quick.toml");
+
+    fn names(cfg: &AblationConfig) -> Vec<String> {
+        cfg.expand().into_iter().map(|v| v.name).collect()
+    }
+
+    #[test]
+    fn the_quick_config_expands_into_ten_variants() {
+        let cfg = AblationConfig::from_toml_str(QUICK, None).unwrap();
+        assert_eq!(
+            names(&cfg),
+            [
+                "base",
+                "aux=project-before-append",
+                "aux=class-token",
+                "aux=reappend",
+                "aux=none",
+                "pe=local",
+                "pe=standard",
+                "pe=info+standard",
+                "pe=none",
+                "blur=1",
+            ]
+        );
+        // Each variant changes exactly its setting, and takes the ablation's steps.
+        for v in cfg.expand() {
+            let c = cfg.variant_config(&v).unwrap();
+            assert_eq!(c.steps, 300);
+            let base = &cfg.base;
+            assert_eq!(c.seed, base.seed);
+            assert_eq!(c.tasks, base.tasks);
+            assert_eq!(c.model.aux_info, v.aux_info.unwrap_or(base.model.aux_info));
+            for (f, b) in c.request.fields.iter().zip(&base.request.fields) {
+                assert_eq!(f.pe, v.pe.unwrap_or(b.pe));
+                assert_eq!(f.blur_sigma, v.blur_sigma.unwrap_or(b.blur_sigma));
+                assert_eq!((&f.name, &f.levels, f.mask), (&b.name, &b.levels, b.mask));
+            }
+        }
+    }
+
+    #[test]
+    fn a_blurred_base_is_compared_with_raw_data() {
+        let mut cfg = AblationConfig::from_toml_str(QUICK, None).unwrap();
+        for f in &mut cfg.base.request.fields {
+            f.blur_sigma = 2.0;
+        }
+        cfg.studies = vec![Study::Blur];
+        let variants = cfg.expand();
+        assert_eq!(variants.len(), 2);
+        assert_eq!(variants[1].blur_sigma, Some(0.0));
+        assert_eq!(variants[1].name, "blur=0");
+    }
+
+    #[test]
+    fn the_base_comes_from_a_file_or_a_table_and_bad_settings_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let train = dir.path().join("train.toml");
+        std::fs::write(
+            &train,
+            include_str!("../../examples/train.toml").replace("steps = 200", "steps = 7"),
+        )
+        .unwrap();
+        let file = dir.path().join("ablation.toml");
+        std::fs::write(
+            &file,
+            "base = \"train.toml\"\nstudies = [\"positional-encoding\"]\n\
+             [[variants]]\nname = \"raw-class\"\naux_info = \"class-token\"\n",
+        )
+        .unwrap();
+        let cfg = AblationConfig::from_toml_file(&file).unwrap();
+        assert_eq!(cfg.base.steps, 7);
+        // The example uses `local` PE: the study adds the other four, then the explicit one.
+        assert_eq!(
+            names(&cfg),
+            [
+                "base",
+                "pe=global",
+                "pe=standard",
+                "pe=info+standard",
+                "pe=none",
+                "raw-class"
+            ]
+        );
+        assert_eq!(cfg.variant_config(&cfg.expand()[5]).unwrap().steps, 7);
+
+        let setting = |text: &str| match AblationConfig::from_toml_str(text, None) {
+            Err(Error::TrainConfig { setting, .. }) => setting,
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        assert_eq!(setting("studies = [\"blur\"]"), "base");
+        let table = QUICK.to_string();
+        assert_eq!(
+            setting(&table.replace("steps = 300\nstudies", "steps = 0\nstudies")),
+            "steps"
+        );
+        assert_eq!(
+            setting(&table.replace("blur_sigma = 1.0", "blur_sigma = -1.0")),
+            "blur_sigma"
+        );
+        assert_eq!(
+            setting(&table.replace("batches = 4\n", "batches = 0\n")),
+            "eval.batches"
+        );
+        assert_eq!(
+            setting(&table.replace(
+                "studies = [\"aux-info\", \"positional-encoding\", \"blur\"]",
+                "studies = []"
+            )),
+            "studies"
+        );
+        let twice = format!("{QUICK}\n[[variants]]\nname = \"pe=none\"\npe = \"none\"\n");
+        assert_eq!(setting(&twice), "variants.pe=none");
+        // A variant whose settings make the base invalid names itself.
+        let bad = format!("{QUICK}\n[[variants]]\nname = \"huge-blur\"\nblur_sigma = -3.0\n");
+        assert_eq!(setting(&bad), "variants.huge-blur.blur_sigma");
+        let unknown = QUICK.replace("studies = [", "studies = [\"dropout\", ");
+        assert_eq!(setting(&unknown), "<ablation file>");
+    }
+
+    fn row(
+        field: &str,
+        level: f64,
+        baseline: Baseline,
+        values: u64,
+        model: f64,
+        base: f64,
+    ) -> EvalRow {
+        EvalRow {
+            task: "bert".into(),
+            field: field.into(),
+            level,
+            baseline,
+            values,
+            model_rmse: model,
+            baseline_rmse: base,
+        }
+    }
+
+    fn report() -> AblationReport {
+        let mut a = VariantResult::new(
+            "base",
+            &AblationConfig::from_toml_str(QUICK, None).unwrap().base,
+        );
+        a.losses = (1..=20)
+            .map(|s| (s, if s > 18 { 0.5 } else { 1.0 }))
+            .collect();
+        a.val_losses = vec![(20, 0.75)];
+        // Two levels pooled: sqrt((1·3² + 3·1²) / 4) = sqrt(3) for the model.
+        a.eval = vec![
+            row("t", 850.0, Baseline::Climatology, 1, 3.0, 6.0),
+            row("t", 500.0, Baseline::Climatology, 3, 1.0, 6.0),
+            row("t", 850.0, Baseline::Persistence, 2, 2.0, 0.5),
+            row("z", 850.0, Baseline::Climatology, 5, 2e-6, 1e-5),
+        ];
+        let mut b = a.clone();
+        b.name = "aux=none".into();
+        b.aux_info = AuxInfo::None;
+        b.eval = vec![row("t", 850.0, Baseline::Climatology, 4, 2.0, 6.0)];
+        AblationReport {
+            fields: vec!["t".into(), "z".into()],
+            variants: vec![a, b],
+            caption: "caption".into(),
+        }
+    }
+
+    #[test]
+    fn the_table_pools_levels_and_scores_against_climatology() {
+        let r = report();
+        let a = &r.variants[0];
+        // The last tenth of 20 steps: the 2 steps at 0.5.
+        assert_eq!(a.final_loss(), Some(0.5));
+        let p = a.pooled("t", Baseline::Climatology).unwrap();
+        assert_eq!(p.values, 4);
+        assert!((p.model - 3f64.sqrt()).abs() < 1e-12);
+        assert!((p.baseline - 6.0).abs() < 1e-12);
+        assert!(a.pooled("z", Baseline::Interpolation).is_none());
+        let md = r.markdown();
+        let lines: Vec<&str> = md.lines().collect();
+        assert_eq!(lines[0], "caption");
+        assert_eq!(
+            lines[2],
+            "| variant | aux info | PE | blur σ | train loss | val loss | t RMSE [K] (skill) | z RMSE [m² s⁻²] (skill) |"
+        );
+        assert_eq!(
+            lines[4],
+            format!(
+                "| base | concat | global | 0 | 0.5000 | 0.7500 | {:.4} ({:+.3}) | 2.000e-6 (+0.800) |",
+                3f64.sqrt(),
+                1.0 - 3f64.sqrt() / 6.0
+            )
+        );
+        assert_eq!(
+            lines[5],
+            "| aux=none | none | global | 0 | 0.5000 | 0.7500 | 2.0000 (+0.667) | – |"
+        );
+        assert!(md.contains("| persistence | 0.5000 (2.0000) | – |"), "{md}");
+        assert!(
+            md.contains("| climatology | 6.0000 (1.7321) | 1.000e-5 (2.000e-6) |"),
+            "{md}"
+        );
+        let ratios = r.climatology_ratios();
+        assert!((ratios[1][0] - 1.0 / 3.0).abs() < 1e-12);
+        assert!(ratios[1][1].is_nan());
+    }
+
+    #[test]
+    fn the_parquet_holds_every_row_of_every_variant() {
+        use arrow::array::Array;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ablation.parquet");
+        let r = report();
+        r.write_parquet(&path).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        assert_eq!(rows, 5);
+        let variant = batches[0]
+            .column_by_name("variant")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap()
+            .clone();
+        assert_eq!(variant.value(0), "base");
+        assert_eq!(variant.value(4), "aux=none");
+        assert_eq!(variant.len(), 5);
+    }
+}
