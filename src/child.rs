@@ -19,12 +19,18 @@ impl Drop for Guard {
     }
 }
 
-/// `atmorep loader serve --dataset NAME=STORE --bind 127.0.0.1:0` as a child; its log goes to
-/// `log`; returns it with its endpoint once it listens.
+/// `atmorep loader serve --dataset NAME=STORE --bind 127.0.0.1:0 --until-stdin-closes` as a
+/// child; its log goes to `log`; returns it with its endpoint once it listens.
 pub fn start_loader(datasets: &[(&str, &Path)], log: &Path) -> Result<(Guard, String)> {
     let exe = std::env::current_exe().context("locating the atmorep binary")?;
     let mut cmd = Command::new(exe);
-    cmd.args(["loader", "serve", "--bind", "127.0.0.1:0"]);
+    cmd.args([
+        "loader",
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--until-stdin-closes",
+    ]);
     for (name, store) in datasets {
         cmd.arg("--dataset")
             .arg(format!("{name}={}", store.display()));
@@ -34,7 +40,9 @@ pub fn start_loader(datasets: &[(&str, &Path)], log: &Path) -> Result<(Guard, St
     let mut child = Guard(
         cmd.stdout(Stdio::piped())
             .stderr(log_file)
-            .stdin(Stdio::null())
+            // The pipe's write end stays with this process (in the guard's `Child`): when
+            // this process ends, however it ends, the loader sees its stdin close and stops.
+            .stdin(Stdio::piped())
             .spawn()
             .context("starting the loader process")?,
     );

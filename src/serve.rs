@@ -21,6 +21,10 @@ pub struct ServeArgs {
     /// Override the Prometheus address.
     #[arg(long)]
     metrics_bind: Option<SocketAddr>,
+    /// Also shut down when standard input closes: a parent that started this loader over a
+    /// pipe takes it along when it exits, even when it is killed.
+    #[arg(long)]
+    until_stdin_closes: bool,
 }
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
@@ -60,11 +64,34 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let service = LoaderService::open(config).await?;
     // Scripts and tests read the address from this line (the port may have been 0).
     println!("listening on {addr}");
-    service::run(service, listener, shutdown_signal()).await?;
+    service::run(service, listener, shutdown_signal(args.until_stdin_closes)).await?;
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves once standard input reaches its end (or fails).
+async fn stdin_closed() {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // A plain thread, not `spawn_blocking`: the runtime waits for blocking tasks when it shuts
+    // down, and this read may never return.
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 256];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        let _ = tx.send(());
+    });
+    let _ = rx.await;
+}
+
+async fn shutdown_signal(until_stdin_closes: bool) {
+    let stdin = async {
+        if until_stdin_closes {
+            stdin_closed().await;
+            tracing::info!("standard input closed: shutting down");
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -82,6 +109,7 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+        _ = stdin => {},
     }
 }
 

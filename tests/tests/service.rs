@@ -1385,3 +1385,57 @@ async fn health_reflection_unary_calls_and_metrics_answer() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+// 7. a loader started by another process goes when its parent goes
+
+/// `--until-stdin-closes`: the demo and `ablate --quick` start their loader with a pipe on its
+/// stdin; when the parent exits (even by SIGKILL, which runs no destructor) the pipe closes and
+/// the loader shuts down instead of living on as an orphan holding its port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_started_with_until_stdin_closes_stops_when_its_stdin_closes() {
+    let dir = TempDir::new().unwrap();
+    let store = store_with_stats(dir.path(), "tiny.zarr", &tiny_config()).await;
+    let mut child = Command::new(atmorep_bin())
+        .args([
+            "loader",
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--until-stdin-closes",
+        ])
+        .args(dataset_arg("tiny", &store))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the loader");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    while !seen.contains("listening on ") {
+        let n = stdout.read(&mut buf).expect("reading the loader's stdout");
+        assert!(n > 0, "the loader exited before listening: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let stdin = child.stdin.take().unwrap();
+    // Still serving while the pipe is open.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the loader stopped early"
+    );
+    drop(stdin);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the loader kept running after its stdin closed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "a clean shutdown: {status}");
+}
