@@ -4,8 +4,11 @@
 //! training the multiformer on the loader's stream (about 3 minutes on 2 cores); evaluation
 //! against climatology, persistence and interpolation; global inference written back as a Zarr
 //! store; cyclones tracked in the reanalysis and in the model's output (each through a loader);
-//! everything in one folder.
+//! figures of the run — training curves, attention and tokens of a test sample, vorticity at
+//! 850 hPa with the tracks — drawn by `atmorep plot` as child processes; everything in one
+//! folder.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -14,6 +17,7 @@ use atmorep_loader::normalization::GlobalStats;
 use atmorep_loader::synth::{SynthConfig, write_store};
 use atmorep_proto::client::{ClientConfig, LoaderClient};
 use atmorep_proto::request::RequestConfig;
+use atmorep_track::tracks::{Track, read_tracks_csv};
 use clap::Args;
 
 use crate::child::{path_arg, run_child, start_loader};
@@ -138,6 +142,24 @@ pe = "local"
 pe_width = 16
 "#;
 
+/// The test-split sample whose attention and tokens the demo draws: with the default grid its
+/// window holds the southern storm (the store, the split and the windows are all seeded).
+const DEMO_SAMPLE: u64 = 65;
+
+/// The store time (ISO 8601) at which the most of `tracks` have a point; the earliest of equals.
+fn busiest_time(tracks: &[Track], times: &[i64]) -> Option<String> {
+    let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
+    for point in tracks.iter().flat_map(|t| &t.points) {
+        if times.binary_search(&point.time_unix).is_ok() {
+            *counts.entry(point.time_unix).or_default() += 1;
+        }
+    }
+    let most = counts.values().copied().max()?;
+    let (&unix, _) = counts.iter().find(|(_, n)| **n == most)?;
+    let time = chrono::DateTime::from_timestamp(unix, 0)?;
+    Some(time.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+}
+
 pub async fn demo(args: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -151,25 +173,25 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         variables: ["t", "z", "vo", "u", "v"].map(String::from).to_vec(),
         ..SynthConfig::default()
     };
-    println!("1/8 synthetic ERA5 → {}", store.display());
+    println!("1/9 synthetic ERA5 → {}", store.display());
     let written = store.clone();
     let summary = tokio::task::spawn_blocking(move || write_store(&synth, &written))
         .await?
         .context("writing the synthetic store")?;
 
-    println!("2/8 normalization statistics");
+    println!("2/9 normalization statistics");
     let url = store.to_str().context("non-UTF-8 path")?.to_string();
     let dataset = Dataset::open(&url).await?;
     GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(&store), false, true).await?;
 
-    println!("3/8 the loader service, a separate process on loopback");
+    println!("3/9 the loader service, a separate process on loopback");
     let (_loader, endpoint) = start_loader(&[("demo", &store)], &args.out.join("loader.log"))?;
     println!(
         "    {endpoint} (log: {})",
         args.out.join("loader.log").display()
     );
 
-    println!("4/8 one epoch streamed over gRPC and checked");
+    println!("4/9 one epoch streamed over gRPC and checked");
     let client = LoaderClient::connect(ClientConfig::new(vec![endpoint.clone()])).await?;
     let request = RequestConfig::from_toml(DEMO_REQUEST)?;
     let report = consume(
@@ -185,7 +207,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     let path = args.out.join("pull.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
 
-    println!("5/8 the trainer, a separate process: {} steps", args.steps);
+    println!("5/9 the trainer, a separate process: {} steps", args.steps);
     let config = args.out.join("train.toml");
     std::fs::write(
         &config,
@@ -210,19 +232,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     )
     .await?;
 
-    run_child(
-        "atmorep plot training",
-        &[
-            "plot".into(),
-            "training".into(),
-            path_arg(&run),
-            "--out".into(),
-            path_arg(&args.out.join("training.png")),
-        ],
-    )
-    .await?;
-
-    println!("6/8 evaluation on the test split against the baselines (physical units)");
+    println!("6/9 evaluation on the test split against the baselines (physical units)");
     run_child(
         "atmorep eval",
         &[
@@ -236,7 +246,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     )
     .await?;
 
-    println!("7/8 global inference of the last week → model.zarr");
+    println!("7/9 global inference of the last week → model.zarr");
     let model_store = args.out.join("model.zarr");
     run_child(
         "atmorep infer",
@@ -254,7 +264,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     )
     .await?;
 
-    println!("8/8 tropical cyclones tracked in the reanalysis and in the model's output");
+    println!("8/9 tropical cyclones tracked in the reanalysis and in the model's output");
     for (name, client_endpoint, tracks, map) in [
         ("demo", endpoint.clone(), "tracks.csv", "tracks.png"),
         (
@@ -296,6 +306,87 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         )
         .await?;
         drop(model_loader);
+    }
+    println!("9/9 figures: training curves, a test sample through the model, vo at 850 hPa");
+    let training_png = args.out.join("training.png");
+    run_child(
+        "atmorep plot training",
+        &[
+            "plot".into(),
+            "training".into(),
+            path_arg(&run),
+            "--out".into(),
+            path_arg(&training_png),
+        ],
+    )
+    .await?;
+    let figures = args.out.join("plots");
+    for kind in ["attention", "tokens"] {
+        run_child(
+            &format!("atmorep plot {kind}"),
+            &[
+                "plot".into(),
+                kind.into(),
+                path_arg(&run),
+                "--loader".into(),
+                endpoint.clone(),
+                "--split".into(),
+                "test".into(),
+                "--sample".into(),
+                DEMO_SAMPLE.to_string(),
+                "--out".into(),
+                path_arg(&figures),
+            ],
+        )
+        .await?;
+    }
+    // Vorticity when the most storms were tracked, with the tracks found in the reanalysis
+    // (the synthetic truth if none were).
+    let tracked = args.out.join("tracks.csv");
+    let mut overlay = tracked.clone();
+    let mut tracks = read_tracks_csv(&tracked)
+        .with_context(|| format!("reading the tracks {}", tracked.display()))?;
+    if tracks.iter().all(|t| t.points.is_empty()) {
+        overlay = summary.tracks_csv.clone();
+        tracks = read_tracks_csv(&overlay)
+            .with_context(|| format!("reading the tracks {}", overlay.display()))?;
+    }
+    let vo_png = figures.join("field-vo-850-tracks.png");
+    let storm_time = busiest_time(&tracks, &dataset.times);
+    match storm_time.clone() {
+        Some(time) => {
+            run_child(
+                "atmorep plot field",
+                &[
+                    "plot".into(),
+                    "field".into(),
+                    url.clone(),
+                    "--var".into(),
+                    "vo".into(),
+                    "--level".into(),
+                    "850".into(),
+                    "--time".into(),
+                    time,
+                    "--tracks".into(),
+                    path_arg(&overlay),
+                    "--out".into(),
+                    path_arg(&vo_png),
+                ],
+            )
+            .await?;
+        }
+        None => println!("    no storm at any of the store's times: no vorticity map"),
+    }
+    println!("    training curves: {}", training_png.display());
+    println!(
+        "    attention and tokens of test sample {DEMO_SAMPLE}: {}",
+        figures.display()
+    );
+    if let Some(time) = storm_time {
+        println!(
+            "    vo at 850 hPa at {time} with the tracks: {}",
+            vo_png.display()
+        );
     }
     println!("everything is in {}", args.out.display());
     Ok(())

@@ -42,8 +42,8 @@ enum PlotCommand {
         #[arg(long, value_delimiter = ',')]
         level: Vec<f64>,
     },
-    /// Loss (per task, validation), learning rate, gradient norm and data wait of a training
-    /// run, from its Parquet step log.
+    /// Loss (per task and per field, with validation), learning rate, gradient norm and data
+    /// wait of a training run, from its Parquet step log.
     Training {
         /// The run's output folder (`atmorep train --out`).
         run_dir: PathBuf,

@@ -3,7 +3,7 @@
 //!
 //! Covered (issue 7): each command writes PNGs that decode, have the size the command reports
 //! and are no flat picture; the attention figures have one panel per layer and head; the token
-//! GIF has a frame per time slice. Bad input — a missing run folder or log, a sample id out of
+//! GIF has a frame per time slice; the training figure has its per-field loss chart. Bad input — a missing run folder or log, a sample id out of
 //! range, a checkpoint whose fields the loader lacks, a level the store lacks — fails with an
 //! error naming it and leaves no picture behind.
 
@@ -185,12 +185,20 @@ async fn every_plot_command_draws_from_a_loader_process_and_a_training_run() {
         assert_eq!(image::AnimationDecoder::into_frames(decoder).count(), 2);
     }
 
-    // Training curves from the run's Parquet log.
+    // Training curves from the run's Parquet log: the log has per-field losses, so the loss
+    // per field is a fifth chart.
     let out = stdout_of(&atmorep(&["plot", "training", run_s]));
     let training = written(&out);
     assert_eq!(training.len(), 1, "{out}");
     assert_eq!(training[0].0, run.join("training.png"));
+    assert_eq!(training[0].2, 5, "{out}");
     assert_png(&training[0].0, training[0].1);
+    let rows = atmorep_trainer::metrics_log::read_steps(&run).unwrap();
+    assert_eq!(
+        atmorep_trainer::metrics_log::field_names(&rows),
+        ["t", "z"],
+        "the per-field columns of the step log"
+    );
 
     // A field of the store with the synthetic cyclones' tracks.
     let field_png = figs.join("field.png");

@@ -114,6 +114,53 @@ async fn the_loss_falls_in_a_short_run_against_a_loader_process() {
         "{tasks:?}"
     );
 
+    // Per field: a training loss on every step that masked it (in the model's order; with one
+    // micro-batch the step's loss is their mean), a validation loss on validation steps.
+    let names: Vec<&str> = trainer
+        .config()
+        .model
+        .fields
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    for s in &summary.steps {
+        let got: Vec<&str> = s.field_losses.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(!got.is_empty(), "step {}: no per-field losses", s.step);
+        assert!(
+            names.iter().filter(|n| got.contains(n)).eq(got.iter()),
+            "step {}: {got:?} is not in the order of {names:?}",
+            s.step
+        );
+        let mean = s.field_losses.iter().map(|(_, v)| v).sum::<f64>() / got.len() as f64;
+        assert!(
+            (mean - s.loss).abs() <= 1e-5 * s.loss.abs().max(1e-3),
+            "step {}: loss {} but per-field mean {mean}",
+            s.step,
+            s.loss
+        );
+        let val: Vec<&str> = s.val_field_losses.iter().map(|(n, _)| n.as_str()).collect();
+        if s.val_loss.is_some() {
+            assert_eq!(val, names, "step {}", s.step);
+            assert!(
+                s.val_field_losses
+                    .iter()
+                    .all(|(_, v)| v.is_finite() && *v > 0.0)
+            );
+        } else {
+            assert!(val.is_empty(), "step {}: {val:?}", s.step);
+        }
+    }
+    // Both fields were trained on.
+    for name in &names {
+        assert!(
+            summary
+                .steps
+                .iter()
+                .any(|s| s.field_losses.iter().any(|(n, _)| n == name)),
+            "{name} never had a loss"
+        );
+    }
+
     // The metrics table holds every step, the checkpoint the last one.
     let rows = read_steps(&out).unwrap();
     assert_eq!(rows, summary.steps);
@@ -167,7 +214,20 @@ async fn a_resumed_run_reproduces_the_uninterrupted_run_bit_for_bit() {
         .await
         .unwrap();
 
-    let bits = |steps: &[atmorep_trainer::metrics_log::StepRecord]| -> Vec<(u64, String, u64, u64, u64, Option<u64>)> {
+    type Bits = (
+        u64,
+        String,
+        u64,
+        u64,
+        u64,
+        Option<u64>,
+        Vec<(String, u64)>,
+        Vec<(String, u64)>,
+    );
+    let bits = |steps: &[atmorep_trainer::metrics_log::StepRecord]| -> Vec<Bits> {
+        let per_field = |l: &[(String, f64)]| -> Vec<(String, u64)> {
+            l.iter().map(|(n, v)| (n.clone(), v.to_bits())).collect()
+        };
         steps
             .iter()
             .map(|s| {
@@ -178,6 +238,8 @@ async fn a_resumed_run_reproduces_the_uninterrupted_run_bit_for_bit() {
                     s.lr.to_bits(),
                     s.grad_norm.to_bits(),
                     s.val_loss.map(f64::to_bits),
+                    per_field(&s.field_losses),
+                    per_field(&s.val_field_losses),
                 )
             })
             .collect()
@@ -377,13 +439,17 @@ async fn the_train_command_serves_prometheus_metrics() {
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
+        // Past the first step, whose gauges were all set before the second step counted.
         if let Some(body) = scrape()
             && body.contains("atmorep_train_steps_total")
+            && !body.contains("atmorep_train_steps_total 1\n")
         {
             for name in [
                 "atmorep_train_loss",
                 "atmorep_train_tokens_per_second",
                 "atmorep_train_step_seconds",
+                "atmorep_train_field_loss{field=\"t\"}",
+                "atmorep_train_field_loss{field=\"z\"}",
             ] {
                 assert!(body.contains(name), "{name} missing:\n{body}");
             }

@@ -669,9 +669,21 @@ impl Trainer {
     /// The training loss of one batch: per field with masked tokens the MSE of the ensemble
     /// mean (plus the CRPS with an ensemble), averaged over those fields.
     pub fn loss(&self, preds: &[Tensor], fields: &[FieldTensors]) -> Result<Tensor> {
+        Ok(self.loss_per_field(preds, fields)?.0)
+    }
+
+    /// [`Self::loss`] and the fields' terms it averages, in the model's field order: `None` for
+    /// a field without masked tokens in the batch. The values are read off the same tensor the
+    /// loss sums, so the loss and its gradients are those of [`Self::loss`].
+    pub fn loss_per_field(
+        &self,
+        preds: &[Tensor],
+        fields: &[FieldTensors],
+    ) -> Result<(Tensor, Vec<Option<f64>>)> {
         let ensemble = self.config.model.ensemble > 1;
         let mut terms = Vec::new();
-        for (p, f) in preds.iter().zip(fields) {
+        let mut which = Vec::new();
+        for (i, (p, f)) in preds.iter().zip(fields).enumerate() {
             if f.target.elem_count() == 0 {
                 continue;
             }
@@ -680,23 +692,32 @@ impl Trainer {
                 l = (l + masked_crps(p, &f.target, &f.masked_indices)?)?;
             }
             terms.push(l);
+            which.push(i);
         }
+        let mut per_field = vec![None; fields.len()];
         if terms.is_empty() {
             // A batch without masked tokens: a zero that keeps the graph, all gradients zero.
-            return Ok(preds[0].sum_all()?.affine(0.0, 0.0)?);
+            return Ok((preds[0].sum_all()?.affine(0.0, 0.0)?, per_field));
         }
         let n = terms.len();
-        Ok(Tensor::stack(&terms, 0)?
-            .sum_all()?
-            .affine(1.0 / n as f64, 0.0)?)
+        let stacked = Tensor::stack(&terms, 0)?;
+        let values = stacked.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        for (&i, v) in which.iter().zip(values) {
+            per_field[i] = Some(f64::from(v));
+        }
+        let loss = stacked.sum_all()?.affine(1.0 / n as f64, 0.0)?;
+        Ok((loss, per_field))
     }
 
-    fn forward_loss(&self, batch: &Batch) -> Result<(Tensor, u64)> {
+    /// One batch through the model: the loss, its per-field terms (see
+    /// [`Self::loss_per_field`]) and the tokens read.
+    fn forward_loss(&self, batch: &Batch) -> Result<(Tensor, Vec<Option<f64>>, u64)> {
         let fields = batch_tensors(batch, &self.config.model, self.dtype, &self.device)?;
         let inputs: Vec<FieldInput> = fields.iter().map(|f| f.input.clone()).collect();
         let preds = self.model.forward(&inputs)?;
         let tokens = batch.len() as u64 * self.config.tokens_per_sample();
-        Ok((self.loss(&preds, &fields)?, tokens))
+        let (loss, per_field) = self.loss_per_field(&preds, &fields)?;
+        Ok((loss, per_field, tokens))
     }
 
     fn pick_task(&mut self, weights: &[f64]) -> usize {
@@ -752,8 +773,11 @@ impl Trainer {
                 backward_s: 0.0,
                 optimizer_s: 0.0,
                 val_loss: None,
+                field_losses: Vec::new(),
+                val_field_losses: Vec::new(),
             };
             let mut names = Vec::with_capacity(accumulation);
+            let mut per_field = FieldMeans::new(self.config.model.fields.len());
             for _ in 0..accumulation {
                 let task = self.pick_task(&weights);
                 names.push(tasks[task].name.as_str());
@@ -763,8 +787,9 @@ impl Trainer {
                 record.data_wait_s += t.elapsed().as_secs_f64();
 
                 let t = Instant::now();
-                let (loss, tokens) = self.forward_loss(&batch)?;
+                let (loss, fields, tokens) = self.forward_loss(&batch)?;
                 record.loss += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+                per_field.add(&fields);
                 record.tokens += tokens;
                 record.forward_s += t.elapsed().as_secs_f64();
 
@@ -779,6 +804,7 @@ impl Trainer {
                 self.cursors[task] = Some(batch.cursor_after);
             }
             record.loss /= accumulation as f64;
+            record.field_losses = per_field.means(&self.config.model);
             record.tasks = names.join("+");
 
             let t = Instant::now();
@@ -790,7 +816,9 @@ impl Trainer {
             let done = self.step();
             let every = self.config.validation.every;
             if every > 0 && done.is_multiple_of(every) {
-                record.val_loss = Some(self.validate(&validation_client).await?);
+                let v = self.validate_per_field(&validation_client).await?;
+                record.val_loss = Some(v.loss);
+                record.val_field_losses = v.fields;
             }
             record.record();
             bar.set_position(done);
@@ -836,21 +864,70 @@ impl Trainer {
     /// stream (the same batches every time). Touches no state of the run. Give it a client
     /// whose connection carries no other stream that is not being read (see [`Self::run`]).
     pub async fn validate(&self, client: &LoaderClient) -> Result<f64> {
+        Ok(self.validate_per_field(client).await?.loss)
+    }
+
+    /// [`Self::validate`], with each field's loss: the mean of its terms over the validation
+    /// batches in which it had masked tokens.
+    pub async fn validate_per_field(&self, client: &LoaderClient) -> Result<Validation> {
         let mut sum = 0.0;
         let mut n = 0u64;
+        let mut per_field = FieldMeans::new(self.config.model.fields.len());
         for (i, task) in self.config.tasks().iter().enumerate() {
             let mut stream = client.stream(self.config.validation_request(i).to_proto());
             let what = format!("validation `{}`", task.name);
             let mut delivered = 0;
             for _ in 0..self.config.validation.batches {
                 let batch = next_batch(&mut stream, &what, &mut delivered).await?;
-                let (loss, _) = self.forward_loss(&batch)?;
+                let (loss, fields, _) = self.forward_loss(&batch)?;
                 sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+                per_field.add(&fields);
                 n += 1;
             }
         }
-        let loss = sum / n.max(1) as f64;
-        Ok(loss)
+        Ok(Validation {
+            loss: sum / n.max(1) as f64,
+            fields: per_field.means(&self.config.model),
+        })
+    }
+}
+
+/// What a validation measured.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Validation {
+    /// The mean loss over the validation batches.
+    pub loss: f64,
+    /// Per field with masked tokens in some batch, in the model's field order, the mean of its
+    /// loss terms over those batches.
+    pub fields: Vec<(String, f64)>,
+}
+
+/// Per field, the sum and count of its loss terms over some batches.
+struct FieldMeans(Vec<(f64, u64)>);
+
+impl FieldMeans {
+    fn new(fields: usize) -> Self {
+        Self(vec![(0.0, 0); fields])
+    }
+
+    fn add(&mut self, terms: &[Option<f64>]) {
+        for (acc, t) in self.0.iter_mut().zip(terms) {
+            if let Some(v) = t {
+                acc.0 += v;
+                acc.1 += 1;
+            }
+        }
+    }
+
+    /// `(name, mean)` of the fields with at least one term, in the model's order.
+    fn means(&self, model: &ModelConfig) -> Vec<(String, f64)> {
+        model
+            .fields
+            .iter()
+            .zip(&self.0)
+            .filter(|(_, (_, n))| *n > 0)
+            .map(|(f, (sum, n))| (f.name.clone(), sum / *n as f64))
+            .collect()
     }
 }
 
@@ -1004,6 +1081,59 @@ mod tests {
             a.identity_differences(&b),
             ["model.d_model", "optimizer.lr"]
         );
+    }
+
+    #[test]
+    fn the_loss_is_the_mean_of_the_masked_fields_terms() {
+        let trainer = Trainer::new(TrainConfig::example()).unwrap();
+        let model = &trainer.config().model;
+        let (t, v, e) = (
+            model.fields[0].num_tokens,
+            model.fields[0].token_numel,
+            model.ensemble,
+        );
+        let dev = Device::Cpu;
+        let zeros = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &dev).unwrap();
+        // Predictions of zero; a field's masked tokens all hold `value`, so its MSE is value².
+        let field = |masked: Vec<u32>, value: f32| FieldTensors {
+            input: FieldInput {
+                source: zeros(&[1, t, v]),
+                token_info: zeros(&[1, t, 8]),
+                pe: zeros(&[1, t, 1]),
+            },
+            target: Tensor::full(value, (masked.len(), v), &dev).unwrap(),
+            masked_indices: vec![masked],
+        };
+        let preds = vec![zeros(&[1, t, e, v]); model.fields.len()];
+        let scalar = |l: &Tensor| l.to_scalar::<f32>().unwrap();
+
+        let fields = vec![field(vec![0, 3], 2.0), field(vec![], 1.0)];
+        let (loss, terms) = trainer.loss_per_field(&preds, &fields).unwrap();
+        assert_eq!(terms, [Some(4.0), None]);
+        assert_eq!(scalar(&loss), 4.0);
+        assert_eq!(scalar(&trainer.loss(&preds, &fields).unwrap()), 4.0);
+
+        let fields = vec![field(vec![1], 2.0), field(vec![0, 2], 1.0)];
+        let (loss, terms) = trainer.loss_per_field(&preds, &fields).unwrap();
+        assert_eq!(terms, [Some(4.0), Some(1.0)]);
+        assert_eq!(scalar(&loss), 2.5);
+
+        // No field masked: a zero loss and no terms.
+        let fields = vec![field(vec![], 2.0), field(vec![], 1.0)];
+        let (loss, terms) = trainer.loss_per_field(&preds, &fields).unwrap();
+        assert_eq!(terms, [None, None]);
+        assert_eq!(scalar(&loss), 0.0);
+
+        let mut means = FieldMeans::new(2);
+        means.add(&[Some(1.0), None]);
+        means.add(&[Some(3.0), Some(5.0)]);
+        means.add(&[None, None]);
+        let names: Vec<_> = model.fields.iter().map(|f| f.name.clone()).collect();
+        assert_eq!(
+            means.means(model),
+            [(names[0].clone(), 2.0), (names[1].clone(), 5.0)]
+        );
+        assert!(FieldMeans::new(2).means(model).is_empty());
     }
 
     #[test]
