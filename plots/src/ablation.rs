@@ -10,6 +10,7 @@ use plotters::prelude::*;
 use crate::attention::{Figure, title};
 use crate::canvas::{FONT_FAMILY, render, tick, write_png};
 use crate::error::{Result, draw_err, input_err};
+use crate::training::log_range;
 
 /// Width of both figures.
 const WIDTH: u32 = 1400;
@@ -149,19 +150,6 @@ pub fn bar_chart(report: &AblationReport, path: &Path, subtitle: &str) -> Result
         height: size.1,
         panels: report.fields.len(),
     })
-}
-
-/// (min, max) of the finite positive values, padded, for a log axis.
-fn log_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
-    let (lo, hi) = values
-        .filter(|v| v.is_finite() && *v > 0.0)
-        .fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
-            (lo.min(v), hi.max(v))
-        });
-    if !lo.is_finite() {
-        return 1e-3..1.0;
-    }
-    (lo / 1.3)..(hi * 1.3)
 }
 
 /// Two panels: every variant's training loss (a running mean over a tenth of the run, at most

@@ -178,7 +178,7 @@ pub fn training_figure(rows: &[StepRecord], path: &Path, subtitle: &str) -> Resu
 }
 
 /// (min, max) of the finite positive values, padded for a log axis.
-fn log_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
+pub(crate) fn log_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     let (lo, hi) = values
         .filter(|v| v.is_finite() && *v > 0.0)
         .fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
