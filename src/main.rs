@@ -14,17 +14,27 @@ use atmorep_loader::synth::{Codec, SynthConfig, ZarrFormat, write_store};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+#[cfg(feature = "trainer")]
 mod ablate;
+#[cfg(feature = "trainer")]
 mod child;
+#[cfg(feature = "trainer")]
 mod demo;
+#[cfg(feature = "trainer")]
 mod embed;
+#[cfg(feature = "trainer")]
 mod eval;
+#[cfg(feature = "trainer")]
 mod infer;
+#[cfg(feature = "trainer")]
 mod plot;
 mod pull;
+#[cfg(feature = "trainer")]
 mod saved_run;
 mod serve;
+#[cfg(feature = "track")]
 mod track;
+#[cfg(feature = "trainer")]
 mod train;
 
 // Decoding allocates and frees many multi-megabyte chunk buffers; mimalloc reuses them instead of
@@ -66,6 +76,7 @@ struct Cli {
 enum Command {
     /// The whole system on this machine: synthetic ERA5, statistics, the loader on loopback and
     /// a client streaming an epoch over gRPC.
+    #[cfg(feature = "trainer")]
     Demo(demo::DemoArgs),
     /// The storage side: inspect, synthesize and benchmark ERA5 Zarr stores.
     Loader {
@@ -73,21 +84,28 @@ enum Command {
         command: LoaderCommand,
     },
     /// Train the multiformer on batches streamed from loaders; checkpoints, metrics, --resume.
+    #[cfg(feature = "trainer")]
     Train(train::TrainArgs),
     /// Track tropical cyclones in a loader's global tiles (`track eval`: score tracks).
+    #[cfg(feature = "track")]
     Track(track::TrackArgs),
     /// Score a checkpoint on a held-out split: masked-token RMSE in physical units against
     /// climatology, persistence and interpolation.
+    #[cfg(feature = "trainer")]
     Eval(eval::EvalArgs),
     /// Global inference: the model's prediction of every token of the loader's global tiles,
     /// stitched and written as a Zarr store the loader can serve.
+    #[cfg(feature = "trainer")]
     Infer(infer::InferArgs),
     /// Export the encoder's embedding of every token of a split's samples to Zarr.
+    #[cfg(feature = "trainer")]
     Embed(embed::EmbedArgs),
     /// Pictures: attention maps, token evolution, training curves, fields on a map.
+    #[cfg(feature = "trainer")]
     Plot(plot::PlotArgs),
     /// Ablation studies: train variants of one config (aux info, positional encoding, blur) on
     /// the same stream and compare them against the baselines (`--quick`: a built-in one).
+    #[cfg(feature = "trainer")]
     Ablate(ablate::AblateArgs),
 }
 
@@ -255,14 +273,22 @@ async fn run() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        #[cfg(feature = "trainer")]
         Command::Demo(args) => demo::demo(args).await,
         Command::Loader { command } => loader(command).await,
+        #[cfg(feature = "trainer")]
         Command::Train(args) => train::train(args).await,
+        #[cfg(feature = "track")]
         Command::Track(args) => track::track(args).await,
+        #[cfg(feature = "trainer")]
         Command::Eval(args) => eval::eval(args).await.map(drop),
+        #[cfg(feature = "trainer")]
         Command::Infer(args) => infer::infer(args).await.map(drop),
+        #[cfg(feature = "trainer")]
         Command::Embed(args) => embed::embed(args).await.map(drop),
+        #[cfg(feature = "trainer")]
         Command::Plot(args) => plot::plot(args).await,
+        #[cfg(feature = "trainer")]
         Command::Ablate(args) => ablate::ablate(args).await.map(drop),
     }
 }

@@ -4,9 +4,8 @@
 #   docker build -f deploy/docker/loader.Dockerfile -t atmorep/loader:0.1.0 .
 #
 # Build from the repository root (the context is the whole workspace; the build ignores what
-# loader.Dockerfile.dockerignore lists). The workspace has no Cargo features yet, so this
-# binary still contains the trainer (candle): see deploy/README.md. Once a `loader` feature
-# exists: --build-arg FEATURES="--no-default-features --features loader".
+# loader.Dockerfile.dockerignore lists). Built without the default `trainer` feature: the binary
+# has `atmorep loader …` and no candle (tests/tests/deploy.rs checks the dependency tree).
 ARG RUST_VERSION=1.95
 ARG DEBIAN=trixie
 
@@ -17,7 +16,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-ARG FEATURES=""
+ARG FEATURES="--no-default-features"
 # hadolint ignore=SC2086
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

@@ -289,6 +289,62 @@ fn dockerfiles_pass_hadolint() {
     assert!(cuda.contains("--features cuda"));
 }
 
+/// The crates `cargo tree` lists for the `atmorep` package's normal dependencies with `features`.
+fn dependency_crates(features: &[&str]) -> BTreeSet<String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = run(Command::new(cargo)
+        .current_dir(workspace_root())
+        .args([
+            "tree",
+            "-p",
+            "atmorep",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "--locked",
+            "--offline",
+        ])
+        .args(features));
+    assert!(output.status.success(), "cargo tree:\n{}", text(&output));
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_loader_image_is_built_without_candle() {
+    let dockerfile = std::fs::read_to_string(deploy().join("docker/loader.Dockerfile")).unwrap();
+    let features_arg = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("ARG FEATURES="))
+        .expect("loader.Dockerfile has an ARG FEATURES line");
+    let features: Vec<&str> = features_arg.trim_matches('"').split_whitespace().collect();
+    assert_eq!(features, ["--no-default-features"], "{features_arg}");
+
+    let loader = dependency_crates(&features);
+    assert!(
+        loader.contains("atmorep-loader") && loader.contains("zarrs"),
+        "{loader:?}"
+    );
+    let heavy: Vec<&String> = loader
+        .iter()
+        .filter(|c| {
+            c.starts_with("candle") || c.starts_with("atmorep-trainer") || *c == "atmorep-plot"
+        })
+        .collect();
+    assert!(heavy.is_empty(), "the loader build carries {heavy:?}");
+    // The default build is the one that has them: the check above would notice a feature that
+    // stopped gating anything.
+    let full = dependency_crates(&[]);
+    assert!(
+        full.contains("candle-core") && full.contains("atmorep-trainer"),
+        "{full:?}"
+    );
+}
+
 #[test]
 fn config_maps_hold_the_configs_verbatim_and_they_parse() {
     let loader_map = resource("ConfigMap", "atmorep-loader-config");
