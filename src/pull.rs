@@ -15,9 +15,13 @@ use serde::Serialize;
 #[derive(Debug, Args)]
 pub struct PullArgs {
     /// Loader endpoint(s), comma-separated (`http://127.0.0.1:50051`; `https://` with TLS); the
-    /// client fails over between them.
+    /// client fails over between them, or with `--stripe` streams from all of them at once.
     #[arg(value_delimiter = ',', required = true)]
     endpoints: Vec<String>,
+    /// Spread the stream over all endpoints (one sub-stream each, merged in a fixed order; each
+    /// fails over to the others). Its cursors resume only with the same endpoint count.
+    #[arg(long)]
+    stripe: bool,
     /// The request as TOML (dataset, fields, batch size, …).
     #[arg(long)]
     request: PathBuf,
@@ -58,6 +62,8 @@ pub struct PullReport {
     pub gap_p50_ms: f64,
     pub gap_p99_ms: f64,
     pub reconnects: u64,
+    /// Loader calls the stream made in parallel (the endpoint count when striped, else 1).
+    pub sub_streams: usize,
     pub epoch_checked: bool,
     /// (epoch, id) of every sample, in arrival order, when `--check-epoch`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -77,6 +83,7 @@ pub async fn pull(args: PullArgs) -> Result<()> {
     let mut client_config = ClientConfig::new(args.endpoints.clone());
     client_config.bearer_token = args.token.clone();
     client_config.prefetch = args.prefetch;
+    client_config.stripe = args.stripe;
     client_config.tls_domain = args.domain.clone();
     if let Some(ca) = &args.ca {
         client_config.tls_ca_pem =
@@ -177,6 +184,7 @@ pub async fn consume(
         gap_p50_ms: quantile(0.5),
         gap_p99_ms: quantile(0.99),
         reconnects: stream.reconnects(),
+        sub_streams: stream.sub_streams(),
         epoch_checked: how.check_epoch,
         ids,
     })
@@ -188,7 +196,7 @@ impl PullReport {
         let mut s = format!(
             "batches            {}\nsamples            {} in {:.2} s\nsamples/s          {:.1}\n\
              token payload      {:.3} GB/s\nbatch gap          p50 {:.1} ms, p99 {:.1} ms\n\
-             reconnects         {}\n",
+             reconnects         {}\nsub-streams        {}\n",
             self.batches,
             self.samples,
             self.seconds,
@@ -196,7 +204,8 @@ impl PullReport {
             self.token_gbps,
             self.gap_p50_ms,
             self.gap_p99_ms,
-            self.reconnects
+            self.reconnects,
+            self.sub_streams
         );
         if self.epoch_checked {
             s.push_str(&format!(

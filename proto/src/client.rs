@@ -14,6 +14,19 @@
 //! restart costs a pause, not a sample, and no sample arrives twice. Every other status (a bad
 //! request, a missing dataset, a rejected token) ends the stream with that error at once.
 //!
+//! # Striping across loaders
+//!
+//! With [`ClientConfig::stripe`] and K > 1 endpoints, a training-mode stream is spread over the
+//! loaders: K sub-streams, sub-stream `k` asking for its own slice of the rank's shard (see
+//! [`crate::stripe`]) and starting on endpoint `k`, each with its own prefetch of
+//! [`ClientConfig::prefetch`] batches, its own cursor and its own failover to the other
+//! endpoints (round-robin from `k + 1`, resuming from its own cursor). A merge task delivers
+//! their batches in a fixed round-robin order, so the stream is still a pure function of the
+//! request (and K) — which also means a slow loader slows the whole stream to its pace. The
+//! stream's [`Cursor`] encodes every sub-stream's position (see [`crate::stripe`]); it is
+//! meaningful only with the same number of endpoints and batch size. [`StreamStats`] sum over
+//! the sub-streams. Tiles-mode streams are never striped: their order is the tiling's.
+//!
 //! Unary calls ([`LoaderClient::list_datasets`], [`LoaderClient::dataset_info`],
 //! [`LoaderClient::sample`]) retry the same failures across endpoints under the same policy.
 
@@ -38,6 +51,7 @@ use tonic::{Code, Status};
 
 use crate::batch::{Batch, BatchAssembler, BatchError, Cursor};
 use crate::pb;
+use crate::stripe::{Accepted, Stripe, StripeError, sub_shard};
 
 /// gRPC compression of the batches the server sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +144,12 @@ pub struct ClientConfig {
     pub keepalive_interval: Option<Duration>,
     #[serde(rename = "keepalive_timeout_ms", with = "millis")]
     pub keepalive_timeout: Duration,
+    /// Spread each training-mode stream over all endpoints at once (see the module docs)
+    /// instead of using one at a time. Off by default: an endpoint list has always meant
+    /// replicas to fail over between, and a striped stream has another order and another
+    /// meaning of its cursor, so turning it on silently would break the resumption of existing
+    /// checkpoints. Has no effect with a single endpoint.
+    pub stripe: bool,
 }
 
 impl Default for ClientConfig {
@@ -148,6 +168,7 @@ impl Default for ClientConfig {
             connection_window_bytes: 16 << 20,
             keepalive_interval: Some(Duration::from_secs(20)),
             keepalive_timeout: Duration::from_secs(20),
+            stripe: false,
         }
     }
 }
@@ -182,6 +203,7 @@ impl fmt::Debug for ClientConfig {
             .field("connection_window_bytes", &self.connection_window_bytes)
             .field("keepalive_interval", &self.keepalive_interval)
             .field("keepalive_timeout", &self.keepalive_timeout)
+            .field("stripe", &self.stripe)
             .finish()
     }
 }
@@ -219,6 +241,9 @@ pub enum ClientError {
     /// The server sent a batch that cannot be decoded or reassembled.
     #[error("malformed batch from the loader: {0}")]
     Batch(#[from] BatchError),
+    /// A striped stream cannot start (an unstriped cursor) or its sub-streams disagree.
+    #[error("striped stream: {0}")]
+    Stripe(#[from] StripeError),
 }
 
 impl ClientError {
@@ -494,20 +519,39 @@ impl LoaderClient {
     /// Starts at `request.resume` (the start of epoch 0 when absent). Must be called within a
     /// tokio runtime; errors arrive through the stream.
     pub fn stream(&self, request: pb::BatchRequest) -> BatchStream {
-        let (tx, rx) = mpsc::channel(self.shared.config.prefetch.max(1));
         let counters = Arc::new(Counters::default());
-        let task = tokio::spawn(run_stream(
-            self.shared.clone(),
-            request,
-            tx,
-            counters.clone(),
-        ));
+        let striped = self.shared.config.stripe
+            && self.shared.endpoints.len() > 1
+            && request.mode != pb::Mode::Tiles as i32;
+        let (rx, task) = if striped {
+            // The sub-streams hold the prefetch; the merge only hands over one batch at a time.
+            let (tx, rx) = mpsc::channel(1);
+            let task = tokio::spawn(run_striped(
+                self.shared.clone(),
+                request,
+                tx,
+                counters.clone(),
+            ));
+            (rx, task)
+        } else {
+            let (tx, rx) = mpsc::channel(self.shared.config.prefetch.max(1));
+            let (shared, c) = (self.shared.clone(), counters.clone());
+            let task = tokio::spawn(async move {
+                run_stream(shared, request, tx, c, Route::Shared).await;
+            });
+            (rx, task)
+        };
         BatchStream {
             rx,
             task,
             counters,
             cursor: None,
             delivered: 0,
+            sub_streams: if striped {
+                self.shared.endpoints.len()
+            } else {
+                1
+            },
         }
     }
 
@@ -625,12 +669,25 @@ impl StreamState {
     }
 }
 
+/// Which endpoint a stream starts on and where it goes after a failure.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    /// The client's current endpoint, shared by all its calls: a failure moves them all on.
+    Shared,
+    /// Sub-stream `k` of a stripe: starts on endpoint `k` and moves on by itself, so one dead
+    /// loader does not push the other sub-streams off their live ones.
+    Stripe(usize),
+}
+
+/// Runs one `StreamBatches` request to its end, reconnecting on failures; `true` when it
+/// finished, `false` when it ended with an error (sent through `tx`) or the receiver left.
 async fn run_stream(
     shared: Arc<Shared>,
     request: pb::BatchRequest,
     tx: mpsc::Sender<Result<Batch, ClientError>>,
     counters: Arc<Counters>,
-) {
+    route: Route,
+) -> bool {
     let tiles = request.mode == pb::Mode::Tiles as i32;
     let mut state = StreamState {
         end_epoch: if tiles { None } else { request.end_epoch },
@@ -641,21 +698,36 @@ async fn run_stream(
         counters,
     };
     let mut retry = Retry::new(&shared.config.reconnect);
-    let mut index = shared.current();
+    let endpoints = shared.endpoints.len();
+    let mut index = match route {
+        Route::Shared => shared.current(),
+        Route::Stripe(k) => k % endpoints,
+    };
+    let stripe = match route {
+        Route::Shared => None,
+        Route::Stripe(k) => Some(k),
+    };
     let mut first = true;
     loop {
         if state.finished() {
-            return;
+            return true;
         }
         if !first {
             state.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                endpoint = shared.endpoints[index].0.as_str(),
+                stripe,
+                resume = ?state.resume,
+                "resuming the stream"
+            );
         }
         first = false;
         let status = match pump(&shared, index, &mut state, &mut retry).await {
-            Outcome::Finished | Outcome::ReceiverGone => return,
+            Outcome::Finished => return true,
+            Outcome::ReceiverGone => return false,
             Outcome::Fatal(err) => {
                 let _ = state.tx.send(Err(err)).await;
-                return;
+                return false;
             }
             Outcome::Lost(status) => status,
         };
@@ -666,26 +738,149 @@ async fn run_stream(
         );
         state.assembler.reset();
         if state.finished() {
-            return;
+            return true;
         }
         if !is_retryable(&status) {
             let _ = state.tx.send(Err(status.into())).await;
-            return;
+            return false;
         }
         match retry.after_failure(status, shared.endpoints[index].0.as_str()) {
             Ok(delay) => {
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
-                    () = state.tx.closed() => return,
+                    () = state.tx.closed() => return false,
                 }
-                index = shared.rotate(index);
+                index = match route {
+                    Route::Shared => shared.rotate(index),
+                    Route::Stripe(_) => (index + 1) % endpoints,
+                };
             }
             Err(err) => {
                 let _ = state.tx.send(Err(err)).await;
+                return false;
+            }
+        }
+    }
+}
+
+/// Sub-stream `k` of a stripe: one call per epoch (`end_epoch = e + 1`) from `start` until
+/// `end_epoch`, so no batch straddles two epochs and the merge can keep epochs apart.
+async fn run_sub_stream(
+    shared: Arc<Shared>,
+    request: pb::BatchRequest,
+    k: usize,
+    start: Cursor,
+    end_epoch: Option<u64>,
+    tx: mpsc::Sender<Result<Batch, ClientError>>,
+    counters: Arc<Counters>,
+) {
+    let mut at = start;
+    while end_epoch.is_none_or(|end| at.epoch < end) {
+        let mut call = request.clone();
+        call.resume = Some(at.into());
+        call.end_epoch = Some(at.epoch + 1);
+        if !run_stream(
+            shared.clone(),
+            call,
+            tx.clone(),
+            counters.clone(),
+            Route::Stripe(k),
+        )
+        .await
+        {
+            return;
+        }
+        at = Cursor {
+            epoch: at.epoch + 1,
+            position: 0,
+        };
+    }
+}
+
+/// Aborts the sub-stream tasks when the merge task ends or is aborted.
+struct SubTasks(Vec<JoinHandle<()>>);
+
+impl Drop for SubTasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// The merge task of a striped stream: starts one sub-stream per endpoint and delivers their
+/// batches in [`Stripe`]'s order, each with the merged cursor.
+async fn run_striped(
+    shared: Arc<Shared>,
+    request: pb::BatchRequest,
+    tx: mpsc::Sender<Result<Batch, ClientError>>,
+    counters: Arc<Counters>,
+) {
+    let subs = shared.endpoints.len();
+    let start = request.resume.map(Cursor::from).unwrap_or_default();
+    let end_epoch = request.end_epoch;
+    let mut stripe = match Stripe::resume(start, subs, u64::from(request.batch_size)) {
+        Ok(stripe) => stripe,
+        Err(err) => {
+            let _ = tx.send(Err(err.into())).await;
+            return;
+        }
+    };
+    let prefetch = shared.config.prefetch.max(1);
+    let mut receivers = Vec::with_capacity(subs);
+    let mut tasks = SubTasks(Vec::with_capacity(subs));
+    for (k, at) in stripe.sub_starts().into_iter().enumerate() {
+        let mut sub = request.clone();
+        (sub.rank, sub.world_size) =
+            sub_shard(request.rank, request.world_size, k as u32, subs as u32);
+        let (sub_tx, sub_rx) = mpsc::channel(prefetch);
+        tasks.0.push(tokio::spawn(run_sub_stream(
+            shared.clone(),
+            sub,
+            k,
+            at,
+            end_epoch,
+            sub_tx,
+            counters.clone(),
+        )));
+        receivers.push(sub_rx);
+    }
+    tracing::debug!(subs, start = ?start, "striped stream opened");
+    while end_epoch.is_none_or(|end| stripe.cursor().epoch < end) {
+        let k = stripe.next_sub();
+        let item = tokio::select! {
+            item = receivers[k].recv() => item,
+            () = tx.closed() => return,
+        };
+        let mut batch = match item {
+            Some(Ok(batch)) => batch,
+            Some(Err(err)) => {
+                let _ = tx.send(Err(err)).await;
+                return;
+            }
+            None => {
+                let _ = tx
+                    .send(Err(StripeError::SubStreamEnded { sub: k }.into()))
+                    .await;
+                return;
+            }
+        };
+        match stripe.accept(k, batch.cursor_after) {
+            Ok(Accepted::Discard) => {}
+            Ok(Accepted::Deliver(cursor)) => {
+                batch.cursor_after = cursor;
+                batch.end_of_stream = end_epoch.is_some_and(|end| cursor.epoch >= end);
+                if tx.send(Ok(batch)).await.is_err() {
+                    return;
+                }
+            }
+            Err(err) => {
+                let _ = tx.send(Err(err.into())).await;
                 return;
             }
         }
     }
+    drop(tasks);
 }
 
 /// One call of `StreamBatches`, from `state.resume` until it ends.
@@ -755,6 +950,7 @@ pub struct BatchStream {
     counters: Arc<Counters>,
     cursor: Option<Cursor>,
     delivered: u64,
+    sub_streams: usize,
 }
 
 impl BatchStream {
@@ -778,7 +974,12 @@ impl BatchStream {
         self.cursor
     }
 
-    /// Calls re-issued after failures.
+    /// Loader calls running in parallel: the endpoint count for a striped stream, else 1.
+    pub fn sub_streams(&self) -> usize {
+        self.sub_streams
+    }
+
+    /// Calls re-issued after failures (summed over the sub-streams of a striped stream).
     pub fn reconnects(&self) -> u64 {
         self.counters.reconnects.load(Ordering::Relaxed)
     }

@@ -34,6 +34,7 @@ pub mod geometry;
 pub mod positional;
 pub mod request;
 pub mod statistics;
+pub mod stripe;
 pub mod tensor;
 pub mod tls;
 pub mod token_info;
