@@ -36,6 +36,12 @@ pub struct TrainArgs {
     /// Batches the client keeps ready per task stream.
     #[arg(long, default_value_t = 4)]
     prefetch: usize,
+    /// HTTP/2 flow-control window per loader stream, in KiB: how much encoded data the
+    /// transport may hold beyond --prefetch (default: the client's, 8 MiB). Smaller bounds the
+    /// trainer's memory for large batches; it is also how far a trainer runs on after its
+    /// loader died before it notices and reconnects.
+    #[arg(long)]
+    stream_window_kib: Option<u32>,
     /// Bearer token for the loaders.
     #[arg(long, env = "ATMOREP_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -97,6 +103,12 @@ pub async fn train(args: TrainArgs) -> Result<()> {
     }
     let mut client_config = ClientConfig::new(args.loader.clone());
     client_config.prefetch = args.prefetch;
+    if let Some(kib) = args.stream_window_kib {
+        // Every task stream has a connection of its own, so the connection needs no more.
+        let bytes = kib.saturating_mul(1024).max(64 * 1024);
+        client_config.stream_window_bytes = bytes;
+        client_config.connection_window_bytes = bytes;
+    }
     client_config.bearer_token = args.token.clone();
     let client = LoaderClient::connect(client_config).await?;
 
@@ -125,6 +137,9 @@ pub async fn train(args: TrainArgs) -> Result<()> {
     if let Some(ckpt) = &summary.checkpoint {
         println!("checkpoint: {}", ckpt.display());
     }
+    // Each is a pause in which the client reconnected and resumed from its cursor: nothing lost,
+    // nothing repeated.
+    println!("loader reconnects: {}", summary.reconnects);
     println!(
         "metrics: {}",
         out.join(atmorep_trainer::metrics_log::DIR).display()

@@ -29,6 +29,8 @@ pub enum CfTimeError {
     MixedCalendar,
     #[error("time value {0} is not finite")]
     NotFinite(f64),
+    #[error("time value {0} is outside the representable range of instants")]
+    OutOfRange(f64),
 }
 
 impl CfTimeUnits {
@@ -68,12 +70,20 @@ impl CfTimeUnits {
         if !value.is_finite() {
             return Err(CfTimeError::NotFinite(value));
         }
-        Ok(self.reference_unix + (value * self.seconds_per_unit).round() as i64)
+        // `as` saturates; a sum past i64 is no instant either (and overflowed before).
+        let offset = (value * self.seconds_per_unit).round();
+        if offset.abs() >= i64::MAX as f64 {
+            return Err(CfTimeError::OutOfRange(value));
+        }
+        self.reference_unix
+            .checked_add(offset as i64)
+            .ok_or(CfTimeError::OutOfRange(value))
     }
 
     /// Encodes seconds since the Unix epoch as a value in these units.
     pub fn encode(&self, unix: i64) -> f64 {
-        (unix - self.reference_unix) as f64 / self.seconds_per_unit
+        // In i128: the difference of two i64 instants can exceed i64.
+        (i128::from(unix) - i128::from(self.reference_unix)) as f64 / self.seconds_per_unit
     }
 }
 
@@ -101,6 +111,11 @@ fn parse_reference(text: &str) -> Result<DateTime<Utc>, CfTimeError> {
             [h, m] => (*h, *m),
             _ => return Err(bad()),
         };
+        // Real UTC offsets are within ±14 h; anything past a day is not an offset (and huge
+        // ones overflowed the seconds below).
+        if !(0..24).contains(&h) || !(0..60).contains(&m) {
+            return Err(bad());
+        }
         offset_seconds = sign * (h * 3600 + m * 60);
         body = main.trim_end();
     }
@@ -128,7 +143,10 @@ fn parse_reference(text: &str) -> Result<DateTime<Utc>, CfTimeError> {
         NaiveTime::from_hms_opt(h, m, s.trunc() as u32).ok_or_else(bad)?
     };
     let naive = NaiveDateTime::new(date, time);
-    Ok(Utc.from_utc_datetime(&naive) - chrono::Duration::seconds(offset_seconds))
+    // Checked: at the ends of chrono's range of dates, the offset leaves it.
+    Utc.from_utc_datetime(&naive)
+        .checked_sub_signed(chrono::TimeDelta::seconds(offset_seconds))
+        .ok_or_else(bad)
 }
 
 /// Formats seconds since the Unix epoch as an ISO-8601 UTC string.
@@ -191,5 +209,35 @@ mod tests {
         ));
         let u = CfTimeUnits::parse("days since 2000-01-01", None).unwrap();
         assert!(u.decode(f64::NAN).is_err());
+    }
+
+    /// Inputs that panicked (overflow, chrono's range) before: errors now.
+    #[test]
+    fn extreme_offsets_and_values_are_errors_not_panics() {
+        for units in [
+            "hours since 2000-01-01 00:00:00+999999999999999999",
+            "hours since 2000-01-01 00:00:00-99:00",
+            "hours since 2000-01-01 00:00:00+05:75",
+            "days since 262142-12-31 23:00:00-02:00",
+        ] {
+            assert!(
+                matches!(
+                    CfTimeUnits::parse(units, None),
+                    Err(CfTimeError::BadReference(_))
+                ),
+                "{units}"
+            );
+        }
+        let u = CfTimeUnits::parse("seconds since 2000-01-01", None).unwrap();
+        // The last one fits i64 but not added to the reference (2000-01-01).
+        for v in [9.3e18, -9.3e18, 1e300, 9.223_372_036e18] {
+            assert!(
+                matches!(u.decode(v), Err(CfTimeError::OutOfRange(_))),
+                "{v}"
+            );
+        }
+        let d = CfTimeUnits::parse("days since 2000-01-01", None).unwrap();
+        assert!(d.decode(1e17).is_err());
+        assert!(d.encode(i64::MIN).is_finite() && d.encode(i64::MAX).is_finite());
     }
 }

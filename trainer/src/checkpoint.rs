@@ -13,7 +13,13 @@
 //! and the folder fsynced, then renamed to its final name; only then is `LATEST` replaced (a
 //! temporary file, fsynced, renamed over it, the folder fsynced), and only after that are old
 //! checkpoints pruned. A process killed at any point leaves `LATEST` naming a complete
-//! checkpoint; leftover temporary folders are removed by the next save.
+//! checkpoint; leftover temporary folders are removed by the next save, and [`resolve`] never
+//! picks one (named explicitly, it is refused with an error naming it).
+//!
+//! For the crash tests, the environment variable [`FAULT_ENV`] (`POINT@STEP`, POINT one of
+//! `after-weights` and `before-latest`) stops the save of step STEP at that point: the process
+//! prints `ATMOREP_FAULT_CHECKPOINT: stalled at POINT of step-NNNNNNNN` to stderr and blocks
+//! until it is killed, so a test's SIGKILL lands inside the write.
 //!
 //! Loading checks the format, the version, that every file parses, and (in
 //! [`crate::train::Trainer::from_checkpoint`]) that every tensor matches the model; each
@@ -45,6 +51,8 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const CONFIG_FILE: &str = "train.toml";
 pub const STATE_FILE: &str = "state.json";
 const TMP_PREFIX: &str = ".tmp-";
+/// The crash tests' fault hook (see the module docs).
+pub const FAULT_ENV: &str = "ATMOREP_FAULT_CHECKPOINT";
 
 /// Where one task's stream stands: the `cursor_after` of the last batch the run consumed
 /// (`None`: none yet, start at the beginning).
@@ -144,6 +152,67 @@ pub(crate) enum Fault {
     BeforeLatest,
 }
 
+impl Fault {
+    const ALL: [(Self, &'static str); 2] = [
+        (Self::AfterWeights, "after-weights"),
+        (Self::BeforeLatest, "before-latest"),
+    ];
+
+    fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(f, _)| *f == self)
+            .map_or("", |(_, n)| n)
+    }
+}
+
+/// The point at which [`FAULT_ENV`] stalls the save of `step`, if it does.
+fn stall_point(step: u64) -> Result<Option<Fault>> {
+    match std::env::var_os(FAULT_ENV) {
+        Some(value) => parse_stall(&value.to_string_lossy(), step),
+        None => Ok(None),
+    }
+}
+
+/// [`FAULT_ENV`]'s `value`: the point at which to stall the save of `step`, if any.
+fn parse_stall(value: &str, step: u64) -> Result<Option<Fault>> {
+    let bad = || {
+        crate::error::train_config_err(
+            FAULT_ENV,
+            format!("`{value}` is not POINT@STEP with POINT after-weights or before-latest"),
+        )
+    };
+    let (point, at) = value.split_once('@').ok_or_else(bad)?;
+    let fault = Fault::ALL
+        .iter()
+        .find(|(_, n)| *n == point)
+        .map(|(f, _)| *f)
+        .ok_or_else(bad)?;
+    let at: u64 = at.parse().map_err(|_| bad())?;
+    Ok((at == step).then_some(fault))
+}
+
+/// What happens at `point` of a save: an injected error, a stall until the process is killed,
+/// or nothing.
+fn checkpoint_at(
+    point: Fault,
+    fault: Option<Fault>,
+    stall: Option<Fault>,
+    name: &str,
+) -> Result<()> {
+    if stall == Some(point) {
+        eprintln!("{FAULT_ENV}: stalled at {} of {name}", point.name());
+        // Only a kill ends this: the test needs the process frozen mid-write.
+        loop {
+            std::thread::park();
+        }
+    }
+    if fault == Some(point) {
+        return Err(injected());
+    }
+    Ok(())
+}
+
 /// The folder name of the checkpoint after `step` optimizer steps.
 pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
@@ -154,14 +223,16 @@ pub fn step_dir_name(step: u64) -> String {
 /// the same step that already exists is complete and identical (a run that resumed and stopped
 /// at once), so it is kept as it is.
 pub fn save(out: &Path, snap: &Snapshot<'_>, keep: usize) -> Result<PathBuf> {
-    save_with(out, snap, keep, None)
+    save_with(out, snap, keep, None, stall_point(snap.step)?)
 }
 
+/// [`save`], failing with an error at `fault` or stalling at `stall`.
 pub(crate) fn save_with(
     out: &Path,
     snap: &Snapshot<'_>,
     keep: usize,
     fault: Option<Fault>,
+    stall: Option<Fault>,
 ) -> Result<PathBuf> {
     let root = out.join(DIR);
     std::fs::create_dir_all(&root).map_err(io_err(&root))?;
@@ -172,9 +243,7 @@ pub(crate) fn save_with(
         let tmp = root.join(format!("{TMP_PREFIX}{name}"));
         std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
         write_safetensors(&tmp.join(MODEL_FILE), &snap.weights)?;
-        if fault == Some(Fault::AfterWeights) {
-            return Err(injected());
-        }
+        checkpoint_at(Fault::AfterWeights, fault, stall, &name)?;
         write_safetensors(&tmp.join(OPTIMIZER_FILE), &snap.optimizer)?;
         write_synced(
             &tmp.join(CONFIG_FILE),
@@ -193,9 +262,7 @@ pub(crate) fn save_with(
         std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
         sync_dir(&root)?;
     }
-    if fault == Some(Fault::BeforeLatest) {
-        return Err(injected());
-    }
+    checkpoint_at(Fault::BeforeLatest, fault, stall, &name)?;
     let latest_tmp = root.join(format!("{TMP_PREFIX}{LATEST}"));
     write_synced(&latest_tmp, format!("{name}\n").as_bytes())?;
     let latest = root.join(LATEST);
@@ -286,6 +353,15 @@ pub fn has_checkpoints(out: &Path) -> bool {
 /// The checkpoint folder `path` means: a checkpoint folder itself, a `checkpoints` folder (its
 /// `LATEST`), or a run's output folder (its `checkpoints/LATEST`).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    if name.starts_with(TMP_PREFIX) {
+        // Its files may all be there, but nothing says the write finished.
+        return Err(checkpoint_err(
+            path,
+            "an interrupted checkpoint write, never a checkpoint: resume from the run folder \
+             (its LATEST names the last complete checkpoint)",
+        ));
+    }
     if path.join(STATE_FILE).exists() {
         return Ok(path.to_path_buf());
     }
@@ -476,14 +552,24 @@ mod tests {
         let config = TrainConfig::example();
         save(dir.path(), &snapshot(&config, 1, 1.0), 1).unwrap();
         for fault in [Fault::AfterWeights, Fault::BeforeLatest] {
-            save_with(dir.path(), &snapshot(&config, 2, 2.0), 1, Some(fault)).unwrap_err();
+            save_with(dir.path(), &snapshot(&config, 2, 2.0), 1, Some(fault), None).unwrap_err();
+            // The interrupted write is never chosen, and refused when named.
+            let root = dir.path().join(DIR);
+            if fault == Fault::AfterWeights {
+                let tmp = root.join(".tmp-step-00000002");
+                assert!(tmp.join(MODEL_FILE).exists());
+                let e = load(&tmp, &Device::Cpu).unwrap_err().to_string();
+                assert!(
+                    e.contains(".tmp-step-00000002") && e.contains("interrupted"),
+                    "{e}"
+                );
+            }
             let c = load(dir.path(), &Device::Cpu).unwrap();
             assert_eq!((c.step, weight(&c)), (1, 1.0), "{fault:?}");
             // The next save cleans up and succeeds.
             save(dir.path(), &snapshot(&config, 3, 3.0), 1).unwrap();
             let c = load(dir.path(), &Device::Cpu).unwrap();
             assert_eq!((c.step, weight(&c)), (3, 3.0));
-            let root = dir.path().join(DIR);
             let names: Vec<String> = std::fs::read_dir(&root)
                 .unwrap()
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -493,6 +579,29 @@ mod tests {
             // Back to one checkpoint at step 1 for the next fault.
             std::fs::remove_dir_all(&root).unwrap();
             save(dir.path(), &snapshot(&config, 1, 1.0), 1).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_fault_hook_names_a_point_and_a_step() {
+        assert_eq!(
+            parse_stall("after-weights@7", 7).unwrap(),
+            Some(Fault::AfterWeights)
+        );
+        assert_eq!(
+            parse_stall("before-latest@7", 7).unwrap(),
+            Some(Fault::BeforeLatest)
+        );
+        assert_eq!(parse_stall("before-latest@7", 8).unwrap(), None);
+        for bad in [
+            "",
+            "after-weights",
+            "after-weights@",
+            "elsewhere@7",
+            "before-latest@x",
+        ] {
+            let e = parse_stall(bad, 7).unwrap_err().to_string();
+            assert!(e.contains(FAULT_ENV), "{e}");
         }
     }
 

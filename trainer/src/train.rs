@@ -421,6 +421,9 @@ pub struct RunSummary {
     pub checkpoint: Option<PathBuf>,
     /// The metrics tables written.
     pub metrics_files: Vec<PathBuf>,
+    /// Loader calls re-issued after a lost stream (training and validation streams): each is a
+    /// pause in which the client reconnected and resumed from its cursor.
+    pub reconnects: u64,
 }
 
 /// Mean time per step and its parts, over some steps of a run.
@@ -754,6 +757,8 @@ impl Trainer {
         let mut unwritten: Vec<StepRecord> = Vec::new();
         let accumulation = self.config.optimizer.accumulation;
         let mut saved_at = None;
+        // Reconnects of the validation streams, which end with each validation.
+        let mut validation_reconnects = 0;
 
         while self.step() < stop {
             let started = Instant::now();
@@ -816,11 +821,20 @@ impl Trainer {
             let done = self.step();
             let every = self.config.validation.every;
             if every > 0 && done.is_multiple_of(every) {
-                let v = self.validate_per_field(&validation_client).await?;
+                let (v, reconnects) = self.validate_counting(&validation_client).await?;
+                validation_reconnects += reconnects;
                 record.val_loss = Some(v.loss);
                 record.val_field_losses = v.fields;
             }
             record.record();
+            let reconnects =
+                validation_reconnects + streams.iter().map(BatchStream::reconnects).sum::<u64>();
+            if reconnects > summary.reconnects {
+                // The client logs each failed call; the counter says the run went on past them.
+                metrics::counter!("atmorep_train_loader_reconnects_total")
+                    .increment(reconnects - summary.reconnects);
+                summary.reconnects = reconnects;
+            }
             bar.set_position(done);
             bar.set_message(format!(
                 "loss {:.4} · {:.0} tok/s · data wait {:.1}%{}",
@@ -870,6 +884,12 @@ impl Trainer {
     /// [`Self::validate`], with each field's loss: the mean of its terms over the validation
     /// batches in which it had masked tokens.
     pub async fn validate_per_field(&self, client: &LoaderClient) -> Result<Validation> {
+        Ok(self.validate_counting(client).await?.0)
+    }
+
+    /// [`Self::validate_per_field`] and the reconnects its streams needed.
+    async fn validate_counting(&self, client: &LoaderClient) -> Result<(Validation, u64)> {
+        let mut reconnects = 0;
         let mut sum = 0.0;
         let mut n = 0u64;
         let mut per_field = FieldMeans::new(self.config.model.fields.len());
@@ -884,11 +904,13 @@ impl Trainer {
                 per_field.add(&fields);
                 n += 1;
             }
+            reconnects += stream.reconnects();
         }
-        Ok(Validation {
+        let validation = Validation {
             loss: sum / n.max(1) as f64,
             fields: per_field.means(&self.config.model),
-        })
+        };
+        Ok((validation, reconnects))
     }
 }
 

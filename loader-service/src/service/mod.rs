@@ -207,6 +207,109 @@ impl LoaderService {
         .with_pool(self.state.pool.clone());
         Ok((parsed, Arc::new(pipeline)))
     }
+
+    /// Everything `StreamBatches` checks before it streams: the request, its pipeline and the
+    /// start of its sample plan (INVALID_ARGUMENT, NOT_FOUND, …). Reads no sample; the fuzzer's
+    /// entry to the validation path.
+    pub fn check_batch_request(&self, request: &pb::BatchRequest) -> Result<(), Status> {
+        let (parsed, pipeline) = self.prepare(request, self.limits())?;
+        let mut ids = pipeline
+            .ids(parsed.rank, parsed.world, parsed.resume)
+            .map_err(|e| status::from_pipeline(&e))?;
+        if let Some(end) = parsed.end_epoch {
+            ids = ids.with_end_epoch(end);
+        }
+        // The first samples of the plan, as the stream would draw them.
+        for _ in ids.take(parsed.batch_size.min(4)) {}
+        Ok(())
+    }
+
+    /// Everything `GetSample` checks before it reads the sample (see
+    /// [`Self::check_batch_request`]).
+    pub fn check_sample_request(&self, request: pb::SampleRequest) -> Result<(), Status> {
+        let (_, pipeline) = self.prepare_sample(request.request)?;
+        sample_target(&pipeline, request.selector)?;
+        Ok(())
+    }
+
+    /// `GetSample`'s request: a batch request of one sample by default.
+    fn prepare_sample(
+        &self,
+        request: Option<pb::BatchRequest>,
+    ) -> Result<(StreamRequest, Arc<Pipeline>), Status> {
+        let mut inner = request.ok_or_else(|| Status::invalid_argument("request: missing"))?;
+        if inner.batch_size == 0 {
+            inner.batch_size = 1;
+        }
+        self.prepare(&inner, self.limits())
+    }
+}
+
+/// The sample a `GetSample` selector names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum SampleTarget {
+    ById {
+        epoch: u64,
+        id: u64,
+    },
+    ByCentre {
+        time_index: usize,
+        lat: f64,
+        lon: f64,
+    },
+}
+
+fn sample_target(
+    pipeline: &Pipeline,
+    selector: Option<pb::sample_request::Selector>,
+) -> Result<SampleTarget, Status> {
+    match selector {
+        Some(pb::sample_request::Selector::ById(by)) => {
+            if by.id >= pipeline.num_samples() {
+                return Err(Status::invalid_argument(format!(
+                    "by_id.id: sample {} is outside 0..{}",
+                    by.id,
+                    pipeline.num_samples()
+                )));
+            }
+            Ok(SampleTarget::ById {
+                epoch: by.epoch,
+                id: by.id,
+            })
+        }
+        Some(pb::sample_request::Selector::ByCentre(at)) => {
+            let times = &pipeline.dataset().times;
+            let time_index = match at.time {
+                Some(pb::sample_by_centre::Time::TimeIndex(i)) => usize::try_from(i)
+                    .ok()
+                    .filter(|&i| i < times.len())
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "by_centre.time_index: {i} is outside 0..{}",
+                            times.len()
+                        ))
+                    }),
+                Some(pb::sample_by_centre::Time::IsoTime(text)) => {
+                    crate::pipeline::parse_iso_time(&text)
+                        .map_err(|e| Status::invalid_argument(format!("by_centre.iso_time: {e}")))
+                        .and_then(|t| {
+                            times.binary_search(&t).map_err(|_| {
+                                Status::not_found(format!(
+                                    "by_centre.iso_time: the dataset has no step at {text}"
+                                ))
+                            })
+                        })
+                }
+                None => Err(Status::invalid_argument("by_centre.time: missing")),
+            }?;
+            Ok(SampleTarget::ByCentre {
+                time_index,
+                lat: at.lat,
+                lon: at.lon,
+            })
+        }
+        None => Err(Status::invalid_argument("selector: missing")),
+    }
 }
 
 /// Counts a failed call by its code, logs it and passes it on.
@@ -462,55 +565,14 @@ impl Loader for LoaderService {
         request: Request<pb::SampleRequest>,
     ) -> Result<Response<pb::Batch>, Status> {
         let request = request.into_inner();
-        let mut inner = request
-            .request
-            .ok_or_else(|| failed(Status::invalid_argument("request: missing")))?;
-        if inner.batch_size == 0 {
-            inner.batch_size = 1;
-        }
-        let (parsed, pipeline) = self.prepare(&inner, self.limits()).map_err(failed)?;
-        let sample = match request.selector {
-            Some(pb::sample_request::Selector::ById(by)) => {
-                if by.id >= pipeline.num_samples() {
-                    return Err(failed(Status::invalid_argument(format!(
-                        "by_id.id: sample {} is outside 0..{}",
-                        by.id,
-                        pipeline.num_samples()
-                    ))));
-                }
-                pipeline.sample(by.epoch, by.id).await
-            }
-            Some(pb::sample_request::Selector::ByCentre(at)) => {
-                let times = &pipeline.dataset().times;
-                let index = match at.time {
-                    Some(pb::sample_by_centre::Time::TimeIndex(i)) => usize::try_from(i)
-                        .ok()
-                        .filter(|&i| i < times.len())
-                        .ok_or_else(|| {
-                            Status::invalid_argument(format!(
-                                "by_centre.time_index: {i} is outside 0..{}",
-                                times.len()
-                            ))
-                        }),
-                    Some(pb::sample_by_centre::Time::IsoTime(text)) => {
-                        crate::pipeline::parse_iso_time(&text)
-                            .map_err(|e| {
-                                Status::invalid_argument(format!("by_centre.iso_time: {e}"))
-                            })
-                            .and_then(|t| {
-                                times.binary_search(&t).map_err(|_| {
-                                    Status::not_found(format!(
-                                        "by_centre.iso_time: the dataset has no step at {text}"
-                                    ))
-                                })
-                            })
-                    }
-                    None => Err(Status::invalid_argument("by_centre.time: missing")),
-                }
-                .map_err(failed)?;
-                pipeline.sample_at(0, index, at.lat, at.lon).await
-            }
-            None => return Err(failed(Status::invalid_argument("selector: missing"))),
+        let (parsed, pipeline) = self.prepare_sample(request.request).map_err(failed)?;
+        let sample = match sample_target(&pipeline, request.selector).map_err(failed)? {
+            SampleTarget::ById { epoch, id } => pipeline.sample(epoch, id).await,
+            SampleTarget::ByCentre {
+                time_index,
+                lat,
+                lon,
+            } => pipeline.sample_at(0, time_index, lat, lon).await,
         }
         .map_err(|e| failed(status::from_pipeline(&e)))?;
         let cursor = Cursor::default();
