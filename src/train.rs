@@ -137,7 +137,7 @@ pub async fn train(args: TrainArgs) -> Result<()> {
     let ranks = world.world_size();
     match train_in(args, Box::new(world)).await {
         Err(e) if ranks > 1 => {
-            eprintln!("Error (rank {} of {ranks}): {e:?}", world.rank());
+            eprintln!("Error (rank {} of {ranks}): {e:#}", world.rank());
             session.abort(1)
         }
         result => result,
