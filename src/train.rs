@@ -1,5 +1,10 @@
 //! `atmorep train`: trains the multiformer on batches streamed from one or more loaders, writes
 //! checkpoints and per-step metrics into an output folder, and continues a run with `--resume`.
+//!
+//! Which shard of the loaders' stream a process trains on: `--rank R --world-size N` for
+//! processes launched independently (a Kubernetes indexed Job; each trains alone on its shard),
+//! or, built with the `mpi` feature and launched by `mpirun -np N`, the MPI world, whose ranks
+//! train one model data-parallel (see `atmorep_trainer::train`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use atmorep_proto::client::{ClientConfig, LoaderClient};
 use atmorep_trainer::checkpoint;
+use atmorep_trainer::collective::{Collective, SingleProcess};
 use atmorep_trainer::{Device, RunOptions, TrainConfig, Trainer};
 use clap::Args;
 
@@ -51,6 +57,102 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// This process's shard of the loaders' stream, in 0 .. --world-size (replaces the
+    /// request's `rank`), for processes launched independently. Under `mpirun` the MPI rank.
+    #[arg(long, requires = "world_size")]
+    rank: Option<u32>,
+    /// The number of shards (replaces the request's `world_size`). Under `mpirun` the MPI world
+    /// size.
+    #[arg(long, requires = "rank")]
+    world_size: Option<u32>,
+}
+
+/// How the request is sharded and how the processes train together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// As the config says.
+    Config,
+    /// Shard `rank` of `world`, trained alone.
+    Shard { rank: u32, world: u32 },
+    /// One model trained data-parallel by the `world` ranks of an MPI world.
+    DataParallel { world: u32 },
+}
+
+/// The layout from `--rank`/`--world-size` and the MPI world (`(rank, size)` when launched by
+/// `mpirun`).
+fn layout(flags: Option<(u32, u32)>, mpi: Option<(u32, u32)>) -> Result<Layout> {
+    if let Some((rank, world)) = flags {
+        if world == 0 {
+            bail!("--world-size must be at least 1");
+        }
+        if rank >= world {
+            bail!("--rank {rank} must be below --world-size {world}");
+        }
+    }
+    match (flags, mpi) {
+        (Some(flags), Some(mpi)) if mpi.1 > 1 && flags != mpi => bail!(
+            "--rank {} --world-size {} disagree with the MPI world, in which this process is \
+             rank {} of {} (leave the flags out under mpirun)",
+            flags.0,
+            flags.1,
+            mpi.0,
+            mpi.1
+        ),
+        (_, Some((_, world))) if world > 1 => Ok(Layout::DataParallel { world }),
+        (Some((rank, world)), _) => Ok(Layout::Shard { rank, world }),
+        (None, _) => Ok(Layout::Config),
+    }
+}
+
+impl Layout {
+    /// `config` with the request sharded as laid out.
+    fn apply(self, mut config: TrainConfig) -> TrainConfig {
+        match self {
+            Layout::Config => {}
+            Layout::Shard { rank, world } => {
+                config.request.rank = rank;
+                config.request.world_size = world;
+            }
+            // The trainer streams each rank's own shard of this layout.
+            Layout::DataParallel { world } => {
+                config.request.rank = 0;
+                config.request.world_size = world;
+            }
+        }
+        config
+    }
+}
+
+/// Whether an MPI launcher (`mpirun`, `srun`) started this process: only then is MPI
+/// initialized, so that a plain `atmorep train` of an MPI build runs without one.
+#[cfg(feature = "mpi")]
+fn launched_by_mpi() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+}
+
+#[cfg(feature = "mpi")]
+pub async fn train(args: TrainArgs) -> Result<()> {
+    use atmorep_trainer::collective::MpiSession;
+    if !launched_by_mpi() {
+        return train_in(args, Box::new(SingleProcess)).await;
+    }
+    let session = MpiSession::init()?;
+    let world = session.world();
+    let ranks = world.world_size();
+    match train_in(args, Box::new(world)).await {
+        Err(e) if ranks > 1 => {
+            eprintln!("Error (rank {} of {ranks}): {e:#}", world.rank());
+            session.abort(1)
+        }
+        result => result,
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+pub async fn train(args: TrainArgs) -> Result<()> {
+    train_in(args, Box::new(SingleProcess)).await
 }
 
 /// The run folder a checkpoint folder (`RUN/checkpoints/step-N`) belongs to.
@@ -59,12 +161,19 @@ fn run_dir_of(checkpoint_dir: &Path) -> Option<PathBuf> {
     (parent.file_name()? == checkpoint::DIR).then(|| parent.parent().map(Path::to_path_buf))?
 }
 
-pub async fn train(args: TrainArgs) -> Result<()> {
+async fn train_in(args: TrainArgs, collective: Box<dyn Collective>) -> Result<()> {
+    let (rank, ranks) = (collective.rank(), collective.world_size());
+    let layout = layout(
+        args.rank.zip(args.world_size),
+        (ranks > 1).then_some((rank, ranks)),
+    )?;
+    let root = rank == 0;
     let config = args
         .config
         .as_deref()
         .map(TrainConfig::from_toml_file)
-        .transpose()?;
+        .transpose()?
+        .map(|c| layout.apply(c));
     let (mut trainer, out) = match &args.resume {
         Some(path) => {
             let ckpt = checkpoint::load(path, &Device::Cpu)?;
@@ -73,8 +182,16 @@ pub async fn train(args: TrainArgs) -> Result<()> {
                 .clone()
                 .or_else(|| run_dir_of(&ckpt.dir))
                 .context("--out is needed: the checkpoint is not inside a run folder")?;
-            println!("resuming {} at step {}", ckpt.dir.display(), ckpt.step);
-            (Trainer::from_checkpoint(ckpt, config)?, out)
+            if root {
+                println!("resuming {} at step {}", ckpt.dir.display(), ckpt.step);
+            }
+            // The layout replaces the checkpoint's own when given; the identity check then
+            // names a run resumed with another one.
+            let config = match (config, layout) {
+                (None, Layout::Config) => None,
+                (config, _) => Some(layout.apply(config.unwrap_or_else(|| ckpt.config.clone()))),
+            };
+            (Trainer::from_checkpoint_in(ckpt, config, collective)?, out)
         }
         None => {
             let Some(config) = config else {
@@ -91,10 +208,11 @@ pub async fn train(args: TrainArgs) -> Result<()> {
                     out.display()
                 );
             }
-            (Trainer::new(config)?, out)
+            (Trainer::new_in(config, collective)?, out)
         }
     };
-    if let Some(addr) = args.metrics_bind {
+    // Ranks on one machine cannot share the port; their gauges are rank 0's anyway.
+    if let Some(addr) = args.metrics_bind.filter(|_| root) {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
             .install()
@@ -123,6 +241,16 @@ pub async fn train(args: TrainArgs) -> Result<()> {
             },
         )
         .await?;
+    if ranks > 1 {
+        // Every rank: that they ended with the same weights can be checked from outside.
+        println!(
+            "rank {rank} of {ranks}: weights digest {:016x}",
+            trainer.weights_digest()?
+        );
+    }
+    if !root {
+        return Ok(());
+    }
     let losses = summary.losses();
     if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
         println!(
@@ -161,4 +289,50 @@ pub async fn train(args: TrainArgs) -> Result<()> {
         print!("{}", summary.breakdown(skip).to_text());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_layout_comes_from_the_flags_or_the_mpi_world() {
+        assert_eq!(layout(None, None).unwrap(), Layout::Config);
+        assert_eq!(
+            layout(Some((2, 3)), None).unwrap(),
+            Layout::Shard { rank: 2, world: 3 }
+        );
+        // An MPI world of one process is no data-parallel run.
+        assert_eq!(
+            layout(Some((1, 2)), Some((0, 1))).unwrap(),
+            Layout::Shard { rank: 1, world: 2 }
+        );
+        assert_eq!(
+            layout(None, Some((1, 4))).unwrap(),
+            Layout::DataParallel { world: 4 }
+        );
+        assert_eq!(
+            layout(Some((1, 4)), Some((1, 4))).unwrap(),
+            Layout::DataParallel { world: 4 }
+        );
+        for (flags, mpi, flag) in [
+            ((3, 3), None, "--rank 3"),
+            ((0, 0), None, "--world-size"),
+            ((0, 2), Some((1, 2)), "--rank 0 --world-size 2"),
+            ((1, 3), Some((1, 2)), "--rank 1 --world-size 3"),
+        ] {
+            let e = layout(Some(flags), mpi).unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_layout_sets_the_requests_shard() {
+        let config = TrainConfig::example();
+        let sharded = Layout::Shard { rank: 1, world: 3 }.apply(config.clone());
+        assert_eq!((sharded.request.rank, sharded.request.world_size), (1, 3));
+        let dp = Layout::DataParallel { world: 2 }.apply(sharded);
+        assert_eq!((dp.request.rank, dp.request.world_size), (0, 2));
+        assert_eq!(Layout::Config.apply(config.clone()), config);
+    }
 }

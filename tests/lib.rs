@@ -62,7 +62,8 @@ pub fn workspace_root() -> PathBuf {
 /// Runs `$CARGO build --bin atmorep [--release] --manifest-path <workspace>/Cargo.toml` (`cargo`
 /// when `CARGO` is unset; under `cargo test` it is set) and returns
 /// `<target>/{release,debug}/atmorep`, where `<target>` is `CARGO_TARGET_DIR` (relative to the
-/// workspace root when relative) or `<workspace>/target`.
+/// workspace root when relative) or `<workspace>/target`. With this crate's `mpi` feature the
+/// binary is built with its `mpi` feature (data-parallel training under `mpirun`).
 ///
 /// # Panics
 ///
@@ -83,6 +84,11 @@ fn build_atmorep_bin() -> PathBuf {
         // with the plain-build features.
         .args(["build", "--workspace", "--all-targets", "--manifest-path"])
         .arg(root.join("Cargo.toml"));
+    if cfg!(feature = "mpi") {
+        // The data-parallel tests run the binary under mpirun; this crate's feature is passed
+        // on as well, so the nested build's feature set is still the one under test.
+        cmd.args(["--features", "atmorep/mpi,atmorep-integration-tests/mpi"]);
+    }
     if release {
         cmd.arg("--release");
     }

@@ -544,30 +544,35 @@ fn trainer_job_ranks_are_completion_indices() {
     let script = str_of(&trainer["args"][0], "the trainer script");
     assert!(script.contains(&format!("--metrics-bind 0.0.0.0:{metrics_port}")));
 
-    // A fresh start of rank 2: its config carries the rank and the world size.
+    // A fresh start of the last rank: the ConfigMap's config as it is, the rank and the world
+    // size as flags.
     let dir = tempfile::tempdir().unwrap();
     let rank = world_size - 1;
+    let (rank_arg, world_arg) = (rank.to_string(), world_size.to_string());
+    let sharded = |args: &[&str]| {
+        assert!(
+            args.windows(2).any(|w| w == ["--rank", rank_arg.as_str()])
+                && args
+                    .windows(2)
+                    .any(|w| w == ["--world-size", world_arg.as_str()]),
+            "rank {rank} of {world_size}: {args:?}"
+        );
+    };
     let output = run_trainer_script(script, dir.path(), rank, world_size);
     assert!(output.status.success(), "the script:\n{}", text(&output));
     let config_text = std::fs::read_to_string(dir.path().join("config.toml"))
         .expect("the script passed a --config");
-    let config = TrainConfig::from_toml_str(&config_text, None).expect("the ranked config parses");
-    assert_eq!(
-        (config.request.rank, config.request.world_size),
-        (rank as u32, world_size as u32)
-    );
+    let config = TrainConfig::from_toml_str(&config_text, None).expect("the config parses");
     let original = TrainConfig::from_toml_str(
         &std::fs::read_to_string(workspace_root().join("examples/train.toml")).unwrap(),
         None,
     )
     .unwrap();
-    let mut unranked = config.clone();
-    unranked.request.rank = original.request.rank;
-    unranked.request.world_size = original.request.world_size;
-    assert_eq!(unranked, original, "only rank and world size change");
+    assert_eq!(config, original, "the ConfigMap's config, unchanged");
     let args = std::fs::read_to_string(dir.path().join("args")).unwrap();
     let args: Vec<&str> = args.lines().collect();
     assert_eq!(args[0], "train");
+    sharded(&args);
     let out = format!("{}/runs/rank-{rank}", dir.path().display());
     assert!(
         args.windows(2).any(|w| w == ["--out", out.as_str()]),
@@ -590,6 +595,8 @@ fn trainer_job_ranks_are_completion_indices() {
         args.windows(2).any(|w| w == ["--resume", out.as_str()]),
         "{args:?}"
     );
+    // Still its own shard: the flags check the checkpoint's.
+    sharded(&args);
     assert!(!dir.path().join("config.toml").exists());
 }
 

@@ -7,7 +7,8 @@
 //! - `optimizer.safetensors`: AdamW's moments, `m.<var>` and `v.<var>`;
 //! - `train.toml`: the resolved training config (model and loader request spelt out);
 //! - `state.json`: format name and version, the optimizer step, per task the loader cursor after
-//!   the last batch the run consumed, and the task-choice RNG's state.
+//!   the last batch the run consumed, and the task-choice RNG's state; a data-parallel run's
+//!   (more than one rank) also has `ranks`, per rank its task cursors (`tasks` is rank 0's).
 //!
 //! Writing is atomic at two levels. The folder is written as `.tmp-step-NNNNNNNN`, every file
 //! and the folder fsynced, then renamed to its final name; only then is `LATEST` replaced (a
@@ -116,6 +117,10 @@ struct State {
     /// Optimizer steps taken.
     step: u64,
     tasks: Vec<TaskCursor>,
+    /// Per rank of a data-parallel run, its cursors; left out with one rank, so such a run's
+    /// checkpoint reads as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    ranks: Vec<Vec<TaskCursor>>,
     rng: RngState,
 }
 
@@ -125,6 +130,8 @@ pub struct Snapshot<'a> {
     pub config: &'a TrainConfig,
     pub step: u64,
     pub tasks: Vec<TaskCursor>,
+    /// Per rank of a data-parallel run (more than one rank), its cursors; empty otherwise.
+    pub ranks: Vec<Vec<TaskCursor>>,
     pub rng: RngState,
     pub weights: Vec<(String, Tensor)>,
     pub optimizer: Vec<(String, Tensor)>,
@@ -138,6 +145,8 @@ pub struct Checkpoint {
     pub config: TrainConfig,
     pub step: u64,
     pub tasks: Vec<TaskCursor>,
+    /// Per rank of a data-parallel run, its cursors; empty for a run of one rank.
+    pub ranks: Vec<Vec<TaskCursor>>,
     pub rng: RngState,
     pub weights: HashMap<String, Tensor>,
     pub optimizer: HashMap<String, Tensor>,
@@ -254,6 +263,7 @@ pub(crate) fn save_with(
             version: VERSION,
             step: snap.step,
             tasks: snap.tasks.clone(),
+            ranks: snap.ranks.clone(),
             rng: snap.rng.clone(),
         };
         let json = serde_json::to_vec_pretty(&state).expect("the state always serializes");
@@ -458,6 +468,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
         config,
         step: state.step,
         tasks: state.tasks,
+        ranks: state.ranks,
         rng: state.rng,
         weights,
         optimizer,
@@ -490,6 +501,7 @@ mod tests {
                     }),
                 })
                 .collect(),
+            ranks: Vec::new(),
             rng: RngState::capture(&rng),
             weights: vec![("w".into(), t(value))],
             optimizer: vec![("m.w".into(), t(0.5)), ("v.w".into(), t(0.25))],

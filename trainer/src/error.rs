@@ -44,6 +44,10 @@ pub enum Error {
     /// Writing the metrics table failed.
     #[error("metrics `{path}`: {detail}")]
     Metrics { path: String, detail: String },
+    /// The ranks of a data-parallel run cannot work together (MPI could not start, the ranks
+    /// disagree about their layout or diverged).
+    #[error("data-parallel: {0}")]
+    Collective(String),
 }
 
 /// The crate's result type.

@@ -10,7 +10,8 @@
 //! Training builds on it: AdamW with saveable moments, the LR schedule, clipping and
 //! accumulation ([`optim`]), atomic checkpoints ([`checkpoint`]), per-step metrics as Parquet
 //! and `metrics` gauges ([`metrics_log`]), the loop over the loader's gRPC stream with its
-//! config ([`train`]), evaluation against baselines in physical units ([`eval`]) and global
+//! config ([`train`]) and, across processes, the collective operations of data-parallel training
+//! ([`collective`]), evaluation against baselines in physical units ([`eval`]) and global
 //! inference, every token predicted from the others ([`infer`]); ablation studies run variants of
 //! one config on one stream and report them side by side ([`ablation`]).
 //!
@@ -27,6 +28,7 @@ pub mod ablation;
 pub mod attention;
 pub mod batch;
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
 pub mod decoder;
 pub mod embed;

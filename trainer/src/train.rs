@@ -46,6 +46,20 @@
 //!
 //! The loop awaits the stream and computes on the calling task: run it on a multi-threaded
 //! tokio runtime so the client's prefetch keeps receiving while a step computes.
+//!
+//! # Data-parallel runs
+//!
+//! A trainer made with a [`Collective`] of `N > 1` ranks ([`Trainer::new_in`]) is one rank of a
+//! data-parallel run: the config's request names the layout (`world_size = N`, `rank = 0`) and
+//! each rank streams its own shard `rank` of it. Each step is what one process would compute on
+//! the ranks' batches together: before a micro-batch's backward pass the ranks add up their
+//! masked-token counts per field, so that each rank's loss is its part of the combined batch's
+//! loss (a field's term is a mean over the masked tokens of the *combined* batch); after the
+//! micro-batches the gradients are summed over the ranks in one all-reduce of one flat buffer,
+//! and clipping and AdamW then run on the same numbers on every rank. Weights start as rank 0's;
+//! the logged losses, validation included, are the combined ones. Only rank 0 shows progress and
+//! writes metrics and checkpoints; a checkpoint holds every rank's loader cursors, and all ranks
+//! check that their weights are still identical whenever one is written.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -63,6 +77,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::{FieldTensors, batch_tensors};
 use crate::checkpoint::{self, Checkpoint, RngState, Snapshot, TaskCursor};
+use crate::collective::{Collective, SingleProcess};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result, checkpoint_err, io_err, train_config_err};
 use crate::loss::{masked_crps, masked_mse};
@@ -500,6 +515,8 @@ pub struct Trainer {
     cursors: Vec<Option<Cursor>>,
     device: Device,
     dtype: DType,
+    /// The ranks of a data-parallel run; [`SingleProcess`] alone.
+    collective: Box<dyn Collective>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -510,6 +527,7 @@ impl std::fmt::Debug for Trainer {
             .field("cursors", &self.cursors)
             .field("model", &self.model)
             .field("opt", &self.opt)
+            .field("collective", &self.collective)
             .finish_non_exhaustive()
     }
 }
@@ -520,7 +538,25 @@ const TASK_RNG_STREAM: u64 = 0x7461_736b;
 impl Trainer {
     /// A fresh run: weights from the config's seed, moments at zero, streams at their start.
     pub fn new(config: TrainConfig) -> Result<Self> {
+        Self::new_in(config, Box::new(SingleProcess))
+    }
+
+    /// [`Self::new`] as one rank of the data-parallel run of `collective` (see the module docs).
+    /// With more than one rank the config's request must name the run's layout: `world_size`
+    /// the collective's, `rank` 0 (each rank streams its own shard of it).
+    pub fn new_in(config: TrainConfig, collective: Box<dyn Collective>) -> Result<Self> {
         config.validate()?;
+        let world = collective.world_size();
+        if world > 1 && (config.request.world_size != world || config.request.rank != 0) {
+            return Err(train_config_err(
+                "request.world_size",
+                format!(
+                    "rank {} of world size {} in a data-parallel run of {world} ranks: the \
+                     request must name the run's layout (world size {world}, rank 0)",
+                    config.request.rank, config.request.world_size
+                ),
+            ));
+        }
         let (device, dtype) = (Device::Cpu, DType::F32);
         let (model, varmap) = MultiFormer::seeded(&config.model, config.seed, dtype, &device)?;
         let opt = AdamW::new(&varmap, &config.optimizer)?;
@@ -536,6 +572,7 @@ impl Trainer {
             cursors,
             device,
             dtype,
+            collective,
         })
     }
 
@@ -543,6 +580,16 @@ impl Trainer {
     /// (model, request, tasks, optimizer, steps, seed) must equal the checkpoint's; its
     /// validation and checkpoint cadence replace the checkpoint's.
     pub fn from_checkpoint(ckpt: Checkpoint, config: Option<TrainConfig>) -> Result<Self> {
+        Self::from_checkpoint_in(ckpt, config, Box::new(SingleProcess))
+    }
+
+    /// [`Self::from_checkpoint`] as one rank of the data-parallel run of `collective`: the
+    /// checkpoint must come from a run of as many ranks, and this rank continues its own shard.
+    pub fn from_checkpoint_in(
+        ckpt: Checkpoint,
+        config: Option<TrainConfig>,
+        collective: Box<dyn Collective>,
+    ) -> Result<Self> {
         let dir = ckpt.dir.clone();
         let config = match config {
             Some(given) => {
@@ -564,7 +611,7 @@ impl Trainer {
             }
             None => ckpt.config.clone(),
         };
-        let mut trainer = Self::new(config)?;
+        let mut trainer = Self::new_in(config, collective)?;
         let model_path = dir.join(checkpoint::MODEL_FILE);
         let mut weights = ckpt.weights;
         for (name, var) in trainer.opt.vars() {
@@ -597,7 +644,36 @@ impl Trainer {
             .load_state(ckpt.optimizer, ckpt.step)
             .map_err(|what| checkpoint_err(&dir.join(checkpoint::OPTIMIZER_FILE), what))?;
         let state_path = dir.join(checkpoint::STATE_FILE);
-        for (task, saved) in trainer.config.tasks().iter().zip(&ckpt.tasks) {
+        let (rank, world) = (trainer.collective.rank(), trainer.collective.world_size());
+        let saved_ranks = ckpt.ranks.len().max(1);
+        if saved_ranks != world as usize {
+            return Err(checkpoint_err(
+                &state_path,
+                format!(
+                    "holds the loader cursors of {saved_ranks} data-parallel rank(s); it \
+                     continues with {saved_ranks}, not {world}"
+                ),
+            ));
+        }
+        let mine = if ckpt.ranks.is_empty() {
+            ckpt.tasks
+        } else {
+            ckpt.ranks
+                .into_iter()
+                .nth(rank as usize)
+                .unwrap_or_default()
+        };
+        if mine.len() != trainer.cursors.len() {
+            return Err(checkpoint_err(
+                &state_path,
+                format!(
+                    "{} task cursors for rank {rank}; the config has {} tasks",
+                    mine.len(),
+                    trainer.cursors.len()
+                ),
+            ));
+        }
+        for (task, saved) in trainer.config.tasks().iter().zip(&mine) {
             if task.name != saved.task {
                 return Err(checkpoint_err(
                     &state_path,
@@ -608,7 +684,7 @@ impl Trainer {
                 ));
             }
         }
-        trainer.cursors = ckpt.tasks.iter().map(|t| t.cursor).collect();
+        trainer.cursors = mine.iter().map(|t| t.cursor).collect();
         trainer.rng = ckpt
             .rng
             .restore()
@@ -638,21 +714,19 @@ impl Trainer {
         &self.cursors
     }
 
-    /// The run's state as a checkpoint would save it.
+    /// The collective this trainer is a rank of.
+    pub fn collective(&self) -> &dyn Collective {
+        self.collective.as_ref()
+    }
+
+    /// The run's state as a checkpoint would save it (this rank's cursors only; see
+    /// [`Self::save_checkpoint_all_ranks`]).
     pub fn snapshot(&self) -> Snapshot<'_> {
         Snapshot {
             config: &self.config,
             step: self.step(),
-            tasks: self
-                .config
-                .tasks()
-                .into_iter()
-                .zip(&self.cursors)
-                .map(|(t, c)| TaskCursor {
-                    task: t.name,
-                    cursor: *c,
-                })
-                .collect(),
+            tasks: self.task_cursors(&self.cursors),
+            ranks: Vec::new(),
             rng: RngState::capture(&self.rng),
             weights: self
                 .opt
@@ -664,9 +738,165 @@ impl Trainer {
         }
     }
 
+    fn task_cursors(&self, cursors: &[Option<Cursor>]) -> Vec<TaskCursor> {
+        self.config
+            .tasks()
+            .into_iter()
+            .zip(cursors)
+            .map(|(t, c)| TaskCursor {
+                task: t.name,
+                cursor: *c,
+            })
+            .collect()
+    }
+
     /// Writes a checkpoint under `out` and returns its folder.
     pub fn save_checkpoint(&self, out: &Path) -> Result<PathBuf> {
         checkpoint::save(out, &self.snapshot(), self.config.checkpoint.keep)
+    }
+
+    /// A checkpoint of a data-parallel run, called on every rank at the same step: gathers every
+    /// rank's loader cursors, checks that all ranks hold the same weights, and has rank 0 write
+    /// the checkpoint (its folder is returned there, `None` elsewhere). With one rank it is
+    /// [`Self::save_checkpoint`].
+    pub fn save_checkpoint_all_ranks(&self, out: &Path) -> Result<Option<PathBuf>> {
+        let world = self.collective.world_size();
+        if world == 1 {
+            return self.save_checkpoint(out).map(Some);
+        }
+        self.check_lockstep()?;
+        // Per task: present, epoch, position.
+        let mine: Vec<u64> = self
+            .cursors
+            .iter()
+            .flat_map(|c| match c {
+                Some(c) => [1, c.epoch, c.position],
+                None => [0, 0, 0],
+            })
+            .collect();
+        let all = self.collective.all_gather_u64(&mine)?;
+        let ranks: Vec<Vec<TaskCursor>> = all
+            .chunks(mine.len().max(1))
+            .map(|rank| {
+                let cursors: Vec<Option<Cursor>> = rank
+                    .chunks(3)
+                    .map(|c| {
+                        (c[0] == 1).then_some(Cursor {
+                            epoch: c[1],
+                            position: c[2],
+                        })
+                    })
+                    .collect();
+                self.task_cursors(&cursors)
+            })
+            .collect();
+        if self.collective.rank() != 0 {
+            return Ok(None);
+        }
+        let mut snap = self.snapshot();
+        snap.ranks = ranks;
+        checkpoint::save(out, &snap, self.config.checkpoint.keep).map(Some)
+    }
+
+    /// A fingerprint of the weights (FNV-1a over their bits, variables in name order): equal on
+    /// every rank of a data-parallel run that is in lockstep.
+    pub fn weights_digest(&self) -> Result<u64> {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for (_, var) in self.opt.vars() {
+            let values = var
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for v in values {
+                for b in v.to_bits().to_le_bytes() {
+                    h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+                }
+            }
+        }
+        Ok(h)
+    }
+
+    /// Fails on every rank if the ranks' weights differ (a broken all-reduce, a rank that
+    /// resumed from another checkpoint): they would go on training different models.
+    fn check_lockstep(&self) -> Result<()> {
+        let digests = self.collective.all_gather_u64(&[self.weights_digest()?])?;
+        if digests.iter().any(|d| *d != digests[0]) {
+            return Err(Error::Collective(format!(
+                "the ranks' weights differ after step {} (digests by rank: {})",
+                self.step(),
+                digests
+                    .iter()
+                    .map(|d| format!("{d:016x}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sets every rank's weights to rank 0's, so a data-parallel run starts from one model
+    /// whatever each rank initialized or loaded.
+    fn broadcast_weights(&self) -> Result<()> {
+        if self.collective.world_size() == 1 {
+            return Ok(());
+        }
+        let vars = self.opt.vars();
+        let flat: Vec<Tensor> = vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().flatten_all())
+            .collect::<candle_core::Result<_>>()?;
+        let flat = self
+            .collective
+            .broadcast_from_root(&Tensor::cat(&flat, 0)?)?;
+        let mut offset = 0;
+        for (_, var) in vars {
+            let n = var.elem_count();
+            var.set(&flat.narrow(0, offset, n)?.reshape(var.dims())?)?;
+            offset += n;
+        }
+        Ok(())
+    }
+
+    /// Sums the accumulated gradients over the ranks: one all-reduce of one flat buffer holding
+    /// every gradient (zeros where a rank has none) and, per variable, how many ranks had one;
+    /// a variable no rank had a gradient for keeps none, as in one process.
+    fn all_reduce_grads(&self, acc: &mut Grads) -> Result<()> {
+        if self.collective.world_size() == 1 {
+            return Ok(());
+        }
+        let vars = self.opt.vars();
+        acc.0.resize(vars.len(), None);
+        let mut parts = Vec::with_capacity(vars.len() + 1);
+        for ((_, var), g) in vars.iter().zip(&acc.0) {
+            parts.push(match g {
+                Some(g) => g.flatten_all()?.to_dtype(self.dtype)?,
+                None => Tensor::zeros(var.elem_count(), self.dtype, &self.device)?,
+            });
+        }
+        let has: Vec<f32> = acc
+            .0
+            .iter()
+            .map(|g| f32::from(u8::from(g.is_some())))
+            .collect();
+        parts.push(Tensor::from_vec(has, vars.len(), &self.device)?.to_dtype(self.dtype)?);
+        let summed = self.collective.all_reduce_sum(&Tensor::cat(&parts, 0)?)?;
+        let total: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+        let had = summed
+            .narrow(0, total, vars.len())?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let mut offset = 0;
+        for (((_, var), g), had) in vars.iter().zip(&mut acc.0).zip(had) {
+            let n = var.elem_count();
+            *g = if had > 0.0 {
+                Some(summed.narrow(0, offset, n)?.reshape(var.dims())?)
+            } else {
+                None
+            };
+            offset += n;
+        }
+        Ok(())
     }
 
     /// The training loss of one batch: per field with masked tokens the MSE of the ensemble
@@ -682,6 +912,20 @@ impl Trainer {
         &self,
         preds: &[Tensor],
         fields: &[FieldTensors],
+    ) -> Result<(Tensor, Vec<Option<f64>>)> {
+        self.loss_of_share(preds, fields, None)
+    }
+
+    /// [`Self::loss_per_field`] as this rank's part of a batch spread over data-parallel ranks:
+    /// with `share` `(weights, fields)`, each field's term is multiplied by its weight (the
+    /// field's masked tokens here over those of the combined batch) and the sum divided by
+    /// `fields` (the fields with masked tokens in the combined batch), so that the ranks' losses
+    /// add up to the combined batch's. The returned terms are this rank's, unweighted.
+    fn loss_of_share(
+        &self,
+        preds: &[Tensor],
+        fields: &[FieldTensors],
+        share: Option<(&[f64], usize)>,
     ) -> Result<(Tensor, Vec<Option<f64>>)> {
         let ensemble = self.config.model.ensemble > 1;
         let mut terms = Vec::new();
@@ -702,25 +946,74 @@ impl Trainer {
             // A batch without masked tokens: a zero that keeps the graph, all gradients zero.
             return Ok((preds[0].sum_all()?.affine(0.0, 0.0)?, per_field));
         }
-        let n = terms.len();
-        let stacked = Tensor::stack(&terms, 0)?;
+        let mut n = terms.len();
+        let mut stacked = Tensor::stack(&terms, 0)?;
         let values = stacked.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         for (&i, v) in which.iter().zip(values) {
             per_field[i] = Some(f64::from(v));
+        }
+        if let Some((weights, fields)) = share {
+            n = fields;
+            let w: Vec<f64> = which.iter().map(|&i| weights[i]).collect();
+            // A whole batch (one rank) has weights of exactly 1: leave the graph as it was.
+            if w.iter().any(|&w| w != 1.0) {
+                let w = Tensor::new(w, &self.device)?.to_dtype(stacked.dtype())?;
+                stacked = (stacked * w)?;
+            }
         }
         let loss = stacked.sum_all()?.affine(1.0 / n as f64, 0.0)?;
         Ok((loss, per_field))
     }
 
-    /// One batch through the model: the loss, its per-field terms (see
-    /// [`Self::loss_per_field`]) and the tokens read.
+    /// This rank's batch through the model: its part of the loss of the ranks' batches
+    /// together (all of it with one rank), the fields' terms of the combined loss weighted by
+    /// this rank's share (`Some(0.0)` for a field masked only on other ranks; the ranks' values
+    /// add up to the combined batch's terms) and the tokens read here. Every rank calls it for
+    /// its micro-batch at the same time: the ranks exchange their masked-token counts.
     fn forward_loss(&self, batch: &Batch) -> Result<(Tensor, Vec<Option<f64>>, u64)> {
         let fields = batch_tensors(batch, &self.config.model, self.dtype, &self.device)?;
+        let local: Vec<f64> = fields
+            .iter()
+            .map(|f| {
+                if f.target.elem_count() == 0 {
+                    0.0
+                } else {
+                    f.target.dims()[0] as f64
+                }
+            })
+            .collect();
+        let mut global = local.clone();
+        self.collective.all_reduce_sum_f64(&mut global)?;
+        let weights: Vec<f64> = local
+            .iter()
+            .zip(&global)
+            .map(|(l, g)| if *l > 0.0 { l / g } else { 0.0 })
+            .collect();
+        let masked = global.iter().filter(|g| **g > 0.0).count();
+
         let inputs: Vec<FieldInput> = fields.iter().map(|f| f.input.clone()).collect();
         let preds = self.model.forward(&inputs)?;
         let tokens = batch.len() as u64 * self.config.tokens_per_sample();
-        let (loss, per_field) = self.loss_per_field(&preds, &fields)?;
-        Ok((loss, per_field, tokens))
+        let (loss, terms) = self.loss_of_share(&preds, &fields, Some((&weights, masked)))?;
+        let shares = terms
+            .iter()
+            .zip(&weights)
+            .zip(&global)
+            .map(|((t, w), g)| match t {
+                // Exactly the term with one rank (w = 1).
+                Some(t) => Some(if *w == 1.0 { *t } else { t * w }),
+                None => (*g > 0.0).then_some(0.0),
+            })
+            .collect();
+        Ok((loss, shares, tokens))
+    }
+
+    /// `request` as this rank streams it: its own shard of a data-parallel run's layout.
+    fn shard(&self, mut request: RequestConfig) -> RequestConfig {
+        if self.collective.world_size() > 1 {
+            request.rank = self.collective.rank();
+        }
+        request
     }
 
     fn pick_task(&mut self, weights: &[f64]) -> usize {
@@ -746,13 +1039,15 @@ impl Trainer {
         // validation stream, opened on the same connection, never received a byte.
         let mut streams = Vec::with_capacity(tasks.len());
         for i in 0..tasks.len() {
-            let mut r = self.config.task_request(i);
+            let mut r = self.shard(self.config.task_request(i));
             r.resume = self.cursors[i];
             streams.push(own_connection(client).await?.stream(r.to_proto()));
         }
         let validation_client = own_connection(client).await?;
         let mut delivered = vec![0u64; tasks.len()];
-        let bar = progress_bar(opts.progress, self.step(), stop);
+        self.broadcast_weights()?;
+        let root = self.collective.rank() == 0;
+        let bar = progress_bar(opts.progress && root, self.step(), stop);
         let mut summary = RunSummary::default();
         let mut unwritten: Vec<StepRecord> = Vec::new();
         let accumulation = self.config.optimizer.accumulation;
@@ -808,11 +1103,20 @@ impl Trainer {
                 record.backward_s += t.elapsed().as_secs_f64();
                 self.cursors[task] = Some(batch.cursor_after);
             }
-            record.loss /= accumulation as f64;
+            // The combined batch's loss, terms and tokens: the ranks' parts add up to them.
+            let mut sums = vec![record.loss, record.tokens as f64];
+            sums.extend(per_field.0.iter().map(|(sum, _)| *sum));
+            self.collective.all_reduce_sum_f64(&mut sums)?;
+            record.loss = sums[0] / accumulation as f64;
+            record.tokens = sums[1] as u64;
+            for (acc, sum) in per_field.0.iter_mut().zip(&sums[2..]) {
+                acc.0 = *sum;
+            }
             record.field_losses = per_field.means(&self.config.model);
             record.tasks = names.join("+");
 
             let t = Instant::now();
+            self.all_reduce_grads(&mut acc)?;
             record.grad_norm = acc.clip(self.config.optimizer.grad_clip_norm)?;
             self.opt.step(&acc, lr)?;
             record.optimizer_s = t.elapsed().as_secs_f64();
@@ -853,10 +1157,12 @@ impl Trainer {
             if let Some(out) = &opts.out
                 && ((every > 0 && done.is_multiple_of(every)) || done == stop)
             {
-                summary.checkpoint = Some(self.save_checkpoint(out)?);
-                summary
-                    .metrics_files
-                    .extend(metrics_log::write_steps(out, &unwritten)?);
+                summary.checkpoint = self.save_checkpoint_all_ranks(out)?;
+                if root {
+                    summary
+                        .metrics_files
+                        .extend(metrics_log::write_steps(out, &unwritten)?);
+                }
                 unwritten.clear();
                 saved_at = Some(done);
             }
@@ -865,10 +1171,12 @@ impl Trainer {
             && saved_at != Some(self.step())
         {
             // Nothing to train (already at `stop`): still leave a checkpoint of where it stands.
-            summary.checkpoint = Some(self.save_checkpoint(out)?);
-            summary
-                .metrics_files
-                .extend(metrics_log::write_steps(out, &unwritten)?);
+            summary.checkpoint = self.save_checkpoint_all_ranks(out)?;
+            if root {
+                summary
+                    .metrics_files
+                    .extend(metrics_log::write_steps(out, &unwritten)?);
+            }
         }
         bar.finish_and_clear();
         Ok(summary)
@@ -894,7 +1202,8 @@ impl Trainer {
         let mut n = 0u64;
         let mut per_field = FieldMeans::new(self.config.model.fields.len());
         for (i, task) in self.config.tasks().iter().enumerate() {
-            let mut stream = client.stream(self.config.validation_request(i).to_proto());
+            let request = self.shard(self.config.validation_request(i));
+            let mut stream = client.stream(request.to_proto());
             let what = format!("validation `{}`", task.name);
             let mut delivered = 0;
             for _ in 0..self.config.validation.batches {
@@ -905,6 +1214,14 @@ impl Trainer {
                 n += 1;
             }
             reconnects += stream.reconnects();
+        }
+        // The ranks' parts of each combined batch's loss and terms add up to them.
+        let mut sums = vec![sum];
+        sums.extend(per_field.0.iter().map(|(s, _)| *s));
+        self.collective.all_reduce_sum_f64(&mut sums)?;
+        sum = sums[0];
+        for (acc, s) in per_field.0.iter_mut().zip(&sums[1..]) {
+            acc.0 = *s;
         }
         let validation = Validation {
             loss: sum / n.max(1) as f64,
