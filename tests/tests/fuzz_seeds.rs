@@ -61,7 +61,7 @@ fn seeds() -> BTreeMap<&'static str, BTreeMap<String, Vec<u8>>> {
     });
     resumed.end_epoch = Some(2);
     resumed.rank = 1;
-    resumed.world = 2;
+    resumed.world_size = 2;
     put("batch-resumed-rank1of2", 0, resumed.encode_to_vec());
     let mut other = batch.clone();
     other.dataset = "era5".into();
