@@ -102,7 +102,7 @@ impl Stripe {
         if subs == 0 || batch_size == 0 {
             return Err(StripeError::Empty);
         }
-        if start.position % batch_size != 0 {
+        if !start.position.is_multiple_of(batch_size) {
             return Err(StripeError::NotStriped {
                 epoch: start.epoch,
                 position: start.position,
