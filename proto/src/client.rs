@@ -311,6 +311,8 @@ type Grpc = pb::loader_client::LoaderClient<InterceptedService<Channel, BearerAu
 struct Shared {
     /// (address as configured, lazily connecting channel).
     endpoints: Vec<(String, Channel)>,
+    /// The same endpoints, to open connections of their own (see [`Route::Stripe`]).
+    builders: Vec<Endpoint>,
     auth: BearerAuth,
     config: ClientConfig,
     /// The endpoint new calls start on: the last one that has not failed.
@@ -319,12 +321,14 @@ struct Shared {
 
 impl Shared {
     fn grpc(&self, index: usize) -> Grpc {
-        let mut client = pb::loader_client::LoaderClient::with_interceptor(
-            self.endpoints[index].1.clone(),
-            self.auth.clone(),
-        )
-        .max_decoding_message_size(self.config.max_message_bytes)
-        .max_encoding_message_size(self.config.max_message_bytes);
+        self.grpc_on(self.endpoints[index].1.clone())
+    }
+
+    fn grpc_on(&self, channel: Channel) -> Grpc {
+        let mut client =
+            pb::loader_client::LoaderClient::with_interceptor(channel, self.auth.clone())
+                .max_decoding_message_size(self.config.max_message_bytes)
+                .max_encoding_message_size(self.config.max_message_bytes);
         if let Some(c) = self.config.compression {
             client = client.accept_compressed(c.into());
         }
@@ -446,14 +450,21 @@ impl LoaderClient {
             }
             None => BearerAuth(None),
         };
+        let builders = config
+            .endpoints
+            .iter()
+            .map(|raw| endpoint(raw, &config))
+            .collect::<Result<Vec<_>, ClientError>>()?;
         let endpoints = config
             .endpoints
             .iter()
-            .map(|raw| Ok((raw.clone(), endpoint(raw, &config)?.connect_lazy())))
-            .collect::<Result<Vec<_>, ClientError>>()?;
+            .zip(&builders)
+            .map(|(raw, ep)| (raw.clone(), ep.connect_lazy()))
+            .collect();
         Ok(Self {
             shared: Arc::new(Shared {
                 endpoints,
+                builders,
                 auth,
                 config,
                 current: AtomicUsize::new(0),
@@ -670,13 +681,28 @@ impl StreamState {
 }
 
 /// Which endpoint a stream starts on and where it goes after a failure.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Route {
     /// The client's current endpoint, shared by all its calls: a failure moves them all on.
     Shared,
     /// Sub-stream `k` of a stripe: starts on endpoint `k` and moves on by itself, so one dead
     /// loader does not push the other sub-streams off their live ones.
-    Stripe(usize),
+    ///
+    /// It has a connection of its own to every endpoint (opened lazily). On a shared HTTP/2
+    /// connection a sub-stream that failed over onto another loader would sit behind that
+    /// loader's own sub-stream, which the round-robin merge holds back while it waits for the
+    /// failed-over one: the held-back stream's unread bytes fill the connection window and
+    /// neither can move again.
+    Stripe { k: usize, channels: Arc<[Channel]> },
+}
+
+impl Route {
+    fn stripe(shared: &Shared, k: usize) -> Self {
+        Route::Stripe {
+            k,
+            channels: shared.builders.iter().map(Endpoint::connect_lazy).collect(),
+        }
+    }
 }
 
 /// Runs one `StreamBatches` request to its end, reconnecting on failures; `true` when it
@@ -701,11 +727,11 @@ async fn run_stream(
     let endpoints = shared.endpoints.len();
     let mut index = match route {
         Route::Shared => shared.current(),
-        Route::Stripe(k) => k % endpoints,
+        Route::Stripe { k, .. } => k % endpoints,
     };
     let stripe = match route {
         Route::Shared => None,
-        Route::Stripe(k) => Some(k),
+        Route::Stripe { k, .. } => Some(k),
     };
     let mut first = true;
     loop {
@@ -722,7 +748,11 @@ async fn run_stream(
             );
         }
         first = false;
-        let status = match pump(&shared, index, &mut state, &mut retry).await {
+        let grpc = match &route {
+            Route::Shared => shared.grpc(index),
+            Route::Stripe { channels, .. } => shared.grpc_on(channels[index].clone()),
+        };
+        let status = match pump(grpc, &mut state, &mut retry).await {
             Outcome::Finished => return true,
             Outcome::ReceiverGone => return false,
             Outcome::Fatal(err) => {
@@ -752,7 +782,7 @@ async fn run_stream(
                 }
                 index = match route {
                     Route::Shared => shared.rotate(index),
-                    Route::Stripe(_) => (index + 1) % endpoints,
+                    Route::Stripe { .. } => (index + 1) % endpoints,
                 };
             }
             Err(err) => {
@@ -774,6 +804,7 @@ async fn run_sub_stream(
     tx: mpsc::Sender<Result<Batch, ClientError>>,
     counters: Arc<Counters>,
 ) {
+    let route = Route::stripe(&shared, k);
     let mut at = start;
     while end_epoch.is_none_or(|end| at.epoch < end) {
         let mut call = request.clone();
@@ -784,7 +815,7 @@ async fn run_sub_stream(
             call,
             tx.clone(),
             counters.clone(),
-            Route::Stripe(k),
+            route.clone(),
         )
         .await
         {
@@ -884,15 +915,10 @@ async fn run_striped(
 }
 
 /// One call of `StreamBatches`, from `state.resume` until it ends.
-async fn pump(
-    shared: &Shared,
-    index: usize,
-    state: &mut StreamState,
-    retry: &mut Retry<'_>,
-) -> Outcome {
+async fn pump(mut grpc: Grpc, state: &mut StreamState, retry: &mut Retry<'_>) -> Outcome {
     let mut request = state.request.clone();
     request.resume = state.resume;
-    let mut stream = match shared.grpc(index).stream_batches(request).await {
+    let mut stream = match grpc.stream_batches(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => return Outcome::Lost(status),
     };

@@ -330,10 +330,6 @@ async fn resuming_a_striped_stream_mid_epoch_delivers_exactly_the_remainder() {
 /// from its own cursor: every id arrives exactly once, in the order of an uninterrupted striped
 /// stream (three sub-streams over the two survivors).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open: with equal stream and connection windows (64 KiB) the stream hung after the kill: \
-            the failed sub-stream fails over onto loader 2's HTTP/2 connection, where the merge \
-            holds back loader 2's own sub-stream, whose unread bytes fill the connection window. \
-            The 2:1 windows below have not run yet; the real fix is a connection per sub-stream"]
 async fn kill_9_of_one_loader_mid_epoch_still_delivers_each_id_once() {
     let dir = TempDir::new().unwrap();
     let store = store(dir.path()).await;
@@ -342,13 +338,13 @@ async fn kill_9_of_one_loader_mid_epoch_still_delivers_each_id_once() {
 
     let mut config = striped(endpoints.clone());
     // Small buffers: no loader can run far ahead, so the kill cuts its sub-stream mid-way. The
-    // connection window keeps the defaults' 2:1 ratio to the stream window: after the failover
-    // two sub-streams share loader 2's connection, and the merge holds one of them back while it
-    // waits for the other, so a connection window no larger than one stream's would let the
-    // held-back stream's unread bytes block the other's (HTTP/2 connection flow control).
+    // connection window is no larger than one stream's: after the failover two sub-streams talk
+    // to loader 2 and the merge holds one back while it waits for the other, so on one shared
+    // HTTP/2 connection the held-back stream's unread bytes would block the other's (this hung
+    // before each sub-stream had its own connection).
     config.prefetch = 1;
     config.stream_window_bytes = 64 << 10;
-    config.connection_window_bytes = 128 << 10;
+    config.connection_window_bytes = 64 << 10;
     let client = connect(config).await;
 
     let mut stream = client.stream(request(4, 64, "end_epoch = 1"));
