@@ -4,7 +4,9 @@
 //! Which shard of the loaders' stream a process trains on: `--rank R --world-size N` for
 //! processes launched independently (a Kubernetes indexed Job; each trains alone on its shard),
 //! or, built with the `mpi` feature and launched by `mpirun -np N`, the MPI world, whose ranks
-//! train one model data-parallel (see `atmorep_trainer::train`).
+//! train one model data-parallel (see `atmorep_trainer::train`); built with the `nccl` feature,
+//! `--nccl-root HOST:PORT --rank R --world-size N` makes the N processes one data-parallel run
+//! over NCCL, one GPU each, that meet at rank 0's HOST:PORT.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -65,6 +67,16 @@ pub struct TrainArgs {
     /// size.
     #[arg(long, requires = "rank")]
     world_size: Option<u32>,
+    /// Train one model data-parallel over NCCL with the other ranks of --world-size: rank 0
+    /// listens on this HOST:PORT's port and hands the NCCL id to the others, which connect to
+    /// it. Each rank uses GPU `LOCAL_RANK` (or rank modulo the node's GPUs).
+    #[cfg(feature = "nccl")]
+    #[arg(long, requires = "rank", value_name = "HOST:PORT")]
+    nccl_root: Option<String>,
+    /// How long the ranks wait for each other at the NCCL rendezvous, in seconds.
+    #[cfg(feature = "nccl")]
+    #[arg(long, default_value_t = 300)]
+    nccl_timeout_s: u64,
 }
 
 /// How the request is sharded and how the processes train together.
@@ -132,12 +144,21 @@ fn launched_by_mpi() -> bool {
         .any(|v| std::env::var_os(v).is_some())
 }
 
-#[cfg(feature = "mpi")]
 pub async fn train(args: TrainArgs) -> Result<()> {
-    use atmorep_trainer::collective::MpiSession;
-    if !launched_by_mpi() {
-        return train_in(args, Box::new(SingleProcess)).await;
+    #[cfg(feature = "nccl")]
+    if let Some(root) = args.nccl_root.clone() {
+        return train_nccl(args, root).await;
     }
+    #[cfg(feature = "mpi")]
+    if launched_by_mpi() {
+        return train_mpi(args).await;
+    }
+    train_in(args, Box::new(SingleProcess)).await
+}
+
+#[cfg(feature = "mpi")]
+async fn train_mpi(args: TrainArgs) -> Result<()> {
+    use atmorep_trainer::collective::MpiSession;
     let session = MpiSession::init()?;
     let world = session.world();
     let ranks = world.world_size();
@@ -150,9 +171,21 @@ pub async fn train(args: TrainArgs) -> Result<()> {
     }
 }
 
-#[cfg(not(feature = "mpi"))]
-pub async fn train(args: TrainArgs) -> Result<()> {
-    train_in(args, Box::new(SingleProcess)).await
+/// One rank of an NCCL run. A rank that fails exits; the others then fail in their next
+/// collective (NCCL reports the lost peer) or are ended by whatever launched them.
+#[cfg(feature = "nccl")]
+async fn train_nccl(args: TrainArgs, root: String) -> Result<()> {
+    use atmorep_trainer::collective::Nccl;
+    let (Some(rank), Some(world)) = (args.rank, args.world_size) else {
+        bail!("--nccl-root needs --rank and --world-size");
+    };
+    let timeout = std::time::Duration::from_secs(args.nccl_timeout_s);
+    let nccl = tokio::task::spawn_blocking(move || Nccl::init(&root, rank, world, None, timeout))
+        .await
+        .context("the NCCL rendezvous task")??;
+    train_in(args, Box::new(nccl))
+        .await
+        .with_context(|| format!("rank {rank} of {world}"))
 }
 
 /// The run folder a checkpoint folder (`RUN/checkpoints/step-N`) belongs to.

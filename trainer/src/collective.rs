@@ -5,7 +5,9 @@
 //! micro-batch, broadcasts rank 0's weights at the start of a run and gathers every rank's loader
 //! cursors for the checkpoint. [`SingleProcess`] (world size 1, every operation the identity) is
 //! what a plain run uses, so the loop has one code path; [`Mpi`] (the `mpi` feature) runs the
-//! same operations over `MPI_COMM_WORLD` for `mpirun -np N atmorep train`.
+//! same operations over `MPI_COMM_WORLD` for `mpirun -np N atmorep train`; `Nccl` (the `nccl`
+//! feature) runs them with NCCL on each rank's GPU, the ranks meeting through
+//! [`crate::rendezvous`].
 //!
 //! The tensor operations take and return tensors rather than host slices so that an
 //! implementation over device memory (NCCL through cudarc, say) can reduce gradients where they
@@ -199,6 +201,316 @@ mod mpi_world {
             let mut all = vec![0u64; mine.len() * self.size as usize];
             SimpleCommunicator::world().all_gather_into(mine, &mut all[..]);
             Ok(all)
+        }
+    }
+}
+
+#[cfg(feature = "nccl")]
+pub use self::nccl_world::Nccl;
+
+#[cfg(feature = "nccl")]
+mod nccl_world {
+    use std::net::TcpListener;
+    use std::sync::{Arc, mpsc};
+    use std::thread::JoinHandle;
+    use std::time::Duration;
+
+    use candle_core::{DType, Tensor};
+    use cudarc::driver::{CudaContext, CudaStream, DriverError};
+    use cudarc::nccl::{Comm, Id, ReduceOp};
+
+    use super::Collective;
+    use crate::error::{Error, Result};
+    use crate::rendezvous::{self, UniqueId};
+
+    fn driver(what: &str, e: DriverError) -> Error {
+        Error::Collective(format!("NCCL: {what}: CUDA driver error {e}"))
+    }
+
+    fn nccl(what: &str, e: cudarc::nccl::result::NcclError) -> Error {
+        Error::Collective(format!("NCCL: {what}: {:?}", e.0))
+    }
+
+    /// Fails with the library's name when the CUDA driver or NCCL cannot be loaded: cudarc
+    /// would panic at the first call instead.
+    fn check_libraries() -> Result<()> {
+        // SAFETY: loading a shared library runs its initializers; libcuda and libnccl are the
+        // libraries cudarc loads at its first call anyway, this only asks earlier.
+        #[allow(unsafe_code)]
+        let (cuda, nccl) = unsafe {
+            (
+                cudarc::driver::sys::is_culib_present(),
+                cudarc::nccl::sys::is_culib_present(),
+            )
+        };
+        let missing: Vec<&str> = [("libcuda (the NVIDIA driver)", cuda), ("libnccl", nccl)]
+            .into_iter()
+            .filter_map(|(name, present)| (!present).then_some(name))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Collective(format!(
+                "NCCL data-parallel training needs {} on the library path, and this machine \
+                 has not got {}",
+                missing.join(" and "),
+                if missing.len() == 1 { "it" } else { "them" }
+            )))
+        }
+    }
+
+    /// A host buffer to reduce, broadcast or gather, and where to send the result.
+    enum Op {
+        AllReduceF32(Vec<f32>, mpsc::Sender<Result<Vec<f32>>>),
+        BroadcastF32(Vec<f32>, mpsc::Sender<Result<Vec<f32>>>),
+        AllReduceF64(Vec<f64>, mpsc::Sender<Result<Vec<f64>>>),
+        AllGatherU64(Vec<u64>, mpsc::Sender<Result<Vec<u64>>>),
+    }
+
+    /// One rank of an NCCL communicator on one GPU.
+    ///
+    /// The communicator and its CUDA context live on a thread of their own, which runs the
+    /// operations one at a time in the order they are called: a CUDA context is bound to a
+    /// thread, NCCL handles are not `Send`, and the trainer may be polled on any thread.
+    ///
+    /// The trainer's tensors are in host memory (it has no CUDA build yet), so each operation
+    /// copies its buffer to the GPU, runs the NCCL collective there and copies the result back.
+    #[derive(Debug)]
+    pub struct Nccl {
+        rank: u32,
+        size: u32,
+        ops: Option<mpsc::Sender<Op>>,
+        worker: Option<JoinHandle<()>>,
+    }
+
+    impl Nccl {
+        /// Joins the run: rank 0 listens on `root` (`HOST:PORT`, bound on all interfaces) and
+        /// hands the NCCL id to the others, which connect to it, all within `timeout`. The
+        /// GPU is `device`, by default `LOCAL_RANK` when set (one process per GPU of a node),
+        /// else `rank` modulo the node's GPU count.
+        pub fn init(
+            root: &str,
+            rank: u32,
+            world_size: u32,
+            device: Option<usize>,
+            timeout: Duration,
+        ) -> Result<Self> {
+            if rank >= world_size {
+                return Err(Error::Collective(format!(
+                    "rank {rank} must be below the world size {world_size}"
+                )));
+            }
+            check_libraries()?;
+            let id: UniqueId = if rank == 0 {
+                let id = Id::new().map_err(|e| nccl("ncclGetUniqueId", e))?;
+                let bytes: UniqueId = id.internal().map(|c| c as u8);
+                let port = root.rsplit_once(':').map(|(_, p)| p).unwrap_or(root);
+                let listener = TcpListener::bind(format!("0.0.0.0:{port}")).map_err(|e| {
+                    Error::Collective(format!(
+                        "NCCL rendezvous: rank 0 cannot listen on port {port} (of `{root}`): {e}"
+                    ))
+                })?;
+                rendezvous::serve(&listener, world_size, &bytes, timeout)?;
+                bytes
+            } else {
+                rendezvous::join(root, rank, world_size, timeout)?
+            };
+            let device = match device.or_else(local_rank) {
+                Some(d) => d,
+                None => {
+                    let count =
+                        CudaContext::device_count().map_err(|e| driver("counting the GPUs", e))?;
+                    if count < 1 {
+                        return Err(Error::Collective("NCCL: this machine has no GPU".into()));
+                    }
+                    rank as usize % count as usize
+                }
+            };
+            let (ready_tx, ready_rx) = mpsc::channel();
+            let (ops_tx, ops_rx) = mpsc::channel();
+            let worker = std::thread::Builder::new()
+                .name(format!("nccl-rank-{rank}"))
+                .spawn(move || {
+                    let comm = CudaContext::new(device)
+                        .map_err(|e| driver(&format!("opening GPU {device}"), e))
+                        .and_then(|ctx| {
+                            let stream = ctx.default_stream();
+                            let id = Id::uninit(id.map(|b| b as std::ffi::c_char));
+                            Comm::from_rank(stream, rank as usize, world_size as usize, id)
+                                .map_err(|e| nccl("ncclCommInitRank", e))
+                        });
+                    match comm {
+                        Ok(comm) => {
+                            let _ = ready_tx.send(Ok(()));
+                            serve_ops(&comm, &ops_rx);
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                })
+                .map_err(|e| Error::Collective(format!("NCCL: starting its thread: {e}")))?;
+            ready_rx
+                .recv()
+                .map_err(|_| Error::Collective("NCCL: its thread ended while starting".into()))??;
+            tracing::info!(rank, world_size, device, "NCCL communicator ready");
+            Ok(Self {
+                rank,
+                size: world_size,
+                ops: Some(ops_tx),
+                worker: Some(worker),
+            })
+        }
+
+        fn call<T>(&self, op: impl FnOnce(mpsc::Sender<Result<T>>) -> Op) -> Result<T> {
+            let (tx, rx) = mpsc::channel();
+            let gone = || Error::Collective("NCCL: its thread has ended".into());
+            self.ops
+                .as_ref()
+                .ok_or_else(gone)?
+                .send(op(tx))
+                .map_err(|_| gone())?;
+            rx.recv().map_err(|_| gone())?
+        }
+    }
+
+    impl Drop for Nccl {
+        fn drop(&mut self) {
+            // Closing the queue ends the thread, which destroys the communicator.
+            self.ops.take();
+            if let Some(worker) = self.worker.take() {
+                let _ = worker.join();
+            }
+        }
+    }
+
+    fn local_rank() -> Option<usize> {
+        std::env::var("LOCAL_RANK").ok()?.parse().ok()
+    }
+
+    /// The communicator's thread: runs each operation on the GPU, in order.
+    fn serve_ops(comm: &Comm, ops: &mpsc::Receiver<Op>) {
+        let stream = comm.stream();
+        while let Ok(op) = ops.recv() {
+            match op {
+                Op::AllReduceF32(buf, reply) => {
+                    let _ = reply.send(all_reduce(comm, &stream, &buf));
+                }
+                Op::AllReduceF64(buf, reply) => {
+                    let _ = reply.send(all_reduce(comm, &stream, &buf));
+                }
+                Op::BroadcastF32(buf, reply) => {
+                    let _ = reply.send(broadcast(comm, &stream, &buf));
+                }
+                Op::AllGatherU64(buf, reply) => {
+                    let _ = reply.send(all_gather(comm, &stream, &buf));
+                }
+            }
+        }
+    }
+
+    fn all_reduce<T>(comm: &Comm, stream: &Arc<CudaStream>, host: &[T]) -> Result<Vec<T>>
+    where
+        T: cudarc::nccl::NcclType + cudarc::driver::DeviceRepr,
+    {
+        let mut dev = stream
+            .clone_htod(host)
+            .map_err(|e| driver("copying to the GPU", e))?;
+        comm.all_reduce_in_place(&mut dev, &ReduceOp::Sum)
+            .map_err(|e| nccl("ncclAllReduce", e))?;
+        stream
+            .clone_dtoh(&dev)
+            .map_err(|e| driver("copying from the GPU", e))
+    }
+
+    fn broadcast(comm: &Comm, stream: &Arc<CudaStream>, host: &[f32]) -> Result<Vec<f32>> {
+        let mut dev = stream
+            .clone_htod(host)
+            .map_err(|e| driver("copying to the GPU", e))?;
+        comm.broadcast_in_place(&mut dev, 0)
+            .map_err(|e| nccl("ncclBroadcast", e))?;
+        stream
+            .clone_dtoh(&dev)
+            .map_err(|e| driver("copying from the GPU", e))
+    }
+
+    fn all_gather(comm: &Comm, stream: &Arc<CudaStream>, host: &[u64]) -> Result<Vec<u64>> {
+        let send = stream
+            .clone_htod(host)
+            .map_err(|e| driver("copying to the GPU", e))?;
+        let mut recv = stream
+            .alloc_zeros::<u64>(host.len() * comm.world_size())
+            .map_err(|e| driver("allocating on the GPU", e))?;
+        comm.all_gather(&send, &mut recv)
+            .map_err(|e| nccl("ncclAllGather", e))?;
+        stream
+            .clone_dtoh(&recv)
+            .map_err(|e| driver("copying from the GPU", e))
+    }
+
+    fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    fn back(values: Vec<f32>, like: &Tensor) -> Result<Tensor> {
+        let n = values.len();
+        Ok(Tensor::from_vec(values, n, like.device())?.to_dtype(like.dtype())?)
+    }
+
+    impl Collective for Nccl {
+        fn rank(&self) -> u32 {
+            self.rank
+        }
+
+        fn world_size(&self) -> u32 {
+            self.size
+        }
+
+        fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+            let host = host_f32(t)?;
+            back(self.call(|tx| Op::AllReduceF32(host, tx))?, t)
+        }
+
+        fn broadcast_from_root(&self, t: &Tensor) -> Result<Tensor> {
+            let host = host_f32(t)?;
+            back(self.call(|tx| Op::BroadcastF32(host, tx))?, t)
+        }
+
+        fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+            let host = buf.to_vec();
+            buf.copy_from_slice(&self.call(|tx| Op::AllReduceF64(host, tx))?);
+            Ok(())
+        }
+
+        fn all_gather_u64(&self, mine: &[u64]) -> Result<Vec<u64>> {
+            let host = mine.to_vec();
+            self.call(|tx| Op::AllGatherU64(host, tx))
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// On a machine without the NVIDIA driver or NCCL (CI's), joining a run is an error
+        /// that names what is missing, not cudarc's panic at the first call.
+        #[test]
+        fn a_machine_without_the_libraries_gets_an_error_naming_them() {
+            // SAFETY: as in `check_libraries`.
+            #[allow(unsafe_code)]
+            let present = unsafe {
+                cudarc::driver::sys::is_culib_present() && cudarc::nccl::sys::is_culib_present()
+            };
+            if present {
+                eprintln!("libcuda and libnccl are present: the error path is not exercised here");
+                return;
+            }
+            let result = Nccl::init("127.0.0.1:0", 0, 1, None, Duration::from_secs(1));
+            let e = result.unwrap_err().to_string();
+            assert!(
+                e.contains("needs libcuda (the NVIDIA driver)") || e.contains("needs libnccl"),
+                "{e}"
+            );
         }
     }
 }

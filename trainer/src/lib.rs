@@ -11,7 +11,7 @@
 //! accumulation ([`optim`]), atomic checkpoints ([`checkpoint`]), per-step metrics as Parquet
 //! and `metrics` gauges ([`metrics_log`]), the loop over the loader's gRPC stream with its
 //! config ([`train`]) and, across processes, the collective operations of data-parallel training
-//! ([`collective`]), evaluation against baselines in physical units ([`eval`]) and global
+//! ([`collective`]) and how NCCL ranks meet ([`rendezvous`]), evaluation against baselines in physical units ([`eval`]) and global
 //! inference, every token predicted from the others ([`infer`]); ablation studies run variants of
 //! one config on one stream and report them side by side ([`ablation`]).
 //!
@@ -42,6 +42,7 @@ pub mod metrics_log;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod rendezvous;
 pub mod tail;
 pub mod train;
 
