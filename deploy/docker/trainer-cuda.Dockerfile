@@ -6,9 +6,12 @@
 #   docker build -f deploy/docker/trainer-cuda.Dockerfile -t atmorep/trainer-cuda:0.1.0 \
 #       --build-arg CUDA_COMPUTE_CAP=90 .
 #
-# NOTE: the workspace has no `cuda` feature yet (see deploy/README.md): until it exists this
-# build fails at `--features cuda`. CUDA_COMPUTE_CAP selects the GPU generation the kernels are
-# compiled for (80: A100, 89: L4/L40, 90: H100/H200); there is no GPU at build time to ask.
+# It builds the `nccl` feature: data-parallel training over NCCL, one GPU per rank (libcuda and
+# libnccl are loaded at run time). NOTE: the workspace has no `cuda` feature yet (see
+# deploy/README.md), so the model itself still computes on the CPU; once it exists, build with
+# `--build-arg FEATURES="--features cuda,nccl"`. CUDA_COMPUTE_CAP selects the GPU generation
+# candle's kernels will be compiled for (80: A100, 89: L4/L40, 90: H100/H200); there is no GPU
+# at build time to ask.
 ARG CUDA_VERSION=12.8.1
 ARG UBUNTU=ubuntu24.04
 ARG RUST_VERSION=1.95
@@ -29,7 +32,7 @@ ARG CUDA_COMPUTE_CAP=90
 ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
 WORKDIR /src
 COPY . .
-ARG FEATURES="--features cuda"
+ARG FEATURES="--features nccl"
 # hadolint ignore=SC2086
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

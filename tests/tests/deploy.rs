@@ -286,7 +286,10 @@ fn dockerfiles_pass_hadolint() {
     }
     let cuda = std::fs::read_to_string(&dockerfiles[2]).unwrap();
     assert!(cuda.contains("nvidia/cuda:") && cuda.contains("-devel-"));
-    assert!(cuda.contains("--features cuda"));
+    assert!(cuda.contains("ARG FEATURES=\"--features nccl\""));
+    // The feature the image builds exists (a renamed feature would fail only at `docker build`).
+    let manifest = std::fs::read_to_string(workspace_root().join("Cargo.toml")).unwrap();
+    assert!(manifest.contains("\nnccl = ["), "the `nccl` feature is gone");
 }
 
 /// The crates `cargo tree` lists for the `atmorep` package's normal dependencies with `features`.
