@@ -12,7 +12,7 @@ use atmorep_loader::StoreLocation;
 use atmorep_loader::discovery::discover;
 use libfuzzer_sys::fuzz_target;
 use object_store::memory::InMemory;
-use object_store::{ObjectStore, PutPayload};
+use object_store::{ObjectStoreExt, PutPayload};
 
 static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
     tokio::runtime::Builder::new_current_thread()

@@ -289,7 +289,10 @@ fn dockerfiles_pass_hadolint() {
     assert!(cuda.contains("ARG FEATURES=\"--features nccl\""));
     // The feature the image builds exists (a renamed feature would fail only at `docker build`).
     let manifest = std::fs::read_to_string(workspace_root().join("Cargo.toml")).unwrap();
-    assert!(manifest.contains("\nnccl = ["), "the `nccl` feature is gone");
+    assert!(
+        manifest.contains("\nnccl = ["),
+        "the `nccl` feature is gone"
+    );
 }
 
 /// The crates `cargo tree` lists for the `atmorep` package's normal dependencies with `features`.

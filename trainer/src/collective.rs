@@ -75,18 +75,33 @@ impl Collective for SingleProcess {
     }
 }
 
+/// `t` as f32 values in host memory, for a collective library that reduces host buffers.
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
+/// The 1-D tensor of `values`, on `like`'s device and in its dtype.
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+fn back(values: Vec<f32>, like: &Tensor) -> Result<Tensor> {
+    let n = values.len();
+    Ok(Tensor::from_vec(values, n, like.device())?.to_dtype(like.dtype())?)
+}
+
 #[cfg(feature = "mpi")]
 pub use self::mpi_world::{Mpi, MpiSession};
 
 #[cfg(feature = "mpi")]
 mod mpi_world {
-    use candle_core::{DType, Tensor};
+    use candle_core::Tensor;
     use mpi::collective::SystemOperation;
     use mpi::environment::Universe;
     use mpi::topology::{Communicator, SimpleCommunicator};
     use mpi::traits::{CommunicatorCollectives, Root};
 
-    use super::Collective;
+    use super::{Collective, back, host_f32};
     use crate::error::{Error, Result};
 
     /// MPI, initialized for this process; finalized when dropped. Hold it for as long as any
@@ -152,15 +167,6 @@ mod mpi_world {
         size: u32,
     }
 
-    fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
-        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-    }
-
-    fn back(values: Vec<f32>, like: &Tensor) -> Result<Tensor> {
-        let n = values.len();
-        Ok(Tensor::from_vec(values, n, like.device())?.to_dtype(like.dtype())?)
-    }
-
     impl Collective for Mpi {
         fn rank(&self) -> u32 {
             self.rank
@@ -215,11 +221,11 @@ mod nccl_world {
     use std::thread::JoinHandle;
     use std::time::Duration;
 
-    use candle_core::{DType, Tensor};
+    use candle_core::Tensor;
     use cudarc::driver::{CudaContext, CudaStream, DriverError};
     use cudarc::nccl::{Comm, Id, ReduceOp};
 
-    use super::Collective;
+    use super::{Collective, back, host_f32};
     use crate::error::{Error, Result};
     use crate::rendezvous::{self, UniqueId};
 
@@ -446,15 +452,6 @@ mod nccl_world {
         stream
             .clone_dtoh(&recv)
             .map_err(|e| driver("copying from the GPU", e))
-    }
-
-    fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
-        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-    }
-
-    fn back(values: Vec<f32>, like: &Tensor) -> Result<Tensor> {
-        let n = values.len();
-        Ok(Tensor::from_vec(values, n, like.device())?.to_dtype(like.dtype())?)
     }
 
     impl Collective for Nccl {

@@ -173,6 +173,12 @@ mod tests {
 
     use super::*;
 
+    /// A port nothing listens on (bound and released).
+    fn free_port() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
     fn id() -> UniqueId {
         std::array::from_fn(|i| (i * 7 + 3) as u8)
     }
@@ -198,12 +204,8 @@ mod tests {
 
     #[test]
     fn a_joining_rank_waits_for_a_root_that_starts_late() {
-        // Reserve a port, free it, and start the root on it only after the rank began trying.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // The root starts on a free port only after the rank began trying it.
+        let port = free_port();
         let root = format!("127.0.0.1:{port}");
         let rank = thread::spawn(move || join(&root, 1, 2, Duration::from_secs(20)));
         thread::sleep(Duration::from_millis(500));
@@ -252,11 +254,7 @@ mod tests {
 
     #[test]
     fn a_rank_names_the_root_it_could_not_reach() {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let root = format!("127.0.0.1:{port}");
         let e = join(&root, 1, 2, Duration::from_millis(300)).unwrap_err();
         assert!(
