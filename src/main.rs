@@ -38,25 +38,51 @@ mod track;
 mod train;
 
 // Decoding allocates and frees many multi-megabyte chunk buffers; mimalloc reuses them instead of
-// returning pages to the OS and faulting them in again.
+// returning pages to the OS and faulting them in again (tuned in `tune_allocator`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `mi_option_purge_delay` (v3 option index).
+/// mimalloc's `mi_option_purge_delay` and `mi_option_allow_thp` (v3 option indices).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
-/// mimalloc returns freed memory to the OS 10 ms after the last free by default. The loader frees
-/// and reallocates multi-megabyte chunk and token buffers every few milliseconds, so each one
-/// came back as fresh pages the kernel had to zero: measured on the reference bench-pipeline
-/// run, 283 k page faults and 9 s of system time at the default against 29 k and 1.9 s with a
-/// one-second delay (3.2× the samples/s). A user's `MIMALLOC_PURGE_DELAY` still wins.
-fn keep_freed_memory_for_reuse() {
+/// Tunes the allocator for the loader's buffers, unless the user's `MIMALLOC_*` variables say
+/// otherwise.
+///
+/// - **Purge delay, one second.** mimalloc returns freed memory to the OS 10 ms after the last
+///   free by default. The loader frees and reallocates multi-megabyte chunk and token buffers
+///   every few milliseconds, so each one came back as fresh pages the kernel had to zero:
+///   measured on the reference bench-pipeline run, 283 k page faults and 9 s of system time at
+///   the default against 29 k and 1.9 s with a one-second delay (3.2× the samples/s).
+/// - **No transparent huge pages.** mimalloc asks for huge pages on its arenas (`madvise`), so
+///   each small allocation in a fresh 2 MiB region makes 2 MiB resident and freed memory comes
+///   back only in whole huge pages: eight clients of a server with an 8 MiB cache and an 8 MiB
+///   budget peaked at 117–126 MiB resident with huge pages and 66–79 MiB without
+///   (`tests/tests/service.rs`). The reference bench-pipeline ran 26–95 samples/s with them (the
+///   kernel compacting memory to find huge pages) and a steady 79–84 without. mimalloc reads the
+///   option when it starts, before `main`, so this also does what it would then have done: mark
+///   the process THP-disabled (`PR_SET_THP_DISABLE`, which covers mappings made earlier too).
+fn tune_allocator() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets a process-wide integer option of the allocator linked above; mimalloc
         // documents `mi_option_set` as callable at any time from any thread.
         #[allow(unsafe_code)]
         unsafe {
             libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000);
+        }
+    }
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // SAFETY: as above.
+        #[allow(unsafe_code)]
+        unsafe {
+            libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
+        }
+        #[cfg(target_os = "linux")]
+        // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes a flag of this
+        // process's memory map; it cannot invalidate any memory.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
         }
     }
 }
@@ -249,7 +275,7 @@ fn shape4(name: &str, v: Option<Vec<u64>>) -> Result<Option<[u64; 4]>> {
 }
 
 fn main() -> Result<()> {
-    keep_freed_memory_for_reuse();
+    tune_allocator();
     // Storage reads run on tokio's blocking pool (object_store's local files), where every thread
     // keeps an allocator heap of its own: tokio's default of 512 threads let a burst of reads
     // hold tens of MiB of idle heaps. A few threads per core keep the disks just as busy.
