@@ -10,7 +10,8 @@
 //! short — and logs every object request, so tests can check retries and error reports.
 //! [`atmorep_bin`] builds (once per test process) and locates the
 //! `atmorep` CLI for tests that run it as a subprocess, and [`Server`] runs
-//! `atmorep loader serve` as one.
+//! `atmorep loader serve` as one; [`streams`] has the client side: a briefly retrying client
+//! and the checks that an epoch arrived exactly once.
 
 use std::future::Future;
 use std::io;
@@ -36,6 +37,7 @@ use s3s::{HttpError, HttpResponse};
 use tokio::sync::oneshot;
 
 pub mod loader_process;
+pub mod streams;
 pub use loader_process::{ChildGuard, Server};
 
 /// Access key id accepted by every [`S3TestServer`].

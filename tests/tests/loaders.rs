@@ -9,27 +9,25 @@
 //! with the same cursors; `kill -9` of one of three loaders mid-epoch, never restarted, and the
 //! epoch still arrives exactly once, in the order of an uninterrupted striped stream.
 
-use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use atmorep_integration_tests::streams::{
+    STREAM_TIMEOUT, assert_whole_epoch, client_config, collect, connect, cursors, ids,
+};
 use atmorep_integration_tests::{ChildGuard, Server, atmorep_bin};
 use atmorep_loader::Dataset;
 use atmorep_loader::normalization::GlobalStats;
 use atmorep_loader::synth::{SynthConfig, write_store};
 use atmorep_proto::batch::{Batch, Cursor};
-use atmorep_proto::client::{BatchStream, ClientConfig, LoaderClient, ReconnectPolicy};
+use atmorep_proto::client::ClientConfig;
 use atmorep_proto::pb;
 use atmorep_proto::request::RequestConfig;
 use serde_json::Value;
 use tempfile::TempDir;
-
-/// Upper bound for any one stream here (they take well under a second each); a stuck stream
-/// fails the test instead of hanging it.
-const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// 10° grid, 16 steps of 6 h, `z` and `t` on two levels (as in `service.rs`).
 fn tiny_config() -> SynthConfig {
@@ -125,60 +123,9 @@ fn request(batch_size: u32, samples_per_block: u64, extra: &str) -> pb::BatchReq
 
 /// A striped client over `endpoints` that retries briefly (tests must fail, not hang).
 fn striped(endpoints: Vec<String>) -> ClientConfig {
-    let mut config = ClientConfig::new(endpoints);
+    let mut config = client_config(endpoints);
     config.stripe = true;
-    config.reconnect = ReconnectPolicy {
-        initial_backoff: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(500),
-        max_attempts: Some(8),
-        give_up_after: Some(Duration::from_secs(30)),
-    };
     config
-}
-
-async fn connect(config: ClientConfig) -> LoaderClient {
-    LoaderClient::connect(config)
-        .await
-        .expect("the client configuration is valid")
-}
-
-async fn collect(stream: &mut BatchStream) -> Vec<Batch> {
-    let all = async {
-        let mut batches = Vec::new();
-        while let Some(batch) = stream.next().await {
-            batches.push(batch.unwrap_or_else(|e| panic!("stream failed: {e}")));
-        }
-        batches
-    };
-    tokio::time::timeout(STREAM_TIMEOUT, all)
-        .await
-        .expect("the stream did not finish in time")
-}
-
-/// (epoch, id) of every sample, in arrival order.
-fn ids(batches: &[Batch]) -> Vec<(u64, u64)> {
-    batches
-        .iter()
-        .flat_map(|b| {
-            b.sample_epochs
-                .iter()
-                .copied()
-                .zip(b.sample_ids.iter().copied())
-        })
-        .collect()
-}
-
-fn cursors(batches: &[Batch]) -> Vec<Cursor> {
-    batches.iter().map(|b| b.cursor_after).collect()
-}
-
-/// `ids` is epoch `epoch` exactly: `0..n`, each once.
-fn assert_whole_epoch(ids: &[(u64, u64)], epoch: u64, n: u64) {
-    assert_eq!(ids.len() as u64, n, "sample count of epoch {epoch}");
-    let unique: HashSet<_> = ids.iter().copied().collect();
-    assert_eq!(unique.len(), ids.len(), "a sample arrived twice: {ids:?}");
-    let expected: HashSet<(u64, u64)> = (0..n).map(|id| (epoch, id)).collect();
-    assert_eq!(unique, expected, "ids of epoch {epoch}");
 }
 
 /// `GET /metrics` on `port`, or `None` while nothing answers there.

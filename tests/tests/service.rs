@@ -23,23 +23,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use atmorep_integration_tests::streams::{
+    STREAM_TIMEOUT, assert_whole_epoch, client_config, collect, connect, ids,
+};
 use atmorep_integration_tests::{ChildGuard, Server, atmorep_bin, workspace_root};
 use atmorep_loader::Dataset;
 use atmorep_loader::normalization::GlobalStats;
 use atmorep_loader::synth::{SynthConfig, write_store};
 use atmorep_proto::batch::{Batch, Cursor};
-use atmorep_proto::client::{
-    BatchStream, ClientConfig, ClientError, LoaderClient, ReconnectPolicy,
-};
+use atmorep_proto::client::{ClientConfig, ClientError};
 use atmorep_proto::pb;
 use atmorep_proto::request::RequestConfig;
 use serde_json::Value;
 use tempfile::TempDir;
 use tonic::Code;
-
-/// How long a server may take to open its stores and print its address.
-/// Upper bound for any one stream in these tests; they take well under a second each.
-const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------------
 // Processes
@@ -193,61 +190,6 @@ fn request_file(dir: &Path, file: &str, toml: &str) -> PathBuf {
     let path = dir.join(file);
     std::fs::write(&path, toml).expect("writing the request file");
     path
-}
-
-/// A client that retries a lost connection briefly (tests must fail, not hang).
-fn client_config(endpoints: Vec<String>) -> ClientConfig {
-    let mut config = ClientConfig::new(endpoints);
-    config.reconnect = ReconnectPolicy {
-        initial_backoff: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(500),
-        max_attempts: Some(8),
-        give_up_after: Some(Duration::from_secs(30)),
-    };
-    config.connect_timeout = Duration::from_secs(5);
-    config
-}
-
-async fn connect(config: ClientConfig) -> LoaderClient {
-    LoaderClient::connect(config)
-        .await
-        .expect("the client configuration is valid")
-}
-
-/// Every batch of a finite stream, with a deadline so a stuck stream fails the test.
-async fn collect(stream: &mut BatchStream) -> Vec<Batch> {
-    let all = async {
-        let mut batches = Vec::new();
-        while let Some(batch) = stream.next().await {
-            batches.push(batch.unwrap_or_else(|e| panic!("stream failed: {e}")));
-        }
-        batches
-    };
-    tokio::time::timeout(STREAM_TIMEOUT, all)
-        .await
-        .expect("the stream did not finish in time")
-}
-
-/// (epoch, id) of every sample, in arrival order.
-fn ids(batches: &[Batch]) -> Vec<(u64, u64)> {
-    batches
-        .iter()
-        .flat_map(|b| {
-            b.sample_epochs
-                .iter()
-                .copied()
-                .zip(b.sample_ids.iter().copied())
-        })
-        .collect()
-}
-
-/// Checks that `ids` is epoch `epoch` exactly: `0..n` each once.
-fn assert_whole_epoch(ids: &[(u64, u64)], epoch: u64, n: u64) {
-    assert_eq!(ids.len() as u64, n, "sample count of the epoch");
-    let unique: HashSet<_> = ids.iter().collect();
-    assert_eq!(unique.len(), ids.len(), "a sample arrived twice: {ids:?}");
-    let expected: HashSet<(u64, u64)> = (0..n).map(|id| (epoch, id)).collect();
-    assert_eq!(unique, expected.iter().collect(), "ids of epoch {epoch}");
 }
 
 /// The raw bytes of sample `i` of a batch, field by field (sources, targets, token info, PE):
