@@ -23,9 +23,8 @@
 //! failover to the other endpoints (round-robin from `k + 1`, resuming from its own cursor). A
 //! merge task delivers their batches in a fixed round-robin order, so the stream is still a pure
 //! function of the request (and K) — which also means a slow loader slows the whole stream to its
-//! pace. The
-//! stream's [`Cursor`] encodes every sub-stream's position (see [`crate::stripe`]); it is
-//! meaningful only with the same number of endpoints and batch size. [`StreamStats`] sum over
+//! pace. The stream's [`Cursor`] encodes every sub-stream's position (see [`crate::stripe`]); it
+//! is meaningful only with the same number of endpoints and batch size. [`StreamStats`] sum over
 //! the sub-streams. Tiles-mode streams are never striped: their order is the tiling's.
 //!
 //! Unary calls ([`LoaderClient::list_datasets`], [`LoaderClient::dataset_info`],
