@@ -11,7 +11,8 @@
 //! [`atmorep_bin`] builds (once per test process) and locates the
 //! `atmorep` CLI for tests that run it as a subprocess, and [`Server`] runs
 //! `atmorep loader serve` as one; [`streams`] has the client side: a briefly retrying client
-//! and the checks that an epoch arrived exactly once.
+//! and the checks that an epoch arrived exactly once; [`tiny`] writes and serves the tiny
+//! synthetic store most of them use.
 
 use std::future::Future;
 use std::io;
@@ -38,6 +39,7 @@ use tokio::sync::oneshot;
 
 pub mod loader_process;
 pub mod streams;
+pub mod tiny;
 pub use loader_process::{ChildGuard, Server};
 
 /// Access key id accepted by every [`S3TestServer`].

@@ -23,10 +23,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use atmorep_integration_tests::tiny::{store_with_stats, tiny_config};
 use atmorep_integration_tests::{ChildGuard, Server, atmorep_bin};
-use atmorep_loader::Dataset;
-use atmorep_loader::normalization::GlobalStats;
-use atmorep_loader::synth::{SynthConfig, write_store};
 use atmorep_trainer::checkpoint::{self, Checkpoint};
 use atmorep_trainer::metrics_log::{StepRecord, read_steps};
 use atmorep_trainer::{Device, TrainConfig};
@@ -45,22 +43,9 @@ fn store() -> &'static Path {
     static STORE: OnceLock<(TempDir, PathBuf)> = OnceLock::new();
     let (_, path) = STORE.get_or_init(|| {
         let dir = TempDir::new().unwrap();
-        let path = dir.path().join("tiny.zarr");
-        let config = SynthConfig {
-            grid_deg: 10.0,
-            steps: 40,
-            step_hours: 6,
-            levels: vec![850, 500],
-            variables: vec!["z".into(), "t".into()],
-            ..SynthConfig::default()
-        };
-        write_store(&config, &path).expect("writing the store");
-        tokio::runtime::Runtime::new().unwrap().block_on(async {
-            let dataset = Dataset::open(path.to_str().unwrap()).await.unwrap();
-            GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(&path), false, false)
-                .await
-                .expect("statistics");
-        });
+        let path = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(store_with_stats(dir.path(), "tiny.zarr", &tiny_config(40)));
         (dir, path)
     });
     path

@@ -11,17 +11,15 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use atmorep_integration_tests::streams::{
     STREAM_TIMEOUT, assert_whole_epoch, client_config, collect, connect, cursors, ids,
 };
+use atmorep_integration_tests::tiny::{store_with_stats, tiny_config};
 use atmorep_integration_tests::{ChildGuard, Server, atmorep_bin};
-use atmorep_loader::Dataset;
-use atmorep_loader::normalization::GlobalStats;
-use atmorep_loader::synth::{SynthConfig, write_store};
 use atmorep_proto::batch::{Batch, Cursor};
 use atmorep_proto::client::ClientConfig;
 use atmorep_proto::pb;
@@ -29,33 +27,8 @@ use atmorep_proto::request::RequestConfig;
 use serde_json::Value;
 use tempfile::TempDir;
 
-/// 10° grid, 16 steps of 6 h, `z` and `t` on two levels (as in `service.rs`).
-fn tiny_config() -> SynthConfig {
-    SynthConfig {
-        grid_deg: 10.0,
-        steps: 16,
-        step_hours: 6,
-        levels: vec![850, 500],
-        variables: vec!["z".into(), "t".into()],
-        ..SynthConfig::default()
-    }
-}
-
 fn path_str(path: &Path) -> &str {
     path.to_str().expect("test paths are UTF-8")
-}
-
-/// The store `dir/era5.zarr` with its global statistics.
-async fn store(dir: &Path) -> PathBuf {
-    let path = dir.join("era5.zarr");
-    write_store(&tiny_config(), &path).expect("writing the store");
-    let dataset = Dataset::open(path_str(&path))
-        .await
-        .expect("opening the store");
-    GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(&path), false, false)
-        .await
-        .expect("statistics of the store");
-    path
 }
 
 /// A port that was free a moment ago (for `--metrics-bind`, which does not report its port).
@@ -165,7 +138,7 @@ async fn samples_served(port: u16, expected: f64) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_striped_epoch_arrives_once_and_each_loader_serves_its_share() {
     let dir = TempDir::new().unwrap();
-    let store = store(dir.path()).await;
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(16)).await;
     let (servers, metrics) = three_loaders(dir.path(), &store);
     let endpoints: Vec<String> = servers.iter().map(Server::endpoint).collect();
     let client = connect(striped(endpoints.clone())).await;
@@ -244,7 +217,7 @@ async fn a_striped_epoch_arrives_once_and_each_loader_serves_its_share() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resuming_a_striped_stream_mid_epoch_delivers_exactly_the_remainder() {
     let dir = TempDir::new().unwrap();
-    let store = store(dir.path()).await;
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(16)).await;
     let (servers, _) = three_loaders(dir.path(), &store);
     let endpoints: Vec<String> = servers.iter().map(Server::endpoint).collect();
     let client = connect(striped(endpoints)).await;
@@ -279,7 +252,7 @@ async fn resuming_a_striped_stream_mid_epoch_delivers_exactly_the_remainder() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_one_loader_mid_epoch_still_delivers_each_id_once() {
     let dir = TempDir::new().unwrap();
-    let store = store(dir.path()).await;
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(16)).await;
     let (mut servers, _) = three_loaders(dir.path(), &store);
     let endpoints: Vec<String> = servers.iter().map(Server::endpoint).collect();
 

@@ -16,35 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use atmorep_integration_tests::tiny::serve_tiny_store;
 use atmorep_integration_tests::{ChildGuard, Server, atmorep_bin};
-use atmorep_loader::Dataset;
-use atmorep_loader::normalization::GlobalStats;
-use atmorep_loader::synth::{SynthConfig, write_store};
 use atmorep_trainer::metrics_log::read_steps;
 use atmorep_trainer::{Device, TrainConfig, Trainer, checkpoint};
 use tempfile::TempDir;
-
-/// The tiny store of tests/train.rs: 10° grid, 40 steps of 6 h, `z` and `t` on two levels.
-async fn serve_tiny_store(dir: &Path) -> Server {
-    let path = dir.join("tiny.zarr");
-    let config = SynthConfig {
-        grid_deg: 10.0,
-        steps: 40,
-        step_hours: 6,
-        levels: vec![850, 500],
-        variables: vec!["z".into(), "t".into()],
-        ..SynthConfig::default()
-    };
-    write_store(&config, &path).expect("writing the store");
-    let dataset = Dataset::open(path.to_str().unwrap())
-        .await
-        .expect("opening the store");
-    GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(&path), false, false)
-        .await
-        .expect("statistics");
-    let dataset = format!("tiny={}", path.display());
-    Server::start(&["--dataset".into(), dataset], &dir.join("server.log"))
-}
 
 /// Per-rank batch size.
 const B: u32 = 2;

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use atmorep_integration_tests::streams::{
     STREAM_TIMEOUT, assert_whole_epoch, client_config, collect, connect, ids,
 };
+use atmorep_integration_tests::tiny::{store_with_stats, tiny_config};
 use atmorep_integration_tests::{ChildGuard, Server, atmorep_bin, workspace_root};
-use atmorep_loader::Dataset;
 use atmorep_loader::normalization::GlobalStats;
 use atmorep_loader::synth::{SynthConfig, write_store};
 use atmorep_proto::batch::{Batch, Cursor};
@@ -105,34 +105,8 @@ fn free_port() -> u16 {
 // Stores and requests
 // ---------------------------------------------------------------------------------------------
 
-/// 10° grid (19 × 36), 16 steps of 6 h, `z` and `t` on 850 and 500 hPa: 2.7 KB per chunk.
-fn tiny_config() -> SynthConfig {
-    SynthConfig {
-        grid_deg: 10.0,
-        steps: 16,
-        step_hours: 6,
-        levels: vec![850, 500],
-        variables: vec!["z".into(), "t".into()],
-        ..SynthConfig::default()
-    }
-}
-
 fn path_str(path: &Path) -> &str {
     path.to_str().expect("test paths are UTF-8")
-}
-
-/// Writes the store `dir/name` and its global statistics in `dir/name.stats` (where the server
-/// looks by default).
-async fn store_with_stats(dir: &Path, name: &str, config: &SynthConfig) -> PathBuf {
-    let path = dir.join(name);
-    write_store(config, &path).unwrap_or_else(|e| panic!("writing {name}: {e}"));
-    let dataset = Dataset::open(path_str(&path))
-        .await
-        .unwrap_or_else(|e| panic!("opening {name}: {e}"));
-    GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(&path), false, false)
-        .await
-        .unwrap_or_else(|e| panic!("statistics of {name}: {e}"));
-    path
 }
 
 /// `--dataset NAME=PATH`.
@@ -403,7 +377,7 @@ fn bad_calls() -> Vec<BadCall> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_their_code_and_field_and_the_server_carries_on() {
     let dir = TempDir::new().unwrap();
-    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(16)).await;
     let mut server = Server::start(&dataset_arg("era5", &store), &dir.path().join("server.log"));
     let mut config = client_config(vec![server.endpoint()]);
     // One attempt: a request that crashed the server must fail its row, not be retried.
@@ -478,7 +452,7 @@ async fn malformed_requests_get_their_code_and_field_and_the_server_carries_on()
 async fn missing_statistics_are_a_failed_precondition() {
     let dir = TempDir::new().unwrap();
     let store = dir.path().join("bare.zarr");
-    write_store(&tiny_config(), &store).expect("writing the store");
+    write_store(&tiny_config(16), &store).expect("writing the store");
     let server = Server::start(&dataset_arg("bare", &store), &dir.path().join("server.log"));
     let mut config = client_config(vec![server.endpoint()]);
     config.reconnect.max_attempts = Some(1);
@@ -508,7 +482,7 @@ async fn missing_statistics_are_a_failed_precondition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statistics_arrive_exactly_as_the_store_has_them() {
     let dir = TempDir::new().unwrap();
-    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(16)).await;
     let server = Server::start(&dataset_arg("era5", &store), &dir.path().join("server.log"));
     let mut config = client_config(vec![server.endpoint()]);
     config.reconnect.max_attempts = Some(1);
@@ -545,7 +519,7 @@ async fn statistics_arrive_exactly_as_the_store_has_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_level_listed_twice_is_rejected() {
     let dir = TempDir::new().unwrap();
-    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(16)).await;
     let server = Server::start(&dataset_arg("era5", &store), &dir.path().join("server.log"));
     let mut config = client_config(vec![server.endpoint()]);
     config.reconnect.max_attempts = Some(1);
@@ -575,10 +549,10 @@ async fn a_corrupt_chunk_fails_only_its_stream() {
     // Chunks of 8 steps: chunk `z/0.0.0.0` is all of block 0 at 850 hPa.
     let chunked = SynthConfig {
         chunks: Some([8, 1, 19, 36]),
-        ..tiny_config()
+        ..tiny_config(16)
     };
     let a = store_with_stats(dir.path(), "a.zarr", &chunked).await;
-    let b = store_with_stats(dir.path(), "b.zarr", &tiny_config()).await;
+    let b = store_with_stats(dir.path(), "b.zarr", &tiny_config(16)).await;
     let key = "z/0.0.0.0";
     let chunk = a.join(key);
     assert!(chunk.is_file(), "{} is not a chunk file", chunk.display());
@@ -673,7 +647,7 @@ async fn eight_clients_stream_an_epoch_each(dir: &Path) -> EightClients {
     let synth = SynthConfig {
         grid_deg: 2.5,
         steps: 24,
-        ..tiny_config()
+        ..tiny_config(16)
     };
     let store = store_with_stats(dir, "era5.zarr", &synth).await;
     let head = format!("cache_mib = {CACHE_MIB}\nmemory_budget_mib = {BUDGET_MIB}\n");
@@ -772,7 +746,7 @@ async fn eight_concurrent_clients_stay_within_the_memory_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_does_not_hold_back_a_fast_one() {
     let dir = TempDir::new().unwrap();
-    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(16)).await;
     let server = Server::start(&dataset_arg("era5", &store), &dir.path().join("server.log"));
 
     let mut slow_config = client_config(vec![server.endpoint()]);
@@ -824,7 +798,7 @@ async fn a_slow_client_does_not_hold_back_a_fast_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tiles_stream_is_one_pass_unless_asked_for_more() {
     let dir = TempDir::new().unwrap();
-    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(16)).await;
     let server = Server::start(&dataset_arg("era5", &store), &dir.path().join("server.log"));
     let client = connect(client_config(vec![server.endpoint()])).await;
 
@@ -849,7 +823,7 @@ async fn a_tiles_stream_is_one_pass_unless_asked_for_more() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resuming_from_a_mid_epoch_cursor_continues_exactly() {
     let dir = TempDir::new().unwrap();
-    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(16)).await;
     let server = Server::start(&dataset_arg("era5", &store), &dir.path().join("server.log"));
     let client = connect(client_config(vec![server.endpoint()])).await;
 
@@ -891,7 +865,7 @@ async fn resuming_from_a_mid_epoch_cursor_continues_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_epoch_then_restart_elsewhere_delivers_each_id_once() {
     let dir = TempDir::new().unwrap();
-    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(16)).await;
     let args = dataset_arg("era5", &store);
     let mut first = Server::start(&args, &dir.path().join("first.log"));
     let second_port = free_port();
@@ -1013,7 +987,7 @@ async fn assert_tokens_rejected(config: impl Fn(Option<&str>) -> ClientConfig) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bearer_token_admits_the_right_client_only() {
     let dir = TempDir::new().unwrap();
-    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(16)).await;
     let args = config_args(dir.path(), &format!("token = \"{TOKEN}\"\n"), &store);
     let mut server = Server::start(&args, &dir.path().join("server.log"));
     let config = |token: Option<&str>| {
@@ -1060,7 +1034,7 @@ async fn the_bearer_token_admits_the_right_client_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_token_accept_the_right_client_and_reject_the_others() {
     let dir = TempDir::new().unwrap();
-    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(16)).await;
     let head = format!(
         "token = \"{TOKEN}\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
         path_str(&fixture("server.pem")),
@@ -1146,7 +1120,7 @@ async fn health_reflection_unary_calls_and_metrics_answer() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
     let dir = TempDir::new().unwrap();
-    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config()).await;
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(16)).await;
     let metrics_port = free_port();
     let mut args = dataset_arg("era5", &store);
     args.extend(["--metrics-bind".into(), format!("127.0.0.1:{metrics_port}")]);
@@ -1334,7 +1308,7 @@ async fn health_reflection_unary_calls_and_metrics_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loader_started_with_until_stdin_closes_stops_when_its_stdin_closes() {
     let dir = TempDir::new().unwrap();
-    let store = store_with_stats(dir.path(), "tiny.zarr", &tiny_config()).await;
+    let store = store_with_stats(dir.path(), "tiny.zarr", &tiny_config(16)).await;
     let mut child = Command::new(atmorep_bin())
         .args([
             "loader",

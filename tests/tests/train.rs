@@ -12,51 +12,16 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use atmorep_integration_tests::streams::{client_config, connect};
+use atmorep_integration_tests::tiny::serve_tiny_store;
 use atmorep_integration_tests::{Server, atmorep_bin, workspace_root};
-use atmorep_loader::Dataset;
-use atmorep_loader::normalization::GlobalStats;
-use atmorep_loader::synth::{SynthConfig, write_store};
-use atmorep_proto::client::{ClientConfig, LoaderClient, ReconnectPolicy};
+use atmorep_proto::client::LoaderClient;
 use atmorep_trainer::metrics_log::read_steps;
 use atmorep_trainer::{RunOptions, TrainConfig, Trainer, checkpoint};
 use tempfile::TempDir;
 
-/// 10° grid (19 × 36), 40 steps of 6 h, `z` and `t` on 850 and 500 hPa: a validation split of
-/// 4 steps, enough for the 2-step windows of the tiny geometry.
-fn tiny_store_config() -> SynthConfig {
-    SynthConfig {
-        grid_deg: 10.0,
-        steps: 40,
-        step_hours: 6,
-        levels: vec![850, 500],
-        variables: vec!["z".into(), "t".into()],
-        ..SynthConfig::default()
-    }
-}
-
-/// Writes the store `dir/tiny.zarr` with its statistics and serves it as dataset `tiny`.
-async fn serve_tiny_store(dir: &Path) -> Server {
-    let path = dir.join("tiny.zarr");
-    write_store(&tiny_store_config(), &path).expect("writing the store");
-    let dataset = Dataset::open(path.to_str().unwrap())
-        .await
-        .expect("opening the store");
-    GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(&path), false, false)
-        .await
-        .expect("statistics");
-    let dataset = format!("tiny={}", path.display());
-    Server::start(&["--dataset".into(), dataset], &dir.join("server.log"))
-}
-
 async fn client(server: &Server) -> LoaderClient {
-    let mut config = ClientConfig::new([server.endpoint()]);
-    config.reconnect = ReconnectPolicy {
-        initial_backoff: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(500),
-        max_attempts: Some(8),
-        give_up_after: Some(Duration::from_secs(30)),
-    };
-    LoaderClient::connect(config).await.expect("client config")
+    connect(client_config(vec![server.endpoint()])).await
 }
 
 /// Fails the test instead of hanging when a run stalls.
