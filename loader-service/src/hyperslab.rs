@@ -433,7 +433,18 @@ fn scatter(
             _ => runs.push((o, c, 1, p)),
         }
     }
-    let mut visit = |out_off: usize, chunk_off: usize, plane: usize| {
+    // The rows (one per point of the outer axes) first, so that each row's source can be
+    // prefetched a few rows ahead: a window's rows lie a whole grid row apart in the chunk, in
+    // different pages, and copying them one by one ran at memory latency.
+    let mut rows: Vec<(usize, usize, usize)> = Vec::new();
+    walk(0, ndim - 1, &steps, 0, 0, 0, &mut |o, c, p| rows.push((o, c, p)));
+    // The span of a row the runs read (a window wrapping across 0° reads both ends).
+    let first = runs.iter().map(|r| r.1).min().unwrap_or(0);
+    let last = runs.iter().map(|r| r.1 + r.2).max().unwrap_or(0);
+    for (i, &(out_off, chunk_off, plane)) in rows.iter().enumerate() {
+        if let Some(&(_, ahead, _)) = rows.get(i + PREFETCH_ROWS) {
+            prefetch(&values[ahead + first..ahead + last]);
+        }
         for &(o, c, len, p) in &runs {
             let dst = out_off + o - base;
             let src = chunk_off + c;
@@ -448,8 +459,27 @@ fn scatter(
                 }
             }
         }
-    };
-    walk(0, ndim - 1, &steps, 0, 0, 0, &mut visit);
+    }
+}
+
+/// How many rows ahead [`scatter`] prefetches.
+const PREFETCH_ROWS: usize = 4;
+
+/// Asks the CPU to start loading `values` into cache (a hint: no effect on results).
+#[inline]
+#[allow(unsafe_code)]
+fn prefetch(values: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in values.chunks(16) {
+        // SAFETY: prefetching is a hint that never faults, and the pointer is in bounds.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
 }
 
 fn walk(
