@@ -98,6 +98,14 @@ async fn same_request_same_bytes_and_tokens_match_the_field() {
             "another epoch draws another sample"
         );
     }
+    // Finished samples hand their buffers back and later samples reuse them with the old
+    // values still in them: every value of a new sample must be written afresh.
+    let fresh = b.sample(4, 7).await.unwrap();
+    for id in [1, 2, 3, 4] {
+        a.recycle(a.sample(1, id).await.unwrap());
+    }
+    assert!(a.pool().held_bytes() > 0);
+    assert_eq!(a.sample(4, 7).await.unwrap(), fresh);
     // The unmasked tokens of field `t` are the normalized window, tokenized.
     let s = a.sample(0, 3).await.unwrap();
     let t = &s.fields[0];
