@@ -471,7 +471,9 @@ impl Dataset {
     ) -> Result<Arc<DecodedChunk>> {
         let store_key = variable.node.array.chunk_key(indices).to_string();
         if let Some(root) = self.location.local_root() {
-            return self.read_and_decode_local(root.clone(), variable, indices, store_key).await;
+            return self
+                .read_and_decode_local(root.clone(), variable, indices, store_key)
+                .await;
         }
         let encoded = self.location.get(&store_key).await?;
         self.log_fetch(variable, indices);

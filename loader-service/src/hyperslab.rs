@@ -437,7 +437,9 @@ fn scatter(
     // prefetched a few rows ahead: a window's rows lie a whole grid row apart in the chunk, in
     // different pages, and copying them one by one ran at memory latency.
     let mut rows: Vec<(usize, usize, usize)> = Vec::new();
-    walk(0, ndim - 1, &steps, 0, 0, 0, &mut |o, c, p| rows.push((o, c, p)));
+    walk(0, ndim - 1, &steps, 0, 0, 0, &mut |o, c, p| {
+        rows.push((o, c, p))
+    });
     // The span of a row the runs read (a window wrapping across 0° reads both ends).
     let first = runs.iter().map(|r| r.1).min().unwrap_or(0);
     let last = runs.iter().map(|r| r.1 + r.2).max().unwrap_or(0);

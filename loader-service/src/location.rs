@@ -241,12 +241,7 @@ pub fn retry_config_from(
 /// store's local reader, which zero-fills a new buffer per read on a blocking-pool thread: with
 /// a buffer kept per decoding thread, a read touches no fresh memory (page faults were a third of
 /// the pipeline's system time).
-pub fn read_local(
-    root: &std::path::Path,
-    url: &str,
-    key: &str,
-    buf: &mut Vec<u8>,
-) -> Result<bool> {
+pub fn read_local(root: &std::path::Path, url: &str, key: &str, buf: &mut Vec<u8>) -> Result<bool> {
     use std::io::Read as _;
     let mut path = root.to_path_buf();
     path.extend(key.split('/').filter(|s| !s.is_empty()));
@@ -268,6 +263,31 @@ pub fn read_local(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_reads_replace_the_buffer_report_missing_objects_and_name_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("t/c/0")).unwrap();
+        std::fs::write(dir.path().join("t/c/0/1"), b"chunk").unwrap();
+        let location = StoreLocation::open(dir.path().to_str().unwrap()).unwrap();
+        let root = location
+            .local_root()
+            .expect("a path is a local store")
+            .clone();
+        let mut buf = b"left from an earlier, longer read".to_vec();
+        assert!(read_local(&root, "store.zarr", "t/c/0/1", &mut buf).unwrap());
+        assert_eq!(buf, b"chunk");
+        assert!(!read_local(&root, "store.zarr", "t/c/0/2", &mut buf).unwrap());
+        // A key that is a folder cannot be read: the error names the object.
+        let err = read_local(&root, "store.zarr/", "t/c/0", &mut buf).unwrap_err();
+        assert!(err.to_string().contains("`store.zarr/t/c/0`"), "{err}");
+        let remote = StoreLocation::from_store(
+            "memory://",
+            Arc::new(object_store::memory::InMemory::new()),
+            "",
+        );
+        assert!(remote.local_root().is_none());
+    }
 
     fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let pairs: Vec<(String, String)> = pairs
