@@ -470,73 +470,61 @@ impl Dataset {
         indices: &[u64],
     ) -> Result<Arc<DecodedChunk>> {
         let store_key = variable.node.array.chunk_key(indices).to_string();
-        if let Some(root) = self.location.local_root() {
-            return self
-                .read_and_decode_local(root.clone(), variable, indices, store_key)
-                .await;
-        }
-        let encoded = self.location.get(&store_key).await?;
-        self.log_fetch(variable, indices);
-        if let Some(bytes) = &encoded {
-            self.counters
-                .fetched_bytes
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            self.counters.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-        }
-        let node = variable.node.clone();
-        let packing = variable.packing.clone();
-        let url = self.url().to_string();
-        let indices = indices.to_vec();
-        let started = std::time::Instant::now();
-        let decoded = run_on_rayon(move || {
-            decode_chunk(
-                &url,
-                &node,
-                &store_key,
-                &indices,
-                encoded.as_deref(),
-                &packing,
-            )
-        })
-        .await?;
-        self.counters
-            .decode_nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        self.counters.decoded_bytes.fetch_add(
-            std::mem::size_of_val(decoded.values()) as u64,
-            Ordering::Relaxed,
-        );
-        Ok(Arc::new(decoded))
-    }
-
-    /// A local store's chunk: read and decoded on one rayon thread, into the thread's own read
-    /// buffer.
-    async fn read_and_decode_local(
-        &self,
-        root: Arc<std::path::Path>,
-        variable: &Variable,
-        indices: &[u64],
-        store_key: String,
-    ) -> Result<Arc<DecodedChunk>> {
-        thread_local! {
-            static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
         let node = variable.node.clone();
         let packing = variable.packing.clone();
         let url = self.url().to_string();
         let chunk_indices = indices.to_vec();
         let started = std::time::Instant::now();
-        let (fetched, decoded) = run_on_rayon(move || {
-            READ_BUFFER.with_borrow_mut(|buf| {
-                let found = crate::location::read_local(&root, &url, &store_key, buf)?;
-                let encoded = found.then_some(buf.as_slice());
-                let decoded =
-                    decode_chunk(&url, &node, &store_key, &chunk_indices, encoded, &packing)?;
-                Ok::<_, StoreError>((found.then_some(buf.len()), decoded))
-            })
-        })
-        .await?;
-        self.log_fetch(variable, indices);
+        let (fetched, decoded) = match self.location.local_root() {
+            // A local chunk is read on the rayon thread that decodes it, into a buffer that
+            // thread keeps (see `location::read_local`).
+            Some(root) => {
+                thread_local! {
+                    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+                }
+                let root = root.clone();
+                run_on_rayon(move || {
+                    READ_BUFFER.with_borrow_mut(|buf| {
+                        let found = crate::location::read_local(&root, &url, &store_key, buf)?;
+                        let encoded = found.then_some(buf.as_slice());
+                        let decoded = decode_chunk(
+                            &url,
+                            &node,
+                            &store_key,
+                            &chunk_indices,
+                            encoded,
+                            &packing,
+                        )?;
+                        Ok::<_, StoreError>((found.then_some(buf.len()), decoded))
+                    })
+                })
+                .await?
+            }
+            None => {
+                let encoded = self.location.get(&store_key).await?;
+                let fetched = encoded.as_ref().map(|bytes| bytes.len());
+                let decoded = run_on_rayon(move || {
+                    decode_chunk(
+                        &url,
+                        &node,
+                        &store_key,
+                        &chunk_indices,
+                        encoded.as_deref(),
+                        &packing,
+                    )
+                })
+                .await?;
+                (fetched, decoded)
+            }
+        };
+        if let Some(log) = self
+            .fetch_log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_mut()
+        {
+            log.push((variable.name.clone(), indices.to_vec()));
+        }
         if let Some(len) = fetched {
             self.counters
                 .fetched_bytes
@@ -551,17 +539,6 @@ impl Dataset {
             Ordering::Relaxed,
         );
         Ok(Arc::new(decoded))
-    }
-
-    fn log_fetch(&self, variable: &Variable, indices: &[u64]) {
-        if let Some(log) = self
-            .fetch_log
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_mut()
-        {
-            log.push((variable.name.clone(), indices.to_vec()));
-        }
     }
 
     /// Starts (or, with `false`, stops and returns) recording the chunks fetched from storage.
