@@ -74,10 +74,11 @@ cross_heads = 2
 encoder_layers = 2
 decoder_layers = 1
 d_info = 8
+prior = "temporal"
 fields = [
-  { name = "vo", token_numel = 25, num_tokens = 96, pe_width = 16 },
-  { name = "z", token_numel = 25, num_tokens = 96, pe_width = 16 },
-  { name = "t", token_numel = 25, num_tokens = 96, pe_width = 16 },
+  { name = "vo", token_numel = 25, num_tokens = 96, pe_width = 16, grid = { num_tokens = [4, 3, 4], token_size = [1, 5, 5] } },
+  { name = "z", token_numel = 25, num_tokens = 96, pe_width = 16, grid = { num_tokens = [4, 3, 4], token_size = [1, 5, 5] } },
+  { name = "t", token_numel = 25, num_tokens = 96, pe_width = 16, grid = { num_tokens = [4, 3, 4], token_size = [1, 5, 5] } },
 ]
 
 [[tasks]]

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use atmorep_loader::writer::{DenseArray, write_arrays};
 use atmorep_proto::MaskConfig;
-use atmorep_trainer::{DType, Device, FieldInput, batch_tensors};
+use atmorep_trainer::{DType, DeviceSpec, FieldInput, batch_tensors};
 use clap::Args;
 use serde_json::json;
 
@@ -33,6 +33,10 @@ pub struct EmbedArgs {
     /// Bearer token for the loaders.
     #[arg(long, env = "ATMOREP_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Where the model computes: `cpu`, or `cuda` (GPU 0) / `cuda:N` in a build with the `cuda`
+    /// feature.
+    #[arg(long, env = "ATMOREP_DEVICE", default_value = "cpu")]
+    device: DeviceSpec,
 }
 
 pub async fn embed(args: EmbedArgs) -> Result<PathBuf> {
@@ -40,8 +44,8 @@ pub async fn embed(args: EmbedArgs) -> Result<PathBuf> {
     if args.samples == 0 {
         bail!("--samples: at least 1");
     }
-    let SavedRun { dir, trainer, .. } = SavedRun::load(&args.ckpt)?;
-    let (model, config) = (trainer.model(), trainer.config());
+    let SavedRun { dir, trainer, .. } = crate::eval::load_on(&args.ckpt, args.device)?;
+    let (model, config, device) = (trainer.model(), trainer.config(), trainer.device());
     let client = connect(&args.loader, args.token.as_deref()).await?;
     // Unmasked samples: the embedding of what the model sees when nothing is hidden.
     let mut request = config.request.clone();
@@ -70,7 +74,7 @@ pub async fn embed(args: EmbedArgs) -> Result<PathBuf> {
             continue;
         }
         let take = batch.len().min(args.samples - ids.len());
-        let tensors = batch_tensors(&batch, model.config(), DType::F32, &Device::Cpu)?;
+        let tensors = batch_tensors(&batch, model.config(), DType::F32, device)?;
         let inputs: Vec<FieldInput> = tensors.iter().map(|f| f.input.clone()).collect();
         let out = model.encode(&inputs)?;
         for (k, (e, spec)) in out.iter().zip(fields).enumerate() {

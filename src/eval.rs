@@ -2,10 +2,12 @@
 //! RMSE per task, field and level in physical units beside climatology, persistence and
 //! interpolation — as a table on stdout and a Parquet file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use atmorep_trainer::collective::SingleProcess;
 use atmorep_trainer::eval::{self, EvalOptions, EvalRow};
+use atmorep_trainer::{DeviceSpec, Trainer, checkpoint};
 
 use crate::saved_run::{SavedRun, connect, parse_split};
 use clap::Args;
@@ -32,13 +34,27 @@ pub struct EvalArgs {
     /// Bearer token for the loaders.
     #[arg(long, env = "ATMOREP_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Where the model computes: `cpu`, or `cuda` (GPU 0) / `cuda:N` in a build with the `cuda`
+    /// feature.
+    #[arg(long, env = "ATMOREP_DEVICE", default_value = "cpu")]
+    device: DeviceSpec,
+}
+
+/// [`SavedRun::load`] with the model on `device` (for `eval` and `embed`): the checkpoint's
+/// tensors are loaded straight onto it.
+pub(crate) fn load_on(path: &Path, device: DeviceSpec) -> Result<SavedRun> {
+    let device = device.open()?;
+    let ckpt = checkpoint::load(path, &device)?;
+    let (dir, step) = (ckpt.dir.clone(), ckpt.step);
+    let trainer = Trainer::from_checkpoint_in(ckpt, None, Box::new(SingleProcess), &device)?;
+    Ok(SavedRun { dir, step, trainer })
 }
 
 pub async fn eval(args: EvalArgs) -> Result<Vec<EvalRow>> {
     let split = parse_split(&args.split)?;
-    let SavedRun { dir, step, trainer } = SavedRun::load(&args.ckpt)?;
+    let SavedRun { dir, step, trainer } = load_on(&args.ckpt, args.device)?;
     let client = connect(&args.loader, args.token.as_deref()).await?;
-    let scores = eval::evaluate(
+    let scores = eval::evaluate_on(
         trainer.model(),
         trainer.config(),
         &client,
@@ -46,6 +62,7 @@ pub async fn eval(args: EvalArgs) -> Result<Vec<EvalRow>> {
             split,
             batches: args.batches,
         },
+        trainer.device(),
     )
     .await
     .with_context(|| format!("evaluating {}", dir.display()))?;

@@ -14,7 +14,7 @@ use atmorep_proto::request::{ModeName, UnitsName};
 use atmorep_track::time::parse_iso;
 use atmorep_track::{Grid, TileField, TileStitcher, TimeAxis};
 use atmorep_trainer::eval::{self, FieldLayout};
-use atmorep_trainer::infer;
+use atmorep_trainer::{DeviceSpec, infer};
 use clap::Args;
 
 use crate::saved_run::{SavedRun, connect};
@@ -44,10 +44,14 @@ pub struct InferArgs {
     /// Bearer token for the loaders.
     #[arg(long, env = "ATMOREP_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Where the model computes: `cpu`, or `cuda` (GPU 0) / `cuda:N` in a build with the `cuda`
+    /// feature.
+    #[arg(long, env = "ATMOREP_DEVICE", default_value = "cpu")]
+    device: DeviceSpec,
 }
 
 pub async fn infer(args: InferArgs) -> Result<PathBuf> {
-    let SavedRun { dir, trainer, .. } = SavedRun::load(&args.ckpt)?;
+    let SavedRun { dir, trainer, .. } = crate::eval::load_on(&args.ckpt, args.device)?;
     let (model, config) = (trainer.model(), trainer.config());
     let client = connect(&args.loader, args.token.as_deref()).await?;
     let dataset = config.request.dataset.clone();
@@ -207,7 +211,14 @@ pub async fn infer(args: InferArgs) -> Result<PathBuf> {
             continue;
         }
         tiles += batch.len();
-        let preds = infer::reconstruct(model, &batch, &layouts, args.passes, mask_value)?;
+        let preds = infer::reconstruct(
+            model,
+            &batch,
+            &layouts,
+            args.passes,
+            mask_value,
+            trainer.device(),
+        )?;
         for ((mut values, layout), spec) in
             preds.into_iter().zip(&layouts).zip(&model.config().fields)
         {

@@ -7,6 +7,9 @@
 //! train one model data-parallel (see `atmorep_trainer::train`); built with the `nccl` feature,
 //! `--nccl-root HOST:PORT --rank R --world-size N` makes the N processes one data-parallel run
 //! over NCCL, one GPU each, that meet at rank 0's HOST:PORT.
+//!
+//! `--device` (or `ATMOREP_DEVICE`) says where the model computes: `cpu` (the default), or, in a
+//! build with the `cuda` feature, `cuda` / `cuda:N`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use atmorep_proto::client::{ClientConfig, LoaderClient};
 use atmorep_trainer::checkpoint;
 use atmorep_trainer::collective::{Collective, SingleProcess};
-use atmorep_trainer::{Device, RunOptions, TrainConfig, Trainer};
+use atmorep_trainer::{DeviceSpec, RunOptions, TrainConfig, Trainer};
 use clap::Args;
 
 #[derive(Debug, Args)]
@@ -56,6 +59,10 @@ pub struct TrainArgs {
     /// Serve the training metrics for Prometheus on this address (`/metrics`).
     #[arg(long)]
     metrics_bind: Option<SocketAddr>,
+    /// Where the model computes: `cpu`, or `cuda` (GPU 0) / `cuda:N` in a build with the `cuda`
+    /// feature. Bit-exact resumes are guaranteed on the CPU.
+    #[arg(long, env = "ATMOREP_DEVICE", default_value = "cpu")]
+    device: DeviceSpec,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -180,7 +187,12 @@ async fn train_nccl(args: TrainArgs, root: String) -> Result<()> {
         bail!("--nccl-root needs --rank and --world-size");
     };
     let timeout = std::time::Duration::from_secs(args.nccl_timeout_s);
-    let nccl = tokio::task::spawn_blocking(move || Nccl::init(&root, rank, world, None, timeout))
+    // The model's GPU, when it computes on one, is also the collective's.
+    let gpu = match args.device {
+        DeviceSpec::Cuda(n) => Some(n),
+        DeviceSpec::Cpu => None,
+    };
+    let nccl = tokio::task::spawn_blocking(move || Nccl::init(&root, rank, world, gpu, timeout))
         .await
         .context("the NCCL rendezvous task")??;
     train_in(args, Box::new(nccl))
@@ -201,6 +213,8 @@ async fn train_in(args: TrainArgs, collective: Box<dyn Collective>) -> Result<()
         (ranks > 1).then_some((rank, ranks)),
     )?;
     let root = rank == 0;
+    let device = args.device.open()?;
+    tracing::info!(device = %args.device, "model device");
     let config = args
         .config
         .as_deref()
@@ -209,7 +223,7 @@ async fn train_in(args: TrainArgs, collective: Box<dyn Collective>) -> Result<()
         .map(|c| layout.apply(c));
     let (mut trainer, out) = match &args.resume {
         Some(path) => {
-            let ckpt = checkpoint::load(path, &Device::Cpu)?;
+            let ckpt = checkpoint::load(path, &device)?;
             let out = args
                 .out
                 .clone()
@@ -224,7 +238,10 @@ async fn train_in(args: TrainArgs, collective: Box<dyn Collective>) -> Result<()
                 (None, Layout::Config) => None,
                 (config, _) => Some(layout.apply(config.unwrap_or_else(|| ckpt.config.clone()))),
             };
-            (Trainer::from_checkpoint_in(ckpt, config, collective)?, out)
+            (
+                Trainer::from_checkpoint_in(ckpt, config, collective, &device)?,
+                out,
+            )
         }
         None => {
             let Some(config) = config else {
@@ -241,7 +258,7 @@ async fn train_in(args: TrainArgs, collective: Box<dyn Collective>) -> Result<()
                     out.display()
                 );
             }
-            (Trainer::new_in(config, collective)?, out)
+            (Trainer::new_in(config, collective, &device)?, out)
         }
     };
     // Ranks on one machine cannot share the port; their gauges are rank 0's anyway.
@@ -356,6 +373,38 @@ mod tests {
         ] {
             let e = layout(Some(flags), mpi).unwrap_err().to_string();
             assert!(e.contains(flag), "{e}");
+        }
+    }
+
+    /// `atmorep train`'s arguments from a command line.
+    fn parse(args: &[&str]) -> Result<TrainArgs, clap::Error> {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct Cli {
+            #[command(flatten)]
+            train: TrainArgs,
+        }
+        let line = ["atmorep-train", "--loader", "http://127.0.0.1:1"];
+        Cli::try_parse_from(line.iter().chain(args)).map(|c| c.train)
+    }
+
+    #[test]
+    fn the_device_is_the_cpu_unless_named() {
+        if std::env::var_os("ATMOREP_DEVICE").is_none() {
+            assert_eq!(parse(&[]).unwrap().device, DeviceSpec::Cpu);
+        }
+        assert_eq!(parse(&["--device", "cpu"]).unwrap().device, DeviceSpec::Cpu);
+        let e = parse(&["--device", "gpu"]).unwrap_err().to_string();
+        assert!(e.contains("`gpu`") && e.contains("`cuda:N`"), "{e}");
+        let cuda = parse(&["--device", "cuda:1"]);
+        if cfg!(feature = "cuda") {
+            assert_eq!(cuda.unwrap().device, DeviceSpec::Cuda(1));
+        } else {
+            let e = cuda.unwrap_err().to_string();
+            assert!(
+                e.contains("`cuda:1`") && e.contains("--features cuda"),
+                "{e}"
+            );
         }
     }
 

@@ -28,6 +28,39 @@ pub struct FieldSpec {
     /// Width of the positional encoding the loader sends (`W`); projected to `d_model` when it
     /// differs.
     pub pe_width: usize,
+    /// How the tokens tile the sample window; needed by [`Prior::Temporal`], which has to know
+    /// which values of the sequence are the same grid point at other times.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid: Option<TokenGrid>,
+}
+
+/// The token geometry of a field's sample, as in its loader request: per level, `num_tokens`
+/// tokens along (time, lat, lon), each of `token_size` grid points along (time, lat, lon).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenGrid {
+    pub num_tokens: [usize; 3],
+    pub token_size: [usize; 3],
+}
+
+/// What the tail's output is added to.
+///
+/// With [`Prior::Temporal`] the model predicts a correction to a prior made from the values it
+/// can see: each hidden value starts from the linear interpolation in time between the nearest
+/// visible values of the same grid point before and after it, or from the nearest one when it
+/// has a visible neighbour on one side only (persistence at a forecast edge), or from 0 — the
+/// climatological mean in normalized units — when the grid point is hidden at every time of the
+/// window. Learning the residual over a simple predictor is how forecasting models are usually
+/// trained (they predict tendencies over persistence); it makes every skill over the
+/// interpolation baseline something the network has learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Prior {
+    /// The tail's output is the prediction (AtmoRep).
+    #[default]
+    None,
+    /// The tail's output is added to the temporal prior.
+    Temporal,
 }
 
 /// How the 8 floats of token info enter the model (the seed's ablation, DESIGN §4).
@@ -152,6 +185,13 @@ pub struct ModelConfig {
     pub ensemble: usize,
     #[serde(default = "default_layer_norm_eps")]
     pub layer_norm_eps: f64,
+    /// What the tail's output is added to; every field needs its `grid` for `temporal`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub prior: Prior,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 /// Preset names accepted by [`ModelConfig::preset`].
@@ -167,6 +207,7 @@ impl ModelConfig {
             token_numel: 12,
             num_tokens: 16,
             pe_width: 8,
+            grid: None,
         };
         Self {
             fields: vec![field("t"), field("z")],
@@ -180,6 +221,7 @@ impl ModelConfig {
             aux_info: AuxInfo::Concat,
             ensemble: 1,
             layer_norm_eps: default_layer_norm_eps(),
+            prior: Prior::None,
         }
     }
 
@@ -192,6 +234,7 @@ impl ModelConfig {
             token_numel: 3 * 9 * 9,
             num_tokens: 2 * 6 * 4 * 8,
             pe_width: 256,
+            grid: None,
         };
         Self {
             fields: vec![field("t"), field("z")],
@@ -205,6 +248,7 @@ impl ModelConfig {
             aux_info: AuxInfo::Concat,
             ensemble: 1,
             layer_norm_eps: default_layer_norm_eps(),
+            prior: Prior::None,
         }
     }
 
@@ -218,6 +262,7 @@ impl ModelConfig {
             token_numel: 3 * 9 * 9,
             num_tokens: 5 * 12 * 6 * 12,
             pe_width: 1024,
+            grid: None,
         };
         Self {
             fields: [
@@ -240,6 +285,7 @@ impl ModelConfig {
             aux_info: AuxInfo::Concat,
             ensemble: 16,
             layer_norm_eps: default_layer_norm_eps(),
+            prior: Prior::None,
         }
     }
 
@@ -338,6 +384,39 @@ impl ModelConfig {
                 if value == 0 {
                     return Err(config_err(at(what), "must be at least 1"));
                 }
+            }
+            match (&f.grid, self.prior) {
+                (None, Prior::Temporal) => {
+                    return Err(config_err(
+                        at("grid"),
+                        "prior `temporal` needs each field's token grid \
+                         ({ num_tokens = [t, lat, lon], token_size = [t, lat, lon] })",
+                    ));
+                }
+                (Some(g), _) => {
+                    let per_level: usize = g.num_tokens.iter().product();
+                    let values: usize = g.token_size.iter().product();
+                    if per_level == 0 || values != f.token_numel {
+                        return Err(config_err(
+                            at("grid"),
+                            format!(
+                                "token_size {:?} makes {values} values per token, the field has {}",
+                                g.token_size, f.token_numel
+                            ),
+                        ));
+                    }
+                    if !f.num_tokens.is_multiple_of(per_level) {
+                        return Err(config_err(
+                            at("grid"),
+                            format!(
+                                "num_tokens {:?} makes {per_level} tokens per level, which does \
+                                 not divide the field's {} tokens",
+                                g.num_tokens, f.num_tokens
+                            ),
+                        ));
+                    }
+                }
+                (None, Prior::None) => {}
             }
         }
         for (what, value) in [
@@ -470,6 +549,25 @@ mod tests {
                 "fields[0].token_numel",
                 Box::new(|c| c.fields[0].token_numel = 0),
             ),
+            ("fields[0].grid", Box::new(|c| c.prior = Prior::Temporal)),
+            (
+                "fields[0].grid",
+                Box::new(|c| {
+                    c.fields[0].grid = Some(TokenGrid {
+                        num_tokens: [2, 2, 2],
+                        token_size: [1, 3, 3],
+                    })
+                }),
+            ),
+            (
+                "fields[1].grid",
+                Box::new(|c| {
+                    c.fields[1].grid = Some(TokenGrid {
+                        num_tokens: [3, 1, 1],
+                        token_size: [1, 3, 4],
+                    })
+                }),
+            ),
         ];
         for (setting, edit) in cases {
             let mut cfg = ModelConfig::tiny();
@@ -483,6 +581,16 @@ mod tests {
         let mut cfg = ModelConfig::tiny();
         cfg.aux_info = AuxInfo::ClassToken;
         cfg.d_info = 0;
+        cfg.validate().unwrap();
+        // The tiny preset's fields are 2 levels × 2×2×2 tokens of 1×3×4 points.
+        let mut cfg = ModelConfig::tiny();
+        cfg.prior = Prior::Temporal;
+        for f in &mut cfg.fields {
+            f.grid = Some(TokenGrid {
+                num_tokens: [2, 2, 2],
+                token_size: [1, 3, 4],
+            });
+        }
         cfg.validate().unwrap();
     }
 
@@ -504,6 +612,19 @@ mod tests {
             pe_width = 64
         "#;
         let cfg = ModelConfig::from_toml_str(text).unwrap();
+        assert_eq!(cfg.prior, Prior::None);
+        assert!(
+            !cfg.to_toml_string().contains("prior"),
+            "the default stays implicit"
+        );
+        let temporal = text.replacen("d_model", "prior = \"temporal\"\nd_model", 1)
+            + "grid = { num_tokens = [2, 2, 2], token_size = [3, 3, 3] }\n";
+        let with_prior = ModelConfig::from_toml_str(&temporal).unwrap();
+        assert_eq!(with_prior.prior, Prior::Temporal);
+        assert_eq!(
+            ModelConfig::from_toml_str(&with_prior.to_toml_string()).unwrap(),
+            with_prior
+        );
         assert_eq!(cfg.aux_info, AuxInfo::ClassToken);
         assert_eq!(cfg.mlp_hidden(), 256);
         assert_eq!(cfg.layer_norm_eps, 1e-5);

@@ -404,12 +404,25 @@ pub struct EvalOptions {
     pub batches: u64,
 }
 
-/// Scores `model` on every task of `config` over the `opts.split` stream of `client`.
+/// Scores `model` (on the CPU) on every task of `config` over the `opts.split` stream of
+/// `client`.
 pub async fn evaluate(
     model: &MultiFormer,
     config: &TrainConfig,
     client: &LoaderClient,
     opts: &EvalOptions,
+) -> Result<Scores> {
+    evaluate_on(model, config, client, opts, &Device::Cpu).await
+}
+
+/// [`evaluate`] for a model whose weights are on `device` (a trainer's
+/// [`crate::Trainer::device`]): the batches are copied there, the predictions read back.
+pub async fn evaluate_on(
+    model: &MultiFormer,
+    config: &TrainConfig,
+    client: &LoaderClient,
+    opts: &EvalOptions,
+    device: &Device,
 ) -> Result<Scores> {
     let dataset = &config.request.dataset;
     let info = client.dataset_info(dataset).await?;
@@ -481,6 +494,7 @@ pub async fn evaluate(
                 &layouts,
                 &stats,
                 time,
+                device,
             )?;
         }
         if taken == 0 {
@@ -493,6 +507,7 @@ pub async fn evaluate(
     Ok(scores)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn score_batch(
     scores: &mut Scores,
     task: &str,
@@ -501,8 +516,9 @@ fn score_batch(
     layouts: &[FieldLayout],
     stats: &MonthlyStatistics,
     time: TimeAxis,
+    device: &Device,
 ) -> Result<()> {
-    let fields = batch_tensors(batch, model.config(), DType::F32, &Device::Cpu)?;
+    let fields = batch_tensors(batch, model.config(), DType::F32, device)?;
     let inputs: Vec<FieldInput> = fields.iter().map(|f| f.input.clone()).collect();
     let preds = model.forward(&inputs)?;
     for ((pred, layout), spec) in preds.iter().zip(layouts).zip(&model.config().fields) {

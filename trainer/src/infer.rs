@@ -10,7 +10,8 @@
 use atmorep_proto::{Batch, MonthlyStatistics};
 use candle_core::{DType, Device, Tensor};
 
-use crate::batch::batch_tensors;
+use crate::batch::{batch_tensors, temporal_prior};
+use crate::config::{Prior, TokenGrid};
 use crate::error::{Result, input_err};
 use crate::eval::{FieldLayout, TimeAxis, for_each_value};
 use crate::model::{FieldInput, MultiFormer};
@@ -32,6 +33,7 @@ pub fn reconstruct(
     layouts: &[FieldLayout],
     passes: usize,
     mask_value: f32,
+    device: &Device,
 ) -> Result<Vec<Vec<f32>>> {
     if passes < 2 {
         return Err(input_err(
@@ -50,7 +52,24 @@ pub fn reconstruct(
             ),
         ));
     }
-    let fields = batch_tensors(batch, cfg, DType::F32, &Device::Cpu)?;
+    let fields = batch_tensors(batch, cfg, DType::F32, device)?;
+    // Each pass hides other tokens, so the temporal prior is made again from what it shows.
+    type Visible<'a> = Option<(Vec<f32>, [usize; 3], &'a TokenGrid)>;
+    let raw: Vec<Visible> = fields
+        .iter()
+        .zip(&cfg.fields)
+        .map(|(f, spec)| match (cfg.prior, &spec.grid) {
+            (Prior::Temporal, Some(grid)) => {
+                let (b, n, v) = f.input.source.dims3()?;
+                Ok(Some((
+                    f.input.source.flatten_all()?.to_vec1()?,
+                    [b, n, v],
+                    grid,
+                )))
+            }
+            _ => Ok(None),
+        })
+        .collect::<Result<_>>()?;
     let mut out: Vec<Vec<f32>> = fields
         .iter()
         .map(|f| vec![0.0; f.input.source.elem_count()])
@@ -58,15 +77,26 @@ pub fn reconstruct(
     for pass in 0..passes {
         let mut inputs = Vec::with_capacity(fields.len());
         let mut masks = Vec::with_capacity(fields.len());
-        for (f, layout) in fields.iter().zip(layouts) {
+        for ((f, layout), raw) in fields.iter().zip(layouts).zip(&raw) {
             let (_, n, _) = f.input.source.dims3()?;
             let masked: Vec<bool> = (0..n).map(|k| group(k, layout, passes) == pass).collect();
             let keep: Vec<f32> = masked.iter().map(|&m| if m { 0.0 } else { 1.0 }).collect();
-            let keep = Tensor::from_vec(keep, (1, n, 1), &Device::Cpu)?;
+            let keep = Tensor::from_vec(keep, (1, n, 1), device)?;
             let fill = keep.affine(-f64::from(mask_value), f64::from(mask_value))?;
             let source = f.input.source.broadcast_mul(&keep)?.broadcast_add(&fill)?;
+            let prior = match raw {
+                Some((values, shape, grid)) => Some(
+                    temporal_prior(values, *shape, grid, |_, k| masked[k]).to_input(
+                        *shape,
+                        DType::F32,
+                        device,
+                    )?,
+                ),
+                None => None,
+            };
             inputs.push(FieldInput {
                 source,
+                prior,
                 ..f.input.clone()
             });
             masks.push(masked);
@@ -185,12 +215,58 @@ mod tests {
     }
 
     #[test]
+    fn each_pass_makes_the_temporal_prior_from_what_it_shows() {
+        let mut cfg = ModelConfig::tiny();
+        cfg.prior = Prior::Temporal;
+        for f in &mut cfg.fields {
+            f.grid = Some(TokenGrid {
+                num_tokens: [2, 2, 2],
+                token_size: [1, 3, 4],
+            });
+        }
+        let (model, vm) = MultiFormer::seeded(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+        // A tail that adds nothing: the output is the prior alone.
+        for (name, var) in vm.data().lock().unwrap().iter() {
+            if name.starts_with("tail.") && name.contains(".proj_") {
+                var.set(&var.zeros_like().unwrap()).unwrap();
+            }
+        }
+        let b = batch(&cfg, 2);
+        let out = reconstruct(
+            &model,
+            &b,
+            &[layout("t"), layout("z")],
+            2,
+            0.0,
+            &Device::Cpu,
+        )
+        .unwrap();
+        // Two time tokens of one step, checkerboard passes: a token's only time neighbour is
+        // shown when it is hidden, so its prior is that neighbour's value at the same point.
+        let (n, v) = (16, 12);
+        for (f, o) in b.fields.iter().zip(&out) {
+            for i in 0..2 {
+                for k in 0..n {
+                    let other = k ^ 4; // t = 0 ↔ t = 1: token k = ((l·2 + t)·2 + y)·2 + x
+                    let at = |k: usize| (i * n + k) * v;
+                    assert_eq!(
+                        &o[at(k)..at(k) + v],
+                        &f.source[at(other)..at(other) + v],
+                        "{} sample {i} token {k}",
+                        f.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn each_token_comes_from_the_pass_that_masked_it() {
         let cfg = ModelConfig::tiny();
         let (model, _) = MultiFormer::seeded(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
         let layouts = [layout("t"), layout("z")];
         let b = batch(&cfg, 2);
-        let out = reconstruct(&model, &b, &layouts, 2, 0.0).unwrap();
+        let out = reconstruct(&model, &b, &layouts, 2, 0.0, &Device::Cpu).unwrap();
         // The same by hand: pass 0 masks the even-parity tokens, pass 1 the odd ones.
         let fields = batch_tensors(&b, &cfg, DType::F32, &Device::Cpu).unwrap();
         for pass in 0..2 {
@@ -242,7 +318,7 @@ mod tests {
                 }
             }
         }
-        assert!(reconstruct(&model, &b, &layouts, 1, 0.0).is_err());
+        assert!(reconstruct(&model, &b, &layouts, 1, 0.0, &Device::Cpu).is_err());
     }
 
     #[test]

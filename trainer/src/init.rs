@@ -10,6 +10,9 @@
 //! - a rank-2 `….weight` (a `Linear`) → Xavier/Glorot uniform, `±√(6 / (fan_in + fan_out))`,
 //!   which keeps activations at order 1 whatever the layer widths (the tiny test models are far
 //!   narrower than the widths a fixed 0.02 is tuned for);
+//! - `….prior_scale` (the factors of a correction to a temporal prior) → [`PRIOR_SCALE_INIT`]:
+//!   small, so an untrained model starts at the prior instead of at the prior plus noise, and
+//!   not zero, so every other variable gets a gradient from the first step;
 //! - anything else (learned tokens, embeddings) → normal(0, 0.02).
 
 use candle_core::{Tensor, Var};
@@ -26,7 +29,11 @@ pub enum Scheme {
     Ones,
     XavierUniform,
     Normal { std: f64 },
+    Constant(f64),
 }
+
+/// The first value of every `prior_scale`, in normalized units per unit of tail output.
+pub const PRIOR_SCALE_INIT: f64 = 1e-2;
 
 /// Standard deviation of [`Scheme::Normal`] for learned tokens and embeddings.
 pub const NORMAL_STD: f64 = 0.02;
@@ -36,6 +43,7 @@ pub fn scheme_for(name: &str, dims: &[usize]) -> Scheme {
     let leaf = name.rsplit('.').next().unwrap_or(name);
     match (leaf, dims.len()) {
         ("bias", _) => Scheme::Zeros,
+        ("prior_scale", _) => Scheme::Constant(PRIOR_SCALE_INIT),
         ("weight", 1) => Scheme::Ones,
         ("weight", 2) => Scheme::XavierUniform,
         _ => Scheme::Normal { std: NORMAL_STD },
@@ -62,6 +70,7 @@ pub fn init_values(name: &str, dims: &[usize], seed: u64) -> Vec<f64> {
             (0..n).map(|_| rng.random_range(-bound..bound)).collect()
         }
         Scheme::Normal { std } => (0..n).map(|_| std * standard_normal(&mut rng)).collect(),
+        Scheme::Constant(value) => vec![value; n],
     }
 }
 
@@ -98,6 +107,10 @@ mod tests {
         assert_eq!(scheme_for("a.qkv.bias", &[6]), Scheme::Zeros);
         assert_eq!(scheme_for("a.ln1.weight", &[6]), Scheme::Ones);
         assert_eq!(scheme_for("a.qkv.weight", &[6, 2]), Scheme::XavierUniform);
+        assert_eq!(
+            scheme_for("tail.t.prior_scale", &[3]),
+            Scheme::Constant(PRIOR_SCALE_INIT)
+        );
         assert_eq!(
             scheme_for("embed.t.class_token", &[6]),
             Scheme::Normal { std: NORMAL_STD }

@@ -11,9 +11,11 @@
 //! accumulation ([`optim`]), atomic checkpoints ([`checkpoint`]), per-step metrics as Parquet
 //! and `metrics` gauges ([`metrics_log`]), the loop over the loader's gRPC stream with its
 //! config ([`train`]) and, across processes, the collective operations of data-parallel training
-//! ([`collective`]) and how NCCL ranks meet ([`rendezvous`]), evaluation against baselines in physical units ([`eval`]) and global
-//! inference, every token predicted from the others ([`infer`]); ablation studies run variants of
-//! one config on one stream and report them side by side ([`ablation`]).
+//! ([`collective`]) and how NCCL ranks meet ([`rendezvous`]), the device the model computes on
+//! (the CPU, or a GPU with the `cuda` feature: [`device`]), evaluation against baselines in
+//! physical units ([`eval`]) and global inference, every token predicted from the others
+//! ([`infer`]); ablation studies run variants of one config on one stream and report them side
+//! by side ([`ablation`]).
 //!
 //! ```no_run
 //! use atmorep_trainer::{ModelConfig, MultiFormer};
@@ -31,6 +33,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod config;
 pub mod decoder;
+pub mod device;
 pub mod embed;
 pub mod encoder;
 pub mod error;
@@ -50,6 +53,7 @@ pub use batch::{FieldTensors, batch_tensors};
 /// The tensor types, so a user of the trainer needs no candle dependency of its own.
 pub use candle_core::{DType, Device};
 pub use config::{AuxInfo, FieldSpec, ModelConfig};
+pub use device::{DeviceError, DeviceSpec, device_from_str};
 pub use error::{Error, Result};
 pub use model::{AttentionMaps, FieldInput, MultiFormer};
 pub use train::{RunOptions, RunSummary, TrainConfig, Trainer};

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, Prior};
 use crate::decoder::{DecoderAttention, DecoderLayer};
 use crate::embed::{TOKEN_INFO_LEN, TokenEmbedding};
 use crate::encoder::{EncoderAttention, EncoderLayer};
@@ -20,6 +20,19 @@ pub struct FieldInput {
     pub token_info: Tensor,
     /// `[B, T, W]`: positional encoding.
     pub pe: Tensor,
+    /// What the tail's output corrects under [`crate::config::Prior::Temporal`]
+    /// ([`crate::batch::temporal_prior`] of the visible values); `None` otherwise.
+    pub prior: Option<PriorInput>,
+}
+
+/// A field's temporal prior as the model takes it.
+#[derive(Debug, Clone)]
+pub struct PriorInput {
+    /// `[B, T, V]`: the prior's values.
+    pub values: Tensor,
+    /// `[B, T, V, K]`: one-hot, how each value's prior was made
+    /// ([`crate::batch::PREDICTED_PRIOR_KINDS`]); all zero for visible values.
+    pub kind: Tensor,
 }
 
 /// Every attention map of one forward pass, indexed `[layer][field]`.
@@ -179,7 +192,17 @@ impl MultiFormer {
             .iter()
             .zip(&self.tails)
             .zip(&self.cfg.fields)
-            .map(|((x, tail), spec)| tail.forward(&x.narrow(1, extra, spec.num_tokens)?))
+            .zip(inputs)
+            .map(|(((x, tail), spec), input)| {
+                let x = x.narrow(1, extra, spec.num_tokens)?;
+                match self.cfg.prior {
+                    Prior::None => tail.forward(&x),
+                    Prior::Temporal => tail.forward_with_prior(
+                        &x,
+                        input.prior.as_ref().expect("checked by check_inputs"),
+                    ),
+                }
+            })
             .collect::<candle_core::Result<_>>()?;
         Ok((preds, maps))
     }
@@ -219,6 +242,32 @@ impl MultiFormer {
                             self.dtype
                         ),
                     ));
+                }
+            }
+            if self.cfg.prior == Prior::Temporal {
+                let prior = input.prior.as_ref().ok_or_else(|| {
+                    input_err(
+                        format!("{}.prior", spec.name),
+                        "the model adds its output to a temporal prior; the input has none",
+                    )
+                })?;
+                let mut kind_dims = input.source.dims().to_vec();
+                kind_dims.push(crate::batch::PREDICTED_PRIOR_KINDS.len());
+                for (what, tensor, want) in [
+                    ("values", &prior.values, input.source.dims()),
+                    ("kind", &prior.kind, kind_dims.as_slice()),
+                ] {
+                    if tensor.dims() != want || tensor.dtype() != self.dtype {
+                        return Err(input_err(
+                            format!("{}.prior.{what}", spec.name),
+                            format!(
+                                "{:?} of {:?}, expected {want:?} of {:?}",
+                                tensor.dims(),
+                                tensor.dtype(),
+                                self.dtype
+                            ),
+                        ));
+                    }
                 }
             }
         }

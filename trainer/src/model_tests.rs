@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
-use crate::config::AuxInfo;
+use crate::config::{AuxInfo, Prior, TokenGrid};
 use crate::loss::{masked_crps, masked_mse};
 
 /// A synthetic batch: inputs, per field the targets `[M, V]` and the masked indices.
@@ -66,11 +66,36 @@ fn batch(cfg: &ModelConfig, b: usize, seed: u64, dtype: DType) -> Batch {
                 idx
             })
             .collect();
+        let mut masked = masked;
+        if cfg.prior == Prior::Temporal {
+            // Every time token of one grid column of sample 0 (tokens 0, 2, 4, 6 of
+            // `with_temporal_prior`'s grid): values whose prior is the climatology.
+            masked[0].extend([0, 2, 4, 6]);
+            masked[0].sort_unstable();
+            masked[0].dedup();
+        }
         let m: usize = masked.iter().map(Vec::len).sum();
+        let source = tensor(&mut rng, &[b, t, v], -2.0, 2.0, dtype);
+        let prior = match (cfg.prior, &f.grid) {
+            (Prior::Temporal, Some(grid)) => {
+                let values: Vec<f32> = source
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let hidden = |i: usize, k: usize| masked[i].contains(&(k as u32));
+                let p = crate::batch::temporal_prior(&values, [b, t, v], grid, hidden);
+                Some(p.to_input([b, t, v], dtype, &Device::Cpu).unwrap())
+            }
+            _ => None,
+        };
         out.inputs.push(FieldInput {
-            source: tensor(&mut rng, &[b, t, v], -2.0, 2.0, dtype),
+            source,
             token_info: token_info(&mut rng, b, t, dtype),
             pe: tensor(&mut rng, &[b, t, f.pe_width], -1.0, 1.0, dtype),
+            prior,
         });
         out.targets
             .push(tensor(&mut rng, &[m, v], -2.0, 2.0, dtype));
@@ -103,6 +128,20 @@ fn tiny(aux: AuxInfo) -> ModelConfig {
     }
 }
 
+/// `cfg` (tiny fields of 16 tokens of 12 values, here 2 levels × 4×1×2 tokens of 1×3×4
+/// points, so hidden tokens fall between visible ones) with the temporal prior.
+fn with_temporal_prior(mut cfg: ModelConfig) -> ModelConfig {
+    cfg.prior = Prior::Temporal;
+    for f in &mut cfg.fields {
+        f.grid = Some(TokenGrid {
+            num_tokens: [4, 1, 2],
+            token_size: [1, 3, 4],
+        });
+    }
+    cfg.validate().unwrap();
+    cfg
+}
+
 fn sorted_vars(vm: &VarMap) -> Vec<(String, Var)> {
     let data = vm.data().lock().unwrap();
     let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -112,17 +151,24 @@ fn sorted_vars(vm: &VarMap) -> Vec<(String, Var)> {
 
 #[test]
 fn every_variable_gets_a_gradient_for_every_aux_variant() {
-    for aux in AuxInfo::ALL {
+    let variants = AuxInfo::ALL.map(|aux| (aux, Prior::None));
+    for (aux, prior) in variants
+        .into_iter()
+        .chain([(AuxInfo::Concat, Prior::Temporal)])
+    {
         // Two layers each so that the decoder's reversed skip reads a non-final encoder layer,
         // and an ensemble so the CRPS path is exercised too.
         // 4 heads, 1 crossing: head slices on both sides of the split, strided over batch 2.
-        let cfg = ModelConfig {
+        let mut cfg = ModelConfig {
             num_heads: 4,
             encoder_layers: 2,
             decoder_layers: 2,
             ensemble: 2,
             ..tiny(aux)
         };
+        if prior == Prior::Temporal {
+            cfg = with_temporal_prior(cfg);
+        }
         let (model, vm) = MultiFormer::seeded(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
         let b = batch(&cfg, 2, 2, DType::F32);
         let l = loss(&model, &b);
@@ -451,4 +497,70 @@ fn bench_mid_training_step_throughput() {
         "bench-mid: {params} parameters; step times {times:.2?} s; best {:.0} tokens/s",
         tokens as f64 / best
     );
+}
+
+#[test]
+fn a_temporal_prior_model_predicts_a_scaled_correction_to_the_prior() {
+    let cfg = with_temporal_prior(ModelConfig {
+        ensemble: 2,
+        ..tiny(AuxInfo::Concat)
+    });
+    let (model, vm) = MultiFormer::seeded(&cfg, 9, DType::F32, &Device::Cpu).unwrap();
+    // Distinct factors per kind, so a mix-up of the channels shows.
+    let scales = [0.5f32, -2.0, 3.0];
+    for (name, var) in vm.data().lock().unwrap().iter() {
+        if name.ends_with("prior_scale") {
+            var.set(&Tensor::new(&scales, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let mut b = batch(&cfg, 2, 3, DType::F32);
+    // Sample 0 hides everything (climatology), sample 1 keeps its random mask.
+    for (f, input) in b.inputs.iter_mut().enumerate() {
+        let values: Vec<f32> = input.source.flatten_all().unwrap().to_vec1().unwrap();
+        let masked = &b.masked[f];
+        let hidden = |i: usize, k: usize| i == 0 || masked[i].contains(&(k as u32));
+        let grid = cfg.fields[f].grid.as_ref().unwrap();
+        let p = crate::batch::temporal_prior(&values, [2, 16, 12], grid, hidden);
+        input.prior = Some(p.to_input([2, 16, 12], DType::F32, &Device::Cpu).unwrap());
+    }
+    // Projections that output 1 everywhere: each value moves from its prior by its kind's
+    // factor, the same for every member.
+    for (name, var) in vm.data().lock().unwrap().iter() {
+        if name.contains(".proj_") {
+            let fill = if name.ends_with("bias") { 1.0 } else { 0.0 };
+            var.set(&var.ones_like().unwrap().affine(fill, 0.0).unwrap())
+                .unwrap();
+        }
+    }
+    let preds = model.forward(&b.inputs).unwrap();
+    let mut seen = [0usize; 4];
+    for (p, input) in preds.iter().zip(&b.inputs) {
+        let prior = input.prior.as_ref().unwrap();
+        let p: Vec<f32> = p.flatten_all().unwrap().to_vec1().unwrap();
+        let values: Vec<f32> = prior.values.flatten_all().unwrap().to_vec1().unwrap();
+        let kind: Vec<f32> = prior.kind.flatten_all().unwrap().to_vec1().unwrap();
+        let (v, e) = (12, cfg.ensemble);
+        for r in 0..values.len() / v {
+            for m in 0..e {
+                for j in 0..v {
+                    let at = r * v + j;
+                    let channel = (0..3).find(|&c| kind[at * 3 + c] == 1.0);
+                    seen[channel.map_or(0, |c| c + 1)] += 1;
+                    let want = values[at] + channel.map_or(0.0, |c| scales[c]);
+                    let got = p[(r * e + m) * v + j];
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "row {r} member {m} value {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(seen.iter().all(|&n| n > 0), "every kind occurs: {seen:?}");
+    // An input without its prior is refused by name.
+    let mut inputs = b.inputs.clone();
+    inputs[1].prior = None;
+    let err = model.forward(&inputs).unwrap_err().to_string();
+    assert!(err.contains("z.prior"), "{err}");
 }

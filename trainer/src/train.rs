@@ -44,6 +44,11 @@
 //! resuming from a checkpoint reproduces an uninterrupted run exactly (on the CPU, where candle's
 //! kernels are deterministic).
 //!
+//! The model computes on the CPU unless the trainer is made on another device
+//! ([`Trainer::new_in`], [`Trainer::from_checkpoint_in`]; a GPU needs the `cuda` feature, see
+//! [`crate::device`]). Batches are copied there as they arrive, checkpoints are loaded onto it,
+//! and only the numbers the loop logs come back to the host.
+//!
 //! The loop awaits the stream and computes on the calling task: run it on a multi-threaded
 //! tokio runtime so the client's prefetch keeps receiving while a step computes.
 //!
@@ -536,15 +541,22 @@ impl std::fmt::Debug for Trainer {
 const TASK_RNG_STREAM: u64 = 0x7461_736b;
 
 impl Trainer {
-    /// A fresh run: weights from the config's seed, moments at zero, streams at their start.
+    /// A fresh run on the CPU: weights from the config's seed, moments at zero, streams at their
+    /// start.
     pub fn new(config: TrainConfig) -> Result<Self> {
-        Self::new_in(config, Box::new(SingleProcess))
+        Self::new_in(config, Box::new(SingleProcess), &Device::Cpu)
     }
 
-    /// [`Self::new`] as one rank of the data-parallel run of `collective` (see the module docs).
-    /// With more than one rank the config's request must name the run's layout: `world_size`
-    /// the collective's, `rank` 0 (each rank streams its own shard of it).
-    pub fn new_in(config: TrainConfig, collective: Box<dyn Collective>) -> Result<Self> {
+    /// [`Self::new`] on `device`, as one rank of the data-parallel run of `collective` (see the
+    /// module docs; [`SingleProcess`] for a run of one process). With more than one rank the
+    /// config's request must name the run's layout: `world_size` the collective's, `rank` 0
+    /// (each rank streams its own shard of it). The weights are drawn on the host and copied to
+    /// `device`, so they start from the same bits on every device.
+    pub fn new_in(
+        config: TrainConfig,
+        collective: Box<dyn Collective>,
+        device: &Device,
+    ) -> Result<Self> {
         config.validate()?;
         let world = collective.world_size();
         if world > 1 && (config.request.world_size != world || config.request.rank != 0) {
@@ -557,7 +569,7 @@ impl Trainer {
                 ),
             ));
         }
-        let (device, dtype) = (Device::Cpu, DType::F32);
+        let (device, dtype) = (device.clone(), DType::F32);
         let (model, varmap) = MultiFormer::seeded(&config.model, config.seed, dtype, &device)?;
         let opt = AdamW::new(&varmap, &config.optimizer)?;
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
@@ -578,17 +590,21 @@ impl Trainer {
 
     /// Continues the run of `ckpt`. With `config` (e.g. from `--config`), its identity settings
     /// (model, request, tasks, optimizer, steps, seed) must equal the checkpoint's; its
-    /// validation and checkpoint cadence replace the checkpoint's.
+    /// validation and checkpoint cadence replace the checkpoint's. The model computes on the
+    /// CPU.
     pub fn from_checkpoint(ckpt: Checkpoint, config: Option<TrainConfig>) -> Result<Self> {
-        Self::from_checkpoint_in(ckpt, config, Box::new(SingleProcess))
+        Self::from_checkpoint_in(ckpt, config, Box::new(SingleProcess), &Device::Cpu)
     }
 
-    /// [`Self::from_checkpoint`] as one rank of the data-parallel run of `collective`: the
-    /// checkpoint must come from a run of as many ranks, and this rank continues its own shard.
+    /// [`Self::from_checkpoint`] on `device`, as one rank of the data-parallel run of
+    /// `collective`: the checkpoint must come from a run of as many ranks, and this rank
+    /// continues its own shard. The checkpoint's tensors are copied to `device` where they were
+    /// loaded elsewhere (load them there, `checkpoint::load(path, device)`, to save the copy).
     pub fn from_checkpoint_in(
         ckpt: Checkpoint,
         config: Option<TrainConfig>,
         collective: Box<dyn Collective>,
+        device: &Device,
     ) -> Result<Self> {
         let dir = ckpt.dir.clone();
         let config = match config {
@@ -611,7 +627,7 @@ impl Trainer {
             }
             None => ckpt.config.clone(),
         };
-        let mut trainer = Self::new_in(config, collective)?;
+        let mut trainer = Self::new_in(config, collective, device)?;
         let model_path = dir.join(checkpoint::MODEL_FILE);
         let mut weights = ckpt.weights;
         for (name, var) in trainer.opt.vars() {
@@ -631,7 +647,8 @@ impl Trainer {
                     ),
                 ));
             }
-            var.set(&t.to_dtype(var.dtype())?)?;
+            // A tensor already on the device (always so on the CPU) is not copied.
+            var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
         }
         if let Some(extra) = weights.keys().min() {
             return Err(checkpoint_err(
@@ -639,9 +656,14 @@ impl Trainer {
                 format!("tensor `{extra}` belongs to no variable of the model"),
             ));
         }
+        let moments = ckpt
+            .optimizer
+            .into_iter()
+            .map(|(name, t)| Ok((name, t.to_device(&trainer.device)?)))
+            .collect::<Result<_>>()?;
         trainer
             .opt
-            .load_state(ckpt.optimizer, ckpt.step)
+            .load_state(moments, ckpt.step)
             .map_err(|what| checkpoint_err(&dir.join(checkpoint::OPTIMIZER_FILE), what))?;
         let state_path = dir.join(checkpoint::STATE_FILE);
         let (rank, world) = (trainer.collective.rank(), trainer.collective.world_size());
@@ -702,6 +724,11 @@ impl Trainer {
 
     pub fn varmap(&self) -> &VarMap {
         &self.varmap
+    }
+
+    /// The device the model computes on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Optimizer steps taken.
@@ -1439,6 +1466,7 @@ mod tests {
                 source: zeros(&[1, t, v]),
                 token_info: zeros(&[1, t, 8]),
                 pe: zeros(&[1, t, 1]),
+                prior: None,
             },
             target: Tensor::full(value, (masked.len(), v), &dev).unwrap(),
             masked_indices: vec![masked],
