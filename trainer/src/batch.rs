@@ -300,14 +300,7 @@ mod tests {
 
     #[test]
     fn a_temporal_prior_model_gets_its_prior_and_checks_the_window() {
-        let mut cfg = ModelConfig::tiny();
-        cfg.prior = Prior::Temporal;
-        for f in &mut cfg.fields {
-            f.grid = Some(TokenGrid {
-                num_tokens: [2, 2, 2],
-                token_size: [1, 3, 4],
-            });
-        }
+        let mut cfg = ModelConfig::tiny().with_temporal_prior([2, 2, 2]);
         let mut batch = Batch {
             sample_ids: vec![0, 1],
             sample_epochs: vec![0, 0],

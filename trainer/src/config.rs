@@ -482,6 +482,22 @@ impl ModelConfig {
 }
 
 #[cfg(test)]
+impl ModelConfig {
+    /// This config (the tiny preset's fields: 16 tokens of 12 values) with the temporal prior,
+    /// each field laid out as 2 levels × `num_tokens` tokens of 1×3×4 points.
+    pub(crate) fn with_temporal_prior(mut self, num_tokens: [usize; 3]) -> Self {
+        self.prior = Prior::Temporal;
+        for f in &mut self.fields {
+            f.grid = Some(TokenGrid {
+                num_tokens,
+                token_size: [1, 3, 4],
+            });
+        }
+        self
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -582,16 +598,10 @@ mod tests {
         cfg.aux_info = AuxInfo::ClassToken;
         cfg.d_info = 0;
         cfg.validate().unwrap();
-        // The tiny preset's fields are 2 levels × 2×2×2 tokens of 1×3×4 points.
-        let mut cfg = ModelConfig::tiny();
-        cfg.prior = Prior::Temporal;
-        for f in &mut cfg.fields {
-            f.grid = Some(TokenGrid {
-                num_tokens: [2, 2, 2],
-                token_size: [1, 3, 4],
-            });
-        }
-        cfg.validate().unwrap();
+        ModelConfig::tiny()
+            .with_temporal_prior([2, 2, 2])
+            .validate()
+            .unwrap();
     }
 
     #[test]

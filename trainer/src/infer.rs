@@ -216,14 +216,7 @@ mod tests {
 
     #[test]
     fn each_pass_makes_the_temporal_prior_from_what_it_shows() {
-        let mut cfg = ModelConfig::tiny();
-        cfg.prior = Prior::Temporal;
-        for f in &mut cfg.fields {
-            f.grid = Some(TokenGrid {
-                num_tokens: [2, 2, 2],
-                token_size: [1, 3, 4],
-            });
-        }
+        let cfg = ModelConfig::tiny().with_temporal_prior([2, 2, 2]);
         let (model, vm) = MultiFormer::seeded(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
         // A tail that adds nothing: the output is the prior alone.
         for (name, var) in vm.data().lock().unwrap().iter() {

@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
-use crate::config::{AuxInfo, Prior, TokenGrid};
+use crate::config::{AuxInfo, Prior};
 use crate::loss::{masked_crps, masked_mse};
 
 /// A synthetic batch: inputs, per field the targets `[M, V]` and the masked indices.
@@ -130,14 +130,8 @@ fn tiny(aux: AuxInfo) -> ModelConfig {
 
 /// `cfg` (tiny fields of 16 tokens of 12 values, here 2 levels × 4×1×2 tokens of 1×3×4
 /// points, so hidden tokens fall between visible ones) with the temporal prior.
-fn with_temporal_prior(mut cfg: ModelConfig) -> ModelConfig {
-    cfg.prior = Prior::Temporal;
-    for f in &mut cfg.fields {
-        f.grid = Some(TokenGrid {
-            num_tokens: [4, 1, 2],
-            token_size: [1, 3, 4],
-        });
-    }
+fn with_temporal_prior(cfg: ModelConfig) -> ModelConfig {
+    let cfg = cfg.with_temporal_prior([4, 1, 2]);
     cfg.validate().unwrap();
     cfg
 }
