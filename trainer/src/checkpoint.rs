@@ -42,7 +42,7 @@ use crate::train::TrainConfig;
 /// `state.json`'s `format`.
 pub const FORMAT: &str = "atmorep-trainer-checkpoint";
 /// The checkpoint layout this build writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The folder of a run's checkpoints inside its output folder.
 pub const DIR: &str = "checkpoints";
 /// The file naming the newest complete checkpoint.
@@ -635,7 +635,7 @@ mod tests {
         let state = std::fs::read_to_string(&state_path).unwrap();
         std::fs::write(
             &state_path,
-            state.replace("\"version\": 1", "\"version\": 99"),
+            state.replace(&format!("\"version\": {VERSION}"), "\"version\": 99"),
         )
         .unwrap();
         let e = err(&ckpt);

@@ -10,9 +10,12 @@
 //! - a rank-2 `….weight` (a `Linear`) → Xavier/Glorot uniform, `±√(6 / (fan_in + fan_out))`,
 //!   which keeps activations at order 1 whatever the layer widths (the tiny test models are far
 //!   narrower than the widths a fixed 0.02 is tuned for);
-//! - `….prior_scale` (the factors of a correction to a temporal prior) → [`PRIOR_SCALE_INIT`]:
-//!   small, so an untrained model starts at the prior instead of at the prior plus noise, and
-//!   not zero, so every other variable gets a gradient from the first step;
+//! - the weights of a temporal-prior tail's projections (`tail.*.proj_*.weight`) → the same
+//!   Xavier bounds times [`PRIOR_PROJ_GAIN`]: an untrained model starts at the prior plus a
+//!   hundredth of its error, not plus noise as large as the error, and every variable still
+//!   gets a gradient from the first step;
+//! - `….prior_error` (a temporal-prior tail's statistic, not trained) →
+//!   [`crate::tail::PRIOR_ERROR_DEFAULT`] until a run measures it;
 //! - anything else (learned tokens, embeddings) → normal(0, 0.02).
 
 use candle_core::{Tensor, Var};
@@ -28,12 +31,16 @@ pub enum Scheme {
     Zeros,
     Ones,
     XavierUniform,
-    Normal { std: f64 },
-    Constant(f64),
+    /// [`Scheme::XavierUniform`] times a gain.
+    ScaledXavierUniform(f64),
+    Normal {
+        std: f64,
+    },
+    PriorError,
 }
 
-/// The first value of every `prior_scale`, in normalized units per unit of tail output.
-pub const PRIOR_SCALE_INIT: f64 = 1e-2;
+/// The gain on the Xavier bounds of a temporal-prior tail's projections.
+pub const PRIOR_PROJ_GAIN: f64 = 1e-2;
 
 /// Standard deviation of [`Scheme::Normal`] for learned tokens and embeddings.
 pub const NORMAL_STD: f64 = 0.02;
@@ -43,8 +50,9 @@ pub fn scheme_for(name: &str, dims: &[usize]) -> Scheme {
     let leaf = name.rsplit('.').next().unwrap_or(name);
     match (leaf, dims.len()) {
         ("bias", _) => Scheme::Zeros,
-        ("prior_scale", _) => Scheme::Constant(PRIOR_SCALE_INIT),
+        (crate::tail::PRIOR_ERROR, _) => Scheme::PriorError,
         ("weight", 1) => Scheme::Ones,
+        ("weight", 2) if name.contains(".proj_") => Scheme::ScaledXavierUniform(PRIOR_PROJ_GAIN),
         ("weight", 2) => Scheme::XavierUniform,
         _ => Scheme::Normal { std: NORMAL_STD },
     }
@@ -62,15 +70,22 @@ pub fn init_values(name: &str, dims: &[usize], seed: u64) -> Vec<f64> {
     let n: usize = dims.iter().product();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(stable_hash(name));
-    match scheme_for(name, dims) {
+    let scheme = scheme_for(name, dims);
+    match scheme {
         Scheme::Zeros => vec![0.0; n],
         Scheme::Ones => vec![1.0; n],
-        Scheme::XavierUniform => {
-            let bound = (6.0 / (dims[0] + dims[1]) as f64).sqrt();
+        Scheme::XavierUniform | Scheme::ScaledXavierUniform(_) => {
+            let gain = match scheme {
+                Scheme::ScaledXavierUniform(gain) => gain,
+                _ => 1.0,
+            };
+            let bound = gain * (6.0 / (dims[0] + dims[1]) as f64).sqrt();
             (0..n).map(|_| rng.random_range(-bound..bound)).collect()
         }
         Scheme::Normal { std } => (0..n).map(|_| std * standard_normal(&mut rng)).collect(),
-        Scheme::Constant(value) => vec![value; n],
+        Scheme::PriorError => (0..n)
+            .map(|i| crate::tail::PRIOR_ERROR_DEFAULT[i % crate::tail::PRIOR_ERROR_DEFAULT.len()])
+            .collect(),
     }
 }
 
@@ -108,9 +123,14 @@ mod tests {
         assert_eq!(scheme_for("a.ln1.weight", &[6]), Scheme::Ones);
         assert_eq!(scheme_for("a.qkv.weight", &[6, 2]), Scheme::XavierUniform);
         assert_eq!(
-            scheme_for("tail.t.prior_scale", &[3]),
-            Scheme::Constant(PRIOR_SCALE_INIT)
+            scheme_for("tail.t.proj.weight", &[6, 2]),
+            Scheme::XavierUniform
         );
+        assert_eq!(
+            scheme_for("tail.t.proj_one_sided.weight", &[6, 2]),
+            Scheme::ScaledXavierUniform(PRIOR_PROJ_GAIN)
+        );
+        assert_eq!(scheme_for("tail.t.prior_error", &[3]), Scheme::PriorError);
         assert_eq!(
             scheme_for("embed.t.class_token", &[6]),
             Scheme::Normal { std: NORMAL_STD }
@@ -125,6 +145,13 @@ mod tests {
         assert_ne!(a, init_values("y.weight", &[8, 4], 1));
         let bound = (6.0f64 / 12.0).sqrt();
         assert!(a.iter().all(|v| v.abs() < bound));
+        let small = init_values("tail.t.proj_interpolated.weight", &[8, 4], 1);
+        assert!(small.iter().all(|v| v.abs() < PRIOR_PROJ_GAIN * bound));
+        assert!(
+            small
+                .iter()
+                .any(|v| v.abs() > 0.1 * PRIOR_PROJ_GAIN * bound)
+        );
         let n = init_values("cls", &[20_000], 5);
         let mean = n.iter().sum::<f64>() / n.len() as f64;
         let std = (n.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n.len() as f64).sqrt();

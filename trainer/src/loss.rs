@@ -113,6 +113,34 @@ pub fn masked_crps(pred: &Tensor, target: &Tensor, masked_indices: &[Vec<u32>]) 
     crps(&gather_masked(pred, masked_indices)?, target)
 }
 
+/// Per value, the RMS error of the prior it was predicted from: `kind` `[B, T, V, K]` one-hot
+/// (all zero for visible values, which get 1), `prior_error` `[K]` → `[B, T, 1, V]`, to divide
+/// predictions `[B, T, E, V]` by.
+pub fn prior_error_per_value(kind: &Tensor, prior_error: &Tensor) -> Result<Tensor> {
+    let (b, t, v, k) = kind.dims4()?;
+    let error = kind
+        .broadcast_mul(&prior_error.reshape((1, 1, 1, k))?)?
+        .sum(D::Minus1)?;
+    let visible = kind.sum(D::Minus1)?.affine(-1.0, 1.0)?;
+    Ok((error + visible)?.reshape((b, t, 1, v))?)
+}
+
+/// `pred` `[B, T, E, V]` and `target` `[M, V]` divided, value by value, by `scale`
+/// `[B, T, 1, V]` (see [`prior_error_per_value`]): the MSE and CRPS of the results are those of
+/// the errors in units of each value's prior error.
+pub fn in_units_of(
+    pred: &Tensor,
+    target: &Tensor,
+    masked_indices: &[Vec<u32>],
+    scale: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let target_scale = gather_masked(scale, masked_indices)?.squeeze(1)?;
+    Ok((
+        pred.broadcast_div(scale)?,
+        target.broadcast_div(&target_scale)?,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +178,30 @@ mod tests {
             want[i] = 2.0 * d / 6.0;
         }
         assert_eq!(g, want);
+        Ok(())
+    }
+
+    #[test]
+    fn errors_in_units_of_each_values_prior_error() -> Result<()> {
+        let dev = Device::Cpu;
+        // B = 1, T = 2, E = 1, V = 2: token 0 masked, token 1 visible.
+        let pred = Tensor::new(&[[[[1.0f64, 2.0]], [[5.0, 6.0]]]], &dev)?;
+        let target = Tensor::new(&[[3.0f64, -2.0]], &dev)?;
+        // Value 0 interpolated, value 1 climatology; token 1 visible.
+        let kind = Tensor::new(
+            &[[
+                [[1.0f64, 0.0, 0.0], [0.0, 0.0, 1.0]],
+                [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]],
+            ]],
+            &dev,
+        )?;
+        let error = Tensor::new(&[2.0f64, 4.0, 0.5], &dev)?;
+        let scale = prior_error_per_value(&kind, &error)?;
+        assert_eq!(scale.flatten_all()?.to_vec1::<f64>()?, [2.0, 0.5, 1.0, 1.0]);
+        let (p, t) = in_units_of(&pred, &target, &[vec![0]], &scale)?;
+        let loss = masked_mse(&p, &t, &[vec![0]])?;
+        // Errors −2 (in units of 2) and 4 (in units of 0.5): (1 + 64) / 2.
+        assert!((scalar(&loss) - 32.5).abs() < 1e-12, "{}", scalar(&loss));
         Ok(())
     }
 

@@ -108,6 +108,12 @@ impl MultiFormer {
         &self.cfg
     }
 
+    /// Field `f`'s `[K]` RMS error of each kind of temporal prior (see
+    /// [`crate::tail::PRIOR_ERROR`]); `None` without a temporal prior.
+    pub fn prior_error(&self, f: usize) -> Option<&Tensor> {
+        self.tails.get(f)?.prior_error()
+    }
+
     /// Per field, the predictions `[B, T, E, V]`.
     pub fn forward(&self, inputs: &[FieldInput]) -> Result<Vec<Tensor>> {
         Ok(self.run(inputs, false)?.0)

@@ -171,6 +171,11 @@ fn every_variable_gets_a_gradient_for_every_aux_variant() {
         let vars = sorted_vars(&vm);
         assert!(vars.len() > 20, "{aux}: only {} vars", vars.len());
         for (name, var) in vars {
+            if !crate::optim::is_trainable(&name) {
+                // A statistic the forward pass detaches.
+                assert!(grads.get(&var).is_none(), "{aux}: `{name}` has a gradient");
+                continue;
+            }
             let g = grads
                 .get(&var)
                 .unwrap_or_else(|| panic!("{aux}: `{name}` has no gradient"));
@@ -500,14 +505,6 @@ fn a_temporal_prior_model_predicts_a_scaled_correction_to_the_prior() {
         ..tiny(AuxInfo::Concat)
     });
     let (model, vm) = MultiFormer::seeded(&cfg, 9, DType::F32, &Device::Cpu).unwrap();
-    // Distinct factors per kind, so a mix-up of the channels shows.
-    let scales = [0.5f32, -2.0, 3.0];
-    for (name, var) in vm.data().lock().unwrap().iter() {
-        if name.ends_with("prior_scale") {
-            var.set(&Tensor::new(&scales, &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
     let mut b = batch(&cfg, 2, 3, DType::F32);
     // Sample 0 hides everything (climatology), sample 1 keeps its random mask.
     for (f, input) in b.inputs.iter_mut().enumerate() {
@@ -518,15 +515,30 @@ fn a_temporal_prior_model_predicts_a_scaled_correction_to_the_prior() {
         let p = crate::batch::temporal_prior(&values, [2, 16, 12], grid, hidden);
         input.prior = Some(p.to_input([2, 16, 12], DType::F32, &Device::Cpu).unwrap());
     }
-    // Projections that output 1 everywhere: each value moves from its prior by its kind's
-    // factor, the same for every member.
+    // Projections with a distinct constant output per kind, and distinct prior errors, so a
+    // mix-up of the channels shows: each value moves from its prior by its kind's output times
+    // its kind's error, the same for every member.
+    let outputs = [0.5f64, -2.0, 3.0];
+    let errors = [0.25f32, 2.0, 0.75];
     for (name, var) in vm.data().lock().unwrap().iter() {
-        if name.contains(".proj_") {
-            let fill = if name.ends_with("bias") { 1.0 } else { 0.0 };
+        if name.ends_with(".prior_error") {
+            var.set(&Tensor::new(&errors, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        if let Some(k) = ["proj_interpolated", "proj_one_sided", "proj_climatology"]
+            .iter()
+            .position(|p| name.contains(&format!(".{p}.")))
+        {
+            let fill = if name.ends_with("bias") {
+                outputs[k]
+            } else {
+                0.0
+            };
             var.set(&var.ones_like().unwrap().affine(fill, 0.0).unwrap())
                 .unwrap();
         }
     }
+    let shift: Vec<f32> = (0..3).map(|k| outputs[k] as f32 * errors[k]).collect();
     let preds = model.forward(&b.inputs).unwrap();
     let mut seen = [0usize; 4];
     for (p, input) in preds.iter().zip(&b.inputs) {
@@ -541,7 +553,7 @@ fn a_temporal_prior_model_predicts_a_scaled_correction_to_the_prior() {
                     let at = r * v + j;
                     let channel = (0..3).find(|&c| kind[at * 3 + c] == 1.0);
                     seen[channel.map_or(0, |c| c + 1)] += 1;
-                    let want = values[at] + channel.map_or(0.0, |c| scales[c]);
+                    let want = values[at] + channel.map_or(0.0, |c| shift[c]);
                     let got = p[(r * e + m) * v + j];
                     assert!(
                         (got - want).abs() < 1e-5,

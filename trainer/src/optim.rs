@@ -163,6 +163,12 @@ pub fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
     vars
 }
 
+/// Whether the optimizer updates the variable `name`: every weight, not the statistics a run
+/// measures ([`crate::tail::PRIOR_ERROR`]).
+pub fn is_trainable(name: &str) -> bool {
+    name.rsplit('.').next() != Some(crate::tail::PRIOR_ERROR)
+}
+
 /// One gradient per variable (aligned with [`sorted_vars`]); `None` where the loss does not
 /// depend on the variable.
 #[derive(Debug, Clone, Default)]
@@ -251,7 +257,10 @@ pub struct AdamW {
 impl AdamW {
     /// An optimizer over every variable of `varmap`, moments at zero.
     pub fn new(varmap: &VarMap, cfg: &OptimizerConfig) -> Result<Self> {
-        let vars = sorted_vars(varmap);
+        let vars: Vec<_> = sorted_vars(varmap)
+            .into_iter()
+            .filter(|(name, _)| is_trainable(name))
+            .collect();
         let zeros = vars
             .iter()
             .map(|(_, v)| v.as_tensor().zeros_like())

@@ -85,7 +85,7 @@ use crate::checkpoint::{self, Checkpoint, RngState, Snapshot, TaskCursor};
 use crate::collective::{Collective, SingleProcess};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result, checkpoint_err, io_err, train_config_err};
-use crate::loss::{masked_crps, masked_mse};
+use crate::loss::{in_units_of, masked_crps, masked_mse, prior_error_per_value};
 use crate::metrics_log::{self, StepRecord};
 use crate::model::{FieldInput, MultiFormer};
 use crate::optim::{AdamW, Grads, OptimizerConfig};
@@ -961,9 +961,23 @@ impl Trainer {
             if f.target.elem_count() == 0 {
                 continue;
             }
-            let mut l = masked_mse(p, &f.target, &f.masked_indices)?;
+            // Under a temporal prior, errors count in units of each value's prior error.
+            let scaled = match (&f.input.prior, self.model.prior_error(i)) {
+                (Some(prior), Some(error)) => Some(in_units_of(
+                    p,
+                    &f.target,
+                    &f.masked_indices,
+                    &prior_error_per_value(&prior.kind, &error.detach())?,
+                )?),
+                _ => None,
+            };
+            let (p, target) = match &scaled {
+                Some((p, t)) => (p, t),
+                None => (p, &f.target),
+            };
+            let mut l = masked_mse(p, target, &f.masked_indices)?;
             if ensemble {
-                l = (l + masked_crps(p, &f.target, &f.masked_indices)?)?;
+                l = (l + masked_crps(p, target, &f.masked_indices)?)?;
             }
             terms.push(l);
             which.push(i);
@@ -997,6 +1011,46 @@ impl Trainer {
     /// this rank's share (`Some(0.0)` for a field masked only on other ranks; the ranks' values
     /// add up to the combined batch's terms) and the tokens read here. Every rank calls it for
     /// its micro-batch at the same time: the ranks exchange their masked-token counts.
+    /// Sets each field's `prior_error` (see [`crate::tail::PRIOR_ERROR`]) to the RMS error of
+    /// each kind of temporal prior on the masked values of `batch` (the run's first, summed over
+    /// the ranks); a kind the batch lacks keeps its value. Nothing to do without the prior.
+    fn measure_prior_error(&mut self, batch: &Batch) -> Result<()> {
+        let fields = batch_tensors(batch, &self.config.model, self.dtype, &self.device)?;
+        let k = crate::batch::PREDICTED_PRIOR_KINDS.len();
+        let mut sums = vec![0.0f64; 2 * k * fields.len()];
+        for (f, field) in fields.iter().enumerate() {
+            if let Some((sq, n)) = prior_error_sums(field)? {
+                sums[2 * k * f..2 * k * f + k].copy_from_slice(&sq);
+                sums[2 * k * f + k..2 * k * (f + 1)].copy_from_slice(&n);
+            }
+        }
+        self.collective.all_reduce_sum_f64(&mut sums)?;
+        for f in 0..fields.len() {
+            let Some(error) = self.model.prior_error(f) else {
+                continue;
+            };
+            let mut values: Vec<f64> = error.to_dtype(DType::F64)?.to_vec1()?;
+            for (kind, value) in values.iter_mut().enumerate() {
+                let (sq, n) = (sums[2 * k * f + kind], sums[2 * k * f + k + kind]);
+                if n > 0.0 {
+                    // A floor, so a prior that happens to be exact cannot divide by zero.
+                    *value = (sq / n).sqrt().max(1e-6);
+                }
+            }
+            let name = format!(
+                "tail.{}.{}",
+                self.config.model.fields[f].name,
+                crate::tail::PRIOR_ERROR
+            );
+            tracing::info!(field = %self.config.model.fields[f].name, ?values, "prior error");
+            self.varmap.set_one(
+                &name,
+                Tensor::new(values, &self.device)?.to_dtype(self.dtype)?,
+            )?;
+        }
+        Ok(())
+    }
+
     fn forward_loss(&self, batch: &Batch) -> Result<(Tensor, Vec<Option<f64>>, u64)> {
         let fields = batch_tensors(batch, &self.config.model, self.dtype, &self.device)?;
         let local: Vec<f64> = fields
@@ -1112,6 +1166,9 @@ impl Trainer {
                 let batch =
                     next_batch(&mut streams[task], &tasks[task].name, &mut delivered[task]).await?;
                 record.data_wait_s += t.elapsed().as_secs_f64();
+                if self.step() == 0 && names.len() == 1 {
+                    self.measure_prior_error(&batch)?;
+                }
 
                 let t = Instant::now();
                 let (loss, fields, tokens) = self.forward_loss(&batch)?;
@@ -1298,6 +1355,32 @@ impl FieldMeans {
 }
 
 /// A client like `client` on a connection of its own.
+/// Per kind of temporal prior, the sum of squared errors of the prior on `field`'s masked
+/// values and how many there are; `None` without a prior.
+fn prior_error_sums(field: &FieldTensors) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
+    let Some(prior) = &field.input.prior else {
+        return Ok(None);
+    };
+    let k = prior.kind.dim(3)?;
+    if field.target.elem_count() == 0 {
+        return Ok(Some((vec![0.0; k], vec![0.0; k])));
+    }
+    let gather = |t: &Tensor| crate::loss::gather_masked(&t.unsqueeze(2)?, &field.masked_indices);
+    // [M, 1, V] and [M, 1, V, K] (a kind's channels ride along as an extra axis).
+    let values = gather(&prior.values)?.squeeze(1)?;
+    let (b, n, v, _) = prior.kind.dims4()?;
+    let kind = crate::loss::gather_masked(
+        &prior.kind.reshape((b, n, 1, v * k))?,
+        &field.masked_indices,
+    )?
+    .reshape(((), v, k))?;
+    let sq = (&field.target - &values)?.sqr()?.unsqueeze(2)?;
+    let to_vec = |t: Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
+    let sums = to_vec(kind.broadcast_mul(&sq)?.sum((0, 1))?)?;
+    let counts = to_vec(kind.sum((0, 1))?)?;
+    Ok(Some((sums, counts)))
+}
+
 async fn own_connection(client: &LoaderClient) -> Result<LoaderClient> {
     Ok(LoaderClient::connect(client.config().clone()).await?)
 }
@@ -1501,6 +1584,126 @@ mod tests {
             [(names[0].clone(), 2.0), (names[1].clone(), 5.0)]
         );
         assert!(FieldMeans::new(2).means(model).is_empty());
+    }
+
+    /// The run's first batch sets each field's `prior_error` to the RMS error of each kind of
+    /// prior on its masked values (computed here value by value), the optimizer never touches
+    /// it, and the loss then counts errors in its units.
+    #[test]
+    fn the_first_batch_measures_each_fields_prior_error() {
+        let mut config = TrainConfig::example();
+        // Per level 4 times × 2 latitudes (tokens (level, t, lat) in that order).
+        config.model = config.model.with_temporal_prior([4, 2, 1]);
+        let mut trainer = Trainer::new(config).unwrap();
+        assert!(
+            trainer
+                .opt
+                .vars()
+                .iter()
+                .all(|(name, _)| !name.ends_with(crate::tail::PRIOR_ERROR))
+        );
+        let model = trainer.config().model.clone();
+        let b = 2;
+        // Sample 0: token 2 between visible times (interpolated), 8 and 10 before the visible
+        // 12 (one-sided); sample 1: 1, 3, 5, 7 every time of their point (climatology), and 12.
+        let masked: Vec<Vec<u32>> = vec![vec![2, 8, 10], vec![1, 3, 5, 7, 12]];
+        let fields: Vec<atmorep_proto::FieldBatch> = model
+            .fields
+            .iter()
+            .enumerate()
+            .map(|(f, spec)| {
+                let (n, v) = (spec.num_tokens, spec.token_numel);
+                let truth =
+                    |i: usize| ((i * 7 + f * 3) % 11) as f32 * 0.1 + (i as f32 * 0.37).sin();
+                let mut source: Vec<f32> = (0..b * n * v).map(truth).collect();
+                let mut target = Vec::new();
+                for (s, tokens) in masked.iter().enumerate() {
+                    for &k in tokens {
+                        let at = (s * n + k as usize) * v;
+                        target.extend_from_slice(&source[at..at + v]);
+                        source[at..at + v].fill(0.0);
+                    }
+                }
+                atmorep_proto::FieldBatch {
+                    name: spec.name.clone(),
+                    source,
+                    source_shape: [b, n, v],
+                    target,
+                    masked_indices: masked.clone(),
+                    token_info: vec![2000.0; b * n * 8],
+                    pe: vec![0.0; b * n * spec.pe_width],
+                    pe_width: spec.pe_width,
+                    windows: vec![
+                        atmorep_proto::Window {
+                            time_start: 0,
+                            lat_start: 0,
+                            lon_start: 0,
+                            size: [4, 6, 4],
+                        };
+                        b
+                    ],
+                }
+            })
+            .collect();
+        let batch = Batch {
+            sample_ids: vec![0, 1],
+            sample_epochs: vec![0, 0],
+            fields,
+            ..Default::default()
+        };
+        trainer.measure_prior_error(&batch).unwrap();
+
+        let tensors = batch_tensors(&batch, &model, DType::F32, &Device::Cpu).unwrap();
+        let mut seen = [false; 3];
+        for (f, (field, spec)) in tensors.iter().zip(&model.fields).enumerate() {
+            let prior = field.input.prior.as_ref().unwrap();
+            let values: Vec<Vec<Vec<f32>>> = prior.values.to_vec3().unwrap();
+            let kind: Vec<f32> = prior.kind.flatten_all().unwrap().to_vec1().unwrap();
+            let target: Vec<Vec<f32>> = field.target.to_vec2().unwrap();
+            let (n, v) = (spec.num_tokens, spec.token_numel);
+            let (mut sq, mut count) = ([0f64; 3], [0f64; 3]);
+            let mut row = 0;
+            for (s, tokens) in masked.iter().enumerate() {
+                for &k in tokens {
+                    let k = k as usize;
+                    for j in 0..v {
+                        let c = (0..3)
+                            .find(|&c| kind[((s * n + k) * v + j) * 3 + c] == 1.0)
+                            .expect("a masked value has a kind of prior");
+                        let e = f64::from(target[row][j] - values[s][k][j]);
+                        sq[c] += e * e;
+                        count[c] += 1.0;
+                    }
+                    row += 1;
+                }
+            }
+            let got: Vec<f32> = trainer.model().prior_error(f).unwrap().to_vec1().unwrap();
+            for c in 0..3 {
+                let want = if count[c] > 0.0 {
+                    seen[c] = true;
+                    (sq[c] / count[c]).sqrt().max(1e-6) as f32
+                } else {
+                    crate::tail::PRIOR_ERROR_DEFAULT[c] as f32
+                };
+                assert!(
+                    (got[c] - want).abs() <= 1e-5 * want.max(1.0),
+                    "field {f} kind {c}: {} vs {want}",
+                    got[c]
+                );
+            }
+        }
+        assert!(seen.iter().all(|&s| s), "every kind occurs: {seen:?}");
+
+        // The loss is the MSE in units of the measured errors: a prediction of the prior
+        // itself scores (Σ_k n_k) / (values) = 1 per field.
+        let preds: Vec<Tensor> = tensors
+            .iter()
+            .map(|f| f.input.prior.as_ref().unwrap().values.unsqueeze(2).unwrap())
+            .collect();
+        let (_, terms) = trainer.loss_per_field(&preds, &tensors).unwrap();
+        for t in terms {
+            assert!((t.unwrap() - 1.0).abs() < 1e-4, "{t:?}");
+        }
     }
 
     #[test]
