@@ -5,7 +5,7 @@
 //! Covered (issue 6): a short run in which the loss falls, with validation, a checkpoint and
 //! the metrics table; exact resume (k steps, a checkpoint, a fresh trainer from it for N − k
 //! steps: the same losses, gradient norms, learning rates and final weights as N uninterrupted
-//! steps, bit for bit); `atmorep train --bench` and its `--resume`, which refuses a mismatched
+//! steps, bit for bit; also with the temporal prior, whose errors are measured once); `atmorep train --bench` and its `--resume`, which refuses a mismatched
 //! config without touching the run.
 
 use std::path::Path;
@@ -16,7 +16,9 @@ use atmorep_integration_tests::streams::{client_config, connect};
 use atmorep_integration_tests::tiny::serve_tiny_store;
 use atmorep_integration_tests::{Server, atmorep_bin, workspace_root};
 use atmorep_proto::client::LoaderClient;
+use atmorep_trainer::config::{Prior, TokenGrid};
 use atmorep_trainer::metrics_log::read_steps;
+use atmorep_trainer::tail::PRIOR_ERROR_DEFAULT;
 use atmorep_trainer::{RunOptions, TrainConfig, Trainer, checkpoint};
 use tempfile::TempDir;
 
@@ -143,12 +145,52 @@ async fn the_loss_falls_in_a_short_run_against_a_loader_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_run_reproduces_the_uninterrupted_run_bit_for_bit() {
+    resume_reproduces(config(24)).await;
+}
+
+/// The same with the temporal prior, whose errors a fresh run measures before its first step
+/// and a resumed one takes from the checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_run_with_the_temporal_prior_reproduces_the_uninterrupted_run() {
+    let mut cfg = config(24);
+    cfg.model.prior = Prior::Temporal;
+    for f in &mut cfg.model.fields {
+        f.grid = Some(TokenGrid {
+            num_tokens: [2, 2, 2],
+            token_size: [1, 3, 4],
+        });
+    }
+    let weights = resume_reproduces(cfg).await;
+    let errors: Vec<_> = weights
+        .iter()
+        .filter(|(name, _)| name.ends_with(".prior_error"))
+        .collect();
+    assert_eq!(errors.len(), 2, "one per field");
+    for (name, values) in errors {
+        assert!(
+            values.iter().all(|v| v.is_finite() && *v > 0.0),
+            "{name}: {values:?}"
+        );
+        // Measured: the interpolated and one-sided kinds occur in the first batches.
+        assert_ne!(
+            values[..2],
+            PRIOR_ERROR_DEFAULT[..2]
+                .iter()
+                .map(|v| *v as f32)
+                .collect::<Vec<_>>(),
+            "{name} kept its defaults"
+        );
+    }
+}
+
+/// Runs `cfg` for its steps at once and in two parts with a checkpoint between; asserts the
+/// two agree bit for bit and returns the final weights.
+async fn resume_reproduces(mut cfg: TrainConfig) -> Vec<(String, Vec<f32>)> {
     let dir = TempDir::new().unwrap();
     let server = serve_tiny_store(dir.path()).await;
     let client = client(&server).await;
     // Accumulation and validation in the mix: neither may disturb the run's state.
-    let (n, k) = (24, 10);
-    let mut cfg = config(n);
+    let (n, k) = (cfg.steps, 10);
     cfg.optimizer.accumulation = 2;
     cfg.validation.every = 4;
     cfg.validation.batches = 1;
@@ -240,6 +282,12 @@ async fn a_resumed_run_reproduces_the_uninterrupted_run_bit_for_bit() {
         .map(|s| s.step)
         .collect();
     assert_eq!(steps, (1..=n).collect::<Vec<_>>());
+    resumed
+        .snapshot()
+        .weights
+        .iter()
+        .map(|(name, t)| (name.clone(), t.flatten_all().unwrap().to_vec1().unwrap()))
+        .collect()
 }
 
 /// `atmorep train --bench` for a few steps, then `--resume` of its folder with a config that

@@ -83,12 +83,12 @@ use serde::{Deserialize, Serialize};
 use crate::batch::{FieldTensors, batch_tensors};
 use crate::checkpoint::{self, Checkpoint, RngState, Snapshot, TaskCursor};
 use crate::collective::{Collective, SingleProcess};
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, Prior};
 use crate::error::{Error, Result, checkpoint_err, io_err, train_config_err};
 use crate::loss::{in_units_of, masked_crps, masked_mse, prior_error_per_value};
 use crate::metrics_log::{self, StepRecord};
 use crate::model::{FieldInput, MultiFormer};
-use crate::optim::{AdamW, Grads, OptimizerConfig};
+use crate::optim::{AdamW, Grads, OptimizerConfig, sorted_vars};
 
 /// One self-supervised task: a masking of every field, and how often it is drawn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -630,7 +630,8 @@ impl Trainer {
         let mut trainer = Self::new_in(config, collective, device)?;
         let model_path = dir.join(checkpoint::MODEL_FILE);
         let mut weights = ckpt.weights;
-        for (name, var) in trainer.opt.vars() {
+        // Every variable: the weights and the statistics the optimizer leaves alone.
+        for (name, var) in &sorted_vars(&trainer.varmap) {
             let t = weights.remove(name).ok_or_else(|| {
                 checkpoint_err(
                     &model_path,
@@ -755,11 +756,9 @@ impl Trainer {
             tasks: self.task_cursors(&self.cursors),
             ranks: Vec::new(),
             rng: RngState::capture(&self.rng),
-            weights: self
-                .opt
-                .vars()
-                .iter()
-                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            weights: sorted_vars(&self.varmap)
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone()))
                 .collect(),
             optimizer: self.opt.state_tensors(),
         }
@@ -1012,20 +1011,25 @@ impl Trainer {
     /// add up to the combined batch's terms) and the tokens read here. Every rank calls it for
     /// its micro-batch at the same time: the ranks exchange their masked-token counts.
     /// Sets each field's `prior_error` (see [`crate::tail::PRIOR_ERROR`]) to the RMS error of
-    /// each kind of temporal prior on the masked values of `batch` (the run's first, summed over
-    /// the ranks); a kind the batch lacks keeps its value. Nothing to do without the prior.
-    fn measure_prior_error(&mut self, batch: &Batch) -> Result<()> {
-        let fields = batch_tensors(batch, &self.config.model, self.dtype, &self.device)?;
+    /// each kind of temporal prior on the masked values of `batches` (a fresh run's first of
+    /// every task, summed over the ranks); a kind they lack keeps its value.
+    fn measure_prior_error(&mut self, batches: &[Batch]) -> Result<()> {
         let k = crate::batch::PREDICTED_PRIOR_KINDS.len();
-        let mut sums = vec![0.0f64; 2 * k * fields.len()];
-        for (f, field) in fields.iter().enumerate() {
-            if let Some((sq, n)) = prior_error_sums(field)? {
-                sums[2 * k * f..2 * k * f + k].copy_from_slice(&sq);
-                sums[2 * k * f + k..2 * k * (f + 1)].copy_from_slice(&n);
+        let n_fields = self.config.model.fields.len();
+        let mut sums = vec![0.0f64; 2 * k * n_fields];
+        for batch in batches {
+            let fields = batch_tensors(batch, &self.config.model, self.dtype, &self.device)?;
+            for (f, field) in fields.iter().enumerate() {
+                if let Some((sq, n)) = prior_error_sums(field)? {
+                    for c in 0..k {
+                        sums[2 * k * f + c] += sq[c];
+                        sums[2 * k * f + k + c] += n[c];
+                    }
+                }
             }
         }
         self.collective.all_reduce_sum_f64(&mut sums)?;
-        for f in 0..fields.len() {
+        for f in 0..n_fields {
             let Some(error) = self.model.prior_error(f) else {
                 continue;
             };
@@ -1124,6 +1128,17 @@ impl Trainer {
             r.resume = self.cursors[i];
             streams.push(own_connection(client).await?.stream(r.to_proto()));
         }
+        if self.step() == 0 && self.config.model.prior == Prior::Temporal {
+            // The first batch of every task, on streams of their own: the run's streams and
+            // cursors stay as they were.
+            let mut first = Vec::with_capacity(tasks.len());
+            for (i, task) in tasks.iter().enumerate() {
+                let r = self.shard(self.config.task_request(i));
+                let mut stream = own_connection(client).await?.stream(r.to_proto());
+                first.push(next_batch(&mut stream, &task.name, &mut 0).await?);
+            }
+            self.measure_prior_error(&first)?;
+        }
         let validation_client = own_connection(client).await?;
         let mut delivered = vec![0u64; tasks.len()];
         self.broadcast_weights()?;
@@ -1166,9 +1181,6 @@ impl Trainer {
                 let batch =
                     next_batch(&mut streams[task], &tasks[task].name, &mut delivered[task]).await?;
                 record.data_wait_s += t.elapsed().as_secs_f64();
-                if self.step() == 0 && names.len() == 1 {
-                    self.measure_prior_error(&batch)?;
-                }
 
                 let t = Instant::now();
                 let (loss, fields, tokens) = self.forward_loss(&batch)?;
@@ -1586,7 +1598,7 @@ mod tests {
         assert!(FieldMeans::new(2).means(model).is_empty());
     }
 
-    /// The run's first batch sets each field's `prior_error` to the RMS error of each kind of
+    /// A run's first batches set each field's `prior_error` to the RMS error of each kind of
     /// prior on its masked values (computed here value by value), the optimizer never touches
     /// it, and the loss then counts errors in its units.
     #[test]
@@ -1651,7 +1663,10 @@ mod tests {
             fields,
             ..Default::default()
         };
-        trainer.measure_prior_error(&batch).unwrap();
+        // Twice the same batch: sums over batches leave each RMS as it is.
+        trainer
+            .measure_prior_error(&[batch.clone(), batch.clone()])
+            .unwrap();
 
         let tensors = batch_tensors(&batch, &model, DType::F32, &Device::Cpu).unwrap();
         let mut seen = [false; 3];
