@@ -10,7 +10,8 @@ use atmorep_plot::{AttentionOptions, FieldMap, ModelRun, TokenOptions};
 use atmorep_proto::client::LoaderClient;
 use atmorep_proto::pb;
 use atmorep_proto::request::RequestConfig;
-use atmorep_trainer::metrics_log;
+use atmorep_trainer::config::Prior;
+use atmorep_trainer::{TrainConfig, checkpoint, metrics_log};
 use clap::{Args, Subcommand};
 
 use crate::saved_run::{SavedRun, connect, parse_split};
@@ -270,7 +271,26 @@ fn training(run_dir: &Path, out: Option<PathBuf>) -> Result<atmorep_plot::Figure
         rows.first().map_or(0, |r| r.step),
         rows.last().map_or(0, |r| r.step)
     );
-    Ok(atmorep_plot::training_figure(&rows, &out, &subtitle)?)
+    Ok(atmorep_plot::training_figure(
+        &rows,
+        &out,
+        &subtitle,
+        loss_unit(run_dir),
+    )?)
+}
+
+/// The unit of a run's loss, from its newest checkpoint's config: under the temporal prior each
+/// value's error counts in units of its prior's error; otherwise in normalized units.
+fn loss_unit(run_dir: &Path) -> &'static str {
+    let temporal = checkpoint::resolve(run_dir)
+        .ok()
+        .and_then(|dir| TrainConfig::from_toml_file(&dir.join(checkpoint::CONFIG_FILE)).ok())
+        .is_some_and(|cfg| cfg.model.prior == Prior::Temporal);
+    if temporal {
+        "prior errors²"
+    } else {
+        "normalized units²"
+    }
 }
 
 async fn field(
@@ -375,4 +395,38 @@ async fn field(
         }
     );
     Ok(atmorep_plot::field_figure(&map, &tracks, &out, &subtitle)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use atmorep_trainer::config::TokenGrid;
+    use atmorep_trainer::{TrainConfig, Trainer};
+
+    use super::*;
+
+    /// The loss axes say which units a run's loss is in, from its checkpoint's config.
+    #[test]
+    fn the_loss_unit_follows_the_runs_prior() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        Trainer::new(TrainConfig::example())
+            .unwrap()
+            .save_checkpoint(&plain)
+            .unwrap();
+        assert_eq!(loss_unit(&plain), "normalized units²");
+
+        let mut cfg = TrainConfig::example();
+        cfg.model.prior = Prior::Temporal;
+        for f in &mut cfg.model.fields {
+            f.grid = Some(TokenGrid {
+                num_tokens: [2, 2, 2],
+                token_size: [1, 3, 4],
+            });
+        }
+        let prior = dir.path().join("prior");
+        Trainer::new(cfg).unwrap().save_checkpoint(&prior).unwrap();
+        assert_eq!(loss_unit(&prior), "prior errors²");
+        // No checkpoint (a run that logged steps but never saved): normalized units.
+        assert_eq!(loss_unit(dir.path()), "normalized units²");
+    }
 }

@@ -18,7 +18,7 @@
 //! ```no_run
 //! use atmorep_plot::training::training_figure;
 //! let rows = atmorep_trainer::metrics_log::read_steps("runs/train".as_ref())?;
-//! training_figure(&rows, "runs/train/training.png".as_ref(), "runs/train")?;
+//! training_figure(&rows, "runs/train/training.png".as_ref(), "runs/train", "normalized units²")?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 

@@ -98,8 +98,14 @@ pub fn field_curves(rows: &[StepRecord]) -> Vec<FieldCurves> {
 }
 
 /// Writes the charts of `rows` (one record per step) to `path`: five with per-field losses in
-/// the log (the two loss charts on top, the rest below), four without.
-pub fn training_figure(rows: &[StepRecord], path: &Path, subtitle: &str) -> Result<Figure> {
+/// the log (the two loss charts on top, the rest below), four without. `loss_unit` labels the
+/// loss axes (`normalized units²`, or `prior errors²` for a temporal-prior model).
+pub fn training_figure(
+    rows: &[StepRecord],
+    path: &Path,
+    subtitle: &str,
+    loss_unit: &str,
+) -> Result<Figure> {
     if rows.is_empty() {
         return Err(input_err("the metrics log", "holds no steps"));
     }
@@ -130,9 +136,9 @@ pub fn training_figure(rows: &[StepRecord], path: &Path, subtitle: &str) -> Resu
         };
         let mut cells = cells.iter();
         let mut next = || cells.next().expect("a cell per chart");
-        loss_chart(next(), &what, &rows, steps.clone())?;
+        loss_chart(next(), &what, &rows, steps.clone(), loss_unit)?;
         if !curves.is_empty() {
-            field_chart(next(), &what, &curves, steps.clone())?;
+            field_chart(next(), &what, &curves, steps.clone(), loss_unit)?;
         }
         line_chart(
             next(),
@@ -260,6 +266,7 @@ fn loss_chart(
     what: &str,
     rows: &[StepRecord],
     steps: std::ops::Range<f64>,
+    loss_unit: &str,
 ) -> Result<()> {
     let y = log_range(
         rows.iter()
@@ -277,7 +284,7 @@ fn loss_chart(
     chart
         .configure_mesh()
         .x_desc("optimizer step")
-        .y_desc("loss (normalized units²)")
+        .y_desc(format!("loss ({loss_unit})"))
         .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| tick(*v))
         .label_style((FONT_FAMILY, 13))
@@ -363,6 +370,7 @@ fn field_chart(
     what: &str,
     curves: &[FieldCurves],
     steps: std::ops::Range<f64>,
+    loss_unit: &str,
 ) -> Result<()> {
     let y = log_range(
         curves
@@ -383,7 +391,7 @@ fn field_chart(
     chart
         .configure_mesh()
         .x_desc("optimizer step")
-        .y_desc("loss (normalized units²)")
+        .y_desc(format!("loss ({loss_unit})"))
         .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| tick(*v))
         .label_style((FONT_FAMILY, 13))
@@ -574,7 +582,7 @@ mod tests {
     fn the_training_figure_has_five_charts_with_per_field_losses() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("training.png");
-        let fig = training_figure(&records(60), &path, "unit test").unwrap();
+        let fig = training_figure(&records(60), &path, "unit test", "normalized units²").unwrap();
         assert_eq!((fig.width, fig.height, fig.panels), (1400, 960, 5));
         assert_png(&path, SIZE);
         // Every field's curves are drawn in its colour: far more of it than a legend swatch.
@@ -584,9 +592,9 @@ mod tests {
         }
         assert_eq!(pixels_of(&path, FIELD_COLOURS[3]), 0);
         // A single step still draws (the step axis gets a width).
-        let fig = training_figure(&records(1), &path, "one step").unwrap();
+        let fig = training_figure(&records(1), &path, "one step", "prior errors²").unwrap();
         assert_eq!(fig.panels, 5);
-        let err = training_figure(&[], &path, "").unwrap_err();
+        let err = training_figure(&[], &path, "", "").unwrap_err();
         assert!(err.to_string().contains("no steps"), "{err}");
     }
 
@@ -600,7 +608,8 @@ mod tests {
             r.val_field_losses.clear();
         }
         assert!(field_curves(&rows).is_empty());
-        let fig = training_figure(&rows, &path, "before per-field losses").unwrap();
+        let fig =
+            training_figure(&rows, &path, "before per-field losses", "normalized units²").unwrap();
         assert_eq!((fig.width, fig.height, fig.panels), (1400, 960, 4));
         assert_png(&path, SIZE);
         let counts: Vec<usize> = FIELD_COLOURS.iter().map(|c| pixels_of(&path, *c)).collect();
