@@ -514,7 +514,9 @@ fn line_chart(
                 .draw()
                 .map_err(draw_err(what))?;
             chart
-                .draw_series(LineSeries::new(points, colour.stroke_width(2)))
+                // One pixel wide: plotters draws wider lines as polygons whose ends overshoot on
+                // steep segments, below the axis of a noisy series.
+                .draw_series(LineSeries::new(points, colour.stroke_width(1)))
                 .map_err(draw_err(what))?;
         }};
     }
@@ -576,6 +578,41 @@ mod tests {
         img.pixels()
             .filter(|p| p.0 == [colour.0, colour.1, colour.2])
             .count()
+    }
+
+    /// A series whose neighbouring steps lie far apart (gradient norms, data waits) stays above
+    /// its chart's x axis: plotters' 2-pixel lines overshoot the ends of steep segments.
+    #[test]
+    fn steep_lines_stay_inside_their_chart() {
+        let mut rows = records(400);
+        for r in &mut rows {
+            r.grad_norm = if r.step % 2 == 0 { 0.05 } else { 4.0 };
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spiky.png");
+        training_figure(&rows, &path, "spiky", "normalized units²").unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        let (w, h) = img.dimensions();
+        // The gradient-norm chart is the bottom row's middle third; its x axis is the lowest
+        // row there that is black over most of the chart's width.
+        let cols = w / 3..2 * w / 3;
+        let black = |y: u32| {
+            cols.clone()
+                .filter(|&x| img.get_pixel(x, y).0 == [0, 0, 0])
+                .count()
+        };
+        let axis = (h / 2..h)
+            .filter(|&y| black(y) > (w / 6) as usize)
+            .max()
+            .expect("the chart has an x axis");
+        let below = (axis + 2..h)
+            .flat_map(|y| cols.clone().map(move |x| (x, y)))
+            .filter(|&(x, y)| img.get_pixel(x, y).0 == [204, 102, 0])
+            .count();
+        assert_eq!(
+            below, 0,
+            "pixels of the series below its x axis (row {axis})"
+        );
     }
 
     #[test]
