@@ -85,7 +85,7 @@ use crate::checkpoint::{self, Checkpoint, RngState, Snapshot, TaskCursor};
 use crate::collective::{Collective, SingleProcess};
 use crate::config::{ModelConfig, Prior};
 use crate::error::{Error, Result, checkpoint_err, io_err, train_config_err};
-use crate::loss::{in_units_of, masked_crps, masked_mse, prior_error_per_value};
+use crate::loss::{gather_masked, in_units_of, masked_crps, masked_mse, prior_error_per_value};
 use crate::metrics_log::{self, StepRecord};
 use crate::model::{FieldInput, MultiFormer};
 use crate::optim::{AdamW, Grads, OptimizerConfig, sorted_vars};
@@ -1005,11 +1005,6 @@ impl Trainer {
         Ok((loss, per_field))
     }
 
-    /// This rank's batch through the model: its part of the loss of the ranks' batches
-    /// together (all of it with one rank), the fields' terms of the combined loss weighted by
-    /// this rank's share (`Some(0.0)` for a field masked only on other ranks; the ranks' values
-    /// add up to the combined batch's terms) and the tokens read here. Every rank calls it for
-    /// its micro-batch at the same time: the ranks exchange their masked-token counts.
     /// Sets each field's `prior_error` (see [`crate::tail::PRIOR_ERROR`]) to the RMS error of
     /// each kind of temporal prior on the masked values of `batches` (a fresh run's first of
     /// every task, summed over the ranks); a kind they lack keeps its value.
@@ -1055,6 +1050,11 @@ impl Trainer {
         Ok(())
     }
 
+    /// This rank's batch through the model: its part of the loss of the ranks' batches
+    /// together (all of it with one rank), the fields' terms of the combined loss weighted by
+    /// this rank's share (`Some(0.0)` for a field masked only on other ranks; the ranks' values
+    /// add up to the combined batch's terms) and the tokens read here. Every rank calls it for
+    /// its micro-batch at the same time: the ranks exchange their masked-token counts.
     fn forward_loss(&self, batch: &Batch) -> Result<(Tensor, Vec<Option<f64>>, u64)> {
         let fields = batch_tensors(batch, &self.config.model, self.dtype, &self.device)?;
         let local: Vec<f64> = fields
@@ -1366,7 +1366,6 @@ impl FieldMeans {
     }
 }
 
-/// A client like `client` on a connection of its own.
 /// Per kind of temporal prior, the sum of squared errors of the prior on `field`'s masked
 /// values and how many there are; `None` without a prior.
 fn prior_error_sums(field: &FieldTensors) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
@@ -1377,11 +1376,11 @@ fn prior_error_sums(field: &FieldTensors) -> Result<Option<(Vec<f64>, Vec<f64>)>
     if field.target.elem_count() == 0 {
         return Ok(Some((vec![0.0; k], vec![0.0; k])));
     }
-    let gather = |t: &Tensor| crate::loss::gather_masked(&t.unsqueeze(2)?, &field.masked_indices);
-    // [M, 1, V] and [M, 1, V, K] (a kind's channels ride along as an extra axis).
-    let values = gather(&prior.values)?.squeeze(1)?;
+    // Gathered as predictions are, [B, T, E, V] → [M, E, V]: the values with E = 1, the kinds
+    // with each value's K channels side by side in the last axis.
     let (b, n, v, _) = prior.kind.dims4()?;
-    let kind = crate::loss::gather_masked(
+    let values = gather_masked(&prior.values.unsqueeze(2)?, &field.masked_indices)?.squeeze(1)?;
+    let kind = gather_masked(
         &prior.kind.reshape((b, n, 1, v * k))?,
         &field.masked_indices,
     )?
@@ -1393,6 +1392,7 @@ fn prior_error_sums(field: &FieldTensors) -> Result<Option<(Vec<f64>, Vec<f64>)>
     Ok(Some((sums, counts)))
 }
 
+/// A client like `client` on a connection of its own.
 async fn own_connection(client: &LoaderClient) -> Result<LoaderClient> {
     Ok(LoaderClient::connect(client.config().clone()).await?)
 }
