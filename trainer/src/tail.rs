@@ -30,10 +30,10 @@ const PRIOR_PROJ: [&str; PREDICTED_PRIOR_KINDS.len()] =
     ["proj_interpolated", "proj_one_sided", "proj_climatology"];
 
 /// The name of a temporal-prior tail's `[K]` statistic: the RMS error, in normalized units, of
-/// each kind of prior ([`PREDICTED_PRIOR_KINDS`] order), measured on the first batch of a run
-/// (`Trainer::run`) and then fixed. Each kind's correction is predicted, and its loss counted,
+/// each kind of prior ([`PREDICTED_PRIOR_KINDS`] order), measured on the first batch of every
+/// task of a fresh run (`Trainer::run`) and then fixed. Each kind's correction is predicted, and its loss counted,
 /// in units of it, so that the projections work at order 1 whatever the field and the time
-/// step: in normalized units, interpolation in time errs by ~0.003 on `z` and ~0.04 on `t`
+/// step: in normalized units, interpolation in time errs by ~0.004 on `z` and ~0.04 on `t`
 /// with its diurnal cycle at 6-hourly steps, the climatological mean by the whole anomaly.
 ///
 /// A statistic, not a weight: the optimizer leaves it alone. A learned factor in its place
