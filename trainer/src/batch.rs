@@ -328,6 +328,42 @@ mod tests {
         assert!(tensors[0].input.prior.is_none());
     }
 
+    /// Under a temporal prior the model sees a hidden token only through its prior: what the
+    /// loader put in its place (mask value or noise) changes nothing, a visible value does.
+    #[test]
+    fn a_temporal_prior_model_sees_hidden_tokens_through_their_prior() {
+        let cfg = ModelConfig::tiny().with_temporal_prior([2, 2, 2]);
+        let (model, _) = MultiFormer::seeded(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+        let mut batch = Batch {
+            sample_ids: vec![0, 1],
+            sample_epochs: vec![0, 0],
+            fields: vec![field("t", &cfg.fields[0], 2), field("z", &cfg.fields[1], 2)],
+            ..Default::default()
+        };
+        for f in &mut batch.fields {
+            f.windows.iter_mut().for_each(|w| w.size = [2, 6, 8]);
+        }
+        let predict = |batch: &Batch| -> Vec<Vec<f32>> {
+            let tensors = batch_tensors(batch, &cfg, DType::F32, &Device::Cpu).unwrap();
+            let inputs: Vec<FieldInput> = tensors.iter().map(|f| f.input.clone()).collect();
+            model
+                .forward(&inputs)
+                .unwrap()
+                .iter()
+                .map(|p| p.flatten_all().unwrap().to_vec1().unwrap())
+                .collect()
+        };
+        let before = predict(&batch);
+        // Token 5 of sample 0 is masked (the helper masks tokens i and 5 of sample i).
+        let v = cfg.fields[0].token_numel;
+        let mut noised = batch.clone();
+        noised.fields[0].source[5 * v..6 * v].fill(7.5);
+        assert_eq!(predict(&noised), before);
+        let mut changed = batch.clone();
+        changed.fields[0].source[3 * v] += 1.0;
+        assert_ne!(predict(&changed)[0], before[0]);
+    }
+
     #[test]
     fn the_prior_interpolates_hidden_tokens_in_time_per_grid_point() {
         // One level, 3 time tokens of 2 steps × 1 × 2 points: the series of grid point x is

@@ -42,7 +42,7 @@ use crate::train::TrainConfig;
 /// `state.json`'s `format`.
 pub const FORMAT: &str = "atmorep-trainer-checkpoint";
 /// The checkpoint layout this build writes and reads.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The folder of a run's checkpoints inside its output folder.
 pub const DIR: &str = "checkpoints";
 /// The file naming the newest complete checkpoint.

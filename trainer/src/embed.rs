@@ -4,7 +4,8 @@
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 
-use crate::config::{AuxInfo, FieldSpec, ModelConfig};
+use crate::batch::PREDICTED_PRIOR_KINDS;
+use crate::config::{AuxInfo, FieldSpec, ModelConfig, Prior};
 use crate::ops::{gelu, linear};
 
 /// Floats of token info per token (`atmorep_proto::token_info::TOKEN_INFO_LEN`).
@@ -95,6 +96,10 @@ pub struct TokenEmbedding {
     class_token: Option<Tensor>,
     /// `Linear(W → D)` when the positional encoding is not `D` wide.
     pe: Option<Linear>,
+    /// Under [`Prior::Temporal`], `Linear(K → value width)` of how a token's values were made
+    /// (the fraction of each kind of prior among them): the values embedded are the prior's,
+    /// which for a hidden token are a guess the model must know to be one.
+    hidden: Option<Linear>,
 }
 
 impl TokenEmbedding {
@@ -129,6 +134,15 @@ impl TokenEmbedding {
         } else {
             Some(linear(vb.pp("pe"), field.pe_width, d, false)?)
         };
+        let hidden = match cfg.prior {
+            Prior::None => None,
+            Prior::Temporal => Some(linear(
+                vb.pp("hidden"),
+                PREDICTED_PRIOR_KINDS.len(),
+                value_width,
+                false,
+            )?),
+        };
         Ok(Self {
             variant,
             values: linear(vb.pp("values"), v, value_width, true)?,
@@ -136,13 +150,30 @@ impl TokenEmbedding {
             info_out,
             class_token,
             pe,
+            hidden,
         })
     }
 
     /// Embeds `source` `[B, T, V]` with its `token_info` `[B, T, 8]` (raw, as the loader sends
-    /// it) and positional encoding `pe` `[B, T, W]`.
-    pub fn forward(&self, source: &Tensor, token_info: &Tensor, pe: &Tensor) -> Result<Embedded> {
-        let values = self.values.forward(source)?;
+    /// it) and positional encoding `pe` `[B, T, W]`. Under a temporal prior `source` is the
+    /// prior's values and `hidden` `[B, T, K]` the fraction of each kind of prior among each
+    /// token's values (all zero for a visible token).
+    pub fn forward(
+        &self,
+        source: &Tensor,
+        token_info: &Tensor,
+        pe: &Tensor,
+        hidden: Option<&Tensor>,
+    ) -> Result<Embedded> {
+        let mut values = self.values.forward(source)?;
+        match (&self.hidden, hidden) {
+            (Some(proj), Some(kinds)) => values = values.broadcast_add(&proj.forward(kinds)?)?,
+            (None, None) => {}
+            (Some(_), None) => {
+                candle_core::bail!("this embedding takes the kinds of a temporal prior")
+            }
+            (None, Some(_)) => candle_core::bail!("this embedding has no temporal prior"),
+        }
         let info = info_features(token_info)?;
         let pe = match &self.pe {
             Some(proj) => proj.forward(pe)?,

@@ -155,7 +155,17 @@ impl MultiFormer {
         let mut xs = Vec::with_capacity(inputs.len());
         let mut infos = Vec::with_capacity(inputs.len());
         for (embed, input) in self.embeds.iter().zip(inputs) {
-            let e = embed.forward(&input.source, &input.token_info, &input.pe)?;
+            // Under a temporal prior the model sees the prior: a visible value is its own prior,
+            // and a hidden token shows its first guess instead of a mask value or noise.
+            let e = match (&self.cfg.prior, &input.prior) {
+                (Prior::Temporal, Some(prior)) => embed.forward(
+                    &prior.values,
+                    &input.token_info,
+                    &input.pe,
+                    Some(&prior.kind.mean(2)?),
+                )?,
+                _ => embed.forward(&input.source, &input.token_info, &input.pe, None)?,
+            };
             xs.push(e.tokens);
             infos.push(e.info);
         }
