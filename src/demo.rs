@@ -1,7 +1,7 @@
 //! `atmorep demo`: the whole system on one machine with an embedded default. A synthetic ERA5
 //! store with cyclones and its statistics; the loader service as a **separate process** on
 //! loopback; one epoch streamed over gRPC and checked; the trainer as a **separate process**
-//! training the multiformer on the loader's stream (400 steps, 6–7 minutes on 2 cores); evaluation
+//! training the multiformer on the loader's stream (600 steps, 2½–4 minutes on 2 cores); evaluation
 //! against climatology, persistence and interpolation; global inference written back as a Zarr
 //! store; cyclones tracked in the reanalysis and in the model's output (each through a loader);
 //! figures of the run — training curves, attention and tokens of a test sample, vorticity at
@@ -31,8 +31,8 @@ pub struct DemoArgs {
     /// Grid spacing of the synthetic store in degrees.
     #[arg(long, default_value_t = 1.0)]
     grid: f64,
-    /// Optimizer steps of the training run (the default takes 6–7 minutes on 2 cores).
-    #[arg(long, default_value_t = 400)]
+    /// Optimizer steps of the training run (the default takes 2½–4 minutes on 2 cores).
+    #[arg(long, default_value_t = 600)]
     steps: u64,
 }
 

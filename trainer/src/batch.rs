@@ -358,10 +358,16 @@ mod tests {
         let v = cfg.fields[0].token_numel;
         let mut noised = batch.clone();
         noised.fields[0].source[5 * v..6 * v].fill(7.5);
-        assert_eq!(predict(&noised), before);
+        assert!(
+            predict(&noised) == before,
+            "what the loader put in a masked token's place reached the model"
+        );
         let mut changed = batch.clone();
         changed.fields[0].source[3 * v] += 1.0;
-        assert_ne!(predict(&changed)[0], before[0]);
+        assert!(
+            predict(&changed)[0] != before[0],
+            "a visible value did not reach the model"
+        );
     }
 
     #[test]
