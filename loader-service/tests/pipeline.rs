@@ -141,6 +141,14 @@ async fn same_request_same_bytes_and_tokens_match_the_field() {
     assert_eq!(t.target.len(), t.masked_indices.len() * numel);
     assert_eq!(t.token_info.len(), 2 * 4 * 3 * 6 * 8);
     assert_eq!(t.pe.len(), 2 * 4 * 3 * 6 * 16);
+    let local = atmorep_proto::positional::encode(
+        PeMode::Local,
+        &geometry,
+        16,
+        &atmorep_proto::positional::PeInputs::default(),
+    )
+    .unwrap();
+    assert!(t.pe == local, "field `t`'s local encoding");
     // Forecast masking of `vo`: exactly the last time slice of tokens (2 levels × 3 × 6).
     assert_eq!(s.fields[1].masked_indices.len(), 2 * 3 * 6);
 }

@@ -65,6 +65,12 @@ impl PeMode {
         Self::None,
     ];
 
+    /// Whether the encoding depends on the window (its global position or its tokens' info);
+    /// the others are one fixed table per field geometry and width.
+    pub const fn depends_on_window(self) -> bool {
+        matches!(self, Self::Global | Self::InfoStandard)
+    }
+
     /// The mode's canonical name.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -682,6 +688,52 @@ mod tests {
             encode(PeMode::Local, &bad, 4, &none),
             Err(ProtoError::NoLevels)
         );
+    }
+
+    /// A mode that says it does not depend on the window gives the same table for any window
+    /// (so the pipeline may compute it once); one that does, differs between two windows.
+    #[test]
+    fn modes_that_ignore_the_window_give_one_table() {
+        let f = tiny();
+        let window = |lon: f64, year: f32| {
+            let infos: Vec<TokenInfo> = (0..16)
+                .map(|_| TokenInfo {
+                    year,
+                    lon: lon as f32,
+                    ..info(850.0)
+                })
+                .collect();
+            (
+                GlobalOffsets {
+                    t: 3.0,
+                    lat: 10.0,
+                    lon,
+                    lon_period: Some(160.0),
+                },
+                infos,
+            )
+        };
+        let (a, b) = (window(7.0, 2001.0), window(90.0, 2017.0));
+        for mode in PeMode::ALL {
+            let pe = |(offsets, infos): &(GlobalOffsets, Vec<TokenInfo>)| {
+                encode(
+                    mode,
+                    &f,
+                    8,
+                    &PeInputs {
+                        global_offsets: Some(*offsets),
+                        token_infos: Some(infos),
+                    },
+                )
+                .unwrap()
+            };
+            if mode.depends_on_window() {
+                assert_ne!(pe(&a), pe(&b), "{mode}");
+            } else {
+                assert_eq!(pe(&a), pe(&b), "{mode}");
+                assert_eq!(pe(&a), encode(mode, &f, 8, &PeInputs::default()).unwrap());
+            }
+        }
     }
 
     #[test]
