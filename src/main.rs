@@ -186,9 +186,13 @@ enum LoaderCommand {
         /// Decoded-chunk cache in MiB.
         #[arg(long, default_value_t = 4096)]
         cache_mib: u64,
-        /// Samples to run (default: one epoch).
+        /// Samples to run per epoch (default: all).
         #[arg(long)]
         samples: Option<u64>,
+        /// Epochs to run, each reported on its own: the first in a fresh process, the others
+        /// with its buffers reused.
+        #[arg(long, default_value_t = 2)]
+        epochs: u64,
         /// Samples in flight.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
@@ -407,6 +411,7 @@ async fn loader(command: LoaderCommand) -> Result<()> {
             stats,
             cache_mib,
             samples,
+            epochs,
             concurrency,
         } => {
             let request = match config {
@@ -424,17 +429,20 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                     reference_config([a.as_str(), b.as_str()], levels, dataset.times.len())
                 }
             };
-            let report = bench_pipeline::run(
+            let reports = bench_pipeline::run(
                 &url,
                 request,
                 stats.as_deref(),
                 cache_mib << 20,
                 samples,
+                epochs,
                 concurrency,
                 true,
             )
             .await?;
-            print!("{}", report.to_text());
+            for report in reports {
+                print!("{}", report.to_text());
+            }
         }
         LoaderCommand::BenchStorage(args) => {
             if args.block == 0 || args.repeats == 0 {

@@ -1,7 +1,9 @@
 //! `atmorep loader bench-pipeline`: the sample pipeline in-process on a real store. It reports
 //! samples/s, token payload GB/s and read amplification, and compares the run's wall time with
 //! the time the same machine needs to decode, on all cores, exactly the chunks the run fetched
-//! (the decode limit measured in the same process right after the run).
+//! (the decode limit measured in the same process right after the run). It runs several epochs
+//! in one process: the first pays for faulting in fresh memory (a new process's buffers), the
+//! later ones show the steady state a long training run sees.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -22,6 +24,7 @@ use crate::{ChunkCache, StoreLocation};
 /// A benchmark run's figures.
 #[derive(Debug, Clone)]
 pub struct PipelineBenchReport {
+    pub epoch: u64,
     pub samples: u64,
     pub seconds: f64,
     pub samples_per_second: f64,
@@ -34,16 +37,19 @@ pub struct PipelineBenchReport {
     pub cores: usize,
 }
 
-/// Runs `samples` samples of `config` (the whole epoch when `None`) on the store at `url`.
+/// Runs `samples` samples (the whole epoch when `None`) of each of `epochs` epochs of `config`
+/// on the store at `url`, one report per epoch.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     url: &str,
     config: PipelineConfig,
     stats_dir: Option<&Path>,
     cache_bytes: u64,
     samples: Option<u64>,
+    epochs: u64,
     concurrency: usize,
     progress: bool,
-) -> Result<PipelineBenchReport, PipelineError> {
+) -> Result<Vec<PipelineBenchReport>, PipelineError> {
     let location = StoreLocation::open(url)?;
     let dataset =
         Arc::new(Dataset::open_location(location, Arc::new(ChunkCache::new(cache_bytes))).await?);
@@ -69,6 +75,22 @@ pub async fn run(
         .unwrap_or(pipeline.num_samples())
         .min(pipeline.num_samples());
 
+    let mut reports = Vec::new();
+    for epoch in 0..epochs.max(1) {
+        reports.push(run_epoch(&dataset, &pipeline, epoch, total, concurrency, progress).await?);
+    }
+    Ok(reports)
+}
+
+/// One timed epoch and the decode limit of the chunks it fetched.
+async fn run_epoch(
+    dataset: &Arc<Dataset>,
+    pipeline: &Arc<Pipeline>,
+    epoch: u64,
+    total: u64,
+    concurrency: usize,
+    progress: bool,
+) -> Result<PipelineBenchReport, PipelineError> {
     dataset.cache().clear();
     dataset.record_fetches(true);
     let decoded_before = dataset.counters.decoded_bytes.load(Ordering::Relaxed);
@@ -79,8 +101,8 @@ pub async fn run(
     let mut batches = pipeline.batches(BatchSpec {
         rank: 0,
         world: 1,
-        start: Cursor::start_of(0),
-        end_epoch: Some(1),
+        start: Cursor::start_of(epoch),
+        end_epoch: Some(epoch + 1),
         batch_size: 16,
         sample_concurrency: concurrency,
         prefetch_batches: 2,
@@ -138,6 +160,7 @@ pub async fn run(
     let decode_seconds = decode_started.elapsed().as_secs_f64();
     let decoded_limit = decoded_limit?;
     Ok(PipelineBenchReport {
+        epoch,
         samples: delivered,
         seconds,
         samples_per_second: delivered as f64 / seconds,
@@ -186,6 +209,16 @@ impl PipelineBenchReport {
     /// The figures as text.
     pub fn to_text(&self) -> String {
         let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "epoch {}{}",
+            self.epoch,
+            if self.epoch == 0 {
+                " (a fresh process: new buffers' pages are faulted in)"
+            } else {
+                " (buffers reused: the steady state)"
+            }
+        );
         let _ = writeln!(
             s,
             "samples            {} in {:.2} s",
