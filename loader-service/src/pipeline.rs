@@ -1351,10 +1351,12 @@ impl Pipeline {
     }
 
     /// The batches of `ids`, assembled in groups of whole batches by
-    /// [`Pipeline::assemble_group`]. A group covers at most `buffer_blocks` blocks (plus the
-    /// block a straddling batch opens), so that each chunk of a block is decoded about once per
-    /// epoch, and, under a memory budget, at most half of it, so that the next group is cut
-    /// while this one is sent. Each batch carries its share of the group's reservation.
+    /// [`Pipeline::assemble_group`]. In-process without a memory budget a group covers at most
+    /// `buffer_blocks` blocks (plus the block a straddling batch opens), so that each chunk of a
+    /// block is decoded once per epoch even without a cache; under a budget groups are as small
+    /// as the stream's `sample_concurrency` and share decoded chunks through the cache. The next
+    /// group is cut while this one is sent; each batch carries its share of the group's
+    /// reservation.
     async fn send_groups(
         self: Arc<Self>,
         spec: BatchSpec,
@@ -1368,14 +1370,16 @@ impl Pipeline {
             // Tiles: no blocks; a group is as many samples as the stream assembles at once.
             _ => (1, u64::MAX),
         };
-        let per_stream = match self.plan.ordering {
-            Ordering::BlockLocal(_) => u64::MAX,
-            _ => spec.sample_concurrency.div_ceil(spec.batch_size).max(1) as u64,
+        let in_flight = spec.sample_concurrency.div_ceil(spec.batch_size).max(1) as u64;
+        let max_batches = match (&spec.memory, self.plan.ordering) {
+            // In-process, without a budget: whole blocks, the planned read.
+            (None, Ordering::BlockLocal(_)) => u64::MAX,
+            // A server's budget is shared by streams that one client may read in turn (a
+            // trainer's tasks, its validation): a stream that reserved more than its share while
+            // the client waits on another would stall both. Two groups in flight hold what the
+            // `sample_concurrency` samples of one-by-one assembly held.
+            _ => in_flight.div_ceil(2),
         };
-        let by_memory = spec.memory.as_ref().map_or(u64::MAX, |budget| {
-            (budget.total_bytes() / 2 / batch_bytes.max(1)).max(1)
-        });
-        let max_batches = per_stream.min(by_memory);
         let mut items = std::iter::from_fn(move || {
             let epoch = ids.cursor().epoch;
             ids.next().map(|(id, after)| (epoch, id, after))

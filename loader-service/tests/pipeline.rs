@@ -588,3 +588,40 @@ async fn grouped_batches_equal_samples_built_one_by_one_and_decode_each_chunk_on
         grouped / plane
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_left_waiting_leaves_budget_for_the_next() {
+    use atmorep_loader::pipeline::{BatchSpec, MemoryBudget};
+
+    // One client reading two streams in turn (a trainer's tasks): while it reads the second,
+    // the first's prefetched groups must not hold the whole shared budget.
+    let dir = tempfile::tempdir().unwrap();
+    let (dataset, stats) = store(dir.path()).await;
+    let mut cfg = config();
+    cfg.fields[1].blur_sigma = 0.0;
+    let pipeline = Arc::new(Pipeline::new(dataset, cfg, Some(stats)).unwrap());
+    let budget = MemoryBudget::new(8 * 4 * pipeline.sample_bytes());
+    let spec = BatchSpec {
+        rank: 0,
+        world: 1,
+        start: Cursor::start_of(0),
+        end_epoch: None,
+        batch_size: 4,
+        sample_concurrency: 8,
+        prefetch_batches: 2,
+        memory: Some(budget.clone()),
+    };
+    let mut first = pipeline.batches(spec.clone()).unwrap();
+    assert!(first.next().await.unwrap().is_ok());
+    // Let the first stream prefetch all it may.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut second = pipeline.batches(spec).unwrap();
+    for _ in 0..6 {
+        let batch = tokio::time::timeout(std::time::Duration::from_secs(20), second.next())
+            .await
+            .expect("the second stream gets budget while the first waits")
+            .unwrap()
+            .unwrap();
+        assert_eq!(batch.samples.len(), 4);
+    }
+}
