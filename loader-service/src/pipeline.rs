@@ -1364,7 +1364,6 @@ impl Pipeline {
         tx: tokio::sync::mpsc::Sender<Result<SampleBatch, PipelineError>>,
     ) {
         let sample_bytes = self.sample_bytes();
-        let batch_bytes = sample_bytes * spec.batch_size as u64;
         let (max_blocks, block_len) = match self.plan.ordering {
             Ordering::BlockLocal(p) => (p.buffer_blocks, p.samples_per_block),
             // Tiles: no blocks; a group is as many samples as the stream assembles at once.
@@ -1417,40 +1416,45 @@ impl Pipeline {
             .map(|group| {
                 let pipeline = pipeline.clone();
                 let memory = spec.memory.clone();
-                // A task of its own, so the next group is cut while this one's batches are sent.
-                AbortOnDrop(tokio::spawn(async move {
+                async move {
                     let samples: u64 = group.iter().map(|(b, _)| b.len() as u64).sum();
-                    // The whole group reserves at once: a group holding part of its share while
-                    // waiting for the rest could deadlock against other streams doing the same.
+                    // The whole group reserves at once (a group holding part of its share while
+                    // waiting for the rest could deadlock against other streams doing the same),
+                    // and here, in stream order: a later group holding budget while an earlier one
+                    // of the same stream waits for it would never be sent.
                     let mut reservation = match &memory {
                         Some(budget) => Some(budget.reserve(samples * sample_bytes).await),
                         None => None,
                     };
-                    let items: Vec<(u64, SampleId)> = group
-                        .iter()
-                        .flat_map(|(b, _)| b.iter().map(|&(epoch, id, _)| (epoch, id)))
-                        .collect();
-                    let mut samples_left = pipeline.assemble_group(items).await?.into_iter();
-                    let mut left = samples;
-                    let mut out = Vec::with_capacity(group.len());
-                    for (batch, last) in group {
-                        let n = batch.len() as u64;
-                        let share = match reservation.as_mut() {
-                            Some(r) if left > n => {
-                                r.split((r.num_permits() as u64 * n / left) as usize)
-                            }
-                            _ => reservation.take(),
-                        };
-                        left -= n;
-                        out.push(SampleBatch {
-                            samples: samples_left.by_ref().take(n as usize).collect(),
-                            cursor_after: batch.last().expect("non-empty batch").2,
-                            last: last && finite,
-                            reservation: share,
-                        });
-                    }
-                    Ok::<_, PipelineError>(out)
-                }))
+                    // A task of its own, so the next group is cut while this one's batches are sent.
+                    AbortOnDrop(tokio::spawn(async move {
+                        let items: Vec<(u64, SampleId)> = group
+                            .iter()
+                            .flat_map(|(b, _)| b.iter().map(|&(epoch, id, _)| (epoch, id)))
+                            .collect();
+                        let mut samples_left = pipeline.assemble_group(items).await?.into_iter();
+                        let mut left = samples;
+                        let mut out = Vec::with_capacity(group.len());
+                        for (batch, last) in group {
+                            let n = batch.len() as u64;
+                            let share = match reservation.as_mut() {
+                                Some(r) if left > n => {
+                                    r.split((r.num_permits() as u64 * n / left) as usize)
+                                }
+                                _ => reservation.take(),
+                            };
+                            left -= n;
+                            out.push(SampleBatch {
+                                samples: samples_left.by_ref().take(n as usize).collect(),
+                                cursor_after: batch.last().expect("non-empty batch").2,
+                                last: last && finite,
+                                reservation: share,
+                            });
+                        }
+                        Ok::<_, PipelineError>(out)
+                    }))
+                    .await
+                }
             })
             .buffered(2);
         while let Some(joined) = assembled.next().await {
