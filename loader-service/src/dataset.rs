@@ -460,51 +460,22 @@ impl Dataset {
     pub async fn chunk(&self, variable: &Variable, indices: &[u64]) -> Result<Arc<DecodedChunk>> {
         let key = (self.cache_key(&variable.node), indices.to_vec());
         self.cache
-            .get_or_load(key, || self.fetch_and_decode(variable, indices, None))
+            .get_or_load(key, || self.fetch_and_decode(variable, indices))
             .await
-    }
-
-    /// Runs `then` on the rayon pool with one chunk (fetched through the cache). When this call
-    /// decodes the chunk, `then` runs right after the decoding on the same thread, while the
-    /// values are still in the CPU's cache.
-    pub async fn chunk_then(
-        &self,
-        variable: &Variable,
-        indices: &[u64],
-        then: impl FnOnce(&DecodedChunk) + Send + 'static,
-    ) -> Result<()> {
-        let key = (self.cache_key(&variable.node), indices.to_vec());
-        let pending: std::sync::Mutex<Option<AfterDecode>> =
-            std::sync::Mutex::new(Some(Box::new(then)));
-        let take = || {
-            pending
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take()
-        };
-        let chunk = self
-            .cache
-            .get_or_load(key, || self.fetch_and_decode(variable, indices, take()))
-            .await?;
-        // A cached chunk, or one another reader decoded.
-        if let Some(then) = take() {
-            run_on_rayon(move || then(&chunk)).await;
-        }
-        Ok(())
     }
 
     async fn fetch_and_decode(
         &self,
         variable: &Variable,
         indices: &[u64],
-        then: Option<AfterDecode>,
     ) -> Result<Arc<DecodedChunk>> {
         let store_key = variable.node.array.chunk_key(indices).to_string();
         let node = variable.node.clone();
         let packing = variable.packing.clone();
         let url = self.url().to_string();
         let chunk_indices = indices.to_vec();
-        let (fetched, decoded, decode_time) = match self.location.local_root() {
+        let started = std::time::Instant::now();
+        let (fetched, decoded) = match self.location.local_root() {
             // A local chunk is read on the rayon thread that decodes it, into a buffer that
             // thread keeps (see `location::read_local`).
             Some(root) => {
@@ -513,8 +484,7 @@ impl Dataset {
                 }
                 let root = root.clone();
                 run_on_rayon(move || {
-                    let started = std::time::Instant::now();
-                    let (fetched, decoded) = READ_BUFFER.with_borrow_mut(|buf| {
+                    READ_BUFFER.with_borrow_mut(|buf| {
                         let found = crate::location::read_local(&root, &url, &store_key, buf)?;
                         let encoded = found.then_some(buf.as_slice());
                         let decoded = decode_chunk(
@@ -526,36 +496,25 @@ impl Dataset {
                             &packing,
                         )?;
                         Ok::<_, StoreError>((found.then_some(buf.len()), decoded))
-                    })?;
-                    let decode_time = started.elapsed();
-                    if let Some(then) = then {
-                        then(&decoded);
-                    }
-                    Ok::<_, StoreError>((fetched, decoded, decode_time))
+                    })
                 })
                 .await?
             }
             None => {
                 let encoded = self.location.get(&store_key).await?;
                 let fetched = encoded.as_ref().map(|bytes| bytes.len());
-                let (decoded, decode_time) = run_on_rayon(move || {
-                    let started = std::time::Instant::now();
-                    let decoded = decode_chunk(
+                let decoded = run_on_rayon(move || {
+                    decode_chunk(
                         &url,
                         &node,
                         &store_key,
                         &chunk_indices,
                         encoded.as_deref(),
                         &packing,
-                    )?;
-                    let decode_time = started.elapsed();
-                    if let Some(then) = then {
-                        then(&decoded);
-                    }
-                    Ok::<_, StoreError>((decoded, decode_time))
+                    )
                 })
                 .await?;
-                (fetched, decoded, decode_time)
+                (fetched, decoded)
             }
         };
         if let Some(log) = self
@@ -574,7 +533,7 @@ impl Dataset {
         }
         self.counters
             .decode_nanos
-            .fetch_add(decode_time.as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.counters.decoded_bytes.fetch_add(
             std::mem::size_of_val(decoded.values()) as u64,
             Ordering::Relaxed,
@@ -599,9 +558,6 @@ impl Dataset {
         Arc::from(format!("{}/{}", self.cache_id, node.name).as_str())
     }
 }
-
-/// Work run on a chunk right after it is decoded ([`Dataset::chunk_then`]).
-type AfterDecode = Box<dyn FnOnce(&DecodedChunk) + Send>;
 
 /// Codec options for decoding one chunk: single-threaded, because reads already decode many
 /// chunks in parallel on the rayon pool and nested codec threads would only contend.

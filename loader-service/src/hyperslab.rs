@@ -79,167 +79,6 @@ struct ChunkPlan {
     pairs: Vec<AxisPairs>,
 }
 
-/// The chunks a window touches: per store axis, the chunk indices along it and the window's
-/// points in each; the chunks are the cartesian product.
-#[derive(Debug)]
-struct SlabPlan {
-    per_axis: Vec<BTreeMap<u64, AxisPairs>>,
-}
-
-impl SlabPlan {
-    /// Grid indices of every touched chunk.
-    fn chunk_indices(&self) -> Vec<Vec<u64>> {
-        let mut all = vec![Vec::new()];
-        for groups in &self.per_axis {
-            all = all
-                .into_iter()
-                .flat_map(|prefix: Vec<u64>| {
-                    groups.keys().map(move |&c| {
-                        let mut indices = prefix.clone();
-                        indices.push(c);
-                        indices
-                    })
-                })
-                .collect();
-        }
-        all
-    }
-
-    /// The window's points in chunk `indices`, per store axis.
-    fn pairs(&self, indices: &[u64]) -> Vec<&AxisPairs> {
-        self.per_axis
-            .iter()
-            .zip(indices)
-            .map(|(groups, c)| &groups[c])
-            .collect()
-    }
-}
-
-/// One window of [`Dataset::read_layouts`]: where it lies, where its points go, and the
-/// buffer they go into (resized to the window).
-#[derive(Debug)]
-pub struct LayoutRead {
-    pub slab: Hyperslab,
-    pub layout: Arc<OutputLayout>,
-    /// Per (time, level) plane, as in [`Dataset::read_layout_into`].
-    pub affine: Option<Vec<(f32, f32)>>,
-    pub out: Vec<f32>,
-}
-
-/// A [`LayoutRead`] planned against its variable.
-#[derive(Debug)]
-struct ReadPlan {
-    axes: Vec<Option<usize>>,
-    plan: SlabPlan,
-    layout: Arc<OutputLayout>,
-    affine: Option<Vec<(f32, f32)>>,
-}
-
-/// Checks that `layout` covers `slab` and `affine` has one map per plane.
-fn check_layout(
-    variable: &Variable,
-    slab: &Hyperslab,
-    layout: &OutputLayout,
-    affine: Option<&PlaneAffine>,
-) -> Result<()> {
-    if layout.shape() != slab.shape() {
-        return Err(StoreError::InvalidHyperslab {
-            variable: variable.name.clone(),
-            detail: format!(
-                "output layout {:?} does not match the window {:?}",
-                layout.shape(),
-                slab.shape()
-            ),
-        });
-    }
-    if let Some(affine) = affine {
-        let planes = slab.shape()[0] * slab.shape()[1];
-        if affine.len() != planes {
-            return Err(StoreError::InvalidHyperslab {
-                variable: variable.name.clone(),
-                detail: format!("{} plane transforms for {planes} planes", affine.len()),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Where [`scatter`] writes a run of `len` values starting at output offset `start`.
-trait RunSink {
-    fn run(&mut self, start: usize, len: usize) -> &mut [f32];
-}
-
-/// An output buffer (or part of one) that starts at output offset `base`.
-struct SliceSink<'a> {
-    out: &'a mut [f32],
-    base: usize,
-}
-
-impl RunSink for SliceSink<'_> {
-    fn run(&mut self, start: usize, len: usize) -> &mut [f32] {
-        &mut self.out[start - self.base..start - self.base + len]
-    }
-}
-
-/// The output buffers of one [`Dataset::read_layouts`], written by several chunk jobs at once.
-///
-/// Every job owns one chunk and each output point of a buffer lies in exactly one chunk (a
-/// chunk of a variable partitions its points; a buffer is one window of one variable), so no
-/// two jobs ever write the same value: the runs handed out are disjoint across jobs. The jobs
-/// hold the buffers through an `Arc`, so a cancelled read frees them only after the last job.
-#[derive(Debug)]
-struct SharedOutputs {
-    buffers: Vec<Vec<f32>>,
-    /// Each buffer's start and length, taken once: the buffers are never resized while shared.
-    spans: Vec<(*mut f32, usize)>,
-}
-
-// SAFETY: the raw pointers point into `buffers`, which this struct owns; concurrent writers
-// only reach them through `SharedSink::run`, whose runs are disjoint (see the type doc).
-#[allow(unsafe_code)]
-unsafe impl Send for SharedOutputs {}
-#[allow(unsafe_code)]
-unsafe impl Sync for SharedOutputs {}
-
-impl SharedOutputs {
-    fn new(mut buffers: Vec<Vec<f32>>) -> Self {
-        let spans = buffers
-            .iter_mut()
-            .map(|b| (b.as_mut_ptr(), b.len()))
-            .collect();
-        Self { buffers, spans }
-    }
-
-    fn sink(&self, buffer: usize) -> SharedSink<'_> {
-        SharedSink {
-            outputs: self,
-            buffer,
-        }
-    }
-
-    fn into_inner(self) -> Vec<Vec<f32>> {
-        self.buffers
-    }
-}
-
-/// One buffer of [`SharedOutputs`], as seen by one chunk job.
-struct SharedSink<'a> {
-    outputs: &'a SharedOutputs,
-    buffer: usize,
-}
-
-impl RunSink for SharedSink<'_> {
-    #[allow(unsafe_code)]
-    fn run(&mut self, start: usize, len: usize) -> &mut [f32] {
-        let (first, total) = self.outputs.spans[self.buffer];
-        assert!(start + len <= total, "run {start}+{len} outside {total}");
-        // SAFETY: in bounds (checked above) of a live buffer that is not moved while shared,
-        // and no other job writes or reads this run while the slice lives (see
-        // `SharedOutputs`); the buffers themselves are only read after every job has finished.
-        unsafe { std::slice::from_raw_parts_mut(first.add(start), len) }
-    }
-}
-
 /// Where a window's points land in an output buffer. The offset of canonical point
 /// (time, level, lat, lon) is the sum of one offset per axis; plain canonical order and the
 /// token order of DESIGN §3 both have this form, so one scatter serves both and a window can be
@@ -352,13 +191,16 @@ impl Dataset {
                 jobs.push((slab_out, start, members));
             }
             jobs.into_par_iter().for_each(|(slab_out, base, members)| {
-                let mut sink = SliceSink {
-                    out: slab_out,
-                    base,
-                };
                 for &i in members {
-                    let pairs: Vec<&AxisPairs> = plans[i].pairs.iter().collect();
-                    scatter(&chunks[i], &pairs, &axes, &layout, None, &mut sink);
+                    scatter(
+                        &chunks[i],
+                        &plans[i].pairs,
+                        &axes,
+                        &layout,
+                        None,
+                        slab_out,
+                        base,
+                    );
                 }
             });
             out
@@ -383,17 +225,30 @@ impl Dataset {
         mut out: Vec<f32>,
     ) -> Result<Vec<f32>> {
         let variable = self.variable(&slab.variable)?;
-        check_layout(variable, slab, layout, affine)?;
+        if layout.shape() != slab.shape() {
+            return Err(StoreError::InvalidHyperslab {
+                variable: variable.name.clone(),
+                detail: format!(
+                    "output layout {:?} does not match the window {:?}",
+                    layout.shape(),
+                    slab.shape()
+                ),
+            });
+        }
+        if let Some(affine) = affine {
+            let planes = slab.shape()[0] * slab.shape()[1];
+            if affine.len() != planes {
+                return Err(StoreError::InvalidHyperslab {
+                    variable: variable.name.clone(),
+                    detail: format!("{} plane transforms for {planes} planes", affine.len()),
+                });
+            }
+        }
         let (plans, chunks) = self.fetch_slab(variable, slab).await?;
         out.resize(slab.len(), 0.0);
         let axes = canonical_axes(variable);
         for (plan, chunk) in plans.iter().zip(&chunks) {
-            let pairs: Vec<&AxisPairs> = plan.pairs.iter().collect();
-            let mut sink = SliceSink {
-                out: &mut out,
-                base: 0,
-            };
-            scatter(chunk, &pairs, &axes, layout, affine, &mut sink);
+            scatter(chunk, &plan.pairs, &axes, layout, affine, &mut out, 0);
         }
         self.counters
             .delivered_bytes
@@ -407,29 +262,8 @@ impl Dataset {
         variable: &Variable,
         slab: &Hyperslab,
     ) -> Result<(Vec<ChunkPlan>, Vec<Arc<DecodedChunk>>)> {
-        let plan = self.plan_slab(variable, slab)?;
-        let plans: Vec<ChunkPlan> = plan
-            .chunk_indices()
-            .into_iter()
-            .map(|indices| ChunkPlan {
-                pairs: plan.pairs(&indices).into_iter().cloned().collect(),
-                indices,
-            })
-            .collect();
-        // Owned indices keep the future `Send` (a borrowed closure argument trips the
-        // higher-ranked lifetime check when the read runs in a spawned task).
-        let indices: Vec<Vec<u64>> = plans.iter().map(|p| p.indices.clone()).collect();
-        let chunks: Vec<Arc<DecodedChunk>> = futures::stream::iter(indices)
-            .map(|idx| async move { self.chunk(variable, &idx).await })
-            .buffered(FETCH_CONCURRENCY)
-            .try_collect()
-            .await?;
-        Ok((plans, chunks))
-    }
-
-    /// Which chunks `slab` touches and which of their points it selects, per store axis.
-    fn plan_slab(&self, variable: &Variable, slab: &Hyperslab) -> Result<SlabPlan> {
         self.validate(variable, slab)?;
+        let array = &variable.node.array;
         let chunk_shape = variable.chunk_shape();
         let nlon = self.lons.len();
 
@@ -454,7 +288,7 @@ impl Dataset {
             .collect();
 
         // Group each axis's pairs by chunk; the touched chunks are their cartesian product.
-        let per_axis = axis_pairs
+        let per_axis: Vec<BTreeMap<u64, AxisPairs>> = axis_pairs
             .iter()
             .zip(&chunk_shape)
             .map(|(pairs, &cs)| {
@@ -468,76 +302,42 @@ impl Dataset {
                 groups
             })
             .collect();
-        Ok(SlabPlan { per_axis })
-    }
-
-    /// Reads many windows, each into its own layout and buffer, chunk by chunk: every chunk the
-    /// windows touch is fetched once and copied into all of them right after it is decoded,
-    /// while it is still in the CPU's cache. Cutting window by window instead reads each
-    /// window's rows from decoded chunks in main memory, which cost more than the decoding.
-    /// Returns the buffers in request order.
-    pub async fn read_layouts(&self, reads: Vec<LayoutRead>) -> Result<Vec<Vec<f32>>> {
-        let mut plans = Vec::with_capacity(reads.len());
-        let mut outputs = Vec::with_capacity(reads.len());
-        // (variable, chunk indices) → the reads that touch that chunk.
-        let mut uses: BTreeMap<(String, Vec<u64>), Vec<usize>> = BTreeMap::new();
-        for (i, read) in reads.into_iter().enumerate() {
-            let variable = self.variable(&read.slab.variable)?;
-            check_layout(variable, &read.slab, &read.layout, read.affine.as_deref())?;
-            let plan = self.plan_slab(variable, &read.slab)?;
-            for indices in plan.chunk_indices() {
-                uses.entry((variable.name.clone(), indices))
-                    .or_default()
-                    .push(i);
-            }
-            let mut out = read.out;
-            out.resize(read.slab.len(), 0.0);
-            outputs.push(out);
-            plans.push(ReadPlan {
-                axes: canonical_axes(variable),
-                plan,
-                layout: read.layout,
-                affine: read.affine,
-            });
-        }
-        let plans = Arc::new(plans);
-        let outputs = Arc::new(SharedOutputs::new(outputs));
-        futures::stream::iter(uses)
-            .map(|((name, indices), readers)| {
-                let plans = plans.clone();
-                let outputs = outputs.clone();
-                async move {
-                    let variable = self.variable(&name)?;
-                    let chunk_indices = indices.clone();
-                    self.chunk_then(variable, &indices, move |chunk: &DecodedChunk| {
-                        for r in readers {
-                            let plan = &plans[r];
-                            scatter(
-                                chunk,
-                                &plan.plan.pairs(&chunk_indices),
-                                &plan.axes,
-                                &plan.layout,
-                                plan.affine.as_deref(),
-                                &mut outputs.sink(r),
-                            );
+        let mut plans = vec![ChunkPlan {
+            indices: Vec::new(),
+            pairs: Vec::new(),
+        }];
+        for groups in &per_axis {
+            plans = plans
+                .into_iter()
+                .flat_map(|plan| {
+                    groups.iter().map(move |(c, pairs)| {
+                        let mut indices = plan.indices.clone();
+                        indices.push(*c);
+                        let mut all = plan.pairs.clone();
+                        all.push(pairs.clone());
+                        ChunkPlan {
+                            indices,
+                            pairs: all,
                         }
                     })
-                    .await
-                }
-            })
-            // Few chunks in flight, so each is copied before the next decodes push it out of
-            // the cache; enough to keep every core busy and reads from storage overlapping.
-            .buffer_unordered(2 * rayon::current_num_threads().max(1))
-            .try_collect::<()>()
+                })
+                .collect();
+        }
+        debug_assert!(
+            plans
+                .iter()
+                .all(|p| p.indices.len() == array.dimensionality())
+        );
+
+        // Owned indices keep the future `Send` (a borrowed closure argument trips the
+        // higher-ranked lifetime check when the read runs in a spawned task).
+        let indices: Vec<Vec<u64>> = plans.iter().map(|p| p.indices.clone()).collect();
+        let chunks: Vec<Arc<DecodedChunk>> = futures::stream::iter(indices)
+            .map(|idx| async move { self.chunk(variable, &idx).await })
+            .buffered(FETCH_CONCURRENCY)
+            .try_collect()
             .await?;
-        let outputs = Arc::try_unwrap(outputs)
-            .expect("every chunk job has finished and dropped its handle")
-            .into_inner();
-        let delivered: usize = outputs.iter().map(Vec::len).sum();
-        self.counters
-            .delivered_bytes
-            .fetch_add((delivered * 4) as u64, Ordering::Relaxed);
-        Ok(outputs)
+        Ok((plans, chunks))
     }
 
     fn validate(&self, variable: &Variable, slab: &Hyperslab) -> Result<()> {
@@ -585,15 +385,17 @@ impl Dataset {
     }
 }
 
-/// Copies the selected part of one decoded chunk into `out`, placing each point where `layout` says and mapping it through its plane's `affine`.
+/// Copies the selected part of one decoded chunk into `out`, which starts at output offset
+/// `base`, placing each point where `layout` says and mapping it through its plane's `affine`.
 /// The innermost store axis is copied in runs that are contiguous on both sides.
 fn scatter(
     chunk: &DecodedChunk,
-    pairs: &[&AxisPairs],
+    pairs: &[AxisPairs],
     axes: &[Option<usize>],
     layout: &OutputLayout,
     affine: Option<&PlaneAffine>,
-    out: &mut impl RunSink,
+    out: &mut [f32],
+    base: usize,
 ) {
     let values = chunk.values();
     let ndim = chunk.shape.len();
@@ -646,8 +448,9 @@ fn scatter(
             prefetch(&values[ahead + first..ahead + last]);
         }
         for &(o, c, len, p) in &runs {
+            let dst = out_off + o - base;
             let src = chunk_off + c;
-            let (dst, src) = (out.run(out_off + o, len), &values[src..src + len]);
+            let (dst, src) = (&mut out[dst..dst + len], &values[src..src + len]);
             match affine {
                 None => dst.copy_from_slice(src),
                 Some(affine) => {

@@ -14,7 +14,6 @@ use atmorep_proto::token_info::{WindowCoords, flatten, token_infos};
 use atmorep_proto::{FieldGeometry, PeMode, TokenGeometry};
 use futures::StreamExt;
 use futures::future::try_join_all;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::blur::GaussianBlur;
@@ -22,7 +21,7 @@ use crate::dataset::Dataset;
 use crate::epoch::{
     BlockParams, Cursor, EpochPlan, EpochStream, Ordering, Purpose, SampleId, sample_rng,
 };
-use crate::hyperslab::{Hyperslab, LayoutRead, OutputLayout};
+use crate::hyperslab::{Hyperslab, OutputLayout};
 use crate::local_stats::LocalStats;
 use crate::masking::{MaskGeometry, MaskSpec, try_apply_in_place};
 use crate::normalization::{GlobalStats, year_month};
@@ -193,17 +192,6 @@ fn field_err(field: &str, detail: impl std::fmt::Display) -> PipelineError {
     }
 }
 
-/// Whether `field`'s tokens are cut straight from the decoded chunks; blurred fields (the blur
-/// needs a halo and whole planes) and locally normalized ones (per grid point) go through a
-/// window buffer instead.
-fn cuts_directly(field: &PreparedField) -> bool {
-    field.blur.is_none()
-        && matches!(
-            field.config.normalization,
-            Normalization::Global | Normalization::None
-        )
-}
-
 /// A field with everything resolved against the store.
 #[derive(Debug, Clone)]
 struct PreparedField {
@@ -214,7 +202,7 @@ struct PreparedField {
     mask_geometry: MaskGeometry,
     blur: Option<GaussianBlur>,
     /// Where each window point lands in token order.
-    layout: Arc<OutputLayout>,
+    layout: OutputLayout,
     /// The positional encoding when it is the same for every window (computing its sines
     /// per sample took a tenth of the cut).
     fixed_pe: Option<Vec<f32>>,
@@ -355,28 +343,6 @@ impl Drop for BatchStream {
     }
 }
 
-/// A spawned task that is cancelled when its handle is dropped (a stream that stops early
-/// stops the groups it started).
-#[derive(Debug)]
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> std::future::Future for AbortOnDrop<T> {
-    type Output = Result<T, tokio::task::JoinError>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// A prepared request against one dataset.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -427,7 +393,8 @@ impl BufferPool {
     /// A buffer of exactly `len` values whose contents are left from earlier use, for a caller
     /// that overwrites every value: filling 4 MB with zeros first cost as much as a copy.
     pub fn take_len(&self, len: usize) -> Vec<f32> {
-        // One already that long if there is one (nothing to fill), else the longest.
+        // One already that long if there is one (nothing to fill or reallocate), else the
+        // longest.
         let mut buffer = self.pop(|buffers| {
             buffers
                 .iter()
@@ -669,7 +636,7 @@ impl Pipeline {
             };
             fields.push(PreparedField {
                 fixed_pe,
-                layout: Arc::new(OutputLayout::tokens(&geometry)),
+                layout: OutputLayout::tokens(&geometry),
                 config: fc.clone(),
                 level_indices,
                 level_values,
@@ -765,20 +732,8 @@ impl Pipeline {
             grid_spacing: (dataset.lats[0] - dataset.lats[1]).abs(),
             plan,
             tiling,
-            // Enough for the sources and targets of two groups in flight (see
-            // `Pipeline::send_groups`); more would only hold memory.
-            pool: Arc::new(BufferPool::new(
-                match &config.mode {
-                    SampleMode::Training => (4
-                        * fields.len() as u64
-                        * config
-                            .samples_per_block
-                            .saturating_mul(config.buffer_blocks))
-                    .clamp(64, 4096) as usize,
-                    SampleMode::Tiles { .. } => 64,
-                },
-                u64::MAX,
-            )),
+            // Enough for every sample in flight of one stream; more would only hold memory.
+            pool: Arc::new(BufferPool::new(64, u64::MAX)),
             dataset,
             stats,
             local,
@@ -858,19 +813,13 @@ impl Pipeline {
 
     /// Builds sample `id` of `epoch`.
     pub async fn sample(&self, epoch: u64, id: SampleId) -> Result<Sample, PipelineError> {
-        let windows = self.windows(epoch, id)?;
-        self.assemble(epoch, id, windows).await
-    }
-
-    /// The window of each field of sample `id` of `epoch`.
-    fn windows(&self, epoch: u64, id: SampleId) -> Result<Vec<FieldWindow>, PipelineError> {
         if id >= self.num_samples() {
             return Err(PipelineError::Request(format!(
                 "sample id {id} is outside 0..{}",
                 self.num_samples()
             )));
         }
-        Ok(match &self.tiling {
+        let windows: Vec<FieldWindow> = match &self.tiling {
             Some(tiling) => vec![tiling.tiles()[id as usize]; self.fields.len()],
             None => {
                 let block = id / self.config.samples_per_block;
@@ -886,7 +835,8 @@ impl Pipeline {
                     .map(|i| sampler.window(i, centre))
                     .collect()
             }
-        })
+        };
+        self.assemble(epoch, id, windows).await
     }
 
     /// Builds the sample centred on (`time` index, latitude, longitude in degrees): the nearest
@@ -973,82 +923,50 @@ impl Pipeline {
         field: &PreparedField,
         window: FieldWindow,
     ) -> Result<FieldSample, PipelineError> {
-        let tokens = if cuts_directly(field) {
-            let read = self.layout_read(field, &window)?;
-            self.dataset
-                .read_layout_into(&read.slab, &read.layout, read.affine.as_deref(), read.out)
-                .await?
-        } else {
-            let levels = self.store_levels(field)?;
-            self.window_tokens(field, &window, levels).await?
-        };
-        self.finish_field(epoch, id, index, field, window, tokens)
-    }
-
-    /// The level indices to read for `field` (none for a surface variable).
-    fn store_levels(&self, field: &PreparedField) -> Result<Vec<usize>, PipelineError> {
-        Ok(if self.dataset.variable(&field.config.name)?.has_level() {
-            field.level_indices.clone()
-        } else {
-            vec![]
-        })
-    }
-
-    /// The read that cuts `window` of a [`cuts_directly`] field straight from the decoded
-    /// chunks into token order, normalizing on the way: one pass instead of read, normalize
-    /// and tokenize.
-    fn layout_read(
-        &self,
-        field: &PreparedField,
-        window: &FieldWindow,
-    ) -> Result<LayoutRead, PipelineError> {
-        let ds = &self.dataset;
-        let [wt, wy, wx] = window.size;
-        let name = &field.config.name;
-        let slab = Hyperslab {
-            variable: name.clone(),
-            time: window.time_start..window.time_start + wt,
-            levels: self.store_levels(field)?,
-            lat: window.lat_start..window.lat_start + wy,
-            lon_start: window.lon_start,
-            lon_len: wx,
-        };
-        let affine = match field.config.normalization {
-            Normalization::Global => {
-                let stats = self.stats.as_ref().expect("checked in Pipeline::new");
-                let mut affine = Vec::with_capacity(wt * field.level_values.len());
-                for t in 0..wt {
-                    for &level in &field.level_values {
-                        affine.push(stats.affine(name, level, ds.times[window.time_start + t])?);
-                    }
-                }
-                Some(affine)
-            }
-            _ => None,
-        };
-        let out = self.pool.take_len(slab.len());
-        Ok(LayoutRead {
-            slab,
-            layout: field.layout.clone(),
-            affine,
-            out,
-        })
-    }
-
-    /// Masks a field's tokens and adds token info and positional encoding.
-    fn finish_field(
-        &self,
-        epoch: u64,
-        id: SampleId,
-        index: u32,
-        field: &PreparedField,
-        window: FieldWindow,
-        tokens: Vec<f32>,
-    ) -> Result<FieldSample, PipelineError> {
         let ds = &self.dataset;
         let nlon = ds.lons.len();
         let [wt, wy, wx] = window.size;
         let name = &field.config.name;
+        let levels = if ds.variable(name)?.has_level() {
+            field.level_indices.clone()
+        } else {
+            vec![]
+        };
+        let tokens = match (&field.blur, field.config.normalization) {
+            // The common case cuts tokens straight from the decoded chunks, normalizing on the
+            // way: one pass instead of read, normalize and tokenize.
+            (None, Normalization::Global | Normalization::None) => {
+                let slab = Hyperslab {
+                    variable: name.clone(),
+                    time: window.time_start..window.time_start + wt,
+                    levels,
+                    lat: window.lat_start..window.lat_start + wy,
+                    lon_start: window.lon_start,
+                    lon_len: wx,
+                };
+                let affine = match field.config.normalization {
+                    Normalization::Global => {
+                        let stats = self.stats.as_ref().expect("checked in Pipeline::new");
+                        let mut affine = Vec::with_capacity(wt * field.level_values.len());
+                        for t in 0..wt {
+                            for &level in &field.level_values {
+                                affine.push(stats.affine(
+                                    name,
+                                    level,
+                                    ds.times[window.time_start + t],
+                                )?);
+                            }
+                        }
+                        Some(affine)
+                    }
+                    _ => None,
+                };
+                let out = self.pool.take_len(slab.len());
+                ds.read_layout_into(&slab, &field.layout, affine.as_deref(), out)
+                    .await?
+            }
+            _ => self.window_tokens(field, &window, levels).await?,
+        };
         let mut rng = sample_rng(self.config.seed, epoch, id, index, Purpose::Mask);
         let masked = try_apply_in_place(
             &field.config.mask,
@@ -1103,54 +1021,6 @@ impl Pipeline {
             pe,
             window,
         })
-    }
-
-    /// Builds the samples `items` (epoch, id) together, cutting them chunk by chunk (see
-    /// [`Dataset::read_layouts`]): each chunk the group touches is decoded once and copied into
-    /// every sample that uses it while it is hot. Gives exactly the samples
-    /// [`Pipeline::sample`] gives, in `items` order. Needs every field to [`cuts_directly`].
-    async fn assemble_group(
-        self: &Arc<Self>,
-        items: Vec<(u64, SampleId)>,
-    ) -> Result<Vec<Sample>, PipelineError> {
-        let nf = self.fields.len();
-        let mut windows = Vec::with_capacity(items.len() * nf);
-        let mut reads = Vec::with_capacity(items.len() * nf);
-        for &(epoch, id) in &items {
-            for (field, window) in self.fields.iter().zip(self.windows(epoch, id)?) {
-                reads.push(self.layout_read(field, &window)?);
-                windows.push(window);
-            }
-        }
-        let tokens = self.dataset.read_layouts(reads).await?;
-        let pipeline = self.clone();
-        crate::dataset::run_on_rayon(move || {
-            let fields: Vec<FieldSample> = tokens
-                .into_par_iter()
-                .zip(windows)
-                .enumerate()
-                .map(|(k, (tokens, window))| {
-                    let (epoch, id) = items[k / nf];
-                    let f = k % nf;
-                    pipeline.finish_field(epoch, id, f as u32, &pipeline.fields[f], window, tokens)
-                })
-                .collect::<Result<_, _>>()?;
-            let mut fields = fields.into_iter();
-            Ok(items
-                .iter()
-                .map(|&(epoch, id)| Sample {
-                    id,
-                    epoch,
-                    fields: fields.by_ref().take(nf).collect(),
-                })
-                .collect())
-        })
-        .await
-    }
-
-    /// Whether [`Pipeline::batches`] cuts whole groups of samples chunk by chunk.
-    fn cuts_groups(&self) -> bool {
-        self.fields.iter().all(cuts_directly)
     }
 
     /// Tokens of a field window through a window buffer: the path for blurred fields (the blur
@@ -1292,10 +1162,6 @@ impl Pipeline {
             ids = ids.with_end_epoch(end);
         }
         let (tx, rx) = tokio::sync::mpsc::channel(spec.prefetch_batches.max(1));
-        if self.cuts_groups() {
-            let task = tokio::spawn(self.clone().send_groups(spec, ids, tx));
-            return Ok(BatchStream { rx, task });
-        }
         let pipeline = self.clone();
         let task = tokio::spawn(async move {
             let batch_bytes = pipeline.sample_bytes() * spec.batch_size as u64;
@@ -1350,133 +1216,6 @@ impl Pipeline {
         Ok(BatchStream { rx, task })
     }
 
-    /// The batches of `ids`, assembled in groups of whole batches by
-    /// [`Pipeline::assemble_group`]. In-process without a memory budget a group covers at most
-    /// `buffer_blocks` blocks (plus the block a straddling batch opens), so that each chunk of a
-    /// block is decoded once per epoch even without a cache; under a budget groups are as small
-    /// as the stream's `sample_concurrency` and share decoded chunks through the cache. The next
-    /// group is cut while this one is sent; each batch carries its share of the group's
-    /// reservation.
-    async fn send_groups(
-        self: Arc<Self>,
-        spec: BatchSpec,
-        mut ids: EpochStream,
-        tx: tokio::sync::mpsc::Sender<Result<SampleBatch, PipelineError>>,
-    ) {
-        let sample_bytes = self.sample_bytes();
-        let (max_blocks, block_len) = match self.plan.ordering {
-            Ordering::BlockLocal(p) => (p.buffer_blocks, p.samples_per_block),
-            // Tiles: no blocks; a group is as many samples as the stream assembles at once.
-            _ => (1, u64::MAX),
-        };
-        let in_flight = spec.sample_concurrency.div_ceil(spec.batch_size).max(1) as u64;
-        let max_batches = match (&spec.memory, self.plan.ordering) {
-            // In-process, without a budget: whole blocks, the planned read.
-            (None, Ordering::BlockLocal(_)) => u64::MAX,
-            // A server's budget is shared by streams that one client may read in turn (a
-            // trainer's tasks, its validation): a stream that reserved more than its share while
-            // the client waits on another would stall both. Two groups in flight hold what the
-            // `sample_concurrency` samples of one-by-one assembly held.
-            _ => in_flight.div_ceil(2),
-        };
-        let mut items = std::iter::from_fn(move || {
-            let epoch = ids.cursor().epoch;
-            ids.next().map(|(id, after)| (epoch, id, after))
-        })
-        .peekable();
-        let mut batches = std::iter::from_fn(move || {
-            let batch: Vec<_> = items.by_ref().take(spec.batch_size).collect();
-            (!batch.is_empty()).then(|| (batch, items.peek().is_none()))
-        })
-        .peekable();
-        let finite = spec.end_epoch.is_some();
-        let groups = std::iter::from_fn(move || {
-            let mut group = Vec::new();
-            let mut blocks = std::collections::BTreeSet::new();
-            while let Some((batch, _)) = batches.peek() {
-                let batch_blocks: std::collections::BTreeSet<u64> = batch
-                    .iter()
-                    .map(|&(_, id, _)| id.checked_div(block_len).unwrap_or(0))
-                    .collect();
-                let union = blocks.union(&batch_blocks).count() as u64;
-                let shares = !blocks.is_disjoint(&batch_blocks);
-                if !group.is_empty() && union > max_blocks && !shares {
-                    break;
-                }
-                blocks.extend(batch_blocks);
-                group.push(batches.next().expect("peeked"));
-                if union > max_blocks || group.len() as u64 >= max_batches {
-                    break;
-                }
-            }
-            (!group.is_empty()).then_some(group)
-        });
-        let pipeline = self.clone();
-        let mut assembled = futures::stream::iter(groups)
-            .map(|group| {
-                let pipeline = pipeline.clone();
-                let memory = spec.memory.clone();
-                async move {
-                    let samples: u64 = group.iter().map(|(b, _)| b.len() as u64).sum();
-                    // The whole group reserves at once (a group holding part of its share while
-                    // waiting for the rest could deadlock against other streams doing the same),
-                    // and here, in stream order: a later group holding budget while an earlier one
-                    // of the same stream waits for it would never be sent.
-                    let mut reservation = match &memory {
-                        Some(budget) => Some(budget.reserve(samples * sample_bytes).await),
-                        None => None,
-                    };
-                    // A task of its own, so the next group is cut while this one's batches are sent.
-                    AbortOnDrop(tokio::spawn(async move {
-                        let items: Vec<(u64, SampleId)> = group
-                            .iter()
-                            .flat_map(|(b, _)| b.iter().map(|&(epoch, id, _)| (epoch, id)))
-                            .collect();
-                        let mut samples_left = pipeline.assemble_group(items).await?.into_iter();
-                        let mut left = samples;
-                        let mut out = Vec::with_capacity(group.len());
-                        for (batch, last) in group {
-                            let n = batch.len() as u64;
-                            let share = match reservation.as_mut() {
-                                Some(r) if left > n => {
-                                    r.split((r.num_permits() as u64 * n / left) as usize)
-                                }
-                                _ => reservation.take(),
-                            };
-                            left -= n;
-                            out.push(SampleBatch {
-                                samples: samples_left.by_ref().take(n as usize).collect(),
-                                cursor_after: batch.last().expect("non-empty batch").2,
-                                last: last && finite,
-                                reservation: share,
-                            });
-                        }
-                        Ok::<_, PipelineError>(out)
-                    }))
-                    .await
-                }
-            })
-            .buffered(2);
-        while let Some(joined) = assembled.next().await {
-            let group = joined
-                .map_err(|e| PipelineError::Request(format!("sample task failed: {e}")))
-                .and_then(|g| g);
-            match group {
-                Ok(batches) => {
-                    for batch in batches {
-                        if tx.send(Ok(batch)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            }
-        }
-    }
-
     /// The sample ids of `rank`'s shard from `start` on, with the cursor after each.
     pub fn ids(&self, rank: u32, world: u32, start: Cursor) -> Result<EpochStream, PipelineError> {
         Ok(EpochStream::new(self.plan, rank, world, start)?)
@@ -1494,5 +1233,34 @@ impl Pipeline {
             .decoded_bytes
             .load(AtomicOrdering::Relaxed) as f64
             / delivered.max(1) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BufferPool;
+
+    #[test]
+    fn the_pool_hands_out_a_buffer_long_enough_and_keeps_long_ones_for_that() {
+        let pool = BufferPool::new(8, u64::MAX);
+        let long = vec![7.0f32; 1000];
+        let long_ptr = long.as_ptr();
+        pool.give(vec![1.0; 10]);
+        pool.give(long);
+        pool.give(vec![2.0; 20]);
+        // An empty buffer for growing (a masking target) is the shortest one.
+        let short = pool.take();
+        assert!(short.is_empty() && short.capacity() == 10);
+        // A buffer to overwrite whole is one already long enough: no fill, no reallocation.
+        let taken = pool.take_len(500);
+        assert_eq!(taken.as_ptr(), long_ptr);
+        assert_eq!(taken.len(), 500);
+        assert!(taken.iter().all(|&v| v == 7.0), "left as it was");
+        // None long enough: the longest, grown.
+        let grown = pool.take_len(50);
+        assert_eq!(grown.len(), 50);
+        assert_eq!(&grown[..20], &[2.0; 20]);
+        assert_eq!(pool.held_bytes(), 0);
+        assert!(pool.take_len(3).len() == 3, "an empty pool allocates");
     }
 }

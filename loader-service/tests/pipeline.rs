@@ -474,121 +474,6 @@ async fn a_sample_by_centre_is_shifted_inside_the_grid() {
     assert!(pipeline.sample_at(0, 20, 91.0, 0.0).await.is_err());
 }
 
-/// Drains a batch stream, checking each sample against the same sample built on its own.
-async fn drain_and_compare(
-    pipeline: &Arc<Pipeline>,
-    spec: atmorep_loader::pipeline::BatchSpec,
-) -> Vec<u64> {
-    let mut stream = pipeline.batches(spec).unwrap();
-    let mut ids = Vec::new();
-    while let Some(batch) = stream.next().await {
-        for sample in batch.unwrap().samples {
-            let alone = pipeline.sample(sample.epoch, sample.id).await.unwrap();
-            assert!(
-                sample == alone,
-                "sample {} differs from its own build",
-                sample.id
-            );
-            ids.push(sample.id);
-            pipeline.recycle(sample);
-        }
-    }
-    ids
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grouped_batches_equal_samples_built_one_by_one_and_decode_each_chunk_once() {
-    use atmorep_loader::pipeline::{BatchSpec, MemoryBudget, SampleMode};
-
-    let dir = tempfile::tempdir().unwrap();
-    let (dataset, stats) = store(dir.path()).await;
-    // Fields cut straight from the chunks (no blur, global or no normalization) are assembled
-    // a group at a time; a budget makes the groups small, a block size that is not a multiple
-    // of the batch size makes batches straddle blocks.
-    let mut cfg = config();
-    cfg.fields[1].blur_sigma = 0.0;
-    cfg.fields[1].normalization = Normalization::None;
-    cfg.samples_per_block = 7;
-    let spec = |memory: Option<MemoryBudget>| BatchSpec {
-        rank: 0,
-        world: 1,
-        start: Cursor::start_of(3),
-        end_epoch: Some(4),
-        batch_size: 3,
-        sample_concurrency: 4,
-        prefetch_batches: 2,
-        memory,
-    };
-    let pipeline =
-        Arc::new(Pipeline::new(dataset.clone(), cfg.clone(), Some(stats.clone())).unwrap());
-    let expected: Vec<u64> = pipeline
-        .ids(0, 1, Cursor::start_of(3))
-        .unwrap()
-        .with_end_epoch(4)
-        .map(|(id, _)| id)
-        .collect();
-    assert_eq!(drain_and_compare(&pipeline, spec(None)).await, expected);
-    let budget = MemoryBudget::new(7 * pipeline.sample_bytes());
-    assert_eq!(
-        drain_and_compare(&pipeline, spec(Some(budget.clone()))).await,
-        expected
-    );
-    assert_eq!(budget.available_bytes(), budget.total_bytes());
-
-    let mut tiles = cfg.clone();
-    tiles.fields[1].num_tokens = tiles.fields[0].num_tokens;
-    tiles.mode = SampleMode::Tiles {
-        overlap: [0, 3, 6],
-        time_start: None,
-        time_end: None,
-    };
-    let tiled = Arc::new(Pipeline::new(dataset.clone(), tiles, Some(stats.clone())).unwrap());
-    let ids = drain_and_compare(&tiled, spec(None)).await;
-    assert_eq!(ids, (0..tiled.num_samples()).collect::<Vec<_>>());
-
-    // Without any chunk cache, a group still decodes each chunk it touches once: one block per
-    // group (8 samples, whole batches of 4) reads each (time step, level) chunk of the block
-    // at most once, where cutting sample by sample would decode it for every sample.
-    let uncached = Arc::new(
-        Dataset::open_location(
-            StoreLocation::open(dir.path().join("pipe.zarr").to_str().unwrap()).unwrap(),
-            Arc::new(ChunkCache::new(0)),
-        )
-        .await
-        .unwrap(),
-    );
-    cfg.samples_per_block = 8;
-    cfg.buffer_blocks = 1;
-    let pipeline = Arc::new(Pipeline::new(uncached.clone(), cfg, Some(stats)).unwrap());
-    let read = |d: &Dataset| {
-        d.counters
-            .decoded_bytes
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
-    let before = read(&uncached);
-    let ids = drain_and_compare(
-        &pipeline,
-        BatchSpec {
-            batch_size: 4,
-            ..spec(None)
-        },
-    )
-    .await;
-    assert_eq!(ids.len() as u64, pipeline.num_samples());
-    let plane = (uncached.lats.len() * uncached.lons.len() * 4) as u64;
-    // The comparison builds each sample again on its own; count only the grouped reads by
-    // subtracting what one sample alone decodes (every chunk of its window, 2 levels × 2
-    // fields × 12 steps) per sample.
-    let alone = (ids.len() as u64) * 12 * 2 * 2 * plane;
-    let grouped = read(&uncached) - before - alone;
-    // 38 train steps × 2 levels × 2 variables, each chunk once per block.
-    assert!(
-        grouped <= 38 * 2 * 2 * plane,
-        "grouped reads decoded {} planes",
-        grouped / plane
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_left_waiting_leaves_budget_for_the_next() {
     use atmorep_loader::pipeline::{BatchSpec, MemoryBudget};
@@ -597,9 +482,7 @@ async fn a_stream_left_waiting_leaves_budget_for_the_next() {
     // the first's prefetched groups must not hold the whole shared budget.
     let dir = tempfile::tempdir().unwrap();
     let (dataset, stats) = store(dir.path()).await;
-    let mut cfg = config();
-    cfg.fields[1].blur_sigma = 0.0;
-    let pipeline = Arc::new(Pipeline::new(dataset, cfg, Some(stats)).unwrap());
+    let pipeline = Arc::new(Pipeline::new(dataset, config(), Some(stats)).unwrap());
     let budget = MemoryBudget::new(8 * 4 * pipeline.sample_bytes());
     let spec = BatchSpec {
         rank: 0,
