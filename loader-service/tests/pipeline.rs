@@ -508,3 +508,47 @@ async fn a_stream_left_waiting_leaves_budget_for_the_next() {
         assert_eq!(batch.samples.len(), 4);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_pipeline_reports_each_epoch_against_its_own_decode_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dataset, _) = store(dir.path()).await;
+    let cfg = PipelineConfig {
+        samples_per_block: 6,
+        ..config()
+    };
+    let pipeline = Pipeline::new(dataset.clone(), cfg.clone(), None);
+    // The bench computes the statistics it needs beside the store.
+    assert!(pipeline.is_err(), "global normalization needs statistics");
+    let url = dir.path().join("pipe.zarr");
+    let reports = atmorep_loader::bench_pipeline::run(
+        url.to_str().unwrap(),
+        cfg,
+        None,
+        1 << 30,
+        None,
+        3,
+        8,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        reports.iter().map(|r| r.epoch).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    for r in &reports {
+        // 38 training steps: two 16-step blocks, 6 samples each.
+        assert_eq!(r.samples, 12, "epoch {}", r.epoch);
+        // Every epoch starts from an empty cache, so each decodes (and is compared with
+        // decoding) its own chunks.
+        assert!(r.decode_seconds > 0.0 && r.decode_gbps > 0.0, "{r:?}");
+        assert!(
+            r.read_amplification > 0.5 && r.read_amplification < 20.0,
+            "{r:?}"
+        );
+        let ratio = r.decode_seconds / r.seconds;
+        assert!((r.ratio - ratio).abs() < 1e-12 && r.ratio > 0.0, "{r:?}");
+        assert!(r.to_text().contains(&format!("epoch {}", r.epoch)));
+    }
+}
