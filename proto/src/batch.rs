@@ -309,6 +309,65 @@ impl FieldBatch {
         })
     }
 
+    /// Appends the `b` samples of `fb` (the next part of the same field), decoding its tensors
+    /// straight onto this field's: a decoded part of its own would be one more copy of every
+    /// value and a fresh buffer per part.
+    fn append_proto(&mut self, fb: &pb::FieldBatch, b: usize) -> Result<(), BatchError> {
+        if self.source_shape[0] == 0 || b == 0 {
+            return self.append(Self::from_proto(fb, b)?);
+        }
+        if fb.name != self.name {
+            return Err(field_err(
+                &self.name,
+                format!("a later part names this field `{}`", fb.name),
+            ));
+        }
+        let layout = FieldLayout::of(fb, b)?;
+        if [layout.n, layout.v] != self.source_shape[1..] || layout.w != self.pe_width {
+            return Err(field_err(
+                &self.name,
+                format!(
+                    "parts disagree on the sample shape: [N, V] {:?} / width {} vs {:?} / width {}",
+                    &self.source_shape[1..],
+                    self.pe_width,
+                    [layout.n, layout.v],
+                    layout.w
+                ),
+            ));
+        }
+        let windows = fb
+            .windows
+            .iter()
+            .map(Window::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| field_err(&self.name, e))?;
+        // A part that fails leaves the field half appended; the assembler then drops the whole
+        // batch, so nothing of it is ever seen.
+        let err = tensor_err(&fb.name);
+        fn tensor(t: &Option<pb::Tensor>) -> &pb::Tensor {
+            t.as_ref().expect("checked by FieldLayout")
+        }
+        tensor(&fb.source)
+            .extend_f32(&mut self.source)
+            .map_err(&err)?;
+        if let Some(t) = &fb.target {
+            t.extend_f32(&mut self.target).map_err(&err)?;
+        }
+        tensor(&fb.token_info)
+            .extend_f32(&mut self.token_info)
+            .map_err(&err)?;
+        tensor(&fb.pe).extend_f32(&mut self.pe).map_err(&err)?;
+        let mut rest = &fb.masked_indices[..];
+        for &count in &layout.counts {
+            let (mine, tail) = rest.split_at(count as usize);
+            self.masked_indices.push(mine.to_vec());
+            rest = tail;
+        }
+        self.windows.extend(windows);
+        self.source_shape[0] += b;
+        Ok(())
+    }
+
     /// Appends the samples of `other` (the next part of the same field).
     fn append(&mut self, other: Self) -> Result<(), BatchError> {
         if other.name != self.name {
@@ -438,21 +497,27 @@ impl Batch {
     }
 
     /// Decodes the samples of one part (without the cursor, which only the last part has).
-    fn from_part(msg: &pb::Batch) -> Result<Self, BatchError> {
+    /// Each sample's epoch (one for all when the message gives only the batch's).
+    fn sample_epochs_of(msg: &pb::Batch) -> Result<Vec<u64>, BatchError> {
         let b = msg.sample_ids.len();
-        let sample_epochs = if msg.sample_epochs.is_empty() {
-            vec![msg.epoch; b]
+        if msg.sample_epochs.is_empty() {
+            Ok(vec![msg.epoch; b])
         } else if msg.sample_epochs.len() == b {
-            msg.sample_epochs.clone()
+            Ok(msg.sample_epochs.clone())
         } else {
-            return Err(BatchError::Malformed {
+            Err(BatchError::Malformed {
                 sequence: msg.sequence,
                 detail: format!(
                     "{b} sample ids but {} sample epochs",
                     msg.sample_epochs.len()
                 ),
-            });
-        };
+            })
+        }
+    }
+
+    fn from_part(msg: &pb::Batch) -> Result<Self, BatchError> {
+        let b = msg.sample_ids.len();
+        let sample_epochs = Self::sample_epochs_of(msg)?;
         Ok(Self {
             sequence: msg.sequence,
             epoch: msg.epoch,
@@ -617,23 +682,24 @@ impl BatchAssembler {
                 if msg.sequence != p.batch.sequence || msg.part != p.next_part || parts != p.parts {
                     return Err(order_err(p.next_part));
                 }
-                let part = Batch::from_part(&msg)?;
-                if part.fields.len() != p.batch.fields.len() {
+                if msg.fields.len() != p.batch.fields.len() {
                     return Err(BatchError::Malformed {
                         sequence: msg.sequence,
                         detail: format!(
                             "part {} has {} fields, part 0 had {}",
                             msg.part,
-                            part.fields.len(),
+                            msg.fields.len(),
                             p.batch.fields.len()
                         ),
                     });
                 }
-                p.batch.sample_ids.extend(part.sample_ids);
-                p.batch.sample_epochs.extend(part.sample_epochs);
-                for (mine, theirs) in p.batch.fields.iter_mut().zip(part.fields) {
-                    mine.append(theirs)?;
+                let b = msg.sample_ids.len();
+                let sample_epochs = Batch::sample_epochs_of(&msg)?;
+                for (mine, theirs) in p.batch.fields.iter_mut().zip(&msg.fields) {
+                    mine.append_proto(theirs, b)?;
                 }
+                p.batch.sample_ids.extend(&msg.sample_ids);
+                p.batch.sample_epochs.extend(sample_epochs);
                 p.next_part += 1;
                 p
             }
@@ -872,6 +938,39 @@ mod tests {
             }
         }
         assert!(!assembler.is_partial());
+    }
+
+    #[test]
+    fn a_bad_later_part_is_rejected_and_names_its_field() {
+        let parts = split_parts(batch(6).into_proto(Dtype::F32).unwrap(), 1500).unwrap();
+        assert!(parts.len() >= 3);
+        let spoil = |f: &dyn Fn(&mut pb::Batch)| {
+            let mut assembler = BatchAssembler::default();
+            assembler.push(parts[0].clone()).unwrap();
+            let mut bad = parts[1].clone();
+            f(&mut bad);
+            let err = assembler.push(bad).unwrap_err();
+            assert!(!assembler.is_partial(), "the batch is dropped");
+            err
+        };
+        let err = spoil(&|b| b.fields[1].name = "q".into());
+        assert!(err.to_string().contains("`q`"), "{err}");
+        let err = spoil(&|b| {
+            b.fields[0].source.as_mut().unwrap().data = bytes::Bytes::from_static(&[0; 4])
+        });
+        assert!(matches!(&err, BatchError::Tensor { field, .. } if field == "t"), "{err}");
+        let err = spoil(&|b| b.fields[1].masked_indices[0] = 1000);
+        assert!(matches!(&err, BatchError::Field { field, .. } if field == "z"), "{err}");
+        let err = spoil(&|b| {
+            let pe = b.fields[0].pe.as_mut().unwrap();
+            let n = pe.shape[1];
+            pe.shape[2] /= 2;
+            pe.data = pe.data.slice(..pe.data.len() / 2);
+            assert!(n > 0);
+        });
+        assert!(err.to_string().contains("sample shape"), "{err}");
+        let err = spoil(&|b| b.fields.pop().map(drop).unwrap_or(()));
+        assert!(matches!(err, BatchError::Malformed { .. }), "{err}");
     }
 
     #[test]
