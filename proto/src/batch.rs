@@ -313,9 +313,6 @@ impl FieldBatch {
     /// straight onto this field's: a decoded part of its own would be one more copy of every
     /// value and a fresh buffer per part.
     fn append_proto(&mut self, fb: &pb::FieldBatch, b: usize) -> Result<(), BatchError> {
-        if self.source_shape[0] == 0 || b == 0 {
-            return self.append(Self::from_proto(fb, b)?);
-        }
         if fb.name != self.name {
             return Err(field_err(
                 &self.name,
@@ -323,6 +320,13 @@ impl FieldBatch {
             ));
         }
         let layout = FieldLayout::of(fb, b)?;
+        if b == 0 {
+            return Ok(());
+        }
+        if self.source_shape[0] == 0 {
+            *self = Self::from_proto(fb, b)?;
+            return Ok(());
+        }
         if [layout.n, layout.v] != self.source_shape[1..] || layout.w != self.pe_width {
             return Err(field_err(
                 &self.name,
@@ -365,43 +369,6 @@ impl FieldBatch {
         }
         self.windows.extend(windows);
         self.source_shape[0] += b;
-        Ok(())
-    }
-
-    /// Appends the samples of `other` (the next part of the same field).
-    fn append(&mut self, other: Self) -> Result<(), BatchError> {
-        if other.name != self.name {
-            return Err(field_err(
-                &self.name,
-                format!("a later part names this field `{}`", other.name),
-            ));
-        }
-        if other.source_shape[0] == 0 {
-            return Ok(());
-        }
-        if self.source_shape[0] == 0 {
-            *self = other;
-            return Ok(());
-        }
-        if other.source_shape[1..] != self.source_shape[1..] || other.pe_width != self.pe_width {
-            return Err(field_err(
-                &self.name,
-                format!(
-                    "parts disagree on the sample shape: [N, V] {:?} / width {} vs {:?} / width {}",
-                    &self.source_shape[1..],
-                    self.pe_width,
-                    &other.source_shape[1..],
-                    other.pe_width
-                ),
-            ));
-        }
-        self.source_shape[0] += other.source_shape[0];
-        self.source.extend_from_slice(&other.source);
-        self.target.extend_from_slice(&other.target);
-        self.masked_indices.extend(other.masked_indices);
-        self.token_info.extend_from_slice(&other.token_info);
-        self.pe.extend_from_slice(&other.pe);
-        self.windows.extend(other.windows);
         Ok(())
     }
 }
