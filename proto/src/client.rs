@@ -138,6 +138,10 @@ pub struct ClientConfig {
     /// much undecoded data sits in the transport when the consumer is slow.
     pub stream_window_bytes: u32,
     pub connection_window_bytes: u32,
+    /// Largest HTTP/2 frame the server may send us (16 KiB to 16 MiB − 1). The protocol's
+    /// default of 16 KiB cuts a batch into thousands of frames that both sides handle one by
+    /// one: 1 MiB frames raised `pull` of the reference case from 78–82 to 104–117 samples/s.
+    pub max_frame_bytes: u32,
     /// HTTP/2 keep-alive pings, so a server that vanished without closing the connection is
     /// noticed (`None`: no pings).
     #[serde(rename = "keepalive_interval_ms", with = "opt_millis")]
@@ -166,6 +170,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(5),
             stream_window_bytes: 8 << 20,
             connection_window_bytes: 16 << 20,
+            max_frame_bytes: 1 << 20,
             keepalive_interval: Some(Duration::from_secs(20)),
             keepalive_timeout: Duration::from_secs(20),
             stripe: false,
@@ -201,6 +206,7 @@ impl fmt::Debug for ClientConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("stream_window_bytes", &self.stream_window_bytes)
             .field("connection_window_bytes", &self.connection_window_bytes)
+            .field("max_frame_bytes", &self.max_frame_bytes)
             .field("keepalive_interval", &self.keepalive_interval)
             .field("keepalive_timeout", &self.keepalive_timeout)
             .field("stripe", &self.stripe)
@@ -349,6 +355,10 @@ impl Shared {
     }
 }
 
+/// HTTP/2's bounds on SETTINGS_MAX_FRAME_SIZE (RFC 9113 §6.5.2).
+const MIN_FRAME_BYTES: u32 = 1 << 14;
+const MAX_FRAME_BYTES: u32 = (1 << 24) - 1;
+
 fn endpoint(raw: &str, config: &ClientConfig) -> Result<Endpoint, ClientError> {
     let tls_configured = config.tls_ca_pem.is_some() || config.tls_domain.is_some();
     let uri = if raw.contains("://") {
@@ -365,6 +375,13 @@ fn endpoint(raw: &str, config: &ClientConfig) -> Result<Endpoint, ClientError> {
             "endpoint `{raw}` is not https:// but TLS is configured"
         )));
     }
+    if !(MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(&config.max_frame_bytes) {
+        // h2 asserts on this range; a config must not be able to panic the client.
+        return Err(ClientError::Config(format!(
+            "max_frame_bytes = {} is outside HTTP/2's {MIN_FRAME_BYTES}..={MAX_FRAME_BYTES}",
+            config.max_frame_bytes
+        )));
+    }
     let invalid = |source| ClientError::InvalidEndpoint {
         endpoint: raw.to_string(),
         source,
@@ -374,7 +391,8 @@ fn endpoint(raw: &str, config: &ClientConfig) -> Result<Endpoint, ClientError> {
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .initial_stream_window_size(config.stream_window_bytes)
-        .initial_connection_window_size(config.connection_window_bytes);
+        .initial_connection_window_size(config.connection_window_bytes)
+        .max_frame_size(config.max_frame_bytes);
     if let Some(interval) = config.keepalive_interval {
         ep = ep
             .http2_keep_alive_interval(interval)
@@ -1179,6 +1197,14 @@ mod tests {
             LoaderClient::connect(ClientConfig::new(["http://[bad"])).await,
             Err(ClientError::InvalidEndpoint { .. })
         ));
+        for frame in [(1 << 14) - 1, 1 << 24] {
+            let mut config = ClientConfig::new(["127.0.0.1:1"]);
+            config.max_frame_bytes = frame;
+            assert!(
+                matches!(LoaderClient::connect(config).await, Err(ClientError::Config(m)) if m.contains("max_frame_bytes")),
+                "frame size {frame} accepted"
+            );
+        }
         // Lazy: nothing listens there, and that is no error yet.
         assert!(
             LoaderClient::connect(ClientConfig::new(["127.0.0.1:1"]))

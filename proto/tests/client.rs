@@ -865,3 +865,52 @@ async fn tls_with_a_private_ca() {
     let mut stream = plain.stream(request(4, Some(1)));
     assert!(within("plaintext", stream.next()).await.unwrap().is_err());
 }
+
+/// The SETTINGS_MAX_FRAME_SIZE a client announces in its first SETTINGS frame.
+async fn announced_max_frame_size(config_frame: Option<u32>) -> Option<u32> {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = ClientConfig::new([format!("http://{}", listener.local_addr().unwrap())]);
+    if let Some(bytes) = config_frame {
+        config.max_frame_bytes = bytes;
+    }
+    config.reconnect.give_up_after = Some(Duration::from_secs(2));
+    let client = LoaderClient::connect(config).await.unwrap();
+    // The stream never gets an answer from this listener; it only has to send its preface.
+    let calling = tokio::spawn(async move {
+        let mut stream = client.stream(request(1, Some(1)));
+        let _ = stream.next().await;
+    });
+    let (mut socket, _) = within("connection", listener.accept()).await.unwrap();
+    let mut preface = [0u8; 24];
+    within("preface", socket.read_exact(&mut preface))
+        .await
+        .unwrap();
+    assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    let mut header = [0u8; 9];
+    within("settings", socket.read_exact(&mut header))
+        .await
+        .unwrap();
+    assert_eq!(
+        header[3], 0x4,
+        "the first frame after the preface is SETTINGS"
+    );
+    let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    within("settings payload", socket.read_exact(&mut payload))
+        .await
+        .unwrap();
+    calling.abort();
+    payload.chunks_exact(6).find_map(|entry| {
+        (u16::from_be_bytes([entry[0], entry[1]]) == 0x5)
+            .then(|| u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_asks_for_large_http2_frames() {
+    // HTTP/2's default 16 KiB frames cut a batch into thousands of frames; the client's
+    // default asks for 1 MiB ones, and a configured size goes on the wire as it is.
+    assert_eq!(announced_max_frame_size(None).await, Some(1 << 20));
+    assert_eq!(announced_max_frame_size(Some(65_536)).await, Some(65_536));
+}
