@@ -28,8 +28,30 @@ pub struct ServeArgs {
 }
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
+    let config = server_config(&args)?;
+    if let Some(addr) = config.metrics_bind {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("starting the Prometheus endpoint on {addr}"))?;
+        tracing::info!(%addr, "Prometheus metrics at /metrics");
+    }
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .with_context(|| format!("binding {}", config.bind))?;
+    let addr = listener.local_addr()?;
+    let service = LoaderService::open(config).await?;
+    // Scripts and tests read the address from this line (the port may have been 0).
+    println!("listening on {addr}");
+    service::run(service, listener, shutdown_signal(args.until_stdin_closes)).await?;
+    Ok(())
+}
+
+/// The configuration file (if any) completed by the command line, then checked: a file may
+/// leave its datasets to `--dataset`.
+fn server_config(args: &ServeArgs) -> Result<ServerConfig> {
     let mut config = match &args.config {
-        Some(path) => ServerConfig::load(path)?,
+        Some(path) => ServerConfig::read(path)?,
         None => ServerConfig::with_datasets(Vec::new()),
     };
     for spec in &args.datasets {
@@ -50,22 +72,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         config.metrics_bind = Some(bind);
     }
     config.check()?;
-    if let Some(addr) = config.metrics_bind {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("starting the Prometheus endpoint on {addr}"))?;
-        tracing::info!(%addr, "Prometheus metrics at /metrics");
-    }
-    let listener = tokio::net::TcpListener::bind(config.bind)
-        .await
-        .with_context(|| format!("binding {}", config.bind))?;
-    let addr = listener.local_addr()?;
-    let service = LoaderService::open(config).await?;
-    // Scripts and tests read the address from this line (the port may have been 0).
-    println!("listening on {addr}");
-    service::run(service, listener, shutdown_signal(args.until_stdin_closes)).await?;
-    Ok(())
+    Ok(config)
 }
 
 /// Resolves once standard input reaches its end (or fails).
@@ -115,6 +122,7 @@ async fn shutdown_signal(until_stdin_closes: bool) {
 
 #[cfg(test)]
 mod tests {
+    use super::{ServeArgs, server_config};
     use atmorep_loader::service::ServerConfig;
     use atmorep_proto::request::RequestConfig;
 
@@ -129,5 +137,34 @@ mod tests {
         let reference =
             RequestConfig::load(std::path::Path::new("examples/reference.toml")).unwrap();
         assert_eq!(reference.fields[0].num_tokens, [12, 6, 12]);
+    }
+
+    fn args(config: Option<&std::path::Path>, datasets: &[&str]) -> ServeArgs {
+        ServeArgs {
+            config: config.map(std::path::Path::to_path_buf),
+            datasets: datasets.iter().map(|d| d.to_string()).collect(),
+            bind: None,
+            metrics_bind: None,
+            until_stdin_closes: false,
+        }
+    }
+
+    #[test]
+    fn a_config_file_may_leave_its_datasets_to_the_command_line() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let file = dir.path().join("loader.toml");
+        std::fs::write(&file, "prefetch_batches = 4\nsample_concurrency = 32\n").unwrap();
+        let config = server_config(&args(Some(&file), &["arco=/data/arco.zarr"])).unwrap();
+        assert_eq!(
+            (config.prefetch_batches, config.sample_concurrency),
+            (4, 32)
+        );
+        assert_eq!(config.datasets[0].name, "arco");
+        assert_eq!(config.datasets[0].url, "/data/arco.zarr");
+        // Datasets from neither place: still refused, by name.
+        let err = server_config(&args(Some(&file), &[])).unwrap_err();
+        assert!(err.to_string().contains("no [[datasets]]"), "{err}");
+        let err = server_config(&args(None, &["no-equals-sign"])).unwrap_err();
+        assert!(err.to_string().contains("expected NAME=URL"), "{err}");
     }
 }

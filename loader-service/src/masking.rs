@@ -415,12 +415,18 @@ mod tests {
         let n = values.len() as f64;
         let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
         let var = values.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / n - mean * mean;
-        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.01, "{mean} {var}");
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0).abs() < 0.01,
+            "{mean} {var}"
+        );
         for (k, expected) in [(1.0f32, 0.317_311), (2.0, 0.045_500), (3.0, 0.002_700)] {
             let share = values.iter().filter(|v| v.abs() > k).count() as f64 / n;
             // Four binomial standard errors.
             let tolerance = 4.0 * (expected * (1.0 - expected) / n).sqrt();
-            assert!((share - expected).abs() < tolerance, "P(|x| > {k}) = {share}");
+            assert!(
+                (share - expected).abs() < tolerance,
+                "P(|x| > {k}) = {share}"
+            );
         }
         let mut again = vec![0.0f32; 1000];
         fill_standard_normal(&mut again, &mut ChaCha8Rng::seed_from_u64(7));

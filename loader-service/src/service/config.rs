@@ -45,6 +45,8 @@ pub struct ServerConfig {
     /// Allows a non-loopback bind without TLS and a token (a private network you trust).
     #[serde(default)]
     pub allow_insecure: bool,
+    /// May be empty in a file whose datasets come from the command line (`serve --dataset`).
+    #[serde(default)]
     pub datasets: Vec<DatasetConfig>,
 }
 
@@ -109,6 +111,14 @@ pub enum ConfigError {
 impl ServerConfig {
     /// Reads and checks a TOML file.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let config = Self::read(path)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Reads a TOML file without checking it, for a caller that completes it first (datasets
+    /// given on the command line) and then calls [`ServerConfig::check`].
+    pub fn read(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -117,7 +127,6 @@ impl ServerConfig {
             path: path.to_path_buf(),
             detail: e.to_string(),
         })?;
-        config.check()?;
         Ok(config)
     }
 
