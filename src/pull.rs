@@ -153,6 +153,7 @@ pub async fn consume(
         if batch.end_of_stream {
             break;
         }
+        stream.recycle(batch);
     }
     let seconds = started.elapsed().as_secs_f64();
     if how.check_epoch {

@@ -9,6 +9,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering as AtomicOrdering;
 
+pub use atmorep_proto::pool::BufferPool;
 use atmorep_proto::positional::{GlobalOffsets, PeInputs, encode};
 use atmorep_proto::token_info::{WindowCoords, flatten, token_infos};
 use atmorep_proto::{FieldGeometry, PeMode, TokenGeometry};
@@ -361,95 +362,6 @@ pub struct Pipeline {
     /// Window and token buffers returned by finished samples. Reusing them spares the kernel
     /// zeroing fresh pages for every sample, which otherwise costs more than the decoding.
     pool: Arc<BufferPool>,
-}
-
-/// Sample buffers kept for reuse, bounded in count and bytes. One pool can serve every stream of
-/// a server, so that idle buffers stay a bounded share of its memory however many streams run.
-#[derive(Debug)]
-pub struct BufferPool {
-    buffers: std::sync::Mutex<(Vec<Vec<f32>>, u64)>,
-    max_buffers: usize,
-    max_bytes: u64,
-}
-
-impl BufferPool {
-    /// A pool that keeps at most `max_buffers` buffers of at most `max_bytes` in all.
-    pub fn new(max_buffers: usize, max_bytes: u64) -> Self {
-        Self {
-            buffers: std::sync::Mutex::new((Vec::new(), 0)),
-            max_buffers,
-            max_bytes,
-        }
-    }
-
-    /// A pooled buffer (empty, with some capacity) or a new empty one.
-    pub fn take(&self) -> Vec<f32> {
-        // The shortest: the long ones are worth more to `take_len`.
-        let mut buffer = self.pop(|buffers| (0..buffers.len()).min_by_key(|&i| buffers[i].len()));
-        buffer.clear();
-        buffer
-    }
-
-    /// A buffer of exactly `len` values whose contents are left from earlier use, for a caller
-    /// that overwrites every value: filling 4 MB with zeros first cost as much as a copy.
-    pub fn take_len(&self, len: usize) -> Vec<f32> {
-        // One already that long if there is one (nothing to fill or reallocate), else the
-        // longest.
-        let mut buffer = self.pop(|buffers| {
-            buffers
-                .iter()
-                .rposition(|b| b.len() >= len)
-                .or_else(|| (0..buffers.len()).max_by_key(|&i| buffers[i].len()))
-        });
-        buffer.truncate(len);
-        buffer.resize(len, 0.0);
-        buffer
-    }
-
-    fn pop(&self, choose: impl FnOnce(&[Vec<f32>]) -> Option<usize>) -> Vec<f32> {
-        let mut guard = self.lock();
-        let (buffers, bytes) = &mut *guard;
-        match choose(buffers) {
-            Some(i) => {
-                let buffer = buffers.swap_remove(i);
-                *bytes -= Self::size(&buffer);
-                buffer
-            }
-            None => Vec::new(),
-        }
-    }
-
-    /// Keeps `buffer` for reuse if the pool has room, frees it otherwise.
-    pub fn give(&self, buffer: Vec<f32>) {
-        let size = Self::size(&buffer);
-        let mut guard = self.lock();
-        let (buffers, bytes) = &mut *guard;
-        if size > 0 && buffers.len() < self.max_buffers && *bytes + size <= self.max_bytes {
-            *bytes += size;
-            buffers.push(buffer);
-        }
-    }
-
-    /// Bytes held by pooled buffers.
-    pub fn held_bytes(&self) -> u64 {
-        self.lock().1
-    }
-
-    fn size(buffer: &Vec<f32>) -> u64 {
-        buffer.capacity() as u64 * 4
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Vec<f32>>, u64)> {
-        self.buffers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl atmorep_proto::tensor::Recycle for BufferPool {
-    fn recycle(&self, buffer: Vec<f32>) {
-        self.give(buffer);
-    }
 }
 
 impl Pipeline {
@@ -1233,34 +1145,5 @@ impl Pipeline {
             .decoded_bytes
             .load(AtomicOrdering::Relaxed) as f64
             / delivered.max(1) as f64
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::BufferPool;
-
-    #[test]
-    fn the_pool_hands_out_a_buffer_long_enough_and_keeps_long_ones_for_that() {
-        let pool = BufferPool::new(8, u64::MAX);
-        let long = vec![7.0f32; 1000];
-        let long_ptr = long.as_ptr();
-        pool.give(vec![1.0; 10]);
-        pool.give(long);
-        pool.give(vec![2.0; 20]);
-        // An empty buffer for growing (a masking target) is the shortest one.
-        let short = pool.take();
-        assert!(short.is_empty() && short.capacity() == 10);
-        // A buffer to overwrite whole is one already long enough: no fill, no reallocation.
-        let taken = pool.take_len(500);
-        assert_eq!(taken.as_ptr(), long_ptr);
-        assert_eq!(taken.len(), 500);
-        assert!(taken.iter().all(|&v| v == 7.0), "left as it was");
-        // None long enough: the longest, grown.
-        let grown = pool.take_len(50);
-        assert_eq!(grown.len(), 50);
-        assert_eq!(&grown[..20], &[2.0; 20]);
-        assert_eq!(pool.held_bytes(), 0);
-        assert!(pool.take_len(3).len() == 3, "an empty pool allocates");
     }
 }

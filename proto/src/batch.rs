@@ -7,11 +7,14 @@
 //! [`Batch`] (client side). Only a complete batch carries a usable `cursor_after`, so a client
 //! that loses a stream mid-batch resumes before that batch and receives it whole.
 
+use std::sync::Arc;
+
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use crate::pb;
 use crate::pb::Dtype;
+use crate::pool::BufferPool;
 use crate::tensor::TensorError;
 use crate::token_info::TOKEN_INFO_LEN;
 
@@ -272,8 +275,14 @@ impl FieldBatch {
         })
     }
 
-    /// Decodes one message's field holding `b` samples.
-    pub fn from_proto(fb: &pb::FieldBatch, b: usize) -> Result<Self, BatchError> {
+    /// Decodes one message's field holding `b` samples, into buffers from `pool` with room for
+    /// `parts` such parts (the batch's later parts are appended without growing them).
+    pub fn from_proto(
+        fb: &pb::FieldBatch,
+        b: usize,
+        parts: usize,
+        pool: &BufferPool,
+    ) -> Result<Self, BatchError> {
         let layout = FieldLayout::of(fb, b)?;
         let err = tensor_err(&fb.name);
         let name = &fb.name;
@@ -293,17 +302,22 @@ impl FieldBatch {
             .map(Window::try_from)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| field_err(name, e))?;
+        let decode = |tensor: &pb::Tensor| -> Result<Vec<f32>, BatchError> {
+            let mut values = pool.take_capacity(tensor.numel().map_err(&err)? * parts);
+            tensor.extend_f32(&mut values).map_err(&err)?;
+            Ok(values)
+        };
         Ok(Self {
             name: name.clone(),
-            source: source.to_f32().map_err(&err)?,
+            source: decode(source)?,
             source_shape: [b, layout.n, layout.v],
             target: match &fb.target {
-                Some(t) => t.to_f32().map_err(&err)?,
+                Some(t) => decode(t)?,
                 None => Vec::new(),
             },
             masked_indices,
-            token_info: info.to_f32().map_err(&err)?,
-            pe: pe.to_f32().map_err(&err)?,
+            token_info: decode(info)?,
+            pe: decode(pe)?,
             pe_width: layout.w,
             windows,
         })
@@ -324,7 +338,7 @@ impl FieldBatch {
             return Ok(());
         }
         if self.source_shape[0] == 0 {
-            *self = Self::from_proto(fb, b)?;
+            *self = Self::from_proto(fb, b, 1, &BufferPool::new(0, 0))?;
             return Ok(());
         }
         if [layout.n, layout.v] != self.source_shape[1..] || layout.w != self.pe_width {
@@ -426,6 +440,16 @@ impl Batch {
             .expect("a one-part batch completes at once"))
     }
 
+    /// Hands the batch's buffers to `pool` for the batches decoded after it (a consumer done
+    /// with a batch passes it to [`BatchStream::recycle`](crate::client::BatchStream::recycle)).
+    pub fn recycle(self, pool: &BufferPool) {
+        for field in self.fields {
+            for buffer in [field.source, field.target, field.token_info, field.pe] {
+                pool.give(buffer);
+            }
+        }
+    }
+
     /// Encodes the batch as one message (part 0 of 1); see [`FieldBatch::into_proto`] for the
     /// element types.
     pub fn into_proto(self, dtype: Dtype) -> Result<pb::Batch, BatchError> {
@@ -482,7 +506,8 @@ impl Batch {
         }
     }
 
-    fn from_part(msg: &pb::Batch) -> Result<Self, BatchError> {
+    fn from_part(msg: &pb::Batch, pool: &BufferPool) -> Result<Self, BatchError> {
+        let parts = msg.parts.max(1) as usize;
         let b = msg.sample_ids.len();
         let sample_epochs = Self::sample_epochs_of(msg)?;
         Ok(Self {
@@ -493,7 +518,7 @@ impl Batch {
             fields: msg
                 .fields
                 .iter()
-                .map(|f| FieldBatch::from_proto(f, b))
+                .map(|f| FieldBatch::from_proto(f, b, parts, pool))
                 .collect::<Result<_, _>>()?,
             cursor_after: Cursor::default(),
             end_of_stream: false,
@@ -602,9 +627,18 @@ impl FieldLayout {
 }
 
 /// Reassembles the parts of `StreamBatches` into decoded batches.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BatchAssembler {
     pending: Option<Pending>,
+    /// Where a batch's buffers come from (see [`Batch::recycle`]).
+    pool: Arc<BufferPool>,
+}
+
+impl Default for BatchAssembler {
+    /// An assembler whose batches get buffers of their own.
+    fn default() -> Self {
+        Self::with_pool(Arc::new(BufferPool::new(0, 0)))
+    }
 }
 
 #[derive(Debug)]
@@ -615,6 +649,14 @@ struct Pending {
 }
 
 impl BatchAssembler {
+    /// An assembler that decodes batches into buffers taken from `pool`.
+    pub fn with_pool(pool: Arc<BufferPool>) -> Self {
+        Self {
+            pending: None,
+            pool,
+        }
+    }
+
     /// Feeds one message; returns the batch once its last part has arrived.
     pub fn push(&mut self, msg: pb::Batch) -> Result<Option<Batch>, BatchError> {
         let parts = msg.parts.max(1);
@@ -629,16 +671,9 @@ impl BatchAssembler {
                 if msg.part != 0 {
                     return Err(order_err(0));
                 }
-                let mut batch = Batch::from_part(&msg)?;
                 // Parts are about equally large: room for all of them now spares the repeated
                 // grow-and-copy of appending hundreds of megabytes part by part.
-                let rest = parts as usize - 1;
-                for f in &mut batch.fields {
-                    f.source.reserve(f.source.len() * rest);
-                    f.target.reserve(f.target.len() * rest);
-                    f.token_info.reserve(f.token_info.len() * rest);
-                    f.pe.reserve(f.pe.len() * rest);
-                }
+                let batch = Batch::from_part(&msg, &self.pool)?;
                 Pending {
                     batch,
                     next_part: 1,
@@ -905,6 +940,46 @@ mod tests {
             }
         }
         assert!(!assembler.is_partial());
+    }
+
+    #[test]
+    fn a_recycled_batch_lends_its_buffers_to_the_next_and_leaves_nothing_behind() {
+        let pool = Arc::new(BufferPool::new(64, u64::MAX));
+        let mut assembler = BatchAssembler::with_pool(pool.clone());
+        let assemble = |assembler: &mut BatchAssembler, original: &Batch| {
+            let msg = original.clone().into_proto(Dtype::F32).unwrap();
+            let max = msg.encoded_len() / 3;
+            let mut out = None;
+            for part in split_parts(msg, max).unwrap() {
+                out = assembler.push(part).unwrap();
+            }
+            out.expect("the last part completes the batch")
+        };
+        let first = assemble(&mut assembler, &batch(9));
+        assert_eq!(first, batch(9));
+        let lent: Vec<*const f32> = first
+            .fields
+            .iter()
+            .flat_map(|f| [&f.source, &f.target, &f.token_info, &f.pe])
+            .map(|b| b.as_ptr())
+            .collect();
+        first.recycle(&pool);
+        assert!(pool.held_bytes() > 0);
+        // A smaller batch with other values: decoded into the recycled buffers, equal to what
+        // was sent (nothing of the first batch left in them).
+        let mut second_sent = batch(7);
+        for f in &mut second_sent.fields {
+            f.source.iter_mut().for_each(|v| *v = -*v - 1.0);
+        }
+        let second = assemble(&mut assembler, &second_sent);
+        assert_eq!(second, second_sent);
+        for f in &second.fields {
+            assert!(
+                lent.contains(&f.source.as_ptr()),
+                "field {}: its source is a fresh buffer",
+                f.name
+            );
+        }
     }
 
     #[test]

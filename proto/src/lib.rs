@@ -31,6 +31,7 @@ pub mod codec;
 pub mod convert;
 pub mod error;
 pub mod geometry;
+pub mod pool;
 pub mod positional;
 pub mod request;
 pub mod statistics;

@@ -447,7 +447,10 @@ async fn collect_all(
 ) -> Vec<(u64, u64)> {
     let mut ids = Vec::new();
     while let Some(batch) = stream.next().await {
-        ids.extend(check_batch(&batch.expect("batch"), token_numel));
+        let batch = batch.expect("batch");
+        ids.extend(check_batch(&batch, token_numel));
+        // The next batches are decoded into this one's buffers: their values are checked too.
+        stream.recycle(batch);
     }
     ids
 }

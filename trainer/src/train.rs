@@ -1198,6 +1198,7 @@ impl Trainer {
                 )?)?;
                 record.backward_s += t.elapsed().as_secs_f64();
                 self.cursors[task] = Some(batch.cursor_after);
+                streams[task].recycle(batch);
             }
             // The combined batch's loss, terms and tokens: the ranks' parts add up to them.
             let mut sums = vec![record.loss, record.tokens as f64];
@@ -1305,6 +1306,7 @@ impl Trainer {
             for _ in 0..self.config.validation.batches {
                 let batch = next_batch(&mut stream, &what, &mut delivered).await?;
                 let (loss, fields, _) = self.forward_loss(&batch)?;
+                stream.recycle(batch);
                 sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
                 per_field.add(&fields);
                 n += 1;
