@@ -828,6 +828,7 @@ async fn run_stream(
 
 /// Sub-stream `k` of a stripe: one call per epoch (`end_epoch = e + 1`) from `start` until
 /// `end_epoch`, so no batch straddles two epochs and the merge can keep epochs apart.
+#[allow(clippy::too_many_arguments)]
 async fn run_sub_stream(
     shared: Arc<Shared>,
     request: pb::BatchRequest,
