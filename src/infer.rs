@@ -170,7 +170,7 @@ pub async fn infer(args: InferArgs) -> Result<PathBuf> {
     );
     let mut written = 0usize;
     let mut tiles = 0usize;
-    let mut write = |snapshots: Vec<atmorep_track::Snapshot>| -> Result<()> {
+    let mut write = |snapshots: Vec<atmorep_track::FieldSnapshot>| -> Result<()> {
         for s in snapshots {
             let Ok(index) = times.binary_search(&s.time_unix) else {
                 continue;

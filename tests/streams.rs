@@ -5,8 +5,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use atmorep_proto::batch::{Batch, Cursor};
-use atmorep_proto::client::{BatchStream, ClientConfig, LoaderClient, ReconnectPolicy};
+use atmorep_proto::batch::{Batch, StreamCursor};
+use atmorep_proto::client::{ClientConfig, LoaderClient, LoaderStream, ReconnectPolicy};
 
 /// How long a test waits for a finite stream to end.
 pub const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
@@ -32,7 +32,7 @@ pub async fn connect(config: ClientConfig) -> LoaderClient {
 }
 
 /// Every batch of a finite stream, within [`STREAM_TIMEOUT`].
-pub async fn collect(stream: &mut BatchStream) -> Vec<Batch> {
+pub async fn collect(stream: &mut LoaderStream) -> Vec<Batch> {
     let all = async {
         let mut batches = Vec::new();
         while let Some(batch) = stream.next().await {
@@ -59,7 +59,7 @@ pub fn ids(batches: &[Batch]) -> Vec<(u64, u64)> {
 }
 
 /// The cursor after each batch.
-pub fn cursors(batches: &[Batch]) -> Vec<Cursor> {
+pub fn cursors(batches: &[Batch]) -> Vec<StreamCursor> {
     batches.iter().map(|b| b.cursor_after).collect()
 }
 

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ContourConfig, DetectConfig};
 use crate::error::Result;
-use crate::field::{Field, Grid, Snapshot};
+use crate::field::{Field, FieldSnapshot, Grid};
 use crate::geo::{destination, distance_deg, wrap_360};
 
 /// Gas constant of dry air (J kg⁻¹ K⁻¹), for thickness from temperature.
@@ -49,7 +49,7 @@ pub struct Detection {
 }
 
 /// Detections of every time step (in parallel over steps), in the order of `snapshots`.
-pub fn detect(snapshots: &[Snapshot], cfg: &DetectConfig) -> Result<Vec<Vec<Detection>>> {
+pub fn detect(snapshots: &[FieldSnapshot], cfg: &DetectConfig) -> Result<Vec<Vec<Detection>>> {
     cfg.validate()?;
     snapshots
         .par_iter()
@@ -58,12 +58,12 @@ pub fn detect(snapshots: &[Snapshot], cfg: &DetectConfig) -> Result<Vec<Vec<Dete
 }
 
 /// Detections of one time step, strongest first.
-pub fn detect_step(snapshot: &Snapshot, cfg: &DetectConfig) -> Result<Vec<Detection>> {
+pub fn detect_step(snapshot: &FieldSnapshot, cfg: &DetectConfig) -> Result<Vec<Detection>> {
     cfg.validate()?;
     detect_step_unchecked(snapshot, cfg)
 }
 
-fn detect_step_unchecked(snapshot: &Snapshot, cfg: &DetectConfig) -> Result<Vec<Detection>> {
+fn detect_step_unchecked(snapshot: &FieldSnapshot, cfg: &DetectConfig) -> Result<Vec<Detection>> {
     let vo = snapshot.require(&cfg.vorticity, cfg.level)?;
     let z = snapshot.require(&cfg.geopotential, cfg.level)?;
     let thickness = Thickness::of(snapshot, cfg);
@@ -146,7 +146,7 @@ impl<'a> ThicknessSource<'a> {
 }
 
 impl<'a> Thickness<'a> {
-    fn of(s: &'a Snapshot, cfg: &DetectConfig) -> Option<Self> {
+    fn of(s: &'a FieldSnapshot, cfg: &DetectConfig) -> Option<Self> {
         let (up, low) = (cfg.warm_core.upper_level, cfg.warm_core.lower_level);
         let pair = |var: &str| Some((s.get(var, Some(up))?, s.get(var, Some(low))?));
         let source = if let Some((upper, lower)) = pair(&cfg.geopotential) {
@@ -543,7 +543,7 @@ mod tests {
 
     #[test]
     fn steps_are_detected_in_parallel_and_in_order() {
-        let steps: Vec<Snapshot> = (0..6)
+        let steps: Vec<FieldSnapshot> = (0..6)
             .map(|k| {
                 snapshot(
                     Grid::global(2.0),

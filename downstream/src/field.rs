@@ -234,13 +234,13 @@ impl FieldKey {
 
 /// The global fields of one time step, all on one grid.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Snapshot {
+pub struct FieldSnapshot {
     /// Valid time, unix seconds (UTC).
     pub time_unix: i64,
     fields: Vec<(FieldKey, Field)>,
 }
 
-impl Snapshot {
+impl FieldSnapshot {
     /// A time step without fields yet.
     pub fn new(time_unix: i64) -> Self {
         Self {
@@ -349,7 +349,7 @@ mod tests {
     fn snapshot_finds_fields_by_variable_and_level() {
         let g = Grid::global(10.0);
         let zero = Field::from_fn(g, |_, _| 0.0).unwrap();
-        let s = Snapshot::new(0)
+        let s = FieldSnapshot::new(0)
             .with("vo", Some(850.0), zero.clone())
             .unwrap()
             .with("z", Some(850.0), zero.clone())

@@ -4,7 +4,7 @@
 //! The pipeline, one module per step:
 //!
 //! - [`stitch`]: global fields back from a tiles-mode stream of [`atmorep_proto::Batch`]es
-//!   ([`TileStitcher`]), one [`Snapshot`] per time step;
+//!   ([`TileStitcher`]), one [`FieldSnapshot`] per time step;
 //! - [`field`]: those fields on the canonical grid (latitude north → south, longitude 0 → 360,
 //!   periodic);
 //! - [`detect`](mod@detect): per time step, cyclonic 850 hPa vorticity maxima with a closed
@@ -47,11 +47,11 @@
 //! the defaults are DESIGN §6's; see [`config`].
 //!
 //! ```
-//! use atmorep_track::{Field, Grid, Snapshot, TrackConfig};
+//! use atmorep_track::{Field, Grid, FieldSnapshot, TrackConfig};
 //!
 //! let grid = Grid::global(2.0);
 //! let calm = Field::from_fn(grid, |_, _| 0.0).unwrap();
-//! let step = Snapshot::new(0)
+//! let step = FieldSnapshot::new(0)
 //!     .with("vo", Some(850.0), calm.clone()).unwrap()
 //!     .with("z", Some(850.0), calm).unwrap();
 //! let tracks = atmorep_track::track(&[step], &TrackConfig::default()).unwrap();
@@ -77,7 +77,7 @@ pub use config::{ContourConfig, DetectConfig, StitchConfig, TrackConfig, WarmCor
 pub use detect::{Detection, detect, detect_step};
 pub use error::{Result, TrackError};
 pub use eval::{EvalConfig, EvalReport, evaluate, read_reference};
-pub use field::{Field, FieldKey, Grid, Snapshot};
+pub use field::{Field, FieldKey, FieldSnapshot, Grid};
 pub use map::{MapConfig, draw_map};
 pub use stitch::{TileField, TileStitcher, TimeAxis, tokenize, untokenize};
 pub use tracks::{
@@ -86,7 +86,7 @@ pub use tracks::{
 };
 
 /// Detects cyclones in every time step (in parallel) and links them into tracks.
-pub fn track(snapshots: &[Snapshot], cfg: &TrackConfig) -> Result<Vec<Track>> {
+pub fn track(snapshots: &[FieldSnapshot], cfg: &TrackConfig) -> Result<Vec<Track>> {
     cfg.validate()?;
     let detections = detect(snapshots, &cfg.detect)?;
     stitch_tracks(&detections, &cfg.stitch)
@@ -109,7 +109,7 @@ mod tests {
         let steps = 13; // 72 h, 6-hourly
         let north = (14.3, 177.6, 0.05, 0.1); // crosses 180°
         let south = (-15.2, 2.7, -0.04, -0.1); // crosses 0°/360°
-        let snapshots: Vec<Snapshot> = (0..steps)
+        let snapshots: Vec<FieldSnapshot> = (0..steps)
             .map(|k| {
                 let h = 6.0 * k as f64;
                 let p = |s: (f64, f64, f64, f64)| at(s.0, s.1, s.2, s.3, h);

@@ -4,7 +4,7 @@
 //! globe (overlapping where the grid does not divide evenly, longitude windows wrapping past
 //! 360°) and streams them time-major. [`TileStitcher`] undoes that: it puts each sample's tokens
 //! back on the grid ([`untokenize`]) at the sample's [`Window`], checks that tiles sharing a
-//! grid point agree, and hands out a [`Snapshot`] per time step as soon as no later tile can
+//! grid point agree, and hands out a [`FieldSnapshot`] per time step as soon as no later tile can
 //! touch it any more — so a long stream is tracked with a few time steps in memory, not all.
 //!
 //! The request must ask for physical units and no masking (the stitcher reads `source`), and
@@ -19,7 +19,7 @@ use atmorep_proto::pb;
 use atmorep_proto::request::FieldRequestConfig;
 
 use crate::error::{Result, TrackError};
-use crate::field::{Field, Grid, Snapshot};
+use crate::field::{Field, FieldSnapshot, Grid};
 use crate::time::format_iso;
 
 /// One field of the tile request: its name, levels and token geometry.
@@ -230,7 +230,7 @@ impl TileStitcher {
     /// samples of a later epoch than the first sample's are not used: they complete the stitcher
     /// ([`Self::is_done`]), which then hands out every remaining step and ignores further
     /// batches.
-    pub fn push(&mut self, batch: &Batch) -> Result<Vec<Snapshot>> {
+    pub fn push(&mut self, batch: &Batch) -> Result<Vec<FieldSnapshot>> {
         if batch.is_empty() || self.done {
             return Ok(Vec::new());
         }
@@ -295,7 +295,7 @@ impl TileStitcher {
     }
 
     /// Ends the stream: returns the remaining time steps, or an error if any lacks tiles.
-    pub fn finish(mut self) -> Result<Vec<Snapshot>> {
+    pub fn finish(mut self) -> Result<Vec<FieldSnapshot>> {
         let end = self.pending_end();
         self.release(end)
     }
@@ -309,7 +309,7 @@ impl TileStitcher {
     pub fn stitch_all<I: IntoIterator<Item = Batch>>(
         mut self,
         batches: I,
-    ) -> Result<Vec<Snapshot>> {
+    ) -> Result<Vec<FieldSnapshot>> {
         let mut out = Vec::new();
         for b in batches {
             out.extend(self.push(&b)?);
@@ -322,7 +322,7 @@ impl TileStitcher {
     }
 
     /// Hands out every pending time index below `end`, which must be complete.
-    fn release(&mut self, end: usize) -> Result<Vec<Snapshot>> {
+    fn release(&mut self, end: usize) -> Result<Vec<FieldSnapshot>> {
         let mut out = Vec::new();
         while let Some(entry) = self.pending.first_entry() {
             let t = *entry.key();
@@ -336,7 +336,7 @@ impl TileStitcher {
                 return Err(self.missing(next, 0, None));
             }
             let planes = entry.remove();
-            let mut snapshot = Snapshot::new(self.time.time_of(t));
+            let mut snapshot = FieldSnapshot::new(self.time.time_of(t));
             let mut p = 0;
             for f in &self.fields {
                 for level in f.level_keys() {
@@ -497,7 +497,7 @@ impl TileStitcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use atmorep_proto::batch::{Cursor, FieldBatch};
+    use atmorep_proto::batch::{FieldBatch, StreamCursor};
     use atmorep_proto::geometry::FieldGeometry;
 
     /// The loader's tile starts (loader-service `sampler::tile_starts`).
@@ -620,7 +620,7 @@ mod tests {
                     sample_ids: (first as u64..(first + ws.len()) as u64).collect(),
                     sample_epochs: vec![0; ws.len()],
                     fields,
-                    cursor_after: Cursor {
+                    cursor_after: StreamCursor {
                         epoch: 0,
                         position: (first + ws.len()) as u64,
                     },
@@ -630,7 +630,7 @@ mod tests {
             .collect()
     }
 
-    fn check_exact(snapshots: &[Snapshot], times: std::ops::Range<usize>) {
+    fn check_exact(snapshots: &[FieldSnapshot], times: std::ops::Range<usize>) {
         assert_eq!(snapshots.len(), times.len());
         for (s, t) in snapshots.iter().zip(times) {
             assert_eq!(s.time_unix, T0 + t as i64 * STEP);

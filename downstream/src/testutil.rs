@@ -2,7 +2,7 @@
 //! low and a thickness anomaly (warm or cold core), on a calm background with a weak planetary
 //! wave.
 
-use crate::field::{Field, Grid, Snapshot};
+use crate::field::{Field, FieldSnapshot, Grid};
 use crate::geo::distance_deg;
 
 /// One analytic vortex.
@@ -56,7 +56,12 @@ pub(crate) fn thickness_factor() -> f64 {
 }
 
 /// The fields of one time step with `vortices` on `grid`.
-pub(crate) fn snapshot(grid: Grid, time_unix: i64, vortices: &[Vortex], upper: Upper) -> Snapshot {
+pub(crate) fn snapshot(
+    grid: Grid,
+    time_unix: i64,
+    vortices: &[Vortex],
+    upper: Upper,
+) -> FieldSnapshot {
     let sum = |lat: f64, lon: f64, f: &dyn Fn(&Vortex, f64, f64) -> f64| -> f64 {
         vortices
             .iter()
@@ -74,7 +79,7 @@ pub(crate) fn snapshot(grid: Grid, time_unix: i64, vortices: &[Vortex], upper: U
     let cos2 = |lat: f64| lat.to_radians().cos().powi(2);
     let z_low = |lat: f64, lon: f64| sum(lat, lon, &|v, g, _| -v.z_depth * g);
     let warm = |lat: f64, lon: f64| sum(lat, lon, &|v, g, _| v.thickness * g);
-    let mut s = Snapshot::new(time_unix)
+    let mut s = FieldSnapshot::new(time_unix)
         .with("vo", Some(850.0), vo)
         .unwrap()
         .with(

@@ -14,7 +14,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use crate::dataset::{Dataset, decode_chunk};
-use crate::epoch::Cursor;
+use crate::epoch::EpochCursor;
 use crate::error::StoreError;
 use crate::normalization::GlobalStats;
 use crate::pipeline::{BatchSpec, Normalization, Pipeline, PipelineConfig, PipelineError};
@@ -101,7 +101,7 @@ async fn run_epoch(
     let mut batches = pipeline.batches(BatchSpec {
         rank: 0,
         world: 1,
-        start: Cursor::start_of(epoch),
+        start: EpochCursor::start_of(epoch),
         end_epoch: Some(epoch + 1),
         batch_size: 16,
         sample_concurrency: concurrency,

@@ -7,7 +7,7 @@
 //! [`ChaCha8Rng`] built by [`sample_rng`] from the tuple
 //! `(seed, epoch, sample id, field, purpose)`. The same request therefore yields the same bytes on
 //! any machine, in any process, in any order, whatever was served before — which is what makes a
-//! stream resumable from a bare [`Cursor`] and lets many loader processes serve one epoch.
+//! stream resumable from a bare [`EpochCursor`] and lets many loader processes serve one epoch.
 //!
 //! The 32-byte ChaCha key is derived with SplitMix64 (Steele, Lea & Flood 2014; the generator
 //! behind `java.util.SplittableRandom`):
@@ -38,7 +38,7 @@
 //! of [`BlockShuffle`] that lets the reader load a time block once and cut many samples from it
 //! (DESIGN §5). A stream is sharded by `(rank, world)`: rank `r` gets the positions
 //! `i ≡ r (mod world)` of the epoch's order, so the shards of one epoch are disjoint and cover it,
-//! and their lengths differ by at most one. A [`Cursor`] `(epoch, position)` names the next item of
+//! and their lengths differ by at most one. An [`EpochCursor`] `(epoch, position)` names the next item of
 //! a rank's shard; [`EpochStream`] resumes from it exactly — no sample lost, none repeated.
 
 use rand::{RngCore, SeedableRng};
@@ -420,12 +420,12 @@ fn shard_of(order: Vec<SampleId>, rank: u32, world: u32) -> Vec<SampleId> {
 /// shard of `epoch`. `(e, shard_len)` and `(e + 1, 0)` mean the same thing; streams hand out the
 /// latter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-pub struct Cursor {
+pub struct EpochCursor {
     pub epoch: u64,
     pub position: u64,
 }
 
-impl Cursor {
+impl EpochCursor {
     /// The start of `epoch`.
     pub fn start_of(epoch: u64) -> Self {
         Self { epoch, position: 0 }
@@ -443,7 +443,7 @@ pub struct EpochStream {
     rank: u32,
     world: u32,
     /// The next item to deliver, normalized: `position < shard_len`.
-    cursor: Cursor,
+    cursor: EpochCursor,
     shard_len: u64,
     /// Stop before this epoch.
     end_epoch: Option<u64>,
@@ -459,7 +459,12 @@ impl EpochStream {
     ///
     /// Fails for an invalid rank/world or plan, when some rank would get no samples
     /// (`num_samples < world`), or when `start.position` exceeds the shard length.
-    pub fn new(plan: EpochPlan, rank: u32, world: u32, start: Cursor) -> Result<Self, EpochError> {
+    pub fn new(
+        plan: EpochPlan,
+        rank: u32,
+        world: u32,
+        start: EpochCursor,
+    ) -> Result<Self, EpochError> {
         check_rank(rank, world)?;
         plan.validate()?;
         if plan.num_samples < u64::from(world) {
@@ -501,7 +506,7 @@ impl EpochStream {
     }
 
     /// The cursor of the next item to deliver.
-    pub fn cursor(&self) -> Cursor {
+    pub fn cursor(&self) -> EpochCursor {
         self.cursor
     }
 
@@ -512,7 +517,7 @@ impl EpochStream {
 
     fn advance_epoch(&mut self) {
         match self.cursor.epoch.checked_add(1) {
-            Some(e) => self.cursor = Cursor::start_of(e),
+            Some(e) => self.cursor = EpochCursor::start_of(e),
             None => self.exhausted = true,
         }
     }
@@ -523,7 +528,7 @@ impl EpochStream {
 }
 
 impl Iterator for EpochStream {
-    type Item = (SampleId, Cursor);
+    type Item = (SampleId, EpochCursor);
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.finished() {
@@ -657,11 +662,11 @@ mod tests {
             Err(EpochError::RankOutOfRange { rank: 3, world: 3 })
         );
         assert!(matches!(
-            EpochStream::new(plan, 3, 2, Cursor::default()),
+            EpochStream::new(plan, 3, 2, EpochCursor::default()),
             Err(EpochError::RankOutOfRange { .. })
         ));
         assert!(matches!(
-            EpochStream::new(EpochPlan::new(1, 3), 0, 4, Cursor::default()),
+            EpochStream::new(EpochPlan::new(1, 3), 0, 4, EpochCursor::default()),
             Err(EpochError::TooFewSamples { .. })
         ));
         assert!(matches!(
@@ -669,7 +674,7 @@ mod tests {
                 plan,
                 0,
                 2,
-                Cursor {
+                EpochCursor {
                     epoch: 0,
                     position: 6
                 }
@@ -704,7 +709,7 @@ mod tests {
     fn stream_runs_across_epochs_and_stops_at_end_epoch() {
         let plan = EpochPlan::new(3, 11);
         let (rank, world) = (1, 3);
-        let items: Vec<_> = EpochStream::new(plan, rank, world, Cursor::default())
+        let items: Vec<_> = EpochStream::new(plan, rank, world, EpochCursor::default())
             .unwrap()
             .with_end_epoch(3)
             .collect();
@@ -716,19 +721,19 @@ mod tests {
         assert_eq!(items.len(), 12);
         assert_eq!(
             items[3].1,
-            Cursor {
+            EpochCursor {
                 epoch: 1,
                 position: 0
             }
         );
         assert_eq!(
             items[4].1,
-            Cursor {
+            EpochCursor {
                 epoch: 1,
                 position: 1
             }
         );
-        assert_eq!(items.last().unwrap().1, Cursor::start_of(3));
+        assert_eq!(items.last().unwrap().1, EpochCursor::start_of(3));
     }
 
     #[test]
@@ -736,7 +741,7 @@ mod tests {
         for plan in [EpochPlan::new(17, 50), block_plan(50, 6, 2)] {
             for world in 1..=4u32 {
                 for rank in 0..world {
-                    let full: Vec<_> = EpochStream::new(plan, rank, world, Cursor::default())
+                    let full: Vec<_> = EpochStream::new(plan, rank, world, EpochCursor::default())
                         .unwrap()
                         .with_end_epoch(4)
                         .collect();
@@ -754,7 +759,7 @@ mod tests {
                         plan,
                         rank,
                         world,
-                        Cursor {
+                        EpochCursor {
                             epoch: 1,
                             position: len,
                         },
@@ -762,7 +767,7 @@ mod tests {
                     .unwrap()
                     .take(2 * len as usize)
                     .collect();
-                    let b: Vec<_> = EpochStream::new(plan, rank, world, Cursor::start_of(2))
+                    let b: Vec<_> = EpochStream::new(plan, rank, world, EpochCursor::start_of(2))
                         .unwrap()
                         .take(2 * len as usize)
                         .collect();
@@ -776,13 +781,13 @@ mod tests {
     fn interrupted_stream_equals_uninterrupted_stream() {
         // Stop a stream mid-epoch, keep only its cursor, restart, and compare the concatenation.
         let plan = EpochPlan::new(99, 37);
-        let mut full = EpochStream::new(plan, 2, 3, Cursor::start_of(5)).unwrap();
+        let mut full = EpochStream::new(plan, 2, 3, EpochCursor::start_of(5)).unwrap();
         let reference: Vec<SampleId> = full.by_ref().take(40).map(|x| x.0).collect();
-        let mut first = EpochStream::new(plan, 2, 3, Cursor::start_of(5)).unwrap();
+        let mut first = EpochStream::new(plan, 2, 3, EpochCursor::start_of(5)).unwrap();
         let mut got: Vec<SampleId> = first.by_ref().take(17).map(|x| x.0).collect();
         let saved = serde_json::to_string(&first.cursor()).unwrap();
         drop(first);
-        let cursor: Cursor = serde_json::from_str(&saved).unwrap();
+        let cursor: EpochCursor = serde_json::from_str(&saved).unwrap();
         got.extend(
             EpochStream::new(plan, 2, 3, cursor)
                 .unwrap()
@@ -793,7 +798,7 @@ mod tests {
         // 12 per epoch (positions 2, 5, …, 35 of 37): 40 = 3·12 + 4.
         assert_eq!(
             full.cursor(),
-            Cursor {
+            EpochCursor {
                 epoch: 8,
                 position: 4
             }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::blur::GaussianBlur;
 use crate::dataset::Dataset;
 use crate::epoch::{
-    BlockParams, Cursor, EpochPlan, EpochStream, Ordering, Purpose, SampleId, sample_rng,
+    BlockParams, EpochCursor, EpochPlan, EpochStream, Ordering, Purpose, SampleId, sample_rng,
 };
 use crate::hyperslab::{Hyperslab, OutputLayout};
 use crate::local_stats::LocalStats;
@@ -246,7 +246,7 @@ pub struct BatchSpec {
     pub rank: u32,
     pub world: u32,
     /// Where to start (a resume cursor, or the start of an epoch).
-    pub start: Cursor,
+    pub start: EpochCursor,
     /// Stop before this epoch; `None` streams forever.
     pub end_epoch: Option<u64>,
     pub batch_size: usize,
@@ -306,7 +306,7 @@ impl MemoryBudget {
 pub struct SampleBatch {
     pub samples: Vec<Sample>,
     /// The stream cursor after the batch's last sample: resuming there continues exactly.
-    pub cursor_after: Cursor,
+    pub cursor_after: EpochCursor,
     /// The last batch of a finite stream.
     pub last: bool,
     /// This batch's share of the [`MemoryBudget`], released when the batch is dropped.
@@ -315,19 +315,19 @@ pub struct SampleBatch {
 
 /// Batches assembled ahead of the consumer by a background task; dropping it stops the task.
 #[derive(Debug)]
-pub struct BatchStream {
+pub struct PipelineStream {
     rx: tokio::sync::mpsc::Receiver<Result<SampleBatch, PipelineError>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl BatchStream {
+impl PipelineStream {
     /// The next batch; `None` when the stream is finished.
     pub async fn next(&mut self) -> Option<Result<SampleBatch, PipelineError>> {
         self.rx.recv().await
     }
 }
 
-impl futures::Stream for BatchStream {
+impl futures::Stream for PipelineStream {
     type Item = Result<SampleBatch, PipelineError>;
 
     fn poll_next(
@@ -338,7 +338,7 @@ impl futures::Stream for BatchStream {
     }
 }
 
-impl Drop for BatchStream {
+impl Drop for PipelineStream {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -1065,7 +1065,7 @@ impl Pipeline {
     /// at least one) and up to `prefetch_batches` finished batches ready. Dropping the stream stops
     /// the task. The stream ends after the last batch (flagged `last`) when an end epoch is set,
     /// and after the first error otherwise.
-    pub fn batches(self: &Arc<Self>, spec: BatchSpec) -> Result<BatchStream, PipelineError> {
+    pub fn batches(self: &Arc<Self>, spec: BatchSpec) -> Result<PipelineStream, PipelineError> {
         if spec.batch_size == 0 {
             return Err(PipelineError::Request("batch_size must be positive".into()));
         }
@@ -1125,11 +1125,16 @@ impl Pipeline {
                 }
             }
         });
-        Ok(BatchStream { rx, task })
+        Ok(PipelineStream { rx, task })
     }
 
     /// The sample ids of `rank`'s shard from `start` on, with the cursor after each.
-    pub fn ids(&self, rank: u32, world: u32, start: Cursor) -> Result<EpochStream, PipelineError> {
+    pub fn ids(
+        &self,
+        rank: u32,
+        world: u32,
+        start: EpochCursor,
+    ) -> Result<EpochStream, PipelineError> {
         Ok(EpochStream::new(self.plan, rank, world, start)?)
     }
 

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use atmorep_loader::epoch::Cursor;
+use atmorep_loader::epoch::EpochCursor;
 use atmorep_loader::masking::MaskSpec;
 use atmorep_loader::normalization::GlobalStats;
 use atmorep_loader::pipeline::{
@@ -170,7 +170,7 @@ async fn planned_reads_decode_each_block_about_once() {
     let mut delivered = 0u64;
     let mut seen = std::collections::HashSet::new();
     for (id, _) in pipeline
-        .ids(0, 1, Cursor::start_of(0))
+        .ids(0, 1, EpochCursor::start_of(0))
         .unwrap()
         .with_end_epoch(1)
     {
@@ -299,7 +299,7 @@ async fn batches_cover_the_epoch_once_and_resume_exactly() {
     let (dataset, stats) = store(dir.path()).await;
     let pipeline = Arc::new(Pipeline::new(dataset, config(), Some(stats)).unwrap());
     let budget = MemoryBudget::new(3 * pipeline.sample_bytes());
-    let spec = |start: Cursor| BatchSpec {
+    let spec = |start: EpochCursor| BatchSpec {
         rank: 0,
         world: 1,
         start,
@@ -309,7 +309,7 @@ async fn batches_cover_the_epoch_once_and_resume_exactly() {
         prefetch_batches: 2,
         memory: Some(budget.clone()),
     };
-    let mut stream = pipeline.batches(spec(Cursor::start_of(0))).unwrap();
+    let mut stream = pipeline.batches(spec(EpochCursor::start_of(0))).unwrap();
     let mut batches = Vec::new();
     while let Some(batch) = stream.next().await {
         let mut batch = batch.unwrap();
@@ -325,7 +325,7 @@ async fn batches_cover_the_epoch_once_and_resume_exactly() {
         .flat_map(|b| b.samples.iter().map(|s| s.id))
         .collect();
     let expected: Vec<u64> = pipeline
-        .ids(0, 1, Cursor::start_of(0))
+        .ids(0, 1, EpochCursor::start_of(0))
         .unwrap()
         .with_end_epoch(1)
         .map(|(id, _)| id)
@@ -336,7 +336,10 @@ async fn batches_cover_the_epoch_once_and_resume_exactly() {
     assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "every id once");
     assert!(batches.last().unwrap().last);
     assert!(batches[..batches.len() - 1].iter().all(|b| !b.last));
-    assert_eq!(batches.last().unwrap().cursor_after, Cursor::start_of(1));
+    assert_eq!(
+        batches.last().unwrap().cursor_after,
+        EpochCursor::start_of(1)
+    );
 
     // Resume after the second batch.
     let cursor = batches[1].cursor_after;
@@ -487,7 +490,7 @@ async fn a_stream_left_waiting_leaves_budget_for_the_next() {
     let spec = BatchSpec {
         rank: 0,
         world: 1,
-        start: Cursor::start_of(0),
+        start: EpochCursor::start_of(0),
         end_epoch: None,
         batch_size: 4,
         sample_concurrency: 8,

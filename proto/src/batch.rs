@@ -19,17 +19,17 @@ use crate::tensor::TensorError;
 use crate::token_info::TOKEN_INFO_LEN;
 
 /// A stream position: the next sample to deliver is the `position`-th of this rank's shard of
-/// `epoch` (the loader's `epoch::Cursor`). In tiles mode the epoch is 0 and the position the
+/// `epoch` (the loader's `epoch::EpochCursor`). In tiles mode the epoch is 0 and the position the
 /// tile index.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord, Serialize, Deserialize,
 )]
-pub struct Cursor {
+pub struct StreamCursor {
     pub epoch: u64,
     pub position: u64,
 }
 
-impl From<pb::Cursor> for Cursor {
+impl From<pb::Cursor> for StreamCursor {
     fn from(c: pb::Cursor) -> Self {
         Self {
             epoch: c.epoch,
@@ -38,8 +38,8 @@ impl From<pb::Cursor> for Cursor {
     }
 }
 
-impl From<Cursor> for pb::Cursor {
-    fn from(c: Cursor) -> Self {
+impl From<StreamCursor> for pb::Cursor {
+    fn from(c: StreamCursor) -> Self {
         Self {
             epoch: c.epoch,
             position: c.position,
@@ -400,7 +400,7 @@ pub struct Batch {
     /// In request order.
     pub fields: Vec<FieldBatch>,
     /// Resume here to continue right after this batch.
-    pub cursor_after: Cursor,
+    pub cursor_after: StreamCursor,
     /// The last batch of a finite stream.
     pub end_of_stream: bool,
 }
@@ -441,7 +441,7 @@ impl Batch {
     }
 
     /// Hands the batch's buffers to `pool` for the batches decoded after it (a consumer done
-    /// with a batch passes it to [`BatchStream::recycle`](crate::client::BatchStream::recycle)).
+    /// with a batch passes it to [`LoaderStream::recycle`](crate::client::LoaderStream::recycle)).
     pub fn recycle(self, pool: &BufferPool) {
         for field in self.fields {
             for buffer in [field.source, field.target, field.token_info, field.pe] {
@@ -520,7 +520,7 @@ impl Batch {
                 .iter()
                 .map(|f| FieldBatch::from_proto(f, b, parts, pool))
                 .collect::<Result<_, _>>()?,
-            cursor_after: Cursor::default(),
+            cursor_after: StreamCursor::default(),
             end_of_stream: false,
         })
     }
@@ -896,7 +896,7 @@ mod tests {
             sample_ids: (0..b as u64).map(|i| 100 + i).collect(),
             sample_epochs: (0..b).map(|i| 2 + (i >= b / 2) as u64).collect(),
             fields: vec![field("t", 8, 6, 4, 0.0), field("z", 4, 12, 2, 1000.0)],
-            cursor_after: Cursor {
+            cursor_after: StreamCursor {
                 epoch: 3,
                 position: 5,
             },
@@ -1119,7 +1119,7 @@ mod tests {
         assert!(b.is_empty() && b.end_of_stream);
         assert_eq!(
             b.cursor_after,
-            Cursor {
+            StreamCursor {
                 epoch: 2,
                 position: 0
             }

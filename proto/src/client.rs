@@ -1,6 +1,6 @@
 //! The client of the `Loader` service, for trainers and downstream tools.
 //!
-//! [`LoaderClient::stream`] returns a [`BatchStream`]: a background task reads `StreamBatches`,
+//! [`LoaderClient::stream`] returns a [`LoaderStream`]: a background task reads `StreamBatches`,
 //! reassembles multi-part batches, decodes them to `f32` and keeps up to
 //! [`ClientConfig::prefetch`] batches ready in a bounded channel. When that channel is full the
 //! task stops reading, so HTTP/2 flow control pushes back to the server — a slow consumer holds
@@ -23,7 +23,7 @@
 //! failover to the other endpoints (round-robin from `k + 1`, resuming from its own cursor). A
 //! merge task delivers their batches in a fixed round-robin order, so the stream is still a pure
 //! function of the request (and K) — which also means a slow loader slows the whole stream to its
-//! pace. The stream's [`Cursor`] encodes every sub-stream's position (see [`crate::stripe`]); it
+//! pace. The stream's [`StreamCursor`] encodes every sub-stream's position (see [`crate::stripe`]); it
 //! is meaningful only with the same number of endpoints and batch size. [`StreamStats`] sum over
 //! the sub-streams. Tiles-mode streams are never striped: their order is the tiling's.
 //!
@@ -49,7 +49,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
-use crate::batch::{Batch, BatchAssembler, BatchError, Cursor};
+use crate::batch::{Batch, BatchAssembler, BatchError, StreamCursor};
 use crate::pb;
 use crate::pool::BufferPool;
 use crate::stripe::{Accepted, Stripe, StripeError, sub_shard};
@@ -429,7 +429,7 @@ struct Counters {
     discarded_messages: AtomicU64,
 }
 
-/// A snapshot of a [`BatchStream`]'s counters.
+/// A snapshot of a [`LoaderStream`]'s counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StreamStats {
     /// Calls re-issued after a lost stream (or a failed first attempt).
@@ -548,7 +548,7 @@ impl LoaderClient {
     /// Streams the batches of `request` (see the module docs for prefetch and reconnection).
     /// Starts at `request.resume` (the start of epoch 0 when absent). Must be called within a
     /// tokio runtime; errors arrive through the stream.
-    pub fn stream(&self, request: pb::BatchRequest) -> BatchStream {
+    pub fn stream(&self, request: pb::BatchRequest) -> LoaderStream {
         let counters = Arc::new(Counters::default());
         // Room for the buffers of the batches a consumer can hold while the prefetched ones
         // wait: four tensors per field.
@@ -578,7 +578,7 @@ impl LoaderClient {
             });
             (rx, task)
         };
-        BatchStream {
+        LoaderStream {
             rx,
             task,
             counters,
@@ -833,7 +833,7 @@ async fn run_sub_stream(
     shared: Arc<Shared>,
     request: pb::BatchRequest,
     k: usize,
-    start: Cursor,
+    start: StreamCursor,
     end_epoch: Option<u64>,
     tx: mpsc::Sender<Result<Batch, ClientError>>,
     counters: Arc<Counters>,
@@ -857,7 +857,7 @@ async fn run_sub_stream(
         {
             return;
         }
-        at = Cursor {
+        at = StreamCursor {
             epoch: at.epoch + 1,
             position: 0,
         };
@@ -885,7 +885,7 @@ async fn run_striped(
     pool: Arc<BufferPool>,
 ) {
     let subs = shared.endpoints.len();
-    let start = request.resume.map(Cursor::from).unwrap_or_default();
+    let start = request.resume.map(StreamCursor::from).unwrap_or_default();
     let end_epoch = request.end_epoch;
     let mut stripe = match Stripe::resume(start, subs, u64::from(request.batch_size)) {
         Ok(stripe) => stripe,
@@ -1005,21 +1005,21 @@ async fn pump(mut grpc: Grpc, state: &mut StreamState, retry: &mut Retry<'_>) ->
 /// Batches of one `StreamBatches` request, prefetched by a background task that reconnects and
 /// resumes on failures. Dropping the stream stops the task and the call.
 ///
-/// Read it with [`BatchStream::next`] or as a [`futures::Stream`]. It ends (`None`) after the
+/// Read it with [`LoaderStream::next`] or as a [`futures::Stream`]. It ends (`None`) after the
 /// last batch of a finite request, or after yielding an error.
 #[derive(Debug)]
-pub struct BatchStream {
+pub struct LoaderStream {
     rx: mpsc::Receiver<Result<Batch, ClientError>>,
     task: JoinHandle<()>,
     counters: Arc<Counters>,
-    /// Buffers of consumed batches, for the next ones (see [`BatchStream::recycle`]).
+    /// Buffers of consumed batches, for the next ones (see [`LoaderStream::recycle`]).
     pool: Arc<BufferPool>,
-    cursor: Option<Cursor>,
+    cursor: Option<StreamCursor>,
     delivered: u64,
     sub_streams: usize,
 }
 
-impl BatchStream {
+impl LoaderStream {
     /// The next batch; `None` when the stream is complete.
     pub async fn next(&mut self) -> Option<Result<Batch, ClientError>> {
         std::future::poll_fn(|cx| self.poll_deliver(cx)).await
@@ -1044,7 +1044,7 @@ impl BatchStream {
 
     /// The `cursor_after` of the last batch delivered: pass it as `resume` to continue in a new
     /// stream (e.g. after a trainer restart). `None` before the first batch.
-    pub fn cursor(&self) -> Option<Cursor> {
+    pub fn cursor(&self) -> Option<StreamCursor> {
         self.cursor
     }
 
@@ -1077,7 +1077,7 @@ impl BatchStream {
     }
 }
 
-impl futures::Stream for BatchStream {
+impl futures::Stream for LoaderStream {
     type Item = Result<Batch, ClientError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -1085,7 +1085,7 @@ impl futures::Stream for BatchStream {
     }
 }
 
-impl Drop for BatchStream {
+impl Drop for LoaderStream {
     fn drop(&mut self) {
         self.task.abort();
     }

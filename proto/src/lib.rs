@@ -54,8 +54,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(
     "/atmorep_loader_v1_descriptor.bin"
 ));
 
-pub use batch::{Batch, BatchAssembler, BatchError, Cursor, FieldBatch, Window};
-pub use client::{BatchStream, ClientConfig, ClientError, LoaderClient, StreamStats};
+pub use batch::{Batch, BatchAssembler, BatchError, FieldBatch, StreamCursor, Window};
+pub use client::{ClientConfig, ClientError, LoaderClient, LoaderStream, StreamStats};
 pub use error::{ProtoError, Result};
 pub use geometry::{FieldGeometry, TokenGeometry};
 pub use pb::Dtype;

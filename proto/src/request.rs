@@ -74,7 +74,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::Cursor;
+use crate::batch::StreamCursor;
 use crate::pb;
 use crate::positional::PeMode;
 
@@ -126,7 +126,7 @@ pub struct RequestConfig {
     pub end_epoch: Option<u64>,
     /// Where to start: the `cursor_after` of the last complete batch; `None`: epoch 0's start.
     #[serde(default, with = "strict_cursor")]
-    pub resume: Option<Cursor>,
+    pub resume: Option<StreamCursor>,
     /// Time steps per planned block read; 0 = server default.
     #[serde(default)]
     pub block_steps: u32,
@@ -551,28 +551,31 @@ name_enum! {
     }
 }
 
-/// `resume` through a strict copy of [`Cursor`]: `Cursor`'s own serde derive accepts unknown
+/// `resume` through a strict copy of [`StreamCursor`]: `StreamCursor`'s own serde derive accepts unknown
 /// keys, and a misspelt key in a resume cursor must not go unnoticed.
 mod strict_cursor {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    use crate::batch::Cursor;
+    use crate::batch::StreamCursor;
 
     #[derive(Serialize, Deserialize)]
-    #[serde(remote = "Cursor", deny_unknown_fields)]
+    #[serde(remote = "StreamCursor", deny_unknown_fields)]
     struct CursorDef {
         epoch: u64,
         position: u64,
     }
 
     #[derive(Serialize, Deserialize)]
-    struct Strict(#[serde(with = "CursorDef")] Cursor);
+    struct Strict(#[serde(with = "CursorDef")] StreamCursor);
 
-    pub fn serialize<S: Serializer>(cursor: &Option<Cursor>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(
+        cursor: &Option<StreamCursor>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         cursor.map(Strict).serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cursor>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<StreamCursor>, D::Error> {
         Ok(Option::<Strict>::deserialize(d)?.map(|s| s.0))
     }
 }

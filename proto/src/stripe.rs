@@ -1,5 +1,5 @@
 //! Striping one stream across K loaders: which shard each sub-stream asks for, the deterministic
-//! merge order, and the single public [`Cursor`] that encodes every sub-stream's position.
+//! merge order, and the single public [`StreamCursor`] that encodes every sub-stream's position.
 //!
 //! This module is pure arithmetic; [`crate::client`] runs the sub-streams and applies it.
 //!
@@ -20,7 +20,7 @@
 //! a striped epoch ends with up to K short batches. The order is a pure function of the request
 //! and K (never of timing), and a slow loader slows the whole merge.
 //!
-//! # Cursor
+//! # StreamCursor
 //!
 //! After the merged stream delivered `n` batches of epoch `e`, its cursor is
 //! `(e, n · batch_size)`; after the last batch of the epoch it is `(e + 1, 0)`. Because the
@@ -35,7 +35,7 @@
 //! unstriped cursor mid-epoch is not a striped one. The position of a striped cursor counts
 //! batch slots, so near an epoch's end it may exceed the samples delivered.
 
-use crate::batch::Cursor;
+use crate::batch::StreamCursor;
 
 /// Why a striped stream cannot start or continue.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,7 +58,7 @@ pub enum StripeError {
     OutOfStep {
         sub: usize,
         epoch: u64,
-        after: Cursor,
+        after: StreamCursor,
     },
     #[error("sub-stream {sub} ended before the stream did")]
     SubStreamEnded { sub: usize },
@@ -74,7 +74,7 @@ pub fn sub_shard(rank: u32, world: u32, k: u32, subs: u32) -> (u32, u32) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
     /// Deliver it with this merged `cursor_after`.
-    Deliver(Cursor),
+    Deliver(StreamCursor),
     /// A re-requested batch the consumer already has (see the module docs): drop it.
     Discard,
 }
@@ -98,7 +98,7 @@ pub struct Stripe {
 impl Stripe {
     /// The state at `start` (a cursor this merge produced, or the start of an epoch) for `subs`
     /// sub-streams of `batch_size`-sample batches.
-    pub fn resume(start: Cursor, subs: usize, batch_size: u64) -> Result<Self, StripeError> {
+    pub fn resume(start: StreamCursor, subs: usize, batch_size: u64) -> Result<Self, StripeError> {
         if subs == 0 || batch_size == 0 {
             return Err(StripeError::Empty);
         }
@@ -132,9 +132,9 @@ impl Stripe {
 
     /// Where each sub-stream's first call starts: at its last delivered batch when it has one
     /// (to be dropped), else at the start of the epoch.
-    pub fn sub_starts(&self) -> Vec<Cursor> {
+    pub fn sub_starts(&self) -> Vec<StreamCursor> {
         (0..self.done.len())
-            .map(|k| Cursor {
+            .map(|k| StreamCursor {
                 epoch: self.epoch,
                 position: self.sub_batches(k).saturating_sub(1) * self.batch_size,
             })
@@ -142,8 +142,8 @@ impl Stripe {
     }
 
     /// The merged cursor now.
-    pub fn cursor(&self) -> Cursor {
-        Cursor {
+    pub fn cursor(&self) -> StreamCursor {
+        StreamCursor {
             epoch: self.epoch,
             position: self.delivered * self.batch_size,
         }
@@ -164,7 +164,7 @@ impl Stripe {
 
     /// Takes sub-stream `sub`'s next batch, which ends at `after` (its own cursor); `sub` must be
     /// [`next_sub`](Self::next_sub).
-    pub fn accept(&mut self, sub: usize, after: Cursor) -> Result<Accepted, StripeError> {
+    pub fn accept(&mut self, sub: usize, after: StreamCursor) -> Result<Accepted, StripeError> {
         let finished = match after.epoch.checked_sub(self.epoch) {
             Some(0) => false,
             Some(1) if after.position == 0 => true,
@@ -217,18 +217,18 @@ mod tests {
 
     /// A simulated loader call: sub-stream `k`'s batches of one epoch from `start`, as
     /// (positions, cursor_after), the last one short and ending at `(epoch + 1, 0)`.
-    fn sub_epoch(ids: &[u64], epoch: u64, start: u64, b: u64) -> Vec<(Vec<u64>, Cursor)> {
+    fn sub_epoch(ids: &[u64], epoch: u64, start: u64, b: u64) -> Vec<(Vec<u64>, StreamCursor)> {
         let mut out = Vec::new();
         let mut pos = start;
         while pos < ids.len() as u64 {
             let end = (pos + b).min(ids.len() as u64);
             let after = if end == ids.len() as u64 {
-                Cursor {
+                StreamCursor {
                     epoch: epoch + 1,
                     position: 0,
                 }
             } else {
-                Cursor {
+                StreamCursor {
                     epoch,
                     position: end,
                 }
@@ -247,9 +247,9 @@ mod tests {
         world: u32,
         subs: usize,
         b: u64,
-        start: Cursor,
+        start: StreamCursor,
         end_epoch: u64,
-    ) -> (Vec<(u64, u64)>, Vec<Cursor>) {
+    ) -> (Vec<(u64, u64)>, Vec<StreamCursor>) {
         let mut stripe = Stripe::resume(start, subs, b).unwrap();
         let shards: Vec<Vec<u64>> = (0..subs as u32)
             .map(|k| {
@@ -258,7 +258,7 @@ mod tests {
             })
             .collect();
         // Each sub-stream: a queue of (epoch, ids, cursor_after), one call per epoch.
-        let mut queues: Vec<std::collections::VecDeque<(u64, Vec<u64>, Cursor)>> = stripe
+        let mut queues: Vec<std::collections::VecDeque<(u64, Vec<u64>, StreamCursor)>> = stripe
             .sub_starts()
             .iter()
             .enumerate()
@@ -313,7 +313,7 @@ mod tests {
     fn a_striped_epoch_is_every_sample_once_with_short_last_batches() {
         // 50 samples, K = 3: sub-shards of 17, 17, 16 in batches of 5 → 4 rounds, the last one
         // of short batches (2, 2, 1).
-        let (samples, cursors) = run(50, 0, 1, 3, 5, Cursor::default(), 2);
+        let (samples, cursors) = run(50, 0, 1, 3, 5, StreamCursor::default(), 2);
         for e in 0..2 {
             let mut ids: Vec<u64> = samples.iter().filter(|s| s.0 == e).map(|s| s.1).collect();
             ids.sort_unstable();
@@ -329,7 +329,7 @@ mod tests {
         assert_eq!(cursors[11].epoch, 1);
         assert_eq!(
             cursors[23],
-            Cursor {
+            StreamCursor {
                 epoch: 2,
                 position: 0
             }
@@ -348,7 +348,7 @@ mod tests {
         // 25 samples, K = 3, B = 4: sub-shards 9, 8, 8 → 3, 2, 2 batches; the last round holds
         // sub-stream 0 alone. 20 samples: 7, 7, 6 → all short in round 2.
         for (n, b) in [(25, 4), (20, 4), (7, 3), (3, 1), (6, 10)] {
-            let (samples, _) = run(n, 0, 1, 3, b, Cursor::default(), 1);
+            let (samples, _) = run(n, 0, 1, 3, b, StreamCursor::default(), 1);
             let mut ids: Vec<u64> = samples.iter().map(|s| s.1).collect();
             ids.sort_unstable();
             assert_eq!(ids, (0..n).collect::<Vec<_>>(), "n {n} b {b}");
@@ -365,8 +365,8 @@ mod tests {
             (64, 0, 1, 2, 8),
             (9, 0, 1, 1, 4),
         ] {
-            let (samples, cursors) = run(n, rank, world, subs, b, Cursor::default(), 3);
-            let (again, _) = run(n, rank, world, subs, b, Cursor::default(), 3);
+            let (samples, cursors) = run(n, rank, world, subs, b, StreamCursor::default(), 3);
+            let (again, _) = run(n, rank, world, subs, b, StreamCursor::default(), 3);
             assert_eq!(again, samples, "the merge is deterministic");
             let mut at = 0;
             for (i, c) in cursors.iter().enumerate() {
@@ -382,12 +382,12 @@ mod tests {
     #[test]
     fn invalid_cursors_and_out_of_step_batches_are_errors() {
         assert_eq!(
-            Stripe::resume(Cursor::default(), 0, 4).unwrap_err(),
+            Stripe::resume(StreamCursor::default(), 0, 4).unwrap_err(),
             StripeError::Empty
         );
         assert!(matches!(
             Stripe::resume(
-                Cursor {
+                StreamCursor {
                     epoch: 0,
                     position: 6
                 },
@@ -396,12 +396,12 @@ mod tests {
             ),
             Err(StripeError::NotStriped { .. })
         ));
-        let mut s = Stripe::resume(Cursor::default(), 2, 4).unwrap();
+        let mut s = Stripe::resume(StreamCursor::default(), 2, 4).unwrap();
         assert_eq!(s.next_sub(), 0);
         assert!(matches!(
             s.accept(
                 0,
-                Cursor {
+                StreamCursor {
                     epoch: 2,
                     position: 0
                 }
@@ -414,7 +414,7 @@ mod tests {
     fn resume_arithmetic() {
         // 7 merged batches of 4 in epoch 3 over K = 3: sub-streams delivered 3, 2, 2.
         let s = Stripe::resume(
-            Cursor {
+            StreamCursor {
                 epoch: 3,
                 position: 28,
             },
@@ -428,7 +428,7 @@ mod tests {
         // Re-requests first, then round-robin from sub-stream 7 mod 3 = 1.
         assert_eq!(s.next_sub(), 0);
         let fresh = Stripe::resume(
-            Cursor {
+            StreamCursor {
                 epoch: 3,
                 position: 0,
             },
@@ -439,7 +439,7 @@ mod tests {
         assert_eq!(
             fresh.sub_starts(),
             vec![
-                Cursor {
+                StreamCursor {
                     epoch: 3,
                     position: 0
                 };

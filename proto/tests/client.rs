@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use atmorep_proto::batch::{Batch, Cursor, FieldBatch, Window, split_parts};
+use atmorep_proto::batch::{Batch, FieldBatch, StreamCursor, Window, split_parts};
 use atmorep_proto::client::{ClientConfig, ClientError, Compression, LoaderClient};
 use atmorep_proto::pb::loader_server::{Loader, LoaderServer};
 use atmorep_proto::{Dtype, pb};
@@ -65,7 +65,7 @@ struct Seen {
     /// `authorization` header of each call.
     auth: Mutex<Vec<Option<String>>>,
     /// `resume` of each `StreamBatches` call.
-    resumes: Mutex<Vec<Option<Cursor>>>,
+    resumes: Mutex<Vec<Option<StreamCursor>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -127,14 +127,14 @@ fn concat(fields: Vec<FieldBatch>, token_numel: usize) -> FieldBatch {
     out
 }
 
-fn advance(c: Cursor, n: u64) -> Cursor {
+fn advance(c: StreamCursor, n: u64) -> StreamCursor {
     if c.position + 1 >= n {
-        Cursor {
+        StreamCursor {
             epoch: c.epoch + 1,
             position: 0,
         }
     } else {
-        Cursor {
+        StreamCursor {
             epoch: c.epoch,
             position: c.position + 1,
         }
@@ -160,7 +160,13 @@ impl TestLoader {
     }
 
     /// The next batch from `cursor`, or `None` when `end_epoch` is reached.
-    fn batch(&self, sequence: u64, cursor: &mut Cursor, size: u32, end: Option<u64>) -> Batch {
+    fn batch(
+        &self,
+        sequence: u64,
+        cursor: &mut StreamCursor,
+        size: u32,
+        end: Option<u64>,
+    ) -> Batch {
         let b = &self.behaviour;
         let (mut ids, mut epochs, mut fields) = (Vec::new(), Vec::new(), Vec::new());
         while ids.len() < size as usize && end.is_none_or(|e| cursor.epoch < e) {
@@ -223,14 +229,14 @@ impl Loader for TestLoader {
         if request.batch_size == 0 {
             return Err(Status::invalid_argument("batch_size must be at least 1"));
         }
-        let mut cursor: Cursor = request.resume.map(Into::into).unwrap_or_default();
+        let mut cursor: StreamCursor = request.resume.map(Into::into).unwrap_or_default();
         self.seen
             .resumes
             .lock()
             .unwrap()
             .push(request.resume.map(Into::into));
         if cursor.position >= self.behaviour.samples_per_epoch {
-            cursor = Cursor {
+            cursor = StreamCursor {
                 epoch: cursor.epoch + 1,
                 position: 0,
             };
@@ -278,7 +284,7 @@ impl Loader for TestLoader {
                 "selector: only by_id is served here",
             ));
         };
-        let mut cursor = Cursor {
+        let mut cursor = StreamCursor {
             epoch: sel.epoch,
             position: sel.id,
         };
@@ -442,7 +448,7 @@ fn check_batch(batch: &Batch, token_numel: usize) -> Vec<(u64, u64)> {
 }
 
 async fn collect_all(
-    stream: &mut atmorep_proto::BatchStream,
+    stream: &mut atmorep_proto::LoaderStream,
     token_numel: usize,
 ) -> Vec<(u64, u64)> {
     let mut ids = Vec::new();
@@ -473,7 +479,7 @@ async fn finite_stream_delivers_every_sample_once() {
     assert_eq!(ids, full_order(10, 2));
     assert_eq!(
         stream.cursor(),
-        Some(Cursor {
+        Some(StreamCursor {
             epoch: 2,
             position: 0
         })
@@ -603,7 +609,7 @@ async fn reconnects_to_the_next_endpoint_and_resumes_exactly() {
         resumes,
         vec![
             None,
-            Some(Cursor {
+            Some(StreamCursor {
                 epoch: 0,
                 position: 12
             })
@@ -612,7 +618,7 @@ async fn reconnects_to_the_next_endpoint_and_resumes_exactly() {
     );
     assert_eq!(
         stream.cursor(),
-        Some(Cursor {
+        Some(StreamCursor {
             epoch: 3,
             position: 0
         })
@@ -640,15 +646,15 @@ async fn stream_that_ends_early_is_resumed() {
         resumes,
         vec![
             None,
-            Some(Cursor {
+            Some(StreamCursor {
                 epoch: 0,
                 position: 6
             }),
-            Some(Cursor {
+            Some(StreamCursor {
                 epoch: 0,
                 position: 12
             }),
-            Some(Cursor {
+            Some(StreamCursor {
                 epoch: 0,
                 position: 18
             }),

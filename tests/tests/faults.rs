@@ -295,7 +295,7 @@ fn a_loader_killed_mid_run_costs_the_trainer_a_pause_and_nothing_else() {
         .lines()
         .filter(|l| l.contains("stream opened"))
         .filter_map(|l| l.split("resume=").nth(1))
-        .filter(|r| !r.starts_with("Cursor { epoch: 0, position: 0 }"))
+        .filter(|r| !r.starts_with("EpochCursor { epoch: 0, position: 0 }"))
         .collect();
     assert!(
         !resumed.is_empty(),

@@ -20,7 +20,7 @@ use atmorep_integration_tests::streams::{
 };
 use atmorep_integration_tests::tiny::{store_with_stats, tiny_config};
 use atmorep_integration_tests::{ChildGuard, Server, atmorep_bin};
-use atmorep_proto::batch::{Batch, Cursor};
+use atmorep_proto::batch::{Batch, StreamCursor};
 use atmorep_proto::client::ClientConfig;
 use atmorep_proto::pb;
 use atmorep_proto::request::RequestConfig;
@@ -151,7 +151,7 @@ async fn a_striped_epoch_arrives_once_and_each_loader_serves_its_share() {
     assert!(first[..first.len() - 1].iter().all(|b| !b.end_of_stream));
     assert_eq!(
         first.last().unwrap().cursor_after,
-        Cursor {
+        StreamCursor {
             epoch: 1,
             position: 0
         }

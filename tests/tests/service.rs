@@ -30,7 +30,7 @@ use atmorep_integration_tests::tiny::{store_with_stats, tiny_config};
 use atmorep_integration_tests::{ChildGuard, Server, atmorep_bin, workspace_root};
 use atmorep_loader::normalization::GlobalStats;
 use atmorep_loader::synth::{SynthConfig, write_store};
-use atmorep_proto::batch::{Batch, Cursor};
+use atmorep_proto::batch::{Batch, StreamCursor};
 use atmorep_proto::client::{ClientConfig, ClientError};
 use atmorep_proto::pb;
 use atmorep_proto::request::RequestConfig;
@@ -835,7 +835,7 @@ async fn resuming_from_a_mid_epoch_cursor_continues_exactly() {
     assert!(whole.last().is_some_and(|b| b.end_of_stream));
 
     let cut = 4; // batches before the cursor
-    let cursor: Cursor = whole[cut - 1].cursor_after;
+    let cursor: StreamCursor = whole[cut - 1].cursor_after;
     assert_eq!((cursor.epoch, cursor.position), (0, 20));
     let mut resumed_request = request("era5", 5, 24, "end_epoch = 1");
     resumed_request.resume = Some(cursor.into());

@@ -31,7 +31,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use atmorep_proto::Cursor;
+use atmorep_proto::StreamCursor;
 use candle_core::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -61,7 +61,7 @@ pub const FAULT_ENV: &str = "ATMOREP_FAULT_CHECKPOINT";
 #[serde(deny_unknown_fields)]
 pub struct TaskCursor {
     pub task: String,
-    pub cursor: Option<Cursor>,
+    pub cursor: Option<StreamCursor>,
 }
 
 /// A ChaCha8 generator's complete state.
@@ -126,7 +126,7 @@ struct State {
 
 /// What a checkpoint holds, ready to save (borrowed from a running trainer).
 #[derive(Debug)]
-pub struct Snapshot<'a> {
+pub struct CheckpointSnapshot<'a> {
     pub config: &'a TrainConfig,
     pub step: u64,
     pub tasks: Vec<TaskCursor>,
@@ -231,14 +231,14 @@ pub fn step_dir_name(step: u64) -> String {
 /// checkpoints (at least the new one) and returns the new checkpoint's folder. A checkpoint of
 /// the same step that already exists is complete and identical (a run that resumed and stopped
 /// at once), so it is kept as it is.
-pub fn save(out: &Path, snap: &Snapshot<'_>, keep: usize) -> Result<PathBuf> {
+pub fn save(out: &Path, snap: &CheckpointSnapshot<'_>, keep: usize) -> Result<PathBuf> {
     save_with(out, snap, keep, None, stall_point(snap.step)?)
 }
 
 /// [`save`], failing with an error at `fault` or stalling at `stall`.
 pub(crate) fn save_with(
     out: &Path,
-    snap: &Snapshot<'_>,
+    snap: &CheckpointSnapshot<'_>,
     keep: usize,
     fault: Option<Fault>,
     stall: Option<Fault>,
@@ -481,13 +481,13 @@ mod tests {
     use candle_core::DType;
     use rand::{Rng, SeedableRng};
 
-    fn snapshot(config: &TrainConfig, step: u64, value: f32) -> Snapshot<'_> {
+    fn snapshot(config: &TrainConfig, step: u64, value: f32) -> CheckpointSnapshot<'_> {
         let t = |v: f32| Tensor::full(v, (2, 3), &Device::Cpu).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         for _ in 0..step {
             let _: u64 = rng.random();
         }
-        Snapshot {
+        CheckpointSnapshot {
             config,
             step,
             tasks: config
@@ -495,7 +495,7 @@ mod tests {
                 .iter()
                 .map(|t| TaskCursor {
                     task: t.name.clone(),
-                    cursor: Some(Cursor {
+                    cursor: Some(StreamCursor {
                         epoch: 1,
                         position: step * 4,
                     }),

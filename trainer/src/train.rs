@@ -70,9 +70,9 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use atmorep_proto::client::{BatchStream, LoaderClient};
+use atmorep_proto::client::{LoaderClient, LoaderStream};
 use atmorep_proto::request::{ModeName, RequestConfig, SplitName};
-use atmorep_proto::{Batch, Cursor, MaskConfig};
+use atmorep_proto::{Batch, MaskConfig, StreamCursor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -81,7 +81,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{FieldTensors, batch_tensors};
-use crate::checkpoint::{self, Checkpoint, RngState, Snapshot, TaskCursor};
+use crate::checkpoint::{self, Checkpoint, CheckpointSnapshot, RngState, TaskCursor};
 use crate::collective::{Collective, SingleProcess};
 use crate::config::{ModelConfig, Prior};
 use crate::error::{Error, Result, checkpoint_err, io_err, train_config_err};
@@ -517,7 +517,7 @@ pub struct Trainer {
     /// Draws the task of each micro-batch.
     rng: ChaCha8Rng,
     /// Per task, the cursor after the last batch consumed.
-    cursors: Vec<Option<Cursor>>,
+    cursors: Vec<Option<StreamCursor>>,
     device: Device,
     dtype: DType,
     /// The ranks of a data-parallel run; [`SingleProcess`] alone.
@@ -738,7 +738,7 @@ impl Trainer {
     }
 
     /// Per task, the cursor after the last batch consumed.
-    pub fn cursors(&self) -> &[Option<Cursor>] {
+    pub fn cursors(&self) -> &[Option<StreamCursor>] {
         &self.cursors
     }
 
@@ -749,8 +749,8 @@ impl Trainer {
 
     /// The run's state as a checkpoint would save it (this rank's cursors only; see
     /// [`Self::save_checkpoint_all_ranks`]).
-    pub fn snapshot(&self) -> Snapshot<'_> {
-        Snapshot {
+    pub fn snapshot(&self) -> CheckpointSnapshot<'_> {
+        CheckpointSnapshot {
             config: &self.config,
             step: self.step(),
             tasks: self.task_cursors(&self.cursors),
@@ -764,7 +764,7 @@ impl Trainer {
         }
     }
 
-    fn task_cursors(&self, cursors: &[Option<Cursor>]) -> Vec<TaskCursor> {
+    fn task_cursors(&self, cursors: &[Option<StreamCursor>]) -> Vec<TaskCursor> {
         self.config
             .tasks()
             .into_iter()
@@ -804,10 +804,10 @@ impl Trainer {
         let ranks: Vec<Vec<TaskCursor>> = all
             .chunks(mine.len().max(1))
             .map(|rank| {
-                let cursors: Vec<Option<Cursor>> = rank
+                let cursors: Vec<Option<StreamCursor>> = rank
                     .chunks(3)
                     .map(|c| {
-                        (c[0] == 1).then_some(Cursor {
+                        (c[0] == 1).then_some(StreamCursor {
                             epoch: c[1],
                             position: c[2],
                         })
@@ -1229,7 +1229,7 @@ impl Trainer {
             }
             record.record();
             let reconnects =
-                validation_reconnects + streams.iter().map(BatchStream::reconnects).sum::<u64>();
+                validation_reconnects + streams.iter().map(LoaderStream::reconnects).sum::<u64>();
             if reconnects > summary.reconnects {
                 // The client logs each failed call; the counter says the run went on past them.
                 metrics::counter!("atmorep_train_loader_reconnects_total")
@@ -1400,7 +1400,7 @@ async fn own_connection(client: &LoaderClient) -> Result<LoaderClient> {
 }
 
 /// The next batch with samples (a finite stream's closing message may have none).
-async fn next_batch(stream: &mut BatchStream, what: &str, delivered: &mut u64) -> Result<Batch> {
+async fn next_batch(stream: &mut LoaderStream, what: &str, delivered: &mut u64) -> Result<Batch> {
     loop {
         match stream.next().await {
             Some(Ok(batch)) if batch.is_empty() && !batch.end_of_stream => continue,

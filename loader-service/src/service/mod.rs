@@ -26,7 +26,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::dataset::Dataset;
-use crate::epoch::Cursor;
+use crate::epoch::EpochCursor;
 use crate::local_stats::{LOCAL_STORE, LocalStats};
 use crate::normalization::{GLOBAL_FILE, GlobalStats};
 use crate::pipeline::{
@@ -335,7 +335,7 @@ fn to_wire(
     pipeline: &Pipeline,
     samples: Vec<Sample>,
     sequence: u64,
-    cursor_after: Cursor,
+    cursor_after: EpochCursor,
     end_of_stream: bool,
     dtype: pb::Dtype,
     max_bytes: usize,
@@ -575,7 +575,7 @@ impl Loader for LoaderService {
             } => pipeline.sample_at(0, time_index, lat, lon).await,
         }
         .map_err(|e| failed(status::from_pipeline(&e)))?;
-        let cursor = Cursor::default();
+        let cursor = EpochCursor::default();
         // One message whatever its size: a unary reply has no parts.
         let mut parts = to_wire(
             &pipeline,
@@ -685,7 +685,7 @@ impl futures::Stream for Replies {
 
 struct StreamTask {
     pipeline: Arc<Pipeline>,
-    batches: crate::pipeline::BatchStream,
+    batches: crate::pipeline::PipelineStream,
     tx: tokio::sync::mpsc::Sender<Outgoing>,
     parsed: StreamRequest,
     max_bytes: usize,

@@ -3,10 +3,10 @@
 //! `fields[1].token_size: …` rather than a generic failure.
 
 use atmorep_proto::pb;
-use atmorep_proto::{Cursor as WireCursor, PeMode};
+use atmorep_proto::{PeMode, StreamCursor};
 
 use crate::dataset::Dataset;
-use crate::epoch::Cursor;
+use crate::epoch::EpochCursor;
 use crate::masking::MaskSpec;
 use crate::pipeline::{FieldConfig, Normalization, PipelineConfig, SampleMode, Split, SplitDates};
 use crate::sampler::LatitudeWeighting;
@@ -20,7 +20,7 @@ pub struct StreamRequest {
     pub dtype: pb::Dtype,
     pub rank: u32,
     pub world: u32,
-    pub resume: Cursor,
+    pub resume: EpochCursor,
     pub end_epoch: Option<u64>,
 }
 
@@ -331,8 +331,8 @@ impl StreamRequest {
         let resume = request
             .resume
             .map(|c| {
-                let c = WireCursor::from(c);
-                Cursor {
+                let c = StreamCursor::from(c);
+                EpochCursor {
                     epoch: c.epoch,
                     position: c.position,
                 }
