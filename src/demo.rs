@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use atmorep_loader::Dataset;
 use atmorep_loader::normalization::GlobalStats;
 use atmorep_loader::synth::{SynthConfig, write_store};
+use atmorep_proto::calendar::{TimeFormat, format_time};
 use atmorep_proto::client::{ClientConfig, LoaderClient};
 use atmorep_proto::request::RequestConfig;
 use atmorep_track::tracks::{Track, read_tracks_csv};
@@ -157,8 +158,7 @@ fn busiest_time(tracks: &[Track], times: &[i64]) -> Option<String> {
     }
     let most = counts.values().copied().max()?;
     let (&unix, _) = counts.iter().find(|(_, n)| **n == most)?;
-    let time = chrono::DateTime::from_timestamp(unix, 0)?;
-    Some(time.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+    Some(format_time(unix, TimeFormat::Iso))
 }
 
 pub async fn demo(args: DemoArgs) -> Result<()> {

@@ -10,9 +10,10 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use atmorep_loader::writer::{GridAxes, StoreWriter, VariableSpec};
 use atmorep_proto::MaskConfig;
+use atmorep_proto::calendar::parse_iso;
 use atmorep_proto::request::{ModeName, UnitsName};
-use atmorep_track::time::parse_iso;
-use atmorep_track::{Grid, TileField, TileStitcher, TimeAxis};
+use atmorep_proto::stitch::{StitchedStep, TileField, TileStitcher, TimeAxis};
+use atmorep_track::Grid;
 use atmorep_trainer::eval::{self, FieldLayout};
 use atmorep_trainer::{DeviceSpec, infer};
 use clap::Args;
@@ -154,7 +155,8 @@ pub async fn infer(args: InferArgs) -> Result<PathBuf> {
         &variables,
         &format!("atmorep-rs global inference of {}", dir.display()),
     )?;
-    let mut stitcher = TileStitcher::new(tile_fields.clone(), grid, time)?.with_averaged_overlaps();
+    let mut stitcher = TileStitcher::new(tile_fields.clone(), grid.nlat, grid.nlon, time)?
+        .with_averaged_overlaps();
     let eval_time = eval::TimeAxis {
         start_unix: time.start_unix,
         step_s: time.step_seconds,
@@ -170,8 +172,8 @@ pub async fn infer(args: InferArgs) -> Result<PathBuf> {
     );
     let mut written = 0usize;
     let mut tiles = 0usize;
-    let mut write = |snapshots: Vec<atmorep_track::FieldSnapshot>| -> Result<()> {
-        for s in snapshots {
+    let mut write = |steps: Vec<StitchedStep>| -> Result<()> {
+        for s in steps {
             let Ok(index) = times.binary_search(&s.time_unix) else {
                 continue;
             };
@@ -187,10 +189,10 @@ pub async fn infer(args: InferArgs) -> Result<PathBuf> {
                         // A level another field has but this one does not: missing values.
                         Some(_) => step.extend(std::iter::repeat_n(f32::NAN, grid.len())),
                         None => {
-                            let field = s.get(&v.name, key).with_context(|| {
+                            let plane = s.plane(&v.name, key).with_context(|| {
                                 format!("the stitched step has no `{}` at {key:?}", v.name)
                             })?;
-                            step.extend_from_slice(field.values());
+                            step.extend_from_slice(plane);
                         }
                     }
                 }

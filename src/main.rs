@@ -11,6 +11,7 @@ use atmorep_loader::inspect::inspect;
 use atmorep_loader::local_stats::{LOCAL_STORE, LocalStats};
 use atmorep_loader::normalization::{GLOBAL_FILE, GlobalStats};
 use atmorep_loader::synth::{Codec, SynthConfig, ZarrFormat, write_store};
+use atmorep_proto::calendar::parse_iso;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -371,7 +372,8 @@ async fn loader(command: LoaderCommand) -> Result<()> {
             }
         }
         LoaderCommand::Synth(args) => {
-            let start = chrono_parse(&args.start)?;
+            let start = parse_iso(&args.start)
+                .with_context(|| format!("--start `{}` is not an ISO 8601 time", args.start))?;
             let cfg = SynthConfig {
                 grid_deg: args.grid,
                 start_unix: start,
@@ -461,15 +463,4 @@ async fn loader(command: LoaderCommand) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn chrono_parse(s: &str) -> Result<i64> {
-    let with_zone = if s.ends_with('Z') || s.contains('+') {
-        s.to_string()
-    } else {
-        format!("{s}Z")
-    };
-    Ok(chrono::DateTime::parse_from_rfc3339(&with_zone)
-        .with_context(|| format!("--start `{s}` is not an RFC 3339 time"))?
-        .timestamp())
 }

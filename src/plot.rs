@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use atmorep_loader::Dataset;
 use atmorep_loader::hyperslab::Hyperslab;
 use atmorep_plot::{AttentionOptions, FieldMap, ModelRun, TokenOptions};
+use atmorep_proto::calendar::{TimeFormat, format_time, parse_iso};
 use atmorep_proto::client::LoaderClient;
 use atmorep_proto::pb;
 use atmorep_proto::request::RequestConfig;
@@ -336,22 +337,16 @@ async fn field(
         format!(
             "{} steps from {} to {}",
             times.len(),
-            atmorep_plot::sample::format_time(times[0]),
-            atmorep_plot::sample::format_time(times[times.len() - 1])
+            format_time(times[0], TimeFormat::Minutes),
+            format_time(times[times.len() - 1], TimeFormat::Minutes)
         )
     };
     let t = match time.parse::<usize>() {
         Ok(i) if i < times.len() => i,
         Ok(i) => bail!("--time {i} is outside the store's {}", range()),
         Err(_) => {
-            let with_zone = if time.ends_with('Z') || time.contains('+') {
-                time.to_string()
-            } else {
-                format!("{time}Z")
-            };
-            let unix = chrono::DateTime::parse_from_rfc3339(&with_zone)
-                .with_context(|| format!("--time `{time}` is neither an index nor an ISO time"))?
-                .timestamp();
+            let unix = parse_iso(time)
+                .with_context(|| format!("--time `{time}` is neither an index nor an ISO time"))?;
             times.binary_search(&unix).map_err(|_| {
                 anyhow::anyhow!("--time {time} is not among the store's {}", range())
             })?
@@ -380,7 +375,7 @@ async fn field(
         values,
     };
     let out = out.unwrap_or_else(|| {
-        let stamp = atmorep_plot::sample::format_time(times[t])
+        let stamp = format_time(times[t], TimeFormat::Minutes)
             .replace([' ', ':'], "")
             .replace('-', "");
         let level = level.map_or(String::new(), |l| format!("-{l}"));

@@ -8,10 +8,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use atmorep_proto::stitch::{TileField, TileStitcher, TimeAxis};
 use atmorep_proto::{ClientConfig, LoaderClient, RequestConfig, pb};
 use atmorep_track::{
-    EvalConfig, Grid, MapConfig, TileField, TileStitcher, TimeAxis, TrackConfig, draw_map,
-    evaluate, read_reference, read_tracks_csv, write_tracks_csv,
+    EvalConfig, FieldSnapshot, Grid, MapConfig, TrackConfig, draw_map, evaluate, read_reference,
+    read_tracks_csv, write_tracks_csv,
 };
 use clap::{Args, Subcommand};
 
@@ -203,7 +204,7 @@ pub async fn track_with(client: &LoaderClient, args: &RunArgs) -> Result<()> {
     let grid = Grid::from_proto(info.grid.as_ref().context("the loader sent no grid")?)?;
     let time = TimeAxis::from_proto(info.time.as_ref().context("the loader sent no time axis")?);
     let fields: Vec<TileField> = request.fields.iter().map(TileField::from_request).collect();
-    let mut stitcher = TileStitcher::new(fields, grid, time)?;
+    let mut stitcher = TileStitcher::new(fields, grid.nlat, grid.nlon, time)?;
 
     let started = Instant::now();
     let mut stream = client.stream(request.to_proto());
@@ -222,7 +223,8 @@ pub async fn track_with(client: &LoaderClient, args: &RunArgs) -> Result<()> {
     while let Some(batch) = stream.next().await {
         let batch = batch.with_context(|| window.clone())?;
         bytes += batch.payload_bytes();
-        for snapshot in stitcher.push(&batch)? {
+        for step in stitcher.push(&batch)? {
+            let snapshot = FieldSnapshot::from_stitched(grid, step)?;
             let t0 = *first.get_or_insert(snapshot.time_unix);
             if (snapshot.time_unix - t0) % cadence == 0 {
                 snapshots.push(snapshot);
@@ -234,7 +236,8 @@ pub async fn track_with(client: &LoaderClient, args: &RunArgs) -> Result<()> {
             break;
         }
     }
-    for snapshot in stitcher.finish()? {
+    for step in stitcher.finish()? {
+        let snapshot = FieldSnapshot::from_stitched(grid, step)?;
         let t0 = *first.get_or_insert(snapshot.time_unix);
         if (snapshot.time_unix - t0) % cadence == 0 {
             snapshots.push(snapshot);

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use atmorep_proto::stitch::StitchError;
+
 /// `Result` with [`TrackError`].
 pub type Result<T, E = TrackError> = std::result::Result<T, E>;
 
@@ -20,38 +22,9 @@ pub enum TrackError {
         variable: String,
         level: f64,
     },
-    /// A tile (field sample) of a batch does not fit the stitcher's geometry or grid.
-    #[error("tile stitching, field `{field}`: {detail}")]
-    Tile { field: String, detail: String },
-    /// A time step whose tiles stopped arriving before every grid point was covered.
-    #[error(
-        "tile stitching: time step {time_index} ({time}) of `{field}` at level {level} is missing \
-         {missing} of {total} grid points (first uncovered: row {row}, column {column})"
-    )]
-    MissingTiles {
-        time_index: usize,
-        time: String,
-        field: String,
-        level: f64,
-        missing: usize,
-        total: usize,
-        row: usize,
-        column: usize,
-    },
-    /// Two tiles disagree on the value of a grid point they share.
-    #[error(
-        "tile stitching: tiles disagree at time step {time_index}, `{field}` level {level}, row \
-         {row}, column {column}: {first} vs {second}"
-    )]
-    InconsistentOverlap {
-        time_index: usize,
-        field: String,
-        level: f64,
-        row: usize,
-        column: usize,
-        first: f32,
-        second: f32,
-    },
+    /// Tiles that cannot be stitched into global fields.
+    #[error(transparent)]
+    Stitch(#[from] StitchError),
     /// A malformed line of a track CSV (ours, synthetic truth or IBTrACS).
     #[error("{source_name}:{line}: {detail}")]
     Csv {
@@ -81,13 +54,6 @@ impl TrackError {
         Self::Io {
             path: path.into(),
             source,
-        }
-    }
-
-    pub(crate) fn tile(field: &str, detail: impl Into<String>) -> Self {
-        Self::Tile {
-            field: field.to_string(),
-            detail: detail.into(),
         }
     }
 }

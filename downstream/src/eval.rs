@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrackError};
 use crate::geo::distance_km;
-use crate::time::format_iso;
 use crate::tracks::{Track, read_tracks_csv};
 
 /// How tracks are matched and errors binned.
@@ -253,11 +252,6 @@ pub fn period_of(tracks: &[Track]) -> Option<(i64, i64)> {
     Some((start, end))
 }
 
-/// `start … end` in ISO form, for reports.
-pub fn format_period((start, end): (i64, i64)) -> String {
-    format!("{} … {}", format_iso(start), format_iso(end))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,17 +373,13 @@ mod tests {
         std::fs::write(&path, crate::tracks::tests::IBTRACS).unwrap();
         let all = read_reference(&path, None).unwrap();
         assert_eq!(all.len(), 2);
-        let laura_only = crate::time::parse_iso("2020-08-20 00:00").unwrap();
-        let end = crate::time::parse_iso("2020-08-20 15:00").unwrap();
+        let laura_only = atmorep_proto::calendar::parse_iso("2020-08-20 00:00").unwrap();
+        let end = atmorep_proto::calendar::parse_iso("2020-08-20 15:00").unwrap();
         let some = read_reference(&path, Some((laura_only, end))).unwrap();
         assert_eq!(some.len(), 1);
         assert_eq!(some[0].points.len(), 2);
         let truth = parse_tracks_csv(crate::tracks::tests::SYNTH_TRUTH, "t").unwrap();
         assert_eq!(period_of(&truth), Some((T0, T0 + 6 * 3600)));
-        assert_eq!(
-            format_period((T0, T0 + 6 * 3600)),
-            "2020-09-01 00:00:00 … 2020-09-01 06:00:00"
-        );
         // Our own files are references too.
         let ours = parse_tracks_csv(&tracks_to_csv(&truth), "ours").unwrap();
         let r = evaluate(&ours, &truth, &EvalConfig::default()).unwrap();

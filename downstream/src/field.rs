@@ -6,11 +6,12 @@
 
 use serde::{Deserialize, Serialize};
 
+use atmorep_proto::calendar::{TimeFormat, format_time};
 use atmorep_proto::pb;
+use atmorep_proto::stitch::StitchedStep;
 
 use crate::error::{Result, TrackError};
 use crate::geo::wrap_360;
-use crate::time::format_iso;
 
 /// A regular global latitude/longitude grid (the loader's `DatasetInfo.grid`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -131,13 +132,6 @@ impl Grid {
     pub fn col_of(&self, lon: f64) -> f64 {
         wrap_360(lon - self.lon_first) / self.lon_step
     }
-
-    /// The grid point nearest to (`lat`, `lon`) (rows clamped to the grid).
-    pub fn nearest(&self, lat: f64, lon: f64) -> (usize, usize) {
-        let j = self.row_of(lat).round().clamp(0.0, (self.nlat - 1) as f64) as usize;
-        let i = self.col_of(lon).round() as usize % self.nlon;
-        (j, i)
-    }
 }
 
 /// One global 2-D field: `grid.nlat × grid.nlon` values, row-major (row = latitude).
@@ -178,10 +172,6 @@ impl Field {
 
     pub fn values(&self) -> &[f32] {
         &self.values
-    }
-
-    pub fn into_values(self) -> Vec<f32> {
-        self.values
     }
 
     /// Value at row `j`, column `i`.
@@ -249,6 +239,17 @@ impl FieldSnapshot {
         }
     }
 
+    /// The fields of a time step stitched from tiles on `grid` (the grid the tiles were cut
+    /// from).
+    pub fn from_stitched(grid: Grid, step: StitchedStep) -> Result<Self> {
+        let mut snapshot = Self::new(step.time_unix);
+        for plane in step.planes {
+            let field = Field::new(grid, plane.values)?;
+            snapshot.insert(&plane.field, plane.level, field)?;
+        }
+        Ok(snapshot)
+    }
+
     /// Adds (or replaces) `variable` at `level`; its grid must be the other fields' grid.
     pub fn insert(&mut self, variable: &str, level: Option<f64>, field: Field) -> Result<()> {
         if let Some(grid) = self.grid()
@@ -288,7 +289,7 @@ impl FieldSnapshot {
     pub fn require(&self, variable: &str, level: f64) -> Result<&Field> {
         self.get(variable, Some(level))
             .ok_or_else(|| TrackError::MissingField {
-                time: format_iso(self.time_unix),
+                time: format_time(self.time_unix, TimeFormat::Spaced),
                 variable: variable.to_string(),
                 level,
             })
@@ -319,7 +320,6 @@ mod tests {
         assert_eq!(g.lon(179), 358.0);
         assert_eq!(g.wrap_col(-1), 179);
         assert_eq!(g.wrap_col(180), 0);
-        assert_eq!(g.nearest(-0.9, 359.2), (45, 0));
         assert_eq!(g.col_of(-2.0), 179.0);
     }
 
@@ -365,5 +365,31 @@ mod tests {
         let other = Field::from_fn(Grid::global(5.0), |_, _| 0.0).unwrap();
         assert!(s.clone().with("t", Some(300.0), other).is_err());
         assert_eq!(s.keys().count(), 2);
+    }
+
+    #[test]
+    fn a_stitched_step_becomes_a_snapshot() {
+        use atmorep_proto::stitch::StitchedPlane;
+        let g = Grid::global(10.0);
+        let plane = |field: &str, level, v: f32| StitchedPlane {
+            field: field.into(),
+            level,
+            values: vec![v; g.len()],
+        };
+        let step = StitchedStep {
+            time_index: 3,
+            time_unix: 10_800,
+            planes: vec![plane("vo", Some(850.0), 1.0), plane("msl", None, 2.0)],
+        };
+        let s = FieldSnapshot::from_stitched(g, step.clone()).unwrap();
+        assert_eq!(s.time_unix, 10_800);
+        assert_eq!(s.get("vo", Some(850.0)).unwrap().get(1, 2), 1.0);
+        assert_eq!(
+            s.get("msl", None).unwrap().values(),
+            step.plane("msl", None).unwrap()
+        );
+        let mut short = step;
+        short.planes[1].values.pop();
+        assert!(FieldSnapshot::from_stitched(g, short).is_err());
     }
 }

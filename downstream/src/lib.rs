@@ -1,10 +1,11 @@
 //! `atmorep-track` finds tropical cyclones in the atmorep-rs token stream, links them into
-//! tracks and scores the tracks against reference tracks (DESIGN §6).
+//! tracks and scores the tracks against reference tracks (docs/design.md §6).
 //!
 //! The pipeline, one module per step:
 //!
-//! - [`stitch`]: global fields back from a tiles-mode stream of [`atmorep_proto::Batch`]es
-//!   ([`TileStitcher`]), one [`FieldSnapshot`] per time step;
+//! - global fields come back from a tiles-mode stream of [`atmorep_proto::Batch`]es through the
+//!   contract's [`atmorep_proto::stitch::TileStitcher`], one step at a time, each made a
+//!   [`FieldSnapshot`] ([`FieldSnapshot::from_stitched`]);
 //! - [`field`]: those fields on the canonical grid (latitude north → south, longitude 0 → 360,
 //!   periodic);
 //! - [`detect`](mod@detect): per time step, cyclonic 850 hPa vorticity maxima with a closed
@@ -14,14 +15,15 @@
 //!   great-circle position errors;
 //! - [`map`]: a PNG map of tracks.
 //!
-//! [`track`] runs detection and stitching in one call. The crate depends on the contract crate
+//! [`track`] runs detection and linking in one call. The crate depends on the contract crate
 //! alone: no Zarr, no gRPC server, no tokio — a client feeds it batches however it receives them.
 //! From a tiles-mode request (`units = "physical"`, no masking, `world_size = 1`) and the
 //! dataset's `DatasetInfo` (`Grid::from_proto`, `TimeAxis::from_proto`):
 //!
 //! ```
 //! use atmorep_proto::Batch;
-//! use atmorep_track::{Grid, TileField, TileStitcher, TimeAxis, Track, TrackConfig};
+//! use atmorep_proto::stitch::{TileField, TileStitcher, TimeAxis};
+//! use atmorep_track::{FieldSnapshot, Grid, Track, TrackConfig};
 //!
 //! fn track_stream(
 //!     batches: impl IntoIterator<Item = Batch>,
@@ -29,7 +31,7 @@
 //!     grid: Grid,
 //!     time: TimeAxis,
 //! ) -> atmorep_track::Result<Vec<Track>> {
-//!     let mut stitcher = TileStitcher::new(fields, grid, time)?;
+//!     let mut stitcher = TileStitcher::new(fields, grid.nlat, grid.nlon, time)?;
 //!     let mut steps = Vec::new();
 //!     for batch in batches {
 //!         steps.extend(stitcher.push(&batch)?);
@@ -39,12 +41,16 @@
 //!         }
 //!     }
 //!     steps.extend(stitcher.finish()?);
-//!     atmorep_track::track(&steps, &TrackConfig::default())
+//!     let snapshots = steps
+//!         .into_iter()
+//!         .map(|step| FieldSnapshot::from_stitched(grid, step))
+//!         .collect::<atmorep_track::Result<Vec<_>>>()?;
+//!     atmorep_track::track(&snapshots, &TrackConfig::default())
 //! }
 //! ```
 //!
 //! With 850 hPa vorticity and geopotential plus 300 and 500 hPa geopotential (or temperature),
-//! the defaults are DESIGN §6's; see [`config`].
+//! the defaults are those of docs/design.md §6; see [`config`].
 //!
 //! ```
 //! use atmorep_track::{Field, Grid, FieldSnapshot, TrackConfig};
@@ -66,8 +72,6 @@ pub mod eval;
 pub mod field;
 pub mod geo;
 pub mod map;
-pub mod stitch;
-pub mod time;
 pub mod tracks;
 
 #[cfg(test)]
@@ -79,7 +83,6 @@ pub use error::{Result, TrackError};
 pub use eval::{EvalConfig, EvalReport, evaluate, read_reference};
 pub use field::{Field, FieldKey, FieldSnapshot, Grid};
 pub use map::{MapConfig, draw_map};
-pub use stitch::{TileField, TileStitcher, TimeAxis, tokenize, untokenize};
 pub use tracks::{
     Track, TrackPoint, parse_tracks_csv, read_tracks_csv, stitch_tracks, tracks_to_csv,
     write_tracks_csv,

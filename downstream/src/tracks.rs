@@ -22,14 +22,13 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use atmorep_proto::calendar::UtcDateTime;
+use atmorep_proto::calendar::{TimeFormat, UtcDateTime, format_time, parse_iso};
 
 use crate::config::StitchConfig;
 use crate::csv::{quote, split_line};
 use crate::detect::Detection;
 use crate::error::{Result, TrackError};
 use crate::geo::{distance_deg, wrap_180, wrap_360};
-use crate::time::{format_iso, parse_iso};
 
 /// One position of a track.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,7 +215,7 @@ pub fn tracks_to_csv(tracks: &[Track]) -> String {
             out.push_str(&format!(
                 "{},{},{:.4},{:.4},{},{},{}\n",
                 quote(&t.sid),
-                format_iso(p.time_unix),
+                format_time(p.time_unix, TimeFormat::Spaced),
                 p.lat,
                 wrap_180(p.lon),
                 opt(p.vorticity, &|v| format!("{v:.6e}")),
@@ -292,7 +291,7 @@ pub fn parse_tracks_csv(text: &str, source_name: &str) -> Result<Vec<Track>> {
         if sid.is_empty() {
             return Err(err(n, "SID is empty".into()));
         }
-        let time_unix = parse_iso(&f[time_c]).ok_or_else(|| {
+        let time_unix = parse_iso(&f[time_c]).map_err(|_| {
             err(
                 n,
                 format!("ISO_TIME `{}` is not a UTC date and time", f[time_c]),
@@ -341,7 +340,7 @@ pub fn parse_tracks_csv(text: &str, source_name: &str) -> Result<Vec<Track>> {
                     w[1].1,
                     format!(
                         "storm {sid} has a second point at {}",
-                        format_iso(w[1].0.time_unix)
+                        format_time(w[1].0.time_unix, TimeFormat::Spaced)
                     ),
                 ));
             }

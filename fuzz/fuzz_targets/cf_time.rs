@@ -4,8 +4,8 @@
 
 #![no_main]
 
-use atmorep_loader::cf_time::{CfTimeUnits, iso};
-use atmorep_loader::pipeline::parse_iso_time;
+use atmorep_loader::cf_time::CfTimeUnits;
+use atmorep_proto::calendar::{TimeFormat, format_time, parse_iso};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -19,17 +19,17 @@ fuzz_target!(|data: &[u8]| {
         Some((u, c)) => (u, Some(c)),
         None => (&*text, None),
     };
-    let _ = parse_iso_time(units);
+    let _ = parse_iso(units);
     let Ok(parsed) = CfTimeUnits::parse(units, calendar) else {
         return;
     };
     for chunk in numbers.chunks_exact(8) {
         let raw: [u8; 8] = chunk.try_into().unwrap();
         if let Ok(unix) = parsed.decode(f64::from_le_bytes(raw)) {
-            let _ = iso(unix);
+            let _ = format_time(unix, TimeFormat::Iso);
             let _ = parsed.encode(unix);
         }
         let _ = parsed.encode(i64::from_le_bytes(raw));
-        let _ = iso(i64::from_le_bytes(raw));
+        let _ = format_time(i64::from_le_bytes(raw), TimeFormat::Iso);
     }
 });

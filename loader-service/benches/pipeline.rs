@@ -15,9 +15,9 @@ use atmorep_loader::blur::GaussianBlur;
 use atmorep_loader::normalization::GlobalStats;
 use atmorep_loader::pipeline::Pipeline;
 use atmorep_loader::synth::{SynthConfig, write_store};
-use atmorep_loader::tokenizer::tokenize_into;
 use atmorep_loader::{ChunkCache, Dataset, StoreLocation};
 use atmorep_proto::FieldGeometry;
+use atmorep_proto::tokenize::tokenize_into;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 // The same allocator as the `atmorep` binary, so the figures match what users run.

@@ -149,13 +149,6 @@ fn parse_reference(text: &str) -> Result<DateTime<Utc>, CfTimeError> {
         .ok_or_else(bad)
 }
 
-/// Formats seconds since the Unix epoch as an ISO-8601 UTC string.
-pub fn iso(unix: i64) -> String {
-    DateTime::<Utc>::from_timestamp(unix, 0)
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-        .unwrap_or_else(|| format!("<{unix} s>"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

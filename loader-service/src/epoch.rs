@@ -38,8 +38,9 @@
 //! of [`BlockShuffle`] that lets the reader load a time block once and cut many samples from it
 //! (DESIGN §5). A stream is sharded by `(rank, world)`: rank `r` gets the positions
 //! `i ≡ r (mod world)` of the epoch's order, so the shards of one epoch are disjoint and cover it,
-//! and their lengths differ by at most one. An [`EpochCursor`] `(epoch, position)` names the next item of
-//! a rank's shard; [`EpochStream`] resumes from it exactly — no sample lost, none repeated.
+//! and their lengths differ by at most one. An [`EpochCursor`] `(epoch, position)` names the next
+//! item of a rank's shard; [`EpochStream`] resumes from it exactly — no sample lost, none
+//! repeated.
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -105,21 +105,17 @@ impl OutputLayout {
 
     /// Token order of `field`: tokens (level, t, lat, lon), values (t, lat, lon) inside each.
     pub fn tokens(field: &atmorep_proto::FieldGeometry) -> Self {
-        let [nt, ny, nx] = field.geometry.num_tokens;
-        let [st, sy, sx] = field.geometry.token_size;
-        let numel = st * sy * sx;
+        // A value's position in token order is a sum of one term per axis.
+        let g = &field.geometry;
+        let [wt, wy, wx] = g.window();
         Self {
             offsets: [
-                (0..nt * st)
-                    .map(|t| (t / st) * ny * nx * numel + (t % st) * sy * sx)
-                    .collect(),
+                (0..wt).map(|t| g.value_position(0, [t, 0, 0])).collect(),
                 (0..field.num_levels())
-                    .map(|l| l * nt * ny * nx * numel)
+                    .map(|l| g.value_position(l, [0, 0, 0]))
                     .collect(),
-                (0..ny * sy)
-                    .map(|y| (y / sy) * nx * numel + (y % sy) * sx)
-                    .collect(),
-                (0..nx * sx).map(|x| (x / sx) * numel + x % sx).collect(),
+                (0..wy).map(|y| g.value_position(0, [0, y, 0])).collect(),
+                (0..wx).map(|x| g.value_position(0, [0, 0, x])).collect(),
             ],
         }
     }

@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use atmorep_proto::calendar::{TimeFormat, format_time};
 use futures::TryStreamExt;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::cf_time::iso;
 use crate::dataset::{Dataset, Layout};
 use crate::error::Result;
 use crate::hyperslab::Hyperslab;
@@ -157,8 +157,8 @@ pub async fn inspect(dataset: &Dataset, stats: bool, progress: bool) -> Result<I
         layout: dataset.layout,
         time: TimeAxis {
             steps: times.len(),
-            start: iso(times[0]),
-            end: iso(times[times.len() - 1]),
+            start: format_time(times[0], TimeFormat::Iso),
+            end: format_time(times[times.len() - 1], TimeFormat::Iso),
             step_seconds: regular,
             units: dataset.time_units.clone(),
         },

@@ -25,7 +25,6 @@ pub mod sampler;
 pub mod service;
 pub mod stats;
 pub mod synth;
-pub mod tokenizer;
 pub mod writer;
 
 pub use cache::ChunkCache;

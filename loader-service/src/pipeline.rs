@@ -9,9 +9,11 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering as AtomicOrdering;
 
+use atmorep_proto::calendar::parse_iso;
 pub use atmorep_proto::pool::BufferPool;
 use atmorep_proto::positional::{GlobalOffsets, PeInputs, encode};
 use atmorep_proto::token_info::{WindowCoords, flatten, token_infos};
+use atmorep_proto::tokenize::tokenize_into;
 use atmorep_proto::{FieldGeometry, PeMode, TokenGeometry};
 use futures::StreamExt;
 use futures::future::try_join_all;
@@ -27,7 +29,6 @@ use crate::local_stats::LocalStats;
 use crate::masking::{MaskGeometry, MaskSpec, try_apply_in_place};
 use crate::normalization::{GlobalStats, year_month};
 use crate::sampler::{Centre, FieldWindow, LatitudeWeighting, Sampler, Tiling};
-use crate::tokenizer::tokenize_into;
 
 /// How a field is normalized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -100,35 +101,6 @@ pub enum SampleMode {
         #[serde(default)]
         time_end: Option<String>,
     },
-}
-
-/// Parses an ISO 8601 UTC time: `2021-06-01`, `2021-06-01T06:00`, `2021-06-01T06:00:00Z` or
-/// with an offset.
-pub fn parse_iso_time(text: &str) -> Result<i64, String> {
-    let text = text.trim();
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
-        return Ok(t.timestamp());
-    }
-    for format in [
-        "%Y-%m-%dT%H:%M:%S",
-        "%Y-%m-%dT%H:%M",
-        "%Y-%m-%d %H:%M:%S",
-        "%Y-%m-%d %H:%M",
-    ] {
-        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(text.trim_end_matches('Z'), format) {
-            return Ok(t.and_utc().timestamp());
-        }
-    }
-    if let Ok(d) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        return Ok(d
-            .and_hms_opt(0, 0, 0)
-            .expect("midnight")
-            .and_utc()
-            .timestamp());
-    }
-    Err(format!(
-        "`{text}` is not an ISO 8601 time such as 2021-06-01T06:00:00Z"
-    ))
 }
 
 /// A sample request: fields, split and read plan.
@@ -389,7 +361,7 @@ impl Pipeline {
         let (train_end, val_end) = match &config.split_dates {
             Some(dates) => {
                 let parse = |name: &str, text: &str| {
-                    parse_iso_time(text)
+                    parse_iso(text)
                         .map_err(|e| PipelineError::Request(format!("split_dates.{name}: {e}")))
                 };
                 let train = parse("train_end", &dates.train_end)?;
@@ -611,7 +583,7 @@ impl Pipeline {
                 let bound = |name: &str, text: &Option<String>| {
                     text.as_deref()
                         .map(|t| {
-                            parse_iso_time(t)
+                            parse_iso(t)
                                 .map_err(|e| PipelineError::Request(format!("tiles.{name}: {e}")))
                         })
                         .transpose()

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
+use atmorep_proto::calendar::{TimeFormat, format_time};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -22,7 +23,7 @@ use serde_json::{Value, json};
 use zarrs::array::{Array, ArrayMetadata, ArrayMetadataV2, ArrayMetadataV3, ArraySubset};
 use zarrs::filesystem::FilesystemStore;
 
-use crate::cf_time::{CfTimeUnits, iso};
+use crate::cf_time::CfTimeUnits;
 use crate::dataset::Layout;
 use crate::error::{Result, StoreError};
 
@@ -1083,7 +1084,7 @@ fn write_tracks(path: &Path, cfg: &SynthConfig, cyclones: &[Cyclone], times: &[i
                 csv,
                 "{},{},{:.4},{:.4},{:.6e},{:.2}",
                 c.sid,
-                iso(t).replace('T', " ").trim_end_matches('Z'),
+                format_time(t, TimeFormat::Spaced),
                 lat,
                 lon180,
                 vort,

@@ -12,8 +12,8 @@ use atmorep_loader::pipeline::{
     FieldConfig, Normalization, Pipeline, PipelineConfig, PipelineError, Split,
 };
 use atmorep_loader::synth::{SynthConfig, write_store};
-use atmorep_loader::tokenizer::tokenize;
 use atmorep_loader::{ChunkCache, Dataset, Hyperslab, StoreLocation};
+use atmorep_proto::tokenize::tokenize;
 use atmorep_proto::{FieldGeometry, PeMode, TokenGeometry};
 
 async fn store(dir: &Path) -> (Arc<Dataset>, Arc<GlobalStats>) {

@@ -211,7 +211,7 @@ async fn windows_across_the_seam_and_at_the_poles_equal_slices_of_the_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_order_reads_equal_tokenized_windows() {
     use atmorep_loader::hyperslab::OutputLayout;
-    use atmorep_loader::tokenizer::tokenize;
+    use atmorep_proto::tokenize::tokenize;
     use atmorep_proto::{FieldGeometry, TokenGeometry};
 
     let dir = tempfile::tempdir().unwrap();

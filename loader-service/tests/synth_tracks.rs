@@ -6,6 +6,7 @@ use std::path::Path;
 
 use atmorep_loader::synth::{SynthConfig, tracks_path, write_store};
 use atmorep_loader::{Dataset, Hyperslab};
+use atmorep_proto::calendar::{TimeFormat, format_time};
 
 #[derive(Debug)]
 struct TrackPoint {
@@ -81,12 +82,7 @@ async fn check_store(path: &Path, tolerance_deg: f64) {
         let t = ds
             .times
             .iter()
-            .position(|&t| {
-                atmorep_loader::cf_time::iso(t)
-                    .replace('T', " ")
-                    .trim_end_matches('Z')
-                    == point.time
-            })
+            .position(|&t| format_time(t, TimeFormat::Spaced) == point.time)
             .expect("track time is a store time");
         let slab = |name: &str, p: f64| Hyperslab {
             time: t..t + 1,

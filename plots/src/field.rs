@@ -7,13 +7,13 @@
 
 use std::path::Path;
 
+use atmorep_proto::calendar::{TimeFormat, format_time};
 use atmorep_track::tracks::Track;
 use plotters::prelude::*;
 
 use crate::attention::{Figure, title};
 use crate::canvas::{ColourScale, FONT_FAMILY, colour_bar, raster, render, tick, write_png};
 use crate::error::{Result, draw_err, input_err};
-use crate::sample::format_time;
 
 /// Size of the field map.
 pub const SIZE: (u32, u32) = (1400, 780);
@@ -94,7 +94,10 @@ pub fn field_figure(
         Some(l) => format!(" at level {}", tick(l)),
         None => String::new(),
     };
-    let heading = format!("{name}{level}, {} UTC", format_time(map.time_unix));
+    let heading = format!(
+        "{name}{level}, {} UTC",
+        format_time(map.time_unix, TimeFormat::Minutes)
+    );
     let frame_west = west;
     let in_frame = |lon: f64| (lon - frame_west).rem_euclid(360.0) + frame_west;
     let rgb = render(&what, SIZE, |root| {

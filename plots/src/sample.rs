@@ -4,7 +4,7 @@
 //! inside each token (DESIGN §3) and, per token, its 8 floats of info; [`FieldGrid`] turns those
 //! back into grid points with latitudes, longitudes and times, which every map needs.
 
-use atmorep_proto::calendar::{SECONDS_PER_DAY, UtcDateTime, days_from_civil};
+use atmorep_proto::calendar::{SECONDS_PER_DAY, TimeFormat, days_from_civil, format_time};
 use atmorep_proto::{Batch, FieldBatch, RequestConfig, TOKEN_INFO_LEN};
 use atmorep_trainer::{AttentionMaps, DType, Device, FieldInput, MultiFormer, batch_tensors};
 
@@ -136,7 +136,7 @@ impl FieldGrid {
 
     /// `YYYY-MM-DD HH:MM` UTC of grid time `tau`.
     pub fn time_label(&self, tau: usize) -> String {
-        format_time(self.time_unix(tau))
+        format_time(self.time_unix(tau), TimeFormat::Minutes)
     }
 
     /// A level's name for titles (`850 hPa`-style numbers as the store has them).
@@ -146,15 +146,6 @@ impl FieldGrid {
             _ => "surface".into(),
         }
     }
-}
-
-/// `YYYY-MM-DD HH:MM` (UTC) of unix seconds.
-pub fn format_time(unix: i64) -> String {
-    let t = UtcDateTime::from_unix_seconds(unix);
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}",
-        t.year, t.month, t.day, t.hour, t.minute
-    )
 }
 
 /// The model's view of the first sample of a batch.

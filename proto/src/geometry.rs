@@ -117,16 +117,27 @@ impl TokenGeometry {
         row_major_index(self.token_size, [dt, dy, dx])
     }
 
-    /// The inverse of [`Self::value_index`].
-    pub fn value_coords(&self, index: usize) -> Option<[usize; 3]> {
-        row_major_coords(self.token_size, index)
-    }
-
     /// First window grid point (time, lat, lon) covered by token `(t, y, x)`:
     /// `(t·ts_t, y·ts_lat, x·ts_lon)`; the token covers `token_size` points from there.
     pub fn token_grid_start(&self, t: usize, y: usize, x: usize) -> [usize; 3] {
         let s = self.token_size;
         [t * s[0], y * s[1], x * s[2]]
+    }
+
+    /// Where window grid point `point` (time, lat, lon) of the level at position `level` sits
+    /// in a sample's token-ordered values (`[tokens, token values]` row-major): token index ×
+    /// [`Self::token_numel`] + value index. The point must lie in the window.
+    #[inline]
+    pub fn value_position(&self, level: usize, point: [usize; 3]) -> usize {
+        let [nt, ny, nx] = self.num_tokens;
+        let [st, sy, sx] = self.token_size;
+        let [t, y, x] = point;
+        debug_assert!(
+            t < nt * st && y < ny * sy && x < nx * sx,
+            "{point:?} leaves the window"
+        );
+        let token = ((level * nt + t / st) * ny + y / sy) * nx + x / sx;
+        token * self.token_numel() + ((t % st) * sy + y % sy) * sx + x % sx
     }
 }
 
@@ -322,13 +333,48 @@ mod tests {
             let [t, y, x] = g.token_coords(i).unwrap();
             assert_eq!(g.token_index(t, y, x), Some(i));
         }
-        for i in 0..g.token_numel() {
-            let [dt, dy, dx] = g.value_coords(i).unwrap();
-            assert_eq!(g.value_index(dt, dy, dx), Some(i));
+        let mut expected = 0;
+        for dt in 0..3 {
+            for dy in 0..9 {
+                for dx in 0..9 {
+                    // Values (t, lat, lon) row-major: the index counts up in loop order.
+                    assert_eq!(g.value_index(dt, dy, dx), Some(expected));
+                    expected += 1;
+                }
+            }
         }
+        assert_eq!(expected, g.token_numel());
         assert_eq!(g.value_index(1, 2, 3), Some(81 + 18 + 3));
-        assert_eq!(g.value_coords(243), None);
+        assert_eq!(g.value_index(3, 0, 0), None);
         assert_eq!(g.token_grid_start(1, 2, 3), [3, 18, 27]);
+    }
+
+    #[test]
+    fn value_positions_follow_token_order_and_add_up_by_axis() {
+        let f = FieldGeometry::new(vec![850, 500], TokenGeometry::new([2, 3, 4], [3, 2, 5]));
+        let g = f.geometry;
+        let [wt, wy, wx] = g.window();
+        let mut seen = vec![false; f.numel()];
+        for l in 0..2 {
+            for t in 0..wt {
+                for y in 0..wy {
+                    for x in 0..wx {
+                        let p = g.value_position(l, [t, y, x]);
+                        let [t0, y0, x0] = [t / 3, y / 2, x / 5];
+                        let token = f.token_index(l, t0, y0, x0).unwrap();
+                        let value = g.value_index(t % 3, y % 2, x % 5).unwrap();
+                        assert_eq!(p, token * g.token_numel() + value);
+                        let terms = g.value_position(l, [0, 0, 0])
+                            + g.value_position(0, [t, 0, 0])
+                            + g.value_position(0, [0, y, 0])
+                            + g.value_position(0, [0, 0, x]);
+                        assert_eq!(p, terms);
+                        assert!(!std::mem::replace(&mut seen[p], true));
+                    }
+                }
+            }
+        }
+        assert!(seen.iter().all(|&s| s));
     }
 
     #[test]

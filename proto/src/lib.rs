@@ -7,18 +7,24 @@
 //!   `tonic-prost-build`), with [`pb::loader_client`] and [`pb::loader_server`]; the encoded
 //!   schema is [`FILE_DESCRIPTOR_SET`] (for gRPC reflection);
 //! - [`tensor`]: tensors on the wire (little-endian f32 / bf16 bytes) to and from `f32`;
-//! - [`batch`]: typed, decoded batches, the reassembly of batches split into parts and the
-//!   splitting itself;
-//! - [`client`]: the streaming client (prefetch, reconnect across endpoints, exact resume);
+//! - [`batch`]: typed, decoded batches, the splitting of a batch into message parts (server
+//!   side) and their reassembly (client side);
+//! - [`client`]: the streaming client (prefetch, reconnect across endpoints, exact resume,
+//!   striping across loaders);
+//! - [`request`]: a `StreamBatches` request as a TOML file;
 //! - [`convert`]: conversions between generated enums and this crate's types;
 //! - [`geometry`]: how a field sample is cut into tokens (token counts and sizes per axis, token
 //!   order (level, t, lat, lon), value order inside a token (t, lat, lon));
-//! - [`calendar`]: UTC calendar arithmetic on unix seconds (no time-zone database, no chrono);
-//! - [`token_info`]: the 8 floats of metadata every token carries (DESIGN §3);
+//! - [`tokenize`]: windows to tokens and back;
+//! - [`stitch`]: global fields back from a tiles-mode stream;
+//! - [`calendar`]: UTC calendar arithmetic on unix seconds (no time-zone database), and ISO 8601
+//!   text to and from unix seconds;
+//! - [`token_info`]: the 8 floats of metadata every token carries (docs/design.md §3);
 //! - [`positional`]: the positional encodings of the seed's ablation (global, local, standard,
 //!   info+standard, none);
 //! - [`statistics`]: the loader's global normalization statistics, to map normalized values
-//!   back to physical units.
+//!   back to physical units;
+//! - [`pool`]: buffers of `f32` kept for reuse.
 //!
 //! No Zarr and no candle: trainers and downstream tools depend on this crate alone. The pure
 //! modules (geometry, calendar, token info, positional) are deterministic and computed in `f64`
@@ -35,10 +41,11 @@ pub mod pool;
 pub mod positional;
 pub mod request;
 pub mod statistics;
-pub mod stripe;
+pub mod stitch;
 pub mod tensor;
 pub mod tls;
 pub mod token_info;
+pub mod tokenize;
 
 /// The generated `atmorep.loader.v1` messages, enums, client ([`pb::loader_client`]) and server
 /// ([`pb::loader_server`]).

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use crate::pb;
 use crate::pb::Dtype;
 
-/// Why a tensor cannot be built or read.
+/// Why a tensor cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TensorError {
@@ -32,13 +32,6 @@ pub enum TensorError {
     DataLength {
         shape: Vec<u64>,
         dtype: Dtype,
-        expected: usize,
-        got: usize,
-    },
-    /// The caller's values do not fill the shape it gave.
-    #[error("{got} values do not fill shape {shape:?} ({expected} elements)")]
-    ValueCount {
-        shape: Vec<usize>,
         expected: usize,
         got: usize,
     },
@@ -214,30 +207,6 @@ fn numel_of(shape: &[u64]) -> Result<usize, TensorError> {
 }
 
 impl pb::Tensor {
-    /// A tensor of `shape` holding `values` (row-major) encoded as `dtype`; F32 on little-endian
-    /// machines takes over `values` without a copy.
-    pub fn from_f32(shape: &[usize], values: Vec<f32>, dtype: Dtype) -> Result<Self, TensorError> {
-        let expected = shape
-            .iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(d))
-            .ok_or_else(|| TensorError::Overflow(shape.iter().map(|&d| d as u64).collect()))?;
-        if expected != values.len() {
-            return Err(TensorError::ValueCount {
-                shape: shape.to_vec(),
-                expected,
-                got: values.len(),
-            });
-        }
-        if dtype == Dtype::Unspecified {
-            return Err(TensorError::Dtype(dtype as i32));
-        }
-        Ok(Self {
-            shape: shape.iter().map(|&d| d as u64).collect(),
-            dtype: dtype as i32,
-            data: encode_f32(values, dtype),
-        })
-    }
-
     /// The element type, rejecting unspecified or unknown values.
     pub fn element_type(&self) -> Result<Dtype, TensorError> {
         match Dtype::try_from(self.dtype) {
@@ -324,6 +293,15 @@ impl pb::Tensor {
 mod tests {
     use super::*;
 
+    /// A tensor of `shape` holding `values` encoded as `dtype`, as the server sends them.
+    fn tensor(shape: &[u64], values: Vec<f32>, dtype: Dtype) -> pb::Tensor {
+        pb::Tensor {
+            shape: shape.to_vec(),
+            dtype: dtype as i32,
+            data: encode_f32(values, dtype),
+        }
+    }
+
     #[test]
     fn bf16_exact_values_round_trip() {
         for v in [
@@ -378,7 +356,7 @@ mod tests {
     #[test]
     fn f32_tensor_round_trip() {
         let values: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
-        let t = pb::Tensor::from_f32(&[2, 3, 4], values.clone(), Dtype::F32).unwrap();
+        let t = tensor(&[2, 3, 4], values.clone(), Dtype::F32);
         assert_eq!(t.shape, vec![2, 3, 4]);
         assert_eq!(t.data.len(), 96);
         assert_eq!(&t.data[4..8], &(-2.5f32).to_le_bytes());
@@ -391,7 +369,7 @@ mod tests {
     #[test]
     fn bf16_tensor_round_trip() {
         let values = vec![1.0f32, -0.5, 3.140625, 1.0e-3];
-        let t = pb::Tensor::from_f32(&[4], values.clone(), Dtype::Bf16).unwrap();
+        let t = tensor(&[4], values.clone(), Dtype::Bf16);
         assert_eq!(t.data.len(), 8);
         let back = t.to_f32().unwrap();
         for (a, b) in values.iter().zip(&back) {
@@ -419,14 +397,6 @@ mod tests {
 
     #[test]
     fn wrong_lengths_are_errors() {
-        assert!(matches!(
-            pb::Tensor::from_f32(&[2, 3], vec![0.0; 5], Dtype::F32),
-            Err(TensorError::ValueCount {
-                expected: 6,
-                got: 5,
-                ..
-            })
-        ));
         let t = pb::Tensor {
             shape: vec![2, 2],
             dtype: Dtype::Bf16 as i32,
@@ -463,7 +433,7 @@ mod tests {
 
     #[test]
     fn empty_tensor_is_valid() {
-        let t = pb::Tensor::from_f32(&[0, 5], vec![], Dtype::F32).unwrap();
+        let t = tensor(&[0, 5], vec![], Dtype::F32);
         assert_eq!(t.to_f32().unwrap(), Vec::<f32>::new());
         assert_eq!(t.numel().unwrap(), 0);
     }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use atmorep_proto::batch::{Batch, FieldBatch, StreamCursor, Window, split_parts};
+use atmorep_proto::batch::{Batch, FieldBatch, StreamCursor, Window};
 use atmorep_proto::client::{ClientConfig, ClientError, Compression, LoaderClient};
 use atmorep_proto::pb::loader_server::{Loader, LoaderServer};
 use atmorep_proto::{Dtype, pb};
@@ -254,12 +254,14 @@ impl Loader for TestLoader {
                 let batch = loader.batch(seq, &mut cursor, request.batch_size, request.end_epoch);
                 let end = batch.end_of_stream;
                 loader.seen.batches_produced.fetch_add(1, Ordering::SeqCst);
-                let msg = batch.into_proto(Dtype::F32).expect("consistent test batch");
-                let parts = if b.max_part_bytes > 0 {
-                    split_parts(msg, b.max_part_bytes).expect("valid batch")
+                let max = if b.max_part_bytes > 0 {
+                    b.max_part_bytes
                 } else {
-                    vec![msg]
+                    usize::MAX
                 };
+                let parts = batch
+                    .into_parts(Dtype::F32, max)
+                    .expect("consistent test batch");
                 let items: Vec<Result<pb::Batch, Status>> = parts.into_iter().map(Ok).collect();
                 Some((futures::stream::iter(items), (loader, cursor, seq + 1, end)))
             })
@@ -289,7 +291,9 @@ impl Loader for TestLoader {
             position: sel.id,
         };
         let batch = self.batch(0, &mut cursor, 1, None);
-        Ok(Response::new(batch.into_proto(Dtype::Bf16).unwrap()))
+        Ok(Response::new(
+            batch.into_parts(Dtype::Bf16, usize::MAX).unwrap().remove(0),
+        ))
     }
 
     async fn get_statistics(

@@ -1,6 +1,6 @@
 //! From the loader's decoded batches (`atmorep_proto::Batch`) to the model's tensors.
 
-use atmorep_proto::{Batch, FieldBatch, TOKEN_INFO_LEN};
+use atmorep_proto::{Batch, FieldBatch, TOKEN_INFO_LEN, TokenGeometry};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{ModelConfig, Prior, TokenGrid};
@@ -164,14 +164,19 @@ pub fn temporal_prior(
     hidden: impl Fn(usize, usize) -> bool,
 ) -> TemporalPrior {
     let [b, n, v] = shape;
-    let [nt, ny, nx] = grid.num_tokens;
-    let [st, sy, sx] = grid.token_size;
-    debug_assert_eq!(v, st * sy * sx);
-    let per_level = nt * ny * nx;
-    let levels = n / per_level;
-    let steps = nt * st;
+    let geometry = TokenGeometry::new(grid.num_tokens, grid.token_size);
+    debug_assert_eq!(v, geometry.token_numel());
+    let levels = n / geometry.tokens_per_level();
+    let [steps, wy, wx] = geometry.window();
     let mut out = source.to_vec();
     let mut kind = vec![PriorKind::Visible; source.len()];
+    // A value's position is a sum of one term per axis (and its token the same sum divided by
+    // the token's values, term by term), so each series adds the time step's term to its
+    // grid point's.
+    let time_term: Vec<usize> = (0..steps)
+        .map(|tau| geometry.value_position(0, [tau, 0, 0]))
+        .collect();
+    let time_token: Vec<usize> = time_term.iter().map(|p| p / v).collect();
     // For each series: the flat index of each time step and whether it is visible.
     let mut at = vec![0usize; steps];
     let mut seen = vec![false; steps];
@@ -179,43 +184,37 @@ pub fn temporal_prior(
     for i in 0..b {
         let hidden_token: Vec<bool> = (0..n).map(|k| hidden(i, k)).collect();
         for l in 0..levels {
-            for ty in 0..ny {
-                for tx in 0..nx {
-                    for dy in 0..sy {
-                        for dx in 0..sx {
-                            for tau in 0..steps {
-                                let (tt, dt) = (tau / st, tau % st);
-                                let k = ((l * nt + tt) * ny + ty) * nx + tx;
-                                at[tau] = (i * n + k) * v + (dt * sy + dy) * sx + dx;
-                                seen[tau] = !hidden_token[k];
-                            }
-                            let mut last = None;
-                            for tau in 0..steps {
-                                before[tau] = last;
-                                if seen[tau] {
-                                    last = Some(tau);
-                                }
-                            }
-                            let mut next = None;
-                            for tau in (0..steps).rev() {
-                                if seen[tau] {
-                                    next = Some(tau);
-                                    continue;
-                                }
-                                let value = |t: usize| source[at[t]];
-                                (out[at[tau]], kind[at[tau]]) = match (before[tau], next) {
-                                    (Some(t0), Some(t1)) => {
-                                        let w = (tau - t0) as f32 / (t1 - t0) as f32;
-                                        let x = value(t0) + (value(t1) - value(t0)) * w;
-                                        (x, PriorKind::Interpolated)
-                                    }
-                                    (Some(t), None) | (None, Some(t)) => {
-                                        (value(t), PriorKind::OneSided)
-                                    }
-                                    (None, None) => (0.0, PriorKind::Climatology),
-                                };
-                            }
+            for row in 0..wy {
+                for col in 0..wx {
+                    let point = geometry.value_position(l, [0, row, col]);
+                    let token = point / v;
+                    for tau in 0..steps {
+                        at[tau] = i * n * v + point + time_term[tau];
+                        seen[tau] = !hidden_token[token + time_token[tau]];
+                    }
+                    let mut last = None;
+                    for tau in 0..steps {
+                        before[tau] = last;
+                        if seen[tau] {
+                            last = Some(tau);
                         }
+                    }
+                    let mut next = None;
+                    for tau in (0..steps).rev() {
+                        if seen[tau] {
+                            next = Some(tau);
+                            continue;
+                        }
+                        let value = |t: usize| source[at[t]];
+                        (out[at[tau]], kind[at[tau]]) = match (before[tau], next) {
+                            (Some(t0), Some(t1)) => {
+                                let w = (tau - t0) as f32 / (t1 - t0) as f32;
+                                let x = value(t0) + (value(t1) - value(t0)) * w;
+                                (x, PriorKind::Interpolated)
+                            }
+                            (Some(t), None) | (None, Some(t)) => (value(t), PriorKind::OneSided),
+                            (None, None) => (0.0, PriorKind::Climatology),
+                        };
                     }
                 }
             }

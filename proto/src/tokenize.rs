@@ -1,17 +1,16 @@
-//! Tokens from windows and back. A field window arrives as a hyperslab, laid out (time, level,
+//! Tokens from windows and back. A field window is laid out as the loader reads it, (time, level,
 //! lat, lon); tokens are ordered (level, t, lat, lon) and the values inside a token are
-//! (t, lat, lon), the AtmoRep convention of DESIGN §3. Both directions are pure permutations, so
-//! `untokenize(tokenize(x)) == x` bit for bit.
+//! (t, lat, lon), the AtmoRep convention of docs/design.md §3 (see [`crate::geometry`]). Both
+//! directions are pure permutations, so `untokenize(tokenize(x)) == x` bit for bit.
 
-use atmorep_proto::FieldGeometry;
+use crate::geometry::{FieldGeometry, TokenGeometry};
 
-/// Calls `f(window index, token-order index)` for every value of a field window; the one
-/// traversal both directions share so they cannot disagree.
-fn for_each_pair(field: &FieldGeometry, mut f: impl FnMut(usize, usize)) {
-    let levels = field.num_levels();
-    let [nt, ny, nx] = field.geometry.num_tokens;
-    let [st, sy, sx] = field.geometry.token_size;
-    let [_, wy, wx] = field.geometry.window();
+/// Calls `f(window index, token-order index)` for every value of a window of `levels` levels;
+/// the one traversal both directions share so they cannot disagree.
+fn for_each_pair(geometry: &TokenGeometry, levels: usize, mut f: impl FnMut(usize, usize)) {
+    let [nt, ny, nx] = geometry.num_tokens;
+    let [st, sy, sx] = geometry.token_size;
+    let [_, wy, wx] = geometry.window();
     let mut k = 0;
     for l in 0..levels {
         for tt in 0..nt {
@@ -31,7 +30,7 @@ fn for_each_pair(field: &FieldGeometry, mut f: impl FnMut(usize, usize)) {
             }
         }
     }
-    debug_assert_eq!(k, field.numel());
+    debug_assert_eq!(k, levels * geometry.window_numel());
 }
 
 /// Window values (time, level, lat, lon) → tokens (level, t, lat, lon) × (t, lat, lon).
@@ -47,7 +46,9 @@ pub fn tokenize_into(field: &FieldGeometry, window: &[f32], mut tokens: Vec<f32>
         "window size does not match the token geometry"
     );
     tokens.resize(window.len(), 0.0);
-    for_each_pair(field, |w, k| tokens[k] = window[w]);
+    for_each_pair(&field.geometry, field.num_levels(), |w, k| {
+        tokens[k] = window[w]
+    });
     tokens
 }
 
@@ -59,14 +60,15 @@ pub fn untokenize(field: &FieldGeometry, tokens: &[f32]) -> Vec<f32> {
         "token count does not match the token geometry"
     );
     let mut window = vec![0.0; tokens.len()];
-    for_each_pair(field, |w, k| window[w] = tokens[k]);
+    for_each_pair(&field.geometry, field.num_levels(), |w, k| {
+        window[w] = tokens[k]
+    });
     window
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use atmorep_proto::TokenGeometry;
 
     fn field(levels: usize, num_tokens: [usize; 3], token_size: [usize; 3]) -> FieldGeometry {
         FieldGeometry::new(
@@ -102,5 +104,25 @@ mod tests {
             .map(|&i| i as f32)
             .collect();
         assert_eq!(tokenize(&two, &window), expected);
+    }
+
+    #[test]
+    fn untokenize_follows_the_contract_geometry() {
+        let f = FieldGeometry::new(vec![850, 500], TokenGeometry::new([2, 3, 2], [2, 3, 4]));
+        let g = f.geometry;
+        let [_, wy, wx] = g.window();
+        let tokens: Vec<f32> = (0..f.numel()).map(|k| k as f32).collect();
+        let window = untokenize(&f, &tokens);
+        for (k, &v) in tokens.iter().enumerate() {
+            let (token, value) = (k / g.token_numel(), k % g.token_numel());
+            let [l, t, y, x] = f.token_coords(token).unwrap();
+            let [dt, dy, dx] = [value / 12, value / 4 % 3, value % 4];
+            assert_eq!(g.value_index(dt, dy, dx), Some(value));
+            let [t0, y0, x0] = g.token_grid_start(t, y, x);
+            let at = (((t0 + dt) * 2 + l) * wy + y0 + dy) * wx + x0 + dx;
+            assert_eq!(window[at], v);
+            assert_eq!(g.value_position(l, [t0 + dt, y0 + dy, x0 + dx]), k);
+        }
+        assert_eq!(tokenize(&f, &window), tokens);
     }
 }

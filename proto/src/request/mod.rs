@@ -1,8 +1,9 @@
 //! A `StreamBatches` request as a TOML file a person can write, read and keep next to a run
 //! (`atmorep loader pull --request req.toml`, the trainer configuration).
 //!
-//! [`RequestConfig`] mirrors [`pb::BatchRequest`] with names instead of enum numbers, plain
-//! values instead of nested messages, and defaults for everything the schema gives a default.
+//! [`RequestConfig`] mirrors [`crate::pb::BatchRequest`] with names instead of enum numbers,
+//! plain values instead of nested messages, and defaults for everything the schema gives a
+//! default.
 //! [`RequestConfig::load`] / [`RequestConfig::from_toml`] parse a file strictly (an unknown or
 //! misspelt key is an error naming it, so a typo never silently falls back to a default);
 //! [`RequestConfig::to_proto`] maps it onto the wire message without judging the values — the
@@ -70,17 +71,23 @@
 //! mask = { kind = "bert", r_max = 0.5 }
 //! ```
 
+mod names;
+mod wire;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::batch::StreamCursor;
-use crate::pb;
 use crate::positional::PeMode;
 
+pub use names::{
+    DtypeName, LatitudeWeightingName, ModeName, NormalizationName, SplitName, UnitsName,
+};
+
 /// A whole `StreamBatches` request (the [module documentation](crate::request) has a reference
-/// file). Field meanings are those of [`pb::BatchRequest`]; where the schema has a default the
-/// field has the same one here.
+/// file). Field meanings are those of [`crate::pb::BatchRequest`]; where the schema has a
+/// default the field has the same one here.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequestConfig {
@@ -150,7 +157,7 @@ pub struct RequestConfig {
     pub tile_time_end: Option<String>,
 }
 
-/// One field of a sample ([`pb::FieldRequest`]).
+/// One field of a sample ([`crate::pb::FieldRequest`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FieldRequestConfig {
@@ -178,7 +185,7 @@ pub struct FieldRequestConfig {
     pub mask: MaskConfig,
 }
 
-/// A field's masking ([`pb::Mask`]), written as a table tagged by `kind`:
+/// A field's masking ([`crate::pb::Mask`]), written as a table tagged by `kind`:
 /// `{ kind = "bert", r_max = 0.5 }`, `{ kind = "forecast", steps = 2 }`, ….
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(from = "MaskRepr", into = "MaskRepr")]
@@ -333,226 +340,10 @@ impl RequestConfig {
             detail: e.to_string().trim_end().to_owned(),
         })
     }
-
-    /// The wire request. Enums are sent explicitly (never `*_UNSPECIFIED`); the read plan and
-    /// the tile options are sent only when the file sets one of their values, since an absent
-    /// message and one of zeros mean the same server default. Nothing is validated here.
-    pub fn to_proto(&self) -> pb::BatchRequest {
-        let read_plan =
-            (self.block_steps != 0 || self.samples_per_block != 0 || self.buffer_blocks != 0)
-                .then_some(pb::ReadPlan {
-                    block_steps: self.block_steps,
-                    samples_per_block: self.samples_per_block,
-                    buffer_blocks: self.buffer_blocks,
-                });
-        // Sent whatever the mode: the server ignores tile options outside tiles mode.
-        let tiles = (self.tile_overlap != [0; 3]
-            || self.tile_time_start.is_some()
-            || self.tile_time_end.is_some())
-        .then(|| pb::TileOptions {
-            overlap: self.tile_overlap.to_vec(),
-            time_start: self.tile_time_start.clone().unwrap_or_default(),
-            time_end: self.tile_time_end.clone().unwrap_or_default(),
-        });
-        pb::BatchRequest {
-            dataset: self.dataset.clone(),
-            fields: self
-                .fields
-                .iter()
-                .map(FieldRequestConfig::to_proto)
-                .collect(),
-            batch_size: self.batch_size,
-            dtype: self.dtype.into(),
-            seed: self.seed,
-            rank: self.rank,
-            world_size: self.world_size,
-            split: Some(pb::SplitSpec {
-                split: self.split.into(),
-                fractions: self.split_fractions.map(Vec::from).unwrap_or_default(),
-                train_end: self.train_end.clone(),
-                validation_end: self.validation_end.clone(),
-            }),
-            mode: self.mode.into(),
-            units: self.units.into(),
-            resume: self.resume.map(pb::Cursor::from),
-            end_epoch: self.end_epoch,
-            read_plan,
-            latitude_weighting: self.latitude_weighting.into(),
-            tiles,
-        }
-    }
 }
 
-impl FieldRequestConfig {
-    /// The wire field request.
-    pub fn to_proto(&self) -> pb::FieldRequest {
-        pb::FieldRequest {
-            name: self.name.clone(),
-            levels: self.levels.clone(),
-            num_tokens: self.num_tokens.to_vec(),
-            token_size: self.token_size.to_vec(),
-            blur_sigma: self.blur_sigma,
-            normalization: self.normalization.into(),
-            pe: pb::PeMode::from(self.pe).into(),
-            pe_width: self.pe_width,
-            mask: Some(self.mask.to_proto()),
-        }
-    }
-}
-
-impl MaskConfig {
-    /// The wire mask. `None` is sent as an explicit `NoMask` (the same as an absent mask to the
-    /// server, but says what the file said).
-    pub const fn to_proto(self) -> pb::Mask {
-        use pb::mask::Kind;
-        let kind = match self {
-            Self::None => Kind::None(pb::NoMask {}),
-            Self::Bert {
-                r_max,
-                noise_fraction,
-                mask_value,
-            } => Kind::Bert(pb::BertMask {
-                r_max,
-                noise_fraction: Some(noise_fraction),
-                mask_value,
-            }),
-            Self::Forecast { steps } => Kind::Forecast(pb::ForecastMask { steps }),
-            Self::Interpolation { steps } => Kind::Interpolation(pb::InterpolationMask { steps }),
-        };
-        pb::Mask { kind: Some(kind) }
-    }
-}
-
-impl From<&MaskConfig> for pb::Mask {
-    fn from(mask: &MaskConfig) -> Self {
-        mask.to_proto()
-    }
-}
-
-impl From<&FieldRequestConfig> for pb::FieldRequest {
-    fn from(field: &FieldRequestConfig) -> Self {
-        field.to_proto()
-    }
-}
-
-impl From<&RequestConfig> for pb::BatchRequest {
-    fn from(config: &RequestConfig) -> Self {
-        config.to_proto()
-    }
-}
-
-/// Declares a name enum (kebab-case serde names) that stands for a generated enum whose
-/// variants have the same identifiers, with `to_proto()` and conversions into the generated
-/// enum and its `i32`.
-macro_rules! name_enum {
-    (
-        $(#[$meta:meta])*
-        $name:ident => $pb:ident {
-            $($(#[$vmeta:meta])* $variant:ident,)+
-        }
-    ) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-        #[serde(rename_all = "kebab-case")]
-        pub enum $name {
-            $($(#[$vmeta])* $variant,)+
-        }
-
-        impl $name {
-            #[doc = concat!("The [`pb::", stringify!($pb), "`] this name stands for.")]
-            pub const fn to_proto(self) -> pb::$pb {
-                match self {
-                    $(Self::$variant => pb::$pb::$variant,)+
-                }
-            }
-        }
-
-        impl From<$name> for pb::$pb {
-            fn from(name: $name) -> Self {
-                name.to_proto()
-            }
-        }
-
-        impl From<$name> for i32 {
-            fn from(name: $name) -> Self {
-                name.to_proto().into()
-            }
-        }
-    };
-}
-
-name_enum! {
-    /// Tensor encoding: `f32` (default) or `bf16`.
-    DtypeName => Dtype {
-        /// IEEE 754 binary32.
-        #[default]
-        F32,
-        /// bfloat16.
-        Bf16,
-    }
-}
-
-name_enum! {
-    /// Part of the time axis: `train` (default), `validation` or `test`.
-    SplitName => Split {
-        /// The training split.
-        #[default]
-        Train,
-        /// The validation split.
-        Validation,
-        /// The test split.
-        Test,
-    }
-}
-
-name_enum! {
-    /// Sample order: `training` (default) or `tiles`.
-    ModeName => Mode {
-        /// Seeded, shuffled epochs, sharded by rank.
-        #[default]
-        Training,
-        /// Every tile of the whole-globe tiling once, time-major.
-        Tiles,
-    }
-}
-
-name_enum! {
-    /// Units of the values: `normalized` (default) or `physical`.
-    UnitsName => Units {
-        /// Each field as its normalization says.
-        #[default]
-        Normalized,
-        /// Physical units for every field.
-        Physical,
-    }
-}
-
-name_enum! {
-    /// How centre latitudes are drawn: `area` (default) or `uniform`.
-    LatitudeWeightingName => LatitudeWeighting {
-        /// Proportional to the area of a grid row (cos φ).
-        #[default]
-        Area,
-        /// Every grid row equally.
-        Uniform,
-    }
-}
-
-name_enum! {
-    /// A field's normalization: `global` (default), `local` or `none`.
-    NormalizationName => Normalization {
-        /// Per field, level and year-month over the globe.
-        #[default]
-        Global,
-        /// Per grid point, level and calendar month.
-        Local,
-        /// Physical units for this field.
-        None,
-    }
-}
-
-/// `resume` through a strict copy of [`StreamCursor`]: `StreamCursor`'s own serde derive accepts unknown
-/// keys, and a misspelt key in a resume cursor must not go unnoticed.
+/// `resume` through a strict copy of [`StreamCursor`]: `StreamCursor`'s own serde derive accepts
+/// unknown keys, and a misspelt key in a resume cursor must not go unnoticed.
 mod strict_cursor {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -583,11 +374,12 @@ mod strict_cursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pb;
     use pb::mask::Kind;
 
     /// The ```toml block of the module documentation, so the reference stays parseable.
     fn doc_example() -> String {
-        let source = include_str!("request.rs");
+        let source = include_str!("mod.rs");
         let mut lines = source
             .lines()
             .skip_while(|l| l.trim() != "//! ```toml")

@@ -1,7 +1,7 @@
 //! Striping one stream across K loaders: which shard each sub-stream asks for, the deterministic
 //! merge order, and the single public [`StreamCursor`] that encodes every sub-stream's position.
 //!
-//! This module is pure arithmetic; [`crate::client`] runs the sub-streams and applies it.
+//! This module is pure arithmetic; [the client](super) runs the sub-streams and applies it.
 //!
 //! # Shards
 //!
@@ -20,7 +20,7 @@
 //! a striped epoch ends with up to K short batches. The order is a pure function of the request
 //! and K (never of timing), and a slow loader slows the whole merge.
 //!
-//! # StreamCursor
+//! # Cursor
 //!
 //! After the merged stream delivered `n` batches of epoch `e`, its cursor is
 //! `(e, n · batch_size)`; after the last batch of the epoch it is `(e + 1, 0)`. Because the

@@ -2,25 +2,94 @@
 //!
 //! In `mode = "tiles"` the loader cuts every time step of a range into windows that cover the
 //! globe (overlapping where the grid does not divide evenly, longitude windows wrapping past
-//! 360°) and streams them time-major. [`TileStitcher`] undoes that: it puts each sample's tokens
-//! back on the grid ([`untokenize`]) at the sample's [`Window`], checks that tiles sharing a
-//! grid point agree, and hands out a [`FieldSnapshot`] per time step as soon as no later tile can
-//! touch it any more — so a long stream is tracked with a few time steps in memory, not all.
+//! 360°; see [`tile_starts`]) and streams them time-major. [`TileStitcher`] undoes that: it puts
+//! each sample's tokens back on the grid ([`untokenize`]) at the sample's [`Window`], checks that
+//! tiles sharing a grid point agree (or averages them, for a model's predictions), and hands out
+//! a [`StitchedStep`] per time step as soon as no later tile can touch it any more — so a long
+//! stream is processed with a few time steps in memory, not all.
 //!
-//! The request must ask for physical units and no masking (the stitcher reads `source`), and
-//! for the whole stream (`world_size = 1`): a rank's shard leaves holes, reported as missing
-//! tiles.
+//! The request must ask for no masking (the stitcher reads `source`), and for the whole stream
+//! (`world_size = 1`): a rank's shard leaves holes, reported as missing tiles.
 
 use std::collections::BTreeMap;
 
-use atmorep_proto::batch::{Batch, Window};
-use atmorep_proto::geometry::TokenGeometry;
-use atmorep_proto::pb;
-use atmorep_proto::request::FieldRequestConfig;
+use crate::batch::{Batch, Window};
+use crate::calendar::{TimeFormat, format_time};
+use crate::geometry::{FieldGeometry, TokenGeometry};
+use crate::pb;
+use crate::request::FieldRequestConfig;
+use crate::tokenize::untokenize;
 
-use crate::error::{Result, TrackError};
-use crate::field::{Field, FieldSnapshot, Grid};
-use crate::time::format_iso;
+/// `Result` with [`StitchError`].
+pub type Result<T, E = StitchError> = std::result::Result<T, E>;
+
+/// Why tiles cannot be stitched.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StitchError {
+    /// The stitcher's fields, grid or time axis cannot work.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A tile (field sample) of a batch does not fit the stitcher's geometry or grid.
+    #[error("tile stitching, field `{field}`: {detail}")]
+    Tile { field: String, detail: String },
+    /// A time step whose tiles stopped arriving before every grid point was covered.
+    #[error(
+        "tile stitching: time step {time_index} ({time}) of `{field}` at level {level} is missing \
+         {missing} of {total} grid points (first uncovered: row {row}, column {column})"
+    )]
+    MissingTiles {
+        time_index: usize,
+        /// `YYYY-MM-DD HH:MM:SS` (UTC).
+        time: String,
+        field: String,
+        level: f64,
+        missing: usize,
+        total: usize,
+        row: usize,
+        column: usize,
+    },
+    /// Two tiles disagree on the value of a grid point they share.
+    #[error(
+        "tile stitching: tiles disagree at time step {time_index}, `{field}` level {level}, row \
+         {row}, column {column}: {first} vs {second}"
+    )]
+    InconsistentOverlap {
+        time_index: usize,
+        field: String,
+        level: f64,
+        row: usize,
+        column: usize,
+        first: f32,
+        second: f32,
+    },
+}
+
+impl StitchError {
+    fn tile(field: &str, detail: impl Into<String>) -> Self {
+        Self::Tile {
+            field: field.to_string(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Starts of tiles of `window` points with `overlap` covering `n` points, as the loader tiles
+/// each axis: the last tile ends at `n` (non-periodic, so it may overlap its neighbour more) or
+/// the tiles wrap around (periodic, longitude).
+pub fn tile_starts(n: usize, window: usize, overlap: usize, periodic: bool) -> Vec<usize> {
+    let step = window - overlap;
+    if periodic {
+        return (0..n.div_ceil(step)).map(|i| i * step).collect();
+    }
+    let mut starts: Vec<usize> = (0..)
+        .map(|i| i * step)
+        .take_while(|s| s + window < n)
+        .collect();
+    starts.push(n - window);
+    starts.dedup();
+    starts
+}
 
 /// One field of the tile request: its name, levels and token geometry.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,48 +151,41 @@ impl TimeAxis {
     }
 }
 
-/// Puts one sample's tokens (`[levels × tokens per level, token values]`, token order (level,
-/// t, lat, lon), values (t, lat, lon)) back into its window: `(level, t, lat, lon)` row-major over
-/// `geometry.window()`.
-pub fn untokenize(geometry: &TokenGeometry, levels: usize, tokens: &[f32]) -> Vec<f32> {
-    let mut out = vec![0.0; tokens.len()];
-    for_each_token_value(geometry, levels, |token_pos, window_pos| {
-        out[window_pos] = tokens[token_pos];
-    });
-    out
+/// One (field, level) plane of a stitched time step: `nlat × nlon` values, row-major (row =
+/// latitude, the loader's canonical grid).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StitchedPlane {
+    pub field: String,
+    /// The level value; `None` for a surface field.
+    pub level: Option<f64>,
+    pub values: Vec<f32>,
 }
 
-/// The inverse of [`untokenize`]: a `(level, t, lat, lon)` window cut into tokens.
-pub fn tokenize(geometry: &TokenGeometry, levels: usize, window: &[f32]) -> Vec<f32> {
-    let mut out = vec![0.0; window.len()];
-    for_each_token_value(geometry, levels, |token_pos, window_pos| {
-        out[token_pos] = window[window_pos];
-    });
-    out
+/// The global fields of one time step, one plane per (field, level) in the stitcher's field
+/// order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StitchedStep {
+    pub time_index: usize,
+    /// Valid time, unix seconds (UTC).
+    pub time_unix: i64,
+    pub planes: Vec<StitchedPlane>,
 }
 
-/// Calls `f(position in token order, position in window order)` for every value of a sample.
-fn for_each_token_value(geometry: &TokenGeometry, levels: usize, mut f: impl FnMut(usize, usize)) {
-    let [nt, ny, nx] = geometry.num_tokens;
-    let [st, sy, sx] = geometry.token_size;
-    let [wt, wy, wx] = geometry.window();
-    let mut k = 0;
-    for l in 0..levels {
-        for t in 0..nt {
-            for y in 0..ny {
-                for x in 0..nx {
-                    for dt in 0..st {
-                        for dy in 0..sy {
-                            let row = ((l * wt + t * st + dt) * wy + y * sy + dy) * wx + x * sx;
-                            for dx in 0..sx {
-                                f(k, row + dx);
-                                k += 1;
-                            }
-                        }
+impl StitchedStep {
+    /// The values of `field` at `level`, if stitched. Levels travel as `f64` and as `f32` token
+    /// info, so they match within 1e-3 (hPa values are whole numbers).
+    pub fn plane(&self, field: &str, level: Option<f64>) -> Option<&[f32]> {
+        self.planes
+            .iter()
+            .find(|p| {
+                p.field == field
+                    && match (p.level, level) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => (a - b).abs() < 1e-3,
+                        _ => false,
                     }
-                }
-            }
-        }
+            })
+            .map(|p| p.values.as_slice())
     }
 }
 
@@ -137,14 +199,20 @@ struct Plane {
     hits: Vec<u16>,
 }
 
+/// How far (relative to the larger magnitude) two tiles may disagree on a shared point: the
+/// loader cuts both from the same decoded values, so only a broken stream disagrees.
+const OVERLAP_TOLERANCE: f32 = 1e-6;
+
 /// Reassembles global fields per time step from tiles-mode batches; see the [module
 /// documentation](self).
 #[derive(Debug)]
 pub struct TileStitcher {
     fields: Vec<TileField>,
-    grid: Grid,
+    /// Per field, its geometry with the levels as positions, to untokenize its samples.
+    geometries: Vec<FieldGeometry>,
+    nlat: usize,
+    nlon: usize,
     time: TimeAxis,
-    rel_tolerance: f32,
     /// Overlapping tiles are averaged instead of checked against each other.
     average: bool,
     /// Per time index, one plane per (field, level) in `fields` order.
@@ -162,58 +230,57 @@ pub struct TileStitcher {
 
 impl TileStitcher {
     /// A stitcher for `fields` (the request's fields, in any order; batch fields not listed are
-    /// ignored) on `grid` and `time`.
-    pub fn new(fields: Vec<TileField>, grid: Grid, time: TimeAxis) -> Result<Self> {
-        grid.validate()?;
+    /// ignored) on the loader's `nlat × nlon` grid (longitude periodic) and `time`.
+    pub fn new(fields: Vec<TileField>, nlat: usize, nlon: usize, time: TimeAxis) -> Result<Self> {
+        if nlat == 0 || nlon == 0 {
+            return Err(StitchError::Config(format!(
+                "tile stitching needs a grid, not {nlat} × {nlon} points"
+            )));
+        }
         if fields.is_empty() {
-            return Err(TrackError::Config(
+            return Err(StitchError::Config(
                 "tile stitching needs at least one field".into(),
             ));
         }
         for (k, f) in fields.iter().enumerate() {
             if fields[..k].iter().any(|g| g.name == f.name) {
-                return Err(TrackError::tile(&f.name, "listed twice"));
+                return Err(StitchError::tile(&f.name, "listed twice"));
             }
             f.geometry
                 .validate()
-                .map_err(|e| TrackError::tile(&f.name, e.to_string()))?;
+                .map_err(|e| StitchError::tile(&f.name, e.to_string()))?;
             let [_, wy, wx] = f.geometry.window();
-            if wy > grid.nlat || wx > grid.nlon {
-                return Err(TrackError::tile(
+            if wy > nlat || wx > nlon {
+                return Err(StitchError::tile(
                     &f.name,
                     format!(
-                        "a window of {wy} × {wx} points is larger than the {} × {} grid",
-                        grid.nlat, grid.nlon
+                        "a window of {wy} × {wx} points is larger than the {nlat} × {nlon} grid"
                     ),
                 ));
             }
         }
         if time.step_seconds <= 0 {
-            return Err(TrackError::Config(format!(
+            return Err(StitchError::Config(format!(
                 "time step of {} s must be positive",
                 time.step_seconds
             )));
         }
         Ok(Self {
             latest_start: vec![None; fields.len()],
+            geometries: fields
+                .iter()
+                .map(|f| FieldGeometry::new((0..f.level_keys().len()).collect(), f.geometry))
+                .collect(),
             fields,
-            grid,
+            nlat,
+            nlon,
             time,
-            rel_tolerance: 1e-6,
             average: false,
             pending: BTreeMap::new(),
             next: None,
             epoch: None,
             done: false,
         })
-    }
-
-    /// How far (relative to the larger magnitude) two tiles may disagree on a shared point.
-    /// Default 1e-6: the loader cuts both from the same decoded values, so only a broken
-    /// stream disagrees.
-    pub fn with_tolerance(mut self, rel_tolerance: f32) -> Self {
-        self.rel_tolerance = rel_tolerance;
-        self
     }
 
     /// Averages where tiles overlap instead of requiring them to agree: for tiles that are a
@@ -230,7 +297,7 @@ impl TileStitcher {
     /// samples of a later epoch than the first sample's are not used: they complete the stitcher
     /// ([`Self::is_done`]), which then hands out every remaining step and ignores further
     /// batches.
-    pub fn push(&mut self, batch: &Batch) -> Result<Vec<FieldSnapshot>> {
+    pub fn push(&mut self, batch: &Batch) -> Result<Vec<StitchedStep>> {
         if batch.is_empty() || self.done {
             return Ok(Vec::new());
         }
@@ -249,16 +316,16 @@ impl TileStitcher {
         for k in 0..self.fields.len() {
             let name = self.fields[k].name.clone();
             let fb = batch.field(&name).ok_or_else(|| {
-                TrackError::tile(&name, format!("missing from batch {}", batch.sequence))
+                StitchError::tile(&name, format!("missing from batch {}", batch.sequence))
             })?;
             fb.validate()
-                .map_err(|e| TrackError::tile(&name, e.to_string()))?;
+                .map_err(|e| StitchError::tile(&name, e.to_string()))?;
             let f = &self.fields[k];
             let levels = f.level_keys().len();
             let g = f.geometry;
             let expected = [levels * g.tokens_per_level(), g.token_numel()];
             if fb.source_shape[1..] != expected {
-                return Err(TrackError::tile(
+                return Err(StitchError::tile(
                     &name,
                     format!(
                         "samples are [N, V] = {:?}, the geometry {:?} × {levels} levels gives {expected:?}",
@@ -268,7 +335,7 @@ impl TileStitcher {
                 ));
             }
             for (b, w) in fb.windows.iter().enumerate().take(take) {
-                let values = untokenize(&g, levels, fb.source_of(b));
+                let values = untokenize(&self.geometries[k], fb.source_of(b));
                 self.add_tile(k, w, &values)?;
             }
             let latest = fb.windows.iter().take(take).map(|w| w.time_start).max();
@@ -295,7 +362,7 @@ impl TileStitcher {
     }
 
     /// Ends the stream: returns the remaining time steps, or an error if any lacks tiles.
-    pub fn finish(mut self) -> Result<Vec<FieldSnapshot>> {
+    pub fn finish(mut self) -> Result<Vec<StitchedStep>> {
         let end = self.pending_end();
         self.release(end)
     }
@@ -305,24 +372,8 @@ impl TileStitcher {
         self.pending.keys().next_back().map_or(0, |&t| t + 1)
     }
 
-    /// Stitches a whole finite stream of batches.
-    pub fn stitch_all<I: IntoIterator<Item = Batch>>(
-        mut self,
-        batches: I,
-    ) -> Result<Vec<FieldSnapshot>> {
-        let mut out = Vec::new();
-        for b in batches {
-            out.extend(self.push(&b)?);
-            if self.done {
-                break;
-            }
-        }
-        out.extend(self.finish()?);
-        Ok(out)
-    }
-
     /// Hands out every pending time index below `end`, which must be complete.
-    fn release(&mut self, end: usize) -> Result<Vec<FieldSnapshot>> {
+    fn release(&mut self, end: usize) -> Result<Vec<StitchedStep>> {
         let mut out = Vec::new();
         while let Some(entry) = self.pending.first_entry() {
             let t = *entry.key();
@@ -336,45 +387,54 @@ impl TileStitcher {
                 return Err(self.missing(next, 0, None));
             }
             let planes = entry.remove();
-            let mut snapshot = FieldSnapshot::new(self.time.time_of(t));
-            let mut p = 0;
-            for f in &self.fields {
-                for level in f.level_keys() {
-                    let plane = &planes[p];
-                    if plane.count < self.grid.len() {
-                        return Err(self.missing(t, p, Some(plane)));
-                    }
-                    let mut values = plane.values.clone();
+            if let Some(p) = planes.iter().position(|p| p.count < self.nlat * self.nlon) {
+                return Err(self.missing(t, p, Some(&planes[p])));
+            }
+            let keys = self
+                .fields
+                .iter()
+                .flat_map(|f| f.level_keys().into_iter().map(|l| (f.name.clone(), l)));
+            let planes = keys
+                .zip(planes)
+                .map(|((field, level), plane)| {
+                    let mut values = plane.values;
                     if self.average {
                         for (v, &h) in values.iter_mut().zip(&plane.hits) {
                             *v /= f32::from(h.max(1));
                         }
                     }
-                    let field = Field::new(self.grid, values)?;
-                    snapshot.insert(&f.name, level, field)?;
-                    p += 1;
-                }
-            }
-            out.push(snapshot);
+                    StitchedPlane {
+                        field,
+                        level,
+                        values,
+                    }
+                })
+                .collect();
+            out.push(StitchedStep {
+                time_index: t,
+                time_unix: self.time.time_of(t),
+                planes,
+            });
             self.next = Some(t + 1);
         }
         Ok(out)
     }
 
-    fn missing(&self, t: usize, plane: usize, data: Option<&Plane>) -> TrackError {
+    fn missing(&self, t: usize, plane: usize, data: Option<&Plane>) -> StitchError {
         let (field, level) = self.plane_name(plane);
         let first = data
             .and_then(|d| d.covered.iter().position(|c| !c))
             .unwrap_or(0);
-        TrackError::MissingTiles {
+        let total = self.nlat * self.nlon;
+        StitchError::MissingTiles {
             time_index: t,
-            time: format_iso(self.time.time_of(t)),
+            time: format_time(self.time.time_of(t), TimeFormat::Spaced),
             field,
             level,
-            missing: data.map_or(self.grid.len(), |d| self.grid.len() - d.count),
-            total: self.grid.len(),
-            row: first / self.grid.nlon,
-            column: first % self.grid.nlon,
+            missing: data.map_or(total, |d| total - d.count),
+            total,
+            row: first / self.nlon,
+            column: first % self.nlon,
         }
     }
 
@@ -391,12 +451,12 @@ impl TileStitcher {
         (String::new(), f64::NAN)
     }
 
-    /// Scatters one tile of field `k` (values `(level, t, lat, lon)` over its window).
+    /// Scatters one tile of field `k` (values `(t, level, lat, lon)` over its window).
     fn add_tile(&mut self, k: usize, w: &Window, values: &[f32]) -> Result<()> {
         let f = &self.fields[k];
         let name = f.name.clone();
         if w.size != f.geometry.window() {
-            return Err(TrackError::tile(
+            return Err(StitchError::tile(
                 &name,
                 format!(
                     "a window of {:?} points, the geometry's is {:?}",
@@ -406,19 +466,16 @@ impl TileStitcher {
             ));
         }
         let [wt, wy, wx] = w.size;
-        if w.lat_start + wy > self.grid.nlat || w.lon_start >= self.grid.nlon {
-            return Err(TrackError::tile(
+        if w.lat_start + wy > self.nlat || w.lon_start >= self.nlon {
+            return Err(StitchError::tile(
                 &name,
-                format!(
-                    "window {w:?} leaves the {} × {} grid",
-                    self.grid.nlat, self.grid.nlon
-                ),
+                format!("window {w:?} leaves the {} × {} grid", self.nlat, self.nlon),
             ));
         }
         if let Some(next) = self.next
             && w.time_start < next
         {
-            return Err(TrackError::tile(
+            return Err(StitchError::tile(
                 &name,
                 format!(
                     "a tile starting at time index {} arrived after time index {} was handed out \
@@ -431,9 +488,8 @@ impl TileStitcher {
         let levels = f.level_keys().len();
         let first_plane: usize = self.fields[..k].iter().map(|g| g.level_keys().len()).sum();
         let planes_per_step: usize = self.fields.iter().map(|g| g.level_keys().len()).sum();
-        let (nlat, nlon) = (self.grid.nlat, self.grid.nlon);
-        let n = self.grid.len();
-        let tol = self.rel_tolerance;
+        let (nlat, nlon) = (self.nlat, self.nlon);
+        let n = nlat * nlon;
         let average = self.average;
         for l in 0..levels {
             for t in 0..wt {
@@ -451,7 +507,7 @@ impl TileStitcher {
                 let plane = &mut planes[first_plane + l];
                 for y in 0..wy {
                     let row = w.lat_start + y;
-                    let src = ((l * wt + t) * wy + y) * wx;
+                    let src = ((t * levels + l) * wy + y) * wx;
                     for x in 0..wx {
                         let col = (w.lon_start + x) % nlon;
                         let at = row * nlon + col;
@@ -468,9 +524,9 @@ impl TileStitcher {
                             let old = plane.values[at];
                             let same = old == v
                                 || (old.is_nan() && v.is_nan())
-                                || (old - v).abs() <= tol * old.abs().max(v.abs());
+                                || (old - v).abs() <= OVERLAP_TOLERANCE * old.abs().max(v.abs());
                             if !same {
-                                return Err(TrackError::InconsistentOverlap {
+                                return Err(StitchError::InconsistentOverlap {
                                     time_index: ti,
                                     field: name,
                                     level: f.level_keys()[l].unwrap_or(f64::NAN),
@@ -497,23 +553,43 @@ impl TileStitcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use atmorep_proto::batch::{FieldBatch, StreamCursor};
-    use atmorep_proto::geometry::FieldGeometry;
+    use crate::batch::{FieldBatch, StreamCursor};
+    use crate::tokenize::tokenize;
 
-    /// The loader's tile starts (loader-service `sampler::tile_starts`).
-    fn tile_starts(n: usize, window: usize, overlap: usize, periodic: bool) -> Vec<usize> {
-        let step = window - overlap;
-        if periodic {
-            return (0..n.div_ceil(step)).map(|i| i * step).collect();
-        }
-        let mut starts: Vec<usize> = (0..)
-            .map(|i| i * step)
-            .take_while(|s| s + window < n)
-            .collect();
-        starts.push(n - window);
-        starts.dedup();
-        starts
+    /// Stitches a whole finite stream of batches, as a client reads one.
+    trait StitchAll {
+        fn stitch_all<I: IntoIterator<Item = Batch>>(self, batches: I)
+        -> Result<Vec<StitchedStep>>;
     }
+
+    impl StitchAll for TileStitcher {
+        fn stitch_all<I: IntoIterator<Item = Batch>>(
+            mut self,
+            batches: I,
+        ) -> Result<Vec<StitchedStep>> {
+            let mut out = Vec::new();
+            for b in batches {
+                out.extend(self.push(&b)?);
+                if self.is_done() {
+                    break;
+                }
+            }
+            out.extend(self.finish()?);
+            Ok(out)
+        }
+    }
+
+    /// The loader's grid of a 2° dataset: 91 latitudes (poles included) × 180 longitudes.
+    #[derive(Debug, Clone, Copy)]
+    struct Grid {
+        nlat: usize,
+        nlon: usize,
+    }
+
+    const GRID: Grid = Grid {
+        nlat: 91,
+        nlon: 180,
+    };
 
     const T0: i64 = 1_598_918_400;
     const STEP: i64 = 3 * 3600;
@@ -581,8 +657,8 @@ mod tests {
                         let mut source = Vec::new();
                         for w in ws {
                             let mut values = Vec::new();
-                            for l in 0..levels {
-                                for t in 0..window[0] {
+                            for t in 0..window[0] {
+                                for l in 0..levels {
                                     for y in 0..window[1] {
                                         for x in 0..window[2] {
                                             values.push(truth(
@@ -596,7 +672,8 @@ mod tests {
                                     }
                                 }
                             }
-                            source.extend(tokenize(&f.geometry, levels, &values));
+                            let geometry = FieldGeometry::new((0..levels).collect(), f.geometry);
+                            source.extend(tokenize(&geometry, &values));
                         }
                         let n = levels * f.geometry.tokens_per_level();
                         let b = ws.len();
@@ -630,20 +707,26 @@ mod tests {
             .collect()
     }
 
-    fn check_exact(snapshots: &[FieldSnapshot], times: std::ops::Range<usize>) {
-        assert_eq!(snapshots.len(), times.len());
-        for (s, t) in snapshots.iter().zip(times) {
+    fn check_exact(steps: &[StitchedStep], times: std::ops::Range<usize>) {
+        check_close(steps, times, 0.0);
+    }
+
+    /// Every value within `rel_tolerance` of the truth (relative to its magnitude).
+    fn check_close(steps: &[StitchedStep], times: std::ops::Range<usize>, rel_tolerance: f32) {
+        assert_eq!(steps.len(), times.len());
+        for (s, t) in steps.iter().zip(times) {
             assert_eq!(s.time_unix, T0 + t as i64 * STEP);
+            assert_eq!(s.time_index, t);
             for (k, f) in fields().iter().enumerate() {
                 for (l, &level) in f.levels.iter().enumerate() {
-                    let field = s.get(&f.name, Some(level)).unwrap();
-                    let g = field.grid();
-                    for j in 0..g.nlat {
-                        for i in 0..g.nlon {
-                            assert_eq!(
-                                field.get(j, i),
-                                truth(k, l, t, j, i),
-                                "{k} {l} {t} {j} {i}"
+                    let plane = s.plane(&f.name, Some(level)).unwrap();
+                    assert_eq!(plane.len(), GRID.nlat * GRID.nlon);
+                    for j in 0..GRID.nlat {
+                        for i in 0..GRID.nlon {
+                            let (got, want) = (plane[j * GRID.nlon + i], truth(k, l, t, j, i));
+                            assert!(
+                                (got - want).abs() <= rel_tolerance * want.abs(),
+                                "{k} {l} {t} {j} {i}: {got} vs {want}"
                             );
                         }
                     }
@@ -653,31 +736,13 @@ mod tests {
     }
 
     #[test]
-    fn untokenize_follows_the_contract_geometry() {
-        let f = FieldGeometry::new(vec![850, 500], TokenGeometry::new([2, 3, 2], [2, 3, 4]));
-        let g = f.geometry;
-        let [wt, wy, wx] = g.window();
-        let tokens: Vec<f32> = (0..f.numel()).map(|k| k as f32).collect();
-        let window = untokenize(&g, 2, &tokens);
-        for (k, &v) in tokens.iter().enumerate() {
-            let (token, value) = (k / g.token_numel(), k % g.token_numel());
-            let [l, t, y, x] = f.token_coords(token).unwrap();
-            let [dt, dy, dx] = g.value_coords(value).unwrap();
-            let [t0, y0, x0] = g.token_grid_start(t, y, x);
-            let at = ((l * wt + t0 + dt) * wy + y0 + dy) * wx + x0 + dx;
-            assert_eq!(window[at], v);
-        }
-        assert_eq!(tokenize(&g, 2, &window), tokens);
-    }
-
-    #[test]
     fn stitching_tiles_reproduces_the_fields_exactly() {
-        let grid = Grid::global(2.0);
+        let grid = GRID;
         // Lat (91 rows) and lon (180 columns) do not divide by the 15 × 28 window: the last
         // row of tiles overlaps, the last column of tiles wraps past 360° onto the first; time
         // indices 5 … 11 (7 steps) overlap in the last time block too.
         let batches = stream(&grid, 5..12, [0, 0, 0], 7);
-        let mut stitcher = TileStitcher::new(fields(), grid, axis()).unwrap();
+        let mut stitcher = TileStitcher::new(fields(), grid.nlat, grid.nlon, axis()).unwrap();
         let mut early = 0;
         let mut out = Vec::new();
         for (k, b) in batches.iter().enumerate() {
@@ -694,11 +759,18 @@ mod tests {
 
         // With overlap in every direction, in one go.
         let batches = stream(&grid, 0..6, [1, 4, 6], 16);
-        let out = TileStitcher::new(fields(), grid, axis())
+        let out = TileStitcher::new(fields(), grid.nlat, grid.nlon, axis())
             .unwrap()
-            .stitch_all(batches)
+            .stitch_all(batches.clone())
             .unwrap();
         check_exact(&out, 0..6);
+        // Averaged where they overlap (up to 8 tiles on a point): the fields again.
+        let out = TileStitcher::new(fields(), grid.nlat, grid.nlon, axis())
+            .unwrap()
+            .with_averaged_overlaps()
+            .stitch_all(batches)
+            .unwrap();
+        check_close(&out, 0..6, 1e-6);
     }
 
     /// `a` followed by the samples of `b`, as one batch.
@@ -719,7 +791,7 @@ mod tests {
 
     #[test]
     fn a_stream_going_on_into_the_next_epoch_ends_the_tiling() {
-        let grid = Grid::global(2.0);
+        let grid = GRID;
         let mut batches = stream(&grid, 0..4, [0, 0, 0], 8);
         // The loader without `end_epoch` starts the tiling over (epoch 1) within a batch.
         let mut again = batches[0].clone();
@@ -727,7 +799,7 @@ mod tests {
         let last = batches.pop().unwrap();
         batches.push(concat(last, &again));
         batches.push(again.clone());
-        let mut stitcher = TileStitcher::new(fields(), grid, axis()).unwrap();
+        let mut stitcher = TileStitcher::new(fields(), grid.nlat, grid.nlon, axis()).unwrap();
         let mut out = Vec::new();
         for b in &batches {
             out.extend(stitcher.push(b).unwrap());
@@ -735,7 +807,7 @@ mod tests {
         assert!(stitcher.is_done());
         assert!(stitcher.finish().unwrap().is_empty());
         check_exact(&out, 0..4);
-        let out = TileStitcher::new(fields(), grid, axis())
+        let out = TileStitcher::new(fields(), grid.nlat, grid.nlon, axis())
             .unwrap()
             .stitch_all(batches)
             .unwrap();
@@ -744,18 +816,18 @@ mod tests {
 
     #[test]
     fn a_missing_tile_is_reported() {
-        let grid = Grid::global(2.0);
+        let grid = GRID;
         let mut batches = stream(&grid, 0..4, [0, 0, 0], 1);
         // Drops one tile of the first time block (time indices 0 and 1).
         batches.remove(10);
-        let e = TileStitcher::new(fields(), grid, axis())
+        let e = TileStitcher::new(fields(), grid.nlat, grid.nlon, axis())
             .unwrap()
             .stitch_all(batches)
             .unwrap_err();
         assert!(
             matches!(
                 e,
-                TrackError::MissingTiles {
+                StitchError::MissingTiles {
                     time_index: 0,
                     missing: 420,
                     total: 16380,
@@ -768,19 +840,19 @@ mod tests {
         // The end of the stream: the last block incomplete.
         let mut batches = stream(&grid, 0..4, [0, 0, 0], 1);
         batches.pop();
-        let e = TileStitcher::new(fields(), grid, axis())
+        let e = TileStitcher::new(fields(), grid.nlat, grid.nlon, axis())
             .unwrap()
             .stitch_all(batches)
             .unwrap_err();
         assert!(
-            matches!(e, TrackError::MissingTiles { time_index: 2, .. }),
+            matches!(e, StitchError::MissingTiles { time_index: 2, .. }),
             "{e}"
         );
     }
 
     #[test]
     fn inconsistent_overlaps_and_disorder_are_errors() {
-        let grid = Grid::global(2.0);
+        let grid = GRID;
         let mut batches = stream(&grid, 0..2, [0, 0, 0], 1);
         // The last row of tiles starts at row 76 and overlaps the one before (75 … 89).
         let k = batches
@@ -788,12 +860,12 @@ mod tests {
             .position(|b| b.fields[0].windows[0].lat_start == 76)
             .unwrap();
         batches[k].fields[0].source[0] += 1.0;
-        let e = TileStitcher::new(fields(), grid, axis())
+        let e = TileStitcher::new(fields(), grid.nlat, grid.nlon, axis())
             .unwrap()
             .stitch_all(batches)
             .unwrap_err();
         assert!(
-            matches!(&e, TrackError::InconsistentOverlap { row: 76, field, .. } if field == "vo"),
+            matches!(&e, StitchError::InconsistentOverlap { row: 76, field, .. } if field == "vo"),
             "{e}"
         );
 
@@ -813,16 +885,16 @@ mod tests {
             .filter(|b| covers(&b.fields[0].windows[0]))
             .count();
         assert!(hits >= 2, "{hits}");
-        let out = TileStitcher::new(fields(), grid, axis())
+        let out = TileStitcher::new(fields(), grid.nlat, grid.nlon, axis())
             .unwrap()
             .with_averaged_overlaps()
             .stitch_all(batches)
             .unwrap();
-        let vo = out[w.time_start].get("vo", Some(850.0)).unwrap();
+        let vo = out[w.time_start].plane("vo", Some(850.0)).unwrap();
         let want = truth(0, 0, w.time_start, 76, w.lon_start);
-        assert!((vo.get(76, w.lon_start) - (want + 1.0 / hits as f32)).abs() < 1e-4);
+        assert!((vo[76 * grid.nlon + w.lon_start] - (want + 1.0 / hits as f32)).abs() < 1e-4);
         assert_eq!(
-            vo.get(77, w.lon_start),
+            vo[77 * grid.nlon + w.lon_start],
             truth(0, 0, w.time_start, 77, w.lon_start)
         );
 
@@ -830,7 +902,7 @@ mod tests {
         let mut batches = stream(&grid, 0..4, [0, 0, 0], 9);
         let again = batches[0].clone();
         batches.insert(batches.len() - 1, again);
-        let e = TileStitcher::new(fields(), grid, axis())
+        let e = TileStitcher::new(fields(), grid.nlat, grid.nlon, axis())
             .unwrap()
             .stitch_all(batches)
             .unwrap_err();
@@ -839,42 +911,43 @@ mod tests {
 
     #[test]
     fn mismatched_requests_are_errors() {
-        let grid = Grid::global(2.0);
+        let grid = GRID;
         let batches = stream(&grid, 0..2, [0, 0, 0], 4);
         let mut wrong = fields();
         wrong[1].geometry = TokenGeometry::new([1, 3, 2], [2, 5, 7]);
         wrong[1].geometry.num_tokens = [1, 3, 4];
-        let e = TileStitcher::new(wrong, grid, axis())
+        let e = TileStitcher::new(wrong, grid.nlat, grid.nlon, axis())
             .unwrap()
             .push(&batches[0])
             .unwrap_err();
         assert!(
-            matches!(&e, TrackError::Tile { field, .. } if field == "z"),
+            matches!(&e, StitchError::Tile { field, .. } if field == "z"),
             "{e}"
         );
         let mut absent = fields();
         absent[0].name = "t".into();
-        let e = TileStitcher::new(absent, grid, axis())
+        let e = TileStitcher::new(absent, grid.nlat, grid.nlon, axis())
             .unwrap()
             .push(&batches[0])
             .unwrap_err();
         assert!(e.to_string().contains("`t`: missing from batch 0"), "{e}");
         // Extra fields in the batch are fine.
         let only_vo = vec![fields().remove(0)];
-        let out = TileStitcher::new(only_vo, grid, axis())
+        let out = TileStitcher::new(only_vo, grid.nlat, grid.nlon, axis())
             .unwrap()
             .stitch_all(batches)
             .unwrap();
         assert_eq!(out.len(), 2);
-        assert_eq!(out[0].keys().count(), 1);
-        assert!(TileStitcher::new(Vec::new(), grid, axis()).is_err());
+        assert_eq!(out[0].planes.len(), 1);
+        assert!(TileStitcher::new(Vec::new(), grid.nlat, grid.nlon, axis()).is_err());
+        assert!(TileStitcher::new(fields(), 0, grid.nlon, axis()).is_err());
         let too_big = TileField::new("vo", vec![], TokenGeometry::new([1, 1, 1], [1, 100, 1]));
-        assert!(TileStitcher::new(vec![too_big], grid, axis()).is_err());
+        assert!(TileStitcher::new(vec![too_big], grid.nlat, grid.nlon, axis()).is_err());
     }
 
     #[test]
     fn fields_from_a_request_file() {
-        let req: atmorep_proto::RequestConfig = toml::from_str(
+        let req: crate::RequestConfig = toml::from_str(
             "dataset = \"era5\"\nmode = \"tiles\"\nunits = \"physical\"\n\
              [[fields]]\nname = \"vo\"\nlevels = [850]\nnum_tokens = [2, 3, 4]\n\
              token_size = [1, 5, 7]\npe = \"none\"\npe_width = 2\n",
