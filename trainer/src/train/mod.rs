@@ -186,7 +186,7 @@ impl TrainConfig {
     /// `examples/train.toml`: the tiny preset on `t` and `z` at 850 and 500 hPa of the store
     /// `atmorep loader synth` writes.
     pub fn example() -> Self {
-        Self::from_toml_str(include_str!("../../examples/train.toml"), None)
+        Self::from_toml_str(include_str!("../../../examples/train.toml"), None)
             .expect("examples/train.toml is valid")
     }
 
