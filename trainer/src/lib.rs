@@ -1,4 +1,4 @@
-//! `atmorep-trainer`: the AtmoRep-style multiformer in candle (DESIGN §4).
+//! `atmorep-trainer`: the AtmoRep-style multiformer in candle (docs/design.md §4).
 //!
 //! This crate owns the *model*: its configuration ([`config`]), the differentiable building
 //! blocks candle-nn lacks ([`ops`]), token embedding with the aux-info variants ([`embed`]),
@@ -47,6 +47,7 @@ pub mod ops;
 pub mod optim;
 pub mod rendezvous;
 pub mod tail;
+mod toml_file;
 pub mod train;
 
 pub use batch::{FieldTensors, batch_tensors};
