@@ -20,7 +20,6 @@ use zarrs::array::{Array, ArrayBytes, ArrayMetadata, ArrayMetadataV3, ArrayToByt
 use crate::dataset::{Dataset, Role, chunk_codec_options};
 use crate::error::{Result, StoreError};
 use crate::hyperslab::Hyperslab;
-use crate::plot::{Bar, Series, lines_and_bars};
 use crate::synth::{Codec, progress_bar};
 
 /// What to benchmark.
@@ -68,7 +67,7 @@ pub struct BenchReport {
 
 const GB: f64 = 1e9;
 
-/// Runs the benchmark and writes its table and plot.
+/// Runs the benchmark and writes its table (the caller draws the chart at the report's `png`).
 pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
     let dataset = Arc::new(Dataset::open(&cfg.url).await?);
     let name = match &cfg.variable {
@@ -294,38 +293,6 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
     let parquet = cfg.out.join("bench-storage.parquet");
     write_parquet(&parquet, &rows)?;
     let png = cfg.out.join("bench-storage.png");
-    let get_series = Series {
-        name: "object GET".into(),
-        points: rows
-            .iter()
-            .filter(|r| r.section == "get")
-            .map(|r| (r.x, r.value))
-            .collect(),
-    };
-    let bars: Vec<Bar> = rows
-        .iter()
-        .filter(|r| r.section == "decode" || r.section == "hyperslab")
-        .map(|r| Bar {
-            label: if r.section == "decode" {
-                format!("decode {}", r.name)
-            } else {
-                r.name.clone()
-            },
-            value: r.value,
-        })
-        .collect();
-    lines_and_bars(
-        &png,
-        (1600, 700),
-        &format!("bench-storage: {} ({name}, {cores} cores)", cfg.url),
-        "GET throughput vs concurrency",
-        "requests in flight",
-        "GB/s (encoded)",
-        &[get_series],
-        "decode (1 core) and hyperslab reads",
-        "GB/s (decoded values)",
-        &bars,
-    )?;
     Ok(BenchReport {
         url: cfg.url.clone(),
         variable: name,

@@ -20,7 +20,6 @@ pub mod location;
 pub mod masking;
 pub mod normalization;
 pub mod pipeline;
-pub mod plot;
 pub mod sampler;
 pub mod service;
 pub mod stats;
