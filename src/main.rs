@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use atmorep_loader::Dataset;
 use atmorep_loader::bench_pipeline::{self, reference_config};
-use atmorep_loader::bench_storage::{BenchConfig, run_bench};
+use atmorep_loader::bench_storage::{BenchConfig, BenchReport, run_bench};
 use atmorep_loader::dataset::Layout;
 use atmorep_loader::inspect::inspect;
 use atmorep_loader::local_stats::{LOCAL_STORE, LocalStats};
 use atmorep_loader::normalization::{GLOBAL_FILE, GlobalStats};
 use atmorep_loader::synth::{Codec, SynthConfig, ZarrFormat, write_store};
+use atmorep_plot::{Bar, Series, lines_and_bars};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -457,9 +458,52 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 progress: true,
             })
             .await?;
+            bench_storage_chart(&report)?;
             print!("{}", report.to_text());
         }
     }
+    Ok(())
+}
+
+/// The storage benchmark's chart at the report's `png`: GET throughput against concurrency
+/// beside the decode and hyperslab read rates.
+fn bench_storage_chart(report: &BenchReport) -> Result<()> {
+    let rows = &report.rows;
+    let get = Series {
+        name: "object GET".into(),
+        points: rows
+            .iter()
+            .filter(|r| r.section == "get")
+            .map(|r| (r.x, r.value))
+            .collect(),
+    };
+    let bars: Vec<Bar> = rows
+        .iter()
+        .filter(|r| r.section == "decode" || r.section == "hyperslab")
+        .map(|r| Bar {
+            label: if r.section == "decode" {
+                format!("decode {}", r.name)
+            } else {
+                r.name.clone()
+            },
+            value: r.value,
+        })
+        .collect();
+    lines_and_bars(
+        &report.png,
+        (1600, 700),
+        &format!(
+            "bench-storage: {} ({}, {} cores)",
+            report.url, report.variable, report.cores
+        ),
+        "GET throughput vs concurrency",
+        "requests in flight",
+        "GB/s (encoded)",
+        &[get],
+        "decode (1 core) and hyperslab reads",
+        "GB/s (decoded values)",
+        &bars,
+    )?;
     Ok(())
 }
 

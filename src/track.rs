@@ -8,10 +8,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use atmorep_plot::{MapConfig, draw_map};
 use atmorep_proto::{ClientConfig, LoaderClient, RequestConfig, pb};
 use atmorep_track::{
-    EvalConfig, Grid, MapConfig, TileField, TileStitcher, TimeAxis, TrackConfig, draw_map,
-    evaluate, read_reference, read_tracks_csv, write_tracks_csv,
+    EvalConfig, Grid, TileField, TileStitcher, TimeAxis, TrackConfig, evaluate, read_reference,
+    read_tracks_csv, write_tracks_csv,
 };
 use clap::{Args, Subcommand};
 

@@ -11,8 +11,7 @@
 //!   geopotential low and a warm core — in parallel over time steps;
 //! - [`tracks`]: detections linked into IBTrACS-like tracks, read and written as CSV;
 //! - [`eval`]: tracks against synthetic truth or IBTrACS — hits, misses, false alarms and
-//!   great-circle position errors;
-//! - [`map`]: a PNG map of tracks.
+//!   great-circle position errors.
 //!
 //! [`track`] runs detection and stitching in one call. The crate depends on the contract crate
 //! alone: no Zarr, no gRPC server, no tokio — a client feeds it batches however it receives them.
@@ -65,7 +64,6 @@ pub mod error;
 pub mod eval;
 pub mod field;
 pub mod geo;
-pub mod map;
 pub mod stitch;
 pub mod time;
 pub mod tracks;
@@ -78,7 +76,6 @@ pub use detect::{Detection, detect, detect_step};
 pub use error::{Result, TrackError};
 pub use eval::{EvalConfig, EvalReport, evaluate, read_reference};
 pub use field::{Field, FieldKey, Grid, Snapshot};
-pub use map::{MapConfig, draw_map};
 pub use stitch::{TileField, TileStitcher, TimeAxis, tokenize, untokenize};
 pub use tracks::{
     Track, TrackPoint, parse_tracks_csv, read_tracks_csv, stitch_tracks, tracks_to_csv,

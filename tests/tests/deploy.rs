@@ -338,7 +338,7 @@ fn the_loader_image_is_built_without_candle() {
     let heavy: Vec<&String> = loader
         .iter()
         .filter(|c| {
-            c.starts_with("candle") || c.starts_with("atmorep-trainer") || *c == "atmorep-plot"
+            c.starts_with("candle") || c.starts_with("atmorep-trainer") || *c == "atmorep-track"
         })
         .collect();
     assert!(heavy.is_empty(), "the loader build carries {heavy:?}");

@@ -7,30 +7,16 @@
 //! frame is broken at its edge rather than drawn across the map.
 
 use std::path::Path;
-use std::sync::Once;
 
+use atmorep_track::geo::{wrap_180, wrap_360};
+use atmorep_track::tracks::Track;
 use plotters::prelude::*;
-use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, TrackError};
-use crate::tracks::Track;
-
-const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
-static REGISTER: Once = Once::new();
-
-/// Registers the embedded font as `sans-serif`, so maps render on machines without fonts.
-fn register_font() {
-    REGISTER.call_once(|| {
-        // The font is compiled in; failing to parse it is a build defect, not a runtime state.
-        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-            .map_err(|_| "embedded font is invalid")
-            .expect("embedded DejaVuSans.ttf parses");
-    });
-}
+use crate::canvas::{FONT_FAMILY, render, write_png};
+use crate::error::{Result, draw_err, input_err};
 
 /// What the map shows.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MapConfig {
     /// Image size in pixels.
     pub width: u32,
@@ -67,7 +53,7 @@ fn in_frame(lon: f64, west: f64) -> f64 {
 /// points, so that the frame cuts the globe where there is nothing to cut — tracks crossing 0°
 /// and tracks crossing 180° both stay whole.
 fn pick_frame(lons: &[f64]) -> f64 {
-    let mut v: Vec<f64> = lons.iter().map(|&l| crate::geo::wrap_360(l)).collect();
+    let mut v: Vec<f64> = lons.iter().map(|&l| wrap_360(l)).collect();
     v.sort_by(f64::total_cmp);
     let (Some(&first), Some(&last)) = (v.first(), v.last()) else {
         return 0.0;
@@ -78,7 +64,7 @@ fn pick_frame(lons: &[f64]) -> f64 {
             best = (w[1] - w[0], w[0]);
         }
     }
-    crate::geo::wrap_360(best.1 + best.0 / 2.0)
+    wrap_360(best.1 + best.0 / 2.0)
 }
 
 /// A track's points in the frame, split where consecutive points jump by more than half the
@@ -107,17 +93,16 @@ pub fn draw_map(
     reference: Option<&[Track]>,
     cfg: &MapConfig,
 ) -> Result<()> {
-    let err = |e: &dyn std::fmt::Display| TrackError::Plot {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    };
+    let what = path.display().to_string();
     if cfg.width < 200 || cfg.height < 150 {
-        return Err(TrackError::Config(format!(
-            "map size {}×{} is too small (at least 200×150)",
-            cfg.width, cfg.height
-        )));
+        return Err(input_err(
+            &what,
+            format!(
+                "map size {}×{} is too small (at least 200×150)",
+                cfg.width, cfg.height
+            ),
+        ));
     }
-    register_font();
     let reference = reference.unwrap_or(&[]);
     let all = || tracks.iter().chain(reference).flat_map(|t| &t.points);
     let lons: Vec<f64> = all().map(|p| p.lon).collect();
@@ -145,90 +130,92 @@ pub fn draw_map(
         }
     });
     if !(lon_lo < lon_hi && lat_lo < lat_hi) {
-        return Err(TrackError::Config(format!(
-            "map ranges lon {lon_lo}…{lon_hi}, lat {lat_lo}…{lat_hi} are empty"
-        )));
+        return Err(input_err(
+            &what,
+            format!("map ranges lon {lon_lo}…{lon_hi}, lat {lat_lo}…{lat_hi} are empty"),
+        ));
     }
 
-    let root = BitMapBackend::new(path, (cfg.width, cfg.height)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(&cfg.title, ("sans-serif", 24))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(55)
-        .build_cartesian_2d(lon_lo..lon_hi, lat_lo..lat_hi)
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("longitude")
-        .y_desc("latitude")
-        .x_label_formatter(&|x| {
-            let l = crate::geo::wrap_180(*x);
-            format!("{:.0}°{}", l.abs(), if l < 0.0 { "W" } else { "E" })
-        })
-        .y_label_formatter(&|y| format!("{:.0}°{}", y.abs(), if *y < 0.0 { "S" } else { "N" }))
-        .light_line_style(RGBColor(235, 235, 235))
-        .draw()
-        .map_err(|e| err(&e))?;
-
-    let legend = tracks.len() + reference.len() <= cfg.legend_max;
-    for (k, r) in reference.iter().enumerate() {
-        let style = ShapeStyle::from(&RGBColor(60, 60, 60)).stroke_width(2);
-        for (n, seg) in segments(r, west).into_iter().enumerate() {
-            let series = chart
-                .draw_series(DashedLineSeries::new(seg, 8, 5, style))
-                .map_err(|e| err(&e))?;
-            if legend && n == 0 {
-                series
-                    .label(format!("{} (reference)", r.sid))
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
-            }
-        }
-        if let Some(p) = r.points.first() {
-            let at = (in_frame(p.lon, west), p.lat);
-            chart
-                .draw_series(std::iter::once(TriangleMarker::new(at, 6, style)))
-                .map_err(|e| err(&e))?;
-        }
-        let _ = k;
-    }
-    for (k, t) in tracks.iter().enumerate() {
-        let colour = Palette99::pick(k).to_rgba();
-        let style = ShapeStyle::from(&colour).stroke_width(3);
-        for (n, seg) in segments(t, west).into_iter().enumerate() {
-            let series = chart
-                .draw_series(LineSeries::new(seg, style))
-                .map_err(|e| err(&e))?;
-            if legend && n == 0 {
-                series
-                    .label(t.sid.clone())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
-            }
-        }
-        if let Some(p) = t.points.first() {
-            let at = (in_frame(p.lon, west), p.lat);
-            chart
-                .draw_series(std::iter::once(Circle::new(at, 5, colour.filled())))
-                .map_err(|e| err(&e))?;
-        }
-    }
-    if legend && !(tracks.is_empty() && reference.is_empty()) {
+    let size = (cfg.width, cfg.height);
+    let rgb = render(&what, size, |root| {
+        let err = draw_err(&what);
+        let mut chart = ChartBuilder::on(root)
+            .caption(&cfg.title, (FONT_FAMILY, 24))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .build_cartesian_2d(lon_lo..lon_hi, lat_lo..lat_hi)
+            .map_err(&err)?;
         chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .position(emptiest_corner(
-                all().map(|p| (in_frame(p.lon, west), p.lat)),
-                (lon_lo, lon_hi),
-                (lat_lo, lat_hi),
-            ))
+            .configure_mesh()
+            .x_desc("longitude")
+            .y_desc("latitude")
+            .x_label_formatter(&|x| {
+                let l = wrap_180(*x);
+                format!("{:.0}°{}", l.abs(), if l < 0.0 { "W" } else { "E" })
+            })
+            .y_label_formatter(&|y| format!("{:.0}°{}", y.abs(), if *y < 0.0 { "S" } else { "N" }))
+            .light_line_style(RGBColor(235, 235, 235))
             .draw()
-            .map_err(|e| err(&e))?;
-    }
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+            .map_err(&err)?;
+
+        let legend = tracks.len() + reference.len() <= cfg.legend_max;
+        for r in reference {
+            let style = ShapeStyle::from(&RGBColor(60, 60, 60)).stroke_width(2);
+            for (n, seg) in segments(r, west).into_iter().enumerate() {
+                let series = chart
+                    .draw_series(DashedLineSeries::new(seg, 8, 5, style))
+                    .map_err(&err)?;
+                if legend && n == 0 {
+                    series
+                        .label(format!("{} (reference)", r.sid))
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+                }
+            }
+            if let Some(p) = r.points.first() {
+                let at = (in_frame(p.lon, west), p.lat);
+                chart
+                    .draw_series(std::iter::once(TriangleMarker::new(at, 6, style)))
+                    .map_err(&err)?;
+            }
+        }
+        for (k, t) in tracks.iter().enumerate() {
+            let colour = Palette99::pick(k).to_rgba();
+            let style = ShapeStyle::from(&colour).stroke_width(3);
+            for (n, seg) in segments(t, west).into_iter().enumerate() {
+                let series = chart
+                    .draw_series(LineSeries::new(seg, style))
+                    .map_err(&err)?;
+                if legend && n == 0 {
+                    series
+                        .label(t.sid.clone())
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+                }
+            }
+            if let Some(p) = t.points.first() {
+                let at = (in_frame(p.lon, west), p.lat);
+                chart
+                    .draw_series(std::iter::once(Circle::new(at, 5, colour.filled())))
+                    .map_err(&err)?;
+            }
+        }
+        if legend && !(tracks.is_empty() && reference.is_empty()) {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font((FONT_FAMILY, 14))
+                .position(emptiest_corner(
+                    all().map(|p| (in_frame(p.lon, west), p.lat)),
+                    (lon_lo, lon_hi),
+                    (lat_lo, lat_hi),
+                ))
+                .draw()
+                .map_err(&err)?;
+        }
+        Ok(())
+    })?;
+    write_png(path, size, &rgb)
 }
 
 /// The corner of the frame with the fewest track points, where the legend hides the least.
@@ -257,7 +244,7 @@ fn emptiest_corner(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tracks::TrackPoint;
+    use atmorep_track::tracks::TrackPoint;
 
     fn track(sid: &str, lat: f64, lons: &[f64]) -> Track {
         Track {
