@@ -58,7 +58,7 @@ const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 ///   each small allocation in a fresh 2 MiB region makes 2 MiB resident and freed memory comes
 ///   back only in whole huge pages: eight clients of a server with an 8 MiB cache and an 8 MiB
 ///   budget peaked at 117–126 MiB resident with huge pages and 66–79 MiB without
-///   (`tests/tests/service.rs`). The reference bench-pipeline ran 26–95 samples/s with them (the
+///   (`tests/it/service.rs`). The reference bench-pipeline ran 26–95 samples/s with them (the
 ///   kernel compacting memory to find huge pages) and a steady 79–84 without. mimalloc reads the
 ///   option when it starts, before `main`, so this also does what it would then have done: mark
 ///   the process THP-disabled (`PR_SET_THP_DISABLE`, which covers mappings made earlier too).
