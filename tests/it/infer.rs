@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use atmorep_integration_tests::{Server, atmorep_bin};
+use atmorep_testkit::{Server, atmorep_bin};
 use atmorep_loader::Dataset;
 use atmorep_loader::hyperslab::Hyperslab;
 use atmorep_loader::normalization::GlobalStats;

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use atmorep_integration_tests::workspace_root;
+use atmorep_testkit::workspace_root;
 use atmorep_proto::pb;
 use atmorep_proto::request::RequestConfig;
 use atmorep_trainer::TrainConfig;

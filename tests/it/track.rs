@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use atmorep_integration_tests::{Server, atmorep_bin};
+use atmorep_testkit::{Server, atmorep_bin};
 use atmorep_loader::synth::{SynthConfig, write_store};
 use atmorep_track::{EvalConfig, evaluate, read_reference, read_tracks_csv};
 use serde_json::Value;

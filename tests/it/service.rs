@@ -23,11 +23,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use atmorep_integration_tests::streams::{
+use atmorep_testkit::streams::{
     STREAM_TIMEOUT, assert_whole_epoch, client_config, collect, connect, ids,
 };
-use atmorep_integration_tests::tiny::{store_with_stats, tiny_config};
-use atmorep_integration_tests::{ChildGuard, Server, atmorep_bin, workspace_root};
+use atmorep_testkit::tiny::{store_with_stats, tiny_config};
+use atmorep_testkit::{ChildGuard, Server, atmorep_bin, workspace_root};
 use atmorep_loader::normalization::GlobalStats;
 use atmorep_loader::synth::{SynthConfig, write_store};
 use atmorep_proto::batch::{Batch, Cursor};
