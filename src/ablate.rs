@@ -18,6 +18,7 @@ use atmorep_trainer::{RunOptions, Trainer};
 use clap::Args;
 
 use crate::child::{Guard, start_loader};
+use crate::train::StepBar;
 
 /// The `--quick` ablation (its base config serves dataset `quick`).
 const QUICK: &str = include_str!("../examples/ablation-quick.toml");
@@ -187,7 +188,7 @@ pub async fn ablate(args: AblateArgs) -> Result<AblationReport> {
                 &RunOptions {
                     stop_at: None,
                     out: Some(run_dir),
-                    progress: !args.quiet,
+                    progress: StepBar::unless(args.quiet),
                 },
             )
             .await

@@ -57,4 +57,4 @@ pub use config::{AuxInfo, FieldSpec, ModelConfig};
 pub use device::{DeviceError, DeviceSpec, device_from_str};
 pub use error::{Error, Result};
 pub use model::{AttentionMaps, FieldInput, MultiFormer};
-pub use train::{RunOptions, RunSummary, TrainConfig, Trainer};
+pub use train::{RunOptions, RunProgress, RunSummary, TrainConfig, Trainer};

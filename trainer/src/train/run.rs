@@ -8,7 +8,6 @@ use atmorep_proto::Batch;
 use atmorep_proto::client::{BatchStream, LoaderClient};
 use atmorep_proto::request::RequestConfig;
 use candle_core::{DType, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 
 use super::objective::FieldMeans;
@@ -132,7 +131,10 @@ impl Trainer {
         let mut delivered = vec![0u64; tasks.len()];
         self.broadcast_weights()?;
         let root = self.collective.rank() == 0;
-        let bar = progress_bar(opts.progress && root, self.step(), stop);
+        let progress = opts.progress.as_deref().filter(|_| root);
+        if let Some(p) = progress {
+            p.start(self.step(), stop);
+        }
         let mut summary = RunSummary::default();
         let mut unwritten: Vec<StepRecord> = Vec::new();
         let accumulation = self.config.optimizer.accumulation;
@@ -225,17 +227,9 @@ impl Trainer {
                     .increment(reconnects - summary.reconnects);
                 summary.reconnects = reconnects;
             }
-            bar.set_position(done);
-            bar.set_message(format!(
-                "loss {:.4} · {:.0} tok/s · data wait {:.1}%{}",
-                record.loss,
-                record.tokens_per_s(),
-                100.0 * record.data_wait_fraction(),
-                record
-                    .val_loss
-                    .map(|v| format!(" · val {v:.4}"))
-                    .unwrap_or_default()
-            ));
+            if let Some(p) = progress {
+                p.step(&record);
+            }
             summary.steps.push(record.clone());
             unwritten.push(record);
 
@@ -264,7 +258,9 @@ impl Trainer {
                     .extend(metrics_log::write_steps(out, &unwritten)?);
             }
         }
-        bar.finish_and_clear();
+        if let Some(p) = progress {
+            p.finish();
+        }
         Ok(summary)
     }
 }
@@ -296,17 +292,4 @@ pub(super) async fn next_batch(
         what: what.to_string(),
         batches: *delivered,
     })
-}
-
-fn progress_bar(show: bool, pos: u64, len: u64) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len).with_position(pos);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps · {msg}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar
 }

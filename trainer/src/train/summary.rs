@@ -1,21 +1,49 @@
-//! What a run is told and what it reports: where to stop and write ([`RunOptions`]), the
-//! per-step records and files of a run ([`RunSummary`]), and the mean step time split into its
-//! parts ([`Breakdown`]).
+//! What a run is told and what it reports: where to stop and write and who watches
+//! ([`RunOptions`], [`RunProgress`]), the per-step records and files of a run ([`RunSummary`]),
+//! and the mean step time split into its parts ([`Breakdown`]).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::metrics_log::StepRecord;
 
-/// How to run: where to stop, where to write, whether to show progress.
-#[derive(Debug, Clone, Default)]
+/// How to run: where to stop, where to write, who watches.
+#[derive(Clone, Default)]
 pub struct RunOptions {
     /// Stop once this many optimizer steps have been taken in all (default: the config's
     /// `steps`). The schedule still spans the config's `steps`.
     pub stop_at: Option<u64>,
     /// Output folder for checkpoints and the metrics tables; `None`: write nothing.
     pub out: Option<PathBuf>,
-    /// Show a progress bar on stderr.
-    pub progress: bool,
+    /// Told of each step (on rank 0 of a data-parallel run); `None`: nobody watches.
+    pub progress: Option<Arc<dyn RunProgress>>,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("stop_at", &self.stop_at)
+            .field("out", &self.out)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+/// Receives a run's progress: the library reports, the command line draws. Held across the
+/// loop's awaits, hence `Send + Sync`.
+pub trait RunProgress: Send + Sync {
+    /// A run begins with `step` optimizer steps taken and stops at `stop`.
+    fn start(&self, step: u64, stop: u64) {
+        let _ = (step, stop);
+    }
+
+    /// Optimizer step `record.step` is done (its validation too, where one ran).
+    fn step(&self, record: &StepRecord) {
+        let _ = record;
+    }
+
+    /// The run is over.
+    fn finish(&self) {}
 }
 
 /// What a run did.
