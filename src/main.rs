@@ -3,19 +3,22 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use atmorep_loader::Dataset;
-use atmorep_loader::bench_pipeline::{self, reference_config};
-use atmorep_loader::bench_storage::{BenchConfig, run_bench};
-use atmorep_loader::dataset::Layout;
-use atmorep_loader::inspect::inspect;
-use atmorep_loader::local_stats::{LOCAL_STORE, LocalStats};
-use atmorep_loader::normalization::{GLOBAL_FILE, GlobalStats};
-use atmorep_loader::synth::{Codec, SynthConfig, ZarrFormat, write_store};
+use atmorep_loader::pipeline::normalization::{GLOBAL_FILE, GlobalStats, LOCAL_STORE, LocalStats};
+use atmorep_loader::plot::{Bar, Series, lines_and_bars};
+use atmorep_loader::store::zarr_meta::{Codec, ZarrFormat};
+use atmorep_loader::tools::bench_pipeline::{self, reference_config};
+use atmorep_loader::tools::bench_storage::{BenchChart, BenchConfig, run_bench};
+use atmorep_loader::tools::inspect::inspect;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
+use atmorep_loader::{Dataset, Layout};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use bars::Bars;
+
 #[cfg(feature = "trainer")]
 mod ablate;
+mod bars;
 #[cfg(feature = "trainer")]
 mod child;
 #[cfg(feature = "trainer")]
@@ -329,7 +332,7 @@ async fn loader(command: LoaderCommand) -> Result<()> {
         LoaderCommand::Pull(args) => pull::pull(args).await?,
         LoaderCommand::Inspect { url, json, stats } => {
             let dataset = Dataset::open(&url).await?;
-            let report = inspect(&dataset, stats, !json).await?;
+            let report = inspect(&dataset, stats, &Bars::new(!json)).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -350,12 +353,13 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 None => bail!("--out is needed for a remote store"),
             };
             let dataset = Dataset::open(&url).await?;
-            let (stats, computed) = GlobalStats::compute_into(&dataset, &out, force, true).await?;
+            let (stats, computed) =
+                GlobalStats::compute_into(&dataset, &out, force, &Bars::new(true)).await?;
             let rows = stats.iter().count();
             if local {
                 let path = out.join(LOCAL_STORE);
                 if force || !path.join("zarr.json").exists() {
-                    LocalStats::compute(&dataset, &[], true)
+                    LocalStats::compute(&dataset, &[], &Bars::new(true))
                         .await?
                         .write(&path)?;
                     println!("wrote per-point monthly statistics to {}", path.display());
@@ -386,11 +390,11 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 shard_inner: shape4("shard", args.shard)?,
                 cyclones: args.cyclones,
                 seed: args.seed,
-                progress: true,
             };
             let started = std::time::Instant::now();
             let summary =
-                tokio::task::spawn_blocking(move || write_store(&cfg, &args.out)).await??;
+                tokio::task::spawn_blocking(move || write_store(&cfg, &args.out, &Bars::new(true)))
+                    .await??;
             let [nt, nl, ny, nx] = summary.shape;
             println!(
                 "wrote {} ({nt} steps × {nl} levels × {ny} × {nx}, {:.1} MB decoded) in {:.1} s",
@@ -437,7 +441,7 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 samples,
                 epochs,
                 concurrency,
-                true,
+                &Bars::new(true),
             )
             .await?;
             for report in reports {
@@ -448,18 +452,53 @@ async fn loader(command: LoaderCommand) -> Result<()> {
             if args.block == 0 || args.repeats == 0 {
                 bail!("--block and --repeats must be positive");
             }
-            let report = run_bench(&BenchConfig {
-                url: args.url,
-                out: args.out,
-                variable: args.variable,
-                block: args.block,
-                repeats: args.repeats,
-                progress: true,
-            })
+            let png = args.out.join("bench-storage.png");
+            let report = run_bench(
+                &BenchConfig {
+                    url: args.url,
+                    out: args.out,
+                    variable: args.variable,
+                    block: args.block,
+                    repeats: args.repeats,
+                },
+                &Bars::new(true),
+            )
             .await?;
+            draw_bench_storage(&png, &report.chart())?;
             print!("{}", report.to_text());
+            println!("plot:  {}", png.display());
         }
     }
+    Ok(())
+}
+
+/// The bench-storage chart: GET throughput against concurrency beside bars of the decode and
+/// hyperslab read rates.
+fn draw_bench_storage(png: &std::path::Path, chart: &BenchChart) -> Result<()> {
+    let get = Series {
+        name: "object GET".into(),
+        points: chart.get_throughput.clone(),
+    };
+    let bars: Vec<Bar> = chart
+        .rates
+        .iter()
+        .map(|(label, value)| Bar {
+            label: label.clone(),
+            value: *value,
+        })
+        .collect();
+    lines_and_bars(
+        png,
+        (1600, 700),
+        &chart.title,
+        "GET throughput vs concurrency",
+        "requests in flight",
+        "GB/s (encoded)",
+        &[get],
+        "decode (1 core) and hyperslab reads",
+        "GB/s (decoded values)",
+        &bars,
+    )?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 
 #![no_main]
 
-use atmorep_loader::cf_time::{CfTimeUnits, iso};
+use atmorep_loader::store::cf_time::{CfTimeUnits, iso};
 use atmorep_loader::pipeline::parse_iso_time;
 use libfuzzer_sys::fuzz_target;
 

@@ -12,8 +12,9 @@ use std::process::{Command, Output};
 
 use atmorep_integration_tests::{Server, atmorep_bin, workspace_root};
 use atmorep_loader::Dataset;
-use atmorep_loader::normalization::GlobalStats;
-use atmorep_loader::synth::{SynthConfig, write_store};
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::pipeline::normalization::GlobalStats;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use tempfile::TempDir;
 
 /// 10° grid, 40 steps of 6 h, `variables` on 850 and 500 hPa (as tests/train.rs).
@@ -26,11 +27,11 @@ async fn write_tiny_store(path: &Path, variables: &[&str]) {
         variables: variables.iter().map(|v| v.to_string()).collect(),
         ..SynthConfig::default()
     };
-    write_store(&cfg, path).expect("writing the store");
+    write_store(&cfg, path, &NoProgress).expect("writing the store");
     let dataset = Dataset::open(path.to_str().unwrap())
         .await
         .expect("opening the store");
-    GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(path), false, false)
+    GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(path), false, &NoProgress)
         .await
         .expect("statistics");
 }
