@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use atmorep_loader::Dataset;
-use atmorep_loader::progress::NoProgress;
 use atmorep_loader::pipeline::normalization::GlobalStats;
+use atmorep_loader::progress::NoProgress;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_plot::ablation::{bar_chart, loss_chart};
 use atmorep_proto::client::{ClientConfig, LoaderClient};

@@ -32,13 +32,15 @@ impl Progress for Bars {
         if !self.show {
             return;
         }
-        let bar = ProgressBar::new(total).with_prefix(what.to_string()).with_style(
-            ProgressStyle::with_template(
-                "{prefix:>10} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
+        let bar = ProgressBar::new(total)
+            .with_prefix(what.to_string())
+            .with_style(
+                ProgressStyle::with_template(
+                    "{prefix:>10} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
         if let Some(previous) = self.current().replace(bar) {
             previous.finish_and_clear();
         }

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use atmorep_loader::Dataset;
-use atmorep_loader::progress::NoProgress;
 use atmorep_loader::pipeline::normalization::GlobalStats;
+use atmorep_loader::progress::NoProgress;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_proto::client::{ClientConfig, LoaderClient};
 use atmorep_proto::request::RequestConfig;

@@ -452,7 +452,6 @@ async fn loader(command: LoaderCommand) -> Result<()> {
             if args.block == 0 || args.repeats == 0 {
                 bail!("--block and --repeats must be positive");
             }
-            let png = args.out.join("bench-storage.png");
             let report = run_bench(
                 &BenchConfig {
                     url: args.url,
@@ -464,9 +463,8 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 &Bars::new(true),
             )
             .await?;
-            draw_bench_storage(&png, &report.chart())?;
+            draw_bench_storage(&report.png, &report.chart())?;
             print!("{}", report.to_text());
-            println!("plot:  {}", png.display());
         }
     }
     Ok(())

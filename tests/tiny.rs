@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use atmorep_loader::Dataset;
-use atmorep_loader::progress::NoProgress;
 use atmorep_loader::pipeline::normalization::GlobalStats;
+use atmorep_loader::progress::NoProgress;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 
 use crate::Server;
@@ -31,9 +31,14 @@ pub async fn store_with_stats(dir: &Path, name: &str, config: &SynthConfig) -> P
     let dataset = Dataset::open(url)
         .await
         .unwrap_or_else(|e| panic!("opening {name}: {e}"));
-    GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(&path), false, &NoProgress)
-        .await
-        .unwrap_or_else(|e| panic!("statistics of {name}: {e}"));
+    GlobalStats::compute_into(
+        &dataset,
+        &GlobalStats::default_dir(&path),
+        false,
+        &NoProgress,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("statistics of {name}: {e}"));
     path
 }
 

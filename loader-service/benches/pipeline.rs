@@ -11,10 +11,10 @@
 use std::sync::Arc;
 
 use atmorep_loader::pipeline::Pipeline;
-use atmorep_loader::progress::NoProgress;
 use atmorep_loader::pipeline::blur::GaussianBlur;
 use atmorep_loader::pipeline::normalization::GlobalStats;
 use atmorep_loader::pipeline::tokenizer::tokenize_into;
+use atmorep_loader::progress::NoProgress;
 use atmorep_loader::tools::bench_pipeline::reference_config;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_loader::{ChunkCache, Dataset, StoreLocation};

@@ -8,10 +8,10 @@
 
 use std::path::PathBuf;
 
-use atmorep_loader::{Dataset, Hyperslab};
 use atmorep_loader::progress::NoProgress;
 use atmorep_loader::store::decode::chunk_codec_options;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
+use atmorep_loader::{Dataset, Hyperslab};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use zarrs::array::ArrayToBytesCodecTraits;
 

@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use atmorep_loader::tools::inspect::inspect;
 use atmorep_loader::progress::NoProgress;
+use atmorep_loader::tools::inspect::inspect;
 use atmorep_loader::{Dataset, Hyperslab, StoreError, Variable};
 use serde_json::Value;
 

@@ -6,13 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use atmorep_loader::pipeline::epoch::Cursor;
-use atmorep_loader::progress::NoProgress;
 use atmorep_loader::pipeline::masking::MaskSpec;
 use atmorep_loader::pipeline::normalization::GlobalStats;
 use atmorep_loader::pipeline::tokenizer::tokenize;
 use atmorep_loader::pipeline::{
     FieldConfig, Normalization, Pipeline, PipelineConfig, PipelineError, Split,
 };
+use atmorep_loader::progress::NoProgress;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_loader::{ChunkCache, Dataset, Hyperslab, StoreLocation};
 use atmorep_proto::{FieldGeometry, PeMode, TokenGeometry};
@@ -34,7 +34,11 @@ async fn store(dir: &Path) -> (Arc<Dataset>, Arc<GlobalStats>) {
             .await
             .unwrap(),
     );
-    let stats = Arc::new(GlobalStats::compute(&dataset, None, &NoProgress).await.unwrap());
+    let stats = Arc::new(
+        GlobalStats::compute(&dataset, None, &NoProgress)
+            .await
+            .unwrap(),
+    );
     (dataset, stats)
 }
 

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use atmorep_loader::Dataset;
-use atmorep_loader::progress::NoProgress;
 use atmorep_loader::pipeline::normalization::{GLOBAL_FILE, GlobalStats, year_month};
+use atmorep_loader::progress::NoProgress;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures"))
@@ -28,7 +28,9 @@ async fn global_stats_equal_an_f64_reference_and_round_trip() {
     for store in ["xr_v2_packed", "xr_v3_sharded", "xr_v2_gzip"] {
         let path = fixtures().join(format!("{store}.zarr"));
         let dataset = Dataset::open(path.to_str().unwrap()).await.unwrap();
-        let stats = GlobalStats::compute(&dataset, None, &NoProgress).await.unwrap();
+        let stats = GlobalStats::compute(&dataset, None, &NoProgress)
+            .await
+            .unwrap();
         let plane = dataset.lats.len() * dataset.lons.len();
         let mut checked = 0;
         for (name, variable) in &dataset.variables {
@@ -149,7 +151,9 @@ async fn local_stats_equal_a_per_point_f64_reference_and_round_trip_through_zarr
     for store in ["xr_v2_gzip", "xr_v2_packed"] {
         let path = fixtures().join(format!("{store}.zarr"));
         let dataset = Dataset::open(path.to_str().unwrap()).await.unwrap();
-        let local = LocalStats::compute(&dataset, &[], &NoProgress).await.unwrap();
+        let local = LocalStats::compute(&dataset, &[], &NoProgress)
+            .await
+            .unwrap();
         let plane = dataset.lats.len() * dataset.lons.len();
         for (name, variable) in &dataset.variables {
             let values = expected_values(store, name);

@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use atmorep_loader::tools::synth::{SynthConfig, tracks_path, write_store};
 use atmorep_loader::progress::NoProgress;
+use atmorep_loader::tools::synth::{SynthConfig, tracks_path, write_store};
 use atmorep_loader::{Dataset, Hyperslab};
 
 #[derive(Debug)]

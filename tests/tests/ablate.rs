@@ -12,8 +12,8 @@ use std::process::{Command, Output};
 
 use atmorep_integration_tests::{Server, atmorep_bin, workspace_root};
 use atmorep_loader::Dataset;
-use atmorep_loader::progress::NoProgress;
 use atmorep_loader::pipeline::normalization::GlobalStats;
+use atmorep_loader::progress::NoProgress;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 
 /// 10° grid, 40 steps of 6 h, `variables` on 850 and 500 hPa.
@@ -30,9 +30,14 @@ async fn write_tiny_store(path: &Path, variables: &[&str]) {
     let dataset = Dataset::open(path.to_str().unwrap())
         .await
         .expect("opening the store");
-    GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(path), false, &NoProgress)
-        .await
-        .expect("statistics");
+    GlobalStats::compute_into(
+        &dataset,
+        &GlobalStats::default_dir(path),
+        false,
+        &NoProgress,
+    )
+    .await
+    .expect("statistics");
 }
 
 fn atmorep(args: &[&str]) -> Output {

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use atmorep_integration_tests::{Fault, S3TestServer, atmorep_bin};
+use atmorep_loader::progress::NoProgress;
 use atmorep_loader::store::zarr_meta::Codec;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
-use atmorep_loader::progress::NoProgress;
 use atmorep_loader::{ChunkCache, Dataset, Hyperslab, StoreError, StoreLocation};
 use object_store::{BackoffConfig, RetryConfig};
 

@@ -9,9 +9,9 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use atmorep_integration_tests::{S3TestServer, atmorep_bin};
-use atmorep_loader::tools::inspect::inspect;
 use atmorep_loader::progress::NoProgress;
 use atmorep_loader::store::zarr_meta::ZarrFormat;
+use atmorep_loader::tools::inspect::inspect;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_loader::{ChunkCache, Dataset, Hyperslab, StoreLocation};
 use serde_json::Value;

@@ -9,10 +9,10 @@ use futures::future::try_join_all;
 
 use super::blur::GaussianBlur;
 use super::epoch::SampleId;
-use super::seeding::{Purpose, sample_rng};
 use super::masking::try_apply_in_place;
 use super::prepare::PreparedField;
 use super::sampler::{Centre, FieldWindow, Sampler};
+use super::seeding::{Purpose, sample_rng};
 use super::tokenizer::tokenize_into;
 use super::{Normalization, Pipeline, PipelineError, field_err};
 use crate::store::hyperslab::Hyperslab;
@@ -357,5 +357,4 @@ impl Pipeline {
             self.return_buffer(field.target);
         }
     }
-
 }

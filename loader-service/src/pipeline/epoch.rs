@@ -413,7 +413,6 @@ impl Iterator for EpochStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::Rng;
     use std::collections::HashSet;
 
     fn is_permutation(ids: &[SampleId], n: u64) -> bool {

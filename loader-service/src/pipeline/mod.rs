@@ -206,9 +206,7 @@ impl Pipeline {
         )
         .map_err(|e| match e {
             sampler::SamplerError::WindowTooLarge { ref field, .. }
-            | sampler::SamplerError::NoRoomInTime { ref field, .. } => {
-                field_err(field, &e)
-            }
+            | sampler::SamplerError::NoRoomInTime { ref field, .. } => field_err(field, &e),
             other => PipelineError::Request(other.to_string()),
         })
     }

@@ -127,8 +127,7 @@ impl PreparedField {
             TokenGeometry::new(fc.num_tokens, fc.token_size),
         );
         geometry.validate().map_err(|e| field_err(&fc.name, e))?;
-        atmorep_proto::positional::check_width(fc.pe_width)
-            .map_err(|e| field_err(&fc.name, e))?;
+        atmorep_proto::positional::check_width(fc.pe_width).map_err(|e| field_err(&fc.name, e))?;
         let mask_geometry = MaskGeometry {
             levels: level_values.len(),
             nt: fc.num_tokens[0],
@@ -353,9 +352,8 @@ fn tile_epochs(
             })
             .transpose()
     };
-    let start = bound("time_start", time_start)?.map_or(split.start, |t| {
-        dataset.times.partition_point(|&x| x < t)
-    });
+    let start = bound("time_start", time_start)?
+        .map_or(split.start, |t| dataset.times.partition_point(|&x| x < t));
     let end = bound("time_end", time_end)?
         .map_or(split.end, |t| dataset.times.partition_point(|&x| x <= t));
     let tiling = Tiling::new(

@@ -138,5 +138,4 @@ impl Pipeline {
         });
         Ok(BatchStream { rx, task })
     }
-
 }

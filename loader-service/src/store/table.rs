@@ -11,7 +11,11 @@ use arrow::datatypes::Schema;
 use crate::error::{Result, StoreError};
 
 /// Writes `columns` under `schema` as the Parquet file `path` (replaced).
-pub(crate) fn write_parquet(path: &Path, schema: Arc<Schema>, columns: Vec<ArrayRef>) -> Result<()> {
+pub(crate) fn write_parquet(
+    path: &Path,
+    schema: Arc<Schema>,
+    columns: Vec<ArrayRef>,
+) -> Result<()> {
     let batch =
         RecordBatch::try_new(schema.clone(), columns).map_err(|e| StoreError::output(path, e))?;
     let tmp = path.with_extension("parquet.tmp");

@@ -17,9 +17,9 @@ use crate::error::StoreError;
 use crate::pipeline::epoch::Cursor;
 use crate::pipeline::normalization::GlobalStats;
 use crate::pipeline::{BatchSpec, Normalization, Pipeline, PipelineConfig, PipelineError};
+use crate::progress::Progress;
 use crate::store::dataset::Dataset;
 use crate::store::decode::{decode_chunk, run_on_rayon};
-use crate::progress::Progress;
 use crate::{ChunkCache, StoreLocation};
 
 /// A benchmark run's figures.

@@ -18,10 +18,10 @@ use serde_json::json;
 use zarrs::array::{Array, ArrayBytes, ArrayMetadata, ArrayMetadataV3, ArrayToBytesCodecTraits};
 
 use crate::error::{Result, StoreError};
+use crate::progress::Progress;
 use crate::store::dataset::{Dataset, Role, Variable};
 use crate::store::decode::{chunk_codec_options, run_on_rayon};
 use crate::store::hyperslab::Hyperslab;
-use crate::progress::Progress;
 use crate::store::table::write_parquet;
 use crate::store::zarr_meta::Codec;
 
@@ -29,7 +29,7 @@ use crate::store::zarr_meta::Codec;
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
     pub url: String,
-    /// Folder for `bench-storage.parquet`.
+    /// Folder for `bench-storage.parquet` and `bench-storage.png`.
     pub out: PathBuf,
     /// Variable to read (default: the first).
     pub variable: Option<String>,
@@ -64,6 +64,8 @@ pub struct BenchReport {
     /// `block_read_gbps / (store_decode_gbps × cores)`.
     pub ratio: f64,
     pub parquet: PathBuf,
+    /// Where the chart of the run belongs (the caller draws it from [`BenchReport::chart`]).
+    pub png: PathBuf,
 }
 
 /// The figures a chart of the run shows: object GET throughput against requests in flight, and
@@ -79,7 +81,8 @@ pub struct BenchChart {
 
 const GB: f64 = 1e9;
 
-/// Runs the benchmark, reporting its four sections to `progress`, and writes its table.
+/// Runs the benchmark, reporting its four sections to `progress`, and writes its table (the
+/// caller draws the chart).
 pub async fn run_bench(cfg: &BenchConfig, progress: &dyn Progress) -> Result<BenchReport> {
     let dataset = Arc::new(Dataset::open(&cfg.url).await?);
     let name = match &cfg.variable {
@@ -157,10 +160,7 @@ pub async fn run_bench(cfg: &BenchConfig, progress: &dyn Progress) -> Result<Ben
         let node = variable.node.clone();
         let encoded = encoded.clone();
         let repeats = cfg.repeats;
-        run_on_rayon(move || {
-            decode_rate(&node.array, &indices, &encoded, repeats)
-        })
-        .await?
+        run_on_rayon(move || decode_rate(&node.array, &indices, &encoded, repeats)).await?
     };
     rows.push(row(
         "decode",
@@ -172,34 +172,33 @@ pub async fn run_bench(cfg: &BenchConfig, progress: &dyn Progress) -> Result<Ben
     let shape: Vec<u64> = chunk.shape.iter().map(|&n| n as u64).collect();
     let values = chunk.values().to_vec();
     let repeats = cfg.repeats;
-    let per_codec =
-        run_on_rayon(move || -> Result<Vec<(String, f64, f64)>> {
-            Codec::ALL
-                .iter()
-                .map(|codec| {
-                    let array = f32_array(&shape, *codec)?;
-                    let raw: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
-                    let chunk_shape = array
-                        .chunk_shape(&vec![0; shape.len()])
-                        .map_err(bench_err)?;
-                    let encoded = array
-                        .codecs()
-                        .encode(
-                            ArrayBytes::new_flen(raw.as_slice()),
-                            &chunk_shape,
-                            array.data_type(),
-                            array.fill_value(),
-                            &chunk_codec_options(),
-                        )
-                        .map_err(bench_err)?
-                        .into_owned();
-                    let ratio = raw.len() as f64 / encoded.len() as f64;
-                    let rate = decode_rate(&array, &vec![0; shape.len()], &encoded, repeats)?;
-                    Ok((codec.to_string(), rate, ratio))
-                })
-                .collect()
-        })
-        .await?;
+    let per_codec = run_on_rayon(move || -> Result<Vec<(String, f64, f64)>> {
+        Codec::ALL
+            .iter()
+            .map(|codec| {
+                let array = f32_array(&shape, *codec)?;
+                let raw: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+                let chunk_shape = array
+                    .chunk_shape(&vec![0; shape.len()])
+                    .map_err(bench_err)?;
+                let encoded = array
+                    .codecs()
+                    .encode(
+                        ArrayBytes::new_flen(raw.as_slice()),
+                        &chunk_shape,
+                        array.data_type(),
+                        array.fill_value(),
+                        &chunk_codec_options(),
+                    )
+                    .map_err(bench_err)?
+                    .into_owned();
+                let ratio = raw.len() as f64 / encoded.len() as f64;
+                let rate = decode_rate(&array, &vec![0; shape.len()], &encoded, repeats)?;
+                Ok((codec.to_string(), rate, ratio))
+            })
+            .collect()
+    })
+    .await?;
     for (codec, rate, ratio) in &per_codec {
         rows.push(row("decode", codec, 1.0, *rate, "GB/s decoded, 1 core"));
         rows.push(row("compression", codec, 1.0, *ratio, "decoded/encoded"));
@@ -316,6 +315,7 @@ pub async fn run_bench(cfg: &BenchConfig, progress: &dyn Progress) -> Result<Ben
         block_read_gbps,
         ratio,
         parquet,
+        png: cfg.out.join("bench-storage.png"),
     })
 }
 
@@ -349,11 +349,7 @@ fn first_chunk_indices(variable: &Variable) -> Vec<u64> {
         .collect()
 }
 
-fn chunk_keys(
-    dataset: &Dataset,
-    variable: &Variable,
-    slab: &Hyperslab,
-) -> Vec<String> {
+fn chunk_keys(dataset: &Dataset, variable: &Variable, slab: &Hyperslab) -> Vec<String> {
     let cs = variable.chunk_shape();
     let mut ranges: Vec<Vec<u64>> = Vec::new();
     for (axis, role) in variable.roles.iter().enumerate() {
@@ -517,7 +513,12 @@ impl BenchReport {
             "\nblock read {:.3} GB/s ÷ (store decode {:.3} GB/s × {} cores) = {:.3}",
             self.block_read_gbps, self.store_decode_gbps, self.cores, self.ratio
         );
-        let _ = writeln!(s, "table: {}", self.parquet.display());
+        let _ = writeln!(
+            s,
+            "table: {}\nplot:  {}",
+            self.parquet.display(),
+            self.png.display()
+        );
         s
     }
 }

@@ -10,9 +10,9 @@ use serde_json::Value;
 
 use crate::error::Result;
 use crate::pipeline::normalization::Moments;
+use crate::progress::Progress;
 use crate::store::cf_time::iso;
 use crate::store::dataset::{Dataset, Layout};
-use crate::progress::Progress;
 
 /// The report `inspect` prints (as text or JSON).
 #[derive(Debug, Clone, Serialize)]

@@ -65,26 +65,27 @@ impl GlobalStats {
         for name in &names {
             let variable = dataset.variable(name)?;
             let levels = statistics_levels(variable);
-            dataset.scan(variable, &mut buffer, progress, |t, values| {
-                let planes: Vec<(usize, usize, Moments)> = values
-                    .par_chunks(nplane)
-                    .enumerate()
-                    .map(|(i, plane)| {
-                        (
-                            t + i / levels.len(),
-                            i % levels.len(),
-                            Moments::from_values(plane),
-                        )
-                    })
-                    .collect();
-                for (step, level, m) in planes {
-                    let (year, month) = year_month(dataset.times[step]);
-                    let key = (name.clone(), levels[level].to_bits(), year, month);
-                    let entry = entries.entry(key).or_default();
-                    *entry = entry.merge(m);
-                }
-            })
-            .await?;
+            dataset
+                .scan(variable, &mut buffer, progress, |t, values| {
+                    let planes: Vec<(usize, usize, Moments)> = values
+                        .par_chunks(nplane)
+                        .enumerate()
+                        .map(|(i, plane)| {
+                            (
+                                t + i / levels.len(),
+                                i % levels.len(),
+                                Moments::from_values(plane),
+                            )
+                        })
+                        .collect();
+                    for (step, level, m) in planes {
+                        let (year, month) = year_month(dataset.times[step]);
+                        let key = (name.clone(), levels[level].to_bits(), year, month);
+                        let entry = entries.entry(key).or_default();
+                        *entry = entry.merge(m);
+                    }
+                })
+                .await?;
         }
         progress.finish();
         Ok(Self { entries })

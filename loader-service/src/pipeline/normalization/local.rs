@@ -65,31 +65,32 @@ impl LocalStats {
             let mut count = vec![0u64; 12 * nl];
             let mut mean = vec![0f64; 12 * nl * plane];
             let mut m2 = vec![0f64; 12 * nl * plane];
-            dataset.scan(variable, &mut buffer, progress, |t, block| {
-                for (k, values) in block.chunks(plane).enumerate() {
-                    let (_, month) = year_month(dataset.times[t + k / nl]);
-                    let slot = (month as usize - 1) * nl + k % nl;
-                    count[slot] += 1;
-                    let n = count[slot] as f64;
-                    let (mean, m2) = (
-                        &mut mean[slot * plane..(slot + 1) * plane],
-                        &mut m2[slot * plane..(slot + 1) * plane],
-                    );
-                    // Welford per point; rows in parallel.
-                    mean.par_chunks_mut(nlon)
-                        .zip(m2.par_chunks_mut(nlon))
-                        .zip(values.par_chunks(nlon))
-                        .for_each(|((mean, m2), x)| {
-                            for i in 0..x.len() {
-                                let x = x[i] as f64;
-                                let delta = x - mean[i];
-                                mean[i] += delta / n;
-                                m2[i] += delta * (x - mean[i]);
-                            }
-                        });
-                }
-            })
-            .await?;
+            dataset
+                .scan(variable, &mut buffer, progress, |t, block| {
+                    for (k, values) in block.chunks(plane).enumerate() {
+                        let (_, month) = year_month(dataset.times[t + k / nl]);
+                        let slot = (month as usize - 1) * nl + k % nl;
+                        count[slot] += 1;
+                        let n = count[slot] as f64;
+                        let (mean, m2) = (
+                            &mut mean[slot * plane..(slot + 1) * plane],
+                            &mut m2[slot * plane..(slot + 1) * plane],
+                        );
+                        // Welford per point; rows in parallel.
+                        mean.par_chunks_mut(nlon)
+                            .zip(m2.par_chunks_mut(nlon))
+                            .zip(values.par_chunks(nlon))
+                            .for_each(|((mean, m2), x)| {
+                                for i in 0..x.len() {
+                                    let x = x[i] as f64;
+                                    let delta = x - mean[i];
+                                    mean[i] += delta / n;
+                                    m2[i] += delta * (x - mean[i]);
+                                }
+                            });
+                    }
+                })
+                .await?;
             let mut out_mean = vec![f32::NAN; 12 * nl * plane];
             let mut out_std = vec![f32::NAN; 12 * nl * plane];
             for (slot, &n) in count.iter().enumerate() {
@@ -202,10 +203,18 @@ impl LocalStats {
                     codec: Codec::Zstd,
                     attributes: levels.clone(),
                 };
-                let zarr =
-                    array_from_json(&store, path, spec.name, format, metadata_json(format, &spec))?;
-                zarr.store_array_subset(&ArraySubset::new_with_shape(shape.clone()), values.as_slice())
-                    .map_err(|e| write_err(path, e))?;
+                let zarr = array_from_json(
+                    &store,
+                    path,
+                    spec.name,
+                    format,
+                    metadata_json(format, &spec),
+                )?;
+                zarr.store_array_subset(
+                    &ArraySubset::new_with_shape(shape.clone()),
+                    values.as_slice(),
+                )
+                .map_err(|e| write_err(path, e))?;
             }
         }
         Ok(())

@@ -271,8 +271,7 @@ pub fn write_store(cfg: &SynthConfig, out: &Path, progress: &dyn Progress) -> Re
         .into_iter()
         .map(|(var, spec)| {
             let shape = spec.shape.clone();
-            write_array_meta(&mut written, &store, out, cfg.format, &spec)
-                .map(|a| (var, a, shape))
+            write_array_meta(&mut written, &store, out, cfg.format, &spec).map(|a| (var, a, shape))
         })
         .collect::<Result<_>>()?;
     write_fields(cfg, &grid, &cyclones, &data_arrays, block_t, out, progress)?;
@@ -320,8 +319,7 @@ fn layout_arrays(
         ("long_name", json!("time")),
     ]);
     let mut coordinates = Vec::new();
-    let mut coordinate =
-        |spec: ArraySpec<'static>, data: ArrayData| coordinates.push((spec, data));
+    let mut coordinate = |spec: ArraySpec<'static>, data: ArrayData| coordinates.push((spec, data));
 
     let fields: Vec<(String, ArraySpec<'static>)> = match cfg.layout {
         Layout::PerVariable => {
