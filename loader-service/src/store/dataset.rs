@@ -245,6 +245,34 @@ impl Dataset {
         (x + self.lon_shift) % self.lons.len()
     }
 
+    /// The view of a store whose time axis, grid and variables have been resolved.
+    fn resolved(
+        location: StoreLocation,
+        metadata: StoreMetadata,
+        layout: Layout,
+        (times, time_units): (Vec<i64>, String),
+        grid: Grid,
+        variables: BTreeMap<String, Variable>,
+        cache: Arc<ChunkCache>,
+    ) -> Self {
+        Self {
+            cache_id: Arc::from(location.url()),
+            location,
+            metadata,
+            layout,
+            times,
+            time_units,
+            lats: grid.lats,
+            lons: grid.lons,
+            lat_ascending: grid.lat_ascending,
+            lon_shift: grid.lon_shift,
+            variables,
+            cache,
+            counters: ReadCounters::default(),
+            fetch_log: std::sync::Mutex::new(None),
+        }
+    }
+
     async fn open_per_variable(
         location: StoreLocation,
         metadata: StoreMetadata,
@@ -344,22 +372,15 @@ impl Dataset {
                 )?,
             );
         }
-        Ok(Self {
-            cache_id: Arc::from(url.as_str()),
+        Ok(Self::resolved(
             location,
             metadata,
-            layout: Layout::PerVariable,
-            times,
-            time_units,
-            lats: grid.lats,
-            lons: grid.lons,
-            lat_ascending: grid.lat_ascending,
-            lon_shift: grid.lon_shift,
+            Layout::PerVariable,
+            (times, time_units),
+            grid,
             variables,
             cache,
-            counters: ReadCounters::default(),
-            fetch_log: std::sync::Mutex::new(None),
-        })
+        ))
     }
 
     async fn open_atmorep(
@@ -434,22 +455,15 @@ impl Dataset {
                 make_variable(&url, field.clone(), data, roles, levels.clone())?,
             );
         }
-        Ok(Self {
-            cache_id: Arc::from(url.as_str()),
+        Ok(Self::resolved(
             location,
             metadata,
-            layout: Layout::Atmorep,
-            times,
-            time_units,
-            lats: grid.lats,
-            lons: grid.lons,
-            lat_ascending: grid.lat_ascending,
-            lon_shift: grid.lon_shift,
+            Layout::Atmorep,
+            (times, time_units),
+            grid,
             variables,
             cache,
-            counters: ReadCounters::default(),
-            fetch_log: std::sync::Mutex::new(None),
-        })
+        ))
     }
 
     /// Fetches one chunk of `node` (through the cache) and decodes it to physical values.
