@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::sync::LazyLock;
 
 use atmorep_loader::Dataset;
-use atmorep_loader::progress::NoProgress;
 use atmorep_loader::pipeline::normalization::{GLOBAL_FILE, GlobalStats};
+use atmorep_loader::progress::NoProgress;
 use atmorep_loader::service::{LoaderService, ServerConfig};
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_proto::pb;
