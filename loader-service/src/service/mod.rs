@@ -2,6 +2,10 @@
 //! shared by every stream, each stream assembled by its own task (so a slow client only slows
 //! itself), health and reflection beside it, bearer-token auth and TLS when exposed. Library
 //! errors become `Status` only here, in [`status`].
+//!
+//! Here: the service and its datasets; beside it the RPC handlers, one task per streaming call,
+//! the wire form of batches, auth and server start-up ([`run`]), the server's [`config`] and
+//! the parsing of a stream [`request`].
 
 pub mod config;
 pub mod request;
