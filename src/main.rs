@@ -50,21 +50,17 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
 /// Tunes the allocator for the loader's buffers, unless the user's `MIMALLOC_*` variables say
-/// otherwise.
+/// otherwise (the measurements behind both: docs/performance.md#memory-and-the-allocator).
 ///
 /// - **Purge delay, one second.** mimalloc returns freed memory to the OS 10 ms after the last
 ///   free by default. The loader frees and reallocates multi-megabyte chunk and token buffers
-///   every few milliseconds, so each one came back as fresh pages the kernel had to zero:
-///   measured on the reference bench-pipeline run, 283 k page faults and 9 s of system time at
-///   the default against 29 k and 1.9 s with a one-second delay (3.2× the samples/s).
+///   every few milliseconds, so each one came back as fresh pages the kernel had to zero.
 /// - **No transparent huge pages.** mimalloc asks for huge pages on its arenas (`madvise`), so
 ///   each small allocation in a fresh 2 MiB region makes 2 MiB resident and freed memory comes
-///   back only in whole huge pages: eight clients of a server with an 8 MiB cache and an 8 MiB
-///   budget peaked at 117–126 MiB resident with huge pages and 66–79 MiB without
-///   (`tests/tests/service.rs`). The reference bench-pipeline ran 26–95 samples/s with them (the
-///   kernel compacting memory to find huge pages) and a steady 79–84 without. mimalloc reads the
-///   option when it starts, before `main`, so this also does what it would then have done: mark
-///   the process THP-disabled (`PR_SET_THP_DISABLE`, which covers mappings made earlier too).
+///   back only in whole huge pages, and the kernel stalls compacting memory to find them.
+///   mimalloc reads the option when it starts, before `main`, so this also does what it would
+///   then have done: mark the process THP-disabled (`PR_SET_THP_DISABLE`, which covers mappings
+///   made earlier too).
 fn tune_allocator() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets a process-wide integer option of the allocator linked above; mimalloc

@@ -23,6 +23,15 @@ pub fn tiny_config(steps: usize) -> SynthConfig {
     }
 }
 
+/// The tiny store's configuration with 40 steps (room for the training examples' windows and a
+/// validation split) of `variables`, in that order.
+pub fn tiny_with(variables: &[&str]) -> SynthConfig {
+    SynthConfig {
+        variables: variables.iter().map(|v| v.to_string()).collect(),
+        ..tiny_config(40)
+    }
+}
+
 /// Writes the store of `config` at `dir/name` and computes its global statistics.
 pub async fn store_with_stats(dir: &Path, name: &str, config: &SynthConfig) -> PathBuf {
     let path = dir.join(name);

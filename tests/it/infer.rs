@@ -9,12 +9,12 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use atmorep_integration_tests::{Server, atmorep_bin};
 use atmorep_loader::pipeline::normalization::GlobalStats;
 use atmorep_loader::progress::NoProgress;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_loader::{Dataset, Hyperslab};
 use atmorep_proto::client::{ClientConfig, LoaderClient};
+use atmorep_testkit::{Server, atmorep_bin};
 use atmorep_trainer::{RunOptions, TrainConfig, Trainer};
 use tempfile::TempDir;
 

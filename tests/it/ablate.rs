@@ -10,35 +10,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use atmorep_integration_tests::{Server, atmorep_bin, workspace_root};
-use atmorep_loader::Dataset;
-use atmorep_loader::pipeline::normalization::GlobalStats;
-use atmorep_loader::progress::NoProgress;
-use atmorep_loader::tools::synth::{SynthConfig, write_store};
-
-/// 10° grid, 40 steps of 6 h, `variables` on 850 and 500 hPa.
-async fn write_tiny_store(path: &Path, variables: &[&str]) {
-    let cfg = SynthConfig {
-        grid_deg: 10.0,
-        steps: 40,
-        step_hours: 6,
-        levels: vec![850, 500],
-        variables: variables.iter().map(|v| v.to_string()).collect(),
-        ..SynthConfig::default()
-    };
-    write_store(&cfg, path, &NoProgress).expect("writing the store");
-    let dataset = Dataset::open(path.to_str().unwrap())
-        .await
-        .expect("opening the store");
-    GlobalStats::compute_into(
-        &dataset,
-        &GlobalStats::default_dir(path),
-        false,
-        &NoProgress,
-    )
-    .await
-    .expect("statistics");
-}
+use atmorep_testkit::tiny::{store_with_stats, tiny_with};
+use atmorep_testkit::{Server, atmorep_bin, workspace_root};
 
 fn atmorep(args: &[&str]) -> Output {
     Command::new(atmorep_bin())
@@ -123,8 +96,7 @@ fn variant_rows(md: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_runs_of_an_ablation_give_the_same_table_with_one_row_per_variant() {
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("tiny.zarr");
-    write_tiny_store(&store, &["t", "z"]).await;
+    let store = store_with_stats(dir.path(), "tiny.zarr", &tiny_with(&["t", "z"])).await;
     let server = Server::start(
         &["--dataset".into(), format!("tiny={}", store.display())],
         &dir.path().join("loader.log"),
@@ -186,8 +158,7 @@ async fn two_runs_of_an_ablation_give_the_same_table_with_one_row_per_variant() 
 async fn a_missing_field_or_an_unknown_variant_is_named_and_writes_no_table() {
     let dir = tempfile::tempdir().unwrap();
     // The loader's `tiny` has `t` only; the config also asks for `z`.
-    let store = dir.path().join("t-only.zarr");
-    write_tiny_store(&store, &["t"]).await;
+    let store = store_with_stats(dir.path(), "t-only.zarr", &tiny_with(&["t"])).await;
     let server = Server::start(
         &["--dataset".into(), format!("tiny={}", store.display())],
         &dir.path().join("loader.log"),

@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use atmorep_integration_tests::{Server, atmorep_bin};
 use atmorep_loader::progress::NoProgress;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
+use atmorep_testkit::{Server, atmorep_bin};
 use atmorep_track::{EvalConfig, evaluate, read_reference, read_tracks_csv};
 use serde_json::Value;
 use tempfile::TempDir;

@@ -12,10 +12,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use atmorep_integration_tests::streams::{client_config, connect};
-use atmorep_integration_tests::tiny::serve_tiny_store;
-use atmorep_integration_tests::{Server, atmorep_bin, workspace_root};
 use atmorep_proto::client::LoaderClient;
+use atmorep_testkit::streams::{client_config, connect};
+use atmorep_testkit::tiny::serve_tiny_store;
+use atmorep_testkit::{Server, atmorep_bin, workspace_root};
 use atmorep_trainer::config::{Prior, TokenGrid};
 use atmorep_trainer::metrics_log::read_steps;
 use atmorep_trainer::tail::PRIOR_ERROR_DEFAULT;
@@ -438,7 +438,7 @@ async fn the_train_command_serves_prometheus_metrics() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let _guard = atmorep_integration_tests::ChildGuard(Some(child));
+    let _guard = atmorep_testkit::ChildGuard(Some(child));
     let scrape = || -> Option<String> {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
         write!(

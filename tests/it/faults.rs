@@ -23,8 +23,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use atmorep_integration_tests::tiny::{store_with_stats, tiny_config};
-use atmorep_integration_tests::{ChildGuard, Server, atmorep_bin};
+use atmorep_testkit::tiny::{store_with_stats, tiny_config};
+use atmorep_testkit::{ChildGuard, Server, atmorep_bin};
 use atmorep_trainer::checkpoint::{self, Checkpoint};
 use atmorep_trainer::metrics_log::{StepRecord, read_steps};
 use atmorep_trainer::{Device, TrainConfig};

@@ -8,18 +8,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use atmorep_integration_tests::{S3TestServer, atmorep_bin};
 use atmorep_loader::progress::NoProgress;
 use atmorep_loader::store::zarr_meta::ZarrFormat;
 use atmorep_loader::tools::inspect::inspect;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_loader::{ChunkCache, Dataset, Hyperslab, StoreLocation};
+use atmorep_testkit::{S3TestServer, atmorep_bin};
 use serde_json::Value;
 
 const BUCKET: &str = "era5-test";
 
 /// The Python-written fixture stores (see `tests/fixtures/README.md`).
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 const FIXTURE_STORES: [&str; 3] = ["xr_v2_packed.zarr", "xr_v3_sharded.zarr", "xr_v2_gzip.zarr"];
 
 fn fixture(name: &str) -> PathBuf {

@@ -10,36 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use atmorep_integration_tests::{Server, atmorep_bin, workspace_root};
-use atmorep_loader::Dataset;
-use atmorep_loader::pipeline::normalization::GlobalStats;
-use atmorep_loader::progress::NoProgress;
-use atmorep_loader::tools::synth::{SynthConfig, write_store};
+use atmorep_testkit::tiny::{store_with_stats, tiny_with};
+use atmorep_testkit::{Server, atmorep_bin, workspace_root};
 use tempfile::TempDir;
-
-/// 10° grid, 40 steps of 6 h, `variables` on 850 and 500 hPa (as tests/train.rs).
-async fn write_tiny_store(path: &Path, variables: &[&str]) {
-    let cfg = SynthConfig {
-        grid_deg: 10.0,
-        steps: 40,
-        step_hours: 6,
-        levels: vec![850, 500],
-        variables: variables.iter().map(|v| v.to_string()).collect(),
-        ..SynthConfig::default()
-    };
-    write_store(&cfg, path, &NoProgress).expect("writing the store");
-    let dataset = Dataset::open(path.to_str().unwrap())
-        .await
-        .expect("opening the store");
-    GlobalStats::compute_into(
-        &dataset,
-        &GlobalStats::default_dir(path),
-        false,
-        &NoProgress,
-    )
-    .await
-    .expect("statistics");
-}
 
 fn serve(store: &Path, log: &Path) -> Server {
     let dataset = format!("tiny={}", store.display());
@@ -148,8 +121,7 @@ fn pictures_in(dir: &Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_plot_command_draws_from_a_loader_process_and_a_training_run() {
     let dir = TempDir::new().unwrap();
-    let store = dir.path().join("tiny.zarr");
-    write_tiny_store(&store, &["z", "t"]).await;
+    let store = store_with_stats(dir.path(), "tiny.zarr", &tiny_with(&["z", "t"])).await;
     let server = serve(&store, &dir.path().join("server.log"));
     let run = train(dir.path(), &server);
     let endpoint = server.endpoint();
@@ -244,8 +216,7 @@ async fn every_plot_command_draws_from_a_loader_process_and_a_training_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_fails_clearly_and_writes_no_picture() {
     let dir = TempDir::new().unwrap();
-    let store = dir.path().join("tiny.zarr");
-    write_tiny_store(&store, &["z", "t"]).await;
+    let store = store_with_stats(dir.path(), "tiny.zarr", &tiny_with(&["z", "t"])).await;
     let server = serve(&store, &dir.path().join("server.log"));
     let run = train(dir.path(), &server);
     let endpoint = server.endpoint();
@@ -283,8 +254,7 @@ async fn bad_input_fails_clearly_and_writes_no_picture() {
     );
 
     // A loader whose dataset lacks the checkpoint's field `t`.
-    let only_z = dir.path().join("only-z.zarr");
-    write_tiny_store(&only_z, &["z"]).await;
+    let only_z = store_with_stats(dir.path(), "only-z.zarr", &tiny_with(&["z"])).await;
     let other = serve(&only_z, &dir.path().join("other.log"));
     let err = stderr_of_failure(&atmorep(&[
         "plot",

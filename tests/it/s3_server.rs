@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use atmorep_integration_tests::{S3TestServer, TEST_SECRET_KEY};
+use atmorep_testkit::{S3TestServer, TEST_SECRET_KEY};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};

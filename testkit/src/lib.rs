@@ -8,8 +8,8 @@
 //! account. Its [`FaultInjector`] (see [`S3TestServer::faults`]) makes chosen objects fail the
 //! way real object storage does — 5xx answers, latency, bodies cut off mid-transfer or served
 //! short — and logs every object request, so tests can check retries and error reports.
-//! [`atmorep_bin`] builds (once per test process) and locates the
-//! `atmorep` CLI for tests that run it as a subprocess, and [`Server`] runs
+//! [`atmorep_bin`] locates the `atmorep` CLI that cargo built for the tests that run it as a
+//! subprocess, and [`Server`] runs
 //! `atmorep loader serve` as one; [`streams`] has the client side: a briefly retrying client
 //! and the checks that an epoch arrived exactly once; [`tiny`] writes and serves the tiny
 //! synthetic store most of them use.
@@ -60,86 +60,35 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The `atmorep` CLI binary, built on first use (once per test process) in the profile these
-/// tests were built with (`--release` unless debug assertions are on).
+/// The `atmorep` CLI binary of the test process's build.
 ///
-/// Runs `$CARGO build --bin atmorep [--release] --manifest-path <workspace>/Cargo.toml` (`cargo`
-/// when `CARGO` is unset; under `cargo test` it is set) and returns
-/// `<target>/{release,debug}/atmorep`, where `<target>` is `CARGO_TARGET_DIR` (relative to the
-/// workspace root when relative) or `<workspace>/target`. With this crate's `mpi` feature the
-/// binary is built with its `mpi` feature (data-parallel training under `mpirun`).
+/// The cross-process tests are integration tests of the `atmorep` package, so cargo builds the
+/// binary, with the features under test, before it runs them and puts it in the profile folder
+/// above the test executable (`target/<profile>/deps/it-…` → `target/<profile>/atmorep`). Looked
+/// up from the test executable rather than from `CARGO_BIN_EXE_atmorep` because this library
+/// is compiled before, and apart from, the tests that use it.
 ///
 /// # Panics
 ///
-/// If the build fails (its output is in the message) or the binary is not where expected.
+/// If the binary is not there: a test binary run from elsewhere than cargo's target folder.
 pub fn atmorep_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(build_atmorep_bin).clone()
-}
-
-fn build_atmorep_bin() -> PathBuf {
-    let root = workspace_root();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let release = !cfg!(debug_assertions);
-    let mut cmd = Command::new(&cargo);
-    cmd.current_dir(&root)
-        // The whole workspace with all targets: the same feature set `cargo test --workspace`
-        // just built, so only the binary itself is linked rather than every dependency rebuilt
-        // with the plain-build features.
-        .args(["build", "--workspace", "--all-targets", "--manifest-path"])
-        .arg(root.join("Cargo.toml"));
-    if cfg!(feature = "mpi") {
-        // The data-parallel tests run the binary under mpirun; this crate's feature is passed
-        // on as well, so the nested build's feature set is still the one under test.
-        cmd.args(["--features", "atmorep/mpi,atmorep-integration-tests/mpi"]);
-    }
-    if release {
-        cmd.arg("--release");
-    }
-    // Cargo gives this test process the variables of the package under test. Passed on, some
-    // build scripts see them as changed inputs, and the next `cargo test` rebuilds half the
-    // dependency tree; the nested build gets the environment a user's shell would have.
-    for (key, _) in std::env::vars_os() {
-        let Some(key) = key.to_str() else { continue };
-        let package_specific = key.starts_with("CARGO_PKG_")
-            || key.starts_with("CARGO_BIN_")
-            || matches!(
-                key,
-                "CARGO_MANIFEST_DIR"
-                    | "CARGO_MANIFEST_PATH"
-                    | "CARGO_MANIFEST_LINKS"
-                    | "CARGO_CRATE_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "CARGO_RUSTC_CURRENT_DIR"
-                    | "OUT_DIR"
-            );
-        if package_specific {
-            cmd.env_remove(key);
-        }
-    }
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", Path::new(&cargo).display()));
-    assert!(
-        output.status.success(),
-        "building the atmorep binary failed ({}):\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let target = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) if !dir.is_empty() => root.join(dir),
-        _ => root.join("target"),
-    };
-    let bin = target
-        .join(if release { "release" } else { "debug" })
-        .join(format!("atmorep{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.is_file(),
-        "cargo built atmorep but {} does not exist",
-        bin.display()
-    );
-    bin
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test executable's path");
+        let profile_dir = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("test executables live in target/<profile>/deps");
+        let bin = profile_dir.join(format!("atmorep{}", std::env::consts::EXE_SUFFIX));
+        assert!(
+            bin.is_file(),
+            "{} does not exist: run the tests with `cargo test -p atmorep` (or `scripts/test`), \
+             which builds it",
+            bin.display()
+        );
+        bin
+    })
+    .clone()
 }
 
 /// An in-process S3-compatible server over real HTTP on `127.0.0.1:<random port>`.

@@ -12,11 +12,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use atmorep_integration_tests::{Fault, S3TestServer, atmorep_bin};
 use atmorep_loader::progress::NoProgress;
 use atmorep_loader::store::zarr_meta::Codec;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_loader::{ChunkCache, Dataset, Hyperslab, StoreError, StoreLocation};
+use atmorep_testkit::{Fault, S3TestServer, atmorep_bin};
 use object_store::{BackoffConfig, RetryConfig};
 
 const BUCKET: &str = "era5-faults";
@@ -146,7 +146,7 @@ fn chain(err: &dyn Error) -> String {
 
 /// Asserts that consecutive requests were at least [`BACKOFF`] apart (object_store's first
 /// backoff is exactly the initial one, later ones are longer; sleeps never end early).
-fn assert_backed_off(requests: &[atmorep_integration_tests::ObjectRequest]) {
+fn assert_backed_off(requests: &[atmorep_testkit::ObjectRequest]) {
     for pair in requests.windows(2) {
         let gap = pair[1].at.duration_since(pair[0].at);
         assert!(

@@ -1,6 +1,6 @@
-//! Data-parallel `atmorep train` under `mpirun` (issue 9): built only with this crate's `mpi`
+//! Data-parallel `atmorep train` under `mpirun`: built only with the `atmorep` package's `mpi`
 //! feature, which also builds the `atmorep` binary the tests run with MPI (see
-//! [`atmorep_bin`]). Needs OpenMPI's `mpirun` (`.ci/mpi-test` installs it).
+//! [`atmorep_bin`]). Needs OpenMPI's `mpirun` (`.ci/run` installs it from Debian).
 //!
 //! One loader process serves a tiny store. `mpirun -np 2` trains with batch size `B` per rank;
 //! both ranks must end with bit-identical weights (each prints a digest of its weights) and the
@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use atmorep_integration_tests::tiny::serve_tiny_store;
-use atmorep_integration_tests::{ChildGuard, Server, atmorep_bin};
+use atmorep_testkit::tiny::serve_tiny_store;
+use atmorep_testkit::{ChildGuard, Server, atmorep_bin};
 use atmorep_trainer::metrics_log::read_steps;
 use atmorep_trainer::{Device, TrainConfig, Trainer, checkpoint};
 use tempfile::TempDir;

@@ -23,11 +23,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use atmorep_integration_tests::streams::{
-    STREAM_TIMEOUT, assert_whole_epoch, client_config, collect, connect, ids,
-};
-use atmorep_integration_tests::tiny::{store_with_stats, tiny_config};
-use atmorep_integration_tests::{ChildGuard, Server, atmorep_bin, workspace_root};
 use atmorep_loader::pipeline::normalization::GlobalStats;
 use atmorep_loader::progress::NoProgress;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
@@ -35,6 +30,11 @@ use atmorep_proto::batch::{Batch, Cursor};
 use atmorep_proto::client::{ClientConfig, ClientError};
 use atmorep_proto::pb;
 use atmorep_proto::request::RequestConfig;
+use atmorep_testkit::streams::{
+    STREAM_TIMEOUT, assert_whole_epoch, client_config, collect, connect, ids,
+};
+use atmorep_testkit::tiny::{store_with_stats, tiny_config};
+use atmorep_testkit::{ChildGuard, Server, atmorep_bin, workspace_root};
 use serde_json::Value;
 use tempfile::TempDir;
 use tonic::Code;
