@@ -3,20 +3,22 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use atmorep_loader::Dataset;
-use atmorep_loader::bench_pipeline::{self, reference_config};
-use atmorep_loader::bench_storage::{BenchConfig, BenchReport, run_bench};
-use atmorep_loader::dataset::Layout;
-use atmorep_loader::inspect::inspect;
-use atmorep_loader::local_stats::{LOCAL_STORE, LocalStats};
-use atmorep_loader::normalization::{GLOBAL_FILE, GlobalStats};
-use atmorep_loader::synth::{Codec, SynthConfig, ZarrFormat, write_store};
+use atmorep_loader::pipeline::normalization::{GLOBAL_FILE, GlobalStats, LOCAL_STORE, LocalStats};
+use atmorep_loader::store::zarr_meta::{Codec, ZarrFormat};
+use atmorep_loader::tools::bench_pipeline::{self, reference_config};
+use atmorep_loader::tools::bench_storage::{BenchChart, BenchConfig, run_bench};
+use atmorep_loader::tools::inspect::inspect;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
+use atmorep_loader::{Dataset, Layout};
 use atmorep_plot::{Bar, Series, lines_and_bars};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use bars::Bars;
+
 #[cfg(feature = "trainer")]
 mod ablate;
+mod bars;
 #[cfg(feature = "trainer")]
 mod child;
 #[cfg(feature = "trainer")]
@@ -326,7 +328,7 @@ async fn loader(command: LoaderCommand) -> Result<()> {
         LoaderCommand::Pull(args) => pull::pull(args).await?,
         LoaderCommand::Inspect { url, json, stats } => {
             let dataset = Dataset::open(&url).await?;
-            let report = inspect(&dataset, stats, !json).await?;
+            let report = inspect(&dataset, stats, &Bars::new(!json)).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -347,12 +349,13 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 None => bail!("--out is needed for a remote store"),
             };
             let dataset = Dataset::open(&url).await?;
-            let (stats, computed) = GlobalStats::compute_into(&dataset, &out, force, true).await?;
+            let (stats, computed) =
+                GlobalStats::compute_into(&dataset, &out, force, &Bars::new(true)).await?;
             let rows = stats.iter().count();
             if local {
                 let path = out.join(LOCAL_STORE);
                 if force || !path.join("zarr.json").exists() {
-                    LocalStats::compute(&dataset, &[], true)
+                    LocalStats::compute(&dataset, &[], &Bars::new(true))
                         .await?
                         .write(&path)?;
                     println!("wrote per-point monthly statistics to {}", path.display());
@@ -383,11 +386,11 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 shard_inner: shape4("shard", args.shard)?,
                 cyclones: args.cyclones,
                 seed: args.seed,
-                progress: true,
             };
             let started = std::time::Instant::now();
             let summary =
-                tokio::task::spawn_blocking(move || write_store(&cfg, &args.out)).await??;
+                tokio::task::spawn_blocking(move || write_store(&cfg, &args.out, &Bars::new(true)))
+                    .await??;
             let [nt, nl, ny, nx] = summary.shape;
             println!(
                 "wrote {} ({nt} steps × {nl} levels × {ny} × {nx}, {:.1} MB decoded) in {:.1} s",
@@ -434,7 +437,7 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 samples,
                 epochs,
                 concurrency,
-                true,
+                &Bars::new(true),
             )
             .await?;
             for report in reports {
@@ -445,53 +448,43 @@ async fn loader(command: LoaderCommand) -> Result<()> {
             if args.block == 0 || args.repeats == 0 {
                 bail!("--block and --repeats must be positive");
             }
-            let report = run_bench(&BenchConfig {
-                url: args.url,
-                out: args.out,
-                variable: args.variable,
-                block: args.block,
-                repeats: args.repeats,
-                progress: true,
-            })
+            let report = run_bench(
+                &BenchConfig {
+                    url: args.url,
+                    out: args.out,
+                    variable: args.variable,
+                    block: args.block,
+                    repeats: args.repeats,
+                },
+                &Bars::new(true),
+            )
             .await?;
-            bench_storage_chart(&report)?;
+            draw_bench_storage(&report.png, &report.chart())?;
             print!("{}", report.to_text());
         }
     }
     Ok(())
 }
 
-/// The storage benchmark's chart at the report's `png`: GET throughput against concurrency
-/// beside the decode and hyperslab read rates.
-fn bench_storage_chart(report: &BenchReport) -> Result<()> {
-    let rows = &report.rows;
+/// The bench-storage chart: GET throughput against concurrency beside bars of the decode and
+/// hyperslab read rates.
+fn draw_bench_storage(png: &std::path::Path, chart: &BenchChart) -> Result<()> {
     let get = Series {
         name: "object GET".into(),
-        points: rows
-            .iter()
-            .filter(|r| r.section == "get")
-            .map(|r| (r.x, r.value))
-            .collect(),
+        points: chart.get_throughput.clone(),
     };
-    let bars: Vec<Bar> = rows
+    let bars: Vec<Bar> = chart
+        .rates
         .iter()
-        .filter(|r| r.section == "decode" || r.section == "hyperslab")
-        .map(|r| Bar {
-            label: if r.section == "decode" {
-                format!("decode {}", r.name)
-            } else {
-                r.name.clone()
-            },
-            value: r.value,
+        .map(|(label, value)| Bar {
+            label: label.clone(),
+            value: *value,
         })
         .collect();
     lines_and_bars(
-        &report.png,
+        png,
         (1600, 700),
-        &format!(
-            "bench-storage: {} ({}, {} cores)",
-            report.url, report.variable, report.cores
-        ),
+        &chart.title,
         "GET throughput vs concurrency",
         "requests in flight",
         "GB/s (encoded)",

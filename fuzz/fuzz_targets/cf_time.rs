@@ -4,8 +4,8 @@
 
 #![no_main]
 
-use atmorep_loader::cf_time::{CfTimeUnits, iso};
 use atmorep_loader::pipeline::parse_iso_time;
+use atmorep_loader::store::cf_time::{CfTimeUnits, iso};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

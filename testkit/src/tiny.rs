@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use atmorep_loader::Dataset;
-use atmorep_loader::normalization::GlobalStats;
-use atmorep_loader::synth::{SynthConfig, write_store};
+use atmorep_loader::pipeline::normalization::GlobalStats;
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
 
 use crate::Server;
 
@@ -34,14 +35,19 @@ pub fn tiny_with(variables: &[&str]) -> SynthConfig {
 /// Writes the store of `config` at `dir/name` and computes its global statistics.
 pub async fn store_with_stats(dir: &Path, name: &str, config: &SynthConfig) -> PathBuf {
     let path = dir.join(name);
-    write_store(config, &path).unwrap_or_else(|e| panic!("writing {name}: {e}"));
+    write_store(config, &path, &NoProgress).unwrap_or_else(|e| panic!("writing {name}: {e}"));
     let url = path.to_str().expect("test paths are UTF-8");
     let dataset = Dataset::open(url)
         .await
         .unwrap_or_else(|e| panic!("opening {name}: {e}"));
-    GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(&path), false, false)
-        .await
-        .unwrap_or_else(|e| panic!("statistics of {name}: {e}"));
+    GlobalStats::compute_into(
+        &dataset,
+        &GlobalStats::default_dir(&path),
+        false,
+        &NoProgress,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("statistics of {name}: {e}"));
     path
 }
 

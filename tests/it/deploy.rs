@@ -12,8 +12,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use atmorep_testkit::{atmorep_bin, workspace_root};
 use atmorep_loader::service::ServerConfig;
+use atmorep_testkit::{atmorep_bin, workspace_root};
 use atmorep_trainer::TrainConfig;
 use serde::Deserialize;
 use serde_yaml::Value;

@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use atmorep_testkit::workspace_root;
 use atmorep_proto::pb;
 use atmorep_proto::request::RequestConfig;
+use atmorep_testkit::workspace_root;
 use atmorep_trainer::TrainConfig;
 use prost::Message;
 use serde_json::{Map, Value};

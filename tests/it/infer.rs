@@ -9,12 +9,12 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use atmorep_testkit::{Server, atmorep_bin};
-use atmorep_loader::Dataset;
-use atmorep_loader::hyperslab::Hyperslab;
-use atmorep_loader::normalization::GlobalStats;
-use atmorep_loader::synth::{SynthConfig, write_store};
+use atmorep_loader::pipeline::normalization::GlobalStats;
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
+use atmorep_loader::{Dataset, Hyperslab};
 use atmorep_proto::client::{ClientConfig, LoaderClient};
+use atmorep_testkit::{Server, atmorep_bin};
 use atmorep_trainer::{RunOptions, TrainConfig, Trainer};
 use tempfile::TempDir;
 
@@ -78,11 +78,16 @@ fn rmse_and_spread(model: &[f32], truth: &[f32]) -> (f64, f64) {
 async fn eval_and_global_inference_on_a_loader_and_tracking_on_the_output() {
     let dir = TempDir::new().unwrap();
     let store = dir.path().join("tiny.zarr");
-    write_store(&store_config(), &store).expect("writing the store");
+    write_store(&store_config(), &store, &NoProgress).expect("writing the store");
     let truth = Dataset::open(store.to_str().unwrap()).await.unwrap();
-    GlobalStats::compute_into(&truth, &GlobalStats::default_dir(&store), false, false)
-        .await
-        .expect("statistics");
+    GlobalStats::compute_into(
+        &truth,
+        &GlobalStats::default_dir(&store),
+        false,
+        &NoProgress,
+    )
+    .await
+    .expect("statistics");
     let server = serve(dir.path(), "tiny", &store).await;
     let endpoint = server.endpoint();
 

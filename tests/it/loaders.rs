@@ -15,15 +15,15 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use atmorep_proto::batch::{Batch, Cursor};
+use atmorep_proto::client::ClientConfig;
+use atmorep_proto::pb;
+use atmorep_proto::request::RequestConfig;
 use atmorep_testkit::streams::{
     STREAM_TIMEOUT, assert_whole_epoch, client_config, collect, connect, cursors, ids,
 };
 use atmorep_testkit::tiny::{store_with_stats, tiny_config};
 use atmorep_testkit::{ChildGuard, Server, atmorep_bin};
-use atmorep_proto::batch::{Batch, Cursor};
-use atmorep_proto::client::ClientConfig;
-use atmorep_proto::pb;
-use atmorep_proto::request::RequestConfig;
 use serde_json::Value;
 use tempfile::TempDir;
 

@@ -10,8 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use atmorep_testkit::{Server, atmorep_bin, workspace_root};
 use atmorep_testkit::tiny::{store_with_stats, tiny_with};
+use atmorep_testkit::{Server, atmorep_bin, workspace_root};
 use tempfile::TempDir;
 
 fn serve(store: &Path, log: &Path) -> Server {

@@ -12,9 +12,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use atmorep_testkit::{Fault, S3TestServer, atmorep_bin};
-use atmorep_loader::synth::{Codec, SynthConfig, write_store};
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::store::zarr_meta::Codec;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_loader::{ChunkCache, Dataset, Hyperslab, StoreError, StoreLocation};
+use atmorep_testkit::{Fault, S3TestServer, atmorep_bin};
 use object_store::{BackoffConfig, RetryConfig};
 
 const BUCKET: &str = "era5-faults";
@@ -54,7 +56,7 @@ impl Fixture {
     fn new(codec: Codec) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let local = dir.path().join(PREFIX);
-        write_store(&config(codec), &local).expect("writing the synthetic store");
+        write_store(&config(codec), &local, &NoProgress).expect("writing the synthetic store");
         let server = S3TestServer::start_blocking(&dir.path().join("s3")).unwrap();
         server.upload_dir(&local, BUCKET, PREFIX).unwrap();
         Self {

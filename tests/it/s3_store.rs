@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use atmorep_testkit::{S3TestServer, atmorep_bin};
-use atmorep_loader::inspect::inspect;
-use atmorep_loader::synth::{SynthConfig, ZarrFormat, write_store};
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::store::zarr_meta::ZarrFormat;
+use atmorep_loader::tools::inspect::inspect;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_loader::{ChunkCache, Dataset, Hyperslab, StoreLocation};
+use atmorep_testkit::{S3TestServer, atmorep_bin};
 use serde_json::Value;
 
 const BUCKET: &str = "era5-test";
@@ -48,7 +50,7 @@ fn small_sharded_config() -> SynthConfig {
 
 fn write_synth(dir: &Path, name: &str, cfg: &SynthConfig) -> PathBuf {
     let out = dir.join(name);
-    write_store(cfg, &out).unwrap_or_else(|e| panic!("writing {name}: {e}"));
+    write_store(cfg, &out, &NoProgress).unwrap_or_else(|e| panic!("writing {name}: {e}"));
     out
 }
 
@@ -75,7 +77,7 @@ async fn open_s3(server: &S3TestServer, prefix: &str) -> Dataset {
 }
 
 /// An inspect report as JSON without `url` (which necessarily differs).
-fn report_without_url(report: &atmorep_loader::inspect::InspectReport) -> Value {
+fn report_without_url(report: &atmorep_loader::tools::inspect::InspectReport) -> Value {
     let mut json = serde_json::to_value(report).expect("the report serializes");
     json.as_object_mut()
         .expect("the report is an object")
@@ -178,8 +180,8 @@ async fn assert_same_store(local: &Dataset, remote: &Dataset, what: &str) {
         "{what}: nothing was fetched over S3"
     );
 
-    let local_report = inspect(local, true, false).await.unwrap();
-    let remote_report = inspect(remote, true, false)
+    let local_report = inspect(local, true, &NoProgress).await.unwrap();
+    let remote_report = inspect(remote, true, &NoProgress)
         .await
         .unwrap_or_else(|e| panic!("{what}: inspect over S3: {e}"));
     assert_eq!(
@@ -214,7 +216,7 @@ async fn synthetic_v3_sharded_store_reads_identically_over_s3() {
     let local = open_local(&store).await;
     let remote = open_s3(&server, prefix).await;
     assert_eq!(local.metadata.zarr_format, 3);
-    let report = inspect(&local, false, false).await.unwrap();
+    let report = inspect(&local, false, &NoProgress).await.unwrap();
     assert!(
         report
             .arrays

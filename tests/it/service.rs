@@ -23,17 +23,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use atmorep_loader::pipeline::normalization::GlobalStats;
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
+use atmorep_proto::batch::{Batch, Cursor};
+use atmorep_proto::client::{ClientConfig, ClientError};
+use atmorep_proto::pb;
+use atmorep_proto::request::RequestConfig;
 use atmorep_testkit::streams::{
     STREAM_TIMEOUT, assert_whole_epoch, client_config, collect, connect, ids,
 };
 use atmorep_testkit::tiny::{store_with_stats, tiny_config};
 use atmorep_testkit::{ChildGuard, Server, atmorep_bin, workspace_root};
-use atmorep_loader::normalization::GlobalStats;
-use atmorep_loader::synth::{SynthConfig, write_store};
-use atmorep_proto::batch::{Batch, Cursor};
-use atmorep_proto::client::{ClientConfig, ClientError};
-use atmorep_proto::pb;
-use atmorep_proto::request::RequestConfig;
 use serde_json::Value;
 use tempfile::TempDir;
 use tonic::Code;
@@ -452,7 +453,7 @@ async fn malformed_requests_get_their_code_and_field_and_the_server_carries_on()
 async fn missing_statistics_are_a_failed_precondition() {
     let dir = TempDir::new().unwrap();
     let store = dir.path().join("bare.zarr");
-    write_store(&tiny_config(16), &store).expect("writing the store");
+    write_store(&tiny_config(16), &store, &NoProgress).expect("writing the store");
     let server = Server::start(&dataset_arg("bare", &store), &dir.path().join("server.log"));
     let mut config = client_config(vec![server.endpoint()]);
     config.reconnect.max_attempts = Some(1);
@@ -488,7 +489,8 @@ async fn statistics_arrive_exactly_as_the_store_has_them() {
     config.reconnect.max_attempts = Some(1);
     let client = connect(config).await;
     let local = GlobalStats::load(
-        &GlobalStats::default_dir(&store).join(atmorep_loader::normalization::GLOBAL_FILE),
+        &GlobalStats::default_dir(&store)
+            .join(atmorep_loader::pipeline::normalization::GLOBAL_FILE),
     )
     .unwrap();
     let all = client.statistics("era5", &[]).await.unwrap();

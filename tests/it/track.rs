@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_testkit::{Server, atmorep_bin};
-use atmorep_loader::synth::{SynthConfig, write_store};
 use atmorep_track::{EvalConfig, evaluate, read_reference, read_tracks_csv};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -20,7 +21,7 @@ fn store(dir: &Path, variables: &[&str]) -> (PathBuf, PathBuf) {
         ..SynthConfig::default()
     };
     let path = dir.join("era5.zarr");
-    let summary = write_store(&config, &path).expect("writing the synthetic store");
+    let summary = write_store(&config, &path, &NoProgress).expect("writing the synthetic store");
     (path, summary.tracks_csv)
 }
 

@@ -12,10 +12,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use atmorep_proto::client::LoaderClient;
 use atmorep_testkit::streams::{client_config, connect};
 use atmorep_testkit::tiny::serve_tiny_store;
 use atmorep_testkit::{Server, atmorep_bin, workspace_root};
-use atmorep_proto::client::LoaderClient;
 use atmorep_trainer::config::{Prior, TokenGrid};
 use atmorep_trainer::metrics_log::read_steps;
 use atmorep_trainer::tail::PRIOR_ERROR_DEFAULT;

@@ -5,7 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use atmorep_loader::inspect::inspect;
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::tools::inspect::inspect;
 use atmorep_loader::{Dataset, Hyperslab, StoreError, Variable};
 use serde_json::Value;
 
@@ -449,7 +450,7 @@ async fn check_spots(name: &'static str) {
 async fn check_inspect_stats(name: &'static str) {
     let fx = Fixture::load(name);
     let ds = fx.open().await;
-    let report = inspect(&ds, true, false)
+    let report = inspect(&ds, true, &NoProgress)
         .await
         .unwrap_or_else(|e| panic!("{name}: inspect: {e}"));
     let exp = &fx.expected;

@@ -5,14 +5,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use atmorep_loader::epoch::Cursor;
-use atmorep_loader::masking::MaskSpec;
-use atmorep_loader::normalization::GlobalStats;
+use atmorep_loader::pipeline::epoch::Cursor;
+use atmorep_loader::pipeline::masking::MaskSpec;
+use atmorep_loader::pipeline::normalization::GlobalStats;
+use atmorep_loader::pipeline::tokenizer::tokenize;
 use atmorep_loader::pipeline::{
     FieldConfig, Normalization, Pipeline, PipelineConfig, PipelineError, Split,
 };
-use atmorep_loader::synth::{SynthConfig, write_store};
-use atmorep_loader::tokenizer::tokenize;
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_loader::{ChunkCache, Dataset, Hyperslab, StoreLocation};
 use atmorep_proto::{FieldGeometry, PeMode, TokenGeometry};
 
@@ -26,14 +27,18 @@ async fn store(dir: &Path) -> (Arc<Dataset>, Arc<GlobalStats>) {
         variables: vec!["t".into(), "vo".into()],
         ..SynthConfig::default()
     };
-    write_store(&cfg, &path).unwrap();
+    write_store(&cfg, &path, &NoProgress).unwrap();
     let location = StoreLocation::open(path.to_str().unwrap()).unwrap();
     let dataset = Arc::new(
         Dataset::open_location(location, Arc::new(ChunkCache::new(1 << 30)))
             .await
             .unwrap(),
     );
-    let stats = Arc::new(GlobalStats::compute(&dataset, None, false).await.unwrap());
+    let stats = Arc::new(
+        GlobalStats::compute(&dataset, None, &NoProgress)
+            .await
+            .unwrap(),
+    );
     (dataset, stats)
 }
 
@@ -245,11 +250,11 @@ async fn bad_requests_name_the_problem() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_normalization_uses_per_point_monthly_statistics() {
-    use atmorep_loader::local_stats::LocalStats;
+    use atmorep_loader::pipeline::normalization::LocalStats;
     let dir = tempfile::tempdir().unwrap();
     let (dataset, stats) = store(dir.path()).await;
     let local = Arc::new(
-        LocalStats::compute(&dataset, &["t".to_string()], false)
+        LocalStats::compute(&dataset, &["t".to_string()], &NoProgress)
             .await
             .unwrap(),
     );
@@ -274,7 +279,8 @@ async fn local_normalization_uses_per_point_monthly_statistics() {
         lon_len: 1,
     };
     let x = dataset.read(&slab).await.unwrap()[0];
-    let (_, month) = atmorep_loader::normalization::year_month(dataset.times[w.time_start]);
+    let (_, month) =
+        atmorep_loader::pipeline::normalization::year_month(dataset.times[w.time_start]);
     let field = &local.fields["t"];
     let plane = dataset.lats.len() * dataset.lons.len();
     let i = ((month as usize - 1) * field.levels.len()) * plane
@@ -521,7 +527,7 @@ async fn bench_pipeline_reports_each_epoch_against_its_own_decode_limit() {
     // The bench computes the statistics it needs beside the store.
     assert!(pipeline.is_err(), "global normalization needs statistics");
     let url = dir.path().join("pipe.zarr");
-    let reports = atmorep_loader::bench_pipeline::run(
+    let reports = atmorep_loader::tools::bench_pipeline::run(
         url.to_str().unwrap(),
         cfg,
         None,
@@ -529,7 +535,7 @@ async fn bench_pipeline_reports_each_epoch_against_its_own_decode_limit() {
         None,
         3,
         8,
-        false,
+        &NoProgress,
     )
     .await
     .unwrap();

@@ -6,9 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use atmorep_loader::dataset::Layout;
-use atmorep_loader::synth::{Codec, SynthConfig, ZarrFormat, write_store};
-use atmorep_loader::{ChunkCache, Dataset, Hyperslab, StoreError, StoreLocation};
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::store::zarr_meta::{Codec, ZarrFormat};
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
+use atmorep_loader::{ChunkCache, Dataset, Hyperslab, Layout, StoreError, StoreLocation};
 
 const VARS: [&str; 2] = ["z", "vo"];
 
@@ -27,7 +28,7 @@ fn base_config() -> SynthConfig {
 
 fn write(dir: &Path, name: &str, cfg: &SynthConfig) -> PathBuf {
     let path = dir.join(name);
-    write_store(cfg, &path).expect("write synthetic store");
+    write_store(cfg, &path, &NoProgress).expect("write synthetic store");
     path
 }
 
@@ -210,8 +211,8 @@ async fn windows_across_the_seam_and_at_the_poles_equal_slices_of_the_field() {
 /// split the window on every axis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_order_reads_equal_tokenized_windows() {
-    use atmorep_loader::hyperslab::OutputLayout;
-    use atmorep_loader::tokenizer::tokenize;
+    use atmorep_loader::pipeline::tokenizer::tokenize;
+    use atmorep_loader::store::hyperslab::OutputLayout;
     use atmorep_proto::{FieldGeometry, TokenGeometry};
 
     let dir = tempfile::tempdir().unwrap();

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use atmorep_loader::Dataset;
-use atmorep_loader::normalization::{GLOBAL_FILE, GlobalStats, year_month};
+use atmorep_loader::pipeline::normalization::{GLOBAL_FILE, GlobalStats, year_month};
+use atmorep_loader::progress::NoProgress;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures"))
@@ -27,7 +28,9 @@ async fn global_stats_equal_an_f64_reference_and_round_trip() {
     for store in ["xr_v2_packed", "xr_v3_sharded", "xr_v2_gzip"] {
         let path = fixtures().join(format!("{store}.zarr"));
         let dataset = Dataset::open(path.to_str().unwrap()).await.unwrap();
-        let stats = GlobalStats::compute(&dataset, None, false).await.unwrap();
+        let stats = GlobalStats::compute(&dataset, None, &NoProgress)
+            .await
+            .unwrap();
         let plane = dataset.lats.len() * dataset.lons.len();
         let mut checked = 0;
         for (name, variable) in &dataset.variables {
@@ -77,7 +80,7 @@ async fn global_stats_equal_an_f64_reference_and_round_trip() {
         assert!(checked > 0);
 
         let dir = tempfile::tempdir().unwrap();
-        let (_, computed) = GlobalStats::compute_into(&dataset, dir.path(), false, false)
+        let (_, computed) = GlobalStats::compute_into(&dataset, dir.path(), false, &NoProgress)
             .await
             .unwrap();
         assert!(computed);
@@ -85,7 +88,7 @@ async fn global_stats_equal_an_f64_reference_and_round_trip() {
             .unwrap()
             .modified()
             .unwrap();
-        let (again, computed) = GlobalStats::compute_into(&dataset, dir.path(), false, false)
+        let (again, computed) = GlobalStats::compute_into(&dataset, dir.path(), false, &NoProgress)
             .await
             .unwrap();
         assert!(!computed, "a rerun on the same store is a no-op");
@@ -135,7 +138,7 @@ async fn global_stats_equal_an_f64_reference_and_round_trip() {
         }) {
             assert!((a - b).abs() <= 1e-12 * a.abs().max(1e-30));
         }
-        let (_, computed) = GlobalStats::compute_into(&dataset, dir.path(), true, false)
+        let (_, computed) = GlobalStats::compute_into(&dataset, dir.path(), true, &NoProgress)
             .await
             .unwrap();
         assert!(computed, "--force recomputes");
@@ -144,11 +147,13 @@ async fn global_stats_equal_an_f64_reference_and_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_stats_equal_a_per_point_f64_reference_and_round_trip_through_zarr() {
-    use atmorep_loader::local_stats::LocalStats;
+    use atmorep_loader::pipeline::normalization::LocalStats;
     for store in ["xr_v2_gzip", "xr_v2_packed"] {
         let path = fixtures().join(format!("{store}.zarr"));
         let dataset = Dataset::open(path.to_str().unwrap()).await.unwrap();
-        let local = LocalStats::compute(&dataset, &[], false).await.unwrap();
+        let local = LocalStats::compute(&dataset, &[], &NoProgress)
+            .await
+            .unwrap();
         let plane = dataset.lats.len() * dataset.lons.len();
         for (name, variable) in &dataset.variables {
             let values = expected_values(store, name);

@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-use atmorep_loader::synth::{SynthConfig, tracks_path, write_store};
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::tools::synth::{SynthConfig, tracks_path, write_store};
 use atmorep_loader::{Dataset, Hyperslab};
 
 #[derive(Debug)]
@@ -82,7 +83,7 @@ async fn check_store(path: &Path, tolerance_deg: f64) {
             .times
             .iter()
             .position(|&t| {
-                atmorep_loader::cf_time::iso(t)
+                atmorep_loader::store::cf_time::iso(t)
                     .replace('T', " ")
                     .trim_end_matches('Z')
                     == point.time
@@ -161,7 +162,7 @@ async fn coarse_store_tracks_match_the_fields() {
         variables: vec!["z".into(), "vo".into()],
         ..SynthConfig::default()
     };
-    let summary = write_store(&cfg, &path).unwrap();
+    let summary = write_store(&cfg, &path, &NoProgress).unwrap();
     assert_eq!(summary.shape, [9, 3, 181, 360]);
     check_store(&path, 1.0).await;
 }
@@ -177,7 +178,7 @@ async fn era5_resolution_store_tracks_match_the_fields() {
         variables: vec!["z".into(), "vo".into()],
         ..SynthConfig::default()
     };
-    let summary = write_store(&cfg, &path).unwrap();
+    let summary = write_store(&cfg, &path, &NoProgress).unwrap();
     assert_eq!(summary.shape, [3, 3, 721, 1440]);
     check_store(&path, 0.5).await;
 }

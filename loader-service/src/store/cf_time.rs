@@ -3,6 +3,9 @@
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
 
+/// ERA5's CF time encoding, which the stores this crate writes use.
+pub const TIME_UNITS: &str = "hours since 1900-01-01 00:00:00";
+
 /// A parsed CF time encoding.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CfTimeUnits {

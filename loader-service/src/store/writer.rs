@@ -16,10 +16,10 @@ use serde_json::{Value, json};
 use zarrs::array::{Array, ArraySubset};
 use zarrs::filesystem::FilesystemStore;
 
-use crate::cf_time::CfTimeUnits;
 use crate::error::{Result, StoreError};
-use crate::synth::{
-    ArraySpec, Codec, TIME_UNITS, ZarrFormat, attrs, write_array_meta, write_err, write_root,
+use crate::store::cf_time::{CfTimeUnits, TIME_UNITS};
+use crate::store::zarr_meta::{
+    ArraySpec, Codec, ZarrFormat, attrs, write_array_meta, write_err, write_group,
 };
 
 /// The grid and time axis of a store to write; latitudes north to south or south to north,
@@ -103,15 +103,8 @@ impl StoreWriter {
         let mut written: Vec<(String, Value)> = Vec::new();
         let units = CfTimeUnits::parse(TIME_UNITS, Some("gregorian")).expect("valid units");
         let hours: Vec<f64> = axes.times.iter().map(|&t| units.encode(t)).collect();
-        let coord = |name: &'static str, n: usize, a: serde_json::Map<String, Value>| ArraySpec {
-            name,
-            shape: vec![n as u64],
-            chunks: vec![n as u64],
-            shard_inner: None,
-            dtype: "f64",
-            dims: vec![name],
-            codec: Codec::None,
-            attributes: a,
+        let coord = |name: &'static str, n: usize, a: serde_json::Map<String, Value>| {
+            ArraySpec::coordinate(name, n, "f64", a)
         };
         let mut coords = vec![
             (
@@ -205,7 +198,7 @@ impl StoreWriter {
                 return Err(fail(format!("variable `{}` listed twice", v.name)));
             }
         }
-        write_root(
+        write_group(
             format,
             &tmp,
             &attrs(&[("title", json!(title)), ("Conventions", json!("CF-1.6"))]),
@@ -343,7 +336,7 @@ pub fn write_arrays(out: &Path, arrays: &[DenseArray], title: &str) -> Result<Pa
             )
             .map_err(|e| write_err(out, e))?;
     }
-    write_root(
+    write_group(
         ZarrFormat::V2,
         &tmp,
         &attrs(&[("title", json!(title))]),
@@ -359,8 +352,8 @@ pub fn write_arrays(out: &Path, arrays: &[DenseArray], title: &str) -> Result<Pa
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataset::Dataset;
-    use crate::hyperslab::Hyperslab;
+    use crate::store::dataset::Dataset;
+    use crate::store::hyperslab::Hyperslab;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_written_store_reads_back_exactly_through_the_loader() {

@@ -1,4 +1,4 @@
-//! Self-supervised masking of one field's token sequence (DESIGN §3).
+//! Self-supervised masking of one field's token sequence (docs/design.md §3).
 //!
 //! # Token layout
 //!
@@ -26,7 +26,8 @@
 //! in ascending index order the noise decision and, for noised tokens, `token_numel` normal
 //! values; interpolation: the slice selection), so the output is a pure function of the inputs and
 //! the generator state. Callers seed the generator with
-//! [`sample_rng`](crate::epoch::sample_rng)`(seed, epoch, sample, field, Purpose::Mask)`.
+//! [`sample_rng`](crate::pipeline::seeding::sample_rng)
+//! `(seed, epoch, sample, field, Purpose::Mask)`.
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -681,9 +682,21 @@ mod tests {
             let a = apply(&spec, &g, &t, &mut ChaCha8Rng::seed_from_u64(77));
             let b = apply(&spec, &g, &t, &mut ChaCha8Rng::seed_from_u64(77));
             assert_eq!(a, b);
-            let mut rng = crate::epoch::sample_rng(1, 2, 3, 0, crate::epoch::Purpose::Mask);
+            let mut rng = crate::pipeline::seeding::sample_rng(
+                1,
+                2,
+                3,
+                0,
+                crate::pipeline::seeding::Purpose::Mask,
+            );
             let c = apply(&spec, &g, &t, &mut rng);
-            let mut rng = crate::epoch::sample_rng(1, 2, 3, 0, crate::epoch::Purpose::Mask);
+            let mut rng = crate::pipeline::seeding::sample_rng(
+                1,
+                2,
+                3,
+                0,
+                crate::pipeline::seeding::Purpose::Mask,
+            );
             assert_eq!(c, apply(&spec, &g, &t, &mut rng));
         }
         let spec = MaskSpec::Bert {

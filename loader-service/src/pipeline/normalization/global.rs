@@ -7,16 +7,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array as _, Float64Array, Int32Array, RecordBatch, StringArray, UInt64Array};
+use arrow::array::{Array as _, Float64Array, Int32Array, StringArray, UInt64Array};
 use arrow::datatypes::{DataType as ArrowType, Field, Schema};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::Dataset;
+use super::{Moments, NormalizationError, statistics_levels, year_month};
 use crate::error::{Result, StoreError};
-use crate::hyperslab::Hyperslab;
-use crate::stats::Moments;
-use crate::synth::progress_bar;
+use crate::progress::Progress;
+use crate::store::dataset::Dataset;
+use crate::store::table::write_parquet;
 
 /// File name of the global statistics table inside a statistics folder.
 pub const GLOBAL_FILE: &str = "global_stats.parquet";
@@ -41,18 +41,13 @@ struct Manifest {
     variables: Vec<String>,
 }
 
-/// Calendar (year, month) of a Unix time (UTC), proleptic Gregorian.
-pub fn year_month(unix: i64) -> (i32, u32) {
-    let t = atmorep_proto::calendar::UtcDateTime::from_unix_seconds(unix);
-    (t.year as i32, t.month)
-}
-
 impl GlobalStats {
-    /// Computes the statistics of every variable (or of `only`) with a progress bar.
+    /// Computes the statistics of every variable (or of `only`), reporting the time steps read
+    /// to `progress`.
     pub async fn compute(
         dataset: &Dataset,
         only: Option<&[String]>,
-        progress: bool,
+        progress: &dyn Progress,
     ) -> Result<Self> {
         let names: Vec<String> = match only {
             Some(list) => {
@@ -63,46 +58,36 @@ impl GlobalStats {
             }
             None => dataset.variables.keys().cloned().collect(),
         };
-        let total = (names.len() * dataset.times.len()) as u64;
-        let bar = progress_bar(progress, total, "stats");
+        progress.start("stats", (names.len() * dataset.times.len()) as u64);
         let mut entries: BTreeMap<Key, Moments> = BTreeMap::new();
         let mut buffer = Vec::new();
+        let nplane = dataset.lats.len() * dataset.lons.len();
         for name in &names {
             let variable = dataset.variable(name)?;
-            let levels: Vec<f64> = if variable.levels.is_empty() {
-                vec![0.0]
-            } else {
-                variable.levels.clone()
-            };
-            let nplane = dataset.lats.len() * dataset.lons.len();
-            for time in variable.time_blocks(dataset.times.len()) {
-                let (t, steps) = (time.start, time.len() as u64);
-                let slab = Hyperslab {
-                    time,
-                    ..Hyperslab::full(dataset, variable)
-                };
-                buffer = dataset.read_into(&slab, buffer).await?;
-                let planes: Vec<(usize, usize, Moments)> = buffer
-                    .par_chunks(nplane)
-                    .enumerate()
-                    .map(|(i, plane)| {
-                        (
-                            t + i / levels.len(),
-                            i % levels.len(),
-                            Moments::from_values(plane),
-                        )
-                    })
-                    .collect();
-                for (step, level, m) in planes {
-                    let (year, month) = year_month(dataset.times[step]);
-                    let key = (name.clone(), levels[level].to_bits(), year, month);
-                    let entry = entries.entry(key).or_default();
-                    *entry = entry.merge(m);
-                }
-                bar.inc(steps);
-            }
+            let levels = statistics_levels(variable);
+            dataset
+                .scan(variable, &mut buffer, progress, |t, values| {
+                    let planes: Vec<(usize, usize, Moments)> = values
+                        .par_chunks(nplane)
+                        .enumerate()
+                        .map(|(i, plane)| {
+                            (
+                                t + i / levels.len(),
+                                i % levels.len(),
+                                Moments::from_values(plane),
+                            )
+                        })
+                        .collect();
+                    for (step, level, m) in planes {
+                        let (year, month) = year_month(dataset.times[step]);
+                        let key = (name.clone(), levels[level].to_bits(), year, month);
+                        let entry = entries.entry(key).or_default();
+                        *entry = entry.merge(m);
+                    }
+                })
+                .await?;
         }
-        bar.finish_and_clear();
+        progress.finish();
         Ok(Self { entries })
     }
 
@@ -112,7 +97,7 @@ impl GlobalStats {
         dataset: &Dataset,
         dir: &Path,
         force: bool,
-        progress: bool,
+        progress: &dyn Progress,
     ) -> Result<(Self, bool)> {
         let manifest = Manifest {
             store: dataset.url().to_string(),
@@ -230,8 +215,9 @@ impl GlobalStats {
             Field::new("max", ArrowType::Float64, false),
         ]));
         let rows: Vec<_> = self.iter().collect();
-        let batch = RecordBatch::try_new(
-            schema.clone(),
+        write_parquet(
+            path,
+            schema,
             vec![
                 Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
                 Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.1))),
@@ -255,16 +241,6 @@ impl GlobalStats {
                 Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.4.max))),
             ],
         )
-        .map_err(|e| StoreError::output(path, e))?;
-        let tmp = path.with_extension("parquet.tmp");
-        let file = std::fs::File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
-        let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None)
-            .map_err(|e| StoreError::output(path, e))?;
-        writer
-            .write(&batch)
-            .map_err(|e| StoreError::output(path, e))?;
-        writer.close().map_err(|e| StoreError::output(path, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| StoreError::io(path, e))
     }
 
     /// Reads a table written by [`GlobalStats::write`].
@@ -336,37 +312,9 @@ impl GlobalStats {
     }
 }
 
-/// Normalization that cannot be applied.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum NormalizationError {
-    #[error("no statistics for field `{field}` level {level} in {year}-{month:02}")]
-    Missing {
-        field: String,
-        level: f64,
-        year: i32,
-        month: u32,
-    },
-    #[error("field `{field}` level {level} in {year}-{month:02} has zero spread")]
-    ZeroSpread {
-        field: String,
-        level: f64,
-        year: i32,
-        month: u32,
-    },
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn calendar_months_of_unix_times() {
-        assert_eq!(year_month(0), (1970, 1));
-        assert_eq!(year_month(951_782_400), (2000, 2)); // 2000-02-29
-        assert_eq!(year_month(951_868_800), (2000, 3)); // 2000-03-01
-        assert_eq!(year_month(-946_771_200), (1940, 1)); // 1940-01-01
-        assert_eq!(year_month(1_609_459_199), (2020, 12)); // 2020-12-31T23:59:59
-    }
 
     #[test]
     fn normalize_and_back() {

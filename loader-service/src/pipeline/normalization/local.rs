@@ -9,14 +9,16 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 use serde_json::json;
-use zarrs::array::{Array, ArrayMetadata, ArrayMetadataV3, ArraySubset};
+use zarrs::array::{Array, ArraySubset};
 use zarrs::filesystem::FilesystemStore;
 
-use crate::dataset::Dataset;
+use super::{NormalizationError, statistics_levels, year_month};
 use crate::error::{Result, StoreError};
-use crate::hyperslab::Hyperslab;
-use crate::normalization::{NormalizationError, year_month};
-use crate::synth::progress_bar;
+use crate::progress::Progress;
+use crate::store::dataset::Dataset;
+use crate::store::zarr_meta::{
+    ArraySpec, Codec, ZarrFormat, array_from_json, attrs, metadata_json, write_err, write_group,
+};
 
 /// Folder name of the local statistics inside a statistics folder.
 pub const LOCAL_STORE: &str = "local_stats.zarr";
@@ -39,8 +41,13 @@ pub struct LocalStats {
 }
 
 impl LocalStats {
-    /// Computes the statistics of `names` (all variables when empty) in one pass per variable.
-    pub async fn compute(dataset: &Dataset, names: &[String], progress: bool) -> Result<Self> {
+    /// Computes the statistics of `names` (all variables when empty) in one pass per variable,
+    /// reporting the time steps read to `progress`.
+    pub async fn compute(
+        dataset: &Dataset,
+        names: &[String],
+        progress: &dyn Progress,
+    ) -> Result<Self> {
         let names: Vec<String> = if names.is_empty() {
             dataset.variables.keys().cloned().collect()
         } else {
@@ -48,55 +55,42 @@ impl LocalStats {
         };
         let (nlat, nlon) = (dataset.lats.len(), dataset.lons.len());
         let plane = nlat * nlon;
-        let bar = progress_bar(
-            progress,
-            (names.len() * dataset.times.len()) as u64,
-            "local",
-        );
+        progress.start("local", (names.len() * dataset.times.len()) as u64);
         let mut fields = std::collections::BTreeMap::new();
         let mut buffer = Vec::new();
         for name in &names {
             let variable = dataset.variable(name)?;
-            let levels: Vec<f64> = if variable.levels.is_empty() {
-                vec![0.0]
-            } else {
-                variable.levels.clone()
-            };
+            let levels = statistics_levels(variable);
             let nl = levels.len();
             let mut count = vec![0u64; 12 * nl];
             let mut mean = vec![0f64; 12 * nl * plane];
             let mut m2 = vec![0f64; 12 * nl * plane];
-            for time in variable.time_blocks(dataset.times.len()) {
-                let (t, steps) = (time.start, time.len() as u64);
-                let slab = Hyperslab {
-                    time,
-                    ..Hyperslab::full(dataset, variable)
-                };
-                buffer = dataset.read_into(&slab, buffer).await?;
-                for (k, values) in buffer.chunks(plane).enumerate() {
-                    let (_, month) = year_month(dataset.times[t + k / nl]);
-                    let slot = (month as usize - 1) * nl + k % nl;
-                    count[slot] += 1;
-                    let n = count[slot] as f64;
-                    let (mean, m2) = (
-                        &mut mean[slot * plane..(slot + 1) * plane],
-                        &mut m2[slot * plane..(slot + 1) * plane],
-                    );
-                    // Welford per point; rows in parallel.
-                    mean.par_chunks_mut(nlon)
-                        .zip(m2.par_chunks_mut(nlon))
-                        .zip(values.par_chunks(nlon))
-                        .for_each(|((mean, m2), x)| {
-                            for i in 0..x.len() {
-                                let x = x[i] as f64;
-                                let delta = x - mean[i];
-                                mean[i] += delta / n;
-                                m2[i] += delta * (x - mean[i]);
-                            }
-                        });
-                }
-                bar.inc(steps);
-            }
+            dataset
+                .scan(variable, &mut buffer, progress, |t, block| {
+                    for (k, values) in block.chunks(plane).enumerate() {
+                        let (_, month) = year_month(dataset.times[t + k / nl]);
+                        let slot = (month as usize - 1) * nl + k % nl;
+                        count[slot] += 1;
+                        let n = count[slot] as f64;
+                        let (mean, m2) = (
+                            &mut mean[slot * plane..(slot + 1) * plane],
+                            &mut m2[slot * plane..(slot + 1) * plane],
+                        );
+                        // Welford per point; rows in parallel.
+                        mean.par_chunks_mut(nlon)
+                            .zip(m2.par_chunks_mut(nlon))
+                            .zip(values.par_chunks(nlon))
+                            .for_each(|((mean, m2), x)| {
+                                for i in 0..x.len() {
+                                    let x = x[i] as f64;
+                                    let delta = x - mean[i];
+                                    mean[i] += delta / n;
+                                    m2[i] += delta * (x - mean[i]);
+                                }
+                            });
+                    }
+                })
+                .await?;
             let mut out_mean = vec![f32::NAN; 12 * nl * plane];
             let mut out_std = vec![f32::NAN; 12 * nl * plane];
             for (slot, &n) in count.iter().enumerate() {
@@ -117,7 +111,7 @@ impl LocalStats {
                 },
             );
         }
-        bar.finish_and_clear();
+        progress.finish();
         Ok(Self { nlat, nlon, fields })
     }
 
@@ -179,55 +173,48 @@ impl LocalStats {
 
     /// Writes the statistics as a Zarr v3 store at `path` (replaced).
     pub fn write(&self, path: &Path) -> Result<()> {
-        let err = |e: &dyn std::fmt::Display| StoreError::Write {
-            path: path.display().to_string(),
-            detail: e.to_string(),
-        };
         if path.exists() {
             std::fs::remove_dir_all(path).map_err(|e| StoreError::io(path, e))?;
         }
         std::fs::create_dir_all(path).map_err(|e| StoreError::io(path, e))?;
-        let store = Arc::new(FilesystemStore::new(path).map_err(|e| err(&e))?);
-        let group = json!({"zarr_format": 3, "node_type": "group", "attributes": {"nlat": self.nlat, "nlon": self.nlon}});
-        std::fs::write(path.join("zarr.json"), group.to_string())
-            .map_err(|e| StoreError::io(path, e))?;
+        let store = Arc::new(FilesystemStore::new(path).map_err(|e| write_err(path, e))?);
+        let format = ZarrFormat::V3;
+        let grid = attrs(&[("nlat", json!(self.nlat)), ("nlon", json!(self.nlon))]);
+        write_group(format, path, &grid, &[])?;
         for (name, field) in &self.fields {
-            std::fs::create_dir_all(path.join(name)).map_err(|e| StoreError::io(path, e))?;
-            let group = json!({"zarr_format": 3, "node_type": "group", "attributes": {"levels": field.levels}});
-            std::fs::write(path.join(name).join("zarr.json"), group.to_string())
-                .map_err(|e| StoreError::io(path, e))?;
-            let shape = [
+            let levels = attrs(&[("levels", json!(field.levels))]);
+            let group = path.join(name);
+            std::fs::create_dir_all(&group).map_err(|e| StoreError::io(path, e))?;
+            write_group(format, &group, &levels, &[])?;
+            let shape = vec![
                 12u64,
                 field.levels.len() as u64,
                 self.nlat as u64,
                 self.nlon as u64,
             ];
             for (array, values) in [("mean", &field.mean), ("std", &field.std)] {
-                let meta: ArrayMetadataV3 = serde_json::from_value(json!({
-                    "zarr_format": 3,
-                    "node_type": "array",
-                    "shape": shape,
-                    "data_type": "float32",
-                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, 1, self.nlat, self.nlon]}},
-                    "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-                    "fill_value": "NaN",
-                    "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 3, "checksum": false}}],
-                    "dimension_names": ["month", "level", "latitude", "longitude"],
-                    "attributes": {"levels": field.levels},
-                }))
-                .map_err(|e| err(&e))?;
-                let zarr = Array::new_with_metadata(
-                    store.clone(),
-                    &format!("/{name}/{array}"),
-                    ArrayMetadata::V3(meta),
-                )
-                .map_err(|e| err(&e))?;
-                zarr.store_metadata().map_err(|e| err(&e))?;
+                let spec = ArraySpec {
+                    name: &format!("{name}/{array}"),
+                    shape: shape.clone(),
+                    chunks: vec![1, 1, self.nlat as u64, self.nlon as u64],
+                    shard_inner: None,
+                    dtype: "f32",
+                    dims: vec!["month", "level", "latitude", "longitude"],
+                    codec: Codec::Zstd,
+                    attributes: levels.clone(),
+                };
+                let zarr = array_from_json(
+                    &store,
+                    path,
+                    spec.name,
+                    format,
+                    metadata_json(format, &spec),
+                )?;
                 zarr.store_array_subset(
-                    &ArraySubset::new_with_shape(shape.to_vec()),
+                    &ArraySubset::new_with_shape(shape.clone()),
                     values.as_slice(),
                 )
-                .map_err(|e| err(&e))?;
+                .map_err(|e| write_err(path, e))?;
             }
         }
         Ok(())

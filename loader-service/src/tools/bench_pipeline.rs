@@ -13,12 +13,13 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use crate::dataset::{Dataset, decode_chunk};
-use crate::epoch::Cursor;
 use crate::error::StoreError;
-use crate::normalization::GlobalStats;
+use crate::pipeline::epoch::Cursor;
+use crate::pipeline::normalization::GlobalStats;
 use crate::pipeline::{BatchSpec, Normalization, Pipeline, PipelineConfig, PipelineError};
-use crate::synth::progress_bar;
+use crate::progress::Progress;
+use crate::store::dataset::Dataset;
+use crate::store::decode::{decode_chunk, run_on_rayon};
 use crate::{ChunkCache, StoreLocation};
 
 /// A benchmark run's figures.
@@ -48,7 +49,7 @@ pub async fn run(
     samples: Option<u64>,
     epochs: u64,
     concurrency: usize,
-    progress: bool,
+    progress: &dyn Progress,
 ) -> Result<Vec<PipelineBenchReport>, PipelineError> {
     let location = StoreLocation::open(url)?;
     let dataset =
@@ -89,12 +90,12 @@ async fn run_epoch(
     epoch: u64,
     total: u64,
     concurrency: usize,
-    progress: bool,
+    progress: &dyn Progress,
 ) -> Result<PipelineBenchReport, PipelineError> {
     dataset.cache().clear();
     dataset.record_fetches(true);
     let decoded_before = dataset.counters.decoded_bytes.load(Ordering::Relaxed);
-    let bar = progress_bar(progress, total, "samples");
+    progress.start("samples", total);
     let started = Instant::now();
     // The same batch stream the service sends: samples assembled `concurrency` at a time on the
     // runtime's workers while chunks decode on the rayon pool, batches of 16 kept ready.
@@ -121,12 +122,12 @@ async fn run_epoch(
             payload += sample.payload_bytes() as u64;
             delivered += 1;
             pipeline.recycle(sample);
-            bar.inc(1);
+            progress.advance(1);
         }
     }
     drop(batches);
     let seconds = started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
+    progress.finish();
     let fetched = dataset.record_fetches(false);
     let decoded = dataset.counters.decoded_bytes.load(Ordering::Relaxed) - decoded_before;
 
@@ -140,7 +141,7 @@ async fn run_epoch(
     }
     let url_owned = dataset.url().to_string();
     let decode_started = Instant::now();
-    let decoded_limit: Result<u64, StoreError> = crate::dataset::run_on_rayon(move || {
+    let decoded_limit: Result<u64, StoreError> = run_on_rayon(move || {
         encoded
             .par_iter()
             .map(|(variable, key, indices, bytes)| {
@@ -185,7 +186,7 @@ pub fn reference_config(fields: [&str; 2], levels: Vec<f64>, steps: usize) -> Pi
         normalization: Normalization::Global,
         pe: atmorep_proto::PeMode::Local,
         pe_width: 16,
-        mask: crate::masking::MaskSpec::Bert {
+        mask: crate::pipeline::masking::MaskSpec::Bert {
             r_max: 0.5,
             noise_fraction: 0.1,
             mask_value: 0.0,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{Float64Array, RecordBatch, StringArray};
+use arrow::array::{Float64Array, StringArray};
 use arrow::datatypes::{DataType as ArrowType, Field, Schema};
 use futures::{StreamExt, TryStreamExt};
 use rand::{Rng, SeedableRng};
@@ -17,10 +17,13 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use zarrs::array::{Array, ArrayBytes, ArrayMetadata, ArrayMetadataV3, ArrayToBytesCodecTraits};
 
-use crate::dataset::{Dataset, Role, chunk_codec_options};
 use crate::error::{Result, StoreError};
-use crate::hyperslab::Hyperslab;
-use crate::synth::{Codec, progress_bar};
+use crate::progress::Progress;
+use crate::store::dataset::{Dataset, Role, Variable};
+use crate::store::decode::{chunk_codec_options, run_on_rayon};
+use crate::store::hyperslab::Hyperslab;
+use crate::store::table::write_parquet;
+use crate::store::zarr_meta::Codec;
 
 /// What to benchmark.
 #[derive(Debug, Clone)]
@@ -34,7 +37,6 @@ pub struct BenchConfig {
     pub block: usize,
     /// Repetitions; the best is kept (the least disturbed by other load).
     pub repeats: usize,
-    pub progress: bool,
 }
 
 /// One measured figure.
@@ -62,13 +64,26 @@ pub struct BenchReport {
     /// `block_read_gbps / (store_decode_gbps × cores)`.
     pub ratio: f64,
     pub parquet: PathBuf,
+    /// Where the chart of the run belongs (the caller draws it from [`BenchReport::chart`]).
     pub png: PathBuf,
+}
+
+/// The figures a chart of the run shows: object GET throughput against requests in flight, and
+/// the decode (one core) and hyperslab read rates as bars.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchChart {
+    pub title: String,
+    /// (requests in flight, GB/s encoded).
+    pub get_throughput: Vec<(f64, f64)>,
+    /// (label, GB/s of decoded values).
+    pub rates: Vec<(String, f64)>,
 }
 
 const GB: f64 = 1e9;
 
-/// Runs the benchmark and writes its table (the caller draws the chart at the report's `png`).
-pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
+/// Runs the benchmark, reporting its four sections to `progress`, and writes its table (the
+/// caller draws the chart).
+pub async fn run_bench(cfg: &BenchConfig, progress: &dyn Progress) -> Result<BenchReport> {
     let dataset = Arc::new(Dataset::open(&cfg.url).await?);
     let name = match &cfg.variable {
         Some(v) => v.clone(),
@@ -82,7 +97,7 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
     let variable = dataset.variable(&name)?.clone();
     let cores = rayon::current_num_threads();
     let mut rows = Vec::new();
-    let bar = progress_bar(cfg.progress, 4, "bench");
+    progress.start("bench", 4);
 
     // Chunk keys of the block at level 0 (the objects a sampler would fetch).
     let block = cfg.block.min(dataset.times.len());
@@ -128,7 +143,7 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
             "GB/s encoded",
         ));
     }
-    bar.inc(1);
+    progress.advance(1);
 
     // 2. Single-core decode per codec on a real decoded chunk.
     let first = keys
@@ -145,8 +160,7 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
         let node = variable.node.clone();
         let encoded = encoded.clone();
         let repeats = cfg.repeats;
-        crate::dataset::run_on_rayon(move || decode_rate(&node.array, &indices, &encoded, repeats))
-            .await?
+        run_on_rayon(move || decode_rate(&node.array, &indices, &encoded, repeats)).await?
     };
     rows.push(row(
         "decode",
@@ -158,7 +172,7 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
     let shape: Vec<u64> = chunk.shape.iter().map(|&n| n as u64).collect();
     let values = chunk.values().to_vec();
     let repeats = cfg.repeats;
-    let per_codec = crate::dataset::run_on_rayon(move || -> Result<Vec<(String, f64, f64)>> {
+    let per_codec = run_on_rayon(move || -> Result<Vec<(String, f64, f64)>> {
         Codec::ALL
             .iter()
             .map(|codec| {
@@ -189,7 +203,7 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
         rows.push(row("decode", codec, 1.0, *rate, "GB/s decoded, 1 core"));
         rows.push(row("compression", codec, 1.0, *ratio, "decoded/encoded"));
     }
-    bar.inc(1);
+    progress.advance(1);
 
     // 3. Block read: `block` steps × one level × full globe, cold cache.
     // Into one reused buffer, as a loader does; the first read also faults its pages in.
@@ -209,7 +223,7 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
         block_read_gbps,
         "GB/s delivered",
     ));
-    bar.inc(1);
+    progress.advance(1);
 
     // 4. AtmoRep-sized sample windows (36 h × 54 × 108 points), cold and warm cache.
     let window = Hyperslab {
@@ -278,8 +292,8 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
             "decoded/delivered",
         ));
     }
-    bar.inc(1);
-    bar.finish_and_clear();
+    progress.advance(1);
+    progress.finish();
 
     let ratio = block_read_gbps / (store_decode_gbps * cores as f64);
     rows.push(row(
@@ -291,8 +305,7 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
     ));
     std::fs::create_dir_all(&cfg.out).map_err(|e| StoreError::io(&cfg.out, e))?;
     let parquet = cfg.out.join("bench-storage.parquet");
-    write_parquet(&parquet, &rows)?;
-    let png = cfg.out.join("bench-storage.png");
+    write_table(&parquet, &rows)?;
     Ok(BenchReport {
         url: cfg.url.clone(),
         variable: name,
@@ -302,7 +315,7 @@ pub async fn run_bench(cfg: &BenchConfig) -> Result<BenchReport> {
         block_read_gbps,
         ratio,
         parquet,
-        png,
+        png: cfg.out.join("bench-storage.png"),
     })
 }
 
@@ -320,12 +333,12 @@ fn bench_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::metadata("bench-storage", e)
 }
 
-fn variable_codec(variable: &crate::dataset::Variable) -> String {
+fn variable_codec(variable: &Variable) -> String {
     let meta = serde_json::to_value(variable.node.array.metadata()).unwrap_or_default();
-    crate::inspect::codec_names(&meta).join("+")
+    crate::tools::inspect::codec_names(&meta).join("+")
 }
 
-fn first_chunk_indices(variable: &crate::dataset::Variable) -> Vec<u64> {
+fn first_chunk_indices(variable: &Variable) -> Vec<u64> {
     variable
         .roles
         .iter()
@@ -336,11 +349,7 @@ fn first_chunk_indices(variable: &crate::dataset::Variable) -> Vec<u64> {
         .collect()
 }
 
-fn chunk_keys(
-    dataset: &Dataset,
-    variable: &crate::dataset::Variable,
-    slab: &Hyperslab,
-) -> Vec<String> {
+fn chunk_keys(dataset: &Dataset, variable: &Variable, slab: &Hyperslab) -> Vec<String> {
     let cs = variable.chunk_shape();
     let mut ranges: Vec<Vec<u64>> = Vec::new();
     for (axis, role) in variable.roles.iter().enumerate() {
@@ -422,7 +431,7 @@ fn f32_array(shape: &[u64], codec: Codec) -> Result<Array<()>> {
     Array::new_with_metadata(Arc::new(()), "/bench", ArrayMetadata::V3(meta)).map_err(bench_err)
 }
 
-fn write_parquet(path: &std::path::Path, rows: &[BenchRow]) -> Result<()> {
+fn write_table(path: &std::path::Path, rows: &[BenchRow]) -> Result<()> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("section", ArrowType::Utf8, false),
         Field::new("name", ArrowType::Utf8, false),
@@ -430,8 +439,9 @@ fn write_parquet(path: &std::path::Path, rows: &[BenchRow]) -> Result<()> {
         Field::new("value", ArrowType::Float64, false),
         Field::new("unit", ArrowType::Utf8, false),
     ]));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
+    write_parquet(
+        path,
+        schema,
         vec![
             Arc::new(StringArray::from_iter_values(
                 rows.iter().map(|r| r.section.as_str()),
@@ -446,18 +456,38 @@ fn write_parquet(path: &std::path::Path, rows: &[BenchRow]) -> Result<()> {
             )),
         ],
     )
-    .map_err(|e| StoreError::output(path, e))?;
-    let file = std::fs::File::create(path).map_err(|e| StoreError::io(path, e))?;
-    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None)
-        .map_err(|e| StoreError::output(path, e))?;
-    writer
-        .write(&batch)
-        .map_err(|e| StoreError::output(path, e))?;
-    writer.close().map_err(|e| StoreError::output(path, e))?;
-    Ok(())
 }
 
 impl BenchReport {
+    /// What a chart of this run shows.
+    pub fn chart(&self) -> BenchChart {
+        BenchChart {
+            title: format!(
+                "bench-storage: {} ({}, {} cores)",
+                self.url, self.variable, self.cores
+            ),
+            get_throughput: self
+                .rows
+                .iter()
+                .filter(|r| r.section == "get")
+                .map(|r| (r.x, r.value))
+                .collect(),
+            rates: self
+                .rows
+                .iter()
+                .filter(|r| r.section == "decode" || r.section == "hyperslab")
+                .map(|r| {
+                    let label = if r.section == "decode" {
+                        format!("decode {}", r.name)
+                    } else {
+                        r.name.clone()
+                    };
+                    (label, r.value)
+                })
+                .collect(),
+        }
+    }
+
     /// The table as text.
     pub fn to_text(&self) -> String {
         let mut s = String::new();

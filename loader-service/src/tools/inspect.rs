@@ -8,12 +8,11 @@ use futures::TryStreamExt;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::cf_time::iso;
-use crate::dataset::{Dataset, Layout};
 use crate::error::Result;
-use crate::hyperslab::Hyperslab;
-use crate::stats::Moments;
-use crate::synth::progress_bar;
+use crate::pipeline::normalization::Moments;
+use crate::progress::Progress;
+use crate::store::cf_time::iso;
+use crate::store::dataset::{Dataset, Layout};
 
 /// The report `inspect` prints (as text or JSON).
 #[derive(Debug, Clone, Serialize)]
@@ -86,8 +85,13 @@ pub struct VariableInfo {
     pub stats: Option<Moments>,
 }
 
-/// Builds the report; `stats` reads every variable fully.
-pub async fn inspect(dataset: &Dataset, stats: bool, progress: bool) -> Result<InspectReport> {
+/// Builds the report; `stats` reads every variable fully, reporting the time steps read to
+/// `progress`.
+pub async fn inspect(
+    dataset: &Dataset,
+    stats: bool,
+    progress: &dyn Progress,
+) -> Result<InspectReport> {
     let mut arrays = Vec::new();
     for node in dataset.metadata.arrays.values() {
         let array = &node.array;
@@ -110,22 +114,18 @@ pub async fn inspect(dataset: &Dataset, stats: bool, progress: bool) -> Result<I
     let mut moments: BTreeMap<String, Moments> = BTreeMap::new();
     if stats {
         let steps: u64 = dataset.variables.len() as u64 * dataset.times.len() as u64;
-        let bar = progress_bar(progress, steps, "stats");
+        progress.start("stats", steps);
+        let mut buffer = Vec::new();
         for variable in dataset.variables.values() {
             let mut acc = Moments::default();
-            for time in variable.time_blocks(dataset.times.len()) {
-                let steps = time.len() as u64;
-                let slab = Hyperslab {
-                    time,
-                    ..Hyperslab::full(dataset, variable)
-                };
-                let values = dataset.read(&slab).await?;
-                acc = acc.merge(Moments::from_values(&values));
-                bar.inc(steps);
-            }
+            dataset
+                .scan(variable, &mut buffer, progress, |_, values| {
+                    acc = acc.merge(Moments::from_values(values));
+                })
+                .await?;
             moments.insert(variable.name.clone(), acc);
         }
-        bar.finish_and_clear();
+        progress.finish();
     }
     let variables = dataset
         .variables

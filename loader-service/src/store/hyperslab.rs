@@ -12,9 +12,11 @@ use std::sync::atomic::Ordering;
 use futures::{StreamExt, TryStreamExt};
 use rayon::prelude::*;
 
-use crate::cache::DecodedChunk;
-use crate::dataset::{Dataset, Role, Variable, run_on_rayon};
 use crate::error::{Result, StoreError};
+use crate::progress::Progress;
+use crate::store::cache::DecodedChunk;
+use crate::store::dataset::{Dataset, Role, Variable};
+use crate::store::decode::run_on_rayon;
 
 /// How many chunk fetches one read keeps in flight.
 pub const FETCH_CONCURRENCY: usize = 32;
@@ -81,8 +83,8 @@ struct ChunkPlan {
 
 /// Where a window's points land in an output buffer. The offset of canonical point
 /// (time, level, lat, lon) is the sum of one offset per axis; plain canonical order and the
-/// token order of DESIGN §3 both have this form, so one scatter serves both and a window can be
-/// cut from the decoded chunks straight into tokens.
+/// token order of docs/design.md §3 both have this form, so one scatter serves both and a window
+/// can be cut from the decoded chunks straight into tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputLayout {
     /// Per canonical axis (time, level, lat, lon): output offset of each index.
@@ -210,6 +212,29 @@ impl Dataset {
             .delivered_bytes
             .fetch_add((out.len() * 4) as u64, Ordering::Relaxed);
         Ok(out)
+    }
+
+    /// Reads all of `variable` one block of whole time chunks at a time (each chunk decoded once,
+    /// memory bounded by one block) into `buffer`, hands `visit` each block's first time step
+    /// and values (time, level, lat, lon), and reports the block's time steps to `progress`.
+    pub(crate) async fn scan(
+        &self,
+        variable: &Variable,
+        buffer: &mut Vec<f32>,
+        progress: &dyn Progress,
+        mut visit: impl FnMut(usize, &[f32]),
+    ) -> Result<()> {
+        for time in variable.time_blocks(self.times.len()) {
+            let (first, steps) = (time.start, time.len() as u64);
+            let slab = Hyperslab {
+                time,
+                ..Hyperslab::full(self, variable)
+            };
+            *buffer = self.read_into(&slab, std::mem::take(buffer)).await?;
+            visit(first, buffer);
+            progress.advance(steps);
+        }
+        Ok(())
     }
 
     /// Reads `slab` straight into `layout` order (e.g. [`OutputLayout::tokens`]), applying

@@ -1,6 +1,6 @@
 //! Optional Gaussian blur of a field before tokenization — the seed's "blurred data to simplify the
-//! problem" (DESIGN §3). Sigma is in grid points, not degrees, so one setting means "smooth away
-//! the finest few grid scales" on any grid.
+//! problem" (docs/design.md §3). Sigma is in grid points, not degrees, so one setting means
+//! "smooth away the finest few grid scales" on any grid.
 //!
 //! The filter is separable: a latitude pass then a longitude pass with the same 1-D kernel,
 //! truncated at `radius = ceil(4·sigma)` (the tail beyond is below 0.01 % of the mass) and

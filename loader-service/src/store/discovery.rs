@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use zarrs::array::{Array, ArrayCreateError, ArrayMetadata, ArrayMetadataV2, ArrayMetadataV3};
 
 use crate::error::{Result, StoreError};
-use crate::location::StoreLocation;
+use crate::store::location::StoreLocation;
 
 /// A metadata-only Zarr array: codecs, chunk grid and attributes, no storage attached. All I/O
 /// goes through [`StoreLocation`] so that fetching and decoding can be scheduled separately.
