@@ -19,8 +19,8 @@ use atmorep_trainer::{RunOptions, Trainer};
 use clap::Args;
 
 use crate::bars::Bars;
+use crate::bars::StepBar;
 use crate::child::{Guard, start_loader};
-use crate::train::StepBar;
 
 /// The `--quick` ablation (its base config serves dataset `quick`).
 const QUICK: &str = include_str!("../examples/ablation-quick.toml");

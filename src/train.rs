@@ -13,16 +13,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result, bail};
 use atmorep_proto::client::{ClientConfig, LoaderClient};
 use atmorep_trainer::checkpoint;
 use atmorep_trainer::collective::{Collective, SingleProcess};
-use atmorep_trainer::metrics_log::StepRecord;
-use atmorep_trainer::{DeviceSpec, RunOptions, RunProgress, TrainConfig, Trainer};
+use atmorep_trainer::{DeviceSpec, RunOptions, TrainConfig, Trainer};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::bars::StepBar;
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -419,56 +418,5 @@ mod tests {
         let dp = Layout::DataParallel { world: 2 }.apply(sharded);
         assert_eq!((dp.request.rank, dp.request.world_size), (0, 2));
         assert_eq!(Layout::Config.apply(config.clone()), config);
-    }
-}
-
-/// A training run's progress bar on stderr: steps, the loss, throughput, data wait and the last
-/// validation loss. One bar per run; it appears when the run starts.
-#[derive(Debug, Default)]
-pub(crate) struct StepBar(OnceLock<ProgressBar>);
-
-impl StepBar {
-    /// A bar for [`RunOptions::progress`], none when `quiet`.
-    pub(crate) fn unless(quiet: bool) -> Option<Arc<dyn RunProgress>> {
-        (!quiet).then(|| Arc::new(Self::default()) as Arc<dyn RunProgress>)
-    }
-}
-
-impl RunProgress for StepBar {
-    fn start(&self, step: u64, stop: u64) {
-        self.0.get_or_init(|| {
-            let bar = ProgressBar::new(stop).with_position(step);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{elapsed_precise} [{bar:30}] {pos}/{len} steps · {msg}",
-                )
-                .expect("a valid template")
-                .progress_chars("=> "),
-            );
-            bar
-        });
-    }
-
-    fn step(&self, record: &StepRecord) {
-        let Some(bar) = self.0.get() else {
-            return;
-        };
-        bar.set_position(record.step);
-        bar.set_message(format!(
-            "loss {:.4} · {:.0} tok/s · data wait {:.1}%{}",
-            record.loss,
-            record.tokens_per_s(),
-            100.0 * record.data_wait_fraction(),
-            record
-                .val_loss
-                .map(|v| format!(" · val {v:.4}"))
-                .unwrap_or_default()
-        ));
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = self.0.get() {
-            bar.finish_and_clear();
-        }
     }
 }
