@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The service issue's benchmark: `atmorep loader pull` in a second process on loopback against
+# The service benchmark: `atmorep loader pull` in a second process on loopback against
 # the in-process pipeline (`bench-pipeline`) of the same run, alternating round by round so that
 # both see the same machine. Prints one row per round and the medians.
 #
@@ -30,6 +30,8 @@ if [ -z "$STORE" ]; then
   "$BIN" loader synth "$STORE" --grid 0.25 --steps 48 --step-hours 1 \
     --levels 1000,850,700,500,300 --variables t,z >/dev/null
 fi
+# A loader serves normalized samples only once the store's statistics exist.
+"$BIN" loader stats "$STORE" >/dev/null
 
 "$BIN" loader serve --dataset "arco=$STORE" --bind 127.0.0.1:0 >"$work/serve.out" 2>"$work/serve.log" &
 server=$!
@@ -40,7 +42,7 @@ for _ in $(seq 600); do
 done
 endpoint="http://$(sed -n 's/^listening on //p' "$work/serve.out")"
 
-# Warm the server's cache (and compute the statistics bench-pipeline reads, if missing).
+# Warm the server's cache and the page cache of the store bench-pipeline reads.
 "$BIN" loader pull "$endpoint" --request "$REQUEST" --batches 8 >/dev/null
 "$BIN" loader bench-pipeline "$STORE" --config "$REQUEST" --epochs 1 >/dev/null
 

@@ -8,8 +8,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use atmorep_loader::Dataset;
-use atmorep_loader::normalization::GlobalStats;
-use atmorep_loader::synth::{SynthConfig, write_store};
+use atmorep_loader::pipeline::normalization::GlobalStats;
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_plot::ablation::{bar_chart, loss_chart};
 use atmorep_proto::client::{ClientConfig, LoaderClient};
 use atmorep_trainer::ablation::{AblationConfig, AblationReport, VariantResult};
@@ -17,6 +18,8 @@ use atmorep_trainer::eval::{EvalOptions, evaluate};
 use atmorep_trainer::{RunOptions, Trainer};
 use clap::Args;
 
+use crate::bars::Bars;
+use crate::bars::StepBar;
 use crate::child::{Guard, start_loader};
 
 /// The `--quick` ablation (its base config serves dataset `quick`).
@@ -66,13 +69,19 @@ async fn quick_loader(out: &Path, quiet: bool) -> Result<(Guard, String)> {
             ..SynthConfig::default()
         };
         let written = store.clone();
-        tokio::task::spawn_blocking(move || write_store(&synth, &written))
+        tokio::task::spawn_blocking(move || write_store(&synth, &written, &NoProgress))
             .await?
             .context("writing the synthetic store")?;
     }
     let url = store.to_str().context("non-UTF-8 path")?.to_string();
     let dataset = Dataset::open(&url).await?;
-    GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(&store), false, !quiet).await?;
+    GlobalStats::compute_into(
+        &dataset,
+        &GlobalStats::default_dir(&store),
+        false,
+        &Bars::new(!quiet),
+    )
+    .await?;
     let log = out.join("loader.log");
     let (guard, endpoint) = start_loader(&[("quick", &store)], &log)?;
     println!("loader {endpoint} (log: {})", log.display());
@@ -187,7 +196,7 @@ pub async fn ablate(args: AblateArgs) -> Result<AblationReport> {
                 &RunOptions {
                     stop_at: None,
                     out: Some(run_dir),
-                    progress: !args.quiet,
+                    progress: StepBar::unless(args.quiet),
                 },
             )
             .await

@@ -13,14 +13,16 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use atmorep_loader::Dataset;
-use atmorep_loader::normalization::GlobalStats;
-use atmorep_loader::synth::{SynthConfig, write_store};
+use atmorep_loader::pipeline::normalization::GlobalStats;
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_proto::calendar::{TimeFormat, format_time};
 use atmorep_proto::client::{ClientConfig, LoaderClient};
 use atmorep_proto::request::RequestConfig;
 use atmorep_track::tracks::{Track, read_tracks_csv};
 use clap::Args;
 
+use crate::bars::Bars;
 use crate::child::{path_arg, run_child, start_loader};
 use crate::pull::{Consume, consume};
 
@@ -176,14 +178,20 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     };
     println!("1/9 synthetic ERA5 → {}", store.display());
     let written = store.clone();
-    let summary = tokio::task::spawn_blocking(move || write_store(&synth, &written))
+    let summary = tokio::task::spawn_blocking(move || write_store(&synth, &written, &NoProgress))
         .await?
         .context("writing the synthetic store")?;
 
     println!("2/9 normalization statistics");
     let url = store.to_str().context("non-UTF-8 path")?.to_string();
     let dataset = Dataset::open(&url).await?;
-    GlobalStats::compute_into(&dataset, &GlobalStats::default_dir(&store), false, true).await?;
+    GlobalStats::compute_into(
+        &dataset,
+        &GlobalStats::default_dir(&store),
+        false,
+        &Bars::new(true),
+    )
+    .await?;
 
     println!("3/9 the loader service, a separate process on loopback");
     let (_loader, endpoint) = start_loader(&[("demo", &store)], &args.out.join("loader.log"))?;

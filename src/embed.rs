@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use atmorep_loader::writer::{DenseArray, write_arrays};
+use atmorep_loader::store::writer::{DenseArray, write_arrays};
 use atmorep_proto::MaskConfig;
 use atmorep_trainer::{DType, DeviceSpec, FieldInput, batch_tensors};
 use clap::Args;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use atmorep_loader::writer::{GridAxes, StoreWriter, VariableSpec};
+use atmorep_loader::store::writer::{GridAxes, StoreWriter, VariableSpec};
 use atmorep_proto::MaskConfig;
 use atmorep_proto::calendar::parse_iso;
 use atmorep_proto::request::{ModeName, UnitsName};

@@ -3,20 +3,23 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use atmorep_loader::Dataset;
-use atmorep_loader::bench_pipeline::{self, reference_config};
-use atmorep_loader::bench_storage::{BenchConfig, run_bench};
-use atmorep_loader::dataset::Layout;
-use atmorep_loader::inspect::inspect;
-use atmorep_loader::local_stats::{LOCAL_STORE, LocalStats};
-use atmorep_loader::normalization::{GLOBAL_FILE, GlobalStats};
-use atmorep_loader::synth::{Codec, SynthConfig, ZarrFormat, write_store};
+use atmorep_loader::pipeline::normalization::{GLOBAL_FILE, GlobalStats, LOCAL_STORE, LocalStats};
+use atmorep_loader::store::zarr_meta::{Codec, ZarrFormat};
+use atmorep_loader::tools::bench_pipeline::{self, reference_config};
+use atmorep_loader::tools::bench_storage::{BenchChart, BenchConfig, run_bench};
+use atmorep_loader::tools::inspect::inspect;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
+use atmorep_loader::{Dataset, Layout};
+use atmorep_plot::{Bar, Series, lines_and_bars};
 use atmorep_proto::calendar::parse_iso;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use bars::Bars;
+
 #[cfg(feature = "trainer")]
 mod ablate;
+mod bars;
 #[cfg(feature = "trainer")]
 mod child;
 #[cfg(feature = "trainer")]
@@ -48,21 +51,17 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
 /// Tunes the allocator for the loader's buffers, unless the user's `MIMALLOC_*` variables say
-/// otherwise.
+/// otherwise (the measurements behind both: docs/performance.md#memory-and-the-allocator).
 ///
 /// - **Purge delay, one second.** mimalloc returns freed memory to the OS 10 ms after the last
 ///   free by default. The loader frees and reallocates multi-megabyte chunk and token buffers
-///   every few milliseconds, so each one came back as fresh pages the kernel had to zero:
-///   measured on the reference bench-pipeline run, 283 k page faults and 9 s of system time at
-///   the default against 29 k and 1.9 s with a one-second delay (3.2× the samples/s).
+///   every few milliseconds, so each one came back as fresh pages the kernel had to zero.
 /// - **No transparent huge pages.** mimalloc asks for huge pages on its arenas (`madvise`), so
 ///   each small allocation in a fresh 2 MiB region makes 2 MiB resident and freed memory comes
-///   back only in whole huge pages: eight clients of a server with an 8 MiB cache and an 8 MiB
-///   budget peaked at 117–126 MiB resident with huge pages and 66–79 MiB without
-///   (`tests/tests/service.rs`). The reference bench-pipeline ran 26–95 samples/s with them (the
-///   kernel compacting memory to find huge pages) and a steady 79–84 without. mimalloc reads the
-///   option when it starts, before `main`, so this also does what it would then have done: mark
-///   the process THP-disabled (`PR_SET_THP_DISABLE`, which covers mappings made earlier too).
+///   back only in whole huge pages, and the kernel stalls compacting memory to find them.
+///   mimalloc reads the option when it starts, before `main`, so this also does what it would
+///   then have done: mark the process THP-disabled (`PR_SET_THP_DISABLE`, which covers mappings
+///   made earlier too).
 fn tune_allocator() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets a process-wide integer option of the allocator linked above; mimalloc
@@ -330,7 +329,7 @@ async fn loader(command: LoaderCommand) -> Result<()> {
         LoaderCommand::Pull(args) => pull::pull(args).await?,
         LoaderCommand::Inspect { url, json, stats } => {
             let dataset = Dataset::open(&url).await?;
-            let report = inspect(&dataset, stats, !json).await?;
+            let report = inspect(&dataset, stats, &Bars::new(!json)).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -351,12 +350,13 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 None => bail!("--out is needed for a remote store"),
             };
             let dataset = Dataset::open(&url).await?;
-            let (stats, computed) = GlobalStats::compute_into(&dataset, &out, force, true).await?;
+            let (stats, computed) =
+                GlobalStats::compute_into(&dataset, &out, force, &Bars::new(true)).await?;
             let rows = stats.iter().count();
             if local {
                 let path = out.join(LOCAL_STORE);
                 if force || !path.join("zarr.json").exists() {
-                    LocalStats::compute(&dataset, &[], true)
+                    LocalStats::compute(&dataset, &[], &Bars::new(true))
                         .await?
                         .write(&path)?;
                     println!("wrote per-point monthly statistics to {}", path.display());
@@ -388,11 +388,11 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 shard_inner: shape4("shard", args.shard)?,
                 cyclones: args.cyclones,
                 seed: args.seed,
-                progress: true,
             };
             let started = std::time::Instant::now();
             let summary =
-                tokio::task::spawn_blocking(move || write_store(&cfg, &args.out)).await??;
+                tokio::task::spawn_blocking(move || write_store(&cfg, &args.out, &Bars::new(true)))
+                    .await??;
             let [nt, nl, ny, nx] = summary.shape;
             println!(
                 "wrote {} ({nt} steps × {nl} levels × {ny} × {nx}, {:.1} MB decoded) in {:.1} s",
@@ -439,7 +439,7 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 samples,
                 epochs,
                 concurrency,
-                true,
+                &Bars::new(true),
             )
             .await?;
             for report in reports {
@@ -450,17 +450,50 @@ async fn loader(command: LoaderCommand) -> Result<()> {
             if args.block == 0 || args.repeats == 0 {
                 bail!("--block and --repeats must be positive");
             }
-            let report = run_bench(&BenchConfig {
-                url: args.url,
-                out: args.out,
-                variable: args.variable,
-                block: args.block,
-                repeats: args.repeats,
-                progress: true,
-            })
+            let report = run_bench(
+                &BenchConfig {
+                    url: args.url,
+                    out: args.out,
+                    variable: args.variable,
+                    block: args.block,
+                    repeats: args.repeats,
+                },
+                &Bars::new(true),
+            )
             .await?;
+            draw_bench_storage(&report.png, &report.chart())?;
             print!("{}", report.to_text());
         }
     }
+    Ok(())
+}
+
+/// The bench-storage chart: GET throughput against concurrency beside bars of the decode and
+/// hyperslab read rates.
+fn draw_bench_storage(png: &std::path::Path, chart: &BenchChart) -> Result<()> {
+    let get = Series {
+        name: "object GET".into(),
+        points: chart.get_throughput.clone(),
+    };
+    let bars: Vec<Bar> = chart
+        .rates
+        .iter()
+        .map(|(label, value)| Bar {
+            label: label.clone(),
+            value: *value,
+        })
+        .collect();
+    lines_and_bars(
+        png,
+        (1600, 700),
+        &chart.title,
+        "GET throughput vs concurrency",
+        "requests in flight",
+        "GB/s (encoded)",
+        &[get],
+        "decode (1 core) and hyperslab reads",
+        "GB/s (decoded values)",
+        &bars,
+    )?;
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use atmorep_loader::Dataset;
-use atmorep_loader::hyperslab::Hyperslab;
+use atmorep_loader::Hyperslab;
 use atmorep_plot::{AttentionOptions, FieldMap, ModelRun, TokenOptions};
 use atmorep_proto::calendar::{TimeFormat, format_time, parse_iso};
 use atmorep_proto::client::LoaderClient;

@@ -8,11 +8,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use atmorep_plot::{MapConfig, draw_map};
 use atmorep_proto::stitch::{TileField, TileStitcher, TimeAxis};
 use atmorep_proto::{ClientConfig, LoaderClient, RequestConfig, pb};
 use atmorep_track::{
-    EvalConfig, FieldSnapshot, Grid, MapConfig, TrackConfig, draw_map, evaluate, read_reference,
-    read_tracks_csv, write_tracks_csv,
+    EvalConfig, FieldSnapshot, Grid, TrackConfig, evaluate, read_reference, read_tracks_csv,
+    write_tracks_csv,
 };
 use clap::{Args, Subcommand};
 

@@ -21,6 +21,8 @@ use atmorep_trainer::collective::{Collective, SingleProcess};
 use atmorep_trainer::{DeviceSpec, RunOptions, TrainConfig, Trainer};
 use clap::Args;
 
+use crate::bars::StepBar;
+
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Training config (TOML; see examples/train.toml). Optional with --resume, which then uses
@@ -287,7 +289,7 @@ async fn train_in(args: TrainArgs, collective: Box<dyn Collective>) -> Result<()
             &RunOptions {
                 stop_at: args.steps,
                 out: Some(out.clone()),
-                progress: !args.quiet,
+                progress: StepBar::unless(args.quiet),
             },
         )
         .await?;

@@ -5,7 +5,7 @@
 #
 # Build from the repository root (the context is the whole workspace; the build ignores what
 # loader.Dockerfile.dockerignore lists). Built without the default `trainer` feature: the binary
-# has `atmorep loader …` and no candle (tests/tests/deploy.rs checks the dependency tree).
+# has `atmorep loader …` and no candle (tests/it/deploy.rs checks the dependency tree).
 ARG RUST_VERSION=1.95
 ARG DEBIAN=trixie
 

@@ -44,9 +44,6 @@ pub enum TrackError {
         #[source]
         source: std::io::Error,
     },
-    /// Drawing a map.
-    #[error("map {}: {detail}", path.display())]
-    Plot { path: PathBuf, detail: String },
 }
 
 impl TrackError {

@@ -12,8 +12,7 @@
 //!   geopotential low and a warm core — in parallel over time steps;
 //! - [`tracks`]: detections linked into IBTrACS-like tracks, read and written as CSV;
 //! - [`eval`]: tracks against synthetic truth or IBTrACS — hits, misses, false alarms and
-//!   great-circle position errors;
-//! - [`map`]: a PNG map of tracks.
+//!   great-circle position errors.
 //!
 //! [`track`] runs detection and linking in one call. The crate depends on the contract crate
 //! alone: no Zarr, no gRPC server, no tokio — a client feeds it batches however it receives them.
@@ -71,7 +70,6 @@ pub mod error;
 pub mod eval;
 pub mod field;
 pub mod geo;
-pub mod map;
 pub mod tracks;
 
 #[cfg(test)]
@@ -82,7 +80,6 @@ pub use detect::{Detection, detect, detect_step};
 pub use error::{Result, TrackError};
 pub use eval::{EvalConfig, EvalReport, evaluate, read_reference};
 pub use field::{Field, FieldKey, FieldSnapshot, Grid};
-pub use map::{MapConfig, draw_map};
 pub use tracks::{
     Track, TrackPoint, parse_tracks_csv, read_tracks_csv, stitch_tracks, tracks_to_csv,
     write_tracks_csv,

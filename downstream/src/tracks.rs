@@ -510,7 +510,7 @@ pub(crate) mod tests {
         assert_eq!(read_tracks_csv(&path).unwrap(), back);
     }
 
-    /// What `atmorep loader synth` writes beside a store (loader-service/src/synth.rs).
+    /// What `atmorep loader synth` writes beside a store (loader-service/src/tools/synth/mod.rs).
     pub(crate) const SYNTH_TRUTH: &str = "\
 SID,ISO_TIME,LAT,LON,VORT850,Z850_ANOM
 SYN0001N,2020-09-01 00:00:00,14.0000,-172.0000,2.979150e-4,-245.36

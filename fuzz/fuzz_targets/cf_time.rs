@@ -4,7 +4,7 @@
 
 #![no_main]
 
-use atmorep_loader::cf_time::CfTimeUnits;
+use atmorep_loader::store::cf_time::CfTimeUnits;
 use atmorep_proto::calendar::{TimeFormat, format_time, parse_iso};
 use libfuzzer_sys::fuzz_target;
 

@@ -9,7 +9,7 @@
 use std::sync::{Arc, LazyLock};
 
 use atmorep_loader::StoreLocation;
-use atmorep_loader::discovery::discover;
+use atmorep_loader::store::discovery::discover;
 use libfuzzer_sys::fuzz_target;
 use object_store::memory::InMemory;
 use object_store::{ObjectStoreExt, PutPayload};

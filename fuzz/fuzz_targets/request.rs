@@ -12,9 +12,10 @@ use std::path::PathBuf;
 use std::sync::LazyLock;
 
 use atmorep_loader::Dataset;
-use atmorep_loader::normalization::{GLOBAL_FILE, GlobalStats};
+use atmorep_loader::pipeline::normalization::{GLOBAL_FILE, GlobalStats};
+use atmorep_loader::progress::NoProgress;
 use atmorep_loader::service::{LoaderService, ServerConfig};
-use atmorep_loader::synth::{SynthConfig, write_store};
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_proto::pb;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -38,10 +39,10 @@ fn store() -> PathBuf {
             variables: vec!["z".into(), "t".into()],
             ..SynthConfig::default()
         };
-        write_store(&config, &path).expect("writing the store");
+        write_store(&config, &path, &NoProgress).expect("writing the store");
         tokio::runtime::Runtime::new().unwrap().block_on(async {
             let dataset = Dataset::open(path.to_str().unwrap()).await.unwrap();
-            GlobalStats::compute_into(&dataset, &stats, true, false)
+            GlobalStats::compute_into(&dataset, &stats, true, &NoProgress)
                 .await
                 .expect("statistics");
         });

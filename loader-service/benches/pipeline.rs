@@ -10,11 +10,12 @@
 
 use std::sync::Arc;
 
-use atmorep_loader::bench_pipeline::reference_config;
-use atmorep_loader::blur::GaussianBlur;
-use atmorep_loader::normalization::GlobalStats;
 use atmorep_loader::pipeline::Pipeline;
-use atmorep_loader::synth::{SynthConfig, write_store};
+use atmorep_loader::pipeline::blur::GaussianBlur;
+use atmorep_loader::pipeline::normalization::GlobalStats;
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::tools::bench_pipeline::reference_config;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_loader::{ChunkCache, Dataset, StoreLocation};
 use atmorep_proto::FieldGeometry;
 use atmorep_proto::tokenize::tokenize_into;
@@ -72,7 +73,7 @@ fn benches(c: &mut Criterion) {
         variables: vec!["t".into(), "z".into()],
         ..SynthConfig::default()
     };
-    write_store(&cfg, &path).expect("write the benchmark store");
+    write_store(&cfg, &path, &NoProgress).expect("write the benchmark store");
     let pipeline = runtime.block_on(async {
         let location = StoreLocation::open(path.to_str().expect("utf-8 path")).expect("open");
         let dataset = Arc::new(
@@ -81,7 +82,7 @@ fn benches(c: &mut Criterion) {
                 .expect("dataset"),
         );
         let stats = Arc::new(
-            GlobalStats::compute(&dataset, None, false)
+            GlobalStats::compute(&dataset, None, &NoProgress)
                 .await
                 .expect("stats"),
         );

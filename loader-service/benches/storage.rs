@@ -8,9 +8,10 @@
 
 use std::path::PathBuf;
 
-use atmorep_loader::dataset::{Dataset, chunk_codec_options};
-use atmorep_loader::hyperslab::Hyperslab;
-use atmorep_loader::synth::{SynthConfig, write_store};
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::store::decode::chunk_codec_options;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
+use atmorep_loader::{Dataset, Hyperslab};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use zarrs::array::ArrayToBytesCodecTraits;
 
@@ -29,10 +30,10 @@ fn store() -> PathBuf {
             step_hours: 1,
             levels: vec![1000, 850, 700, 500, 300],
             variables: vec!["t".into()],
-            progress: true,
             ..SynthConfig::default()
         };
-        write_store(&cfg, &path).expect("write the benchmark store");
+        eprintln!("writing the benchmark store {}", path.display());
+        write_store(&cfg, &path, &NoProgress).expect("write the benchmark store");
     }
     path
 }

@@ -1,34 +1,25 @@
-//! `atmorep-loader` owns everything on the storage side of atmorep-rs: opening ERA5 Zarr stores on
-//! any object store, discovering their layout from metadata, presenting one canonical view
-//! (time, level, latitude north→south, longitude 0→360 east), reading hyperslabs through a shared
-//! memory-bounded cache of decoded chunks, writing synthetic ERA5-like stores, and benchmarking
-//! the storage they live on.
+//! `atmorep-loader` owns the server side of atmorep-rs:
+//!
+//! - [`store`]: ERA5 Zarr stores on any object store — locating and discovering them, one
+//!   canonical view (time, level, latitude north→south, longitude 0→360 east), chunk decoding,
+//!   hyperslab reads through a shared memory-bounded cache of decoded chunks, and writing stores;
+//! - [`pipeline`]: from that view to token samples — normalization, blur, sampling, masking,
+//!   seeded resumable epochs, and the batches streamed under a shared memory budget;
+//! - [`service`]: the gRPC loader service that serves those batches;
+//! - [`tools`]: what the `atmorep loader` commands run beside serving — synthetic ERA5-like
+//!   stores, store inspection, and storage and pipeline benchmarks.
+//!
+//! Long jobs report through [`progress::Progress`]; drawing bars is the caller's business.
 
-pub mod bench_pipeline;
-pub mod bench_storage;
-pub mod blur;
-pub mod cache;
-pub mod cf_time;
-pub mod dataset;
-pub mod discovery;
-pub mod epoch;
 pub mod error;
-pub mod hyperslab;
-pub mod inspect;
-pub mod local_stats;
-pub mod location;
-pub mod masking;
-pub mod normalization;
 pub mod pipeline;
-pub mod plot;
-pub mod sampler;
+pub mod progress;
 pub mod service;
-pub mod stats;
-pub mod synth;
-pub mod writer;
+pub mod store;
+pub mod tools;
 
-pub use cache::ChunkCache;
-pub use dataset::{Dataset, Layout, Variable};
 pub use error::{Result, StoreError};
-pub use hyperslab::Hyperslab;
-pub use location::StoreLocation;
+pub use store::cache::ChunkCache;
+pub use store::dataset::{Dataset, Layout, Variable};
+pub use store::hyperslab::Hyperslab;
+pub use store::location::StoreLocation;

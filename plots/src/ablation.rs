@@ -8,28 +8,14 @@ use atmorep_trainer::ablation::AblationReport;
 use plotters::prelude::*;
 
 use crate::attention::{Figure, title};
-use crate::canvas::{FONT_FAMILY, render, tick, write_png};
+use crate::canvas::{FONT_FAMILY, TAB10, render, tick};
 use crate::error::{Result, draw_err, input_err};
-use crate::training::log_range;
+use crate::training::{log_range, step_axes};
 
 /// Width of both figures.
 const WIDTH: u32 = 1400;
 /// Height of a bar and its gap.
 const BAR_H: u32 = 34;
-
-/// matplotlib's `tab10`, for the variants' curves.
-const TAB10: [RGBColor; 10] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-    RGBColor(188, 189, 34),
-    RGBColor(23, 190, 207),
-];
 
 /// The most steps in the running mean of the training curves (a tenth of a short run).
 const SMOOTH: usize = 20;
@@ -143,13 +129,7 @@ pub fn bar_chart(report: &AblationReport, path: &Path, subtitle: &str) -> Result
         }
         Ok(())
     })?;
-    write_png(path, size, &rgb)?;
-    Ok(Figure {
-        path: path.to_path_buf(),
-        width: size.0,
-        height: size.1,
-        panels: report.fields.len(),
-    })
+    Figure::write(path.to_path_buf(), size, &rgb, report.fields.len())
 }
 
 /// Two panels: every variant's training loss (a running mean over a tenth of the run, at most
@@ -211,24 +191,14 @@ pub fn loss_chart(report: &AblationReport, path: &Path, subtitle: &str) -> Resul
             } else {
                 "Validation loss".to_string()
             };
-            let mut chart = ChartBuilder::on(panel)
-                .caption(caption, (FONT_FAMILY, 19))
-                .margin(12)
-                .x_label_area_size(44)
-                .y_label_area_size(70)
-                .build_cartesian_2d(0.0..last_step, y.log_scale())
-                .map_err(draw_err(&what))?;
-            chart
-                .configure_mesh()
-                .x_desc("optimizer step")
-                .y_desc("masked-token MSE (normalized units²)")
-                .x_label_formatter(&|v| format!("{v:.0}"))
-                .y_label_formatter(&|v| tick(*v))
-                .label_style((FONT_FAMILY, 13))
-                .axis_desc_style((FONT_FAMILY, 14))
-                .light_line_style(TRANSPARENT)
-                .draw()
-                .map_err(draw_err(&what))?;
+            let mut chart = step_axes(
+                panel,
+                &what,
+                &caption,
+                0.0..last_step,
+                y.log_scale(),
+                "masked-token MSE (normalized units²)",
+            )?;
             for (i, (v, points)) in report.variants.iter().zip(series).enumerate() {
                 let colour = TAB10[i % TAB10.len()];
                 // Variants past the palette's ten are told apart by a dashed line.
@@ -259,13 +229,7 @@ pub fn loss_chart(report: &AblationReport, path: &Path, subtitle: &str) -> Resul
         }
         Ok(())
     })?;
-    write_png(path, size, &rgb)?;
-    Ok(Figure {
-        path: path.to_path_buf(),
-        width: size.0,
-        height: size.1,
-        panels: 2,
-    })
+    Figure::write(path.to_path_buf(), size, &rgb, 2)
 }
 
 #[cfg(test)]

@@ -95,6 +95,25 @@ pub struct Figure {
     pub panels: usize,
 }
 
+impl Figure {
+    /// Writes the RGB frame `rgb` of `size` as the PNG at `path` (atomically, see
+    /// [`write_png`]) and describes it.
+    pub(crate) fn write(
+        path: PathBuf,
+        size: (u32, u32),
+        rgb: &[u8],
+        panels: usize,
+    ) -> Result<Self> {
+        write_png(&path, size, rgb)?;
+        Ok(Self {
+            path,
+            width: size.0,
+            height: size.1,
+            panels,
+        })
+    }
+}
+
 /// Options of the attention figures.
 #[derive(Debug, Clone, Default)]
 pub struct AttentionOptions {
@@ -240,13 +259,7 @@ fn matrix_figure(
         }
         colour_bar(&bar, &scale, &what)
     })?;
-    write_png(&path, size, &rgb)?;
-    Ok(Figure {
-        path,
-        width: size.0,
-        height: size.1,
-        panels: heads.len(),
-    })
+    Figure::write(path, size, &rgb, heads.len())
 }
 
 /// Draws the figure title (and a smaller subtitle, broken after its ` · `s into at most three
@@ -408,13 +421,7 @@ fn query_figure(
         }
         colour_bar(&bar, &scale, &what)
     })?;
-    write_png(&path, size, &rgb)?;
-    Ok(Figure {
-        path,
-        width: size.0,
-        height: size.1,
-        panels: heads.len(),
-    })
+    Figure::write(path, size, &rgb, heads.len())
 }
 
 #[cfg(test)]

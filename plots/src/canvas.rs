@@ -213,6 +213,20 @@ pub struct ColourScale {
     pub label: String,
 }
 
+/// matplotlib's `tab10`: categorical colours for curves and bars told apart by colour alone.
+pub const TAB10: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
 /// The colour of "no value here" (land of a mask, a token that is not a target).
 pub const NO_DATA: RGBColor = RGBColor(215, 215, 215);
 

@@ -23,6 +23,7 @@ pub enum PlotError {
     #[error("encoding {}: {detail}", path.display())]
     Encode { path: PathBuf, detail: String },
     /// A tensor of the model could not be read.
+    #[cfg(feature = "model")]
     #[error("reading the model's {what}: {source}")]
     Tensor {
         what: String,
@@ -48,6 +49,7 @@ pub(crate) fn draw_err<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> PlotEr
     }
 }
 
+#[cfg(feature = "model")]
 pub(crate) fn tensor_err(what: &str) -> impl Fn(candle_core::Error) -> PlotError + '_ {
     move |source| PlotError::Tensor {
         what: what.to_string(),

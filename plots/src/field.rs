@@ -12,7 +12,7 @@ use atmorep_track::tracks::Track;
 use plotters::prelude::*;
 
 use crate::attention::{Figure, title};
-use crate::canvas::{ColourScale, FONT_FAMILY, colour_bar, raster, render, tick, write_png};
+use crate::canvas::{ColourScale, FONT_FAMILY, colour_bar, raster, render, tick};
 use crate::error::{Result, draw_err, input_err};
 
 /// Size of the field map.
@@ -224,13 +224,7 @@ pub fn field_figure(
         }
         colour_bar(&bar, &scale, &what)
     })?;
-    write_png(path, SIZE, &rgb)?;
-    Ok(Figure {
-        path: path.to_path_buf(),
-        width: SIZE.0,
-        height: SIZE.1,
-        panels: 1,
-    })
+    Figure::write(path.to_path_buf(), SIZE, &rgb, 1)
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! One loader sample through the model: where its tokens lie and what the model made of them.
 //!
 //! The loader sends token values in token order (level, t, lat, lon) with values (t, lat, lon)
-//! inside each token (DESIGN §3) and, per token, its 8 floats of info; [`FieldGrid`] turns those
-//! back into grid points with latitudes, longitudes and times, which every map needs.
+//! inside each token (docs/design.md §3) and, per token, its 8 floats of info; [`FieldGrid`]
+//! turns those back into grid points with latitudes, longitudes and times, which every map
+//! needs.
 
 use atmorep_proto::calendar::{SECONDS_PER_DAY, TimeFormat, days_from_civil, format_time};
 use atmorep_proto::{Batch, FieldBatch, RequestConfig, TOKEN_INFO_LEN};

@@ -15,7 +15,7 @@ use plotters::prelude::*;
 use crate::attention::{Figure, TITLE_H, title};
 use crate::canvas::{
     Area, ColourScale, FONT_FAMILY, NO_DATA, colour_bar, grid_with_bar, raster, render, spread,
-    tick, write_gif, write_png,
+    tick, write_gif,
 };
 use crate::error::{Result, draw_err, input_err};
 use crate::sample::{FieldGrid, ModelRun, unmasked_source};
@@ -221,14 +221,9 @@ fn draw_tokens(g: &FieldGrid, s: &TokenSeries, out: &Path, subtitle: &str) -> Re
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    write_png(&path, size, &rgb)?;
+    let figure = Figure::write(path, size, &rgb, ROWS.len() * times.len())?;
     write_gif(&gif, gif_size, &frames, GIF_FRAME_MS)?;
-    Ok(Figure {
-        path,
-        width: size.0,
-        height: size.1,
-        panels: ROWS.len() * times.len(),
-    })
+    Ok(figure)
 }
 
 /// One latitude/longitude map of row `row` at time `tau`.

@@ -11,22 +11,20 @@
 use std::path::Path;
 
 use atmorep_trainer::metrics_log::{self, StepRecord};
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::attention::{Figure, title};
-use crate::canvas::{Area, FONT_FAMILY, render, tick, write_png};
+use crate::canvas::{Area, FONT_FAMILY, TAB10, render, tick};
 use crate::error::{Result, draw_err, input_err};
 
 /// Size of the training figure.
 pub const SIZE: (u32, u32) = (1400, 960);
 
-/// Colours of the tasks' loss points (matplotlib's first four).
-const TASK_COLOURS: [RGBColor; 4] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(148, 103, 189),
-];
+/// Colours of the tasks' loss points: `tab10`'s first four but its red (the validation
+/// colour's neighbour).
+const TASK_COLOURS: [RGBColor; 4] = [TAB10[0], TAB10[1], TAB10[2], TAB10[4]];
 
 /// Colours of the fields' curves: none of the tasks' (the charts sit side by side) nor the
 /// validation red.
@@ -174,13 +172,7 @@ pub fn training_figure(
             RGBColor(0, 130, 90),
         )
     })?;
-    write_png(path, SIZE, &rgb)?;
-    Ok(Figure {
-        path: path.to_path_buf(),
-        width: SIZE.0,
-        height: SIZE.1,
-        panels,
-    })
+    Figure::write(path.to_path_buf(), SIZE, &rgb, panels)
 }
 
 /// (min, max) of the finite positive values, padded for a log axis.
@@ -259,6 +251,45 @@ fn legend_corner(
         .unwrap_or(SeriesLabelPosition::UpperRight)
 }
 
+/// A chart over optimizer steps with a y axis of kind `Y` (linear or log).
+pub(crate) type StepChart<'a, 'b, Y> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, Y>>;
+
+/// A chart over `steps` on `area` with `caption`, its axes (the y axis `y`, described by
+/// `y_desc`) and labels drawn.
+pub(crate) fn step_axes<'a, 'b, Y>(
+    area: &'a Area<'b>,
+    what: &str,
+    caption: &str,
+    steps: std::ops::Range<f64>,
+    y: Y,
+    y_desc: &str,
+) -> Result<StepChart<'a, 'b, Y::CoordDescType>>
+where
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, (FONT_FAMILY, 19))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(70)
+        .build_cartesian_2d(steps, y)
+        .map_err(draw_err(what))?;
+    chart
+        .configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc(y_desc)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| tick(*v))
+        .label_style((FONT_FAMILY, 13))
+        .axis_desc_style((FONT_FAMILY, 14))
+        .light_line_style(TRANSPARENT)
+        .draw()
+        .map_err(draw_err(what))?;
+    Ok(chart)
+}
+
 /// The loss per task: each step's loss as a point in its task's colour, the running mean and
 /// validation.
 fn loss_chart(
@@ -273,25 +304,15 @@ fn loss_chart(
             .map(|r| r.loss)
             .chain(rows.iter().filter_map(|r| r.val_loss)),
     );
-    let mut chart = ChartBuilder::on(area)
-        .caption("Loss per task (masked-token MSE)", (FONT_FAMILY, 19))
-        .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(70)
-        .build_cartesian_2d(steps.clone(), y.clone().log_scale())
-        .map_err(draw_err(what))?;
+    let mut chart = step_axes(
+        area,
+        what,
+        "Loss per task (masked-token MSE)",
+        steps.clone(),
+        y.clone().log_scale(),
+        &format!("loss ({loss_unit})"),
+    )?;
     let plot = chart.plotting_area().dim_in_pixel();
-    chart
-        .configure_mesh()
-        .x_desc("optimizer step")
-        .y_desc(format!("loss ({loss_unit})"))
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| tick(*v))
-        .label_style((FONT_FAMILY, 13))
-        .axis_desc_style((FONT_FAMILY, 14))
-        .light_line_style(TRANSPARENT)
-        .draw()
-        .map_err(draw_err(what))?;
     let mut tasks: Vec<&str> = rows.iter().map(|r| r.tasks.as_str()).collect();
     tasks.sort_unstable();
     tasks.dedup();
@@ -377,28 +398,15 @@ fn field_chart(
             .iter()
             .flat_map(|c| c.training.iter().chain(&c.validation).map(|p| p.1)),
     );
-    let mut chart = ChartBuilder::on(area)
-        .caption(
-            format!("Loss per field (training: mean of {SMOOTH} steps)"),
-            (FONT_FAMILY, 19),
-        )
-        .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(70)
-        .build_cartesian_2d(steps.clone(), y.clone().log_scale())
-        .map_err(draw_err(what))?;
+    let mut chart = step_axes(
+        area,
+        what,
+        &format!("Loss per field (training: mean of {SMOOTH} steps)"),
+        steps.clone(),
+        y.clone().log_scale(),
+        &format!("loss ({loss_unit})"),
+    )?;
     let plot = chart.plotting_area().dim_in_pixel();
-    chart
-        .configure_mesh()
-        .x_desc("optimizer step")
-        .y_desc(format!("loss ({loss_unit})"))
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| tick(*v))
-        .label_style((FONT_FAMILY, 13))
-        .axis_desc_style((FONT_FAMILY, 14))
-        .light_line_style(TRANSPARENT)
-        .draw()
-        .map_err(draw_err(what))?;
     let has_validation = curves.iter().any(|c| !c.validation.is_empty());
     let covered: Vec<(f64, f64)> = curves
         .iter()
@@ -495,24 +503,7 @@ fn line_chart(
         .collect();
     macro_rules! draw {
         ($y:expr) => {{
-            let mut chart = ChartBuilder::on(area)
-                .caption(caption, (FONT_FAMILY, 19))
-                .margin(12)
-                .x_label_area_size(44)
-                .y_label_area_size(70)
-                .build_cartesian_2d(steps, $y)
-                .map_err(draw_err(what))?;
-            chart
-                .configure_mesh()
-                .x_desc("optimizer step")
-                .y_desc(y_desc)
-                .x_label_formatter(&|v| format!("{v:.0}"))
-                .y_label_formatter(&|v| tick(*v))
-                .label_style((FONT_FAMILY, 13))
-                .axis_desc_style((FONT_FAMILY, 14))
-                .light_line_style(TRANSPARENT)
-                .draw()
-                .map_err(draw_err(what))?;
+            let mut chart = step_axes(area, what, caption, steps, $y, y_desc)?;
             chart
                 // One pixel wide: plotters draws wider lines as polygons whose ends overshoot on
                 // steep segments, below the axis of a noisy series.

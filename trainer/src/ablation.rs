@@ -1,4 +1,4 @@
-//! Ablation studies (DESIGN §4, the seed's second half): how the model uses the external
+//! Ablation studies (docs/design.md §4, the seed's second half): how the model uses the external
 //! information of each token (year, month, hour, latitude, longitude), its positional
 //! encoding, and blurred against raw data.
 //!
@@ -32,15 +32,16 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float64Array, Float64Builder, RecordBatch, StringArray, UInt64Array};
+use arrow::array::{ArrayRef, Float64Array, Float64Builder, RecordBatch, StringArray};
 use arrow::datatypes::{DataType as ArrowType, Field, Schema};
 use atmorep_proto::PeMode;
 use atmorep_proto::request::SplitName;
 use serde::{Deserialize, Serialize};
 
 use crate::config::AuxInfo;
-use crate::error::{Error, Result, io_err, train_config_err};
-use crate::eval::{Baseline, EvalRow, write_record_batch};
+use crate::error::{Result, train_config_err};
+use crate::eval::{Baseline, EvalRow, eval_row_columns, parquet_err, write_record_batch};
+use crate::toml_file::read_toml;
 use crate::train::TrainConfig;
 
 /// A family of variants: every alternative of one setting.
@@ -152,14 +153,7 @@ pub struct AblationConfig {
 impl AblationConfig {
     /// Reads a config file; a base config path in it is relative to the file's folder.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        Self::from_toml_str(&text, path.parent()).map_err(|e| match e {
-            Error::TrainConfig { setting, reason } => Error::TrainConfig {
-                setting,
-                reason: format!("{reason} (in {})", path.display()),
-            },
-            other => other,
-        })
+        read_toml(path, Self::from_toml_str)
     }
 
     /// Parses and validates a config; a base config path is relative to `dir`.
@@ -489,46 +483,33 @@ impl AblationReport {
         for (v, _) in &rows {
             final_loss.append_option(v.final_loss());
         }
-        let strings = |f: &dyn Fn(&(&VariantResult, &EvalRow)) -> String| -> ArrayRef {
-            Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
+        let strings = |f: &dyn Fn(&VariantResult) -> String| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|(v, _)| f(v)),
+            ))
         };
-        let floats = |f: &dyn Fn(&(&VariantResult, &EvalRow)) -> f64| -> ArrayRef {
-            Arc::new(Float64Array::from_iter_values(rows.iter().map(f)))
-        };
-        let schema = Arc::new(Schema::new(vec![
+        let mut fields = vec![
             Field::new("variant", ArrowType::Utf8, false),
             Field::new("aux_info", ArrowType::Utf8, false),
             Field::new("pe", ArrowType::Utf8, false),
             Field::new("blur_sigma", ArrowType::Float64, false),
             Field::new("final_train_loss", ArrowType::Float64, true),
-            Field::new("task", ArrowType::Utf8, false),
-            Field::new("field", ArrowType::Utf8, false),
-            Field::new("level", ArrowType::Float64, false),
-            Field::new("baseline", ArrowType::Utf8, false),
-            Field::new("values", ArrowType::UInt64, false),
-            Field::new("model_rmse", ArrowType::Float64, false),
-            Field::new("baseline_rmse", ArrowType::Float64, false),
-        ]));
-        let columns: Vec<ArrayRef> = vec![
-            strings(&|(v, _)| v.name.clone()),
-            strings(&|(v, _)| v.aux_info.to_string()),
-            strings(&|(v, _)| v.pe.clone()),
-            floats(&|(v, _)| v.blur_sigma),
-            Arc::new(final_loss.finish()),
-            strings(&|(_, r)| r.task.clone()),
-            strings(&|(_, r)| r.field.clone()),
-            floats(&|(_, r)| r.level),
-            strings(&|(_, r)| r.baseline.name().to_string()),
-            Arc::new(UInt64Array::from_iter_values(
-                rows.iter().map(|(_, r)| r.values),
-            )),
-            floats(&|(_, r)| r.model_rmse),
-            floats(&|(_, r)| r.baseline_rmse),
         ];
-        let batch = RecordBatch::try_new(schema, columns).map_err(|e| Error::Metrics {
-            path: path.display().to_string(),
-            detail: e.to_string(),
-        })?;
+        let mut columns: Vec<ArrayRef> = vec![
+            strings(&|v| v.name.clone()),
+            strings(&|v| v.aux_info.to_string()),
+            strings(&|v| v.pe.clone()),
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|(v, _)| v.blur_sigma),
+            )),
+            Arc::new(final_loss.finish()),
+        ];
+        let eval_rows: Vec<&EvalRow> = rows.iter().map(|(_, r)| *r).collect();
+        let (eval_fields, eval_columns) = eval_row_columns(&eval_rows);
+        fields.extend(eval_fields);
+        columns.extend(eval_columns);
+        let schema = Arc::new(Schema::new(fields));
+        let batch = RecordBatch::try_new(schema, columns).map_err(|e| parquet_err(path, e))?;
         write_record_batch(path, &batch)
     }
 
@@ -553,6 +534,7 @@ impl AblationReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
 
     const QUICK: &str = include_str!("../../examples/ablation-quick.toml");
 

@@ -3,8 +3,8 @@
 //! A [`ModelConfig`] is plain serde data (TOML in files); [`ModelConfig::validate`] rejects
 //! impossible combinations with an error that names the offending setting, so a bad file fails
 //! before any tensor is allocated. Three presets exist: [`ModelConfig::tiny`] (tests, CPU demo),
-//! [`ModelConfig::bench_mid`] (DESIGN §4's fixed benchmark point, kept exactly as specified) and
-//! [`ModelConfig::atmorep`] (roughly the paper's size).
+//! [`ModelConfig::bench_mid`] (docs/design.md §4's fixed benchmark point, kept exactly as
+//! specified) and [`ModelConfig::atmorep`] (roughly the paper's size).
 
 use std::fmt;
 use std::path::Path;
@@ -13,6 +13,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result, config_err};
+use crate::toml_file::read_toml;
 
 /// One field (physical variable) as the model sees it: the shape of what the loader sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,7 +64,7 @@ pub enum Prior {
     Temporal,
 }
 
-/// How the 8 floats of token info enter the model (the seed's ablation, DESIGN §4).
+/// How the 8 floats of token info enter the model (the seed's ablation, docs/design.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuxInfo {
@@ -225,9 +226,10 @@ impl ModelConfig {
         }
     }
 
-    /// DESIGN §4's benchmark point, exactly: 2 fields of 2 levels × 6×4×8 tokens of 3×9×9 values
-    /// (384 tokens, 243 values), D = 256, 8 heads of which 2 cross fields, 4 + 4 layers, MLP
-    /// 4·D, token info width 16, `Concat`, `local` PE (sent at width D), no ensemble.
+    /// docs/design.md §4's benchmark point, exactly: 2 fields of 2 levels × 6×4×8 tokens of
+    /// 3×9×9 values (384 tokens, 243 values), D = 256, 8 heads of which 2 cross fields, 4 + 4
+    /// layers, MLP 4·D, token info width 16, `Concat`, `local` PE (sent at width D), no
+    /// ensemble.
     pub fn bench_mid() -> Self {
         let field = |name: &str| FieldSpec {
             name: name.into(),
@@ -317,15 +319,7 @@ impl ModelConfig {
 
     /// Reads, parses and validates a TOML file.
     pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let file_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::ConfigFile {
-            path: path.display().to_string(),
-            source,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| file_err(Box::new(e)))?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| file_err(Box::new(e)))?;
-        cfg.validate()?;
-        Ok(cfg)
+        read_toml(path.as_ref(), |text, _| Self::from_toml_str(text))
     }
 
     /// The config as TOML.

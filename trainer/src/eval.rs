@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Float64Array, RecordBatch, StringArray, UInt64Array};
+use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt64Array};
 use arrow::datatypes::{DataType as ArrowType, Field, Schema};
 use atmorep_proto::request::{NormalizationName, SplitName};
 use atmorep_proto::{Batch, FieldBatch, LoaderClient, MonthlyStatistics};
@@ -337,7 +337,27 @@ pub fn table(rows: &[EvalRow]) -> String {
 
 /// Writes the report as Parquet (temporary file, then rename).
 pub fn write_parquet(path: &Path, rows: &[EvalRow]) -> Result<()> {
-    let schema = Arc::new(Schema::new(vec![
+    let rows: Vec<&EvalRow> = rows.iter().collect();
+    let (mut fields, mut columns) = eval_row_columns(&rows);
+    fields.push(Field::new("skill", ArrowType::Float64, false));
+    columns.push(Arc::new(Float64Array::from_iter_values(
+        rows.iter().map(|r| r.skill()),
+    )));
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| parquet_err(path, e))?;
+    write_record_batch(path, &batch)
+}
+
+/// The columns every table of evaluation rows has (task, field, level, baseline, values and
+/// both RMSEs), and their schema fields, in that order.
+pub(crate) fn eval_row_columns(rows: &[&EvalRow]) -> (Vec<Field>, Vec<ArrayRef>) {
+    let strings = |f: fn(&EvalRow) -> &str| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| f(r))))
+    };
+    let floats = |f: fn(&EvalRow) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| f(r))))
+    };
+    let fields = vec![
         Field::new("task", ArrowType::Utf8, false),
         Field::new("field", ArrowType::Utf8, false),
         Field::new("level", ArrowType::Float64, false),
@@ -345,27 +365,17 @@ pub fn write_parquet(path: &Path, rows: &[EvalRow]) -> Result<()> {
         Field::new("values", ArrowType::UInt64, false),
         Field::new("model_rmse", ArrowType::Float64, false),
         Field::new("baseline_rmse", ArrowType::Float64, false),
-        Field::new("skill", ArrowType::Float64, false),
-    ]));
-    let strings =
-        |f: fn(&EvalRow) -> &str| Arc::new(StringArray::from_iter_values(rows.iter().map(f))) as _;
-    let floats =
-        |f: fn(&EvalRow) -> f64| Arc::new(Float64Array::from_iter_values(rows.iter().map(f))) as _;
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            strings(|r| &r.task),
-            strings(|r| &r.field),
-            floats(|r| r.level),
-            strings(|r| r.baseline.name()),
-            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.values))) as _,
-            floats(|r| r.model_rmse),
-            floats(|r| r.baseline_rmse),
-            floats(EvalRow::skill),
-        ],
-    )
-    .map_err(|e| parquet_err(path, e))?;
-    write_record_batch(path, &batch)
+    ];
+    let columns = vec![
+        strings(|r| &r.task),
+        strings(|r| &r.field),
+        floats(|r| r.level),
+        strings(|r| r.baseline.name()),
+        Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.values))),
+        floats(|r| r.model_rmse),
+        floats(|r| r.baseline_rmse),
+    ];
+    (fields, columns)
 }
 
 /// Writes one record batch as a Parquet file at `path` (temporary file, fsync, then rename).
@@ -389,7 +399,7 @@ fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
-fn parquet_err(path: &Path, e: impl std::fmt::Display) -> Error {
+pub(crate) fn parquet_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Metrics {
         path: path.display().to_string(),
         detail: e.to_string(),

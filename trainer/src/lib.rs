@@ -1,4 +1,4 @@
-//! `atmorep-trainer`: the AtmoRep-style multiformer in candle (DESIGN §4).
+//! `atmorep-trainer`: the AtmoRep-style multiformer in candle (docs/design.md §4).
 //!
 //! This crate owns the *model*: its configuration ([`config`]), the differentiable building
 //! blocks candle-nn lacks ([`ops`]), token embedding with the aux-info variants ([`embed`]),
@@ -47,6 +47,7 @@ pub mod ops;
 pub mod optim;
 pub mod rendezvous;
 pub mod tail;
+mod toml_file;
 pub mod train;
 
 pub use batch::{FieldTensors, batch_tensors};
@@ -56,4 +57,4 @@ pub use config::{AuxInfo, FieldSpec, ModelConfig};
 pub use device::{DeviceError, DeviceSpec, device_from_str};
 pub use error::{Error, Result};
 pub use model::{AttentionMaps, FieldInput, MultiFormer};
-pub use train::{RunOptions, RunSummary, TrainConfig, Trainer};
+pub use train::{RunOptions, RunProgress, RunSummary, TrainConfig, Trainer};

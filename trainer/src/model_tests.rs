@@ -464,8 +464,8 @@ fn tiny_model_overfits_one_batch() {
     );
 }
 
-/// DESIGN §4's benchmark point on this machine's CPU: one forward + backward + AdamW step at
-/// batch 4. Minutes in debug and seconds in release, so only on request:
+/// docs/design.md §4's benchmark point on this machine's CPU: one forward + backward + AdamW
+/// step at batch 4. Minutes in debug and seconds in release, so only on request:
 /// `cargo test -p atmorep-trainer --release bench_mid -- --ignored --nocapture`.
 #[test]
 #[ignore = "benchmark; run on request"]

@@ -5,11 +5,11 @@
 use atmorep_proto::pb;
 use atmorep_proto::{PeMode, StreamCursor};
 
-use crate::dataset::Dataset;
-use crate::epoch::EpochCursor;
-use crate::masking::MaskSpec;
+use crate::pipeline::epoch::EpochCursor;
+use crate::pipeline::masking::MaskSpec;
+use crate::pipeline::sampler::LatitudeWeighting;
 use crate::pipeline::{FieldConfig, Normalization, PipelineConfig, SampleMode, Split, SplitDates};
-use crate::sampler::LatitudeWeighting;
+use crate::store::dataset::Dataset;
 
 /// A request the service can stream.
 #[derive(Debug, Clone)]

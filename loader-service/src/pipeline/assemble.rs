@@ -1,0 +1,360 @@
+//! Cutting samples: a sample's windows (drawn in its time block, a tile, or around a given
+//! centre), each field read straight into token order and normalized on the way (or through a
+//! window buffer where it is blurred or normalized per grid point), masked, and given its token
+//! info and positional encoding.
+
+use atmorep_proto::positional::{GlobalOffsets, PeInputs, encode};
+use atmorep_proto::token_info::{WindowCoords, flatten, token_infos};
+use atmorep_proto::tokenize::tokenize_into;
+use futures::future::try_join_all;
+
+use super::blur::GaussianBlur;
+use super::epoch::SampleId;
+use super::masking::try_apply_in_place;
+use super::prepare::PreparedField;
+use super::sampler::{Centre, FieldWindow, Sampler};
+use super::seeding::{Purpose, sample_rng};
+use super::{Normalization, Pipeline, PipelineError, field_err};
+use crate::store::hyperslab::Hyperslab;
+
+/// One field of one sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldSample {
+    pub name: String,
+    /// Tokens after masking, (tokens, token values).
+    pub source: Vec<f32>,
+    /// Original values of the masked tokens, in `masked_indices` order.
+    pub target: Vec<f32>,
+    pub masked_indices: Vec<u32>,
+    /// (tokens, 8) token info.
+    pub token_info: Vec<f32>,
+    /// (tokens, pe_width) positional encoding.
+    pub pe: Vec<f32>,
+    pub window: FieldWindow,
+}
+
+/// One sample: all fields around one centre.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub id: SampleId,
+    pub epoch: u64,
+    pub fields: Vec<FieldSample>,
+}
+
+impl Sample {
+    /// Bytes of token payload (sources) in f32.
+    pub fn payload_bytes(&self) -> usize {
+        self.fields.iter().map(|f| f.source.len() * 4).sum()
+    }
+}
+
+impl Pipeline {
+    /// Builds sample `id` of `epoch`.
+    pub async fn sample(&self, epoch: u64, id: SampleId) -> Result<Sample, PipelineError> {
+        if id >= self.num_samples() {
+            return Err(PipelineError::Request(format!(
+                "sample id {id} is outside 0..{}",
+                self.num_samples()
+            )));
+        }
+        let windows: Vec<FieldWindow> = match &self.tiling {
+            Some(tiling) => vec![tiling.tiles()[id as usize]; self.fields.len()],
+            None => {
+                let block = id / self.config.samples_per_block;
+                let sampler = self.sampler(block)?;
+                let centre = sampler.draw(&mut sample_rng(
+                    self.config.seed,
+                    epoch,
+                    id,
+                    0,
+                    Purpose::Centre,
+                ));
+                (0..self.fields.len())
+                    .map(|i| sampler.window(i, centre))
+                    .collect()
+            }
+        };
+        self.assemble(epoch, id, windows).await
+    }
+
+    /// Builds the sample centred on (`time` index, latitude, longitude in degrees): the nearest
+    /// grid point, windows shifted inward at the poles. Masks and noise are drawn as for sample
+    /// id `time · nlat · nlon + lat · nlon + lon` of `epoch` (for debugging and plotting).
+    pub async fn sample_at(
+        &self,
+        epoch: u64,
+        time: usize,
+        lat_deg: f64,
+        lon_deg: f64,
+    ) -> Result<Sample, PipelineError> {
+        let ds = &self.dataset;
+        let (nlat, nlon) = (ds.lats.len(), ds.lons.len());
+        if !(-90.0..=90.0).contains(&lat_deg) || !lon_deg.is_finite() {
+            return Err(PipelineError::Request(format!(
+                "centre ({lat_deg}, {lon_deg}) is not a latitude in [-90, 90] and a longitude"
+            )));
+        }
+        let lat = (0..nlat)
+            .min_by(|&a, &b| {
+                (ds.lats[a] - lat_deg)
+                    .abs()
+                    .total_cmp(&(ds.lats[b] - lat_deg).abs())
+            })
+            .unwrap_or(0);
+        let lon_step = 360.0 / nlon as f64;
+        let lon = ((lon_deg - ds.lons[0]).rem_euclid(360.0) / lon_step).round() as usize % nlon;
+        let sampler = Sampler::new(
+            &ds.lats,
+            nlon,
+            ds.times.len(),
+            0..ds.times.len(),
+            &self
+                .fields
+                .iter()
+                .map(|f| (f.config.name.clone(), f.geometry.geometry.window()))
+                .collect::<Vec<_>>(),
+            self.config.latitude_weighting,
+        )
+        .map_err(|e| PipelineError::Request(e.to_string()))?;
+        let max_t = self
+            .fields
+            .iter()
+            .map(|f| f.geometry.geometry.window()[0])
+            .max()
+            .unwrap_or(1);
+        if time < max_t / 2 || time - max_t / 2 + max_t > ds.times.len() {
+            return Err(PipelineError::Request(format!(
+                "time index {time}: a {max_t}-step window around it leaves 0..{}",
+                ds.times.len()
+            )));
+        }
+        let centre = Centre { time, lat, lon };
+        let windows = (0..self.fields.len())
+            .map(|i| sampler.window(i, centre))
+            .collect();
+        let id = (time * nlat * nlon + lat * nlon + lon) as u64;
+        self.assemble(epoch, id, windows).await
+    }
+
+    async fn assemble(
+        &self,
+        epoch: u64,
+        id: SampleId,
+        windows: Vec<FieldWindow>,
+    ) -> Result<Sample, PipelineError> {
+        let fields = try_join_all(
+            self.fields
+                .iter()
+                .zip(windows)
+                .enumerate()
+                .map(|(i, (field, window))| self.field_sample(epoch, id, i as u32, field, window)),
+        )
+        .await?;
+        Ok(Sample { id, epoch, fields })
+    }
+
+    async fn field_sample(
+        &self,
+        epoch: u64,
+        id: SampleId,
+        index: u32,
+        field: &PreparedField,
+        window: FieldWindow,
+    ) -> Result<FieldSample, PipelineError> {
+        let ds = &self.dataset;
+        let nlon = ds.lons.len();
+        let [wt, wy, wx] = window.size;
+        let name = &field.config.name;
+        let levels = if ds.variable(name)?.has_level() {
+            field.level_indices.clone()
+        } else {
+            vec![]
+        };
+        let tokens = match (&field.blur, field.config.normalization) {
+            // The common case cuts tokens straight from the decoded chunks, normalizing on the
+            // way: one pass instead of read, normalize and tokenize.
+            (None, Normalization::Global | Normalization::None) => {
+                let slab = Hyperslab {
+                    variable: name.clone(),
+                    time: window.time_start..window.time_start + wt,
+                    levels,
+                    lat: window.lat_start..window.lat_start + wy,
+                    lon_start: window.lon_start,
+                    lon_len: wx,
+                };
+                let affine = match field.config.normalization {
+                    Normalization::Global => {
+                        let stats = self.stats.as_ref().expect("checked in Pipeline::new");
+                        let mut affine = Vec::with_capacity(wt * field.level_values.len());
+                        for t in 0..wt {
+                            for &level in &field.level_values {
+                                affine.push(stats.affine(
+                                    name,
+                                    level,
+                                    ds.times[window.time_start + t],
+                                )?);
+                            }
+                        }
+                        Some(affine)
+                    }
+                    _ => None,
+                };
+                let out = self.pool.take_len(slab.len());
+                ds.read_layout_into(&slab, &field.layout, affine.as_deref(), out)
+                    .await?
+            }
+            _ => self.window_tokens(field, &window, levels).await?,
+        };
+        let mut rng = sample_rng(self.config.seed, epoch, id, index, Purpose::Mask);
+        let masked = try_apply_in_place(
+            &field.config.mask,
+            &field.mask_geometry,
+            tokens,
+            self.take_buffer(),
+            &mut rng,
+        )
+        .map_err(|e| field_err(name, e))?;
+        let lats: Vec<f64> = (0..wy).map(|y| ds.lats[window.lat_start + y]).collect();
+        let lons: Vec<f64> = (0..wx)
+            .map(|x| ds.lons[(window.lon_start + x) % nlon])
+            .collect();
+        let infos = token_infos(
+            &field.geometry,
+            &WindowCoords {
+                times_unix_s: &ds.times[window.time_start..window.time_start + wt],
+                level_values: &field.level_values,
+                lats_deg: &lats,
+                lons_deg: &lons,
+                time_step_h: self.time_step_h,
+                grid_spacing_deg: self.grid_spacing,
+            },
+        )
+        .map_err(|e| field_err(name, e))?;
+        let pe = match &field.fixed_pe {
+            Some(pe) => pe.clone(),
+            None => {
+                let offsets = GlobalOffsets::from_grid_start(
+                    [window.time_start, window.lat_start, window.lon_start],
+                    field.geometry.geometry.token_size,
+                    Some(nlon),
+                );
+                encode(
+                    field.config.pe,
+                    &field.geometry,
+                    field.config.pe_width,
+                    &PeInputs {
+                        global_offsets: Some(offsets),
+                        token_infos: Some(&infos),
+                    },
+                )
+                .map_err(|e| field_err(name, e))?
+            }
+        };
+        Ok(FieldSample {
+            name: name.clone(),
+            source: masked.source,
+            target: masked.target,
+            masked_indices: masked.masked_indices,
+            token_info: flatten(&infos),
+            pe,
+            window,
+        })
+    }
+
+    /// Tokens of a field window through a window buffer: the path for blurred fields (the blur
+    /// needs a halo and whole planes) and local normalization (per grid point).
+    async fn window_tokens(
+        &self,
+        field: &PreparedField,
+        window: &FieldWindow,
+        levels: Vec<usize>,
+    ) -> Result<Vec<f32>, PipelineError> {
+        let ds = &self.dataset;
+        let (nlat, nlon) = (ds.lats.len(), ds.lons.len());
+        let [wt, wy, wx] = window.size;
+        let name = &field.config.name;
+        // A halo for the blur, wrapping in longitude and clipped at the poles.
+        let r = field.blur.as_ref().map_or(0, GaussianBlur::radius);
+        let halo_x = r.min((nlon - wx) / 2);
+        let y0 = window.lat_start.saturating_sub(r);
+        let y1 = (window.lat_start + wy + r).min(nlat);
+        let slab = Hyperslab {
+            variable: name.clone(),
+            time: window.time_start..window.time_start + wt,
+            levels,
+            lat: y0..y1,
+            lon_start: (window.lon_start + nlon - halo_x) % nlon,
+            lon_len: wx + 2 * halo_x,
+        };
+        let mut values = ds.read_into(&slab, self.pool.take_len(slab.len())).await?;
+        let nl = field.level_values.len();
+        let (py, px) = (y1 - y0, wx + 2 * halo_x);
+        if let Some(blur) = &field.blur {
+            for plane in values.chunks_mut(py * px) {
+                if px == nlon {
+                    blur.apply_globe(plane, py, px)
+                        .map_err(|e| field_err(name, e))?;
+                } else {
+                    blur.apply_window(plane, py, px)
+                        .map_err(|e| field_err(name, e))?;
+                }
+            }
+        }
+        // Crop the halo: (time, level, lat, lon) over the window.
+        let (oy, ox) = (window.lat_start - y0, halo_x);
+        let mut cropped = if (py, px) == (wy, wx) {
+            values
+        } else {
+            let mut cropped = self.take_buffer();
+            cropped.clear();
+            for plane in values.chunks(py * px) {
+                for y in 0..wy {
+                    let row = (oy + y) * px + ox;
+                    cropped.extend_from_slice(&plane[row..row + wx]);
+                }
+            }
+            self.return_buffer(values);
+            cropped
+        };
+        match field.config.normalization {
+            Normalization::Global => {
+                let stats = self.stats.as_ref().expect("checked in Pipeline::new");
+                for (k, plane) in cropped.chunks_mut(wy * wx).enumerate() {
+                    let (t, l) = (k / nl, k % nl);
+                    stats.normalize(
+                        name,
+                        field.level_values[l],
+                        ds.times[window.time_start + t],
+                        plane,
+                    )?;
+                }
+            }
+            Normalization::Local => {
+                let local = self
+                    .local
+                    .as_ref()
+                    .expect("checked in Pipeline::with_statistics");
+                local.normalize(
+                    name,
+                    &ds.times[window.time_start..window.time_start + wt],
+                    &field.level_values,
+                    window.lat_start..window.lat_start + wy,
+                    window.lon_start,
+                    &mut cropped,
+                )?;
+            }
+            Normalization::None => {}
+        }
+        let tokens = tokenize_into(&field.geometry, &cropped, self.pool.take_len(cropped.len()));
+        self.return_buffer(cropped);
+        Ok(tokens)
+    }
+
+    /// Hands a finished sample's large buffers back for reuse by later samples.
+    pub fn recycle(&self, sample: Sample) {
+        for field in sample.fields {
+            self.return_buffer(field.source);
+            self.return_buffer(field.target);
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Server start-up: the `Loader` service behind bearer-token auth, with health and reflection
+//! beside it, message limits, compression and TLS, and a graceful shutdown.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use atmorep_proto::pb::loader_server::LoaderServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codec::CompressionEncoding;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use super::auth::BearerAuth;
+use super::{LoaderService, ServeError};
+
+/// Serves `service` on `listener` until `shutdown` resolves, then ends open streams with
+/// UNAVAILABLE and returns once connections have drained.
+pub async fn run(
+    service: LoaderService,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let config = service.state.config.clone();
+    let max_message = config.max_message_mib << 20;
+    let auth = BearerAuth {
+        expected: config.bearer_token()?.map(Arc::from),
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<LoaderServer<LoaderService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(atmorep_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let loader = LoaderServer::new(service.clone())
+        // Requests are small; a large limit only invites abuse.
+        .max_decoding_message_size(1 << 20)
+        // Batches are split into parts of about `max_message` bytes; a single sample larger
+        // than that still goes out whole.
+        .max_encoding_message_size(max_message.max(1 << 29))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .send_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Zstd);
+    let loader = tonic::service::interceptor::InterceptedService::new(loader, auth);
+
+    let mut builder = Server::builder()
+        // Windows large enough that one stream can keep a few batches in the pipe.
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
+    if let Some(tls) = &config.tls {
+        atmorep_proto::tls::install_crypto_provider();
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|e| ServeError::Tls(format!("{}: {e}", p.display())))
+        };
+        let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+    }
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, tls = config.tls.is_some(), "loader listening");
+    let state = service.state.clone();
+    let stop = async move {
+        shutdown.await;
+        tracing::info!("shutting down: ending open streams");
+        let _ = state.shutdown_tx.send(true);
+    };
+    builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(loader)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! Storage: where a store lives ([`location`]), what its metadata says ([`discovery`],
+//! [`cf_time`]), the canonical view of it ([`dataset`]), turning its chunks into values
+//! ([`decode`], [`cache`]), reading canonical hyperslabs ([`hyperslab`]), and writing Zarr stores
+//! ([`zarr_meta`], [`writer`]), with Parquet tables (statistics, benchmark figures) beside them.
+
+pub mod cache;
+pub mod cf_time;
+pub mod dataset;
+pub mod decode;
+pub mod discovery;
+pub mod hyperslab;
+pub mod location;
+pub(crate) mod table;
+pub mod writer;
+pub mod zarr_meta;

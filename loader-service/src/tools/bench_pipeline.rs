@@ -1,0 +1,247 @@
+//! `atmorep loader bench-pipeline`: the sample pipeline in-process on a real store. It reports
+//! samples/s, token payload GB/s and read amplification, and compares the run's wall time with
+//! the time the same machine needs to decode, on all cores, exactly the chunks the run fetched
+//! (the decode limit measured in the same process right after the run). It runs several epochs
+//! in one process: the first pays for faulting in fresh memory (a new process's buffers), the
+//! later ones show the steady state a long training run sees.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::error::StoreError;
+use crate::pipeline::epoch::EpochCursor;
+use crate::pipeline::normalization::GlobalStats;
+use crate::pipeline::{BatchSpec, Normalization, Pipeline, PipelineConfig, PipelineError};
+use crate::progress::Progress;
+use crate::store::dataset::Dataset;
+use crate::store::decode::{decode_chunk, run_on_rayon};
+use crate::{ChunkCache, StoreLocation};
+
+/// A benchmark run's figures.
+#[derive(Debug, Clone)]
+pub struct PipelineBenchReport {
+    pub epoch: u64,
+    pub samples: u64,
+    pub seconds: f64,
+    pub samples_per_second: f64,
+    pub token_gbps: f64,
+    pub read_amplification: f64,
+    pub decode_seconds: f64,
+    pub decode_gbps: f64,
+    /// `decode_seconds / seconds`: 1 means the pipeline runs at the decode limit.
+    pub ratio: f64,
+    pub cores: usize,
+}
+
+/// Runs `samples` samples (the whole epoch when `None`) of each of `epochs` epochs of `config`
+/// on the store at `url`, one report per epoch.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    url: &str,
+    config: PipelineConfig,
+    stats_dir: Option<&Path>,
+    cache_bytes: u64,
+    samples: Option<u64>,
+    epochs: u64,
+    concurrency: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<PipelineBenchReport>, PipelineError> {
+    let location = StoreLocation::open(url)?;
+    let dataset =
+        Arc::new(Dataset::open_location(location, Arc::new(ChunkCache::new(cache_bytes))).await?);
+    let needs_stats = config
+        .fields
+        .iter()
+        .any(|f| f.normalization == Normalization::Global);
+    let stats = if needs_stats {
+        let dir = match stats_dir {
+            Some(d) => d.to_path_buf(),
+            None => GlobalStats::default_dir(Path::new(url)),
+        };
+        Some(Arc::new(
+            GlobalStats::compute_into(&dataset, &dir, false, progress)
+                .await?
+                .0,
+        ))
+    } else {
+        None
+    };
+    let pipeline = Arc::new(Pipeline::new(dataset.clone(), config, stats)?);
+    let total = samples
+        .unwrap_or(pipeline.num_samples())
+        .min(pipeline.num_samples());
+
+    let mut reports = Vec::new();
+    for epoch in 0..epochs.max(1) {
+        reports.push(run_epoch(&dataset, &pipeline, epoch, total, concurrency, progress).await?);
+    }
+    Ok(reports)
+}
+
+/// One timed epoch and the decode limit of the chunks it fetched.
+async fn run_epoch(
+    dataset: &Arc<Dataset>,
+    pipeline: &Arc<Pipeline>,
+    epoch: u64,
+    total: u64,
+    concurrency: usize,
+    progress: &dyn Progress,
+) -> Result<PipelineBenchReport, PipelineError> {
+    dataset.cache().clear();
+    dataset.record_fetches(true);
+    let decoded_before = dataset.counters.decoded_bytes.load(Ordering::Relaxed);
+    progress.start("samples", total);
+    let started = Instant::now();
+    // The same batch stream the service sends: samples assembled `concurrency` at a time on the
+    // runtime's workers while chunks decode on the rayon pool, batches of 16 kept ready.
+    let mut batches = pipeline.batches(BatchSpec {
+        rank: 0,
+        world: 1,
+        start: EpochCursor::start_of(epoch),
+        end_epoch: Some(epoch + 1),
+        batch_size: 16,
+        sample_concurrency: concurrency,
+        prefetch_batches: 2,
+        memory: None,
+    })?;
+    let mut payload = 0u64;
+    let mut delivered = 0u64;
+    while delivered < total {
+        let Some(batch) = batches.next().await else {
+            break;
+        };
+        for sample in batch?.samples {
+            if delivered == total {
+                break;
+            }
+            payload += sample.payload_bytes() as u64;
+            delivered += 1;
+            pipeline.recycle(sample);
+            progress.advance(1);
+        }
+    }
+    drop(batches);
+    let seconds = started.elapsed().as_secs_f64();
+    progress.finish();
+    let fetched = dataset.record_fetches(false);
+    let decoded = dataset.counters.decoded_bytes.load(Ordering::Relaxed) - decoded_before;
+
+    // The decode limit: fetch the same chunks' bytes first, then decode them all in parallel.
+    let mut encoded = Vec::with_capacity(fetched.len());
+    for (name, indices) in &fetched {
+        let variable = dataset.variable(name)?;
+        let key = variable.node.array.chunk_key(indices).to_string();
+        let bytes = dataset.location().get(&key).await?;
+        encoded.push((variable.clone(), key, indices.clone(), bytes));
+    }
+    let url_owned = dataset.url().to_string();
+    let decode_started = Instant::now();
+    let decoded_limit: Result<u64, StoreError> = run_on_rayon(move || {
+        encoded
+            .par_iter()
+            .map(|(variable, key, indices, bytes)| {
+                decode_chunk(
+                    &url_owned,
+                    &variable.node,
+                    key,
+                    indices,
+                    bytes.as_deref(),
+                    &variable.packing,
+                )
+                .map(|c| std::mem::size_of_val(c.values()) as u64)
+            })
+            .sum()
+    })
+    .await;
+    let decode_seconds = decode_started.elapsed().as_secs_f64();
+    let decoded_limit = decoded_limit?;
+    Ok(PipelineBenchReport {
+        epoch,
+        samples: delivered,
+        seconds,
+        samples_per_second: delivered as f64 / seconds,
+        token_gbps: payload as f64 / seconds / 1e9,
+        read_amplification: decoded as f64 / payload.max(1) as f64,
+        decode_seconds,
+        decode_gbps: decoded_limit as f64 / decode_seconds / 1e9,
+        ratio: decode_seconds / seconds,
+        cores: rayon::current_num_threads(),
+    })
+}
+
+/// The reference request of the pipeline issue: two fields × 5 levels, AtmoRep geometry
+/// (12×6×12 tokens of 3×9×9), BERT masking, local PE, one planned block of the whole store.
+pub fn reference_config(fields: [&str; 2], levels: Vec<f64>, steps: usize) -> PipelineConfig {
+    let field = |name: &str| crate::pipeline::FieldConfig {
+        name: name.into(),
+        levels: levels.clone(),
+        num_tokens: [12, 6, 12],
+        token_size: [3, 9, 9],
+        blur_sigma: 0.0,
+        normalization: Normalization::Global,
+        pe: atmorep_proto::PeMode::Local,
+        pe_width: 16,
+        mask: crate::pipeline::masking::MaskSpec::Bert {
+            r_max: 0.5,
+            noise_fraction: 0.1,
+            mask_value: 0.0,
+        },
+    };
+    PipelineConfig {
+        fields: vec![field(fields[0]), field(fields[1])],
+        split: crate::pipeline::Split::Train,
+        split_fractions: [1.0, 0.0],
+        split_dates: None,
+        mode: Default::default(),
+        seed: 1,
+        block_steps: steps,
+        samples_per_block: 128,
+        buffer_blocks: 1,
+        latitude_weighting: Default::default(),
+    }
+}
+
+impl PipelineBenchReport {
+    /// The figures as text.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "epoch {}{}",
+            self.epoch,
+            if self.epoch == 0 {
+                " (a fresh process: new buffers' pages are faulted in)"
+            } else {
+                " (buffers reused: the steady state)"
+            }
+        );
+        let _ = writeln!(
+            s,
+            "samples            {} in {:.2} s",
+            self.samples, self.seconds
+        );
+        let _ = writeln!(s, "samples/s          {:.1}", self.samples_per_second);
+        let _ = writeln!(s, "token payload      {:.3} GB/s", self.token_gbps);
+        let _ = writeln!(
+            s,
+            "read amplification {:.2} (decoded bytes / delivered bytes)",
+            self.read_amplification
+        );
+        let _ = writeln!(
+            s,
+            "decode limit       {:.2} s to decode the same chunks on {} cores ({:.2} GB/s)",
+            self.decode_seconds, self.cores, self.decode_gbps
+        );
+        let _ = writeln!(
+            s,
+            "ratio              {:.3} (decode time / pipeline time)",
+            self.ratio
+        );
+        s
+    }
+}

@@ -1,0 +1,9 @@
+//! The loader's integration tests, in one test binary: real Zarr stores (written by the
+//! synthetic generator, and by xarray + zarr-python for the fixtures) read through the public
+//! API. A module per subject.
+
+mod fixtures;
+mod pipeline;
+mod roundtrip;
+mod statistics;
+mod synth_tracks;

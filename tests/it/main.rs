@@ -1,0 +1,21 @@
+//! The cross-process tests of atmorep-rs, in one test binary: the real `atmorep` binary (which
+//! cargo builds with the features under test before it runs these) as loaders, trainers,
+//! trackers and plotters, talking to each other over loopback gRPC and to the in-process S3
+//! server of `atmorep-testkit`. A module per subject.
+
+mod ablate;
+mod deploy;
+mod faults;
+mod fuzz_seeds;
+mod infer;
+mod loaders;
+// Data-parallel training under `mpirun`: needs OpenMPI (`.ci/run` installs it from Debian).
+#[cfg(feature = "mpi")]
+mod mpi;
+mod plot;
+mod s3_faults;
+mod s3_server;
+mod s3_store;
+mod service;
+mod track;
+mod train;
