@@ -1,5 +1,5 @@
 //! `atmorep track`: tropical cyclones from a loader's ordered global tiles, and `atmorep track
-//! eval`: tracks against reference tracks (DESIGN §6). The tracker reads no store: it asks the
+//! eval`: tracks against reference tracks (docs/design.md §6). The tracker reads no store: it asks the
 //! loader for 850 hPa vorticity and geopotential (plus 500 and 300 hPa geopotential for the warm
 //! core, where the dataset has them) in physical units, stitches the tiles back into global
 //! fields and hands them to `atmorep-track`.
@@ -55,10 +55,10 @@ pub struct RunArgs {
     /// Reference tracks to score against and draw dashed on the map
     #[arg(long)]
     pub truth: Option<PathBuf>,
-    /// Detection and stitching thresholds (TOML; left out: DESIGN §6 defaults)
+    /// Detection and stitching thresholds (TOML; left out: docs/design.md §6 defaults)
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Track on every this many hours (DESIGN §6: 6-hourly); steps in between are skipped
+    /// Track on every this many hours (docs/design.md §6: 6-hourly); steps in between are skipped
     #[arg(long, default_value_t = 6)]
     pub every_hours: u32,
     /// Bearer token

@@ -1,4 +1,4 @@
-//! What the tracker can be told, with the defaults of DESIGN §6 (TempestExtremes' settings for
+//! What the tracker can be told, with the defaults of docs/design.md §6 (TempestExtremes' settings for
 //! 6-hourly reanalysis, detection on 850 hPa vorticity).
 //!
 //! Every struct deserializes from TOML/JSON with any key left out taking its default, and rejects

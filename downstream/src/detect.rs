@@ -1,4 +1,4 @@
-//! Tropical-cyclone detection on one time step, in the TempestExtremes tradition (DESIGN §6).
+//! Tropical-cyclone detection on one time step, in the TempestExtremes tradition (docs/design.md §6).
 //!
 //! 1. Candidates are local maxima of *cyclonic* relative vorticity at 850 hPa — the sign flipped
 //!    south of the equator, where cyclones turn clockwise — above a threshold and within a

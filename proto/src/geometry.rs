@@ -1,4 +1,4 @@
-//! How a field sample is cut into tokens (DESIGN §3).
+//! How a field sample is cut into tokens (docs/design.md §3).
 //!
 //! A field sample is, for each of the field's levels, a box (window) of grid points along
 //! (time, lat, lon) cut into `num_tokens = (nt, nlat, nlon)` tokens of `token_size = (t, lat, lon)`

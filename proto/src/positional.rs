@@ -1,4 +1,4 @@
-//! Positional encodings of a field sample's tokens — the seed's ablation (DESIGN §3).
+//! Positional encodings of a field sample's tokens — the seed's ablation (docs/design.md §3).
 //!
 //! Every encoding is returned as a row-major `Vec<f32>` of shape `(num_tokens_total, width)`, one
 //! row per token in token order (level, t, lat, lon). `width` (`D`) must be even and at least 2.

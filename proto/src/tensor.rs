@@ -1,5 +1,5 @@
 //! Tensors on the wire ([`pb::Tensor`]): a row-major shape, an element type and little-endian
-//! bytes (DESIGN §5).
+//! bytes (docs/design.md §5).
 //!
 //! Two element types travel: `f32` and `bf16` (the upper half of an `f32`, rounded to
 //! nearest-even; halves the bytes of token payloads at the cost of ~3 significant digits).

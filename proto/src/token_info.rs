@@ -1,4 +1,4 @@
-//! The 8 floats of metadata every token carries (DESIGN §3), in this order:
+//! The 8 floats of metadata every token carries (docs/design.md §3), in this order:
 //!
 //! | # | field | unit / convention |
 //! |---|---|---|

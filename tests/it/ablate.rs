@@ -1,7 +1,7 @@
 //! `atmorep ablate` against a real loader process: a tiny ablation (the example training config
 //! on a 10° store, a few steps per variant) run twice as the CLI.
 //!
-//! Covered (issue 7): the table has one row per variant, in order; the two runs write the same
+//! Covered: the table has one row per variant, in order; the two runs write the same
 //! table and the same evaluation numbers (every variant's stream and weights are pure functions
 //! of the seeds); the Parquet holds every variant's rows; both charts are PNGs with content.
 //! Bad input — an unknown `--only` name, a base config whose field the loader lacks — fails

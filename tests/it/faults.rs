@@ -1,4 +1,4 @@
-//! Fault tolerance of a training run, with real processes and real `kill -9`s (issue 9).
+//! Fault tolerance of a training run, with real processes and real `kill -9`s.
 //!
 //! Every test runs `atmorep train` against `atmorep loader serve` processes on loopback over
 //! one tiny synthetic store, and compares the faulted run with an uninterrupted run of the same

@@ -1,5 +1,5 @@
-//! Evaluation and global inference against real loader processes (issue 6), and the cyclone
-//! tracker on the model's output (issue 8): a short training run on a tiny synthetic store of
+//! Evaluation and global inference against real loader processes, and the cyclone
+//! tracker on the model's output: a short training run on a tiny synthetic store of
 //! `vo` and `z`, then `atmorep eval` (the model beats climatology; rows per task, field, level
 //! and baseline), `atmorep infer` (a Zarr store the loader opens, holding the model's global
 //! reconstruction within a fraction of the truth's spread), a second loader serving that store

@@ -1,4 +1,4 @@
-//! Many loaders (issue 9, item 1): one stream striped across several real `atmorep loader serve`
+//! Many loaders: one stream striped across several real `atmorep loader serve`
 //! processes serving the same tiny synthetic store, through the real client library
 //! (`ClientConfig::stripe`) and `atmorep loader pull --stripe`.
 //!

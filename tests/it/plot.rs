@@ -1,7 +1,7 @@
 //! `atmorep plot` against real processes: a loader process (`atmorep loader serve`) over a tiny
 //! synthetic store, a short `atmorep train` run, and every plot command run as the CLI.
 //!
-//! Covered (issue 7): each command writes PNGs that decode, have the size the command reports
+//! Covered: each command writes PNGs that decode, have the size the command reports
 //! and are no flat picture; the attention figures have one panel per layer and head; the token
 //! GIF has a frame per time slice; the training figure has its per-field loss chart. Bad input — a missing run folder or log, a sample id out of
 //! range, a checkpoint whose fields the loader lacks, a level the store lacks — fails with an

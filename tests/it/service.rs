@@ -3,7 +3,7 @@
 //! store and talks to it with the real client library (`atmorep_proto::client`), raw tonic
 //! clients (health, reflection) or `atmorep loader pull` in another process.
 //!
-//! Covered (issue 5): a table of malformed requests and the gRPC code and field each one is
+//! Covered: a table of malformed requests and the gRPC code and field each one is
 //! answered with, after which the same server still streams; a corrupt chunk in one dataset
 //! (DATA_LOSS naming the chunk) while a stream on another dataset finishes its epoch; eight
 //! concurrent clients under a small cache and memory budget (peak resident memory bounded, every
@@ -372,7 +372,7 @@ fn bad_calls() -> Vec<BadCall> {
     ]
 }
 
-/// Issue 5, bad input: every malformed request is answered with its code and a message naming
+/// Bad input: every malformed request is answered with its code and a message naming
 /// the offending field; none of them hurts the server, which then streams a valid epoch to the
 /// client library and to `atmorep loader pull` in another process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

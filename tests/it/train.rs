@@ -2,7 +2,7 @@
 //! `127.0.0.1:0` over a tiny synthetic store and trains the tiny model in this process through
 //! the trainer library (or runs `atmorep train`) over gRPC.
 //!
-//! Covered (issue 6): a short run in which the loss falls, with validation, a checkpoint and
+//! Covered: a short run in which the loss falls, with validation, a checkpoint and
 //! the metrics table; exact resume (k steps, a checkpoint, a fresh trainer from it for N − k
 //! steps: the same losses, gradient norms, learning rates and final weights as N uninterrupted
 //! steps, bit for bit; also with the temporal prior, whose errors are measured once); `atmorep train --bench` and its `--resume`, which refuses a mismatched

@@ -1,5 +1,5 @@
 //! Where samples come from. A sample is one centre shared by all fields; each field cuts its own
-//! window (its own token geometry) around it. Centres are drawn per DESIGN §3: time uniform over
+//! window (its own token geometry) around it. Centres are drawn per docs/design.md §3: time uniform over
 //! the positions where every field's window fits the time range (never a negative index),
 //! latitude weighted by area (cos φ) unless configured uniform, longitude uniform with windows
 //! wrapping across 0°/360°, and windows near a pole shifted inward to stay on the grid. Tiling
