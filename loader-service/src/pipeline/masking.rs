@@ -354,8 +354,8 @@ fn mask_time_slices(
 }
 
 /// Fills `out` with independent standard-normal values (the ziggurat method: mostly one draw
-/// and a table lookup per value; Box–Muller's logarithm, sine and cosine per pair took 4 % of a
-/// streaming server's CPU).
+/// and a table lookup per value, where Box–Muller's logarithm, sine and cosine per pair showed up
+/// in a streaming server's profile).
 pub fn fill_standard_normal(out: &mut [f32], rng: &mut impl Rng) {
     for value in out {
         *value = rng.sample(rand_distr::StandardNormal);

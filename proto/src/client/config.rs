@@ -94,7 +94,7 @@ pub struct ClientConfig {
     pub connection_window_bytes: u32,
     /// Largest HTTP/2 frame the server may send us (16 KiB to 16 MiB − 1). The protocol's
     /// default of 16 KiB cuts a batch into thousands of frames that both sides handle one by
-    /// one: 1 MiB frames raised `pull` of the reference case from 78–82 to 104–117 samples/s.
+    /// one (docs/performance.md measures the sizes).
     pub max_frame_bytes: u32,
     /// HTTP/2 keep-alive pings, so a server that vanished without closing the connection is
     /// noticed (`None`: no pings).

@@ -450,7 +450,7 @@ impl LoaderStream {
 
     /// Hands back a batch the consumer is done with: the next batches are decoded into its
     /// buffers instead of fresh memory (a batch's tensors are too large for the allocator to
-    /// keep, so each fresh one came back as pages the kernel zeroes: 3–4 % of a `pull`'s CPU).
+    /// keep, so each fresh one came back as pages the kernel zeroes).
     /// Optional: a batch that is simply dropped frees its memory.
     pub fn recycle(&self, batch: Batch) {
         batch.recycle(&self.pool);
