@@ -37,6 +37,7 @@ use s3s::service::{S3Service, S3ServiceBuilder};
 use s3s::{HttpError, HttpResponse};
 use tokio::sync::oneshot;
 
+pub mod cli;
 pub mod loader_process;
 pub mod streams;
 pub mod tiny;

@@ -4,6 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use atmorep_proto::pb;
+use atmorep_proto::request::RequestConfig;
+
 use atmorep_loader::Dataset;
 use atmorep_loader::pipeline::normalization::GlobalStats;
 use atmorep_loader::progress::NoProgress;
@@ -57,4 +60,50 @@ pub async fn serve_tiny_store(dir: &Path) -> Server {
     let path = store_with_stats(dir, "tiny.zarr", &tiny_config(40)).await;
     let dataset = format!("tiny={}", path.display());
     Server::start(&["--dataset".into(), dataset], &dir.join("server.log"))
+}
+
+/// The request file of every test: `z` on both levels (BERT-masked) and `t` on 500 hPa, 2×3×6
+/// tokens of 1×3×3 points (a 2-step × 90° × 180° window on the 10° grid). The training split of
+/// the tiny store is 13 steps, cut into 2 blocks of 8, so an epoch has `2 · samples_per_block`
+/// samples. `extra` holds more top-level keys (`end_epoch`, `resume`, …).
+pub fn request_toml(dataset: &str, batch_size: u32, samples_per_block: u64, extra: &str) -> String {
+    format!(
+        r#"
+dataset = "{dataset}"
+batch_size = {batch_size}
+seed = 7
+samples_per_block = {samples_per_block}
+{extra}
+
+[[fields]]
+name = "z"
+levels = [850, 500]
+num_tokens = [2, 3, 6]
+token_size = [1, 3, 3]
+pe = "local"
+pe_width = 8
+mask = {{ kind = "bert", r_max = 0.5 }}
+
+[[fields]]
+name = "t"
+levels = [500]
+num_tokens = [2, 3, 6]
+token_size = [1, 3, 3]
+pe = "global"
+pe_width = 8
+"#
+    )
+}
+
+/// [`request_toml`] as the wire request the client library sends.
+/// [`request_toml`] as the request message.
+pub fn request(
+    dataset: &str,
+    batch_size: u32,
+    samples_per_block: u64,
+    extra: &str,
+) -> pb::BatchRequest {
+    RequestConfig::from_toml(&request_toml(dataset, batch_size, samples_per_block, extra))
+        .expect("the test request parses")
+        .to_proto()
 }

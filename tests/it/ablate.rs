@@ -8,28 +8,10 @@
 //! naming it and writes no table.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
+use atmorep_testkit::cli::{atmorep, stdout_of_success};
 use atmorep_testkit::tiny::{store_with_stats, tiny_with};
-use atmorep_testkit::{Server, atmorep_bin, workspace_root};
-
-fn atmorep(args: &[&str]) -> Output {
-    Command::new(atmorep_bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("running atmorep")
-}
-
-fn assert_success(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use atmorep_testkit::{Server, workspace_root};
 
 fn assert_png(path: &Path) {
     let img = image::open(path)
@@ -105,7 +87,7 @@ async fn two_runs_of_an_ablation_give_the_same_table_with_one_row_per_variant() 
     let endpoint = server.endpoint();
     let run = |out: &str| {
         let out = dir.path().join(out);
-        let stdout = assert_success(&atmorep(&[
+        let stdout = stdout_of_success(&atmorep(&[
             "ablate",
             "--config",
             config.to_str().unwrap(),

@@ -17,12 +17,10 @@ use std::time::{Duration, Instant};
 
 use atmorep_proto::batch::{Batch, StreamCursor};
 use atmorep_proto::client::ClientConfig;
-use atmorep_proto::pb;
-use atmorep_proto::request::RequestConfig;
 use atmorep_testkit::streams::{
     STREAM_TIMEOUT, assert_whole_epoch, client_config, collect, connect, cursors, ids,
 };
-use atmorep_testkit::tiny::{store_with_stats, tiny_config};
+use atmorep_testkit::tiny::{request, request_toml, store_with_stats, tiny_config};
 use atmorep_testkit::{ChildGuard, Server, atmorep_bin};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -56,42 +54,6 @@ fn three_loaders(dir: &Path, store: &Path) -> (Vec<Server>, Vec<u16>) {
             )
         })
         .unzip()
-}
-
-/// The request of every test: two fields, `2 · samples_per_block` samples per epoch.
-fn request_toml(batch_size: u32, samples_per_block: u64, extra: &str) -> String {
-    format!(
-        r#"
-dataset = "era5"
-batch_size = {batch_size}
-seed = 7
-samples_per_block = {samples_per_block}
-{extra}
-
-[[fields]]
-name = "z"
-levels = [850, 500]
-num_tokens = [2, 3, 6]
-token_size = [1, 3, 3]
-pe = "local"
-pe_width = 8
-mask = {{ kind = "bert", r_max = 0.5 }}
-
-[[fields]]
-name = "t"
-levels = [500]
-num_tokens = [2, 3, 6]
-token_size = [1, 3, 3]
-pe = "global"
-pe_width = 8
-"#
-    )
-}
-
-fn request(batch_size: u32, samples_per_block: u64, extra: &str) -> pb::BatchRequest {
-    RequestConfig::from_toml(&request_toml(batch_size, samples_per_block, extra))
-        .expect("the test request parses")
-        .to_proto()
 }
 
 /// A striped client over `endpoints` that retries briefly (tests must fail, not hang).
@@ -143,7 +105,7 @@ async fn a_striped_epoch_arrives_once_and_each_loader_serves_its_share() {
     let endpoints: Vec<String> = servers.iter().map(Server::endpoint).collect();
     let client = connect(striped(endpoints.clone())).await;
 
-    let mut stream = client.stream(request(4, 25, "end_epoch = 1"));
+    let mut stream = client.stream(request("era5", 4, 25, "end_epoch = 1"));
     assert_eq!(stream.sub_streams(), 3);
     let first = collect(&mut stream).await;
     assert_whole_epoch(&ids(&first), 0, 50);
@@ -169,12 +131,12 @@ async fn a_striped_epoch_arrives_once_and_each_loader_serves_its_share() {
         );
     }
 
-    let again = collect(&mut client.stream(request(4, 25, "end_epoch = 1"))).await;
+    let again = collect(&mut client.stream(request("era5", 4, 25, "end_epoch = 1"))).await;
     assert_eq!(ids(&again), ids(&first), "the same request, the same order");
     assert_eq!(cursors(&again), cursors(&first));
 
     let request_file = dir.path().join("request.toml");
-    std::fs::write(&request_file, request_toml(4, 25, "")).unwrap();
+    std::fs::write(&request_file, request_toml("era5", 4, 25, "")).unwrap();
     let child = Command::new(atmorep_bin())
         .args([
             "loader",
@@ -222,7 +184,7 @@ async fn resuming_a_striped_stream_mid_epoch_delivers_exactly_the_remainder() {
     let endpoints: Vec<String> = servers.iter().map(Server::endpoint).collect();
     let client = connect(striped(endpoints)).await;
 
-    let whole = collect(&mut client.stream(request(5, 25, "end_epoch = 2"))).await;
+    let whole = collect(&mut client.stream(request("era5", 5, 25, "end_epoch = 2"))).await;
     let all = ids(&whole);
     assert_whole_epoch(&all[..50], 0, 50);
     assert_whole_epoch(&all[50..], 1, 50);
@@ -232,7 +194,7 @@ async fn resuming_a_striped_stream_mid_epoch_delivers_exactly_the_remainder() {
 
     for cut in [1, 4, 9, 10, 12, 17] {
         let cursor = whole[cut - 1].cursor_after;
-        let mut resumed_request = request(5, 25, "end_epoch = 2");
+        let mut resumed_request = request("era5", 5, 25, "end_epoch = 2");
         resumed_request.resume = Some(cursor.into());
         let resumed = collect(&mut client.stream(resumed_request)).await;
         let done: usize = whole[..cut].iter().map(Batch::len).sum();
@@ -267,7 +229,7 @@ async fn kill_9_of_one_loader_mid_epoch_still_delivers_each_id_once() {
     config.connection_window_bytes = 64 << 10;
     let client = connect(config).await;
 
-    let mut stream = client.stream(request(4, 64, "end_epoch = 1"));
+    let mut stream = client.stream(request("era5", 4, 64, "end_epoch = 1"));
     let mut batches = Vec::new();
     let consumed = async {
         while let Some(batch) = stream.next().await {
@@ -298,7 +260,7 @@ async fn kill_9_of_one_loader_mid_epoch_still_delivers_each_id_once() {
         endpoints[2].clone(),
     ];
     let fresh = connect(striped(survivors)).await;
-    let uninterrupted = collect(&mut fresh.stream(request(4, 64, "end_epoch = 1"))).await;
+    let uninterrupted = collect(&mut fresh.stream(request("era5", 4, 64, "end_epoch = 1"))).await;
     assert_eq!(arrived, ids(&uninterrupted));
     assert_eq!(cursors(&batches), cursors(&uninterrupted));
     println!("{:?}", stream.stats());

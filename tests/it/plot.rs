@@ -8,33 +8,16 @@
 //! error naming it and leaves no picture behind.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
+use atmorep_testkit::cli::{atmorep, stdout_of_success};
 use atmorep_testkit::tiny::{store_with_stats, tiny_with};
-use atmorep_testkit::{Server, atmorep_bin, workspace_root};
+use atmorep_testkit::{Server, workspace_root};
 use tempfile::TempDir;
 
 fn serve(store: &Path, log: &Path) -> Server {
     let dataset = format!("tiny={}", store.display());
     Server::start(&["--dataset".into(), dataset], log)
-}
-
-fn atmorep(args: &[&str]) -> Output {
-    Command::new(atmorep_bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("running atmorep")
-}
-
-fn stdout_of(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn stderr_of_failure(out: &Output) -> String {
@@ -59,7 +42,7 @@ fn train(dir: &Path, server: &Server) -> PathBuf {
     .unwrap();
     let run = dir.join("run");
     let endpoint = server.endpoint();
-    stdout_of(&atmorep(&[
+    stdout_of_success(&atmorep(&[
         "train",
         "--config",
         config.to_str().unwrap(),
@@ -129,7 +112,7 @@ async fn every_plot_command_draws_from_a_loader_process_and_a_training_run() {
     let (run_s, figs_s) = (run.to_str().unwrap(), figs.to_str().unwrap());
 
     // Attention: per field a matrix figure and a query map, each layers × heads panels.
-    let out = stdout_of(&atmorep(&[
+    let out = stdout_of_success(&atmorep(&[
         "plot",
         "attention",
         run_s,
@@ -150,7 +133,7 @@ async fn every_plot_command_draws_from_a_loader_process_and_a_training_run() {
     }
 
     // Tokens: a PNG and a GIF per field and level; the GIF has a frame per time slice.
-    let out = stdout_of(&atmorep(&[
+    let out = stdout_of_success(&atmorep(&[
         "plot", "tokens", run_s, "--loader", &endpoint, "--sample", "1", "--out", figs_s,
     ]));
     let tokens = written(&out);
@@ -165,7 +148,7 @@ async fn every_plot_command_draws_from_a_loader_process_and_a_training_run() {
 
     // Training curves from the run's Parquet log: the log has per-field losses, so the loss
     // per field is a fifth chart.
-    let out = stdout_of(&atmorep(&["plot", "training", run_s]));
+    let out = stdout_of_success(&atmorep(&["plot", "training", run_s]));
     let training = written(&out);
     assert_eq!(training.len(), 1, "{out}");
     assert_eq!(training[0].0, run.join("training.png"));
@@ -181,7 +164,7 @@ async fn every_plot_command_draws_from_a_loader_process_and_a_training_run() {
     // A field of the store with the synthetic cyclones' tracks.
     let field_png = figs.join("field.png");
     let tracks = dir.path().join("tiny.tracks.csv");
-    let out = stdout_of(&atmorep(&[
+    let out = stdout_of_success(&atmorep(&[
         "plot",
         "field",
         store.to_str().unwrap(),

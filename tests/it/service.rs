@@ -29,11 +29,10 @@ use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_proto::batch::{Batch, StreamCursor};
 use atmorep_proto::client::{ClientConfig, ClientError};
 use atmorep_proto::pb;
-use atmorep_proto::request::RequestConfig;
 use atmorep_testkit::streams::{
     STREAM_TIMEOUT, assert_whole_epoch, client_config, collect, connect, ids,
 };
-use atmorep_testkit::tiny::{store_with_stats, tiny_config};
+use atmorep_testkit::tiny::{request, request_toml, store_with_stats, tiny_config};
 use atmorep_testkit::{ChildGuard, Server, atmorep_bin, workspace_root};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -113,51 +112,6 @@ fn path_str(path: &Path) -> &str {
 /// `--dataset NAME=PATH`.
 fn dataset_arg(name: &str, path: &Path) -> Vec<String> {
     vec!["--dataset".into(), format!("{name}={}", path_str(path))]
-}
-
-/// The request file of every test: `z` on both levels (BERT-masked) and `t` on 500 hPa, 2×3×6
-/// tokens of 1×3×3 points (a 2-step × 90° × 180° window on the 10° grid). The training split of
-/// the tiny store is 13 steps, cut into 2 blocks of 8, so an epoch has `2 · samples_per_block`
-/// samples. `extra` holds more top-level keys (`end_epoch`, `resume`, …).
-fn request_toml(dataset: &str, batch_size: u32, samples_per_block: u64, extra: &str) -> String {
-    format!(
-        r#"
-dataset = "{dataset}"
-batch_size = {batch_size}
-seed = 7
-samples_per_block = {samples_per_block}
-{extra}
-
-[[fields]]
-name = "z"
-levels = [850, 500]
-num_tokens = [2, 3, 6]
-token_size = [1, 3, 3]
-pe = "local"
-pe_width = 8
-mask = {{ kind = "bert", r_max = 0.5 }}
-
-[[fields]]
-name = "t"
-levels = [500]
-num_tokens = [2, 3, 6]
-token_size = [1, 3, 3]
-pe = "global"
-pe_width = 8
-"#
-    )
-}
-
-/// [`request_toml`] as the wire request the client library sends.
-fn request(
-    dataset: &str,
-    batch_size: u32,
-    samples_per_block: u64,
-    extra: &str,
-) -> pb::BatchRequest {
-    RequestConfig::from_toml(&request_toml(dataset, batch_size, samples_per_block, extra))
-        .expect("the test request parses")
-        .to_proto()
 }
 
 /// Writes [`request_toml`] to `dir/file` for `atmorep loader pull`.

@@ -3,11 +3,12 @@
 //! process asks it for global tiles, and its tracks are scored against the store's truth.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use atmorep_loader::progress::NoProgress;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
-use atmorep_testkit::{Server, atmorep_bin};
+use atmorep_testkit::Server;
+use atmorep_testkit::cli::atmorep;
 use atmorep_track::{EvalConfig, evaluate, read_reference, read_tracks_csv};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -28,14 +29,6 @@ fn store(dir: &Path, variables: &[&str]) -> (PathBuf, PathBuf) {
 fn serve(dir: &Path, store: &Path) -> Server {
     let dataset = format!("era5={}", store.to_str().expect("UTF-8 path"));
     Server::start(&["--dataset".into(), dataset], &dir.join("server.log"))
-}
-
-fn atmorep(args: &[&str]) -> Output {
-    Command::new(atmorep_bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("running atmorep")
 }
 
 fn text(output: &Output) -> String {
