@@ -32,8 +32,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float64Array, Float64Builder, RecordBatch, StringArray};
-use arrow::datatypes::{DataType as ArrowType, Field, Schema};
+use arrow_array::builder::Float64Builder;
+use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType as ArrowType, Field, Schema};
 use atmorep_proto::PeMode;
 use atmorep_proto::request::SplitName;
 use serde::{Deserialize, Serialize};
@@ -743,7 +744,7 @@ mod tests {
 
     #[test]
     fn the_parquet_holds_every_row_of_every_variant() {
-        use arrow::array::Array;
+        use arrow_array::Array;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ablation.parquet");
         let r = report();

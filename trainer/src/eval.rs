@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt64Array};
-use arrow::datatypes::{DataType as ArrowType, Field, Schema};
+use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt64Array};
+use arrow_schema::{DataType as ArrowType, Field, Schema};
 use atmorep_proto::request::{NormalizationName, SplitName};
 use atmorep_proto::{Batch, FieldBatch, LoaderClient, MonthlyStatistics};
 use candle_core::{DType, Device, Tensor};

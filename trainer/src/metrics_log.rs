@@ -13,10 +13,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, Float64Array, Float64Builder, RecordBatch, StringArray, UInt64Array,
-};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow_array::builder::Float64Builder;
+use arrow_array::{Array, ArrayRef, Float64Array, RecordBatch, StringArray, UInt64Array};
+use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};

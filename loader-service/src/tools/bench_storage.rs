@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{Float64Array, StringArray};
-use arrow::datatypes::{DataType as ArrowType, Field, Schema};
+use arrow_array::{Float64Array, StringArray};
+use arrow_schema::{DataType as ArrowType, Field, Schema};
 use futures::{StreamExt, TryStreamExt};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

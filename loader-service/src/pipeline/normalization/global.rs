@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array as _, Float64Array, Int32Array, StringArray, UInt64Array};
-use arrow::datatypes::{DataType as ArrowType, Field, Schema};
+use arrow_array::{Array as _, Float64Array, Int32Array, StringArray, UInt64Array};
+use arrow_schema::{DataType as ArrowType, Field, Schema};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
