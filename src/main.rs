@@ -236,6 +236,9 @@ struct SynthArgs {
     /// Zarr v3 sharding: inner chunk shape time,level,lat,lon (the chunks become shards).
     #[arg(long, value_delimiter = ',')]
     shard: Option<Vec<u64>>,
+    /// Name the arrays by ERA5's long names (temperature, vorticity, …) as ARCO-ERA5 does.
+    #[arg(long)]
+    long_names: bool,
     /// Number of tropical cyclones.
     #[arg(long, default_value_t = 2)]
     cyclones: usize,
@@ -386,6 +389,7 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 chunks: shape4("chunks", args.chunks)?,
                 codec: args.codec,
                 shard_inner: shape4("shard", args.shard)?,
+                long_names: args.long_names,
                 cyclones: args.cyclones,
                 seed: args.seed,
             };

@@ -25,7 +25,9 @@ pub struct Era5Param {
 impl Era5Param {
     /// Every name of the parameter: short, long, then the others.
     pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
-        [self.short, self.long].into_iter().chain(self.also.iter().copied())
+        [self.short, self.long]
+            .into_iter()
+            .chain(self.also.iter().copied())
     }
 }
 
@@ -67,14 +69,32 @@ pub const PARAMS: &[Era5Param] = &[
         "kg kg**-1",
         &[],
     ),
-    p("ciwc", "specific_cloud_ice_water_content", 247, "kg kg**-1", &[]),
+    p(
+        "ciwc",
+        "specific_cloud_ice_water_content",
+        247,
+        "kg kg**-1",
+        &[],
+    ),
     // Single levels.
     p("2t", "2m_temperature", 167, "K", &["t2m"]),
     p("2d", "2m_dewpoint_temperature", 168, "K", &["d2m"]),
     p("10u", "10m_u_component_of_wind", 165, "m s**-1", &["u10"]),
     p("10v", "10m_v_component_of_wind", 166, "m s**-1", &["v10"]),
-    p("100u", "100m_u_component_of_wind", 228246, "m s**-1", &["u100"]),
-    p("100v", "100m_v_component_of_wind", 228247, "m s**-1", &["v100"]),
+    p(
+        "100u",
+        "100m_u_component_of_wind",
+        228246,
+        "m s**-1",
+        &["u100"],
+    ),
+    p(
+        "100v",
+        "100m_v_component_of_wind",
+        228247,
+        "m s**-1",
+        &["v100"],
+    ),
     p("msl", "mean_sea_level_pressure", 151, "Pa", &[]),
     p("sp", "surface_pressure", 134, "Pa", &[]),
     p("tp", "total_precipitation", 228, "m", &[]),

@@ -233,7 +233,7 @@ impl Pipeline {
             .iter()
             .map(|f| {
                 (
-                    f.config.name.clone(),
+                    f.config.reply_name().to_string(),
                     f.geometry.geometry.token_numel(),
                     f.geometry.num_tokens_total(),
                     f.config.pe_width,

@@ -209,35 +209,46 @@ impl Loader for LoaderService {
                 request.dataset
             )))
         })?;
+        // Either ERA5 name works; the moments come back under the name asked for.
+        let mut asked: Vec<(&str, &str)> = Vec::with_capacity(request.variables.len());
         for name in &request.variables {
-            if !served.dataset.variables.contains_key(name) {
-                return Err(failed(Status::not_found(format!(
-                    "variables: dataset `{}` has no variable `{name}`",
+            let stored = served.dataset.resolve_name(name).map_err(|e| {
+                failed(Status::not_found(format!(
+                    "variables: dataset `{}`: {e}",
                     request.dataset
-                ))));
-            }
-            if !stats.iter().any(|(field, ..)| field == name) {
+                )))
+            })?;
+            if !stats.iter().any(|(field, ..)| field == stored) {
                 return Err(failed(Status::failed_precondition(format!(
                     "variables: `{name}` of dataset `{}` has no global statistics",
                     request.dataset
                 ))));
             }
+            asked.push((stored, name));
         }
         let global = stats
             .iter()
-            .filter(|(field, ..)| {
-                request.variables.is_empty() || request.variables.iter().any(|v| v == field)
-            })
-            .map(|(field, level, year, month, m)| pb::MonthlyMoments {
-                variable: field.to_string(),
-                level,
-                year,
-                month,
-                count: m.count,
-                mean: m.mean,
-                std: m.std(),
-                min: m.min,
-                max: m.max,
+            .flat_map(|(field, level, year, month, m)| {
+                let names: Vec<&str> = if asked.is_empty() {
+                    vec![field]
+                } else {
+                    asked
+                        .iter()
+                        .filter(|(stored, _)| *stored == field)
+                        .map(|(_, name)| *name)
+                        .collect()
+                };
+                names.into_iter().map(move |name| pb::MonthlyMoments {
+                    variable: name.to_string(),
+                    level,
+                    year,
+                    month,
+                    count: m.count,
+                    mean: m.mean,
+                    std: m.std(),
+                    min: m.min,
+                    max: m.max,
+                })
             })
             .collect();
         Ok(Response::new(pb::Statistics { global }))

@@ -215,6 +215,15 @@ impl Dataset {
         &self.cache
     }
 
+    /// The store's name for the variable `requested` names: itself, or the one variable that
+    /// is another ERA5 name of the same parameter (`temperature` for `t`, and back).
+    pub fn resolve_name(
+        &self,
+        requested: &str,
+    ) -> std::result::Result<&str, atmorep_proto::era5::NameError> {
+        atmorep_proto::era5::resolve(requested, self.variables.keys().map(String::as_str))
+    }
+
     /// Looks up a variable, naming the ones that exist when it is missing.
     pub fn variable(&self, name: &str) -> Result<&Variable> {
         self.variables

@@ -45,6 +45,7 @@ async fn store(dir: &Path) -> (Arc<Dataset>, Arc<GlobalStats>) {
 fn field(name: &str, mask: MaskSpec) -> FieldConfig {
     FieldConfig {
         name: name.into(),
+        reply_name: None,
         levels: vec![850.0, 500.0],
         num_tokens: [4, 3, 6],
         token_size: [3, 3, 3],
