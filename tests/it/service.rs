@@ -574,6 +574,65 @@ async fn era5_short_and_long_names_serve_either_store() {
     );
 }
 
+/// `atmorep loader stats` on a subset (every 3rd step of `temperature` at 500 hPa, by its long
+/// name on a short-name store): the command, `inspect` and `GetDatasetInfo` all say what the
+/// statistics cover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_of_a_subset_say_what_they_cover() {
+    use atmorep_testkit::cli::{atmorep, stdout_of_success};
+    let dir = TempDir::new().unwrap();
+    let store = dir.path().join("era5.zarr");
+    write_store(&tiny_config(16), &store, &NoProgress).expect("writing the store");
+    let stats = atmorep(&[
+        "loader",
+        "stats",
+        path_str(&store),
+        "--every-steps",
+        "3",
+        "--variables",
+        "temperature",
+        "--levels",
+        "500",
+    ]);
+    let text = stdout_of_success(&stats);
+    assert!(
+        text.contains("statistics cover 6 of 16 time steps (every 3, ")
+            && text.contains(") of t at levels [500.0]"),
+        "{text}"
+    );
+    let inspect = atmorep(&["loader", "inspect", path_str(&store), "--json"]);
+    let report: Value = serde_json::from_str(&stdout_of_success(&inspect)).unwrap();
+    let coverage = &report["statistics"]["coverage"];
+    assert_eq!(coverage["steps_read"], 6, "{report}");
+    assert_eq!(coverage["every_steps"], 3, "{report}");
+    let inspect = atmorep(&["loader", "inspect", path_str(&store)]);
+    assert!(
+        stdout_of_success(&inspect).contains("6 of 16 time steps"),
+        "{}",
+        stdout_of_success(&inspect)
+    );
+
+    let server = Server::start(&dataset_arg("era5", &store), &dir.path().join("server.log"));
+    let mut config = client_config(vec![server.endpoint()]);
+    config.reconnect.max_attempts = Some(1);
+    let client = connect(config).await;
+    let info = client.dataset_info("era5").await.unwrap();
+    let summary = info.statistics.expect("a statistics summary");
+    assert_eq!(summary.global, ["t"]);
+    let coverage = summary.global_coverage.expect("the coverage is reported");
+    assert_eq!(
+        (
+            coverage.steps_read,
+            coverage.store_steps,
+            coverage.every_steps
+        ),
+        (6, 16, 3)
+    );
+    assert_eq!(coverage.variables, ["t"]);
+    assert_eq!(coverage.levels, [500.0]);
+    assert_eq!(coverage.first_step, info.time.unwrap().start);
+}
+
 /// A level named twice in one field (`levels = [850, 850]`) is malformed: the sample would carry
 /// the same level twice under two token ranges. It must be INVALID_ARGUMENT naming
 /// `fields[0].levels[1]`, like every other malformed request field.

@@ -337,6 +337,17 @@ fn dataset_info(served: &Served, limits: Limits) -> pb::DatasetInfo {
                 .unwrap_or_default(),
             global_first_year: if first <= last { first } else { 0 },
             global_last_year: if first <= last { last } else { 0 },
+            global_coverage: served.stats.as_ref().and_then(|s| s.coverage()).map(|c| {
+                pb::StatisticsCoverage {
+                    first_step: format_time(c.first_step, TimeFormat::Iso),
+                    last_step: format_time(c.last_step, TimeFormat::Iso),
+                    every_steps: c.every_steps as u32,
+                    steps_read: c.steps_read as u64,
+                    store_steps: c.store_steps as u64,
+                    variables: c.variables.clone(),
+                    levels: c.levels.clone(),
+                }
+            }),
         }),
         geometry: Some(pb::ServableGeometry {
             max_window: vec![
