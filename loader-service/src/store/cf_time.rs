@@ -20,7 +20,9 @@ pub struct CfTimeUnits {
 pub enum CfTimeError {
     #[error("units `{0}` are not of the form `<unit> since <date>`")]
     Malformed(String),
-    #[error("unknown time unit `{0}` (expected nanoseconds, microseconds, milliseconds, seconds, minutes, hours or days)")]
+    #[error(
+        "unknown time unit `{0}` (expected nanoseconds, microseconds, milliseconds, seconds, minutes, hours or days)"
+    )]
     UnknownUnit(String),
     #[error("cannot parse reference date `{0}`")]
     BadReference(String),
@@ -202,7 +204,11 @@ mod tests {
             assert_eq!(u.decode(stored).unwrap(), t, "{units}");
             assert_eq!(u.encode(t), stored, "{units}");
             // Sub-second parts round to the nearest second.
-            assert_eq!(u.decode(stored + 0.6 * per_second).unwrap(), t + 1, "{units}");
+            assert_eq!(
+                u.decode(stored + 0.6 * per_second).unwrap(),
+                t + 1,
+                "{units}"
+            );
         }
         // ns since 1900 for 2100: 6.3e18, still inside i64.
         let u = CfTimeUnits::parse("nanoseconds since 1900-01-01", None).unwrap();
