@@ -3,11 +3,13 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use atmorep_loader::pipeline::normalization::{GLOBAL_FILE, GlobalStats, LOCAL_STORE, LocalStats};
+use atmorep_loader::pipeline::normalization::{
+    GLOBAL_FILE, GlobalStats, LOCAL_STORE, LocalStats, StatsSubset,
+};
 use atmorep_loader::store::zarr_meta::{Codec, ZarrFormat};
 use atmorep_loader::tools::bench_pipeline::{self, reference_config};
 use atmorep_loader::tools::bench_storage::{BenchChart, BenchConfig, run_bench};
-use atmorep_loader::tools::inspect::inspect;
+use atmorep_loader::tools::inspect::{inspect, statistics_beside};
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_loader::{Dataset, Layout};
 use atmorep_plot::{Bar, Series, lines_and_bars};
@@ -161,6 +163,8 @@ enum LoaderCommand {
         /// Also compute per-grid-point monthly statistics (`local_stats.zarr`).
         #[arg(long)]
         local: bool,
+        #[command(flatten)]
+        subset: StatsSubsetArgs,
     },
     /// Write a synthetic ERA5-like store (and its cyclone tracks as CSV beside it).
     Synth(SynthArgs),
@@ -197,6 +201,49 @@ enum LoaderCommand {
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
     },
+}
+
+/// Global statistics of a part of the store (docs/loader.md, "Statistics of a subset").
+#[derive(Debug, Args)]
+struct StatsSubsetArgs {
+    /// First time step to consider (ISO date or date-time, UTC); default: the store's first.
+    #[arg(long)]
+    start: Option<String>,
+    /// Last time step to consider (inclusive); default: the store's last.
+    #[arg(long)]
+    end: Option<String>,
+    /// Read every K-th time step of the range (pick K coprime with the steps per day, e.g. 25
+    /// or 7 for hourly data, so that every hour of the day is sampled).
+    #[arg(long, default_value_t = 1)]
+    every_steps: usize,
+    /// Variables (either ERA5 name); default: all.
+    #[arg(long, value_delimiter = ',')]
+    variables: Vec<String>,
+    /// Levels of the variables with levels; default: all.
+    #[arg(long, value_delimiter = ',')]
+    levels: Vec<f64>,
+}
+
+impl StatsSubsetArgs {
+    fn to_subset(&self) -> Result<StatsSubset> {
+        let time = |flag: &str, text: &Option<String>| -> Result<Option<i64>> {
+            text.as_deref()
+                .map(|t| {
+                    parse_iso(t).with_context(|| format!("--{flag} `{t}` is not an ISO 8601 time"))
+                })
+                .transpose()
+        };
+        if self.every_steps == 0 {
+            bail!("--every-steps must be at least 1");
+        }
+        Ok(StatsSubset {
+            start: time("start", &self.start)?,
+            end: time("end", &self.end)?,
+            every_steps: self.every_steps,
+            variables: self.variables.clone(),
+            levels: self.levels.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -236,6 +283,9 @@ struct SynthArgs {
     /// Zarr v3 sharding: inner chunk shape time,level,lat,lon (the chunks become shards).
     #[arg(long, value_delimiter = ',')]
     shard: Option<Vec<u64>>,
+    /// Name the arrays by ERA5's long names (temperature, vorticity, …) as ARCO-ERA5 does.
+    #[arg(long)]
+    long_names: bool,
     /// Number of tropical cyclones.
     #[arg(long, default_value_t = 2)]
     cyclones: usize,
@@ -329,7 +379,10 @@ async fn loader(command: LoaderCommand) -> Result<()> {
         LoaderCommand::Pull(args) => pull::pull(args).await?,
         LoaderCommand::Inspect { url, json, stats } => {
             let dataset = Dataset::open(&url).await?;
-            let report = inspect(&dataset, stats, &Bars::new(!json)).await?;
+            let mut report = inspect(&dataset, stats, &Bars::new(!json)).await?;
+            if std::path::Path::new(&url).exists() {
+                report.statistics = statistics_beside(std::path::Path::new(&url));
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -341,7 +394,9 @@ async fn loader(command: LoaderCommand) -> Result<()> {
             out,
             force,
             local,
+            subset,
         } => {
+            let subset = subset.to_subset()?;
             let out = match out {
                 Some(dir) => dir,
                 None if std::path::Path::new(&url).exists() => {
@@ -351,7 +406,8 @@ async fn loader(command: LoaderCommand) -> Result<()> {
             };
             let dataset = Dataset::open(&url).await?;
             let (stats, computed) =
-                GlobalStats::compute_into(&dataset, &out, force, &Bars::new(true)).await?;
+                GlobalStats::compute_subset_into(&dataset, &out, force, &subset, &Bars::new(true))
+                    .await?;
             let rows = stats.iter().count();
             if local {
                 let path = out.join(LOCAL_STORE);
@@ -361,6 +417,9 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                         .write(&path)?;
                     println!("wrote per-point monthly statistics to {}", path.display());
                 }
+            }
+            if let Some(c) = stats.coverage() {
+                println!("statistics cover {c}");
             }
             if computed {
                 println!("wrote {rows} rows to {}", out.join(GLOBAL_FILE).display());
@@ -386,6 +445,7 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 chunks: shape4("chunks", args.chunks)?,
                 codec: args.codec,
                 shard_inner: shape4("shard", args.shard)?,
+                long_names: args.long_names,
                 cyclones: args.cyclones,
                 seed: args.seed,
             };

@@ -101,10 +101,41 @@ fn evaluate_files(args: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// Tile-mode request for the tracker's fields. Tiles of 36 × 72 grid points (4 × 8 tokens of
-/// 9 × 9), one time step each; the loader tiles the globe once over the time range.
+/// Points `detect`'s variable names at the dataset's own: each name (the configuration's, or
+/// the defaults `vo`, `z`, `t`) may be any ERA5 name of its parameter, so a store with the long
+/// names of ARCO-ERA5 (`vorticity`, `geopotential`, `temperature`) needs no configuration. A
+/// temperature the dataset lacks is left as it is (the warm core then uses geopotential or is
+/// skipped).
+pub fn resolve_detect_names(
+    info: &pb::DatasetInfo,
+    detect: &mut atmorep_track::DetectConfig,
+) -> Result<()> {
+    let names = || info.variables.iter().map(|v| v.name.as_str());
+    for (key, name) in [
+        ("vorticity", &mut detect.vorticity),
+        ("geopotential", &mut detect.geopotential),
+    ] {
+        let stored = atmorep_proto::era5::resolve(name, names()).map_err(|e| {
+            anyhow::anyhow!(
+                "detect.{key}: dataset `{}`: {e}; cyclone detection needs it (name the \
+                 variable with `[detect] {key} = …` in --config)",
+                info.name
+            )
+        })?;
+        *name = stored.to_string();
+    }
+    if let Ok(stored) = atmorep_proto::era5::resolve(&detect.temperature, names()) {
+        detect.temperature = stored.to_string();
+    }
+    Ok(())
+}
+
+/// Tile-mode request for the tracker's fields, named as the dataset names them (see
+/// [`resolve_detect_names`]). Tiles of 36 × 72 grid points (4 × 8 tokens of 9 × 9), one time
+/// step each; the loader tiles the globe once over the time range.
 pub fn tracker_request(
     info: &pb::DatasetInfo,
+    detect: &atmorep_track::DetectConfig,
     start: Option<&str>,
     end: Option<&str>,
 ) -> Result<RequestConfig> {
@@ -117,11 +148,15 @@ pub fn tracker_request(
     let has = |name: &str, level: f64| {
         levels_of(name).is_some_and(|ls| ls.iter().any(|&l| (l - level).abs() < 1e-6))
     };
-    for name in ["vo", "z"] {
-        if !has(name, 850.0) {
+    let level = detect.level;
+    for (key, name) in [
+        ("vorticity", &detect.vorticity),
+        ("geopotential", &detect.geopotential),
+    ] {
+        if !has(name, level) {
             bail!(
-                "dataset `{}` has no `{name}` at 850 hPa, which cyclone detection needs \
-                 (variables: {})",
+                "detect.{key}: dataset `{}` has no `{name}` at {level} hPa, which cyclone \
+                 detection needs (variables: {})",
                 info.name,
                 info.variables
                     .iter()
@@ -131,15 +166,17 @@ pub fn tracker_request(
             );
         }
     }
-    // The warm core needs the 300–500 hPa thickness: from geopotential if it has both levels,
+    // The warm core needs the upper-layer thickness: from geopotential if it has both levels,
     // else from temperature; without either the check is skipped.
-    let upper = [500.0, 300.0];
-    let mut z_levels = vec![850.0];
+    let upper = [detect.warm_core.lower_level, detect.warm_core.upper_level];
+    let mut z_levels = vec![level];
     let mut t_levels = Vec::new();
-    if upper.iter().all(|&l| has("z", l)) {
-        z_levels.extend(upper);
-    } else if upper.iter().all(|&l| has("t", l)) {
-        t_levels.extend(upper);
+    if detect.warm_core.enabled {
+        if upper.iter().all(|&l| has(&detect.geopotential, l)) {
+            z_levels.extend(upper.iter().filter(|&&l| (l - level).abs() > 1e-6));
+        } else if upper.iter().all(|&l| has(&detect.temperature, l)) {
+            t_levels.extend(upper);
+        }
     }
     // Tiles of 4 × 8 tokens of 9 × 9 points; on a grid too coarse for that, one token as large
     // as the grid allows (tiles are only transport here, stitched back before detection).
@@ -163,10 +200,10 @@ pub fn tracker_request(
     let start = start.unwrap_or(&time.start);
     let end = end.unwrap_or(&time.end);
     toml += &format!("tile_time_start = \"{start}\"\ntile_time_end = \"{end}\"\n\n");
-    toml += &field("vo", &[850.0]);
-    toml += &field("z", &z_levels);
+    toml += &field(&detect.vorticity, &[level]);
+    toml += &field(&detect.geopotential, &z_levels);
     if !t_levels.is_empty() {
-        toml += &field("t", &t_levels);
+        toml += &field(&detect.temperature, &t_levels);
     }
     Ok(RequestConfig::from_toml(&toml)?)
 }
@@ -188,7 +225,7 @@ async fn run(args: &RunArgs) -> Result<()> {
 /// Tracks `args.dataset` from `client`'s loader and writes what `args` asks for (the loader
 /// and TLS settings of `args` are not used: the client is already connected).
 pub async fn track_with(client: &LoaderClient, args: &RunArgs) -> Result<()> {
-    let cfg = match &args.config {
+    let mut cfg = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
@@ -201,7 +238,13 @@ pub async fn track_with(client: &LoaderClient, args: &RunArgs) -> Result<()> {
         None => TrackConfig::default(),
     };
     let info = client.dataset_info(&args.dataset).await?;
-    let request = tracker_request(&info, args.start.as_deref(), args.end.as_deref())?;
+    resolve_detect_names(&info, &mut cfg.detect)?;
+    let request = tracker_request(
+        &info,
+        &cfg.detect,
+        args.start.as_deref(),
+        args.end.as_deref(),
+    )?;
     let grid = Grid::from_proto(info.grid.as_ref().context("the loader sent no grid")?)?;
     let time = TimeAxis::from_proto(info.time.as_ref().context("the loader sent no time axis")?);
     let fields: Vec<TileField> = request.fields.iter().map(TileField::from_request).collect();

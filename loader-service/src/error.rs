@@ -61,6 +61,11 @@ pub enum StoreError {
     #[error("invalid hyperslab for `{variable}`: {detail}")]
     InvalidHyperslab { variable: String, detail: String },
 
+    /// A statistics subset (`loader stats --start/--end/--variables/--levels`) the store does
+    /// not have.
+    #[error("statistics of `{url}`: {detail}")]
+    InvalidSubset { url: String, detail: String },
+
     /// Anything that fails while writing a store.
     #[error("cannot write `{path}`: {detail}")]
     Write { path: String, detail: String },

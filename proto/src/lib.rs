@@ -17,6 +17,8 @@
 //!   order (level, t, lat, lon), value order inside a token (t, lat, lon));
 //! - [`tokenize`]: windows to tokens and back;
 //! - [`stitch`]: global fields back from a tiles-mode stream;
+//! - [`era5`]: ERA5's parameter names (short, long, paramId, units) and the resolution of a
+//!   requested name against a store's variables;
 //! - [`calendar`]: UTC calendar arithmetic on unix seconds (no time-zone database), and ISO 8601
 //!   text to and from unix seconds;
 //! - [`token_info`]: the 8 floats of metadata every token carries (docs/design.md §3);
@@ -35,6 +37,7 @@ pub mod calendar;
 pub mod client;
 pub mod codec;
 pub mod convert;
+pub mod era5;
 pub mod error;
 pub mod geometry;
 pub mod pool;

@@ -12,7 +12,8 @@
 //! subprocess, and [`Server`] runs
 //! `atmorep loader serve` as one; [`streams`] has the client side: a briefly retrying client
 //! and the checks that an epoch arrived exactly once; [`tiny`] writes and serves the tiny
-//! synthetic store most of them use.
+//! synthetic store most of them use; [`http_files`] serves a folder over plain HTTP, as a public
+//! bucket looks to an anonymous reader.
 
 use std::future::Future;
 use std::io;
@@ -38,6 +39,7 @@ use s3s::{HttpError, HttpResponse};
 use tokio::sync::oneshot;
 
 pub mod cli;
+pub mod http_files;
 pub mod loader_process;
 pub mod streams;
 pub mod tiny;

@@ -13,6 +13,7 @@ mod loaders;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod plot;
+mod public_stores;
 mod s3_faults;
 mod s3_server;
 mod s3_store;

@@ -469,6 +469,170 @@ async fn statistics_arrive_exactly_as_the_store_has_them() {
     assert_eq!(err.code(), Some(Code::NotFound), "{err}");
 }
 
+/// ERA5's names, either way round: one server serves the same synthetic store written with the
+/// short names (`z`, `t`) and with ARCO-ERA5's long names (`geopotential`, `temperature`). A
+/// request naming either serves from either, the batches carry the names the request used,
+/// and the values are the same bytes; statistics come back under the name asked for; the same
+/// variable under two names is one variable requested twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn era5_short_and_long_names_serve_either_store() {
+    let dir = TempDir::new().unwrap();
+    let short = store_with_stats(dir.path(), "short.zarr", &tiny_config(16)).await;
+    let long_config = SynthConfig {
+        long_names: true,
+        ..tiny_config(16)
+    };
+    let long = store_with_stats(dir.path(), "long.zarr", &long_config).await;
+    let mut args = dataset_arg("short", &short);
+    args.extend(dataset_arg("long", &long));
+    let server = Server::start(&args, &dir.path().join("server.log"));
+    let mut config = client_config(vec![server.endpoint()]);
+    config.reconnect.max_attempts = Some(1);
+    let client = connect(config).await;
+    let info = client.dataset_info("long").await.unwrap();
+    let names: Vec<&str> = info.variables.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["geopotential", "temperature"]);
+
+    let renamed = |dataset: &str, names: [&str; 2]| {
+        let mut r = request(dataset, 4, 8, "end_epoch = 1");
+        r.fields[0].name = names[0].into();
+        r.fields[1].name = names[1].into();
+        r
+    };
+    let first = |r: pb::BatchRequest| {
+        let client = &client;
+        async move {
+            let mut stream = client.stream(r);
+            collect(&mut stream).await
+        }
+    };
+    let reference = first(renamed("short", ["z", "t"])).await;
+    for (dataset, asked) in [
+        ("long", ["z", "t"]),
+        ("long", ["geopotential", "temperature"]),
+        ("short", ["geopotential", "temperature"]),
+        ("long", ["z", "temperature"]),
+    ] {
+        let batches = first(renamed(dataset, asked)).await;
+        assert_eq!(batches.len(), reference.len(), "{dataset} {asked:?}");
+        for (got, want) in batches.iter().zip(&reference) {
+            let got_names: Vec<&str> = got.fields.iter().map(|f| f.name.as_str()).collect();
+            assert_eq!(got_names, asked, "batches carry the request's names");
+            for i in 0..got.len() {
+                assert_eq!(
+                    sample_bytes(got, i),
+                    sample_bytes(want, i),
+                    "{dataset} {asked:?}"
+                );
+            }
+        }
+    }
+
+    let t = client.statistics("long", &["t".to_string()]).await.unwrap();
+    assert!(t.has_variable("t") && !t.has_variable("temperature"));
+    let z = client
+        .statistics("short", &["geopotential".to_string()])
+        .await
+        .unwrap();
+    assert!(z.has_variable("geopotential"));
+    assert_eq!(
+        z.iter().count(),
+        client
+            .statistics("short", &["z".to_string()])
+            .await
+            .unwrap()
+            .iter()
+            .count()
+    );
+
+    let twice = renamed("long", ["t", "temperature"]);
+    let err = match client.stream(twice).next().await {
+        Some(Err(e)) => e,
+        other => panic!(
+            "one variable under two names gave {:?}",
+            other.map(|b| b.map(|b| b.len()))
+        ),
+    };
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("fields[1].name"), "{err}");
+    assert!(err.to_string().contains("requested twice"), "{err}");
+    let absent = renamed("long", ["vo", "t"]);
+    let err = match client.stream(absent).next().await {
+        Some(Err(e)) => e,
+        other => panic!(
+            "an absent variable gave {:?}",
+            other.map(|b| b.map(|b| b.len()))
+        ),
+    };
+    assert_eq!(err.code(), Some(Code::NotFound), "{err}");
+    assert!(
+        err.to_string().contains("fields[0].name")
+            && err
+                .to_string()
+                .contains("`vo` nor its ERA5 aliases `vorticity`"),
+        "{err}"
+    );
+}
+
+/// `atmorep loader stats` on a subset (every 3rd step of `temperature` at 500 hPa, by its long
+/// name on a short-name store): the command, `inspect` and `GetDatasetInfo` all say what the
+/// statistics cover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_of_a_subset_say_what_they_cover() {
+    use atmorep_testkit::cli::{atmorep, stdout_of_success};
+    let dir = TempDir::new().unwrap();
+    let store = dir.path().join("era5.zarr");
+    write_store(&tiny_config(16), &store, &NoProgress).expect("writing the store");
+    let stats = atmorep(&[
+        "loader",
+        "stats",
+        path_str(&store),
+        "--every-steps",
+        "3",
+        "--variables",
+        "temperature",
+        "--levels",
+        "500",
+    ]);
+    let text = stdout_of_success(&stats);
+    assert!(
+        text.contains("statistics cover 6 of 16 time steps (every 3, ")
+            && text.contains(") of t at levels [500.0]"),
+        "{text}"
+    );
+    let inspect = atmorep(&["loader", "inspect", path_str(&store), "--json"]);
+    let report: Value = serde_json::from_str(&stdout_of_success(&inspect)).unwrap();
+    let coverage = &report["statistics"]["coverage"];
+    assert_eq!(coverage["steps_read"], 6, "{report}");
+    assert_eq!(coverage["every_steps"], 3, "{report}");
+    let inspect = atmorep(&["loader", "inspect", path_str(&store)]);
+    assert!(
+        stdout_of_success(&inspect).contains("6 of 16 time steps"),
+        "{}",
+        stdout_of_success(&inspect)
+    );
+
+    let server = Server::start(&dataset_arg("era5", &store), &dir.path().join("server.log"));
+    let mut config = client_config(vec![server.endpoint()]);
+    config.reconnect.max_attempts = Some(1);
+    let client = connect(config).await;
+    let info = client.dataset_info("era5").await.unwrap();
+    let summary = info.statistics.expect("a statistics summary");
+    assert_eq!(summary.global, ["t"]);
+    let coverage = summary.global_coverage.expect("the coverage is reported");
+    assert_eq!(
+        (
+            coverage.steps_read,
+            coverage.store_steps,
+            coverage.every_steps
+        ),
+        (6, 16, 3)
+    );
+    assert_eq!(coverage.variables, ["t"]);
+    assert_eq!(coverage.levels, [500.0]);
+    assert_eq!(coverage.first_step, info.time.unwrap().start);
+}
+
 /// A level named twice in one field (`levels = [850, 850]`) is malformed: the sample would carry
 /// the same level twice under two token ranges. It must be INVALID_ARGUMENT naming
 /// `fields[0].levels[1]`, like every other malformed request field.

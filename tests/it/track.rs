@@ -16,9 +16,16 @@ use tempfile::TempDir;
 /// 2° grid, 49 three-hourly steps (6 days), the variables the tracker needs.
 /// The store and its truth tracks.
 fn store(dir: &Path, variables: &[&str]) -> (PathBuf, PathBuf) {
+    store_named(dir, variables, false)
+}
+
+/// [`store`], its arrays named by ERA5's long names (`vorticity`, `geopotential` …) when
+/// `long_names`, as ARCO-ERA5 and WeatherBench2 name them.
+fn store_named(dir: &Path, variables: &[&str], long_names: bool) -> (PathBuf, PathBuf) {
     let config = SynthConfig {
         grid_deg: 2.0,
         variables: variables.iter().map(|v| v.to_string()).collect(),
+        long_names,
         ..SynthConfig::default()
     };
     let path = dir.join("era5.zarr");
@@ -126,6 +133,62 @@ fn the_tracker_finds_both_storms_through_the_loader_and_nothing_else() {
     assert_eq!(json["false_alarms"], 0, "{json}");
 }
 
+/// A store with ERA5's long names (`vorticity`, `geopotential`, `temperature`) tracks with no
+/// configuration at all, and finds the same storms.
+#[test]
+fn a_store_with_long_names_tracks_with_no_config() {
+    let dir = TempDir::new().unwrap();
+    let (store, truth) = store_named(dir.path(), &["z", "vo", "t"], true);
+    let server = serve(dir.path(), &store);
+    let out = dir.path().join("tracks.csv");
+    let run = track(&server, &out, &[]);
+    assert!(run.status.success(), "{}", text(&run));
+    let tracks = read_tracks_csv(&out).expect("our CSV reads back");
+    let reference = read_reference(&truth, None).expect("the truth reads");
+    let report = evaluate(&tracks, &reference, &EvalConfig::default()).unwrap();
+    assert_eq!(
+        (report.hits, report.misses, report.false_alarms),
+        (2, 0, 0),
+        "{report}"
+    );
+}
+
+/// The `[detect]` names of `--config` are the ones asked for: names of the store's own work
+/// (either ERA5 name), and a name the store lacks is refused naming the key and the name.
+#[test]
+fn the_detect_names_of_the_config_are_honoured() {
+    let dir = TempDir::new().unwrap();
+    let (store, _) = store_named(dir.path(), &["z", "vo"], true);
+    let server = serve(dir.path(), &store);
+    let config = dir.path().join("track.toml");
+    std::fs::write(
+        &config,
+        "[detect]\nvorticity = \"vo\"\ngeopotential = \"geopotential\"\n",
+    )
+    .unwrap();
+    let out = dir.path().join("tracks.csv");
+    let run = track(&server, &out, &["--config", config.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(
+        String::from_utf8_lossy(&run.stdout).contains("2 tracks"),
+        "{}",
+        text(&run)
+    );
+
+    std::fs::write(&config, "[detect]\nvorticity = \"relvort\"\n").unwrap();
+    let out = dir.path().join("none.csv");
+    let run = track(&server, &out, &["--config", config.to_str().unwrap()]);
+    assert_refused(
+        &run,
+        &out,
+        &[
+            "detect.vorticity",
+            "no variable `relvort`",
+            "geopotential, vorticity",
+        ],
+    );
+}
+
 #[test]
 fn a_dataset_without_vorticity_is_refused_by_name() {
     let dir = TempDir::new().unwrap();
@@ -133,7 +196,14 @@ fn a_dataset_without_vorticity_is_refused_by_name() {
     let server = serve(dir.path(), &store);
     let out = dir.path().join("tracks.csv");
     let run = track(&server, &out, &[]);
-    assert_refused(&run, &out, &["no `vo` at 850 hPa"]);
+    assert_refused(
+        &run,
+        &out,
+        &[
+            "detect.vorticity",
+            "no variable `vo` nor its ERA5 aliases `vorticity`",
+        ],
+    );
 }
 
 #[test]

@@ -26,6 +26,10 @@ pub enum Normalization {
 pub struct FieldConfig {
     /// Variable name in the store.
     pub name: String,
+    /// The name the request used when it differs from the store's (another ERA5 name of the
+    /// same parameter): batches carry this one, so that clients find what they asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_name: Option<String>,
     /// Level values (as the store's level coordinate has them); empty for a surface variable.
     pub levels: Vec<f64>,
     /// Tokens along (time, lat, lon).
@@ -41,6 +45,13 @@ pub struct FieldConfig {
     pub pe_width: usize,
     #[serde(default)]
     pub mask: MaskSpec,
+}
+
+impl FieldConfig {
+    /// The name batches carry for this field: the request's.
+    pub fn reply_name(&self) -> &str {
+        self.reply_name.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// Which part of the time axis a stream draws from.

@@ -114,6 +114,19 @@ impl Pipeline {
         if config.fields.is_empty() {
             return Err(PipelineError::Request("no fields requested".into()));
         }
+        // Windows, tiles, the sampler and the positional encodings all wrap in longitude.
+        if !dataset.lon_periodic() {
+            let lons = &dataset.lons;
+            return Err(PipelineError::Request(format!(
+                "dataset `{}` is a regional grid (longitudes {}° … {}°, {} columns, not once \
+                 around the globe): samples and tiles wrap in longitude, so only global grids \
+                 are served",
+                dataset.url(),
+                lons.first().copied().unwrap_or(f64::NAN),
+                lons.last().copied().unwrap_or(f64::NAN),
+                lons.len()
+            )));
+        }
         let split_range = prepare::split_range(&dataset, &config)?;
         if config.block_steps == 0 || config.samples_per_block == 0 || config.buffer_blocks == 0 {
             return Err(PipelineError::Request(
@@ -233,7 +246,7 @@ impl Pipeline {
             .iter()
             .map(|f| {
                 (
-                    f.config.name.clone(),
+                    f.config.reply_name().to_string(),
                     f.geometry.geometry.token_numel(),
                     f.geometry.num_tokens_total(),
                     f.config.pe_width,

@@ -209,35 +209,46 @@ impl Loader for LoaderService {
                 request.dataset
             )))
         })?;
+        // Either ERA5 name works; the moments come back under the name asked for.
+        let mut asked: Vec<(&str, &str)> = Vec::with_capacity(request.variables.len());
         for name in &request.variables {
-            if !served.dataset.variables.contains_key(name) {
-                return Err(failed(Status::not_found(format!(
-                    "variables: dataset `{}` has no variable `{name}`",
+            let stored = served.dataset.resolve_name(name).map_err(|e| {
+                failed(Status::not_found(format!(
+                    "variables: dataset `{}`: {e}",
                     request.dataset
-                ))));
-            }
-            if !stats.iter().any(|(field, ..)| field == name) {
+                )))
+            })?;
+            if !stats.iter().any(|(field, ..)| field == stored) {
                 return Err(failed(Status::failed_precondition(format!(
                     "variables: `{name}` of dataset `{}` has no global statistics",
                     request.dataset
                 ))));
             }
+            asked.push((stored, name));
         }
         let global = stats
             .iter()
-            .filter(|(field, ..)| {
-                request.variables.is_empty() || request.variables.iter().any(|v| v == field)
-            })
-            .map(|(field, level, year, month, m)| pb::MonthlyMoments {
-                variable: field.to_string(),
-                level,
-                year,
-                month,
-                count: m.count,
-                mean: m.mean,
-                std: m.std(),
-                min: m.min,
-                max: m.max,
+            .flat_map(|(field, level, year, month, m)| {
+                let names: Vec<&str> = if asked.is_empty() {
+                    vec![field]
+                } else {
+                    asked
+                        .iter()
+                        .filter(|(stored, _)| *stored == field)
+                        .map(|(_, name)| *name)
+                        .collect()
+                };
+                names.into_iter().map(move |name| pb::MonthlyMoments {
+                    variable: name.to_string(),
+                    level,
+                    year,
+                    month,
+                    count: m.count,
+                    mean: m.mean,
+                    std: m.std(),
+                    min: m.min,
+                    max: m.max,
+                })
             })
             .collect();
         Ok(Response::new(pb::Statistics { global }))
@@ -326,6 +337,17 @@ fn dataset_info(served: &Served, limits: Limits) -> pb::DatasetInfo {
                 .unwrap_or_default(),
             global_first_year: if first <= last { first } else { 0 },
             global_last_year: if first <= last { last } else { 0 },
+            global_coverage: served.stats.as_ref().and_then(|s| s.coverage()).map(|c| {
+                pb::StatisticsCoverage {
+                    first_step: format_time(c.first_step, TimeFormat::Iso),
+                    last_step: format_time(c.last_step, TimeFormat::Iso),
+                    every_steps: c.every_steps as u32,
+                    steps_read: c.steps_read as u64,
+                    store_steps: c.store_steps as u64,
+                    variables: c.variables.clone(),
+                    levels: c.levels.clone(),
+                }
+            }),
         }),
         geometry: Some(pb::ServableGeometry {
             max_window: vec![

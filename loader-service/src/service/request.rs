@@ -123,27 +123,28 @@ impl StreamRequest {
             if f.name.is_empty() {
                 return Err(invalid(format!("{at}.name"), "is empty"));
             }
-            if !seen.insert(f.name.as_str()) {
+            // Either ERA5 name works; the pipeline reads the store's, batches carry the
+            // request's.
+            let name = dataset
+                .resolve_name(&f.name)
+                .map_err(|e| RequestError::NotFound {
+                    field: format!("{at}.name"),
+                    detail: e.to_string(),
+                })?;
+            if !seen.insert(name) {
                 return Err(invalid(
                     format!("{at}.name"),
-                    format!("`{}` is requested twice", f.name),
+                    if name == f.name {
+                        format!("`{}` is requested twice", f.name)
+                    } else {
+                        format!("`{}` (the store's `{name}`) is requested twice", f.name)
+                    },
                 ));
             }
-            let variable = dataset
-                .variable(&f.name)
-                .map_err(|_| RequestError::NotFound {
-                    field: format!("{at}.name"),
-                    detail: format!(
-                        "dataset has no variable `{}` (it has {})",
-                        f.name,
-                        dataset
-                            .variables
-                            .keys()
-                            .map(String::as_str)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                })?;
+            let variable = dataset.variable(name).map_err(|e| RequestError::NotFound {
+                field: format!("{at}.name"),
+                detail: e.to_string(),
+            })?;
             for (k, level) in f.levels.iter().enumerate() {
                 if !level.is_finite() {
                     return Err(invalid(format!("{at}.levels[{k}]"), "is not finite"));
@@ -208,7 +209,8 @@ impl StreamRequest {
                 ));
             }
             fields.push(FieldConfig {
-                name: f.name.clone(),
+                name: name.to_string(),
+                reply_name: (name != f.name).then(|| f.name.clone()),
                 levels: f.levels.clone(),
                 num_tokens,
                 token_size,

@@ -20,7 +20,9 @@ pub struct CfTimeUnits {
 pub enum CfTimeError {
     #[error("units `{0}` are not of the form `<unit> since <date>`")]
     Malformed(String),
-    #[error("unknown time unit `{0}` (expected seconds, minutes, hours or days)")]
+    #[error(
+        "unknown time unit `{0}` (expected nanoseconds, microseconds, milliseconds, seconds, minutes, hours or days)"
+    )]
     UnknownUnit(String),
     #[error("cannot parse reference date `{0}`")]
     BadReference(String),
@@ -45,6 +47,11 @@ impl CfTimeUnits {
             .split_once(" since ")
             .ok_or_else(|| CfTimeError::Malformed(units.to_string()))?;
         let seconds_per_unit = match unit.trim().to_ascii_lowercase().as_str() {
+            // numpy's datetime64 encodings as xarray writes them (`nanoseconds since …`), and
+            // the finer units pandas uses.
+            "nanoseconds" | "nanosecond" | "nsecs" | "nsec" | "ns" => 1e-9,
+            "microseconds" | "microsecond" | "usecs" | "usec" | "us" | "µs" => 1e-6,
+            "milliseconds" | "millisecond" | "msecs" | "msec" | "ms" => 1e-3,
             "seconds" | "second" | "secs" | "sec" | "s" => 1.0,
             "minutes" | "minute" | "mins" | "min" => 60.0,
             "hours" | "hour" | "hrs" | "hr" | "h" => 3600.0,
@@ -178,6 +185,37 @@ mod tests {
         assert_eq!(o.decode(0.0).unwrap(), unix("2000-01-01T00:00:00Z"));
         let m = CfTimeUnits::parse("minutes since 2000-1-1", None).unwrap();
         assert_eq!(m.decode(90.0).unwrap(), unix("2000-01-01T01:30:00Z"));
+    }
+
+    #[test]
+    fn milli_micro_and_nanoseconds() {
+        let t = unix("2020-01-01T06:00:00Z");
+        for (units, per_second) in [
+            ("milliseconds since 1970-01-01", 1e3),
+            ("ms since 1970-01-01", 1e3),
+            ("microseconds since 1970-01-01 00:00:00", 1e6),
+            ("µs since 1970-01-01", 1e6),
+            ("nanoseconds since 1970-01-01", 1e9),
+            ("ns since 1970-01-01T00:00:00Z", 1e9),
+        ] {
+            let u = CfTimeUnits::parse(units, None).unwrap();
+            // As the int64 coordinate holds it, converted to f64 on reading.
+            let stored = (t as i64 * per_second as i64) as f64;
+            assert_eq!(u.decode(stored).unwrap(), t, "{units}");
+            assert_eq!(u.encode(t), stored, "{units}");
+            // Sub-second parts round to the nearest second.
+            assert_eq!(
+                u.decode(stored + 0.6 * per_second).unwrap(),
+                t + 1,
+                "{units}"
+            );
+        }
+        // ns since 1900 for 2100: 6.3e18, still inside i64.
+        let u = CfTimeUnits::parse("nanoseconds since 1900-01-01", None).unwrap();
+        assert_eq!(
+            u.decode(6_311_433_600e9).unwrap(),
+            unix("2100-01-01T00:00:00Z")
+        );
     }
 
     #[test]

@@ -215,6 +215,27 @@ impl Dataset {
         &self.cache
     }
 
+    /// Whether the longitudes go once around the globe at a regular step, so that the column
+    /// after the last is the first. A regional grid (a CDS area subset) is not: windows and
+    /// tiles must not wrap on it.
+    pub fn lon_periodic(&self) -> bool {
+        let n = self.lons.len();
+        if n < 2 {
+            return false;
+        }
+        let step = (self.lons[n - 1] - self.lons[0]) / (n - 1) as f64;
+        step > 0.0 && (step * n as f64 - 360.0).abs() <= 0.01 * step
+    }
+
+    /// The store's name for the variable `requested` names: itself, or the one variable that
+    /// is another ERA5 name of the same parameter (`temperature` for `t`, and back).
+    pub fn resolve_name(
+        &self,
+        requested: &str,
+    ) -> std::result::Result<&str, atmorep_proto::era5::NameError> {
+        atmorep_proto::era5::resolve(requested, self.variables.keys().map(String::as_str))
+    }
+
     /// Looks up a variable, naming the ones that exist when it is missing.
     pub fn variable(&self, name: &str) -> Result<&Variable> {
         self.variables

@@ -35,9 +35,14 @@ pub struct StoreLocation {
 
 impl StoreLocation {
     /// Opens `url`: a plain path, `file://`, `s3://bucket/prefix` (custom endpoint through
-    /// `AWS_ENDPOINT_URL`, anonymous access through `AWS_SKIP_SIGNATURE=true`), `gs://`, `az://`
-    /// (also `abfs://`, `azure://`) or `http(s)://`.
+    /// `AWS_ENDPOINT_URL`, anonymous access through `AWS_SKIP_SIGNATURE=true`), `gs://` (see
+    /// [`gcs_anonymous_endpoint`]), `az://` (also `abfs://`, `azure://`) or `http(s)://`.
     pub fn open(url: &str) -> Result<Self> {
+        Self::open_with_env(url, &|name| std::env::var(name).ok())
+    }
+
+    /// [`StoreLocation::open`] with the environment read through `lookup`.
+    pub fn open_with_env(url: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
         let invalid = |detail: String| StoreError::InvalidUrl {
             url: url.to_string(),
             detail,
@@ -49,7 +54,7 @@ impl StoreLocation {
         };
         let prefix =
             ObjectPath::from_url_path(parsed.path()).map_err(|e| invalid(e.to_string()))?;
-        let retry = || retry_config_from_env().map_err(&invalid);
+        let retry = || retry_config_from(|name| lookup(name)).map_err(&invalid);
         let store: Arc<dyn ObjectStore> = match parsed.scheme() {
             "file" => {
                 let path = parsed
@@ -64,6 +69,29 @@ impl StoreLocation {
                     .build()
                     .map_err(|e| invalid(e.to_string()))?,
             ),
+            "gs" if let Some(endpoint) = gcs_anonymous_endpoint(lookup) => {
+                // A public bucket read as plain HTTPS: `gs://BUCKET/PATH` is
+                // `ENDPOINT/BUCKET/PATH`, no credentials, no signature.
+                let bucket = parsed
+                    .host_str()
+                    .ok_or_else(|| invalid("no bucket".into()))?;
+                let parts: Vec<String> = prefix.parts().map(|p| p.as_ref().to_string()).collect();
+                let prefix = ObjectPath::from_iter(
+                    std::iter::once(bucket).chain(parts.iter().map(String::as_str)),
+                );
+                let store = object_store::http::HttpBuilder::new()
+                    .with_url(endpoint.trim_end_matches('/'))
+                    .with_client_options(http_options(&endpoint))
+                    .with_retry(retry()?)
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?;
+                return Ok(Self {
+                    url: url.to_string(),
+                    store: Arc::new(store),
+                    prefix,
+                    local_root: None,
+                });
+            }
             "gs" => Arc::new(
                 object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_url(trimmed)
@@ -83,6 +111,7 @@ impl StoreLocation {
                 base.set_path("");
                 let store = object_store::http::HttpBuilder::new()
                     .with_url(base.as_str())
+                    .with_client_options(http_options(base.as_str()))
                     .with_retry(retry()?)
                     .build()
                     .map_err(|e| invalid(e.to_string()))?;
@@ -187,6 +216,43 @@ impl StoreLocation {
             source,
         }
     }
+}
+
+/// Client options for a plain HTTP(S) store at `base`: an `http://` URL was asked for by name
+/// (a mirror, a test server), so it is allowed rather than refused as insecure.
+fn http_options(base: &str) -> object_store::ClientOptions {
+    object_store::ClientOptions::new().with_allow_http(base.starts_with("http://"))
+}
+
+/// Google credentials `object_store` would look for; with none of them (and no gcloud
+/// application-default credentials file), a `gs://` URL is read anonymously.
+const GOOGLE_CREDENTIAL_VARIABLES: [&str; 4] = [
+    "GOOGLE_SERVICE_ACCOUNT",
+    "GOOGLE_SERVICE_ACCOUNT_PATH",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+];
+
+/// Where `gs://` URLs are read anonymously, if they are: public buckets (ARCO-ERA5,
+/// WeatherBench2) need no account, and without one `object_store`'s GCS client would wait on a
+/// metadata server that is not there. Anonymous when `ATMOREP_GCS_ANONYMOUS` is `true`, or
+/// when no Google credentials are configured; the endpoint is `ATMOREP_GCS_ENDPOINT` (default
+/// `https://storage.googleapis.com`, which serves `BUCKET/PATH` of public buckets).
+pub fn gcs_anonymous_endpoint(lookup: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let set = |name: &str| lookup(name).is_some_and(|v| !v.trim().is_empty());
+    let forced = lookup("ATMOREP_GCS_ANONYMOUS")
+        .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
+    let adc = lookup("HOME").is_some_and(|home| {
+        std::path::Path::new(&home)
+            .join(".config/gcloud/application_default_credentials.json")
+            .exists()
+    });
+    let credentials = GOOGLE_CREDENTIAL_VARIABLES.iter().any(|v| set(v)) || adc;
+    (forced || !credentials).then(|| {
+        lookup("ATMOREP_GCS_ENDPOINT")
+            .filter(|e| !e.trim().is_empty())
+            .unwrap_or_else(|| "https://storage.googleapis.com".to_string())
+    })
 }
 
 /// The retry policy of remote stores: object_store's defaults (10 retries within 3 minutes,
@@ -300,6 +366,35 @@ mod tests {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.clone())
         }
+    }
+
+    #[test]
+    fn gs_is_anonymous_https_without_google_credentials() {
+        let none = lookup(&[]);
+        assert_eq!(
+            gcs_anonymous_endpoint(&none).as_deref(),
+            Some("https://storage.googleapis.com")
+        );
+        let with_key = lookup(&[("GOOGLE_APPLICATION_CREDENTIALS", "/k.json")]);
+        assert_eq!(gcs_anonymous_endpoint(&with_key), None);
+        let forced = lookup(&[
+            ("GOOGLE_APPLICATION_CREDENTIALS", "/k.json"),
+            ("ATMOREP_GCS_ANONYMOUS", "true"),
+            ("ATMOREP_GCS_ENDPOINT", "http://127.0.0.1:9"),
+        ]);
+        assert_eq!(
+            gcs_anonymous_endpoint(&forced).as_deref(),
+            Some("http://127.0.0.1:9")
+        );
+        // Opening needs no credentials and no network: the bucket becomes the first part of
+        // the path under the HTTPS endpoint.
+        let arco = "gs://gcp-public-data-arco-era5/ar/full_37-1h-0p25deg-chunk-1.zarr-v3";
+        let location = StoreLocation::open_with_env(arco, &none).unwrap();
+        assert_eq!(location.url(), arco);
+        assert_eq!(
+            location.path(".zmetadata").as_ref(),
+            "gcp-public-data-arco-era5/ar/full_37-1h-0p25deg-chunk-1.zarr-v3/.zmetadata"
+        );
     }
 
     #[test]

@@ -179,6 +179,7 @@ async fn run_epoch(
 pub fn reference_config(fields: [&str; 2], levels: Vec<f64>, steps: usize) -> PipelineConfig {
     let field = |name: &str| crate::pipeline::FieldConfig {
         name: name.into(),
+        reply_name: None,
         levels: levels.clone(),
         num_tokens: [12, 6, 12],
         token_size: [3, 9, 9],

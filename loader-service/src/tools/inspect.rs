@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::pipeline::normalization::Moments;
+use crate::pipeline::normalization::{Coverage, GLOBAL_FILE, GlobalStats, Moments};
 use crate::progress::Progress;
 use crate::store::dataset::{Dataset, Layout};
 
@@ -25,6 +25,16 @@ pub struct InspectReport {
     pub grid: GridInfo,
     pub arrays: Vec<ArrayInfo>,
     pub variables: Vec<VariableInfo>,
+    /// The global statistics folder beside a local store, and what it covers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statistics: Option<StatisticsInfo>,
+}
+
+/// A statistics folder and what its global statistics were computed from.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatisticsInfo {
+    pub folder: String,
+    pub coverage: Option<Coverage>,
 }
 
 /// The time axis.
@@ -83,6 +93,22 @@ pub struct VariableInfo {
     pub add_offset: f64,
     pub missing_values: Vec<f64>,
     pub stats: Option<Moments>,
+}
+
+/// The global statistics folder `STORE.stats` beside a local store at `path`, if it holds a
+/// table, with what the table covers.
+pub fn statistics_beside(path: &std::path::Path) -> Option<StatisticsInfo> {
+    let dir = GlobalStats::default_dir(path);
+    let table = dir.join(GLOBAL_FILE);
+    if !table.exists() {
+        return None;
+    }
+    Some(StatisticsInfo {
+        folder: dir.display().to_string(),
+        coverage: GlobalStats::load(&table)
+            .ok()
+            .and_then(|s| s.coverage().cloned()),
+    })
 }
 
 /// Builds the report; `stats` reads every variable fully, reporting the time steps read to
@@ -151,6 +177,7 @@ pub async fn inspect(
         .filter(|s| steps.iter().all(|x| x == s));
     let (lats, lons) = (&dataset.lats, &dataset.lons);
     Ok(InspectReport {
+        statistics: None,
         url: dataset.url().to_string(),
         zarr_format: dataset.metadata.zarr_format,
         consolidated: dataset.metadata.consolidated,
@@ -344,6 +371,12 @@ impl InspectReport {
             g.stored_latitude,
             g.stored_longitude
         );
+        if let Some(st) = &self.statistics {
+            let _ = match &st.coverage {
+                Some(c) => writeln!(s, "statistics {}: {c}", st.folder),
+                None => writeln!(s, "statistics {}: coverage not recorded", st.folder),
+            };
+        }
         let _ = writeln!(s, "\narrays");
         let _ = writeln!(
             s,

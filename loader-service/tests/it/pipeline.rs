@@ -45,6 +45,7 @@ async fn store(dir: &Path) -> (Arc<Dataset>, Arc<GlobalStats>) {
 fn field(name: &str, mask: MaskSpec) -> FieldConfig {
     FieldConfig {
         name: name.into(),
+        reply_name: None,
         levels: vec![850.0, 500.0],
         num_tokens: [4, 3, 6],
         token_size: [3, 3, 3],
@@ -560,4 +561,34 @@ async fn bench_pipeline_reports_each_epoch_against_its_own_decode_limit() {
         assert!((r.ratio - ratio).abs() < 1e-12 && r.ratio > 0.0, "{r:?}");
         assert!(r.to_text().contains(&format!("epoch {}", r.epoch)));
     }
+}
+
+/// A regional grid (a CDS area subset: longitudes 100° … 188.75°, not once around the globe)
+/// opens, but a pipeline on it is refused by name: every window and tile would wrap across its
+/// edge as if it were periodic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regional_grid_is_refused_not_wrapped() {
+    use zarrs::array::{Array, ArraySubset};
+    let dir = tempfile::tempdir().unwrap();
+    let (global, stats) = store(dir.path()).await;
+    assert!(global.lon_periodic());
+    let path = dir.path().join("pipe.zarr");
+    let fs = Arc::new(zarrs::filesystem::FilesystemStore::new(&path).unwrap());
+    let longitude = Array::open(fs, "/longitude").unwrap();
+    let n = longitude.shape()[0];
+    let regional: Vec<f64> = (0..n).map(|i| 100.0 + 1.25 * i as f64).collect();
+    longitude
+        .store_array_subset(&ArraySubset::new_with_shape(vec![n]), regional)
+        .unwrap();
+    let dataset = Arc::new(Dataset::open(path.to_str().unwrap()).await.unwrap());
+    assert!(!dataset.lon_periodic());
+    assert_eq!(dataset.lons[0], 100.0);
+    let err = match Pipeline::new(dataset, config(), Some(stats)) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a regional grid was served"),
+    };
+    assert!(
+        err.contains("regional grid") && err.contains("100° … 188.75°"),
+        "{err}"
+    );
 }

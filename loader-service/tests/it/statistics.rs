@@ -214,3 +214,178 @@ async fn local_stats_equal_a_per_point_f64_reference_and_round_trip_through_zarr
         }
     }
 }
+
+/// Per (variable, level, year, month): the global mean of every time step in the month, from a
+/// full read of the store.
+async fn step_means(
+    dataset: &Dataset,
+) -> std::collections::BTreeMap<(String, u64, i32, u32), Vec<f64>> {
+    use atmorep_loader::store::hyperslab::Hyperslab;
+    let plane = dataset.lats.len() * dataset.lons.len();
+    let mut out: std::collections::BTreeMap<_, Vec<f64>> = Default::default();
+    for (name, variable) in &dataset.variables {
+        let values = dataset
+            .read(&Hyperslab::full(dataset, variable))
+            .await
+            .unwrap();
+        let nlev = variable.levels.len().max(1);
+        for (t, &unix) in dataset.times.iter().enumerate() {
+            let (year, month) = year_month(unix);
+            for l in 0..nlev {
+                let start = (t * nlev + l) * plane;
+                let mean = values[start..start + plane]
+                    .iter()
+                    .map(|&v| f64::from(v))
+                    .sum::<f64>()
+                    / plane as f64;
+                let level = variable.levels.get(l).copied().unwrap_or(0.0);
+                out.entry((name.clone(), level.to_bits(), year, month))
+                    .or_default()
+                    .push(mean);
+            }
+        }
+    }
+    out
+}
+
+/// Monthly means from every K-th step against a full pass, on two months of a 3-hourly
+/// synthetic store (diurnal cycle, waves, moving cyclones). Every plane holds the same number
+/// of points, so a subsampled monthly mean is the average of some of the month's per-step
+/// global means and can never leave their range: that is the hard bound, for any K. For K
+/// coprime with the 8 steps of a day the steps read walk through every hour, the sample behaves
+/// like a random one, and its mean's error is about σ/√n for n steps read, σ ≤ spread / 2: the
+/// test asserts error ≤ spread / √n (≥ 2 standard errors). K = 8 reads one hour of the day
+/// only, so a diurnal cycle biases it beyond any 1/√n law; it gets the hard bound alone. The
+/// measured figures are in docs/loader.md, "Statistics of a subset".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subsampled_monthly_means_stay_within_the_spread_of_the_step_means() {
+    use atmorep_loader::pipeline::normalization::StatsSubset;
+    use atmorep_loader::tools::synth::{SynthConfig, write_store};
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("two-months.zarr");
+    let config = SynthConfig {
+        grid_deg: 5.0,
+        steps: 61 * 8,
+        step_hours: 3,
+        levels: vec![850, 500],
+        variables: vec!["z".into(), "t".into()],
+        ..SynthConfig::default()
+    };
+    write_store(&config, &path, &NoProgress).unwrap();
+    let dataset = Dataset::open(path.to_str().unwrap()).await.unwrap();
+    let full = GlobalStats::compute(&dataset, None, &NoProgress)
+        .await
+        .unwrap();
+    let coverage = full.coverage().unwrap();
+    assert_eq!((coverage.steps_read, coverage.every_steps), (488, 1));
+    let means = step_means(&dataset).await;
+    let plane = (dataset.lats.len() * dataset.lons.len()) as u64;
+    for k in [7usize, 8, 25] {
+        let subset = StatsSubset {
+            every_steps: k,
+            ..StatsSubset::default()
+        };
+        let sub = GlobalStats::compute_subset(&dataset, &subset, &NoProgress)
+            .await
+            .unwrap();
+        let coverage = sub.coverage().unwrap();
+        assert_eq!(coverage.steps_read, 488usize.div_ceil(k), "K = {k}");
+        assert_eq!(coverage.every_steps, k);
+        let (mut worst_std, mut worst_spread) = (0.0f64, 0.0f64);
+        for (name, level, year, month, want) in full.iter() {
+            let got = sub
+                .get(name, level, year, month)
+                .expect("every month is sampled");
+            let steps = &means[&(name.to_string(), level.to_bits(), year, month)];
+            let read = (got.count / plane) as usize;
+            assert_eq!(got.count, read as u64 * plane);
+            let lo = steps.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = steps.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let spread = hi - lo;
+            let err = (got.mean - want.mean).abs();
+            assert!(
+                err <= spread * (1.0 + 1e-9) + 1e-9 * want.mean.abs(),
+                "K = {k}: `{name}` {level} {year}-{month}: error {err} beyond the spread {spread} of the step means"
+            );
+            if k != 8 {
+                let bound = spread / (read as f64).sqrt();
+                assert!(
+                    err <= bound,
+                    "K = {k}: `{name}` {level} {year}-{month}: error {err} beyond spread / √{read} = {bound}"
+                );
+            }
+            worst_std = worst_std.max(err / want.std());
+            worst_spread = worst_spread.max(err / spread);
+        }
+        println!(
+            "K = {k}: largest |subsampled − full| monthly mean: {worst_std:.2e} of the monthly std, \
+             {worst_spread:.3} of the spread of the step means"
+        );
+    }
+}
+
+/// A subset the store does not have is refused, naming what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subset_the_store_lacks_is_refused_by_name() {
+    use atmorep_loader::pipeline::normalization::StatsSubset;
+    use atmorep_loader::tools::synth::{SynthConfig, write_store};
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("s.zarr");
+    let config = SynthConfig {
+        grid_deg: 10.0,
+        steps: 8,
+        variables: vec!["z".into(), "t".into()],
+        ..SynthConfig::default()
+    };
+    write_store(&config, &path, &NoProgress).unwrap();
+    let dataset = Dataset::open(path.to_str().unwrap()).await.unwrap();
+    let err_of = |subset: StatsSubset| {
+        let dataset = &dataset;
+        async move {
+            GlobalStats::compute_subset(dataset, &subset, &NoProgress)
+                .await
+                .unwrap_err()
+                .to_string()
+        }
+    };
+    let err = err_of(StatsSubset {
+        start: Some(2_000_000_000),
+        ..StatsSubset::default()
+    })
+    .await;
+    assert!(err.contains("--start/--end"), "{err}");
+    let err = err_of(StatsSubset {
+        levels: vec![123.0],
+        ..StatsSubset::default()
+    })
+    .await;
+    assert!(err.contains("--levels") && err.contains("123"), "{err}");
+    let err = err_of(StatsSubset {
+        variables: vec!["vo".into()],
+        ..StatsSubset::default()
+    })
+    .await;
+    assert!(err.contains("--variables") && err.contains("`vo`"), "{err}");
+    // Either ERA5 name, a time range and a level: only that is computed.
+    let sub = GlobalStats::compute_subset(
+        &dataset,
+        &StatsSubset {
+            variables: vec!["temperature".into()],
+            levels: vec![500.0],
+            start: Some(dataset.times[2]),
+            end: Some(dataset.times[5]),
+            every_steps: 2,
+        },
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    let rows: Vec<_> = sub.iter().map(|(f, l, ..)| (f.to_string(), l)).collect();
+    assert_eq!(rows, [("t".to_string(), 500.0)]);
+    let coverage = sub.coverage().unwrap();
+    assert_eq!(
+        (coverage.steps_read, coverage.first_step, coverage.last_step),
+        (2, dataset.times[2], dataset.times[4])
+    );
+    assert_eq!(coverage.variables, ["t"]);
+}

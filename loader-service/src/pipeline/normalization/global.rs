@@ -12,10 +12,12 @@ use arrow_schema::{DataType as ArrowType, Field, Schema};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::subset::{Coverage, StatsSubset};
 use super::{Moments, NormalizationError, statistics_levels, year_month};
 use crate::error::{Result, StoreError};
 use crate::progress::Progress;
 use crate::store::dataset::Dataset;
+use crate::store::hyperslab::Hyperslab;
 use crate::store::table::write_parquet;
 
 /// File name of the global statistics table inside a statistics folder.
@@ -29,6 +31,9 @@ type Key = (String, u64, i32, u32);
 #[derive(Debug, Clone, Default)]
 pub struct GlobalStats {
     entries: BTreeMap<Key, Moments>,
+    /// What the table was computed from, when known (tables from before subsets were
+    /// possible have no record of it).
+    coverage: Option<Coverage>,
 }
 
 /// What a statistics folder was computed from; a rerun on the same store is a no-op.
@@ -39,6 +44,11 @@ struct Manifest {
     last_time: i64,
     steps: usize,
     variables: Vec<String>,
+    /// The subset asked for; absent in folders written before subsets existed (all of it).
+    #[serde(default)]
+    subset: StatsSubset,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    coverage: Option<Coverage>,
 }
 
 impl GlobalStats {
@@ -49,46 +59,87 @@ impl GlobalStats {
         only: Option<&[String]>,
         progress: &dyn Progress,
     ) -> Result<Self> {
-        let names: Vec<String> = match only {
-            Some(list) => {
-                for name in list {
-                    dataset.variable(name)?;
-                }
-                list.to_vec()
-            }
-            None => dataset.variables.keys().cloned().collect(),
+        let subset = StatsSubset {
+            variables: only.map(<[String]>::to_vec).unwrap_or_default(),
+            ..StatsSubset::default()
         };
-        progress.start("stats", (names.len() * dataset.times.len()) as u64);
+        Self::compute_subset(dataset, &subset, progress).await
+    }
+
+    /// Computes the statistics of `subset` of `dataset`, reporting the time steps read to
+    /// `progress`. Only the chunks that hold a step of the subset are read: with one step per
+    /// time chunk (ARCO-ERA5, WeatherBench2), every K-th step costs 1/K of a full pass.
+    pub async fn compute_subset(
+        dataset: &Dataset,
+        subset: &StatsSubset,
+        progress: &dyn Progress,
+    ) -> Result<Self> {
+        let resolved = subset.resolve(dataset)?;
+        progress.start(
+            "stats",
+            (resolved.variables.len() * resolved.steps.len()) as u64,
+        );
         let mut entries: BTreeMap<Key, Moments> = BTreeMap::new();
         let mut buffer = Vec::new();
         let nplane = dataset.lats.len() * dataset.lons.len();
-        for name in &names {
+        for (name, level_indices) in &resolved.variables {
             let variable = dataset.variable(name)?;
-            let levels = statistics_levels(variable);
-            dataset
-                .scan(variable, &mut buffer, progress, |t, values| {
-                    let planes: Vec<(usize, usize, Moments)> = values
-                        .par_chunks(nplane)
-                        .enumerate()
-                        .map(|(i, plane)| {
-                            (
-                                t + i / levels.len(),
-                                i % levels.len(),
-                                Moments::from_values(plane),
-                            )
+            let all_levels = statistics_levels(variable);
+            let levels: Vec<f64> = if level_indices.is_empty() {
+                all_levels
+            } else {
+                level_indices.iter().map(|&i| all_levels[i]).collect()
+            };
+            let full = Hyperslab::full(dataset, variable);
+            let mut next = 0;
+            for block in variable.time_blocks(dataset.times.len()) {
+                let first = next;
+                while next < resolved.steps.len() && resolved.steps[next] < block.end {
+                    next += 1;
+                }
+                let steps = &resolved.steps[first..next];
+                let (Some(&lo), Some(&hi)) = (steps.first(), steps.last()) else {
+                    continue;
+                };
+                let slab = Hyperslab {
+                    time: lo..hi + 1,
+                    levels: level_indices.clone(),
+                    ..full.clone()
+                };
+                buffer = dataset
+                    .read_into(&slab, std::mem::take(&mut buffer))
+                    .await?;
+                let per_step = levels.len() * nplane;
+                let planes: Vec<(usize, usize, Moments)> = steps
+                    .par_iter()
+                    .flat_map(|&step| {
+                        let at = (step - lo) * per_step;
+                        let buffer = &buffer;
+                        (0..levels.len()).into_par_iter().map(move |l| {
+                            let plane = &buffer[at + l * nplane..at + (l + 1) * nplane];
+                            (step, l, Moments::from_values(plane))
                         })
-                        .collect();
-                    for (step, level, m) in planes {
-                        let (year, month) = year_month(dataset.times[step]);
-                        let key = (name.clone(), levels[level].to_bits(), year, month);
-                        let entry = entries.entry(key).or_default();
-                        *entry = entry.merge(m);
-                    }
-                })
-                .await?;
+                    })
+                    .collect();
+                for (step, level, m) in planes {
+                    let (year, month) = year_month(dataset.times[step]);
+                    let key = (name.clone(), levels[level].to_bits(), year, month);
+                    let entry = entries.entry(key).or_default();
+                    *entry = entry.merge(m);
+                }
+                progress.advance(steps.len() as u64);
+            }
         }
         progress.finish();
-        Ok(Self { entries })
+        Ok(Self {
+            entries,
+            coverage: Some(resolved.coverage(dataset, subset)),
+        })
+    }
+
+    /// What the statistics were computed from, when the folder recorded it.
+    pub fn coverage(&self) -> Option<&Coverage> {
+        self.coverage.as_ref()
     }
 
     /// Computes and writes the statistics of `dataset` into `dir`, unless `dir` already holds
@@ -99,24 +150,46 @@ impl GlobalStats {
         force: bool,
         progress: &dyn Progress,
     ) -> Result<(Self, bool)> {
-        let manifest = Manifest {
+        Self::compute_subset_into(dataset, dir, force, &StatsSubset::default(), progress).await
+    }
+
+    /// [`GlobalStats::compute_into`] for `subset` of `dataset`; a folder computed from another
+    /// subset is recomputed.
+    pub async fn compute_subset_into(
+        dataset: &Dataset,
+        dir: &Path,
+        force: bool,
+        subset: &StatsSubset,
+        progress: &dyn Progress,
+    ) -> Result<(Self, bool)> {
+        let mut manifest = Manifest {
             store: dataset.url().to_string(),
             first_time: dataset.times[0],
             last_time: dataset.times[dataset.times.len() - 1],
             steps: dataset.times.len(),
             variables: dataset.variables.keys().cloned().collect(),
+            subset: StatsSubset {
+                every_steps: subset.every_steps.max(1),
+                ..subset.clone()
+            },
+            coverage: None,
         };
         let manifest_path = dir.join(MANIFEST_FILE);
         if !force
             && let Ok(text) = std::fs::read_to_string(&manifest_path)
-            && serde_json::from_str::<Manifest>(&text).ok().as_ref() == Some(&manifest)
+            && let Ok(old) = serde_json::from_str::<Manifest>(&text)
+            && (Manifest {
+                coverage: None,
+                ..old
+            }) == manifest
             && dir.join(GLOBAL_FILE).exists()
         {
             return Ok((Self::load(&dir.join(GLOBAL_FILE))?, false));
         }
-        let stats = Self::compute(dataset, None, progress).await?;
+        let stats = Self::compute_subset(dataset, subset, progress).await?;
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
         stats.write(&dir.join(GLOBAL_FILE))?;
+        manifest.coverage = stats.coverage.clone();
         let text = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
         std::fs::write(&manifest_path, text).map_err(|e| StoreError::io(&manifest_path, e))?;
         Ok((stats, true))
@@ -299,7 +372,26 @@ impl GlobalStats {
             }
             debug_assert!(field.null_count() == 0);
         }
-        Ok(Self { entries })
+        Ok(Self {
+            entries,
+            coverage: Self::recorded_coverage(path),
+        })
+    }
+
+    /// The coverage the manifest beside the table at `path` records. A folder written before
+    /// subsets existed covers every step of the variables it lists.
+    fn recorded_coverage(path: &Path) -> Option<Coverage> {
+        let text = std::fs::read_to_string(path.with_file_name(MANIFEST_FILE)).ok()?;
+        let manifest: Manifest = serde_json::from_str(&text).ok()?;
+        Some(manifest.coverage.unwrap_or(Coverage {
+            first_step: manifest.first_time,
+            last_step: manifest.last_time,
+            every_steps: 1,
+            steps_read: manifest.steps,
+            store_steps: manifest.steps,
+            variables: manifest.variables,
+            levels: Vec::new(),
+        }))
     }
 
     /// Default statistics folder of a local store: `STORE.stats` beside it.

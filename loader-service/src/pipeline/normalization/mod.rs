@@ -6,10 +6,12 @@
 mod global;
 mod local;
 mod moments;
+mod subset;
 
 pub use global::{GLOBAL_FILE, GlobalStats};
 pub use local::{LOCAL_STORE, LocalField, LocalStats};
 pub use moments::Moments;
+pub use subset::{Coverage, ResolvedSubset, StatsSubset};
 
 use crate::store::dataset::Variable;
 

@@ -101,6 +101,9 @@ pub struct SynthConfig {
     pub codec: Codec,
     /// Zarr v3 only: inner chunk shape (time, level, lat, lon); `chunks` become shards.
     pub shard_inner: Option<[u64; 4]>,
+    /// Name the arrays by ERA5's long names (`temperature`, `vorticity` …, as ARCO-ERA5 and
+    /// WeatherBench2 do) instead of the short ones of [`VARIABLES`].
+    pub long_names: bool,
     /// Number of cyclones (the first two are fixed: one per hemisphere, crossing 180° and 0°).
     pub cyclones: usize,
     pub seed: u64,
@@ -124,6 +127,7 @@ impl Default for SynthConfig {
                 bitshuffle: false,
             },
             shard_inner: None,
+            long_names: false,
             cyclones: 2,
             seed: 42,
         }
@@ -141,6 +145,16 @@ pub struct SynthSummary {
 }
 
 impl SynthConfig {
+    /// The name the store gives variable `var` (a short name of [`VARIABLES`]).
+    fn stored_name(&self, var: &str) -> &'static str {
+        let short = VARIABLES.iter().find(|k| k.0 == var).expect("validated").0;
+        if self.long_names {
+            atmorep_proto::era5::param(short).map_or(short, |p| p.long)
+        } else {
+            short
+        }
+    }
+
     fn nlat(&self) -> usize {
         (180.0 / self.grid_deg).round() as usize + 1
     }
@@ -373,7 +387,7 @@ fn layout_arrays(
                     let (_, long, units) =
                         VARIABLES.iter().find(|k| k.0 == var).expect("validated");
                     let spec = ArraySpec {
-                        name: VARIABLES.iter().find(|k| k.0 == var).expect("validated").0,
+                        name: cfg.stored_name(var),
                         shape: vec![nt as u64, nlev as u64, nlat as u64, nlon as u64],
                         chunks: chunks.to_vec(),
                         shard_inner: cfg.shard_inner.map(|s| s.to_vec()),
@@ -431,7 +445,15 @@ fn layout_arrays(
                 dims: vec!["time", "field", "level", "lat", "lon"],
                 codec: cfg.codec,
                 attributes: attrs(&[
-                    ("fields", json!(cfg.variables)),
+                    (
+                        "fields",
+                        json!(
+                            cfg.variables
+                                .iter()
+                                .map(|v| cfg.stored_name(v))
+                                .collect::<Vec<_>>()
+                        ),
+                    ),
                     ("levels", json!(levels)),
                     (
                         "units",
