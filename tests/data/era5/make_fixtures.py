@@ -20,6 +20,7 @@ Writes into this folder (all rewritten on every run):
   era5-pl.nc          NetCDF4/HDF5 in the CDS layout since 2024: member 0, all four times,
                       dims (valid_time, pressure_level, latitude, longitude), float32,
                       zlib level 1 + shuffle, `valid_time` int64 seconds since 1970-01-01
+  era5-pl-nh.nc       era5-pl.nc's first time on the northern hemisphere only (another grid)
   era5-pl-legacy.nc   NetCDF3 classic in the older CDS layout: member 0, the first two times,
                       dims (time, level, latitude, longitude), int16 packed with float64
                       scale_factor/add_offset and _FillValue -32767; `time` int32 hours since
@@ -127,6 +128,9 @@ def main() -> None:
     enc = {v: {"zlib": True, "complevel": 1, "shuffle": True, "dtype": "float32"} for v in nc4.data_vars}
     enc["valid_time"] = {"units": "seconds since 1970-01-01", "calendar": "proleptic_gregorian", "dtype": "int64"}
     nc4.to_netcdf(HERE / "era5-pl.nc", format="NETCDF4", engine="netcdf4", encoding=enc)
+    # Another grid (the northern hemisphere), for the refusal of grids that differ.
+    nh = nc4.isel(valid_time=slice(0, 1)).sel(latitude=slice(90, 0))
+    nh.to_netcdf(HERE / "era5-pl-nh.nc", format="NETCDF4", engine="netcdf4", encoding=enc)
 
     # NetCDF3 classic, int16 packed, as the CDS delivered before 2024.
     nc3 = m0.isel(time=slice(0, 2)).rename({"isobaricInhPa": "level"})
@@ -138,7 +142,7 @@ def main() -> None:
         nc3[name] = (nc3[name].dims, v, {"units": nc3[name].attrs["units"],
                                          "long_name": nc3[name].attrs["long_name"]})
         lo, hi = np.nanmin(v), np.nanmax(v)
-        scale = (hi - lo) / (2**16 - 2)
+        scale = (hi - lo) / (2**16 - 4)  # -32767 stays free for _FillValue
         enc[name] = {"dtype": "int16", "scale_factor": float(scale),
                      "add_offset": float((hi + lo) / 2), "_FillValue": np.int16(-32767)}
     nc3.attrs = {"Conventions": "CF-1.6"}
