@@ -254,15 +254,30 @@ pub(super) fn read(
             .iter()
             .filter_map(|a| num_attr(&var, a))
             .collect();
-        // The slab of one time step in the variable's own dimension order, then its strides
-        // for reordering into (level, lat, lon).
-        let count: Vec<usize> = roles
-            .iter()
-            .map(|(r, _, n)| match r {
-                Role::Time | Role::Member => 1,
-                _ => *n,
-            })
-            .collect();
+        // Time steps are read in blocks of the file's time chunks: HDF5 decompresses a chunk
+        // per read, so reading a chunk of four steps one step at a time decompresses it four
+        // times over (a 0.25° NetCDF4 file converted 4× slower so).
+        let time_axis = roles.iter().position(|r| r.0 == Role::Time).unwrap_or(0);
+        let step_values = input.step_len(&input.variables[name]);
+        let chunk_t = var
+            .chunking()
+            .ok()
+            .flatten()
+            .map_or(1, |c| c[time_axis].max(1));
+        let block = chunk_t.min((256 << 20) / (8 * step_values).max(1)).max(1);
+        let count_of = |n_t: usize| -> Vec<usize> {
+            roles
+                .iter()
+                .map(|(r, _, n)| match r {
+                    Role::Time => n_t,
+                    Role::Member => 1,
+                    _ => *n,
+                })
+                .collect()
+        };
+        // Strides of the slab in the variable's own dimension order, for reordering each time
+        // step into (level, lat, lon).
+        let count = count_of(block);
         let mut strides = vec![0usize; roles.len()];
         let mut s = 1;
         for i in (0..roles.len()).rev() {
@@ -275,7 +290,8 @@ pub(super) fn read(
                 .position(|r| r.0 == role)
                 .map_or(0, |i| strides[i])
         };
-        let (sl, sy, sx) = (
+        let (st, sl, sy, sx) = (
+            stride_of(Role::Time),
             stride_of(Role::Level),
             stride_of(Role::Lat),
             stride_of(Role::Lon),
@@ -286,38 +302,76 @@ pub(super) fn read(
             1
         };
         let (ny, nx) = (input.lats.len(), input.lons.len());
-        for (ti, &time) in input.times.iter().enumerate() {
+        for t0 in (0..input.times.len()).step_by(block) {
+            let n_t = block.min(input.times.len() - t0);
             let start: Vec<usize> = roles
                 .iter()
                 .map(|(r, _, _)| match r {
-                    Role::Time => ti,
+                    Role::Time => t0,
                     Role::Member => member_index,
                     _ => 0,
                 })
                 .collect();
-            let raw: Vec<f64> = var
+            let count = count_of(n_t);
+            let got: Vec<f64> = var
                 .get_values::<f64, _>((start.as_slice(), count.as_slice()))
-                .map_err(|e| bad(path, format!("reading `{name}` at time index {ti}: {e}")))?;
-            let mut values = Vec::with_capacity(nlev * ny * nx);
-            for l in 0..nlev {
-                for y in 0..ny {
-                    for x in 0..nx {
-                        let v = raw[l * sl + y * sy + x * sx];
-                        values.push(if v.is_nan() || missing.contains(&v) {
-                            f32::NAN
+                .map_err(|e| bad(path, format!("reading `{name}` at time index {t0}: {e}")))?;
+            // A short last block goes into a buffer of the full block's shape, where the
+            // strides above hold whatever the dimension order.
+            let raw = if n_t == block {
+                got
+            } else {
+                let mut raw = vec![f64::NAN; s];
+                scatter(&got, &count, &count_of(block), &mut raw);
+                raw
+            };
+            let unpack = |v: f64| {
+                if v.is_nan() || missing.contains(&v) {
+                    f32::NAN
+                } else {
+                    (v * scale + offset) as f32
+                }
+            };
+            for dt in 0..n_t {
+                let mut values = Vec::with_capacity(nlev * ny * nx);
+                for l in 0..nlev {
+                    for y in 0..ny {
+                        let row = dt * st + l * sl + y * sy;
+                        if sx == 1 {
+                            values.extend(raw[row..row + nx].iter().map(|&v| unpack(v)));
                         } else {
-                            (v * scale + offset) as f32
-                        });
+                            values.extend((0..nx).map(|x| unpack(raw[row + x * sx])));
+                        }
                     }
                 }
+                sink(Field {
+                    variable: name.clone(),
+                    time: input.times[t0 + dt],
+                    level: None,
+                    values,
+                })?;
             }
-            sink(Field {
-                variable: name.clone(),
-                time,
-                level: None,
-                values,
-            })?;
         }
     }
     Ok(())
+}
+
+/// Copies a row-major array of shape `small` into the same corner of one of shape `big`.
+fn scatter(src: &[f64], small: &[usize], big: &[usize], dst: &mut [f64]) {
+    let nd = small.len();
+    let mut index = vec![0usize; nd];
+    for &v in src {
+        let mut offset = 0;
+        for d in 0..nd {
+            offset = offset * big[d] + index[d];
+        }
+        dst[offset] = v;
+        for d in (0..nd).rev() {
+            index[d] += 1;
+            if index[d] < small[d] {
+                break;
+            }
+            index[d] = 0;
+        }
+    }
 }
