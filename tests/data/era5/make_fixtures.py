@@ -19,7 +19,8 @@ Writes into this folder (all rewritten on every run):
   era5-levels-corrupted.grib, reduced_gg.grib   copied unchanged (bad input)
   era5-pl.nc          NetCDF4/HDF5 in the CDS layout since 2024: member 0, all four times,
                       dims (valid_time, pressure_level, latitude, longitude), float32,
-                      zlib level 1 + shuffle, `valid_time` int64 seconds since 1970-01-01
+                      zlib level 1 + shuffle, chunks (3, 1, 61, 120), `valid_time` int64
+                      seconds since 1970-01-01
   era5-pl-nh.nc       era5-pl.nc's first time on the northern hemisphere only (another grid)
   era5-pl-legacy.nc   NetCDF3 classic in the older CDS layout: member 0, the first two times,
                       dims (time, level, latitude, longitude), int16 packed with float64
@@ -127,7 +128,9 @@ def main() -> None:
     nc4.attrs = {"Conventions": "CF-1.7", "institution": "European Centre for Medium-Range Weather Forecasts"}
     enc = {v: {"zlib": True, "complevel": 1, "shuffle": True, "dtype": "float32"} for v in nc4.data_vars}
     enc["valid_time"] = {"units": "seconds since 1970-01-01", "calendar": "proleptic_gregorian", "dtype": "int64"}
-    nc4.to_netcdf(HERE / "era5-pl.nc", format="NETCDF4", engine="netcdf4", encoding=enc)
+    # Chunks of three time steps and one level: a reader going by time chunks ends on a short one.
+    chunked = {k: dict(v, chunksizes=(3, 1, 61, 120)) if k in nc4.data_vars else v for k, v in enc.items()}
+    nc4.to_netcdf(HERE / "era5-pl.nc", format="NETCDF4", engine="netcdf4", encoding=chunked)
     # Another grid (the northern hemisphere), for the refusal of grids that differ.
     nh = nc4.isel(valid_time=slice(0, 1)).sel(latitude=slice(90, 0))
     nh.to_netcdf(HERE / "era5-pl-nh.nc", format="NETCDF4", engine="netcdf4", encoding=enc)
