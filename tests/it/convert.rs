@@ -23,33 +23,13 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 paths")
 }
 
-const REQUEST: &str = r#"
-dataset = "DATASET"
-batch_size = 4
-seed = 7
-split_fractions = [1.0, 0.0]
-
-[[fields]]
-name = "z"
-levels = [850, 500]
-num_tokens = [2, 3, 6]
-token_size = [1, 3, 3]
-pe = "local"
-pe_width = 8
-mask = { kind = "bert", r_max = 0.5 }
-
-[[fields]]
-name = "t"
-levels = [500]
-num_tokens = [2, 3, 6]
-token_size = [1, 3, 3]
-pe = "global"
-pe_width = 8
-"#;
-
 fn pull_epoch(endpoint: &str, dir: &Path, dataset: &str) -> Value {
     let request: PathBuf = dir.join(format!("{dataset}.toml"));
-    std::fs::write(&request, REQUEST.replace("DATASET", dataset)).unwrap();
+    // The README quick start's request, for each dataset of the server.
+    let text = std::fs::read_to_string(sample("request.toml")).unwrap();
+    let text = text.replace("dataset = \"era5\"", &format!("dataset = \"{dataset}\""));
+    assert!(text.contains(dataset));
+    std::fs::write(&request, text).unwrap();
     let out = Command::new(atmorep_bin())
         .args(["loader", "pull", endpoint, "--request", s(&request)])
         .args(["--json", "--check-epoch"])
