@@ -260,6 +260,12 @@ pub fn convert(
     let mut value_bytes = 0u64;
     let mut index = offset;
     for file in &files {
+        tracing::info!(
+            file = %file.path.display(),
+            steps = file.times.len(),
+            from = %iso(file.times[0]),
+            "converting"
+        );
         value_bytes += write_file(file, &target, index, progress)?;
         index += file.times.len();
     }

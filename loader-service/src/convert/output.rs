@@ -398,14 +398,24 @@ impl Target {
             json!({"kind": "inline", "must_understand": false, "metadata": entries});
         std::fs::write(self.tmp.join("zarr.json"), root.to_string())
             .map_err(|e| err(&self.out, e))?;
-        // The old store is moved aside first, and removed only once the new one is in place.
-        let old = self.tmp.with_extension("old");
-        if self.out.exists() {
+        // The old store is moved aside first and removed only once the new one is in place; a
+        // failed second rename puts it back.
+        let name = self.out.file_name().unwrap_or_default().to_string_lossy();
+        let old = self
+            .out
+            .with_file_name(format!(".{name}.old-{}", std::process::id()));
+        let had_old = self.out.exists();
+        if had_old {
             std::fs::rename(&self.out, &old).map_err(|e| err(&self.out, e))?;
         }
-        std::fs::rename(&self.tmp, &self.out).map_err(|e| err(&self.out, e))?;
+        if let Err(e) = std::fs::rename(&self.tmp, &self.out) {
+            if had_old {
+                let _ = std::fs::rename(&old, &self.out);
+            }
+            return Err(err(&self.out, e));
+        }
         self.committed = true;
-        if old.exists() {
+        if had_old {
             std::fs::remove_dir_all(&old).map_err(|e| err(&self.out, e))?;
         }
         Ok(self.out.clone())
