@@ -2,7 +2,7 @@
 //! one pass over the message headers describes a file, a second one yields its fields. Only
 //! regular latitude/longitude grids scanned west→east are read; Gaussian, reduced and
 //! projected grids are refused naming the message. Times are validity times (as cfgrib's
-//! `valid_time`), members are the `number` key.
+//! `valid_time`), members are the `number` key, variables are named as cfgrib names them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -61,8 +61,15 @@ fn header(msg: &KeyedMessage) -> Result<Header, String> {
         }
         _ => None,
     };
+    // cfgrib's and the CDS NetCDF's names (`t2m`, `u10`, `t`, `z`), not ecCodes' `shortName`
+    // (`2t`, `10u`), so that a store is named alike from GRIB and from NetCDF.
+    let cf_name: Result<String, _> = msg.read_key("cfVarName");
+    let variable = match cf_name {
+        Ok(name) if !name.is_empty() && name != "unknown" => name,
+        _ => get(msg, "shortName")?,
+    };
     Ok(Header {
-        variable: get(msg, "shortName")?,
+        variable,
         member: msg.read_key("number").ok(),
         time,
         level,

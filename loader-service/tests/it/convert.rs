@@ -284,3 +284,45 @@ fn bad_input_is_refused_naming_the_file_and_leaves_no_store() {
     assert_eq!(snapshot(&out), before);
     assert_eq!(leftovers(dir.path()), vec!["bad.zarr"]);
 }
+
+/// A single-level field (ERA5 2 m temperature on a regional 0.25° grid): the converted array,
+/// read raw in file order, is xarray's reading; its name is cfgrib's (`t2m`, not ecCodes' `2t`).
+#[test]
+fn a_single_level_grib_field_converts_to_what_xarray_reads() {
+    use std::sync::Arc;
+    use zarrs::array::{Array, ArraySubset};
+    use zarrs::filesystem::FilesystemStore;
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t2m.zarr");
+    run(&["era5-single-level-scalar-time.grib"], &out, &member(None)).unwrap();
+    let want = &reference()["era5-single-level-scalar-time.grib#member0"]["t2m"];
+    let store = Arc::new(FilesystemStore::new(&out).unwrap());
+    let read = |name: &str| -> (Vec<u64>, Vec<f64>) {
+        let a = Array::open(store.clone(), &format!("/{name}")).unwrap();
+        let subset = ArraySubset::new_with_shape(a.shape().to_vec());
+        (
+            a.shape().to_vec(),
+            a.retrieve_array_subset(&subset).unwrap(),
+        )
+    };
+    let (_, lats) = read("latitude");
+    let (_, lons) = read("longitude");
+    assert_eq!([lats[0], lats[lats.len() - 1]], [60.0, 30.0]);
+    assert_eq!([lons[0], lons[lons.len() - 1]], [-10.0, 40.0]);
+    let t2m = Array::open(store.clone(), "/t2m").unwrap();
+    assert_eq!(t2m.shape(), &[1, 121, 201]);
+    let values: Vec<f32> = t2m
+        .retrieve_array_subset(&ArraySubset::new_with_shape(vec![1, 121, 201]))
+        .unwrap();
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(
+        u64::from(crc32fast::hash(&bytes)),
+        want["crc32"].as_u64().unwrap()
+    );
+    let time = Array::open(store, "/time").unwrap();
+    let times: Vec<i64> = time
+        .retrieve_array_subset(&ArraySubset::new_with_shape(vec![1]))
+        .unwrap();
+    assert_eq!(times, vec![want["times"][0].as_i64().unwrap()]);
+}

@@ -17,6 +17,8 @@ Writes into this folder (all rewritten on every run):
   era5-pl-a0.grib2    era5-pl-a.grib's member 0 re-encoded as GRIB edition 2 by ecCodes
                       (`edition=2`, values unchanged)
   era5-levels-corrupted.grib, reduced_gg.grib   copied unchanged (bad input)
+  era5-single-level-scalar-time.grib   copied unchanged: ERA5 2 m temperature (`t2m`), one time,
+                      a regional 0.25° grid (60..30°N, 10°W..40°E): a single-level variable
   era5-pl.nc          NetCDF4/HDF5 in the CDS layout since 2024: member 0, all four times,
                       dims (valid_time, pressure_level, latitude, longitude), float32,
                       zlib level 1 + shuffle, chunks (3, 1, 61, 120), `valid_time` int64
@@ -79,7 +81,8 @@ def canonical(da: xr.DataArray) -> np.ndarray:
     da = da.rename({k: v for k, v in names.items() if k in da.dims})
     if "time" not in da.dims and "time" in da.coords:
         da = da.expand_dims("time")
-    return da.transpose("time", "level", "latitude", "longitude").values.astype(np.float32)
+    dims = [d for d in ("time", "level", "latitude", "longitude") if d in da.dims]
+    return da.transpose(*dims).values.astype(np.float32)
 
 
 def describe(ds: xr.Dataset) -> dict:
@@ -88,13 +91,13 @@ def describe(ds: xr.Dataset) -> dict:
         v = canonical(da)
         tname = "valid_time" if "valid_time" in da.dims else "time"
         times = ds[tname].values.astype("datetime64[s]").astype(np.int64)
-        level = next(d for d in da.dims if d in ("pressure_level", "level", "isobaricInhPa"))
+        level = next((d for d in da.dims if d in ("pressure_level", "level", "isobaricInhPa")), None)
         flat = v.reshape(-1)
         finite = flat[np.isfinite(flat)]
         out[name] = {
             "shape": list(v.shape),
             "times": [int(t) for t in np.atleast_1d(times)],
-            "levels": [float(x) for x in ds[level].values],
+            "levels": [float(x) for x in ds[level].values] if level else [],
             "lat_first_last": [float(ds.latitude[0]), float(ds.latitude[-1])],
             "lon_first_last": [float(ds.longitude[0]), float(ds.longitude[-1])],
             "crc32": zlib.crc32(v.astype("<f4").tobytes()),
@@ -113,7 +116,7 @@ def main() -> None:
     subset(members, HERE / "era5-pl-a.grib", lambda when, n: when in first and n in (0, 1))
     subset(members, HERE / "era5-pl-b.grib", lambda when, n: when not in first and n == 0)
     to_edition2(HERE / "era5-pl-a.grib", HERE / "era5-pl-a0.grib2")
-    for name in ("era5-levels-corrupted.grib", "reduced_gg.grib"):
+    for name in ("era5-levels-corrupted.grib", "reduced_gg.grib", "era5-single-level-scalar-time.grib"):
         shutil.copyfile(samples / name, HERE / name)
 
     grib = xr.open_dataset(members, engine="cfgrib", backend_kwargs={"indexpath": ""})
@@ -152,7 +155,8 @@ def main() -> None:
     nc3.to_netcdf(HERE / "era5-pl-legacy.nc", format="NETCDF3_CLASSIC", engine="netcdf4", encoding=enc)
 
     ref = {}
-    for name in ("era5-pl-a.grib", "era5-pl-b.grib", "era5-pl-a0.grib2"):
+    for name in ("era5-pl-a.grib", "era5-pl-b.grib", "era5-pl-a0.grib2",
+                 "era5-single-level-scalar-time.grib"):
         ds = xr.open_dataset(HERE / name, engine="cfgrib", backend_kwargs={"indexpath": ""})
         if "number" in ds.dims:
             ds = ds.sel(number=0)
