@@ -24,6 +24,7 @@ mod ablate;
 mod bars;
 #[cfg(feature = "trainer")]
 mod child;
+mod convert;
 #[cfg(feature = "trainer")]
 mod demo;
 #[cfg(feature = "trainer")]
@@ -168,6 +169,9 @@ enum LoaderCommand {
     },
     /// Write a synthetic ERA5-like store (and its cyclone tracks as CSV beside it).
     Synth(SynthArgs),
+    /// Convert ERA5 NetCDF and GRIB files (as the Copernicus data store delivers them) into a
+    /// Zarr v3 store (feature `era5-files`).
+    Convert(convert::ConvertArgs),
     /// Measure object GETs vs concurrency, decode speed per codec and hyperslab reads.
     BenchStorage(BenchArgs),
     /// Serve datasets over gRPC until SIGTERM or Ctrl-C.
@@ -377,6 +381,7 @@ async fn loader(command: LoaderCommand) -> Result<()> {
     match command {
         LoaderCommand::Serve(args) => serve::serve(args).await?,
         LoaderCommand::Pull(args) => pull::pull(args).await?,
+        LoaderCommand::Convert(args) => convert::convert(args).await?,
         LoaderCommand::Inspect { url, json, stats } => {
             let dataset = Dataset::open(&url).await?;
             let mut report = inspect(&dataset, stats, &Bars::new(!json)).await?;

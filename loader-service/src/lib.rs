@@ -6,11 +6,15 @@
 //! - [`pipeline`]: from that view to token samples — normalization, blur, sampling, masking,
 //!   seeded resumable epochs, and the batches streamed under a shared memory budget;
 //! - [`service`]: the gRPC loader service that serves those batches;
+//! - `convert` (feature `era5-files`): ERA5 NetCDF and GRIB files from the Copernicus Climate
+//!   Data Store into a Zarr store the loader serves;
 //! - [`tools`]: what the `atmorep loader` commands run beside serving — synthetic ERA5-like
 //!   stores, store inspection, and storage and pipeline benchmarks.
 //!
 //! Long jobs report through [`progress::Progress`]; drawing bars is the caller's business.
 
+#[cfg(feature = "era5-files")]
+pub mod convert;
 pub mod error;
 pub mod pipeline;
 pub mod progress;

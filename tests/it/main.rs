@@ -4,6 +4,9 @@
 //! server of `atmorep-testkit`. A module per subject.
 
 mod ablate;
+// ERA5 NetCDF and GRIB conversion: needs libnetcdf and libeccodes (`.ci/run` installs them).
+#[cfg(feature = "era5-files")]
+mod convert;
 mod deploy;
 mod faults;
 mod fuzz_seeds;

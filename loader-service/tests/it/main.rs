@@ -2,6 +2,8 @@
 //! synthetic generator, and by xarray + zarr-python for the fixtures) read through the public
 //! API. A module per subject.
 
+#[cfg(feature = "era5-files")]
+mod convert;
 mod fixtures;
 mod pipeline;
 mod roundtrip;
