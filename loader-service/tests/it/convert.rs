@@ -130,7 +130,18 @@ async fn files_in_any_order_make_one_store_in_time_order() {
     let mut options = member(Some(0));
     options.chunks = Some([3, 1, 30, 120]);
     options.codec = "blosc-zstd".parse().unwrap();
-    run(&["era5-pl-b.grib", "era5-pl-a.grib"], &out, &options).unwrap();
+    let inputs = [data("era5-pl-b.grib"), data("era5-pl-a.grib")];
+    let progress = Steps::default();
+    let report = convert(&inputs, &out, &options, &progress).unwrap();
+    // One progress step per variable and time, as the bar's total said.
+    let steps = progress.0.lock().unwrap().clone();
+    assert_eq!(steps, (Some(("convert".to_string(), 8)), 8, true));
+    assert_eq!(
+        (report.files, report.new_steps, report.total_steps),
+        (2, 4, 4)
+    );
+    assert_eq!(report.value_bytes, 2 * 4 * 2 * 61 * 120 * 4);
+    assert!(report.throughput_mb_s() > 0.0);
     let reference = reference();
     assert_file(&out, 0, &reference["era5-pl-a.grib#member0"]).await;
     assert_file(&out, 2, &reference["era5-pl-b.grib#member0"]).await;
@@ -185,6 +196,23 @@ async fn append_extends_the_store_and_a_failed_append_loses_nothing() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("not after"), "{err}");
+}
+
+/// Records what a job reports: (its start, steps advanced, finished).
+#[derive(Debug, Default)]
+#[allow(clippy::type_complexity)]
+struct Steps(std::sync::Mutex<(Option<(String, u64)>, u64, bool)>);
+
+impl atmorep_loader::progress::Progress for Steps {
+    fn start(&self, what: &str, total: u64) {
+        self.0.lock().unwrap().0 = Some((what.to_string(), total));
+    }
+    fn advance(&self, steps: u64) {
+        self.0.lock().unwrap().1 += steps;
+    }
+    fn finish(&self) {
+        self.0.lock().unwrap().2 = true;
+    }
 }
 
 /// Every file of a store with its bytes.
