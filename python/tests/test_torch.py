@@ -1,0 +1,99 @@
+"""`atmorep.torch.LoaderDataset` in PyTorch DataLoaders against a real loader: an epoch
+exactly once through 2 workers and through 2 ranks, tensors without copies, bf16, and
+torchdata's `StatefulDataLoader` resuming exactly.
+
+Skipped only when PyTorch is not installed and CI is not set (python/test.sh installs it; in CI
+a missing torch fails these tests)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+if os.environ.get("CI") is None:
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed (python/test.sh installs it)")
+else:
+    import torch
+
+from torch.utils.data import DataLoader
+
+from atmorep.torch import LoaderDataset
+from conftest import request
+
+EPOCH = 16
+
+
+def ids(items):
+    return [(int(e), int(i)) for it in items for e, i in zip(it["sample_epochs"], it["sample_ids"])]
+
+
+def assert_whole_epoch(got):
+    assert sorted(i for _, i in got) == list(range(EPOCH)), got
+    assert all(e == 0 for e, _ in got)
+
+
+def test_one_process_gives_torch_tensors_without_copies(server):
+    items = list(DataLoader(LoaderDataset(server.endpoint, request(end_epoch=1)), batch_size=None))
+    assert_whole_epoch(ids(items))
+    z = items[0]["z"]
+    assert set(z) == {"source", "target", "masked_indices", "masked_counts", "token_info", "pe"}
+    assert z["source"].dtype == torch.float32 and z["source"].shape == (4, 72, 9)
+    assert z["masked_indices"].dtype == torch.int64
+    assert items[-1]["cursor_after"] == {"epoch": 1, "position": 0}
+
+
+def test_bf16_batches_are_bfloat16_tensors(server):
+    item = next(iter(LoaderDataset(server.endpoint, request(end_epoch=1, dtype="bf16"))))
+    assert item["z"]["source"].dtype == torch.bfloat16
+    assert item["z"]["pe"].dtype == torch.bfloat16
+    assert item["z"]["token_info"].dtype == torch.float32
+    assert torch.isfinite(item["z"]["source"].float()).all()
+
+
+def test_two_workers_cover_the_epoch_exactly_once(server):
+    loader = DataLoader(
+        LoaderDataset(server.endpoint, request(end_epoch=1, batch_size=2)),
+        batch_size=None,
+        num_workers=2,
+    )
+    assert_whole_epoch(ids(loader))
+
+
+def test_two_ranks_of_two_workers_cover_the_epoch_exactly_once(server):
+    got = []
+    for rank in range(2):
+        dataset = LoaderDataset(
+            server.endpoint, request(end_epoch=1, batch_size=2), rank=rank, world_size=2
+        )
+        got += ids(DataLoader(dataset, batch_size=None, num_workers=2))
+    assert_whole_epoch(got)
+
+
+def test_a_bad_request_fails_in_the_main_process():
+    with pytest.raises(ValueError, match="batch_sise"):
+        LoaderDataset("127.0.0.1:1", request(batch_sise=3))
+
+
+def test_the_stateful_dataloader_resumes_exactly(server):
+    stateful = pytest.importorskip("torchdata.stateful_dataloader") if os.environ.get("CI") is None \
+        else __import__("torchdata.stateful_dataloader", fromlist=["StatefulDataLoader"])
+
+    def loader():
+        return stateful.StatefulDataLoader(
+            LoaderDataset(server.endpoint, request(end_epoch=2, batch_size=2)),
+            batch_size=None,
+            num_workers=2,
+        )
+
+    whole = ids(loader())
+    first = loader()
+    it = iter(first)
+    head = [next(it) for _ in range(5)]
+    state = first.state_dict()
+    del it, first
+    resumed = loader()
+    resumed.load_state_dict(state)
+    tail = ids(resumed)
+    assert sorted(ids(head) + tail) == sorted(whole)
+    assert len(ids(head) + tail) == len(whole) == 2 * EPOCH
