@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use atmorep_proto::pool::BufferPool;
-use atmorep_proto::{ClientConfig, ClientError, LoaderClient, LoaderStream, pb};
+use atmorep_proto::{ClientConfig, ClientError, LoaderClient, LoaderStream, StreamStats, pb};
 use numpy::PyArray1;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -273,6 +273,7 @@ impl Client {
             inner: Mutex::new(Some(stream)),
             rt,
             bf16,
+            final_stats: Mutex::default(),
         })
     }
 
@@ -352,6 +353,8 @@ pub struct Stream {
     rt: Arc<Runtime>,
     pool: Arc<BufferPool>,
     bf16: bool,
+    /// The counters as the stream ended (its task is gone then).
+    final_stats: Mutex<StreamStats>,
 }
 
 /// What one wait for the next batch came to.
@@ -381,11 +384,11 @@ impl Stream {
                 {
                     Err(_) => Step::Pending,
                     Ok(None) => {
-                        *guard = None;
+                        self.finish(&mut guard);
                         Step::End
                     }
                     Ok(Some(Err(err))) => {
-                        *guard = None;
+                        self.finish(&mut guard);
                         Step::Failed(err)
                     }
                     Ok(Some(Ok(batch))) => {
@@ -419,7 +422,13 @@ impl Stream {
     /// `batches_received`, `batches_delivered`, `discarded_messages`.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let s = guard.as_ref().map(LoaderStream::stats).unwrap_or_default();
+        let s = match guard.as_ref() {
+            Some(stream) => stream.stats(),
+            None => *self
+                .final_stats
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        };
         let dict = PyDict::new(py);
         dict.set_item("reconnects", s.reconnects)?;
         dict.set_item("bytes_received", s.bytes_received)?;
@@ -432,11 +441,19 @@ impl Stream {
 
     /// Stops the stream (its background task and call); iteration ends.
     fn close(&self) {
-        let stream = self
-            .inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        drop(stream);
+        let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        self.finish(&mut guard);
+    }
+}
+
+impl Stream {
+    /// Drops the stream (stopping its task), keeping its counters.
+    fn finish(&self, stream: &mut Option<LoaderStream>) {
+        if let Some(stream) = stream.take() {
+            *self
+                .final_stats
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = stream.stats();
+        }
     }
 }

@@ -96,7 +96,7 @@ class Server:
 
 def request(dataset: str = "tiny", batch_size: int = 4, samples_per_block: int = 8, **extra):
     """The cross-process tests' request (testkit's `request_toml`): `z` on both levels
-    (BERT-masked) and `t` on 500 hPa; an epoch has `2 · samples_per_block` samples."""
+    (BERT-masked) and `t` on 500 hPa; an epoch has 32 samples with the default 8 per block."""
     req = {
         "dataset": dataset,
         "batch_size": batch_size,

@@ -13,7 +13,7 @@ import pytest
 import atmorep
 from conftest import FIXTURES, TOKEN, Server, atmorep_bin, request, run, to_toml
 
-EPOCH = 16  # samples of an epoch of `request()` (2 blocks of 8)
+EPOCH = 32  # samples of an epoch of `request()` in the tiny store
 
 
 def ids_of(batches):
@@ -139,8 +139,10 @@ def test_resume_from_a_mid_epoch_cursor_equals_the_uninterrupted_tail(server):
 
 def test_a_loader_killed_and_restarted_mid_iteration_loses_and_repeats_nothing(own_server):
     client = atmorep.Client(own_server.endpoint, retry_timeout=60)
-    expected = ids_of(client.stream(request(end_epoch=2)))
-    stream = client.stream(request(end_epoch=2), prefetch=1)
+    # Long enough that the kill finds most of it unsent (beyond the HTTP/2 windows).
+    req = request(end_epoch=60)
+    expected = ids_of(client.stream(req))
+    stream = client.stream(req, prefetch=1)
     got = []
     for i, batch in enumerate(stream):
         got.extend(ids_of([batch]))

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from atmorep.torch import LoaderDataset
 from conftest import request
 
-EPOCH = 16
+EPOCH = 32
 
 
 def ids(items):
@@ -97,3 +97,24 @@ def test_the_stateful_dataloader_resumes_exactly(server):
     tail = ids(resumed)
     assert sorted(ids(head) + tail) == sorted(whole)
     assert len(ids(head) + tail) == len(whole) == 2 * EPOCH
+
+
+def test_the_example_trains_checkpoints_and_resumes(server, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "train_torch.py"
+    ckpt = tmp_path / "ckpt.pt"
+    common = [sys.executable, str(example), "--endpoint", server.endpoint, "--dataset", "tiny",
+              "--checkpoint", str(ckpt), "--every", "10"]
+    first = subprocess.run(common + ["--steps", "50"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "done at step 50" in first.stdout, first.stdout
+    losses = [float(l.split("loss")[1].split()[0]) for l in first.stdout.splitlines()
+              if l.startswith("step")]
+    assert losses[-1] < losses[0], first.stdout
+    second = subprocess.run(common + ["--steps", "60", "--resume"], capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "resumed at step 50" in second.stdout and "done at step 60" in second.stdout
