@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The installed package, not its sources beside this script (they lack the native module).
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "python"]
 sys.path.insert(0, str(ROOT / "python" / "tests"))
 
 import atmorep  # noqa: E402

@@ -19,15 +19,15 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install "${pip[@]}" "maturin>=1.9,<2" numpy pytest torch torchdata
 
-# The extension, built with the workspace's Cargo.lock and target folder (its dependencies are
-# the ones the workspace compiled already), installed into the venv.
-rm -rf target/py-wheels
-CARGO_TARGET_DIR="$target" "$venv/bin/maturin" build --quiet --locked --profile "$profile" \
-  --manifest-path python/Cargo.toml --interpreter "$venv/bin/python" --out target/py-wheels
-"$venv/bin/pip" install "${pip[@]}" --force-reinstall --no-deps target/py-wheels/*.whl
+# The package, installed the way users install it (`pip install ./python`, maturin as the
+# PEP 517 backend), with the workspace's Cargo.lock and target folder: its dependencies are
+# mostly the ones the workspace compiled already.
+CARGO_TARGET_DIR="$target" MATURIN_PEP517_ARGS="--profile $profile --locked" \
+  "$venv/bin/pip" install "${pip[@]}" --no-build-isolation --force-reinstall --no-deps ./python
 
-# The binary the tests start as the loader (built by the caller, e.g. scripts/test, else here).
-bin="$target/$dir/atmorep"
+# The binary the tests start as the loader (built by the caller, e.g. scripts/test, else here;
+# ATMOREP_BIN names another).
+bin="${ATMOREP_BIN:-$target/$dir/atmorep}"
 if [ ! -x "$bin" ]; then
   cargo build --locked --profile "$profile" -p atmorep
 fi
