@@ -22,7 +22,7 @@ fi
 # The package, installed the way users install it (`pip install ./python`, maturin as the
 # PEP 517 backend), with the workspace's Cargo.lock and target folder: its dependencies are
 # mostly the ones the workspace compiled already.
-CARGO_TARGET_DIR="$target" MATURIN_PEP517_ARGS="--profile $profile --locked" \
+PATH="$PWD/$venv/bin:$PATH" CARGO_TARGET_DIR="$target" MATURIN_PEP517_ARGS="--profile $profile --locked" \
   "$venv/bin/pip" install "${pip[@]}" --no-build-isolation --force-reinstall --no-deps ./python
 
 # The binary the tests start as the loader (built by the caller, e.g. scripts/test, else here;
