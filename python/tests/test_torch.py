@@ -118,3 +118,19 @@ def test_the_example_trains_checkpoints_and_resumes(server, tmp_path):
                             text=True, timeout=300)
     assert second.returncode == 0, second.stderr
     assert "resumed at step 50" in second.stdout and "done at step 60" in second.stdout
+
+
+def test_batch_to_torch_shares_the_arrays_memory(server):
+    import atmorep
+
+    client = atmorep.Client(server.endpoint)
+    batch = next(iter(client.stream(request(end_epoch=1))))
+    tensors = batch.to_torch()
+    z = batch.fields["z"]
+    assert tensors["z"]["source"].data_ptr() == z.source.ctypes.data
+    assert tensors["z"]["pe"].data_ptr() == z.pe.ctypes.data
+    assert tensors["cursor_after"] == batch.cursor_after
+    assert tensors["sample_ids"].tolist() == batch.sample_ids.tolist()
+    bf16 = next(iter(client.stream(request(end_epoch=1, dtype="bf16")))).to_torch(device="cpu")
+    assert bf16["z"]["source"].dtype == torch.bfloat16
+    assert bf16["t"]["target"].dtype == torch.bfloat16
