@@ -49,6 +49,10 @@ pub struct PullArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Add a checksum of every batch's values to the report (see [`batch_checksums`]), for
+    /// clients in other languages to compare what they received with.
+    #[arg(long)]
+    checksums: bool,
 }
 
 /// What a pull measured.
@@ -68,6 +72,9 @@ pub struct PullReport {
     /// (epoch, id) of every sample, in arrival order, when `--check-epoch`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ids: Vec<(u64, u64)>,
+    /// Per batch, [`batch_checksums`], when `--checksums`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checksums: Vec<Vec<u64>>,
 }
 
 /// How to consume a stream.
@@ -76,6 +83,31 @@ pub struct Consume {
     pub max_batches: Option<u64>,
     pub check_epoch: bool,
     pub delay: Duration,
+    pub checksums: bool,
+}
+
+/// Position-weighted sum of the bit patterns (`Σ bits[i] · (i + 1)`, wrapping): any change of a
+/// value or of the order changes it, and numpy computes the same in one vectorized line
+/// (python/tests).
+fn weighted_sum(bits: impl Iterator<Item = u32>) -> u64 {
+    bits.zip(1u64..).fold(0u64, |acc, (b, w)| {
+        acc.wrapping_add(u64::from(b).wrapping_mul(w))
+    })
+}
+
+/// Checksums of a batch, field by field in request order: `source`, `target`, the masked
+/// indices (flattened), `token_info` and `pe` (the `f32` values' bits), then the sample ids.
+pub fn batch_checksums(batch: &atmorep_proto::Batch) -> Vec<u64> {
+    let mut sums = Vec::with_capacity(batch.fields.len() * 5 + 1);
+    for field in &batch.fields {
+        sums.push(weighted_sum(field.source.iter().map(|v| v.to_bits())));
+        sums.push(weighted_sum(field.target.iter().map(|v| v.to_bits())));
+        sums.push(weighted_sum(field.masked_indices.iter().flatten().copied()));
+        sums.push(weighted_sum(field.token_info.iter().map(|v| v.to_bits())));
+        sums.push(weighted_sum(field.pe.iter().map(|v| v.to_bits())));
+    }
+    sums.push(weighted_sum(batch.sample_ids.iter().map(|&id| id as u32)));
+    sums
 }
 
 pub async fn pull(args: PullArgs) -> Result<()> {
@@ -97,6 +129,7 @@ pub async fn pull(args: PullArgs) -> Result<()> {
             max_batches: args.batches,
             check_epoch: args.check_epoch,
             delay: Duration::from_millis(args.delay_ms),
+            checksums: args.checksums,
         },
     )
     .await?;
@@ -128,6 +161,7 @@ pub async fn consume(
     let (mut batches, mut samples, mut bytes) = (0u64, 0u64, 0u64);
     let mut seen = HashSet::new();
     let mut ids = Vec::new();
+    let mut checksums = Vec::new();
     while how.max_batches.is_none_or(|n| batches < n) {
         let Some(batch) = stream.next().await else {
             break;
@@ -145,6 +179,9 @@ pub async fn consume(
                 }
                 ids.push((epoch, id));
             }
+        }
+        if how.checksums {
+            checksums.push(batch_checksums(&batch));
         }
         if !how.delay.is_zero() {
             tokio::time::sleep(how.delay).await;
@@ -188,6 +225,7 @@ pub async fn consume(
         sub_streams: stream.sub_streams(),
         epoch_checked: how.check_epoch,
         ids,
+        checksums,
     })
 }
 

@@ -1226,7 +1226,7 @@ fn metric(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-/// gRPC health (`grpc.health.v1.Health/Check`) and reflection (v1) through real tonic
+/// gRPC health (`grpc.health.v1.Health/Check`) and reflection (v1 and v1alpha) through real tonic
 /// clients; `ListDatasets` and `GetDatasetInfo` describe the tiny store; `GetSample` by id
 /// returns the very sample the stream sent under that id, and by centre a window around the
 /// centre; after the stream the Prometheus endpoint counts the samples served.
@@ -1311,6 +1311,41 @@ async fn health_reflection_unary_calls_and_metrics_answer() {
             assert!(!files.file_descriptor_proto.is_empty());
         }
         other => panic!("FileContainingSymbol answered {other:?}"),
+    }
+
+    // Reflection v1alpha (grpcurl and older tools ask it only) lists the same services.
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let channel = tonic::transport::Endpoint::from_shared(server.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connecting a plain tonic channel");
+        let mut answers = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter([ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            }]))
+            .await
+            .expect("reflection v1alpha answers")
+            .into_inner();
+        match answers
+            .message()
+            .await
+            .unwrap()
+            .and_then(|r| r.message_response)
+        {
+            Some(MessageResponse::ListServicesResponse(list)) => assert!(
+                list.service
+                    .iter()
+                    .any(|s| s.name == "atmorep.loader.v1.Loader"),
+                "{list:?}"
+            ),
+            other => panic!("v1alpha ListServices answered {other:?}"),
+        }
     }
 
     // ListDatasets and GetDatasetInfo.

@@ -1,5 +1,5 @@
-//! Server start-up: the `Loader` service behind bearer-token auth, with health and reflection
-//! beside it, message limits, compression and TLS, and a graceful shutdown.
+//! Server start-up: the `Loader` service behind bearer-token auth, with health and reflection (v1
+//! and v1alpha) beside it, message limits, compression and TLS, and a graceful shutdown.
 
 use std::future::Future;
 use std::path::Path;
@@ -28,10 +28,17 @@ pub async fn run(
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<LoaderServer<LoaderService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(atmorep_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(atmorep_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    // grpcurl and other older tools still ask v1alpha only.
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
     let loader = LoaderServer::new(service.clone())
         // Requests are small; a large limit only invites abuse.
@@ -70,7 +77,8 @@ pub async fn run(
     };
     builder
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(loader)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await?;

@@ -456,6 +456,13 @@ impl LoaderStream {
         batch.recycle(&self.pool);
     }
 
+    /// The pool [`LoaderStream::recycle`] fills, for a consumer that hands back single buffers
+    /// rather than whole batches (the Python package returns each array's buffer when Python
+    /// frees the array).
+    pub fn buffer_pool(&self) -> &Arc<BufferPool> {
+        &self.pool
+    }
+
     /// The `cursor_after` of the last batch delivered: pass it as `resume` to continue in a new
     /// stream (e.g. after a trainer restart). `None` before the first batch.
     pub fn cursor(&self) -> Option<StreamCursor> {
