@@ -5,9 +5,11 @@
 //! through.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use atmorep_proto::client::is_retryable;
 use atmorep_proto::pool::BufferPool;
 use atmorep_proto::{ClientConfig, ClientError, LoaderClient, LoaderStream, StreamStats, pb};
 use numpy::PyArray1;
@@ -15,6 +17,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use tokio::runtime::Runtime;
+use tonic::Status;
 
 use crate::batch::{Batch, PreparedBatch, to_python};
 use crate::error::loader_error;
@@ -31,6 +34,20 @@ pub struct Client {
     config: ClientConfig,
     /// The connected client and the process it was made in (a forked child makes its own).
     inner: Mutex<Option<(u32, LoaderClient)>>,
+    /// Whether a loader ever answered. Until one has, a call gives up after `connect_timeout`
+    /// (nothing listening is a configuration error, not a loader restart worth waiting for);
+    /// from then on after `retry_timeout`.
+    contacted: Arc<AtomicBool>,
+}
+
+/// The error of a client that reached no loader within its connect timeout.
+fn unreachable(endpoints: &[String], timeout: Duration) -> ClientError {
+    Status::unavailable(format!(
+        "no loader answered at {} within the connect timeout of {:.1} s",
+        endpoints.join(", "),
+        timeout.as_secs_f64()
+    ))
+    .into()
 }
 
 /// `endpoints` as a list: a string (comma-separated) or a sequence of strings.
@@ -105,7 +122,28 @@ impl Client {
         F: Future<Output = Result<T, ClientError>> + Send + 'static,
     {
         let (rt, client) = self.connected(self.config.prefetch)?;
-        let handle = rt.spawn(call(client));
+        let contacted = self.contacted.clone();
+        let first = !contacted.load(Ordering::Relaxed);
+        let (timeout, endpoints) = (self.config.connect_timeout, self.config.endpoints.clone());
+        let call = call(client);
+        let handle = rt.spawn(async move {
+            let result = if first {
+                tokio::time::timeout(timeout, call)
+                    .await
+                    .unwrap_or_else(|_| Err(unreachable(&endpoints, timeout)))
+            } else {
+                call.await
+            };
+            // A status the server sent (not one made from a transport failure) is an answer.
+            let answered = match &result {
+                Ok(_) => true,
+                Err(err) => err.status().is_some_and(|s| !is_retryable(s)),
+            };
+            if answered {
+                contacted.store(true, Ordering::Relaxed);
+            }
+            result
+        });
         wait(py, &rt, handle)
     }
 }
@@ -146,7 +184,7 @@ impl Client {
     /// stream over all endpoints at once. Nothing is connected until the first call; a loader
     /// that is down is retried (next endpoint, exponential backoff) for `retry_timeout` seconds
     /// after the last batch or answer, then the call raises `LoaderError` with code
-    /// `UNAVAILABLE`.
+    /// `UNAVAILABLE`; until a loader has answered once, `connect_timeout` seconds.
     #[new]
     #[pyo3(signature = (endpoints, token=None, ca=None, stripe=false, *, tls_domain=None, connect_timeout=5.0, retry_timeout=60.0, compression=None))]
     #[allow(clippy::too_many_arguments)]
@@ -180,6 +218,7 @@ impl Client {
         let client = Self {
             config,
             inner: Mutex::new(None),
+            contacted: Arc::default(),
         };
         // Checks endpoints, TLS settings and the token now (no connection is opened).
         client.connected(client.config.prefetch)?;
@@ -268,7 +307,13 @@ impl Client {
             let _entered = rt.enter();
             client.stream(request)
         };
+        let give_up_at = (!self.contacted.load(Ordering::Relaxed))
+            .then(|| Instant::now() + self.config.connect_timeout);
         Ok(Stream {
+            contacted: self.contacted.clone(),
+            give_up_at,
+            endpoints: self.config.endpoints.clone(),
+            connect_timeout: self.config.connect_timeout,
             pool: stream.buffer_pool().clone(),
             inner: Mutex::new(Some(stream)),
             rt,
@@ -355,6 +400,11 @@ pub struct Stream {
     bf16: bool,
     /// The counters as the stream ended (its task is gone then).
     final_stats: Mutex<StreamStats>,
+    /// The client's "a loader answered" flag, and when to give up if none has by then.
+    contacted: Arc<AtomicBool>,
+    give_up_at: Option<Instant>,
+    endpoints: Vec<String>,
+    connect_timeout: Duration,
 }
 
 /// What one wait for the next batch came to.
@@ -397,10 +447,20 @@ impl Stream {
                 }
             });
             match step {
-                Step::Pending => py.check_signals()?,
+                Step::Pending => {
+                    py.check_signals()?;
+                    if self.unreachable() {
+                        let err = unreachable(&self.endpoints, self.connect_timeout);
+                        self.close();
+                        return Err(loader_error(py, &err));
+                    }
+                }
                 Step::End => return Ok(None),
                 Step::Failed(err) => return Err(loader_error(py, &err)),
-                Step::Batch(batch) => return to_python(py, batch, &self.pool).map(Some),
+                Step::Batch(batch) => {
+                    self.contacted.store(true, Ordering::Relaxed);
+                    return to_python(py, batch, &self.pool).map(Some);
+                }
             }
         }
     }
@@ -447,6 +507,21 @@ impl Stream {
 }
 
 impl Stream {
+    /// No loader has ever answered this client, the connect timeout has passed and the calls
+    /// failed (a loader that answers but is slow to send the first batch is waited for).
+    fn unreachable(&self) -> bool {
+        let Some(deadline) = self.give_up_at else {
+            return false;
+        };
+        if self.contacted.load(Ordering::Relaxed) || Instant::now() < deadline {
+            return false;
+        }
+        let guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        guard
+            .as_ref()
+            .is_some_and(|s| s.stats().reconnects > 0 && s.stats().messages_received == 0)
+    }
+
     /// Drops the stream (stopping its task), keeping its counters.
     fn finish(&self, stream: &mut Option<LoaderStream>) {
         if let Some(stream) = stream.take() {
