@@ -20,6 +20,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 
 /// A running file server; dropping it stops it.
+#[derive(Debug)]
 pub struct HttpFileServer {
     addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,

@@ -200,7 +200,7 @@ mod tests {
         ] {
             let u = CfTimeUnits::parse(units, None).unwrap();
             // As the int64 coordinate holds it, converted to f64 on reading.
-            let stored = (t as i64 * per_second as i64) as f64;
+            let stored = (t * per_second as i64) as f64;
             assert_eq!(u.decode(stored).unwrap(), t, "{units}");
             assert_eq!(u.encode(t), stored, "{units}");
             // Sub-second parts round to the nearest second.
