@@ -2,12 +2,20 @@
 run, alternating round by round on one loader (and so on the same machine state).
 
     python python/bench.py [--store STORE] [--rounds 5] [--batches 80] [--bin target/release/atmorep]
+                           [--peer ../shared/bench/python_peer --peer-python PYTHON]
 
 Without --store it writes the reference store of scripts/bench-service.sh (0.25°, 48 hourly
 steps, t and z on 5 levels) and streams examples/reference.toml. Prints per round and the
 medians: batches/s and token GB/s (f32 source payload, as `pull` counts it) of `pull`,
 `Client.stream`, and `LoaderDataset` in a DataLoader with 2 workers (when torch is installed),
 and each Python figure over `pull`'s.
+
+With --peer, the store is the hand-written Python loader's own (its make_store.py: Zarr v2,
+0.25°, 48 hourly steps, `temperature` and `vorticity` on 5 model levels), the request asks for
+the same windows and tokens as that loader cuts (36 × 54 × 108 values in tokens of 3 × 9 × 9, 16
+samples per batch, both variables on all 5 levels), and each round also runs its best variant
+(`smart_raw`, 2 processes, run by PEER_PYTHON, which needs numpy, zarr, numcodecs and xarray):
+samples/s of each, and the stream's over the peer's.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +83,27 @@ def bench_pull(bin: Path, endpoint: str, request: Path, batches: int) -> tuple[f
     return report["batches"] / report["seconds"], report["token_gbps"]
 
 
+def bench_peer(python: str, peer: Path, store: Path, seconds: float) -> float:
+    """Samples/s of the peer's `smart_raw` loader with 2 processes (summed)."""
+    out = store.parent / "peer.jsonl"
+    out.unlink(missing_ok=True)
+    subprocess.run([python, str(peer / "peer_loader.py"), str(store), "--variants", "smart_raw",
+                    "--procs", "2", "--min-seconds", str(seconds), "--json", str(out)],
+                   check=True, capture_output=True)
+    return json.loads(out.read_text().splitlines()[-1])["samples_per_s"]
+
+
+def peer_request(work: Path) -> Path:
+    """examples/reference.toml with the peer store's names and model levels."""
+    text = (ROOT / "examples" / "reference.toml").read_text()
+    text = text.replace('name = "t"', 'name = "temperature"').replace('name = "z"',
+                                                                       'name = "vorticity"')
+    text = text.replace("levels = [1000, 850, 700, 500, 300]", "levels = [96, 105, 114, 123, 137]")
+    path = work / "peer-request.toml"
+    path.write_text(text)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bin", type=Path, default=ROOT / "target" / "release" / "atmorep")
@@ -81,13 +111,22 @@ def main() -> None:
     ap.add_argument("--request", type=Path, default=ROOT / "examples" / "reference.toml")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batches", type=int, default=80)
+    ap.add_argument("--peer", type=Path, help="the folder of peer_loader.py and make_store.py")
+    ap.add_argument("--peer-python", default=sys.executable)
+    ap.add_argument("--peer-seconds", type=float, default=20.0)
     args = ap.parse_args()
     import os
 
     os.environ["ATMOREP_BIN"] = str(args.bin)
     work = Path(tempfile.mkdtemp())
     store = args.store
-    if store is None:
+    if args.peer is not None:
+        if store is None:
+            store = work / "peer.zarr"
+            subprocess.run([args.peer_python, str(args.peer / "make_store.py"), str(store),
+                            "--workers", "2"], check=True, capture_output=True)
+        args.request = peer_request(work)
+    elif store is None:
         store = work / "arco.zarr"
         subprocess.run([str(args.bin), "loader", "synth", str(store), "--grid", "0.25", "--steps",
                         "48", "--step-hours", "1", "--levels", "1000,850,700,500,300",
@@ -99,7 +138,9 @@ def main() -> None:
         bench_pull(args.bin, server.endpoint, args.request, 8)  # warm the server's cache
         rows = []
         print(f"{'round':<6} {'pull b/s':>9} {'pull GB/s':>10} {'stream GB/s':>12} "
-              f"{'stream/pull':>12} {'dataset GB/s':>13} {'dataset/pull':>13}")
+              f"{'stream/pull':>12} {'dataset GB/s':>13} {'dataset/pull':>13}"
+              + (f" {'stream sam/s':>13} {'peer sam/s':>11} {'stream/peer':>12}" if args.peer
+                 else ""))
         for r in range(args.rounds):
             pull = bench_pull(args.bin, server.endpoint, args.request, args.batches)
             stream = bench_stream(server.endpoint, args.request, args.batches)
@@ -107,12 +148,19 @@ def main() -> None:
             row = (pull[1], stream[1], stream[1] / pull[1],
                    dataset[1] if dataset else float("nan"),
                    dataset[1] / pull[1] if dataset else float("nan"))
+            if args.peer:
+                # Samples/s: the peer counts samples, the stream batches of batch_size.
+                stream_samples = stream[0] * tomllib.loads(args.request.read_text())["batch_size"]
+                peer = bench_peer(args.peer_python, args.peer, store, args.peer_seconds)
+                row += (stream_samples, peer, stream_samples / peer)
             rows.append(row)
+            extra = (f" {row[5]:>13.1f} {row[6]:>11.1f} {row[7]:>12.2f}" if args.peer else "")
             print(f"{r + 1:<6} {pull[0]:>9.1f} {row[0]:>10.3f} {row[1]:>12.3f} {row[2]:>12.2f} "
-                  f"{row[3]:>13.3f} {row[4]:>13.2f}", flush=True)
+                  f"{row[3]:>13.3f} {row[4]:>13.2f}{extra}", flush=True)
         med = [statistics.median(c) for c in zip(*rows)]
+        extra = f" {med[5]:>13.1f} {med[6]:>11.1f} {med[7]:>12.2f}" if args.peer else ""
         print(f"{'median':<6} {'':>9} {med[0]:>10.3f} {med[1]:>12.3f} {med[2]:>12.2f} "
-              f"{med[3]:>13.3f} {med[4]:>13.2f}")
+              f"{med[3]:>13.3f} {med[4]:>13.2f}{extra}")
     finally:
         server.stop()
 
