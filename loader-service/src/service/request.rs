@@ -95,7 +95,12 @@ fn mask(field: &str, mask: Option<&pb::Mask>) -> Result<MaskSpec, RequestError> 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_batch_size: u32,
+    /// What one request may cost (checked on its [`RequestCost`](crate::pipeline::cost::RequestCost)).
+    pub request: crate::pipeline::cost::RequestLimits,
 }
+
+/// Widest positional encoding a request may ask for.
+pub const MAX_PE_WIDTH: u32 = 4096;
 
 /// Server defaults for the read plan when a request leaves it at zero.
 const DEFAULT_SAMPLES_PER_BLOCK: u64 = 128;
@@ -202,10 +207,13 @@ impl StreamRequest {
                         format!("{} is not a positional encoding mode", f.pe),
                     )
                 })?;
-            if f.pe_width == 0 || f.pe_width % 2 == 1 || f.pe_width > 4096 {
+            if f.pe_width == 0 || f.pe_width % 2 == 1 || f.pe_width > MAX_PE_WIDTH {
                 return Err(invalid(
                     format!("{at}.pe_width"),
-                    format!("{} must be even, positive and at most 4096", f.pe_width),
+                    format!(
+                        "{} must be even, positive and at most {MAX_PE_WIDTH}",
+                        f.pe_width
+                    ),
                 ));
             }
             fields.push(FieldConfig {
