@@ -527,8 +527,8 @@ fn field_cost(i: usize, fc: &super::FieldConfig, grid: GridExtent) -> Result<Fie
             return Err(invalid(
                 format!("{at}.num_tokens"),
                 format!(
-                    "{geometry} is a window of {window:?} grid points: {} {axis}, more than \
-                     the dataset's {n}",
+                    "{geometry} is a window of {window:?} grid points, which does not fit the \
+                     dataset: {} {axis}, more than its {n}",
                     window[a]
                 ),
             ));
@@ -802,7 +802,7 @@ mod tests {
         let (field, message) = nonsense(cost(&config, 1, grid));
         assert_eq!(field, "fields[0].num_tokens");
         assert!(
-            message.contains("1000 latitudes, more than the dataset's 61"),
+            message.contains("1000 latitudes, more than its 61"),
             "{message}"
         );
         assert!(message.contains("`t`"), "{message}");
@@ -933,7 +933,7 @@ mod tests {
         let (field, message) = edited(|c| c.fields[1].num_tokens = [12, 81, 12]);
         assert_eq!(field, "fields[1].num_tokens");
         assert!(
-            message.contains("729 latitudes, more than the dataset's 721"),
+            message.contains("729 latitudes, more than its 721"),
             "{message}"
         );
         let (field, _) = edited(|c| c.fields[0].num_tokens = [12, 6, 161]);
