@@ -8,7 +8,8 @@
 //! request field, its value and, when over a limit, the limit's configuration key.
 //!
 //! The pipeline builds positional encodings, epoch orders and tiles only after the cost is
-//! known, so no request can make the server allocate what it cannot hold (docs/design.md §5).
+//! known, so no request can make the server allocate what it cannot hold; operators set the limits
+//! (docs/operations.md, "Request limits").
 
 use std::ops::Range;
 

@@ -198,7 +198,7 @@ impl LoaderService {
         let served = self.served(&request.dataset)?;
         let parsed =
             StreamRequest::parse(request, &served.dataset, limits).map_err(status::from_request)?;
-        // Before anything is allocated for it (docs/design.md §5).
+        // Priced before anything is allocated for it (docs/operations.md, "Request limits").
         let cost = RequestCost::of(&served.dataset, &parsed.pipeline, parsed.batch_size)
             .map_err(|e| status::from_pipeline(&e))?;
         cost.check(&parsed.pipeline, &limits.request)

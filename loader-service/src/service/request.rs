@@ -322,12 +322,16 @@ impl StreamRequest {
         let plan = request.read_plan.unwrap_or_default();
         let longest = fields
             .iter()
-            .map(|f| f.num_tokens[0] * f.token_size[0])
+            .map(|f| f.num_tokens[0].saturating_mul(f.token_size[0]))
             .max()
             .unwrap_or(1);
         // A block of four windows lets 128 samples share each decoded chunk many times over.
+        // (Saturating: a window beyond the time axis is refused by the request's cost.)
         let block_steps = match plan.block_steps {
-            0 => (4 * longest).min(dataset.times.len()).max(longest),
+            0 => longest
+                .saturating_mul(4)
+                .min(dataset.times.len())
+                .max(longest),
             n => n as usize,
         };
         let samples_per_block = match plan.samples_per_block {
