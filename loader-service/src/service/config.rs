@@ -294,4 +294,55 @@ mod tests {
         assert!(twice.check().is_err());
         assert!(toml::from_str::<ServerConfig>("bogus = 1\ndatasets = []").is_err());
     }
+
+    #[test]
+    fn request_limits_come_from_the_file_and_nonsense_limits_are_refused() {
+        let config: ServerConfig = toml::from_str(
+            r#"
+            memory_budget_mib = 32
+            max_tokens_per_sample = 1000
+            max_batch_mib = 64
+            max_blur_sigma = 2.5
+            [[datasets]]
+            name = "era5"
+            url = "demo.zarr"
+            "#,
+        )
+        .unwrap();
+        config.check().unwrap();
+        let limits = config.request_limits();
+        assert_eq!(limits.max_tokens_per_sample, 1000);
+        assert_eq!(limits.max_blur_sigma, 2.5);
+        assert_eq!(limits.max_window_mib, cost::DEFAULT_MAX_WINDOW_MIB);
+        // The memory budget is the smaller, so it bounds batches.
+        let (bytes, key) = limits.batch_limit();
+        assert_eq!(
+            (bytes, key.as_str()),
+            (32 << 20, "memory_budget_mib = 32 (33.6 MB)")
+        );
+        // A sigma whose halo leaves a 19-latitude grid is capped by the grid.
+        assert_eq!(limits.blur_sigma_on(19), 2.5);
+        assert_eq!(limits.blur_sigma_on(5), 1.0);
+
+        let zero = ServerConfig {
+            max_samples_per_epoch: 0,
+            ..config.clone()
+        };
+        assert!(
+            zero.check()
+                .unwrap_err()
+                .to_string()
+                .contains("max_samples_per_epoch")
+        );
+        let nan = ServerConfig {
+            max_blur_sigma: f64::NAN,
+            ..config
+        };
+        assert!(
+            nan.check()
+                .unwrap_err()
+                .to_string()
+                .contains("max_blur_sigma")
+        );
+    }
 }
