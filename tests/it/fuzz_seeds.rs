@@ -66,6 +66,73 @@ fn seeds() -> BTreeMap<&'static str, BTreeMap<String, Vec<u8>>> {
     let mut other = batch.clone();
     other.dataset = "era5".into();
     put("batch-unknown-dataset", 0, other.encode_to_vec());
+    // Valid-but-huge requests, refused by their cost before anything is allocated (the
+    // hostile-client table of tests/it/hostile.rs): mutations of these probe its arithmetic.
+    let huge = |edit: &dyn Fn(&mut pb::BatchRequest)| {
+        let mut r = batch.clone();
+        edit(&mut r);
+        r.encode_to_vec()
+    };
+    let points = |r: &mut pb::BatchRequest, num_tokens: [u32; 3]| {
+        r.fields.truncate(1);
+        r.fields[0].num_tokens = num_tokens.to_vec();
+        r.fields[0].token_size = vec![1, 1, 1];
+    };
+    let plan = |samples_per_block| {
+        Some(pb::ReadPlan {
+            block_steps: 0,
+            samples_per_block,
+            buffer_blocks: 0,
+        })
+    };
+    put(
+        "batch-huge-pe-beyond-the-grid",
+        0,
+        huge(&|r| {
+            points(r, [1, 1000, 1000]);
+            r.fields[0].pe = pb::PeMode::Standard as i32;
+            r.fields[0].pe_width = 4096;
+        }),
+    );
+    put(
+        "batch-huge-pe",
+        0,
+        huge(&|r| {
+            points(r, [30, 19, 36]);
+            r.fields[0].pe_width = 4096;
+        }),
+    );
+    put(
+        "batch-huge-batch",
+        0,
+        huge(&|r| {
+            points(r, [30, 19, 36]);
+            r.batch_size = 256;
+        }),
+    );
+    put(
+        "batch-huge-samples-per-block",
+        0,
+        huge(&|r| r.read_plan = plan(1_000_000_000)),
+    );
+    put(
+        "batch-overflowing-samples-per-block",
+        0,
+        huge(&|r| r.read_plan = plan(u64::MAX)),
+    );
+    put(
+        "batch-huge-blur",
+        0,
+        huge(&|r| r.fields[0].blur_sigma = 10_000.0),
+    );
+    put(
+        "batch-one-point-tiles",
+        0,
+        huge(&|r| {
+            points(r, [1, 1, 1]);
+            r.mode = pb::Mode::Tiles as i32;
+        }),
+    );
     let by_id = pb::SampleRequest {
         request: Some(batch.clone()),
         selector: Some(pb::sample_request::Selector::ById(pb::SampleById {

@@ -10,6 +10,7 @@ mod convert;
 mod deploy;
 mod faults;
 mod fuzz_seeds;
+mod hostile;
 mod infer;
 mod loaders;
 // Data-parallel training under `mpirun`: needs OpenMPI (`.ci/run` installs it from Debian).

@@ -1380,6 +1380,12 @@ async fn health_reflection_unary_calls_and_metrics_answer() {
     let geometry = info.geometry.expect("the servable geometry");
     assert_eq!(geometry.max_window, [16, 19, 36]);
     assert!(geometry.max_batch_size > 0);
+    // The default request limits, not the grid's size.
+    assert_eq!(geometry.max_tokens, 131_072);
+    assert_eq!(geometry.max_batch_bytes, 512 << 20);
+    assert_eq!(geometry.max_samples_per_epoch, 1 << 23);
+    // A 4σ halo inside 19 latitudes.
+    assert_eq!(geometry.max_blur_sigma, 4.5);
 
     // A stream, then GetSample by id gives the same sample, byte for byte.
     let whole = collect(&mut client.stream(request("era5", 4, 8, "end_epoch = 1"))).await;

@@ -12,6 +12,7 @@
 //! batches ([`Pipeline::batches`]) under a [`MemoryBudget`].
 
 pub mod blur;
+pub mod cost;
 pub mod epoch;
 pub mod masking;
 pub mod normalization;
@@ -56,6 +57,9 @@ pub enum PipelineError {
     Epoch(#[from] epoch::EpochError),
     #[error(transparent)]
     Normalization(#[from] normalization::NormalizationError),
+    /// The request is nonsense for this dataset, or costs more than the server allows.
+    #[error(transparent)]
+    Cost(#[from] cost::CostError),
 }
 
 /// A field's normalization needs statistics the server does not have.
@@ -127,6 +131,8 @@ impl Pipeline {
                 lons.len()
             )));
         }
+        // Its cost first: the steps below allocate encodings, orders and tiles by its numbers.
+        cost::RequestCost::of(&dataset, &config, 1)?;
         let split_range = prepare::split_range(&dataset, &config)?;
         if config.block_steps == 0 || config.samples_per_block == 0 || config.buffer_blocks == 0 {
             return Err(PipelineError::Request(
@@ -263,9 +269,11 @@ impl Pipeline {
             .map(|f| {
                 let tokens = f.geometry.num_tokens_total() as u64;
                 let values = f.geometry.numel() as u64;
-                4 * (2 * values + tokens * (8 + f.config.pe_width as u64))
+                // Bounded by the request's cost, checked when the pipeline was made.
+                cost::field_sample_bytes(values, tokens, f.config.pe_width as u64)
+                    .unwrap_or(u64::MAX)
             })
-            .sum()
+            .fold(0, u64::saturating_add)
     }
 
     /// The sample ids of `rank`'s shard from `start` on, with the cursor after each.

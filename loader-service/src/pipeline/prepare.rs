@@ -324,6 +324,24 @@ fn training_epochs(
     })
 }
 
+/// The time steps tiles cover: the split, or the request's (inclusive ISO) bounds.
+pub(super) fn tile_time_range(
+    dataset: &Dataset,
+    split: &Range<usize>,
+    [time_start, time_end]: [&Option<String>; 2],
+) -> Result<Range<usize>, PipelineError> {
+    let bound = |name: &str, text: &Option<String>| {
+        text.as_deref()
+            .map(|t| parse_iso(t).map_err(|e| PipelineError::Request(format!("tiles.{name}: {e}"))))
+            .transpose()
+    };
+    let start = bound("time_start", time_start)?
+        .map_or(split.start, |t| dataset.times.partition_point(|&x| x < t));
+    let end = bound("time_end", time_end)?
+        .map_or(split.end, |t| dataset.times.partition_point(|&x| x <= t));
+    Ok(start..end.max(start))
+}
+
 fn tile_epochs(
     dataset: &Dataset,
     config: &PipelineConfig,
@@ -346,19 +364,10 @@ fn tile_epochs(
             ),
         ));
     }
-    let bound = |name: &str, text: &Option<String>| {
-        text.as_deref()
-            .map(|t| parse_iso(t).map_err(|e| PipelineError::Request(format!("tiles.{name}: {e}"))))
-            .transpose()
-    };
-    let start = bound("time_start", time_start)?
-        .map_or(split.start, |t| dataset.times.partition_point(|&x| x < t));
-    let end = bound("time_end", time_end)?
-        .map_or(split.end, |t| dataset.times.partition_point(|&x| x <= t));
     let tiling = Tiling::new(
         dataset.lats.len(),
         dataset.lons.len(),
-        start..end.max(start),
+        tile_time_range(dataset, split, [time_start, time_end])?,
         window,
         overlap,
     )

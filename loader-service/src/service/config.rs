@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::pipeline::cost::{self, RequestLimits};
+
 /// Everything a loader server needs to start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +36,22 @@ pub struct ServerConfig {
     /// Largest batch a request may ask for.
     #[serde(default = "default_max_batch")]
     pub max_batch_size: u32,
+    /// Tokens of one sample, summed over its fields and levels.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens_per_sample: u64,
+    /// One batch in memory (sources, targets, token info, positional encodings); batches are
+    /// also bounded by `memory_budget_mib`.
+    #[serde(default = "default_max_batch_mib")]
+    pub max_batch_mib: u64,
+    /// The read windows of one sample, blur halos included.
+    #[serde(default = "default_max_window_mib")]
+    pub max_window_mib: u64,
+    /// Samples in one epoch (training: blocks × samples per block; tiles: tiles).
+    #[serde(default = "default_max_samples_per_epoch")]
+    pub max_samples_per_epoch: u64,
+    /// Gaussian blur sigma in grid points (also kept below a quarter of the grid's latitudes).
+    #[serde(default = "default_max_blur_sigma")]
+    pub max_blur_sigma: f64,
     /// Bearer token clients must send (`authorization: Bearer …`).
     #[serde(default)]
     pub token: Option<String>,
@@ -93,6 +111,21 @@ fn default_concurrency() -> usize {
 fn default_max_batch() -> u32 {
     256
 }
+fn default_max_tokens() -> u64 {
+    cost::DEFAULT_MAX_TOKENS_PER_SAMPLE
+}
+fn default_max_batch_mib() -> u64 {
+    cost::DEFAULT_MAX_BATCH_MIB
+}
+fn default_max_window_mib() -> u64 {
+    cost::DEFAULT_MAX_WINDOW_MIB
+}
+fn default_max_samples_per_epoch() -> u64 {
+    cost::DEFAULT_MAX_SAMPLES_PER_EPOCH
+}
+fn default_max_blur_sigma() -> f64 {
+    cost::DEFAULT_MAX_BLUR_SIGMA
+}
 
 /// Why a configuration cannot start a server.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +174,11 @@ impl ServerConfig {
             prefetch_batches: default_prefetch(),
             sample_concurrency: default_concurrency(),
             max_batch_size: default_max_batch(),
+            max_tokens_per_sample: default_max_tokens(),
+            max_batch_mib: default_max_batch_mib(),
+            max_window_mib: default_max_window_mib(),
+            max_samples_per_epoch: default_max_samples_per_epoch(),
+            max_blur_sigma: default_max_blur_sigma(),
             token: None,
             token_env: None,
             tls: None,
@@ -164,6 +202,18 @@ impl ServerConfig {
         }
     }
 
+    /// The limits every request is checked against before anything is allocated for it.
+    pub fn request_limits(&self) -> RequestLimits {
+        RequestLimits {
+            max_tokens_per_sample: self.max_tokens_per_sample,
+            max_batch_mib: self.max_batch_mib,
+            memory_budget_mib: self.memory_budget_mib,
+            max_window_mib: self.max_window_mib,
+            max_samples_per_epoch: self.max_samples_per_epoch,
+            max_blur_sigma: self.max_blur_sigma,
+        }
+    }
+
     /// Refuses configurations that would expose data unprotected or cannot work.
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.datasets.is_empty() {
@@ -182,6 +232,21 @@ impl ServerConfig {
             return Err(ConfigError::Invalid(
                 "max_message_mib, max_batch_size and memory_budget_mib must be positive".into(),
             ));
+        }
+        let limits = [
+            ("max_tokens_per_sample", self.max_tokens_per_sample),
+            ("max_batch_mib", self.max_batch_mib),
+            ("max_window_mib", self.max_window_mib),
+            ("max_samples_per_epoch", self.max_samples_per_epoch),
+        ];
+        if let Some((key, _)) = limits.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::Invalid(format!("{key} must be positive")));
+        }
+        if !(self.max_blur_sigma.is_finite() && self.max_blur_sigma >= 0.0) {
+            return Err(ConfigError::Invalid(format!(
+                "max_blur_sigma = {} must be finite and ≥ 0",
+                self.max_blur_sigma
+            )));
         }
         let protected = self.tls.is_some() && self.bearer_token()?.is_some();
         if !self.bind.ip().is_loopback() && !protected && !self.allow_insecure {
@@ -228,5 +293,56 @@ mod tests {
         };
         assert!(twice.check().is_err());
         assert!(toml::from_str::<ServerConfig>("bogus = 1\ndatasets = []").is_err());
+    }
+
+    #[test]
+    fn request_limits_come_from_the_file_and_nonsense_limits_are_refused() {
+        let config: ServerConfig = toml::from_str(
+            r#"
+            memory_budget_mib = 32
+            max_tokens_per_sample = 1000
+            max_batch_mib = 64
+            max_blur_sigma = 2.5
+            [[datasets]]
+            name = "era5"
+            url = "demo.zarr"
+            "#,
+        )
+        .unwrap();
+        config.check().unwrap();
+        let limits = config.request_limits();
+        assert_eq!(limits.max_tokens_per_sample, 1000);
+        assert_eq!(limits.max_blur_sigma, 2.5);
+        assert_eq!(limits.max_window_mib, cost::DEFAULT_MAX_WINDOW_MIB);
+        // The memory budget is the smaller, so it bounds batches.
+        let (bytes, key) = limits.batch_limit();
+        assert_eq!(
+            (bytes, key.as_str()),
+            (32 << 20, "memory_budget_mib = 32 (33.6 MB)")
+        );
+        // A sigma whose halo leaves a 19-latitude grid is capped by the grid.
+        assert_eq!(limits.blur_sigma_on(19), 2.5);
+        assert_eq!(limits.blur_sigma_on(5), 1.0);
+
+        let zero = ServerConfig {
+            max_samples_per_epoch: 0,
+            ..config.clone()
+        };
+        assert!(
+            zero.check()
+                .unwrap_err()
+                .to_string()
+                .contains("max_samples_per_epoch")
+        );
+        let nan = ServerConfig {
+            max_blur_sigma: f64::NAN,
+            ..config
+        };
+        assert!(
+            nan.check()
+                .unwrap_err()
+                .to_string()
+                .contains("max_blur_sigma")
+        );
     }
 }

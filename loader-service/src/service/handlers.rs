@@ -9,7 +9,7 @@ use atmorep_proto::pb::loader_server::Loader;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::request::Limits;
+use super::request::{Limits, MAX_PE_WIDTH};
 use super::stream::{Replies, StreamTask, serve_stream};
 use super::wire::to_wire;
 use super::{LoaderService, Served, failed, status};
@@ -355,13 +355,17 @@ fn dataset_info(served: &Served, limits: Limits) -> pb::DatasetInfo {
                 ds.lats.len() as u32,
                 ds.lons.len() as u32,
             ],
-            max_tokens: (ds.times.len() * ds.lats.len() * ds.lons.len()) as u64,
+            max_tokens: limits.request.max_tokens_per_sample,
             max_batch_size: limits.max_batch_size,
             pe_modes: atmorep_proto::PeMode::ALL
                 .iter()
                 .map(|&m| pb::PeMode::from(m) as i32)
                 .collect(),
-            max_pe_width: 4096,
+            max_pe_width: MAX_PE_WIDTH,
+            max_batch_bytes: limits.request.batch_limit().0,
+            max_window_bytes: limits.request.max_window_mib.saturating_mul(1 << 20),
+            max_samples_per_epoch: limits.request.max_samples_per_epoch,
+            max_blur_sigma: limits.request.blur_sigma_on(ds.lats.len()),
         }),
     }
 }

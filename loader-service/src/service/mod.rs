@@ -25,6 +25,7 @@ use std::sync::atomic::AtomicU64;
 use atmorep_proto::pb;
 use tonic::Status;
 
+use crate::pipeline::cost::RequestCost;
 use crate::pipeline::normalization::{GLOBAL_FILE, GlobalStats, LOCAL_STORE, LocalStats};
 use crate::pipeline::{BufferPool, MemoryBudget, Pipeline};
 use crate::store::dataset::Dataset;
@@ -184,6 +185,7 @@ impl LoaderService {
     fn limits(&self) -> Limits {
         Limits {
             max_batch_size: self.state.config.max_batch_size,
+            request: self.state.config.request_limits(),
         }
     }
 
@@ -196,6 +198,11 @@ impl LoaderService {
         let served = self.served(&request.dataset)?;
         let parsed =
             StreamRequest::parse(request, &served.dataset, limits).map_err(status::from_request)?;
+        // Priced before anything is allocated for it (docs/operations.md, "Request limits").
+        let cost = RequestCost::of(&served.dataset, &parsed.pipeline, parsed.batch_size)
+            .map_err(|e| status::from_pipeline(&e))?;
+        cost.check(&parsed.pipeline, &limits.request)
+            .map_err(|e| status::from_cost(&e))?;
         let pipeline = Pipeline::with_statistics(
             served.dataset.clone(),
             parsed.pipeline.clone(),

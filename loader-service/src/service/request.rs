@@ -95,7 +95,12 @@ fn mask(field: &str, mask: Option<&pb::Mask>) -> Result<MaskSpec, RequestError> 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_batch_size: u32,
+    /// What one request may cost (checked on its [`RequestCost`](crate::pipeline::cost::RequestCost)).
+    pub request: crate::pipeline::cost::RequestLimits,
 }
+
+/// Widest positional encoding a request may ask for.
+pub const MAX_PE_WIDTH: u32 = 4096;
 
 /// Server defaults for the read plan when a request leaves it at zero.
 const DEFAULT_SAMPLES_PER_BLOCK: u64 = 128;
@@ -202,10 +207,13 @@ impl StreamRequest {
                         format!("{} is not a positional encoding mode", f.pe),
                     )
                 })?;
-            if f.pe_width == 0 || f.pe_width % 2 == 1 || f.pe_width > 4096 {
+            if f.pe_width == 0 || f.pe_width % 2 == 1 || f.pe_width > MAX_PE_WIDTH {
                 return Err(invalid(
                     format!("{at}.pe_width"),
-                    format!("{} must be even, positive and at most 4096", f.pe_width),
+                    format!(
+                        "{} must be even, positive and at most {MAX_PE_WIDTH}",
+                        f.pe_width
+                    ),
                 ));
             }
             fields.push(FieldConfig {
@@ -314,12 +322,16 @@ impl StreamRequest {
         let plan = request.read_plan.unwrap_or_default();
         let longest = fields
             .iter()
-            .map(|f| f.num_tokens[0] * f.token_size[0])
+            .map(|f| f.num_tokens[0].saturating_mul(f.token_size[0]))
             .max()
             .unwrap_or(1);
         // A block of four windows lets 128 samples share each decoded chunk many times over.
+        // (Saturating: a window beyond the time axis is refused by the request's cost.)
         let block_steps = match plan.block_steps {
-            0 => (4 * longest).min(dataset.times.len()).max(longest),
+            0 => longest
+                .saturating_mul(4)
+                .min(dataset.times.len())
+                .max(longest),
             n => n as usize,
         };
         let samples_per_block = match plan.samples_per_block {

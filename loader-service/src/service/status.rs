@@ -1,12 +1,14 @@
 //! The one place library errors become gRPC statuses, with the code a client can act on:
 //! malformed requests are INVALID_ARGUMENT, missing things NOT_FOUND, storage that cannot be
-//! reached UNAVAILABLE (the client retries), data that cannot be decoded DATA_LOSS.
+//! reached UNAVAILABLE (the client retries), data that cannot be decoded DATA_LOSS, requests over
+//! a server limit RESOURCE_EXHAUSTED.
 
 use tonic::{Code, Status};
 
 use super::request::RequestError;
 use crate::error::StoreError;
 use crate::pipeline::PipelineError;
+use crate::pipeline::cost::CostError;
 
 /// The status for a request that failed validation.
 pub fn from_request(error: RequestError) -> Status {
@@ -48,6 +50,16 @@ pub fn from_pipeline(error: &PipelineError) -> Status {
         PipelineError::Normalization(e) => {
             Status::failed_precondition(format!("statistics: {}", full_chain(e)))
         }
+        PipelineError::Cost(e) => from_cost(e),
+    }
+}
+
+/// The status for a request refused by its cost: nonsense is INVALID_ARGUMENT, a sound request
+/// over a server limit RESOURCE_EXHAUSTED.
+pub fn from_cost(error: &CostError) -> Status {
+    match error {
+        CostError::Invalid { .. } => Status::invalid_argument(error.to_string()),
+        CostError::OverLimit { .. } => Status::resource_exhausted(error.to_string()),
     }
 }
 
