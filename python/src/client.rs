@@ -369,6 +369,17 @@ fn info_dict<'py>(py: Python<'py>, info: &pb::DatasetInfo) -> PyResult<Bound<'py
         d.set_item("local", PyList::new(py, &s.local)?)?;
         d.set_item("global_first_year", s.global_first_year)?;
         d.set_item("global_last_year", s.global_last_year)?;
+        if let Some(c) = &s.global_coverage {
+            let cov = PyDict::new(py);
+            cov.set_item("first_step", &c.first_step)?;
+            cov.set_item("last_step", &c.last_step)?;
+            cov.set_item("every_steps", c.every_steps)?;
+            cov.set_item("steps_read", c.steps_read)?;
+            cov.set_item("store_steps", c.store_steps)?;
+            cov.set_item("variables", PyList::new(py, &c.variables)?)?;
+            cov.set_item("levels", PyList::new(py, &c.levels)?)?;
+            d.set_item("global_coverage", cov)?;
+        }
         dict.set_item("statistics", d)?;
     }
     if let Some(g) = &info.geometry {
@@ -384,6 +395,10 @@ fn info_dict<'py>(py: Python<'py>, info: &pb::DatasetInfo) -> PyResult<Bound<'py
             .collect();
         d.set_item("pe_modes", modes)?;
         d.set_item("max_pe_width", g.max_pe_width)?;
+        d.set_item("max_batch_bytes", g.max_batch_bytes)?;
+        d.set_item("max_window_bytes", g.max_window_bytes)?;
+        d.set_item("max_samples_per_epoch", g.max_samples_per_epoch)?;
+        d.set_item("max_blur_sigma", g.max_blur_sigma)?;
         dict.set_item("limits", d)?;
     }
     Ok(dict)

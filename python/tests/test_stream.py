@@ -34,7 +34,13 @@ def test_datasets_info_and_statistics(server):
     assert info["grid"]["nlat"] == 19 and info["grid"]["nlon"] == 36
     assert info["time"]["count"] == 40 and info["time"]["step_hours"] == 6.0
     assert sorted(info["statistics"]["global"]) == ["t", "z"]
-    assert info["limits"]["max_batch_size"] > 0
+    limits = info["limits"]
+    assert limits["max_batch_size"] > 0 and 0 < limits["max_tokens"] < 19 * 36 * 40
+    assert limits["max_batch_bytes"] > 0 and limits["max_window_bytes"] > 0
+    assert limits["max_samples_per_epoch"] > 0 and limits["max_blur_sigma"] > 0
+    coverage = info["statistics"]["global_coverage"]
+    assert coverage["steps_read"] == coverage["store_steps"] == 40, coverage
+    assert coverage["every_steps"] == 1 and sorted(coverage["variables"]) == ["t", "z"]
     stats = client.statistics("tiny", "t")
     assert set(stats) == {"level", "year", "month", "count", "mean", "std", "min", "max"}
     assert len(stats["mean"]) > 0 and isinstance(stats["mean"], np.ndarray)
