@@ -223,3 +223,283 @@ async fn huge_requests_are_refused_by_their_cost_and_the_server_carries_on() {
     );
     assert!(server.is_running());
 }
+
+// Streams and connections: limits on streams per connection and in all, on connections, and
+// idle timeouts for connections that never speak and streams whose client stops reading.
+
+/// Connection and stream limits small enough to reach in a test.
+const CONNECTION_LIMITS: &str = "
+max_streams_per_connection = 2
+max_streams = 4
+max_connections = 4
+keepalive_interval_s = 1
+keepalive_timeout_s = 2
+connection_idle_timeout_s = 3
+stream_idle_timeout_s = 2
+memory_budget_mib = 32
+";
+
+/// A server on the tiny store (40 steps) with `config` as its configuration file.
+async fn serve_with(dir: &TempDir, config: &str) -> Server {
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(40)).await;
+    let path = dir.path().join("loader.toml");
+    std::fs::write(&path, config).unwrap();
+    Server::start(
+        &[
+            "--config".into(),
+            path.display().to_string(),
+            "--dataset".into(),
+            format!("era5={}", store.display()),
+        ],
+        &dir.path().join("server.log"),
+    )
+}
+
+type Raw = pb::loader_client::LoaderClient<tonic::transport::Channel>;
+
+/// A bare tonic client on a connection of its own, with tonic's default (64 KiB) windows: what
+/// it does not read stays on the server.
+async fn raw_client(server: &Server) -> Raw {
+    let channel = tonic::transport::Endpoint::from_shared(server.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connecting");
+    Raw::new(channel).max_decoding_message_size(1 << 30)
+}
+
+/// An endless stream's first batch, or the status that refused it.
+async fn open(
+    client: &mut Raw,
+    request: pb::BatchRequest,
+) -> Result<tonic::Streaming<pb::Batch>, tonic::Status> {
+    let mut stream = client.stream_batches(request).await?.into_inner();
+    stream.message().await?.expect("a first batch");
+    Ok(stream)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+/// Over `max_streams` in all → RESOURCE_EXHAUSTED naming it; over `max_streams_per_connection`
+/// the client's HTTP/2 holds the call back until one of its streams ends; the first streams keep
+/// flowing and complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_beyond_the_limits_are_refused_or_held_back_while_the_first_ones_flow() {
+    let dir = TempDir::new().unwrap();
+    let mut server = serve_with(&dir, CONNECTION_LIMITS).await;
+    let endless = || request("era5", 4, 8, "");
+    let mut table = vec![
+        "| case | code | response |".to_string(),
+        "|---|---|---|".into(),
+    ];
+
+    let mut a = raw_client(&server).await;
+    let mut a1 = open(&mut a, endless()).await.expect("stream a1");
+    let mut a2 = open(&mut a, endless()).await.expect("stream a2");
+    // A third call on the same connection: HTTP/2 allows two, so the client holds it back.
+    let held = {
+        let mut a = a.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let mut stream = a
+                .stream_batches(request("era5", 4, 8, "end_epoch = 1"))
+                .await?
+                .into_inner();
+            let mut samples = 0;
+            while let Some(batch) = stream.message().await? {
+                samples += batch.sample_ids.len();
+            }
+            Ok::<_, tonic::Status>((samples, start.elapsed()))
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !held.is_finished(),
+        "a third stream on one connection was not held back"
+    );
+    table.push("| 3rd stream on a connection of max_streams_per_connection = 2 | held back by HTTP/2 | (until one ends) |".into());
+
+    let mut b = raw_client(&server).await;
+    let mut b1 = open(&mut b, endless()).await.expect("stream b1");
+    let mut b2 = open(&mut b, endless()).await.expect("stream b2");
+    // Four streams are open: a fifth, on a third connection, is refused.
+    let mut c = raw_client(&server).await;
+    let start = Instant::now();
+    let refused = open(&mut c, endless())
+        .await
+        .expect_err("a fifth stream is refused");
+    let took = start.elapsed();
+    println!("fifth stream: {:?}: {}", refused.code(), refused.message());
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("max_streams = 4"),
+        "{}",
+        refused.message()
+    );
+    table.push(format!(
+        "| 5th stream over max_streams = 4 | {:?} | {} |",
+        refused.code(),
+        ms(took)
+    ));
+
+    // The first ones keep flowing.
+    for (name, s) in [
+        ("a1", &mut a1),
+        ("a2", &mut a2),
+        ("b1", &mut b1),
+        ("b2", &mut b2),
+    ] {
+        for _ in 0..5 {
+            s.message()
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .expect("endless");
+        }
+    }
+    // b's streams end; their places are free (the server notices at once: its tasks wait on
+    // the full queues the client dropped).
+    drop((b1, b2));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // a1 ends: HTTP/2 lets the held-back call go, and the server has places for it.
+    drop(a1);
+    let (samples, took) = tokio::time::timeout(Duration::from_secs(60), held)
+        .await
+        .expect("the held-back stream finishes")
+        .unwrap()
+        .expect("the held-back stream succeeds");
+    assert_eq!(samples, 32);
+    println!(
+        "held-back stream: a whole epoch, {} after it was sent",
+        ms(took)
+    );
+    a2.message()
+        .await
+        .expect("a2 still flows")
+        .expect("endless");
+    println!("{}", table.join("\n"));
+    assert!(server.is_running());
+}
+
+/// A client that opens a stream and never reads: after `stream_idle_timeout_s` the stream is
+/// dropped and its budget released, so a stream that needs that budget gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_stops_reading_is_dropped_and_its_budget_released() {
+    let dir = TempDir::new().unwrap();
+    let mut server = serve_with(&dir, CONNECTION_LIMITS).await;
+    // One sample of 41 040 tokens with a positional encoding of width 128: ≈ 22 MB a batch, so
+    // the 32 MiB budget holds one batch at a time.
+    let big = || {
+        edited(|r| {
+            points(r, [30, 19, 36]);
+            r.fields[0].pe_width = 128;
+            r.batch_size = 1;
+            r.end_epoch = None;
+        })
+    };
+    let mut stuck = raw_client(&server).await;
+    let start = Instant::now();
+    // Never read: the reply's headers come, its batches stay queued on the server.
+    let unread = stuck.stream_batches(big()).await.expect("the stream opens");
+    println!("stream opened and left unread ({})", ms(start.elapsed()));
+
+    // Another client's stream needs the budget the unread one holds: it gets its first batch
+    // once the unread stream is dropped.
+    let mut client_cfg = client_config(vec![server.endpoint()]);
+    client_cfg.reconnect.max_attempts = Some(1);
+    let client = connect(client_cfg).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    let mut waiting = client.stream(big());
+    let first = tokio::time::timeout(Duration::from_secs(60), waiting.next())
+        .await
+        .expect("the waiting stream gets its budget")
+        .expect("a first batch")
+        .expect("the waiting stream succeeds");
+    assert_eq!(first.sample_ids.len(), 1);
+    println!(
+        "a stream needing the unread stream's budget: first batch after {} (stream_idle_timeout_s = 2)",
+        ms(start.elapsed())
+    );
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(
+        log.contains("stream dropped: the client took nothing"),
+        "the server did not say it dropped the unread stream:\n{log}"
+    );
+    drop(unread);
+    assert!(server.is_running());
+}
+
+/// A client that connects and says nothing is closed after `connection_idle_timeout_s`; past
+/// `max_connections` a connection is closed as soon as it is accepted; a gRPC client that idles
+/// (answering keep-alive pings) keeps its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_surplus_connections_are_closed_and_a_live_idle_client_keeps_its_own() {
+    let dir = TempDir::new().unwrap();
+    let mut server = serve_with(&dir, CONNECTION_LIMITS).await;
+    let mut table = vec![
+        "| case | outcome | response |".to_string(),
+        "|---|---|---|".into(),
+    ];
+
+    // A gRPC client that connects, makes one call, then idles past the idle timeout.
+    let mut live = raw_client(&server).await;
+    live.list_datasets(pb::ListDatasetsRequest {})
+        .await
+        .expect("a first call");
+
+    // Three silent sockets fill max_connections = 4; a fifth connection is closed at once.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    let mut surplus = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), until_closed(&mut surplus))
+        .await
+        .expect("the surplus connection is closed");
+    let took = start.elapsed();
+    table.push(format!(
+        "| 5th connection over max_connections = 4 | closed | {} |",
+        ms(took)
+    ));
+
+    // The silent sockets are closed after connection_idle_timeout_s = 3.
+    let start = Instant::now();
+    for mut socket in silent {
+        tokio::time::timeout(Duration::from_secs(30), until_closed(&mut socket))
+            .await
+            .expect("a silent connection is closed");
+    }
+    table.push(format!(
+        "| a connection that never speaks (connection_idle_timeout_s = 3) | closed | {} |",
+        ms(start.elapsed() + Duration::from_millis(200))
+    ));
+
+    // The live client idled as long, answering pings: its connection is still there.
+    let start = Instant::now();
+    live.list_datasets(pb::ListDatasetsRequest {})
+        .await
+        .expect("the idle gRPC client's connection lives");
+    table.push(format!(
+        "| a gRPC client idle for > 3 s (keep-alive pings every 1 s) | served | {} |",
+        ms(start.elapsed())
+    ));
+    println!("{}", table.join("\n"));
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(log.contains("max_connections reached"), "{log}");
+    assert!(server.is_running());
+}
+
+/// Reads (the server's HTTP/2 settings, if any) until the server closes the connection.
+async fn until_closed(socket: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0u8; 1024];
+    while let Ok(n) = socket.read(&mut buffer).await {
+        if n == 0 {
+            return;
+        }
+    }
+}

@@ -52,6 +52,30 @@ pub struct ServerConfig {
     /// Gaussian blur sigma in grid points (also kept below a quarter of the grid's latitudes).
     #[serde(default = "default_max_blur_sigma")]
     pub max_blur_sigma: f64,
+    /// Concurrent HTTP/2 streams (calls) one connection may open (HTTP/2
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`: a client queues calls beyond it).
+    #[serde(default = "default_max_streams_per_connection")]
+    pub max_streams_per_connection: u32,
+    /// `StreamBatches` calls open at once over all connections; one more → RESOURCE_EXHAUSTED.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: u32,
+    /// Open connections; one more is closed as soon as it is accepted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// HTTP/2 keep-alive: a ping after this many seconds without a frame from the client.
+    #[serde(default = "default_keepalive_interval_s")]
+    pub keepalive_interval_s: u64,
+    /// HTTP/2 keep-alive: a connection whose ping is not answered within this is closed.
+    #[serde(default = "default_keepalive_timeout_s")]
+    pub keepalive_timeout_s: u64,
+    /// A connection from which nothing arrives for this long is closed (a live HTTP/2 client
+    /// answers keep-alive pings, so this catches sockets that never speak HTTP/2).
+    #[serde(default = "default_idle_timeout_s")]
+    pub connection_idle_timeout_s: u64,
+    /// A stream whose client takes nothing for this long is dropped, and its memory budget with
+    /// it.
+    #[serde(default = "default_idle_timeout_s")]
+    pub stream_idle_timeout_s: u64,
     /// Bearer token clients must send (`authorization: Bearer …`).
     #[serde(default)]
     pub token: Option<String>,
@@ -126,6 +150,24 @@ fn default_max_samples_per_epoch() -> u64 {
 fn default_max_blur_sigma() -> f64 {
     cost::DEFAULT_MAX_BLUR_SIGMA
 }
+fn default_max_streams_per_connection() -> u32 {
+    32
+}
+fn default_max_streams() -> u32 {
+    128
+}
+fn default_max_connections() -> u32 {
+    256
+}
+fn default_keepalive_interval_s() -> u64 {
+    30
+}
+fn default_keepalive_timeout_s() -> u64 {
+    20
+}
+fn default_idle_timeout_s() -> u64 {
+    120
+}
 
 /// Why a configuration cannot start a server.
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +221,13 @@ impl ServerConfig {
             max_window_mib: default_max_window_mib(),
             max_samples_per_epoch: default_max_samples_per_epoch(),
             max_blur_sigma: default_max_blur_sigma(),
+            max_streams_per_connection: default_max_streams_per_connection(),
+            max_streams: default_max_streams(),
+            max_connections: default_max_connections(),
+            keepalive_interval_s: default_keepalive_interval_s(),
+            keepalive_timeout_s: default_keepalive_timeout_s(),
+            connection_idle_timeout_s: default_idle_timeout_s(),
+            stream_idle_timeout_s: default_idle_timeout_s(),
             token: None,
             token_env: None,
             tls: None,
@@ -241,6 +290,29 @@ impl ServerConfig {
         ];
         if let Some((key, _)) = limits.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid(format!("{key} must be positive")));
+        }
+        let connection_limits = [
+            (
+                "max_streams_per_connection",
+                u64::from(self.max_streams_per_connection),
+            ),
+            ("max_streams", u64::from(self.max_streams)),
+            ("max_connections", u64::from(self.max_connections)),
+            ("keepalive_interval_s", self.keepalive_interval_s),
+            ("keepalive_timeout_s", self.keepalive_timeout_s),
+            ("connection_idle_timeout_s", self.connection_idle_timeout_s),
+            ("stream_idle_timeout_s", self.stream_idle_timeout_s),
+        ];
+        if let Some((key, _)) = connection_limits.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::Invalid(format!("{key} must be positive")));
+        }
+        // A live client's only traffic may be its answers to keep-alive pings.
+        if self.connection_idle_timeout_s <= self.keepalive_interval_s {
+            return Err(ConfigError::Invalid(format!(
+                "connection_idle_timeout_s = {} must exceed keepalive_interval_s = {} (an idle \
+                 but live client only answers keep-alive pings)",
+                self.connection_idle_timeout_s, self.keepalive_interval_s
+            )));
         }
         if !(self.max_blur_sigma.is_finite() && self.max_blur_sigma >= 0.0) {
             return Err(ConfigError::Invalid(format!(
@@ -343,6 +415,44 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("max_blur_sigma")
+        );
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_an_idle_timeout_must_outlast_keep_alive() {
+        let config: ServerConfig = toml::from_str(
+            r#"
+            max_streams = 8
+            keepalive_interval_s = 10
+            connection_idle_timeout_s = 11
+            [[datasets]]
+            name = "era5"
+            url = "demo.zarr"
+            "#,
+        )
+        .unwrap();
+        config.check().unwrap();
+        assert_eq!(config.max_streams, 8);
+        assert_eq!(config.max_streams_per_connection, 32);
+        assert_eq!(config.stream_idle_timeout_s, 120);
+        let short = ServerConfig {
+            connection_idle_timeout_s: 10,
+            ..config.clone()
+        };
+        let message = short.check().unwrap_err().to_string();
+        assert!(
+            message.contains("connection_idle_timeout_s = 10"),
+            "{message}"
+        );
+        let zero = ServerConfig {
+            max_connections: 0,
+            ..config
+        };
+        assert!(
+            zero.check()
+                .unwrap_err()
+                .to_string()
+                .contains("max_connections")
         );
     }
 }

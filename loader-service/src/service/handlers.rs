@@ -123,6 +123,7 @@ impl Loader for LoaderService {
         request: Request<pb::BatchRequest>,
     ) -> Result<Response<Self::StreamBatchesStream>, Status> {
         let request = request.into_inner();
+        let slot = self.stream_slot().map_err(failed)?;
         let (parsed, pipeline) = self.prepare(&request, self.limits()).map_err(failed)?;
         let config = &self.state.config;
         let batches = pipeline
@@ -161,6 +162,8 @@ impl Loader for LoaderService {
                 max_bytes,
                 dataset,
                 shutdown,
+                idle_timeout: std::time::Duration::from_secs(config.stream_idle_timeout_s),
+                _slot: slot,
             }),
             span,
         ));

@@ -12,6 +12,7 @@ pub mod request;
 pub mod status;
 
 mod auth;
+mod connections;
 mod handlers;
 mod server;
 mod stream;
@@ -73,6 +74,8 @@ struct State {
     /// Sample buffers shared by every stream, holding at most a quarter of the budget's size.
     pool: Arc<BufferPool>,
     next_stream: AtomicU64,
+    /// One permit per `StreamBatches` call the server takes at once (`max_streams`).
+    streams: Arc<tokio::sync::Semaphore>,
     /// Flips to `true` on shutdown so endless streams end (with UNAVAILABLE, which clients
     /// answer by resuming elsewhere) instead of holding the server open.
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -154,11 +157,12 @@ impl LoaderService {
                     POOL_BUFFERS,
                     config.memory_budget_mib << 20,
                 )),
-                config,
                 datasets,
                 next_stream: AtomicU64::new(0),
+                streams: Arc::new(tokio::sync::Semaphore::new(config.max_streams as usize)),
                 shutdown,
                 shutdown_tx,
+                config,
             }),
         })
     }
@@ -178,6 +182,18 @@ impl LoaderService {
                     .map(String::as_str)
                     .collect::<Vec<_>>()
                     .join(", ")
+            ))
+        })
+    }
+
+    /// A place among the server's `max_streams`, or RESOURCE_EXHAUSTED naming the limit.
+    fn stream_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.state.streams.clone().try_acquire_owned().map_err(|_| {
+            let max = self.state.config.max_streams;
+            metrics::counter!("atmorep_refused_total", "limit" => "max_streams").increment(1);
+            Status::resource_exhausted(format!(
+                "max_streams = {max}: this loader already serves {max} streams; retry later \
+                 or ask its operator to raise max_streams"
             ))
         })
     }

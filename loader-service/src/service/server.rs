@@ -1,17 +1,18 @@
 //! Server start-up: the `Loader` service behind bearer-token auth, with health and reflection (v1
-//! and v1alpha) beside it, message limits, compression and TLS, and a graceful shutdown.
+//! and v1alpha) beside it, message, stream and connection limits, compression and TLS, and a graceful shutdown.
 
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use atmorep_proto::pb::loader_server::LoaderServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use super::auth::BearerAuth;
+use super::connections::{ConnectionLimits, incoming};
 use super::{LoaderService, ServeError};
 
 /// Serves `service` on `listener` until `shutdown` resolves, then ends open streams with
@@ -56,7 +57,10 @@ pub async fn run(
         // Windows large enough that one stream can keep a few batches in the pipe.
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
+        // Connection and stream limits: docs/operations.md, "Connections and streams".
+        .max_concurrent_streams(Some(config.max_streams_per_connection))
+        .http2_keepalive_interval(Some(Duration::from_secs(config.keepalive_interval_s)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(config.keepalive_timeout_s)));
     if let Some(tls) = &config.tls {
         atmorep_proto::tls::install_crypto_provider();
         let read = |p: &Path| {
@@ -67,6 +71,10 @@ pub async fn run(
             .tls_config(ServerTlsConfig::new().identity(identity))
             .map_err(|e| ServeError::Tls(e.to_string()))?;
     }
+    let connection_limits = ConnectionLimits {
+        max_connections: config.max_connections as usize,
+        idle_timeout: Duration::from_secs(config.connection_idle_timeout_s),
+    };
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, tls = config.tls.is_some(), "loader listening");
     let state = service.state.clone();
@@ -80,7 +88,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(loader)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .serve_with_incoming_shutdown(incoming(listener, connection_limits), stop)
         .await?;
     Ok(())
 }

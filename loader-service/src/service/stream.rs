@@ -2,11 +2,12 @@
 //! queues them for tonic, holding each batch's share of the memory budget until tonic takes it,
 //! and ending the stream with UNAVAILABLE when the server shuts down.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use atmorep_proto::pb;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
@@ -16,22 +17,32 @@ use super::{failed, status};
 use crate::pipeline::{Pipeline, SampleBatch};
 use crate::store::dataset::Dataset;
 
-/// A reply queued for tonic, holding its batch's share of the memory budget.
-pub(super) struct Outgoing {
-    reply: Result<pb::Batch, Status>,
-    reservation: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
-}
+/// A reply and its batch's share of the memory budget.
+type Reply = (Result<pb::Batch, Status>, Option<Arc<OwnedSemaphorePermit>>);
+
+/// A reply queued for tonic. The stream's task keeps a handle on the slot, so that when the client
+/// stops reading it can empty the slot — freeing the batch and its budget — although tonic still
+/// holds the queue.
+pub(super) struct Outgoing(Arc<Mutex<Option<Reply>>>);
 
 impl Outgoing {
     fn new(
         reply: Result<pb::Batch, Status>,
-        reservation: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+        reservation: Option<Arc<OwnedSemaphorePermit>>,
     ) -> Self {
-        Self { reply, reservation }
+        Self(Arc::new(Mutex::new(Some((reply, reservation)))))
     }
 
     fn error(status: Status) -> Self {
         Self::new(Err(status), None)
+    }
+
+    /// Replaces a reply not yet taken by `status`, dropping its batch and reservation.
+    fn withdraw(slot: &Mutex<Option<Reply>>, status: Status) {
+        let mut slot = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if slot.is_some() {
+            *slot = Some((Err(status), None));
+        }
     }
 }
 
@@ -54,9 +65,18 @@ impl futures::Stream for Replies {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         std::pin::Pin::new(&mut self.0).poll_next(cx).map(|next| {
-            next.map(|Outgoing { reply, reservation }| {
-                drop(reservation);
-                reply
+            next.map(|Outgoing(slot)| {
+                let taken = slot
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .take();
+                match taken {
+                    Some((reply, reservation)) => {
+                        drop(reservation);
+                        reply
+                    }
+                    None => Err(Status::internal("stream: a reply was taken twice")),
+                }
             })
         })
     }
@@ -70,12 +90,18 @@ pub(super) struct StreamTask {
     pub(super) max_bytes: usize,
     pub(super) dataset: Arc<Dataset>,
     pub(super) shutdown: tokio::sync::watch::Receiver<bool>,
+    /// How long a part may wait for the client to take it before the stream is dropped.
+    pub(super) idle_timeout: Duration,
+    /// This stream's place among the server's `max_streams`, given back when the task ends.
+    pub(super) _slot: OwnedSemaphorePermit,
 }
 
 /// Sends one stream's batches until it ends, fails, the client leaves or the server stops.
 pub(super) async fn serve_stream(mut task: StreamTask) {
     let labels = [("dataset", task.parsed.dataset.clone())];
     let mut sequence = 0u64;
+    // The last part handed to tonic's queue and when, until the client takes it.
+    let mut queued: Option<Queued> = None;
     metrics::gauge!("atmorep_streams_active").increment(1.0);
     loop {
         let next = tokio::select! {
@@ -83,6 +109,11 @@ pub(super) async fn serve_stream(mut task: StreamTask) {
             _ = async { task.shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {
                 let _ = task.tx.send(Outgoing::error(Status::unavailable("the loader is shutting down"))).await;
                 break;
+            }
+            // Waiting for a batch that waits for budget this stream's unread batch holds.
+            () = stalled(queued.as_ref(), task.idle_timeout) => {
+                drop_stalled(queued.as_ref(), task.idle_timeout, sequence);
+                return;
             }
         };
         let Some(next) = next else {
@@ -135,10 +166,23 @@ pub(super) async fn serve_stream(mut task: StreamTask) {
         let reservation = reservation.map(Arc::new);
         for part in message {
             let outgoing = Outgoing::new(Ok(part), reservation.clone());
-            if task.tx.send(outgoing).await.is_err() {
-                tracing::info!(batches = sequence, "client went away");
-                metrics::gauge!("atmorep_streams_active").decrement(1.0);
-                return;
+            let slot = outgoing.0.clone();
+            let sent = tokio::select! {
+                sent = task.tx.send(outgoing) => Some(sent.is_ok()),
+                () = stalled(queued.as_ref(), task.idle_timeout) => None,
+            };
+            match sent {
+                Some(true) => queued = Some((slot, Instant::now())),
+                Some(false) => {
+                    tracing::info!(batches = sequence, "client went away");
+                    metrics::gauge!("atmorep_streams_active").decrement(1.0);
+                    return;
+                }
+                // The part being sent went with the send.
+                None => {
+                    drop_stalled(queued.as_ref(), task.idle_timeout, sequence);
+                    return;
+                }
             }
         }
         // Time a finished batch waited for the client: this stream's lag.
@@ -153,6 +197,47 @@ pub(super) async fn serve_stream(mut task: StreamTask) {
         }
     }
     tracing::info!(batches = sequence, "stream closed");
+    metrics::gauge!("atmorep_streams_active").decrement(1.0);
+}
+
+/// A part in tonic's queue and when it was queued.
+type Queued = (Arc<Mutex<Option<Reply>>>, Instant);
+
+/// Resolves once `queued` has waited `idle` for the client; never while nothing waits. Tonic's
+/// queue holds one part, so a part still there after `idle` means the client took nothing
+/// since it was queued.
+async fn stalled(queued: Option<&Queued>, idle: Duration) {
+    let Some((slot, since)) = queued else {
+        return std::future::pending().await;
+    };
+    tokio::time::sleep_until((*since + idle).into()).await;
+    let waiting = slot
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .is_some();
+    if !waiting {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Ends a stream whose client stopped reading. Its unread part still waits in tonic's queue,
+/// which only the client's reading would drain: emptying it frees the batch and its budget now,
+/// and the stream's pipeline goes when the task returns (docs/operations.md, "Connections and
+/// streams").
+fn drop_stalled(queued: Option<&Queued>, idle: Duration, sequence: u64) {
+    let seconds = idle.as_secs();
+    let status = Status::unavailable(format!(
+        "stream dropped: the client took nothing for {seconds} s (stream_idle_timeout_s = \
+         {seconds}); resume from the last cursor"
+    ));
+    if let Some((slot, _)) = queued {
+        Outgoing::withdraw(slot, status);
+    }
+    tracing::warn!(
+        batches = sequence,
+        "stream dropped: the client took nothing for stream_idle_timeout_s = {seconds}"
+    );
+    metrics::counter!("atmorep_streams_idle_dropped_total").increment(1);
     metrics::gauge!("atmorep_streams_active").decrement(1.0);
 }
 
