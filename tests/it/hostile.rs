@@ -503,3 +503,116 @@ async fn until_closed(socket: &mut tokio::net::TcpStream) {
         }
     }
 }
+
+/// Samples per second of `stream` over `span`.
+async fn throughput(stream: &mut atmorep_proto::client::LoaderStream, span: Duration) -> f64 {
+    let start = Instant::now();
+    let mut samples = 0;
+    while start.elapsed() < span {
+        let batch = stream
+            .next()
+            .await
+            .expect("endless")
+            .expect("the stream flows");
+        samples += batch.sample_ids.len();
+    }
+    samples as f64 / start.elapsed().as_secs_f64()
+}
+
+/// `GetSample` of the largest sample the limits allow (41 040 tokens, 44 MB with its positional
+/// encoding), 64 at once: each is answered, OK or RESOURCE_EXHAUSTED, from the memory budget;
+/// the server's peak RSS stays under the budget plus a stated overhead, and a well-behaved
+/// client's stream keeps flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_large_get_samples_stay_inside_the_budget_while_a_stream_flows() {
+    const BUDGET_MIB: u64 = 128;
+    // Idle server (≈ 30 MiB), the chunk cache (64 MiB), sample windows and pooled buffers,
+    // allocator slack.
+    const OVERHEAD_MIB: u64 = 256;
+    let dir = TempDir::new().unwrap();
+    let config = format!(
+        "memory_budget_mib = {BUDGET_MIB}\ncache_mib = 64\nmax_tokens_per_sample = 50000\n\
+         max_streams_per_connection = 128\n"
+    );
+    let mut server = serve_with(&dir, &config).await;
+    let mut client_cfg = client_config(vec![server.endpoint()]);
+    client_cfg.reconnect.max_attempts = Some(1);
+    let client = connect(client_cfg).await;
+
+    let mut flowing = client.stream(request("era5", 4, 8, ""));
+    let before = throughput(&mut flowing, Duration::from_secs(2)).await;
+    let rss_before = server.proc_status_kib("VmHWM") / 1024;
+
+    let largest = pb::SampleRequest::by_id(
+        edited(|r| {
+            points(r, [30, 19, 36]);
+            r.fields[0].pe_width = 256;
+            r.batch_size = 1;
+        }),
+        0,
+        0,
+    );
+    let calls = (0..64).map(|_| {
+        let client = client.clone();
+        let request = largest.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let outcome = client.sample(request).await;
+            (outcome.map(|_| ()), start.elapsed())
+        })
+    });
+    // The stream's rate while the attack lasts.
+    let attack = futures::future::join_all(calls);
+    tokio::pin!(attack);
+    let (start, mut samples) = (Instant::now(), 0);
+    let answers = loop {
+        tokio::select! {
+            answers = &mut attack => break answers,
+            batch = flowing.next() => {
+                samples += batch.expect("endless").expect("the stream flows").sample_ids.len();
+            }
+        }
+    };
+    let attack_took = start.elapsed();
+    let during = samples as f64 / attack_took.as_secs_f64();
+    let after = throughput(&mut flowing, Duration::from_secs(2)).await;
+
+    let (mut ok, mut refused) = (Vec::new(), Vec::new());
+    for answer in answers {
+        let (outcome, took) = answer.unwrap();
+        match outcome {
+            Ok(()) => ok.push(took),
+            Err(e) if e.code() == Some(Code::ResourceExhausted) => {
+                assert!(e.to_string().contains("memory_budget_mib"), "{e}");
+                refused.push(took);
+            }
+            Err(e) => panic!("GetSample: expected OK or RESOURCE_EXHAUSTED, got {e}"),
+        }
+    }
+    let slowest = |v: &[Duration]| v.iter().max().map_or_else(|| "-".into(), |d| ms(*d));
+    println!("| case | code | count | slowest response |");
+    println!("|---|---|---|---|");
+    println!(
+        "| GetSample of 44 MB, 64 at once | OK | {} | {} |",
+        ok.len(),
+        slowest(&ok)
+    );
+    println!(
+        "| GetSample of 44 MB, 64 at once | ResourceExhausted | {} | {} |",
+        refused.len(),
+        slowest(&refused)
+    );
+    println!(
+        "well-behaved stream: {before:.0} samples/s before, {during:.0} during the attack ({}), \
+         {after:.0} after",
+        ms(attack_took)
+    );
+    let peak = server.proc_status_kib("VmHWM") / 1024;
+    println!(
+        "server peak RSS: {rss_before} MiB before, {peak} MiB after (budget {BUDGET_MIB} MiB + \
+         overhead {OVERHEAD_MIB} MiB)"
+    );
+    assert!(!ok.is_empty(), "no GetSample was served");
+    assert!(peak < BUDGET_MIB + OVERHEAD_MIB, "peak RSS {peak} MiB");
+    assert!(server.is_running());
+}

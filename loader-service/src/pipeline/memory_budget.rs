@@ -35,6 +35,12 @@ impl MemoryBudget {
             .expect("the budget's semaphore is never closed")
     }
 
+    /// Reserves `bytes` (capped at the whole budget) if they are free now, without waiting.
+    pub fn try_reserve(&self, bytes: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let kib = (bytes.div_ceil(1024).min(u64::from(self.total_kib)) as u32).max(1);
+        self.semaphore.clone().try_acquire_many_owned(kib).ok()
+    }
+
     /// Bytes not reserved right now.
     pub fn available_bytes(&self) -> u64 {
         self.semaphore.available_permits() as u64 * 1024

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use atmorep_proto::calendar::{TimeFormat, format_time};
 use atmorep_proto::pb;
 use atmorep_proto::pb::loader_server::Loader;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -124,7 +125,8 @@ impl Loader for LoaderService {
     ) -> Result<Response<Self::StreamBatchesStream>, Status> {
         let request = request.into_inner();
         let slot = self.stream_slot().map_err(failed)?;
-        let (parsed, pipeline) = self.prepare(&request, self.limits()).map_err(failed)?;
+        let (parsed, _) = self.price(&request, self.limits()).map_err(failed)?;
+        let (parsed, pipeline) = self.build_off_worker(parsed).await.map_err(failed)?;
         let config = &self.state.config;
         let batches = pipeline
             .batches(BatchSpec {
@@ -175,8 +177,11 @@ impl Loader for LoaderService {
         request: Request<pb::SampleRequest>,
     ) -> Result<Response<pb::Batch>, Status> {
         let request = request.into_inner();
-        let (parsed, pipeline) = self.prepare_sample(request.request).map_err(failed)?;
-        let sample = match sample_target(&pipeline, request.selector).map_err(failed)? {
+        let (parsed, cost) = self.price_sample(request.request).map_err(failed)?;
+        let reservation = self.sample_reservation(&cost).map_err(failed)?;
+        let (parsed, pipeline) = self.build_off_worker(parsed).await.map_err(failed)?;
+        let target = sample_target(&pipeline, request.selector).map_err(failed)?;
+        let sample = match target {
             SampleTarget::ById { epoch, id } => pipeline.sample(epoch, id).await,
             SampleTarget::ByCentre {
                 time_index,
@@ -196,7 +201,8 @@ impl Loader for LoaderService {
             parsed.dtype,
             usize::MAX,
         );
-        let message = parts.pop().expect("one sample makes one part");
+        let mut message = parts.pop().expect("one sample makes one part");
+        hold_until_encoded(&mut message, reservation);
         Ok(Response::new(message))
     }
 
@@ -255,6 +261,34 @@ impl Loader for LoaderService {
             })
             .collect();
         Ok(Response::new(pb::Statistics { global }))
+    }
+}
+
+/// Ties `reservation` to `message`'s first tensor, so that it ends when tonic drops the message
+/// after encoding it, not when the handler returns (the encoded copy still counts).
+fn hold_until_encoded(message: &mut pb::Batch, reservation: OwnedSemaphorePermit) {
+    /// A tensor's bytes and the budget they were built under.
+    struct Held {
+        data: bytes::Bytes,
+        _reservation: OwnedSemaphorePermit,
+    }
+    impl AsRef<[u8]> for Held {
+        fn as_ref(&self) -> &[u8] {
+            &self.data
+        }
+    }
+    let tensor = message
+        .fields
+        .iter_mut()
+        .flat_map(|f| [&mut f.source, &mut f.target, &mut f.token_info, &mut f.pe])
+        .flatten()
+        .next();
+    if let Some(tensor) = tensor {
+        let data = std::mem::take(&mut tensor.data);
+        tensor.data = bytes::Bytes::from_owner(Held {
+            data,
+            _reservation: reservation,
+        });
     }
 }
 

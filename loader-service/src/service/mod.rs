@@ -198,6 +198,30 @@ impl LoaderService {
         })
     }
 
+    /// `GetSample`'s share of the memory budget, taken before its pipeline is built: the
+    /// pipeline's fixed positional encodings, the sample and the encoded copy tonic makes of it
+    /// (three times the sample's bytes at most). Taken now or refused with RESOURCE_EXHAUSTED:
+    /// a unary call does not queue.
+    fn sample_reservation(
+        &self,
+        cost: &RequestCost,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        let bytes = cost.sample_bytes.saturating_mul(3);
+        let budget = &self.state.budget;
+        budget.try_reserve(bytes).ok_or_else(|| {
+            metrics::counter!("atmorep_refused_total", "limit" => "memory_budget_mib").increment(1);
+            let mb = |b: u64| b as f64 / 1e6;
+            Status::resource_exhausted(format!(
+                "memory_budget_mib = {}: this sample needs {:.1} MB (with its encodings and \
+                 encoded copy) and \
+                 {:.1} MB of the loader's budget are free now; retry later",
+                self.state.config.memory_budget_mib,
+                mb(bytes.min(budget.total_bytes())),
+                mb(budget.available_bytes())
+            ))
+        })
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             max_batch_size: self.state.config.max_batch_size,
@@ -211,14 +235,32 @@ impl LoaderService {
         request: &pb::BatchRequest,
         limits: Limits,
     ) -> Result<(StreamRequest, Arc<Pipeline>), Status> {
+        let (parsed, _) = self.price(request, limits)?;
+        let pipeline = self.build(&parsed)?;
+        Ok((parsed, pipeline))
+    }
+
+    /// Parses `request` and prices it against the limits before anything is allocated for it
+    /// (docs/operations.md, "Request limits").
+    fn price(
+        &self,
+        request: &pb::BatchRequest,
+        limits: Limits,
+    ) -> Result<(StreamRequest, RequestCost), Status> {
         let served = self.served(&request.dataset)?;
         let parsed =
             StreamRequest::parse(request, &served.dataset, limits).map_err(status::from_request)?;
-        // Priced before anything is allocated for it (docs/operations.md, "Request limits").
         let cost = RequestCost::of(&served.dataset, &parsed.pipeline, parsed.batch_size)
             .map_err(|e| status::from_pipeline(&e))?;
         cost.check(&parsed.pipeline, &limits.request)
             .map_err(|e| status::from_cost(&e))?;
+        Ok((parsed, cost))
+    }
+
+    /// The pipeline of a priced request: its encodings, sample order and read plan. CPU work
+    /// proportional to the request's cost; async handlers run it through [`Self::build_off_worker`].
+    fn build(&self, parsed: &StreamRequest) -> Result<Arc<Pipeline>, Status> {
+        let served = self.served(&parsed.dataset)?;
         let pipeline = Pipeline::with_statistics(
             served.dataset.clone(),
             parsed.pipeline.clone(),
@@ -227,7 +269,22 @@ impl LoaderService {
         )
         .map_err(|e| status::from_pipeline(&e))?
         .with_pool(self.state.pool.clone());
-        Ok((parsed, Arc::new(pipeline)))
+        Ok(Arc::new(pipeline))
+    }
+
+    /// [`Self::build`] on a blocking thread, so that a large encoding or epoch plan never holds
+    /// a tokio worker (and the streams it serves) while it is computed.
+    async fn build_off_worker(
+        &self,
+        parsed: StreamRequest,
+    ) -> Result<(StreamRequest, Arc<Pipeline>), Status> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let pipeline = this.build(&parsed)?;
+            Ok((parsed, pipeline))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("preparing the request failed: {e}")))?
     }
 
     /// Everything `StreamBatches` checks before it streams: the request, its pipeline and the
@@ -259,11 +316,21 @@ impl LoaderService {
         &self,
         request: Option<pb::BatchRequest>,
     ) -> Result<(StreamRequest, Arc<Pipeline>), Status> {
+        let (parsed, _) = self.price_sample(request)?;
+        let pipeline = self.build(&parsed)?;
+        Ok((parsed, pipeline))
+    }
+
+    /// [`Self::price`] of `GetSample`'s request.
+    fn price_sample(
+        &self,
+        request: Option<pb::BatchRequest>,
+    ) -> Result<(StreamRequest, RequestCost), Status> {
         let mut inner = request.ok_or_else(|| Status::invalid_argument("request: missing"))?;
         if inner.batch_size == 0 {
             inner.batch_size = 1;
         }
-        self.prepare(&inner, self.limits())
+        self.price(&inner, self.limits())
     }
 }
 
