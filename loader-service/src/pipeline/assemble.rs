@@ -6,6 +6,8 @@
 use atmorep_proto::positional::{GlobalOffsets, PeInputs, encode};
 use atmorep_proto::token_info::{WindowCoords, flatten, token_infos};
 use atmorep_proto::tokenize::tokenize_into;
+use std::sync::Arc;
+
 use futures::future::try_join_all;
 
 use super::blur::GaussianBlur;
@@ -14,7 +16,8 @@ use super::masking::try_apply_in_place;
 use super::prepare::PreparedField;
 use super::sampler::{Centre, FieldWindow, Sampler};
 use super::seeding::{Purpose, sample_rng};
-use super::{Normalization, Pipeline, PipelineError, field_err};
+use super::{BufferPool, Normalization, Pipeline, PipelineError, field_err};
+use crate::store::dataset::Dataset;
 use crate::store::hyperslab::Hyperslab;
 
 /// One field of one sample.
@@ -162,7 +165,6 @@ impl Pipeline {
         window: FieldWindow,
     ) -> Result<FieldSample, PipelineError> {
         let ds = &self.dataset;
-        let nlon = ds.lons.len();
         let [wt, wy, wx] = window.size;
         let name = &field.config.name;
         let levels = if ds.variable(name)?.has_level() {
@@ -205,60 +207,16 @@ impl Pipeline {
             }
             _ => self.window_tokens(field, &window, levels).await?,
         };
-        let mut rng = sample_rng(self.config.seed, epoch, id, index, Purpose::Mask);
-        let masked = try_apply_in_place(
-            &field.config.mask,
-            &field.mask_geometry,
-            tokens,
-            self.take_buffer(),
-            &mut rng,
-        )
-        .map_err(|e| field_err(name, e))?;
-        let lats: Vec<f64> = (0..wy).map(|y| ds.lats[window.lat_start + y]).collect();
-        let lons: Vec<f64> = (0..wx)
-            .map(|x| ds.lons[(window.lon_start + x) % nlon])
-            .collect();
-        let infos = token_infos(
-            &field.geometry,
-            &WindowCoords {
-                times_unix_s: &ds.times[window.time_start..window.time_start + wt],
-                level_values: &field.level_values,
-                lats_deg: &lats,
-                lons_deg: &lons,
-                time_step_h: self.time_step_h,
-                grid_spacing_deg: self.grid_spacing,
-            },
-        )
-        .map_err(|e| field_err(name, e))?;
-        let pe = match &field.fixed_pe {
-            Some(pe) => pe.clone(),
-            None => {
-                let offsets = GlobalOffsets::from_grid_start(
-                    [window.time_start, window.lat_start, window.lon_start],
-                    field.geometry.geometry.token_size,
-                    Some(nlon),
-                );
-                encode(
-                    field.config.pe,
-                    &field.geometry,
-                    field.config.pe_width,
-                    &PeInputs {
-                        global_offsets: Some(offsets),
-                        token_infos: Some(&infos),
-                    },
-                )
-                .map_err(|e| field_err(name, e))?
-            }
-        };
-        Ok(FieldSample {
-            name: name.clone(),
-            source: masked.source,
-            target: masked.target,
-            masked_indices: masked.masked_indices,
-            token_info: flatten(&infos),
-            pe,
+        // Masks, token info and positional encodings: CPU work that grows with the request
+        // (a wide encoding is hundreds of megabytes), so not on the worker that awaits it.
+        let cut = Cut {
+            pipeline: self.shared(),
+            field: index as usize,
+            epoch,
+            id,
             window,
-        })
+        };
+        off_worker(move || cut.finish(tokens)).await
     }
 
     /// Tokens of a field window through a window buffer: the path for blurred fields (the blur
@@ -290,15 +248,21 @@ impl Pipeline {
         let nl = field.level_values.len();
         let (py, px) = (y1 - y0, wx + 2 * halo_x);
         if let Some(blur) = &field.blur {
-            for plane in values.chunks_mut(py * px) {
-                if px == nlon {
-                    blur.apply_globe(plane, py, px)
-                        .map_err(|e| field_err(name, e))?;
-                } else {
-                    blur.apply_window(plane, py, px)
-                        .map_err(|e| field_err(name, e))?;
+            // Up to 2·(2·⌈4σ⌉+1) taps a point over whole planes, run by rayon: on a blocking
+            // thread, so the worker awaiting it serves other streams meanwhile.
+            let (blur, name) = (blur.clone(), name.clone());
+            values = off_worker(move || {
+                for plane in values.chunks_mut(py * px) {
+                    if px == nlon {
+                        blur.apply_globe(plane, py, px)
+                    } else {
+                        blur.apply_window(plane, py, px)
+                    }
+                    .map_err(|e| field_err(&name, e))?;
                 }
-            }
+                Ok::<_, PipelineError>(values)
+            })
+            .await?;
         }
         // Crop the halo: (time, level, lat, lon) over the window.
         let (oy, ox) = (window.lat_start - y0, halo_x);
@@ -356,5 +320,128 @@ impl Pipeline {
             self.return_buffer(field.source);
             self.return_buffer(field.target);
         }
+    }
+}
+
+/// The parts of a pipeline that finishing a field needs, shared with a blocking thread.
+#[derive(Debug, Clone)]
+pub(super) struct Shared {
+    dataset: Arc<Dataset>,
+    fields: Arc<[PreparedField]>,
+    pool: Arc<BufferPool>,
+    seed: u64,
+    time_step_h: f64,
+    grid_spacing: f64,
+}
+
+impl Pipeline {
+    fn shared(&self) -> Shared {
+        Shared {
+            dataset: self.dataset.clone(),
+            fields: self.fields.clone(),
+            pool: self.pool.clone(),
+            seed: self.config.seed,
+            time_step_h: self.time_step_h,
+            grid_spacing: self.grid_spacing,
+        }
+    }
+}
+
+/// What finishing one field of a sample needs, owned, for a blocking thread.
+struct Cut {
+    pipeline: Shared,
+    field: usize,
+    epoch: u64,
+    id: SampleId,
+    window: FieldWindow,
+}
+
+impl Cut {
+    /// Masks `tokens` and adds the token info and positional encoding.
+    fn finish(self, tokens: Vec<f32>) -> Result<FieldSample, PipelineError> {
+        let Self {
+            pipeline: shared,
+            field: index,
+            epoch,
+            id,
+            window,
+        } = self;
+        let field = &shared.fields[index];
+        let ds = &shared.dataset;
+        let nlon = ds.lons.len();
+        let [wt, wy, wx] = window.size;
+        let name = &field.config.name;
+        let mut rng = sample_rng(shared.seed, epoch, id, index as u32, Purpose::Mask);
+        let masked = try_apply_in_place(
+            &field.config.mask,
+            &field.mask_geometry,
+            tokens,
+            shared.pool.take(),
+            &mut rng,
+        )
+        .map_err(|e| field_err(name, e))?;
+        let lats: Vec<f64> = (0..wy).map(|y| ds.lats[window.lat_start + y]).collect();
+        let lons: Vec<f64> = (0..wx)
+            .map(|x| ds.lons[(window.lon_start + x) % nlon])
+            .collect();
+        let infos = token_infos(
+            &field.geometry,
+            &WindowCoords {
+                times_unix_s: &ds.times[window.time_start..window.time_start + wt],
+                level_values: &field.level_values,
+                lats_deg: &lats,
+                lons_deg: &lons,
+                time_step_h: shared.time_step_h,
+                grid_spacing_deg: shared.grid_spacing,
+            },
+        )
+        .map_err(|e| field_err(name, e))?;
+        let pe = match &field.fixed_pe {
+            Some(pe) => pe.clone(),
+            None => {
+                let offsets = GlobalOffsets::from_grid_start(
+                    [window.time_start, window.lat_start, window.lon_start],
+                    field.geometry.geometry.token_size,
+                    Some(nlon),
+                );
+                encode(
+                    field.config.pe,
+                    &field.geometry,
+                    field.config.pe_width,
+                    &PeInputs {
+                        global_offsets: Some(offsets),
+                        token_infos: Some(&infos),
+                    },
+                )
+                .map_err(|e| field_err(name, e))?
+            }
+        };
+        Ok(FieldSample {
+            name: name.clone(),
+            source: masked.source,
+            target: masked.target,
+            masked_indices: masked.masked_indices,
+            token_info: flatten(&infos),
+            pe,
+            window,
+        })
+    }
+}
+
+/// Runs CPU-heavy `work` on tokio's blocking pool rather than on the async worker awaiting it:
+/// a worker busy for the length of an encoding or a blur stalls every stream it serves. Outside
+/// a tokio runtime it runs in place. A panic in `work` goes on in the caller, as if it had run
+/// there.
+pub(super) async fn off_worker<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return work();
+    }
+    match tokio::task::spawn_blocking(work).await {
+        Ok(done) => done,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Only a runtime shutting down cancels a blocking task; nobody awaits the sample.
+            Err(e) => panic!("a blocking sample task was cancelled: {e}"),
+        },
     }
 }

@@ -82,7 +82,8 @@ fn field_err(field: &str, detail: impl std::fmt::Display) -> PipelineError {
 pub struct Pipeline {
     dataset: Arc<Dataset>,
     config: PipelineConfig,
-    fields: Vec<PreparedField>,
+    /// Shared with the blocking threads that finish samples.
+    fields: Arc<[PreparedField]>,
     stats: Option<Arc<GlobalStats>>,
     local: Option<Arc<LocalStats>>,
     split_range: Range<usize>,
@@ -151,7 +152,7 @@ impl Pipeline {
                     local.as_deref(),
                 )
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Arc<[_]>, _>>()?;
         let EpochLayout {
             blocks,
             plan,

@@ -592,3 +592,53 @@ async fn a_regional_grid_is_refused_not_wrapped() {
         "{err}"
     );
 }
+
+/// Encodings and blur run off the async worker: on a single-threaded runtime a ticker keeps
+/// ticking while a sample with a wide window-dependent positional encoding and a blur is cut (run
+/// on the worker, the ticker would stall for the whole computation).
+#[tokio::test(flavor = "current_thread")]
+async fn cpu_heavy_sample_work_leaves_the_async_worker_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dataset, stats) = store(dir.path()).await;
+    let mut cfg = config();
+    // 2 levels × 4 × 12 × 24 tokens, a global encoding 2048 wide: 9.4 M values per sample.
+    cfg.fields.truncate(1);
+    cfg.fields[0].num_tokens = [4, 12, 24];
+    cfg.fields[0].pe = PeMode::Global;
+    cfg.fields[0].pe_width = 2048;
+    cfg.fields[0].blur_sigma = 1.5;
+    let pipeline = Pipeline::new(dataset, cfg, Some(stats)).unwrap();
+    // Warm the chunk cache, so that the measured sample is CPU work only.
+    pipeline.sample(0, 0).await.unwrap();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut last = std::time::Instant::now();
+            let mut widest = std::time::Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                widest = widest.max(last.elapsed());
+                last = std::time::Instant::now();
+            }
+            widest
+        }
+    });
+    tokio::task::yield_now().await;
+    let start = std::time::Instant::now();
+    let sample = pipeline.sample(0, 0).await.unwrap();
+    let took = start.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let widest = ticker.await.unwrap();
+    assert_eq!(sample.fields[0].pe.len(), 2 * 4 * 12 * 24 * 2048);
+    println!(
+        "sample: {:.1} ms; the worker's longest stall meanwhile: {:.1} ms",
+        took.as_secs_f64() * 1e3,
+        widest.as_secs_f64() * 1e3
+    );
+    assert!(
+        widest < took / 2,
+        "the worker stalled {widest:?} during a {took:?} sample"
+    );
+}
