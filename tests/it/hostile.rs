@@ -616,3 +616,80 @@ async fn many_large_get_samples_stay_inside_the_budget_while_a_stream_flows() {
     assert!(peak < BUDGET_MIB + OVERHEAD_MIB, "peak RSS {peak} MiB");
     assert!(server.is_running());
 }
+
+/// With a token set, reflection (which lists every RPC and message) asks for it like the loader
+/// does; health stays open for probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_asks_for_the_token_and_health_does_not() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    const TOKEN: &str = "hostile-test-token";
+    let dir = TempDir::new().unwrap();
+    let mut server = serve_with(&dir, &format!("token = \"{TOKEN}\"\n")).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connecting");
+    let list = || {
+        tokio_stream::iter([ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        }])
+    };
+    let mut table = vec![
+        "| case | code | response |".to_string(),
+        "|---|---|---|".into(),
+    ];
+
+    let start = Instant::now();
+    let refused = ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(list())
+        .await
+        .expect_err("reflection without the token is refused");
+    table.push(format!(
+        "| reflection without the token | {:?} | {} |",
+        refused.code(),
+        ms(start.elapsed())
+    ));
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused}");
+
+    let with_token = |mut request: tonic::Request<()>| {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        Ok(request)
+    };
+    let start = Instant::now();
+    let mut answers = ServerReflectionClient::with_interceptor(channel.clone(), with_token)
+        .server_reflection_info(list())
+        .await
+        .expect("reflection with the token answers")
+        .into_inner();
+    let answer = answers.message().await.unwrap().expect("an answer");
+    table.push(format!(
+        "| reflection with the token | Ok | {} |",
+        ms(start.elapsed())
+    ));
+    assert!(answer.message_response.is_some());
+
+    let start = Instant::now();
+    let health = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "atmorep.loader.v1.Loader".into(),
+        })
+        .await
+        .expect("health answers without a token")
+        .into_inner();
+    table.push(format!(
+        "| health without the token | Ok | {} |",
+        ms(start.elapsed())
+    ));
+    assert_eq!(health.status, 1, "SERVING");
+    println!("{}", table.join("\n"));
+    assert!(server.is_running());
+}

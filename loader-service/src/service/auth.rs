@@ -1,4 +1,4 @@
-//! Bearer-token authentication of the `Loader` calls.
+//! Bearer-token authentication of the `Loader` and reflection calls (health stays open).
 
 use std::sync::Arc;
 
@@ -6,7 +6,7 @@ use tonic::{Request, Status};
 
 use super::failed;
 
-/// Checks `authorization: Bearer <token>` on every Loader call.
+/// Checks `authorization: Bearer <token>` on every Loader and reflection call.
 #[derive(Debug, Clone)]
 pub(super) struct BearerAuth {
     pub(super) expected: Option<Arc<str>>,

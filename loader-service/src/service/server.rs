@@ -1,5 +1,6 @@
-//! Server start-up: the `Loader` service behind bearer-token auth, with health and reflection (v1
-//! and v1alpha) beside it, message, stream and connection limits, compression and TLS, and a graceful shutdown.
+//! Server start-up: the `Loader` service and reflection (v1 and v1alpha) behind bearer-token
+//! auth, health beside them open to probes, message, stream and connection limits, compression
+//! and TLS, and a graceful shutdown.
 
 use std::future::Future;
 use std::path::Path;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use atmorep_proto::pb::loader_server::LoaderServer;
 use tokio::net::TcpListener;
 use tonic::codec::CompressionEncoding;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use super::auth::BearerAuth;
@@ -51,7 +53,11 @@ pub async fn run(
         .accept_compressed(CompressionEncoding::Zstd)
         .send_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Zstd);
-    let loader = tonic::service::interceptor::InterceptedService::new(loader, auth);
+    // Reflection lists every RPC and message of the service: behind the same token as the
+    // loader. Health stays open, so that probes (Kubernetes' gRPC probe sends no token) work.
+    let reflection_v1 = InterceptedService::new(reflection_v1, auth.clone());
+    let reflection_v1alpha = InterceptedService::new(reflection_v1alpha, auth.clone());
+    let loader = InterceptedService::new(loader, auth);
 
     let mut builder = Server::builder()
         // Windows large enough that one stream can keep a few batches in the pipe.
