@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 
+use super::assemble::off_worker;
 use super::epoch::EpochCursor;
 use super::{MemoryBudget, Pipeline, PipelineError, Sample};
 
@@ -100,7 +101,17 @@ impl Pipeline {
             // Whole batches reserve their memory at once: a batch holding part of its share while
             // waiting for the rest could deadlock against other streams doing the same.
             let in_flight = spec.sample_concurrency.div_ceil(spec.batch_size).max(1);
-            let mut batches = futures::stream::iter(batch_items)
+            // Drawing ids builds each epoch's order (up to `max_samples_per_epoch` ids) when the
+            // epoch begins: planning work, kept off the async worker like the samples' own.
+            let batch_items = Box::pin(futures::stream::unfold(
+                Some(batch_items),
+                |items| async move {
+                    let mut items = items?;
+                    let (next, items) = off_worker(move || (items.next(), items)).await;
+                    next.map(|batch| (batch, Some(items)))
+                },
+            ));
+            let mut batches = batch_items
                 .map(|(items, last)| {
                     let pipeline = pipeline.clone();
                     let memory = spec.memory.clone();

@@ -611,26 +611,8 @@ async fn cpu_heavy_sample_work_leaves_the_async_worker_free() {
     // Warm the chunk cache, so that the measured sample is CPU work only.
     pipeline.sample(0, 0).await.unwrap();
 
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let ticker = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            let mut last = std::time::Instant::now();
-            let mut widest = std::time::Duration::ZERO;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                widest = widest.max(last.elapsed());
-                last = std::time::Instant::now();
-            }
-            widest
-        }
-    });
-    tokio::task::yield_now().await;
-    let start = std::time::Instant::now();
-    let sample = pipeline.sample(0, 0).await.unwrap();
-    let took = start.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let widest = ticker.await.unwrap();
+    let (sample, took, widest) = longest_stall_during(pipeline.sample(0, 0)).await;
+    let sample = sample.unwrap();
     assert_eq!(sample.fields[0].pe.len(), 2 * 4 * 12 * 24 * 2048);
     println!(
         "sample: {:.1} ms; the worker's longest stall meanwhile: {:.1} ms",
@@ -640,5 +622,75 @@ async fn cpu_heavy_sample_work_leaves_the_async_worker_free() {
     assert!(
         widest < took / 2,
         "the worker stalled {widest:?} during a {took:?} sample"
+    );
+}
+
+/// Runs `work` on the current (single-threaded) runtime beside a 1 ms ticker: its output, how long
+/// it took and the ticker's longest wait meanwhile (the worker's longest stall).
+async fn longest_stall_during<T>(
+    work: impl std::future::Future<Output = T>,
+) -> (T, std::time::Duration, std::time::Duration) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut last = Instant::now();
+            let mut widest = Duration::ZERO;
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                widest = widest.max(last.elapsed());
+                last = Instant::now();
+            }
+            widest
+        }
+    });
+    tokio::task::yield_now().await;
+    let start = Instant::now();
+    let out = work.await;
+    let took = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    (out, took, ticker.await.unwrap())
+}
+
+/// An epoch of two million samples: its order is built when the stream draws its first ids, off
+/// the async worker.
+#[tokio::test(flavor = "current_thread")]
+async fn planning_a_large_epoch_leaves_the_async_worker_free() {
+    use atmorep_loader::pipeline::BatchSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let (dataset, stats) = store(dir.path()).await;
+    let mut cfg = config();
+    cfg.samples_per_block = 1_000_000;
+    let pipeline = Arc::new(Pipeline::new(dataset, cfg, Some(stats)).unwrap());
+    assert!(pipeline.num_samples() >= 2_000_000);
+    let spec = BatchSpec {
+        rank: 0,
+        world: 1,
+        start: EpochCursor::default(),
+        end_epoch: None,
+        batch_size: 1,
+        sample_concurrency: 1,
+        prefetch_batches: 1,
+        memory: None,
+    };
+    // The stream starts inside the measured span: its task begins drawing ids at once.
+    let (first, took, widest) = longest_stall_during(async {
+        let mut batches = pipeline.batches(spec).unwrap();
+        batches.next().await
+    })
+    .await;
+    first.expect("a first batch").unwrap();
+    println!(
+        "first batch of a {}-sample epoch: {:.1} ms; the worker's longest stall meanwhile: \
+         {:.1} ms",
+        pipeline.num_samples(),
+        took.as_secs_f64() * 1e3,
+        widest.as_secs_f64() * 1e3
+    );
+    assert!(
+        widest < took / 2,
+        "the worker stalled {widest:?} while the first batch took {took:?}"
     );
 }
