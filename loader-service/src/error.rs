@@ -78,6 +78,10 @@ pub enum StoreError {
         source: std::io::Error,
     },
 
+    /// A panic while decoding or reading, caught before it could take the process down.
+    #[error(transparent)]
+    Panicked(#[from] crate::panic::Panicked),
+
     /// Errors from writing tables and plots.
     #[error("cannot write output `{path}`: {detail}")]
     Output { path: String, detail: String },

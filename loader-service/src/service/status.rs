@@ -1,7 +1,7 @@
 //! The one place library errors become gRPC statuses, with the code a client can act on:
 //! malformed requests are INVALID_ARGUMENT, missing things NOT_FOUND, storage that cannot be
 //! reached UNAVAILABLE (the client retries), data that cannot be decoded DATA_LOSS, requests over
-//! a server limit RESOURCE_EXHAUSTED.
+//! a server limit RESOURCE_EXHAUSTED, a contained panic INTERNAL.
 
 use tonic::{Code, Status};
 
@@ -29,6 +29,8 @@ pub fn from_store(error: &StoreError) -> Status {
         | StoreError::UnsupportedCodec { .. }
         | StoreError::UnsupportedDataType { .. }
         | StoreError::CfTime { .. } => Code::DataLoss,
+        // A bug of ours, not the request's: INTERNAL, so no client takes it for its own fault.
+        StoreError::Panicked(_) => Code::Internal,
         _ => Code::Internal,
     };
     Status::new(code, full_chain(error))
@@ -51,6 +53,7 @@ pub fn from_pipeline(error: &PipelineError) -> Status {
             Status::failed_precondition(format!("statistics: {}", full_chain(e)))
         }
         PipelineError::Cost(e) => from_cost(e),
+        PipelineError::Panicked(e) => Status::internal(e.to_string()),
     }
 }
 

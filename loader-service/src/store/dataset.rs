@@ -530,7 +530,7 @@ impl Dataset {
                         Ok::<_, StoreError>((found.then_some(buf.len()), decoded))
                     })
                 })
-                .await?
+                .await??
             }
             None => {
                 let encoded = self.location.get(&store_key).await?;
@@ -545,7 +545,7 @@ impl Dataset {
                         &packing,
                     )
                 })
-                .await?;
+                .await??;
                 (fetched, decoded)
             }
         };
