@@ -45,6 +45,17 @@ pub enum StoreError {
         detail: String,
     },
 
+    /// A chunk the metadata promises but the store lacks, under `missing_chunks = "error"` (the
+    /// log line of the first read names the store's URL too).
+    #[error(
+        "dataset `{dataset}`: chunk `{key}` of array `{array}` is missing from its store (missing_chunks = \"error\")"
+    )]
+    MissingChunk {
+        dataset: String,
+        array: String,
+        key: String,
+    },
+
     /// A variable the store does not have.
     #[error("store `{url}` has no variable `{name}` (available: {available})")]
     UnknownVariable {

@@ -2,7 +2,9 @@
 //! injected into the decodes of one dataset (the `ATMOREP_FAULT_DECODE_PANIC` test hook) fails
 //! that dataset's stream and `GetSample` with INTERNAL, logs it and counts it in
 //! `atmorep_panics_total`, while another client's stream on the same server, running at the same
-//! time, delivers its epoch exactly once.
+//! time, delivers its epoch exactly once. A chunk deleted from a store reads as the fill value
+//! (reported once) or, under `missing_chunks = "error"`, fails the stream with DATA_LOSS naming
+//! it.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -111,4 +113,87 @@ async fn a_panic_in_a_decode_fails_only_its_stream() {
     let panics = metric(&text, "atmorep_panics_total{place=\"decode\"}");
     println!("atmorep_panics_total{{place=\"decode\"}} = {panics:?}");
     assert!(panics.is_some_and(|n| n >= 2.0), "{text}");
+}
+
+/// A store with one chunk deleted, served twice by one server: as `fill` (the default) and as
+/// `strict` (`missing_chunks = "error"`), with the chunk cache off so every read goes to the
+/// store. `fill` streams whole epochs (the chunk reads as the fill value) and reports the chunk
+/// once however often it is read; `strict` fails with DATA_LOSS naming the dataset, the array
+/// and the chunk, although `fill` read that very chunk first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_chunk_is_filled_and_reported_once_or_refused_by_name() {
+    let dir = TempDir::new().unwrap();
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(40)).await;
+    let chunk = store.join("z").join("2.0.0.0");
+    std::fs::remove_file(&chunk).unwrap_or_else(|e| panic!("deleting {}: {e}", chunk.display()));
+    let config = dir.path().join("loader.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cache_mib = 0\n\n\
+             [[datasets]]\nname = \"fill\"\nurl = \"{url}\"\n\n\
+             [[datasets]]\nname = \"strict\"\nurl = \"{url}\"\nmissing_chunks = \"error\"\n",
+            url = store.display()
+        ),
+    )
+    .unwrap();
+    let metrics_port = free_port();
+    let mut server = Server::start(
+        &[
+            "--config".into(),
+            config.display().to_string(),
+            "--metrics-bind".into(),
+            format!("127.0.0.1:{metrics_port}"),
+        ],
+        &dir.path().join("server.log"),
+    );
+    let client = connect(client_config(vec![server.endpoint()])).await;
+
+    for _ in 0..2 {
+        let mut fill = client.stream(request("fill", 4, 8, "end_epoch = 1"));
+        assert_whole_epoch(&ids(&collect(&mut fill).await), 0, 32);
+    }
+    for _ in 0..2 {
+        let mut strict = client.stream(request("strict", 4, 8, "end_epoch = 1"));
+        let first = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match strict.next().await {
+                    Some(Ok(_)) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the strict stream is answered");
+        let err = match first {
+            Some(Err(e)) => e,
+            None => panic!("the strict stream never touched the missing chunk"),
+            Some(Ok(_)) => unreachable!(),
+        };
+        println!("strict: {err}");
+        assert_eq!(err.code(), Some(Code::DataLoss), "{err}");
+        let text = err.to_string();
+        for part in ["`strict`", "`z`", "`z/2.0.0.0`"] {
+            assert!(text.contains(part), "the error names {part}: {text}");
+        }
+    }
+    assert!(server.is_running());
+
+    let log = log_of(dir.path());
+    let filled = log.matches("missing chunk: read as the fill value").count();
+    let refused = log.matches("missing chunk: reads fail").count();
+    println!("log lines: {filled} filled, {refused} refused");
+    assert_eq!(
+        (filled, refused),
+        (1, 1),
+        "one line per chunk and dataset:\n{log}"
+    );
+    let text = scrape(metrics_port).expect("the metrics endpoint answers");
+    for dataset in ["fill", "strict"] {
+        let n = metric(
+            &text,
+            &format!("atmorep_missing_chunks_total{{dataset=\"{dataset}\"}}"),
+        );
+        assert_eq!(n, Some(1.0), "{dataset}:\n{text}");
+    }
 }

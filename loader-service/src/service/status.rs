@@ -39,6 +39,10 @@ pub fn from_store(error: &StoreError) -> Status {
         | StoreError::UnsupportedCodec { .. }
         | StoreError::UnsupportedDataType { .. }
         | StoreError::CfTime { .. } => Code::DataLoss,
+        // DATA_LOSS, not NOT_FOUND: the client asked for nothing that does not exist (the
+        // metadata promises the chunk); the store lost data, which no retry or other request
+        // will bring back, like a chunk that does not decode.
+        StoreError::MissingChunk { .. } => Code::DataLoss,
         // A bug of ours, not the request's: INTERNAL, so no client takes it for its own fault.
         StoreError::Panicked(_) => Code::Internal,
         _ => Code::Internal,
