@@ -20,7 +20,7 @@ pub const DECODE_PANIC_ENV: &str = "ATMOREP_FAULT_DECODE_PANIC";
 
 /// A panic caught where it happened, with the place and the panic's message.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("internal error: panic in {place}: {message}")]
+#[error("panic in {place}: {message}")]
 pub struct Panicked {
     /// What was running: `decode`, `sample task`, `batch task`, `stream task`, `GetSample`.
     pub place: &'static str,
@@ -88,7 +88,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "internal error: panic in sample task: static"
+            "panic in sample task: static"
         );
     }
 }
