@@ -65,6 +65,7 @@ fn server_config(args: &ServeArgs) -> Result<ServerConfig> {
             url: url.into(),
             description: String::new(),
             stats: None,
+            missing_chunks: Default::default(),
         });
     }
     if let Some(bind) = args.bind {

@@ -30,7 +30,7 @@ impl Outgoing {
         Self { reply, reservation }
     }
 
-    fn error(status: Status) -> Self {
+    pub(super) fn error(status: Status) -> Self {
         Self::new(Err(status), None)
     }
 }
