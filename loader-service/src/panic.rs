@@ -86,9 +86,6 @@ mod tests {
         let err = contain("sample task", async { panic!("static") })
             .await
             .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "panic in sample task: static"
-        );
+        assert_eq!(err.to_string(), "panic in sample task: static");
     }
 }
