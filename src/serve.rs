@@ -29,6 +29,8 @@ pub struct ServeArgs {
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let config = server_config(&args)?;
+    // Before anything listens: a token named by `token_env` but missing is a refusal to start.
+    config.bearer_token()?;
     if let Some(addr) = config.metrics_bind {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
@@ -63,6 +65,7 @@ fn server_config(args: &ServeArgs) -> Result<ServerConfig> {
             url: url.into(),
             description: String::new(),
             stats: None,
+            missing_chunks: Default::default(),
         });
     }
     if let Some(bind) = args.bind {

@@ -45,6 +45,17 @@ pub enum StoreError {
         detail: String,
     },
 
+    /// A chunk the metadata promises but the store lacks, under `missing_chunks = "error"` (the
+    /// log line of the first read names the store's URL too).
+    #[error(
+        "dataset `{dataset}`: chunk `{key}` of array `{array}` is missing from its store (missing_chunks = \"error\")"
+    )]
+    MissingChunk {
+        dataset: String,
+        array: String,
+        key: String,
+    },
+
     /// A variable the store does not have.
     #[error("store `{url}` has no variable `{name}` (available: {available})")]
     UnknownVariable {
@@ -77,6 +88,10 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+
+    /// A panic while decoding or reading, caught before it could take the process down.
+    #[error(transparent)]
+    Panicked(#[from] crate::panic::Panicked),
 
     /// Errors from writing tables and plots.
     #[error("cannot write output `{path}`: {detail}")]

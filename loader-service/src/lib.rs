@@ -16,6 +16,7 @@
 #[cfg(feature = "era5-files")]
 pub mod convert;
 pub mod error;
+pub mod panic;
 pub mod pipeline;
 pub mod progress;
 pub mod service;

@@ -35,7 +35,7 @@ def test_datasets_info_and_statistics(server):
     assert info["time"]["count"] == 40 and info["time"]["step_hours"] == 6.0
     assert sorted(info["statistics"]["global"]) == ["t", "z"]
     limits = info["limits"]
-    assert limits["max_batch_size"] > 0 and 0 < limits["max_tokens"] < 19 * 36 * 40
+    assert limits["max_batch_size"] > 0 and limits["max_tokens"] > 0
     assert limits["max_batch_bytes"] > 0 and limits["max_window_bytes"] > 0
     assert limits["max_samples_per_epoch"] > 0 and limits["max_blur_sigma"] > 0
     coverage = info["statistics"]["global_coverage"]

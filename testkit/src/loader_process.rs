@@ -63,12 +63,18 @@ impl Server {
 
     /// Starts the server on `bind` and waits for its `listening on ADDR` line.
     pub fn start_on(bind: &str, args: &[String], log: &Path) -> Self {
+        Self::start_with_env(bind, args, &[], log)
+    }
+
+    /// [`Server::start_on`] with extra environment variables (test hooks, store settings).
+    pub fn start_with_env(bind: &str, args: &[String], env: &[(&str, &str)], log: &Path) -> Self {
         let stderr = std::fs::File::create(log).expect("creating the server log");
         let child = Command::new(atmorep_bin())
             .args(["loader", "serve"])
             .args(args)
             .args(["--bind", bind])
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)

@@ -202,6 +202,7 @@ fn kubernetes_manifests_validate_against_the_schemas() {
         ("Service", "atmorep-trainer"),
         ("PersistentVolumeClaim", "atmorep-runs"),
         ("Job", "atmorep-train"),
+        ("NetworkPolicy", "atmorep-loader"),
     ] {
         assert!(
             kinds.contains(&(kind.to_owned(), name.to_owned())),
@@ -683,6 +684,8 @@ fn flag_value<'a>(line: &'a str, flag: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{flag} has no value"))
 }
 
+/// The ports a compose service publishes, each checked to be published on the host's loopback
+/// only (`127.0.0.1:PORT:PORT`), never on all interfaces.
 fn published_ports(service: &Value) -> BTreeSet<u16> {
     service["ports"]
         .as_sequence()
@@ -691,7 +694,14 @@ fn published_ports(service: &Value) -> BTreeSet<u16> {
                 .iter()
                 .map(|p| {
                     let p = str_of(p, "port");
-                    let (host, container) = p.split_once(':').expect("HOST:CONTAINER");
+                    let mut parts = p.split(':');
+                    let (ip, host, container) = (parts.next(), parts.next(), parts.next());
+                    let (Some(ip), Some(host), Some(container), None) =
+                        (ip, host, container, parts.next())
+                    else {
+                        panic!("`{p}` is not IP:HOST:CONTAINER: published on every interface");
+                    };
+                    assert_eq!(ip, "127.0.0.1", "published beyond loopback: {p}");
                     assert_eq!(host, container, "published on the same port: {p}");
                     container.parse().unwrap()
                 })
@@ -807,4 +817,174 @@ fn compose_services_ports_and_prometheus_targets_match_the_configs() {
             format!("trainer:{trainer_metrics}")
         ])
     );
+}
+
+/// The env entry `ATMOREP_TOKEN` of a container, checked to come from the Secret
+/// `atmorep-loader-token` (never a literal in a manifest).
+fn assert_token_from_secret(container: &Value, what: &str) {
+    let token = env_value(container, "ATMOREP_TOKEN");
+    assert!(
+        token["value"].is_null(),
+        "{what}: a literal token in a manifest"
+    );
+    let secret = &token["valueFrom"]["secretKeyRef"];
+    assert_eq!(
+        secret["name"].as_str(),
+        Some("atmorep-loader-token"),
+        "{what}"
+    );
+    assert_eq!(secret["key"].as_str(), Some("token"), "{what}");
+    assert!(
+        !secret["optional"].as_bool().unwrap_or(false),
+        "{what}: the token is required"
+    );
+}
+
+/// Secure by default: the deployed loader requires a bearer token, which the loader and the
+/// trainers read from a Secret (Kubernetes) or the caller's environment (compose, where it has no
+/// default), and a NetworkPolicy admits only trainer pods to the gRPC port and only Prometheus to
+/// the metrics port. (Compose's ports on loopback only: `published_ports`.)
+#[test]
+fn the_loader_needs_a_token_and_only_trainers_reach_it() {
+    let config = loader_config();
+    assert_eq!(config.token_env.as_deref(), Some("ATMOREP_TOKEN"));
+    assert!(config.token.is_none(), "no token in the config file itself");
+
+    let daemon_set = resource("DaemonSet", "atmorep-loader");
+    assert_token_from_secret(container(&daemon_set), "the loader DaemonSet");
+    let job = resource("Job", "atmorep-train");
+    assert_token_from_secret(container(&job), "the trainer Job");
+
+    let compose = compose();
+    for name in ["loader", "trainer"] {
+        let token = compose["services"][name]["environment"]["ATMOREP_TOKEN"]
+            .as_str()
+            .unwrap_or_else(|| panic!("compose {name}: no ATMOREP_TOKEN"));
+        assert!(
+            token.starts_with("${ATMOREP_TOKEN:?"),
+            "compose {name}: ATMOREP_TOKEN must be required from the environment: {token}"
+        );
+    }
+
+    // The policy selects the loader pods and has no rule open to everyone.
+    let policy = resource("NetworkPolicy", "atmorep-loader");
+    let spec = &policy["spec"];
+    assert_eq!(
+        spec["podSelector"]["matchLabels"],
+        daemon_set["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+            .as_str()
+            .map(|name| {
+                let mut m = serde_yaml::Mapping::new();
+                m.insert("app.kubernetes.io/name".into(), name.into());
+                Value::Mapping(m)
+            })
+            .unwrap(),
+        "the policy selects the loader pods"
+    );
+    assert_eq!(spec["policyTypes"][0].as_str(), Some("Ingress"));
+    let rules = spec["ingress"].as_sequence().expect("ingress rules");
+    let rule_for = |port: &str| {
+        let matching: Vec<&Value> = rules
+            .iter()
+            .filter(|r| {
+                r["ports"]
+                    .as_sequence()
+                    .is_some_and(|ps| ps.iter().any(|p| p["port"].as_str() == Some(port)))
+            })
+            .collect();
+        assert_eq!(matching.len(), 1, "one rule for port {port}");
+        matching[0]
+    };
+    for rule in rules {
+        let from = rule["from"].as_sequence().map_or(0, |f| f.len());
+        assert!(from > 0, "a rule open to every source: {rule:?}");
+        assert!(
+            rule["ports"].as_sequence().is_some(),
+            "a rule for every port: {rule:?}"
+        );
+    }
+    let trainer_labels = &job["spec"]["template"]["metadata"]["labels"];
+    let grpc_from = &rule_for("grpc")["from"];
+    assert_eq!(grpc_from.as_sequence().unwrap().len(), 1);
+    let selector = &grpc_from[0]["podSelector"]["matchLabels"];
+    assert!(
+        grpc_from[0]["namespaceSelector"].is_null(),
+        "trainers of this namespace only"
+    );
+    for (key, value) in selector.as_mapping().expect("a pod selector") {
+        assert_eq!(
+            &trainer_labels[key.as_str().unwrap()],
+            value,
+            "the gRPC rule must select the trainer pods"
+        );
+    }
+    let metrics_from = &rule_for("metrics")["from"];
+    assert_eq!(
+        metrics_from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str(),
+        Some("prometheus")
+    );
+    // The named ports exist on the loader container.
+    let loader = container(&daemon_set);
+    container_port(loader, "grpc");
+    container_port(loader, "metrics");
+}
+
+/// The deployed config, served for real (binds moved to loopback, the store to a tiny one):
+/// without `ATMOREP_TOKEN` the loader refuses to start and names the variable; with it, it
+/// serves.
+#[test]
+fn the_deployed_loader_refuses_to_start_without_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("era5.zarr");
+    for args in [
+        vec![
+            "loader",
+            "synth",
+            store.to_str().unwrap(),
+            "--grid",
+            "10",
+            "--steps",
+            "8",
+            "--step-hours",
+            "6",
+            "--levels",
+            "850,500",
+            "--variables",
+            "t,z",
+        ],
+        vec!["loader", "stats", store.to_str().unwrap()],
+    ] {
+        let out = run(Command::new(atmorep_bin()).args(&args));
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    }
+    let text_config = loader_config_text()
+        .replace("0.0.0.0:50051", "127.0.0.1:0")
+        .replace("0.0.0.0:9464", "127.0.0.1:0")
+        .replace("/data/era5.zarr", store.to_str().unwrap());
+    let config = dir.path().join("loader.toml");
+    std::fs::write(&config, text_config).unwrap();
+
+    let without = run(Command::new(atmorep_bin())
+        .args(["loader", "serve", "--config", config.to_str().unwrap()])
+        .env_remove("ATMOREP_TOKEN")
+        .stdin(std::process::Stdio::null()));
+    assert!(!without.status.success(), "{}", text(&without));
+    let said = text(&without);
+    assert!(said.contains("ATMOREP_TOKEN"), "{said}");
+    assert!(!said.contains("listening on"), "it listened first: {said}");
+
+    let mut with = atmorep_testkit::ChildGuard(Some(
+        Command::new(atmorep_bin())
+            .args(["loader", "serve", "--config", config.to_str().unwrap()])
+            .env("ATMOREP_TOKEN", "a deployed secret")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let stdout = with.child().stdout.take().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    assert!(line.starts_with("listening on 127.0.0.1:"), "{line}");
 }

@@ -4,7 +4,9 @@
 //! store; persistent ones are reported naming the object; a short body is an error, never
 //! silently wrong data. In-process through `StoreLocation::from_store` with a fast retry policy,
 //! and across processes through the `atmorep` CLI, whose policy comes from the
-//! `ATMOREP_STORE_*` variables (`loader-service/src/location.rs`).
+//! `ATMOREP_STORE_*` variables (`loader-service/src/location.rs`). A store that answers 403 fails
+//! a real loader's stream at once with PERMISSION_DENIED: neither the loader's object-store
+//! client nor the gRPC client retries it.
 
 use std::error::Error;
 use std::path::PathBuf;
@@ -16,7 +18,9 @@ use atmorep_loader::progress::NoProgress;
 use atmorep_loader::store::zarr_meta::Codec;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_loader::{ChunkCache, Dataset, Hyperslab, StoreError, StoreLocation};
-use atmorep_testkit::{Fault, S3TestServer, atmorep_bin};
+use atmorep_testkit::streams::{client_config, connect};
+use atmorep_testkit::tiny::{request, store_with_stats, tiny_config};
+use atmorep_testkit::{Fault, S3TestServer, Server, atmorep_bin};
 use object_store::{BackoffConfig, RetryConfig};
 
 const BUCKET: &str = "era5-faults";
@@ -378,4 +382,135 @@ fn cli_retries_with_the_policy_from_the_environment_and_names_the_failing_chunk(
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("ATMOREP_STORE_MAX_RETRIES"), "{stderr}");
+}
+
+/// `ATMOREP_STORE_TIMEOUT_SECS=1`: a chunk that answers after 3 s is given up after 1 s and
+/// asked again (a timeout is retried like a 5xx); the retry is answered and inspect succeeds well
+/// before the slow answer would have come; a bad value is refused naming the variable.
+#[test]
+fn the_request_timeout_comes_from_the_environment_and_a_timeout_is_retried() {
+    let fx = Fixture::new(BLOSC);
+    let chunk = fx.key(CHUNK);
+    let slow = Duration::from_secs(3);
+    fx.server
+        .faults()
+        .times(BUCKET, &chunk, Fault::Latency(slow), 1);
+    let started = std::time::Instant::now();
+    let mut cmd = Command::new(atmorep_bin());
+    fx.server.configure_command(&mut cmd);
+    let output = cmd
+        .env("ATMOREP_STORE_TIMEOUT_SECS", "1")
+        .env("ATMOREP_STORE_BACKOFF_MS", "10")
+        .args([
+            "loader",
+            "inspect",
+            &fx.server.url(BUCKET, PREFIX),
+            "--json",
+            "--stats",
+        ])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let tries = fx.server.faults().requests(BUCKET, &chunk);
+    println!(
+        "timeout 1 s, answer after 3 s: {} tries, {took:?}",
+        tries.len()
+    );
+    assert_eq!(tries.len(), 2, "the slow try and its retry");
+    assert!(
+        tries[1].at - tries[0].at < slow,
+        "the retry came {:?} after the first try",
+        tries[1].at - tries[0].at
+    );
+
+    let mut cmd = Command::new(atmorep_bin());
+    fx.server.configure_command(&mut cmd);
+    let output = cmd
+        .env("ATMOREP_STORE_TIMEOUT_SECS", "soon")
+        .args(["loader", "inspect", &fx.server.url(BUCKET, PREFIX)])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("ATMOREP_STORE_TIMEOUT_SECS"), "{stderr}");
+}
+
+/// A loader serving a store over S3 whose objects answer 403 `AccessDenied` once it is up:
+/// the stream fails within seconds with PERMISSION_DENIED naming the object, every refused object
+/// was asked for once (object_store retries no 4xx; one sample in flight, so no two samples ask
+/// for the same chunk), and the client opened the stream once (it retries no PERMISSION_DENIED,
+/// though its policy allows 8 attempts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_from_the_store_is_permission_denied_and_never_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = store_with_stats(dir.path(), "tiny.zarr", &tiny_config(40)).await;
+    let server = S3TestServer::start(&dir.path().join("s3")).await.unwrap();
+    server.upload_dir(&local, BUCKET, "tiny.zarr").unwrap();
+    let config = dir.path().join("loader.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "sample_concurrency = 1\n\n[[datasets]]\nname = \"era5\"\nurl = \"{}\"\nstats = \"{}.stats\"\n",
+            server.url(BUCKET, "tiny.zarr"),
+            local.display()
+        ),
+    )
+    .unwrap();
+    let env = server.s3_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let log = dir.path().join("server.log");
+    let mut loader = Server::start_with_env(
+        "127.0.0.1:0",
+        &["--config".into(), config.display().to_string()],
+        &env,
+        &log,
+    );
+    // From now on every object of the store is refused (its metadata was read at startup).
+    server.faults().clear_log();
+    server
+        .faults()
+        .always(BUCKET, "tiny.zarr/*", Fault::Status(403));
+
+    let client = connect(client_config(vec![loader.endpoint()])).await;
+    let started = std::time::Instant::now();
+    let mut stream = client.stream(request("era5", 1, 8, "end_epoch = 1"));
+    let first = tokio::time::timeout(Duration::from_secs(60), stream.next())
+        .await
+        .expect("the stream is answered");
+    let took = started.elapsed();
+    let err = match first {
+        Some(Err(e)) => e,
+        other => panic!("a stream over a 403 store must fail, got {other:?}"),
+    };
+    println!("403 store: {err} after {:.0} ms", took.as_secs_f64() * 1e3);
+    assert_eq!(err.code(), Some(tonic::Code::PermissionDenied), "{err}");
+    assert!(
+        err.to_string().contains("tiny.zarr/"),
+        "names the object: {err}"
+    );
+    assert!(took < Duration::from_secs(10), "fails fast, took {took:?}");
+
+    let requests = server.faults().log();
+    let refused: Vec<_> = requests.iter().filter(|r| r.fault.is_some()).collect();
+    assert!(!refused.is_empty(), "the store was asked");
+    let mut per_key = std::collections::BTreeMap::<&str, usize>::new();
+    for r in &refused {
+        *per_key.entry(r.key.as_str()).or_default() += 1;
+    }
+    println!("refused objects: {per_key:?}");
+    assert!(
+        per_key.values().all(|&n| n == 1),
+        "a refused object was asked for again: {per_key:?}"
+    );
+    let opened = std::fs::read_to_string(&log)
+        .unwrap()
+        .matches("stream opened")
+        .count();
+    assert_eq!(opened, 1, "the client retried a PERMISSION_DENIED");
+    assert!(loader.is_running());
 }

@@ -291,7 +291,8 @@ async fn resume_reproduces(mut cfg: TrainConfig) -> Vec<(String, Vec<f32>)> {
 }
 
 /// `atmorep train --bench` for a few steps, then `--resume` of its folder with a config that
-/// differs: a clear error naming the setting, and the run's checkpoint is untouched.
+/// differs: a clear error naming the setting, and the run's checkpoint is untouched; a resume
+/// whose newest checkpoint is corrupt continues from the one before, saying so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_train_command_benches_and_refuses_a_mismatched_resume() {
     let dir = TempDir::new().unwrap();
@@ -376,6 +377,31 @@ async fn the_train_command_benches_and_refuses_a_mismatched_resume() {
     );
     let ckpt = checkpoint::load(&out, &atmorep_trainer::Device::Cpu).unwrap();
     assert_eq!(ckpt.step, 25);
+
+    // A bit flipped in the newest checkpoint's weights (step 25; step 20 is kept too): the
+    // resume says so and continues from step 20.
+    let weights = out.join("checkpoints/step-00000025/model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&weights, bytes).unwrap();
+    let resumed = train(&[
+        "--resume",
+        out.to_str().unwrap(),
+        "--steps",
+        "30",
+        "--quiet",
+    ]);
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("model.safetensors")
+            && stderr.contains("CRC-32")
+            && stderr.contains("resuming from step-00000020"),
+        "{stderr}"
+    );
+    let ckpt = checkpoint::load(&out, &atmorep_trainer::Device::Cpu).unwrap();
+    assert_eq!(ckpt.step, 30);
 }
 
 /// A loader that does not serve a field the model needs: the run fails naming the field, and

@@ -8,7 +8,8 @@
 //! - `train.toml`: the resolved training config (model and loader request spelt out);
 //! - `state.json`: format name and version, the optimizer step, per task the loader cursor after
 //!   the last batch the run consumed, and the task-choice RNG's state; a data-parallel run's
-//!   (more than one rank) also has `ranks`, per rank its task cursors (`tasks` is rank 0's).
+//!   (more than one rank) also has `ranks`, per rank its task cursors (`tasks` is rank 0's);
+//!   `files`, the length and CRC-32 of each of the three files above, as written.
 //!
 //! Writing is atomic at two levels. The folder is written as `.tmp-step-NNNNNNNN`, every file
 //! and the folder fsynced, then renamed to its final name; only then is `LATEST` replaced (a
@@ -22,11 +23,15 @@
 //! prints `ATMOREP_FAULT_CHECKPOINT: stalled at POINT of step-NNNNNNNN` to stderr and blocks
 //! until it is killed, so a test's SIGKILL lands inside the write.
 //!
-//! Loading checks the format, the version, that every file parses, and (in
+//! Loading checks the format, the version, each file's length and CRC-32 against `files` (a
+//! flipped bit in the weights parses fine), that every file parses, and (in
 //! [`crate::train::Trainer::from_checkpoint`]) that every tensor matches the model; each
-//! failure is an [`Error::Checkpoint`] naming the file and the problem.
+//! failure is an [`Error::Checkpoint`] naming the file and the problem. Resuming a run (its
+//! folder, or its `checkpoints` folder) whose latest checkpoint fails these checks falls back to
+//! the newest older checkpoint that passes them, and logs which it skipped and why; a checkpoint
+//! folder named explicitly is that checkpoint or an error.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,8 +46,10 @@ use crate::train::TrainConfig;
 
 /// `state.json`'s `format`.
 pub const FORMAT: &str = "atmorep-trainer-checkpoint";
-/// The checkpoint layout this build writes and reads.
-pub const VERSION: u32 = 3;
+/// The checkpoint layout this build writes (it reads [`OLDEST_VERSION`] on).
+pub const VERSION: u32 = 4;
+/// The oldest layout this build reads: version 3, the same without `files` (not verified).
+pub const OLDEST_VERSION: u32 = 3;
 /// The folder of a run's checkpoints inside its output folder.
 pub const DIR: &str = "checkpoints";
 /// The file naming the newest complete checkpoint.
@@ -122,6 +129,40 @@ struct State {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     ranks: Vec<Vec<TaskCursor>>,
     rng: RngState,
+    /// Length and CRC-32 of the checkpoint's other files, by file name (empty in version 3).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    files: BTreeMap<String, FileSum>,
+}
+
+/// A file's length and CRC-32 (IEEE), as `state.json` records them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSum {
+    bytes: u64,
+    /// Eight hex digits.
+    crc32: String,
+}
+
+impl FileSum {
+    fn of(path: &Path) -> Result<Self> {
+        use std::io::Read;
+        let mut file = File::open(path).map_err(io_err(path))?;
+        let mut hasher = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut bytes = 0u64;
+        loop {
+            let n = file.read(&mut buf).map_err(io_err(path))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            bytes += n as u64;
+        }
+        Ok(Self {
+            bytes,
+            crc32: format!("{:08x}", hasher.finalize()),
+        })
+    }
 }
 
 /// What a checkpoint holds, ready to save (borrowed from a running trainer).
@@ -229,8 +270,8 @@ pub fn step_dir_name(step: u64) -> String {
 
 /// Writes `snap` under `out/checkpoints/` (see the module docs), keeps the newest `keep`
 /// checkpoints (at least the new one) and returns the new checkpoint's folder. A checkpoint of
-/// the same step that already exists is complete and identical (a run that resumed and stopped
-/// at once), so it is kept as it is.
+/// the same step that already exists and matches its sums is identical (a run that resumed and
+/// stopped at once), so it is kept as it is; one that does not is written anew.
 pub fn save(out: &Path, snap: &CheckpointSnapshot<'_>, keep: usize) -> Result<PathBuf> {
     save_with(out, snap, keep, None, stall_point(snap.step)?)
 }
@@ -248,6 +289,11 @@ pub(crate) fn save_with(
     remove_temporaries(&root)?;
     let name = step_dir_name(snap.step);
     let dir = root.join(&name);
+    // A run that resumed from an older checkpoint past a corrupt one rewrites it, not keeps it.
+    if dir.join(STATE_FILE).exists() && !is_sound(&dir) {
+        tracing::warn!(checkpoint = %dir.display(), "replacing a corrupt checkpoint");
+        std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+    }
     if !dir.join(STATE_FILE).exists() {
         let tmp = root.join(format!("{TMP_PREFIX}{name}"));
         std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
@@ -258,6 +304,11 @@ pub(crate) fn save_with(
             &tmp.join(CONFIG_FILE),
             snap.config.to_toml_string().as_bytes(),
         )?;
+        // Read back from the disk, so the sums vouch for what a resume will read.
+        let files = [MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE]
+            .into_iter()
+            .map(|f| Ok((f.to_string(), FileSum::of(&tmp.join(f))?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
         let state = State {
             format: FORMAT.into(),
             version: VERSION,
@@ -265,6 +316,7 @@ pub(crate) fn save_with(
             tasks: snap.tasks.clone(),
             ranks: snap.ranks.clone(),
             rng: snap.rng.clone(),
+            files,
         };
         let json = serde_json::to_vec_pretty(&state).expect("the state always serializes");
         write_synced(&tmp.join(STATE_FILE), &json)?;
@@ -406,10 +458,80 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     ))
 }
 
-/// Reads the checkpoint `path` means (see [`resolve`]), checking its format and version and
-/// that every file parses. Tensors are loaded on `device`.
+/// Reads the checkpoint `path` means (see [`resolve`]), checking its format and version, each
+/// file's length and CRC-32, and that every file parses. Tensors are loaded on `device`. For a
+/// run (not a checkpoint folder named explicitly) whose latest checkpoint fails those checks, the
+/// newest older one that passes them, with a warning naming what was skipped and why.
 pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
     let dir = resolve(path)?;
+    let latest_err = match load_dir(&dir, device) {
+        Ok(checkpoint) => return Ok(checkpoint),
+        Err(err) => err,
+    };
+    if path.join(STATE_FILE).exists() {
+        return Err(latest_err);
+    }
+    let (Some(root), Some(latest)) = (dir.parent(), dir.file_name()) else {
+        return Err(latest_err);
+    };
+    let latest = latest.to_string_lossy().into_owned();
+    tracing::warn!(checkpoint = %dir.display(), "{latest_err}");
+    for name in step_dirs(root)?.into_iter().rev().filter(|n| *n < latest) {
+        let older = root.join(&name);
+        match load_dir(&older, device) {
+            Ok(checkpoint) => {
+                tracing::warn!(
+                    "resuming from {name}, the newest complete checkpoint before {latest}, \
+                     which is unusable: {latest_err}"
+                );
+                return Ok(checkpoint);
+            }
+            Err(err) => tracing::warn!(checkpoint = %older.display(), "skipped: {err}"),
+        }
+    }
+    Err(latest_err)
+}
+
+/// Each file of the checkpoint `dir` against the length and CRC-32 its `state` recorded.
+fn verify_files(dir: &Path, state: &State) -> Result<()> {
+    for file in [MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE] {
+        let p = dir.join(file);
+        let Some(expected) = state.files.get(file) else {
+            return Err(checkpoint_err(
+                &dir.join(STATE_FILE),
+                format!("corrupt: no checksum of {file}"),
+            ));
+        };
+        if !p.exists() {
+            return Err(checkpoint_err(&p, "missing"));
+        }
+        let found = FileSum::of(&p)?;
+        if found != *expected {
+            return Err(checkpoint_err(
+                &p,
+                format!(
+                    "corrupt: {} bytes with CRC-32 {}, where state.json recorded {} bytes \
+                     with CRC-32 {}",
+                    found.bytes, found.crc32, expected.bytes, expected.crc32
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the checkpoint `dir` is complete and its files match the sums its `state.json`
+/// recorded (a checkpoint without sums counts as unverified, not sound).
+fn is_sound(dir: &Path) -> bool {
+    std::fs::read(dir.join(STATE_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<State>(&bytes).ok())
+        .is_some_and(|state| !state.files.is_empty() && verify_files(dir, &state).is_ok())
+}
+
+/// [`load`] of one checkpoint folder, without falling back.
+fn load_dir(dir: &Path, device: &Device) -> Result<Checkpoint> {
+    let dir = dir.to_path_buf();
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read(&state_path).map_err(io_err(&state_path))?;
     // Format and version first, so a newer layout is reported as such rather than as a
@@ -425,20 +547,24 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
             ));
         }
     }
-    match head.get("version").and_then(|v| v.as_u64()) {
-        Some(v) if v == u64::from(VERSION) => {}
+    let version = match head.get("version").and_then(|v| v.as_u64()) {
+        Some(v) if (u64::from(OLDEST_VERSION)..=u64::from(VERSION)).contains(&v) => v,
         other => {
             return Err(checkpoint_err(
                 &state_path,
                 format!(
-                    "version {} is not supported (this build reads version {VERSION})",
+                    "version {} is not supported (this build reads versions \
+                     {OLDEST_VERSION} to {VERSION})",
                     other.map_or("missing".into(), |v| v.to_string())
                 ),
             ));
         }
-    }
+    };
     let state: State = serde_json::from_value(head)
         .map_err(|e| checkpoint_err(&state_path, format!("corrupt: {e}")))?;
+    if version >= 4 {
+        verify_files(&dir, &state)?;
+    }
     let config_path = dir.join(CONFIG_FILE);
     let config_text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
     let config = TrainConfig::from_toml_str(&config_text, None)
@@ -667,5 +793,82 @@ mod tests {
             e.contains("step-00000099") && e.contains("not a complete"),
             "{e}"
         );
+    }
+
+    /// Flips one bit in the middle of `path`.
+    fn flip_a_bit(path: &Path) {
+        let mut bytes = std::fs::read(path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x10;
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn a_flipped_bit_is_named_and_a_run_resumes_from_the_checkpoint_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = TrainConfig::example();
+        save(dir.path(), &snapshot(&config, 1, 1.0), 3).unwrap();
+        save(dir.path(), &snapshot(&config, 2, 2.0), 3).unwrap();
+        let latest = save(dir.path(), &snapshot(&config, 3, 3.0), 3).unwrap();
+        for file in [MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE] {
+            let original = std::fs::read(latest.join(file)).unwrap();
+            flip_a_bit(&latest.join(file));
+            // Named explicitly: that checkpoint or an error naming the file and the sums.
+            let e = load(&latest, &Device::Cpu).unwrap_err().to_string();
+            assert!(
+                e.contains(file) && e.contains("CRC-32") && e.contains("state.json recorded"),
+                "{e}"
+            );
+            // The run (and its checkpoints folder): the newest sound checkpoint before it.
+            for run in [dir.path().to_path_buf(), dir.path().join(DIR)] {
+                let c = load(&run, &Device::Cpu).unwrap();
+                assert_eq!((c.step, weight(&c)), (2, 2.0), "{file}");
+                assert!(c.dir.ends_with("step-00000002"));
+            }
+            std::fs::write(latest.join(file), original).unwrap();
+        }
+        assert_eq!(load(dir.path(), &Device::Cpu).unwrap().step, 3);
+
+        // Two bad ones: back to the first; all bad: the latest's error.
+        flip_a_bit(&latest.join(MODEL_FILE));
+        flip_a_bit(&dir.path().join(DIR).join("step-00000002").join(MODEL_FILE));
+        assert_eq!(load(dir.path(), &Device::Cpu).unwrap().step, 1);
+        flip_a_bit(&dir.path().join(DIR).join("step-00000001").join(MODEL_FILE));
+        let e = load(dir.path(), &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("step-00000003") && e.contains(MODEL_FILE), "{e}");
+    }
+
+    #[test]
+    fn a_save_over_a_corrupt_checkpoint_of_the_same_step_rewrites_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = TrainConfig::example();
+        let ckpt = save(dir.path(), &snapshot(&config, 4, 4.0), 2).unwrap();
+        flip_a_bit(&ckpt.join(MODEL_FILE));
+        assert!(!is_sound(&ckpt));
+        save(dir.path(), &snapshot(&config, 4, 4.0), 2).unwrap();
+        assert!(is_sound(&ckpt));
+        let c = load(&ckpt, &Device::Cpu).unwrap();
+        assert_eq!((c.step, weight(&c)), (4, 4.0));
+    }
+
+    #[test]
+    fn a_version_3_checkpoint_without_checksums_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = TrainConfig::example();
+        let ckpt = save(dir.path(), &snapshot(&config, 5, 5.0), 1).unwrap();
+        let state_path = ckpt.join(STATE_FILE);
+        let mut state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+        assert_eq!(state["files"].as_object().map(|f| f.len()), Some(3));
+        state["version"] = 3.into();
+        state.as_object_mut().unwrap().remove("files");
+        std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+        let c = load(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!((c.step, weight(&c)), (5, 5.0));
+        // A version-4 state without its sums is corrupt.
+        state["version"] = VERSION.into();
+        std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+        let e = load(&ckpt, &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("no checksum"), "{e}");
     }
 }

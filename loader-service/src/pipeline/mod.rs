@@ -60,6 +60,9 @@ pub enum PipelineError {
     /// The request is nonsense for this dataset, or costs more than the server allows.
     #[error(transparent)]
     Cost(#[from] cost::CostError),
+    /// A panic in a sample's or a batch's task: a bug, contained to the stream that hit it.
+    #[error(transparent)]
+    Panicked(#[from] crate::panic::Panicked),
 }
 
 /// A field's normalization needs statistics the server does not have.

@@ -9,6 +9,7 @@ use futures::StreamExt;
 use super::assemble::off_worker;
 use super::epoch::EpochCursor;
 use super::{MemoryBudget, Pipeline, PipelineError, Sample};
+use crate::panic::Panicked;
 
 /// What [`Pipeline::batches`] streams.
 #[derive(Debug, Clone)]
@@ -87,7 +88,10 @@ impl Pipeline {
         }
         let (tx, rx) = tokio::sync::mpsc::channel(spec.prefetch_batches.max(1));
         let pipeline = self.clone();
-        let task = tokio::spawn(async move {
+        // A panic in the task itself (not in a sample) would otherwise close the channel, which
+        // reads as the end of the stream: the consumer gets it as an error instead.
+        let on_panic = tx.clone();
+        let work = async move {
             let batch_bytes = pipeline.sample_bytes() * spec.batch_size as u64;
             let mut items = std::iter::from_fn(move || {
                 let epoch = ids.cursor().epoch;
@@ -127,9 +131,20 @@ impl Pipeline {
                         });
                         let mut samples = Vec::with_capacity(spec.batch_size);
                         for joined in futures::future::join_all(tasks).await {
-                            samples.push(joined.map_err(|e| {
-                                PipelineError::Request(format!("sample task failed: {e}"))
-                            })??);
+                            let sample = match joined {
+                                Ok(sample) => sample?,
+                                Err(e) if e.is_panic() => {
+                                    let payload = e.into_panic();
+                                    return Err(Panicked::caught("sample task", &*payload).into());
+                                }
+                                // Cancelled: only when the runtime shuts down.
+                                Err(e) => {
+                                    return Err(PipelineError::Request(format!(
+                                        "sample task cancelled: {e}"
+                                    )));
+                                }
+                            };
+                            samples.push(sample);
                         }
                         Ok::<_, PipelineError>(SampleBatch {
                             samples,
@@ -145,6 +160,11 @@ impl Pipeline {
                 if tx.send(batch).await.is_err() || failed {
                     return;
                 }
+            }
+        };
+        let task = tokio::spawn(async move {
+            if let Err(panicked) = crate::panic::contain("batch task", work).await {
+                let _ = on_panic.send(Err(panicked.into())).await;
             }
         });
         Ok(PipelineStream { rx, task })

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::pipeline::cost::{self, RequestLimits};
+use crate::store::missing::MissingChunks;
 
 /// Everything a loader server needs to start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,6 +113,10 @@ pub struct DatasetConfig {
     /// Statistics folder (`STORE.stats` next to a local store when absent).
     #[serde(default)]
     pub stats: Option<PathBuf>,
+    /// What a read of a chunk the store lacks does: `fill` (the fill value, Zarr's rule) or
+    /// `error` (DATA_LOSS naming the chunk).
+    #[serde(default)]
+    pub missing_chunks: MissingChunks,
 }
 
 fn default_bind() -> SocketAddr {

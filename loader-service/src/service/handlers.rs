@@ -11,11 +11,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::request::{Limits, MAX_PE_WIDTH};
-use super::stream::{Replies, StreamTask, serve_stream};
+use super::stream::{Outgoing, Replies, StreamTask, serve_stream};
 use super::wire::to_wire;
 use super::{LoaderService, Served, failed, status};
 use crate::pipeline::epoch::EpochCursor;
-use crate::pipeline::{BatchSpec, Pipeline};
+use crate::pipeline::{BatchSpec, Pipeline, PipelineError};
 use crate::store::dataset::Dataset;
 
 /// The sample a `GetSample` selector names.
@@ -155,18 +155,27 @@ impl Loader for LoaderService {
         let max_bytes = config.max_message_mib << 20;
         let dataset = self.served(&parsed.dataset)?.dataset.clone();
         let shutdown = self.state.shutdown.clone();
+        let on_panic = tx.clone();
+        let serve = serve_stream(StreamTask {
+            pipeline,
+            batches,
+            tx,
+            parsed,
+            max_bytes,
+            dataset,
+            shutdown,
+            idle_timeout: std::time::Duration::from_secs(config.stream_idle_timeout_s),
+            _slot: slot,
+        });
         tokio::spawn(tracing::Instrument::instrument(
-            serve_stream(StreamTask {
-                pipeline,
-                batches,
-                tx,
-                parsed,
-                max_bytes,
-                dataset,
-                shutdown,
-                idle_timeout: std::time::Duration::from_secs(config.stream_idle_timeout_s),
-                _slot: slot,
-            }),
+            async move {
+                // Without this the client would see its stream end with OK and no `last` batch.
+                if let Err(panicked) = crate::panic::contain("stream task", serve).await {
+                    metrics::gauge!("atmorep_streams_active").decrement(1.0);
+                    let status = failed(Status::internal(panicked.to_string()));
+                    let _ = on_panic.send(Outgoing::error(status)).await;
+                }
+            },
             span,
         ));
         Ok(Response::new(Replies(ReceiverStream::new(rx))))
@@ -181,14 +190,20 @@ impl Loader for LoaderService {
         let reservation = self.sample_reservation(&cost).map_err(failed)?;
         let (parsed, pipeline) = self.build_off_worker(parsed).await.map_err(failed)?;
         let target = sample_target(&pipeline, request.selector).map_err(failed)?;
-        let sample = match target {
-            SampleTarget::ById { epoch, id } => pipeline.sample(epoch, id).await,
-            SampleTarget::ByCentre {
-                time_index,
-                lat,
-                lon,
-            } => pipeline.sample_at(0, time_index, lat, lon).await,
-        }
+        // Contained here: a panic escaping the handler would end the client's whole connection.
+        let sample = crate::panic::contain("GetSample", async {
+            match target {
+                SampleTarget::ById { epoch, id } => pipeline.sample(epoch, id).await,
+                SampleTarget::ByCentre {
+                    time_index,
+                    lat,
+                    lon,
+                } => pipeline.sample_at(0, time_index, lat, lon).await,
+            }
+        })
+        .await
+        .map_err(PipelineError::from)
+        .and_then(|sample| sample)
         .map_err(|e| failed(status::from_pipeline(&e)))?;
         let cursor = EpochCursor::default();
         // One message whatever its size: a unary reply has no parts.

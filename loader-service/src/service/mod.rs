@@ -101,11 +101,11 @@ impl LoaderService {
                 source,
             };
             let location = StoreLocation::open(&d.url).map_err(open_err)?;
-            let dataset = Arc::new(
-                Dataset::open_location(location, cache.clone())
-                    .await
-                    .map_err(open_err)?,
-            );
+            let mut dataset = Dataset::open_location(location, cache.clone())
+                .await
+                .map_err(open_err)?;
+            dataset.set_missing_chunks(&d.name, d.missing_chunks);
+            let dataset = Arc::new(dataset);
             let dir = d
                 .stats
                 .clone()

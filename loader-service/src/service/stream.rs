@@ -33,7 +33,7 @@ impl Outgoing {
         Self(Arc::new(Mutex::new(Some((reply, reservation)))))
     }
 
-    fn error(status: Status) -> Self {
+    pub(super) fn error(status: Status) -> Self {
         Self::new(Err(status), None)
     }
 

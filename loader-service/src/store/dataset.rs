@@ -15,6 +15,7 @@ use crate::store::cf_time::CfTimeUnits;
 use crate::store::decode::{decode_chunk, decode_raw, run_on_rayon, to_f64};
 use crate::store::discovery::{ArrayNode, StoreMetadata, discover};
 use crate::store::location::StoreLocation;
+use crate::store::missing::{MissingChunkPolicy, MissingChunks};
 
 /// Default decoded-chunk cache size for a store opened on its own.
 pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
@@ -179,6 +180,7 @@ pub struct Dataset {
     /// When set, every chunk fetched from storage is recorded as (variable, chunk indices), so
     /// a benchmark can replay exactly the decoding a run did.
     pub(crate) fetch_log: std::sync::Mutex<Option<Vec<FetchedChunk>>>,
+    pub(crate) missing: MissingChunkPolicy,
 }
 
 impl Dataset {
@@ -291,7 +293,23 @@ impl Dataset {
             cache,
             counters: ReadCounters::default(),
             fetch_log: std::sync::Mutex::new(None),
+            missing: MissingChunkPolicy::default(),
         }
+    }
+
+    /// How many distinct chunks were found missing so far.
+    pub fn missing_chunks_reported(&self) -> usize {
+        self.missing.reported()
+    }
+
+    /// Serves this store as `dataset` with `mode` for its missing chunks. Under
+    /// [`MissingChunks::Error`] its chunks are cached apart from other datasets of the same store,
+    /// which may hold fill values for the very chunks this one must refuse.
+    pub fn set_missing_chunks(&mut self, dataset: &str, mode: MissingChunks) {
+        if mode == MissingChunks::Error {
+            self.cache_id = Arc::from(format!("{}#missing_chunks=error", self.location.url()));
+        }
+        self.missing = MissingChunkPolicy::new(dataset, mode);
     }
 
     async fn open_per_variable(
@@ -506,7 +524,8 @@ impl Dataset {
         let url = self.url().to_string();
         let chunk_indices = indices.to_vec();
         let started = std::time::Instant::now();
-        let (fetched, decoded) = match self.location.local_root() {
+        let refuse_missing = self.missing.mode == MissingChunks::Error;
+        let outcome = match self.location.local_root() {
             // A local chunk is read on the rayon thread that decodes it, into a buffer that
             // thread keeps (see `location::read_local`).
             Some(root) => {
@@ -518,6 +537,9 @@ impl Dataset {
                     READ_BUFFER.with_borrow_mut(|buf| {
                         let found =
                             crate::store::location::read_local(&root, &url, &store_key, buf)?;
+                        if !found && refuse_missing {
+                            return Ok(None);
+                        }
                         let encoded = found.then_some(buf.as_slice());
                         let decoded = decode_chunk(
                             &url,
@@ -527,28 +549,41 @@ impl Dataset {
                             encoded,
                             &packing,
                         )?;
-                        Ok::<_, StoreError>((found.then_some(buf.len()), decoded))
+                        Ok::<_, StoreError>(Some((found.then_some(buf.len()), decoded)))
                     })
                 })
-                .await?
+                .await??
             }
             None => {
                 let encoded = self.location.get(&store_key).await?;
                 let fetched = encoded.as_ref().map(|bytes| bytes.len());
-                let decoded = run_on_rayon(move || {
-                    decode_chunk(
-                        &url,
-                        &node,
-                        &store_key,
-                        &chunk_indices,
-                        encoded.as_deref(),
-                        &packing,
-                    )
-                })
-                .await?;
-                (fetched, decoded)
+                if fetched.is_none() && refuse_missing {
+                    None
+                } else {
+                    let decoded = run_on_rayon(move || {
+                        decode_chunk(
+                            &url,
+                            &node,
+                            &store_key,
+                            &chunk_indices,
+                            encoded.as_deref(),
+                            &packing,
+                        )
+                    })
+                    .await??;
+                    Some((fetched, decoded))
+                }
             }
         };
+        let key = || variable.node.array.chunk_key(indices).to_string();
+        let Some((fetched, decoded)) = outcome else {
+            return Err(self
+                .missing
+                .refused(self.url(), &variable.node.name, &key()));
+        };
+        if fetched.is_none() {
+            self.missing.filled(self.url(), &variable.node.name, &key());
+        }
         if let Some(log) = self
             .fetch_log
             .lock()

@@ -9,6 +9,7 @@ use zarrs::array::data_type::{
 use zarrs::array::{ArrayBytesRaw, ArrayToBytesCodecTraits, CodecOptions, DataType};
 
 use crate::error::{Result, StoreError};
+use crate::panic::Panicked;
 use crate::store::cache::DecodedChunk;
 use crate::store::dataset::Packing;
 use crate::store::discovery::{ArrayNode, MetaArray};
@@ -19,14 +20,17 @@ pub fn chunk_codec_options() -> CodecOptions {
     CodecOptions::default().with_concurrent_target(1)
 }
 
-/// Runs CPU-bound work on the rayon pool and awaits it without blocking the async runtime.
+/// Runs CPU-bound work on the rayon pool and awaits it without blocking the async runtime. A
+/// panic in `work` (or in the parallel iterators it runs) comes back as [`Panicked`]: rayon
+/// aborts the process on a panic that escapes a spawned job, and the pool is shared by every
+/// stream.
 pub(crate) async fn run_on_rayon<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
-) -> T {
+) -> std::result::Result<T, Panicked> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     rayon::spawn(move || {
         // The receiver only disappears when the caller was cancelled.
-        let _ = tx.send(work());
+        let _ = tx.send(crate::panic::catch("decode", work));
     });
     rx.await.expect("rayon worker dropped its result")
 }
@@ -73,6 +77,7 @@ pub fn decode_chunk(
     encoded: Option<&[u8]>,
     packing: &Packing,
 ) -> Result<DecodedChunk> {
+    crate::panic::decode_hook(|| format!("{url}/{}/{key}", node.name));
     let array = &node.array;
     let corrupt = |detail: String| StoreError::CorruptChunk {
         array: format!("{url}/{}", node.name),

@@ -203,7 +203,7 @@ impl Dataset {
             });
             out
         })
-        .await;
+        .await?;
         self.counters
             .delivered_bytes
             .fetch_add((out.len() * 4) as u64, Ordering::Relaxed);

@@ -12,13 +12,25 @@
 //! | `ATMOREP_STORE_RETRY_TIMEOUT_SECS` | 180 | no new retry once this long has passed since the first try |
 //! | `ATMOREP_STORE_BACKOFF_MS` | 100 | the first backoff |
 //! | `ATMOREP_STORE_MAX_BACKOFF_MS` | 15000 | the longest backoff (each is up to twice the previous) |
+//!
+//! Each request (one try) has timeouts, from [`client_timeouts_from`]; a timed-out try is retried
+//! like a 5xx:
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `ATMOREP_STORE_TIMEOUT_SECS` | 30 | one request, from connecting to the body's last byte |
+//! | `ATMOREP_STORE_CONNECT_TIMEOUT_SECS` | 5 | establishing the connection |
+//!
+//! A 401 or 403 answer is not retried (object_store never retries 4xx answers): it fails at once
+//! as `object_store::Error::Unauthenticated` / `PermissionDenied`, which the service turns into
+//! UNAUTHENTICATED / PERMISSION_DENIED, codes its clients do not retry either.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
-use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, RetryConfig};
+use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, RetryConfig};
 use url::Url;
 
 use crate::error::{Result, StoreError};
@@ -55,6 +67,7 @@ impl StoreLocation {
         let prefix =
             ObjectPath::from_url_path(parsed.path()).map_err(|e| invalid(e.to_string()))?;
         let retry = || retry_config_from(|name| lookup(name)).map_err(&invalid);
+        let timeouts = client_timeouts_from(|name| lookup(name)).map_err(&invalid)?;
         let store: Arc<dyn ObjectStore> = match parsed.scheme() {
             "file" => {
                 let path = parsed
@@ -63,7 +76,14 @@ impl StoreLocation {
                 return Self::local(url, &path);
             }
             "s3" | "s3a" => Arc::new(
-                object_store::aws::AmazonS3Builder::from_env()
+                timeouts
+                    .iter()
+                    .fold(
+                        object_store::aws::AmazonS3Builder::from_env(),
+                        |b, (key, value)| {
+                            b.with_config(object_store::aws::AmazonS3ConfigKey::Client(*key), value)
+                        },
+                    )
                     .with_url(trimmed)
                     .with_retry(retry()?)
                     .build()
@@ -81,7 +101,7 @@ impl StoreLocation {
                 );
                 let store = object_store::http::HttpBuilder::new()
                     .with_url(endpoint.trim_end_matches('/'))
-                    .with_client_options(http_options(&endpoint))
+                    .with_client_options(http_options(&endpoint, &timeouts))
                     .with_retry(retry()?)
                     .build()
                     .map_err(|e| invalid(e.to_string()))?;
@@ -93,14 +113,28 @@ impl StoreLocation {
                 });
             }
             "gs" => Arc::new(
-                object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                timeouts
+                    .iter()
+                    .fold(
+                        object_store::gcp::GoogleCloudStorageBuilder::from_env(),
+                        |b, (key, value)| {
+                            b.with_config(object_store::gcp::GoogleConfigKey::Client(*key), value)
+                        },
+                    )
                     .with_url(trimmed)
                     .with_retry(retry()?)
                     .build()
                     .map_err(|e| invalid(e.to_string()))?,
             ),
             "az" | "abfs" | "abfss" | "azure" | "adl" => Arc::new(
-                object_store::azure::MicrosoftAzureBuilder::from_env()
+                timeouts
+                    .iter()
+                    .fold(
+                        object_store::azure::MicrosoftAzureBuilder::from_env(),
+                        |b, (key, value)| {
+                            b.with_config(object_store::azure::AzureConfigKey::Client(*key), value)
+                        },
+                    )
                     .with_url(trimmed)
                     .with_retry(retry()?)
                     .build()
@@ -111,7 +145,7 @@ impl StoreLocation {
                 base.set_path("");
                 let store = object_store::http::HttpBuilder::new()
                     .with_url(base.as_str())
-                    .with_client_options(http_options(base.as_str()))
+                    .with_client_options(http_options(base.as_str(), &timeouts))
                     .with_retry(retry()?)
                     .build()
                     .map_err(|e| invalid(e.to_string()))?;
@@ -218,10 +252,43 @@ impl StoreLocation {
     }
 }
 
-/// Client options for a plain HTTP(S) store at `base`: an `http://` URL was asked for by name
-/// (a mirror, a test server), so it is allowed rather than refused as insecure.
-fn http_options(base: &str) -> object_store::ClientOptions {
-    object_store::ClientOptions::new().with_allow_http(base.starts_with("http://"))
+/// Client options for a plain HTTP(S) store at `base`, with `timeouts`: an `http://` URL was
+/// asked for by name (a mirror, a test server), so it is allowed rather than refused as insecure.
+fn http_options(base: &str, timeouts: &[(ClientConfigKey, String)]) -> object_store::ClientOptions {
+    timeouts.iter().fold(
+        object_store::ClientOptions::new().with_allow_http(base.starts_with("http://")),
+        |options, (key, value)| options.with_config(*key, value),
+    )
+}
+
+/// The request timeouts of remote stores set by `ATMOREP_STORE_TIMEOUT_SECS` and
+/// `ATMOREP_STORE_CONNECT_TIMEOUT_SECS` (looked up by `var`), as client settings for the object
+/// store builders; unset ones keep object_store's defaults (30 s and 5 s). The error names the
+/// variable and its bad value.
+pub fn client_timeouts_from(
+    var: impl Fn(&str) -> Option<String>,
+) -> std::result::Result<Vec<(ClientConfigKey, String)>, String> {
+    let mut settings = Vec::new();
+    for (name, key) in [
+        ("ATMOREP_STORE_TIMEOUT_SECS", ClientConfigKey::Timeout),
+        (
+            "ATMOREP_STORE_CONNECT_TIMEOUT_SECS",
+            ClientConfigKey::ConnectTimeout,
+        ),
+    ] {
+        let Some(text) = var(name).filter(|t| !t.trim().is_empty()) else {
+            continue;
+        };
+        match text.trim().parse::<u64>() {
+            Ok(secs) if secs > 0 => settings.push((key, format!("{secs}s"))),
+            _ => {
+                return Err(format!(
+                    "{name}={text:?} is not a positive whole number of seconds"
+                ));
+            }
+        }
+    }
+    Ok(settings)
 }
 
 /// Google credentials `object_store` would look for; with none of them (and no gcloud
@@ -420,6 +487,48 @@ mod tests {
         assert_eq!(config.retry_timeout, Duration::from_secs(20));
         assert_eq!(config.backoff.init_backoff, Duration::from_millis(5));
         assert_eq!(config.backoff.max_backoff, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn request_timeouts_from_variables_and_bad_ones_named() {
+        assert!(client_timeouts_from(lookup(&[])).unwrap().is_empty());
+        let set = client_timeouts_from(lookup(&[
+            ("ATMOREP_STORE_TIMEOUT_SECS", "7"),
+            ("ATMOREP_STORE_CONNECT_TIMEOUT_SECS", "2"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            set,
+            vec![
+                (ClientConfigKey::Timeout, "7s".to_string()),
+                (ClientConfigKey::ConnectTimeout, "2s".to_string())
+            ]
+        );
+        // The builders take them: the options read back what was set.
+        let options = http_options("http://127.0.0.1:9", &set);
+        assert_eq!(
+            options
+                .get_config_value(&ClientConfigKey::Timeout)
+                .as_deref(),
+            Some("7s")
+        );
+        for bad in ["0", "soon", "-3"] {
+            let err =
+                client_timeouts_from(lookup(&[("ATMOREP_STORE_TIMEOUT_SECS", bad)])).unwrap_err();
+            assert!(err.contains("ATMOREP_STORE_TIMEOUT_SECS"), "{err}");
+            assert!(err.contains(bad), "{err}");
+        }
+        // Opening an S3 URL with a bad one fails naming the variable.
+        let err = StoreLocation::open_with_env(
+            "s3://bucket/store.zarr",
+            &lookup(&[("ATMOREP_STORE_CONNECT_TIMEOUT_SECS", "x")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("ATMOREP_STORE_CONNECT_TIMEOUT_SECS"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod decode;
 pub mod discovery;
 pub mod hyperslab;
 pub mod location;
+pub mod missing;
 pub(crate) mod table;
 pub mod writer;
 pub mod zarr_meta;

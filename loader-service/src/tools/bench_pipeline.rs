@@ -141,7 +141,7 @@ async fn run_epoch(
     }
     let url_owned = dataset.url().to_string();
     let decode_started = Instant::now();
-    let decoded_limit: Result<u64, StoreError> = run_on_rayon(move || {
+    let decoded_limit = run_on_rayon(move || {
         encoded
             .par_iter()
             .map(|(variable, key, indices, bytes)| {
@@ -155,11 +155,11 @@ async fn run_epoch(
                 )
                 .map(|c| std::mem::size_of_val(c.values()) as u64)
             })
-            .sum()
+            .sum::<Result<u64, StoreError>>()
     })
     .await;
     let decode_seconds = decode_started.elapsed().as_secs_f64();
-    let decoded_limit = decoded_limit?;
+    let decoded_limit = decoded_limit??;
     Ok(PipelineBenchReport {
         epoch,
         samples: delivered,

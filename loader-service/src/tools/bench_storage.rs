@@ -160,7 +160,7 @@ pub async fn run_bench(cfg: &BenchConfig, progress: &dyn Progress) -> Result<Ben
         let node = variable.node.clone();
         let encoded = encoded.clone();
         let repeats = cfg.repeats;
-        run_on_rayon(move || decode_rate(&node.array, &indices, &encoded, repeats)).await?
+        run_on_rayon(move || decode_rate(&node.array, &indices, &encoded, repeats)).await??
     };
     rows.push(row(
         "decode",
@@ -198,7 +198,7 @@ pub async fn run_bench(cfg: &BenchConfig, progress: &dyn Progress) -> Result<Ben
             })
             .collect()
     })
-    .await?;
+    .await??;
     for (codec, rate, ratio) in &per_codec {
         rows.push(row("decode", codec, 1.0, *rate, "GB/s decoded, 1 core"));
         rows.push(row("compression", codec, 1.0, *ratio, "decoded/encoded"));

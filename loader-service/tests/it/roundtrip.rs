@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use atmorep_loader::progress::NoProgress;
+use atmorep_loader::store::missing::MissingChunks;
 use atmorep_loader::store::zarr_meta::{Codec, ZarrFormat};
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_loader::{ChunkCache, Dataset, Hyperslab, Layout, StoreError, StoreLocation};
@@ -333,6 +334,36 @@ async fn a_missing_chunk_reads_as_the_fill_value() {
             }
         }
     }
+    assert_eq!(dataset.missing_chunks_reported(), 1);
+
+    // The same store under `missing_chunks = "error"`, sharing a cache with a `fill` reader that
+    // has just cached the fill values of the missing chunk: its reads of that chunk still fail,
+    // naming it; reads elsewhere succeed.
+    let cache = Arc::new(ChunkCache::new(64 << 20));
+    let open = |name: &'static str, mode: MissingChunks| {
+        let (path, cache) = (path.clone(), cache.clone());
+        async move {
+            let location = StoreLocation::open(path.to_str().unwrap()).unwrap();
+            let mut dataset = Dataset::open_location(location, cache).await.unwrap();
+            dataset.set_missing_chunks(name, mode);
+            dataset
+        }
+    };
+    let fill = open("fill", MissingChunks::Fill).await;
+    let strict = open("strict", MissingChunks::Error).await;
+    let z = fill.variable("z").unwrap();
+    assert!(fill.read(&Hyperslab::full(&fill, z)).await.is_ok());
+    let err = strict
+        .read(&Hyperslab::full(&strict, strict.variable("z").unwrap()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::MissingChunk { .. }), "{err}");
+    let text = err.to_string();
+    for part in ["`strict`", "`z/1.0.0.0`", "array `z`"] {
+        assert!(text.contains(part), "{text} names {part}");
+    }
+    let vo = strict.variable("vo").unwrap();
+    assert!(strict.read(&Hyperslab::full(&strict, vo)).await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,6 +90,10 @@ mod tests {
         assert!(!is_retryable(&Status::internal("bug")));
         assert!(!is_retryable(&Status::invalid_argument("batch_size")));
         assert!(!is_retryable(&Status::unauthenticated("token")));
+        // The loader's object store refused its credentials: no retry can fix that.
+        assert!(!is_retryable(&Status::permission_denied(
+            "object store failure at `s3://b/z/0.0.0.0`: 403"
+        )));
         // Built by tonic from an I/O failure: has a source.
         let io = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "broken pipe");
         let status = Status::from_error(Box::new(io));

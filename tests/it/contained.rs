@@ -1,0 +1,199 @@
+//! Faults contained to the stream that hit them, against a real `atmorep loader serve`: a panic
+//! injected into the decodes of one dataset (the `ATMOREP_FAULT_DECODE_PANIC` test hook) fails
+//! that dataset's stream and `GetSample` with INTERNAL, logs it and counts it in
+//! `atmorep_panics_total`, while another client's stream on the same server, running at the same
+//! time, delivers its epoch exactly once. A chunk deleted from a store reads as the fill value
+//! (reported once) or, under `missing_chunks = "error"`, fails the stream with DATA_LOSS naming
+//! it.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use atmorep_proto::pb;
+use atmorep_testkit::Server;
+use atmorep_testkit::streams::{assert_whole_epoch, client_config, collect, connect, ids};
+use atmorep_testkit::tiny::{request, store_with_stats, tiny_config};
+use tempfile::TempDir;
+use tonic::Code;
+
+/// A port that was free a moment ago (`--metrics-bind` does not report its port).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding 127.0.0.1:0")
+        .port()
+}
+
+/// The text of `GET /metrics` on `port`, or `None` while nothing answers there.
+fn scrape(port: u16) -> Option<String> {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// The value of the Prometheus sample line that starts with `prefix` (name and labels).
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn log_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_decode_fails_only_its_stream() {
+    let dir = TempDir::new().unwrap();
+    let good = store_with_stats(dir.path(), "good.zarr", &tiny_config(40)).await;
+    let bad = store_with_stats(dir.path(), "bad.zarr", &tiny_config(40)).await;
+    let metrics_port = free_port();
+    let mut server = Server::start_with_env(
+        "127.0.0.1:0",
+        &[
+            "--dataset".into(),
+            format!("good={}", good.display()),
+            "--dataset".into(),
+            format!("bad={}", bad.display()),
+            "--metrics-bind".into(),
+            format!("127.0.0.1:{metrics_port}"),
+        ],
+        &[("ATMOREP_FAULT_DECODE_PANIC", "bad.zarr")],
+        &dir.path().join("server.log"),
+    );
+    let client = connect(client_config(vec![server.endpoint()])).await;
+
+    // Both streams at once: the panics happen on the decode pool the good stream uses too.
+    let mut good_stream = client.stream(request("good", 4, 8, "end_epoch = 1"));
+    let mut bad_stream = client.stream(request("bad", 4, 8, "end_epoch = 1"));
+    let (good_batches, bad_first) = tokio::join!(collect(&mut good_stream), async {
+        tokio::time::timeout(Duration::from_secs(60), bad_stream.next())
+            .await
+            .expect("the panicking stream is answered")
+    });
+    assert_whole_epoch(&ids(&good_batches), 0, 32);
+    let err = match bad_first {
+        Some(Err(e)) => e,
+        other => panic!("the panicking stream must fail, got {other:?}"),
+    };
+    println!("panicking stream: {err}");
+    assert_eq!(err.code(), Some(Code::Internal), "{err}");
+    assert!(err.to_string().contains("panic in decode"), "{err}");
+    assert!(bad_stream.next().await.is_none(), "nothing after the error");
+
+    // GetSample runs the same decode in its handler: INTERNAL too, and the connection lives.
+    let sample = client
+        .sample(pb::SampleRequest::by_id(request("bad", 1, 8, ""), 0, 0))
+        .await
+        .expect_err("a sample of the panicking dataset fails");
+    assert_eq!(sample.code(), Some(Code::Internal), "{sample}");
+
+    // The server carries on: a second good epoch after the panics, on the same connection.
+    let mut again = client.stream(request("good", 4, 8, "end_epoch = 1"));
+    assert_whole_epoch(&ids(&collect(&mut again).await), 0, 32);
+    assert!(
+        server.is_running(),
+        "the server died:\n{}",
+        log_of(dir.path())
+    );
+
+    let log = log_of(dir.path());
+    assert!(
+        log.contains("panic contained") && log.contains("ERROR"),
+        "no error line for the panic:\n{log}"
+    );
+    let text = scrape(metrics_port).expect("the metrics endpoint answers");
+    let panics = metric(&text, "atmorep_panics_total{place=\"decode\"}");
+    println!("atmorep_panics_total{{place=\"decode\"}} = {panics:?}");
+    assert!(panics.is_some_and(|n| n >= 2.0), "{text}");
+}
+
+/// A store with one chunk deleted, served twice by one server: as `fill` (the default) and as
+/// `strict` (`missing_chunks = "error"`), with the chunk cache off so every read goes to the
+/// store. `fill` streams whole epochs (the chunk reads as the fill value) and reports the chunk
+/// once however often it is read; `strict` fails with DATA_LOSS naming the dataset, the array
+/// and the chunk, although `fill` read that very chunk first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_chunk_is_filled_and_reported_once_or_refused_by_name() {
+    let dir = TempDir::new().unwrap();
+    let store = store_with_stats(dir.path(), "era5.zarr", &tiny_config(40)).await;
+    let chunk = store.join("z").join("2.0.0.0");
+    std::fs::remove_file(&chunk).unwrap_or_else(|e| panic!("deleting {}: {e}", chunk.display()));
+    let config = dir.path().join("loader.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cache_mib = 0\n\n\
+             [[datasets]]\nname = \"fill\"\nurl = \"{url}\"\n\n\
+             [[datasets]]\nname = \"strict\"\nurl = \"{url}\"\nmissing_chunks = \"error\"\n",
+            url = store.display()
+        ),
+    )
+    .unwrap();
+    let metrics_port = free_port();
+    let mut server = Server::start(
+        &[
+            "--config".into(),
+            config.display().to_string(),
+            "--metrics-bind".into(),
+            format!("127.0.0.1:{metrics_port}"),
+        ],
+        &dir.path().join("server.log"),
+    );
+    let client = connect(client_config(vec![server.endpoint()])).await;
+
+    for _ in 0..2 {
+        let mut fill = client.stream(request("fill", 4, 8, "end_epoch = 1"));
+        assert_whole_epoch(&ids(&collect(&mut fill).await), 0, 32);
+    }
+    for _ in 0..2 {
+        let mut strict = client.stream(request("strict", 4, 8, "end_epoch = 1"));
+        let first = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match strict.next().await {
+                    Some(Ok(_)) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the strict stream is answered");
+        let err = match first {
+            Some(Err(e)) => e,
+            None => panic!("the strict stream never touched the missing chunk"),
+            Some(Ok(_)) => unreachable!(),
+        };
+        println!("strict: {err}");
+        assert_eq!(err.code(), Some(Code::DataLoss), "{err}");
+        let text = err.to_string();
+        for part in ["`strict`", "`z`", "`z/2.0.0.0`"] {
+            assert!(text.contains(part), "the error names {part}: {text}");
+        }
+    }
+    assert!(server.is_running());
+
+    let log = log_of(dir.path());
+    let filled = log.matches("missing chunk: read as the fill value").count();
+    let refused = log.matches("missing chunk: reads fail").count();
+    println!("log lines: {filled} filled, {refused} refused");
+    assert_eq!(
+        (filled, refused),
+        (1, 1),
+        "one line per chunk and dataset:\n{log}"
+    );
+    let text = scrape(metrics_port).expect("the metrics endpoint answers");
+    for dataset in ["fill", "strict"] {
+        let n = metric(
+            &text,
+            &format!("atmorep_missing_chunks_total{{dataset=\"{dataset}\"}}"),
+        );
+        assert_eq!(n, Some(1.0), "{dataset}:\n{text}");
+    }
+}
