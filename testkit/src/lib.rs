@@ -41,6 +41,7 @@ use tokio::sync::oneshot;
 pub mod cli;
 pub mod http_files;
 pub mod loader_process;
+pub mod prometheus;
 pub mod streams;
 pub mod tiny;
 pub use loader_process::{ChildGuard, Server};

@@ -6,44 +6,16 @@
 //! (reported once) or, under `missing_chunks = "error"`, fails the stream with DATA_LOSS naming
 //! it.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
 use atmorep_proto::pb;
 use atmorep_testkit::Server;
+use atmorep_testkit::prometheus::{free_port, metric, scrape};
 use atmorep_testkit::streams::{assert_whole_epoch, client_config, collect, connect, ids};
 use atmorep_testkit::tiny::{request, store_with_stats, tiny_config};
 use tempfile::TempDir;
 use tonic::Code;
-
-/// A port that was free a moment ago (`--metrics-bind` does not report its port).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding 127.0.0.1:0")
-        .port()
-}
-
-/// The text of `GET /metrics` on `port`, or `None` while nothing answers there.
-fn scrape(port: u16) -> Option<String> {
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    conn.read_to_string(&mut text).ok()?;
-    Some(text)
-}
-
-/// The value of the Prometheus sample line that starts with `prefix` (name and labels).
-fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
 
 fn log_of(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()

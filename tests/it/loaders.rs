@@ -9,14 +9,13 @@
 //! with the same cursors; `kill -9` of one of three loaders mid-epoch, never restarted, and the
 //! epoch still arrives exactly once, in the order of an uninterrupted striped stream.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use atmorep_proto::batch::{Batch, StreamCursor};
 use atmorep_proto::client::ClientConfig;
+use atmorep_testkit::prometheus::{free_port, scrape};
 use atmorep_testkit::streams::{
     STREAM_TIMEOUT, assert_whole_epoch, client_config, collect, connect, cursors, ids,
 };
@@ -27,14 +26,6 @@ use tempfile::TempDir;
 
 fn path_str(path: &Path) -> &str {
     path.to_str().expect("test paths are UTF-8")
-}
-
-/// A port that was free a moment ago (for `--metrics-bind`, which does not report its port).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding 127.0.0.1:0")
-        .port()
 }
 
 /// Three loaders over `store`, each with a metrics endpoint; (servers, metrics ports).
@@ -61,17 +52,6 @@ fn striped(endpoints: Vec<String>) -> ClientConfig {
     let mut config = client_config(endpoints);
     config.stripe = true;
     config
-}
-
-/// `GET /metrics` on `port`, or `None` while nothing answers there.
-fn scrape(port: u16) -> Option<String> {
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    conn.read_to_string(&mut text).ok()?;
-    Some(text)
 }
 
 /// `atmorep_samples_served_total` of the dataset on the metrics endpoint `port`, once it

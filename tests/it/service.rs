@@ -17,8 +17,7 @@
 //! test leaves nothing running; a failing test also prints the tail of the server's log.
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -29,6 +28,7 @@ use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_proto::batch::{Batch, StreamCursor};
 use atmorep_proto::client::{ClientConfig, ClientError};
 use atmorep_proto::pb;
+use atmorep_testkit::prometheus::{free_port, metric, scrape};
 use atmorep_testkit::streams::{
     STREAM_TIMEOUT, assert_whole_epoch, client_config, collect, connect, ids,
 };
@@ -90,15 +90,6 @@ fn pull_report(output: &Output) -> Value {
     });
     assert_eq!(report["epoch_checked"], Value::Bool(true), "{report}");
     report
-}
-
-/// A port that was free a moment ago (for `--metrics-bind`, which does not report its port, and
-/// for a restart on an endpoint the client already knows).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding 127.0.0.1:0")
-        .port()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1206,25 +1197,6 @@ async fn tls_and_token_accept_the_right_client_and_reject_the_others() {
 // ---------------------------------------------------------------------------------------------
 // 8. Health, reflection, unary calls and metrics
 // ---------------------------------------------------------------------------------------------
-
-/// The text of `GET /metrics` on `port`, or `None` while nothing answers there.
-fn scrape(port: u16) -> Option<String> {
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    conn.read_to_string(&mut text).ok()?;
-    Some(text)
-}
-
-/// The value of a Prometheus sample line that starts with `prefix` (name and labels).
-fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
 
 /// gRPC health (`grpc.health.v1.Health/Check`) and reflection (v1 and v1alpha) through real tonic
 /// clients; `ListDatasets` and `GetDatasetInfo` describe the tiny store; `GetSample` by id
