@@ -317,6 +317,20 @@ async fn a_short_but_well_formed_body_is_an_error_naming_the_chunk() {
     }
 }
 
+/// `atmorep loader inspect` of the server's store with `var=value` fails, naming `var`.
+fn assert_setting_refused(fx: &Fixture, var: &str, value: &str) {
+    let mut cmd = Command::new(atmorep_bin());
+    fx.server.configure_command(&mut cmd);
+    let output = cmd
+        .env(var, value)
+        .args(["loader", "inspect", &fx.server.url(BUCKET, PREFIX)])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{var}={value} was accepted");
+    assert!(stderr.contains(var), "{stderr}");
+}
+
 /// `atmorep loader inspect URL --json --stats` against the server, with the retry policy set
 /// through the environment: 2 retries, 10 ms backoff.
 fn cli_inspect(fx: &Fixture) -> std::process::Output {
@@ -372,16 +386,7 @@ fn cli_retries_with_the_policy_from_the_environment_and_names_the_failing_chunk(
     );
 
     // A bad setting is reported naming the variable.
-    let mut cmd = Command::new(atmorep_bin());
-    fx.server.configure_command(&mut cmd);
-    let output = cmd
-        .env("ATMOREP_STORE_MAX_RETRIES", "lots")
-        .args(["loader", "inspect", &fx.server.url(BUCKET, PREFIX)])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert!(stderr.contains("ATMOREP_STORE_MAX_RETRIES"), "{stderr}");
+    assert_setting_refused(&fx, "ATMOREP_STORE_MAX_RETRIES", "lots");
 }
 
 /// `ATMOREP_STORE_TIMEOUT_SECS=1`: a chunk that answers after 3 s is given up after 1 s and
@@ -428,16 +433,7 @@ fn the_request_timeout_comes_from_the_environment_and_a_timeout_is_retried() {
         tries[1].at - tries[0].at
     );
 
-    let mut cmd = Command::new(atmorep_bin());
-    fx.server.configure_command(&mut cmd);
-    let output = cmd
-        .env("ATMOREP_STORE_TIMEOUT_SECS", "soon")
-        .args(["loader", "inspect", &fx.server.url(BUCKET, PREFIX)])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert!(stderr.contains("ATMOREP_STORE_TIMEOUT_SECS"), "{stderr}");
+    assert_setting_refused(&fx, "ATMOREP_STORE_TIMEOUT_SECS", "soon");
 }
 
 /// A loader serving a store over S3 whose objects answer 403 `AccessDenied` once it is up:
