@@ -9,7 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 profile="${1:-release}"
 case "$profile" in dev) dir=debug ;; *) dir="$profile" ;; esac
-target="${CARGO_TARGET_DIR:-target}"
+# Absolute: pip runs maturin inside python/, where a relative target folder would be a second,
+# empty one (every dependency compiled again).
+target="$(realpath -m "${CARGO_TARGET_DIR:-target}")"
 venv=target/py-venv
 pip=(--quiet --disable-pip-version-check)
 
