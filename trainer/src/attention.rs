@@ -12,7 +12,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::ops::{linear, softmax_last_dim};
+use crate::fused::softmax_scaled;
+use crate::ops::linear;
 
 /// `[B, T, H·dh]` → `[B, H, T, dh]`.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
@@ -35,11 +36,8 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// matmul wants each matrix contiguous, and `contiguous()` costs nothing when they already are.
 pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     let dh = q.dim(3)?;
-    let scores = q
-        .contiguous()?
-        .matmul(&k.transpose(2, 3)?.contiguous()?)?
-        .affine(1.0 / (dh as f64).sqrt(), 0.0)?;
-    let weights = softmax_last_dim(&scores)?;
+    let scores = q.contiguous()?.matmul(&k.transpose(2, 3)?.contiguous()?)?;
+    let weights = softmax_scaled(&scores, 1.0 / (dh as f64).sqrt())?;
     let ctx = weights.matmul(&v.contiguous()?)?;
     Ok((ctx, weights))
 }

@@ -5,6 +5,9 @@
 //! before them. Everything here is composed of ops that candle's autograd knows (exp, sums,
 //! broadcasts, tanh, matmul), so gradients flow through all of it; the gradient-completeness
 //! test of the model checks that this stays true.
+//!
+//! The model's layers ([`LayerNorm`], [`Mlp`]) run the fused CPU kernels of [`crate::fused`],
+//! which these functions are the reference of.
 
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
@@ -57,7 +60,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, &self.weight, &self.bias, self.eps)
+        crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -92,7 +95,8 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&gelu(&self.fc1.forward(x)?)?)
+        self.fc2
+            .forward(&crate::fused::gelu(&self.fc1.forward(x)?)?)
     }
 }
 
