@@ -60,6 +60,26 @@ pub fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("ATMOREP_FUSED").map_or(true, |v| v.trim() != "0"))
 }
 
+/// `GELU(x + bias)`, the bias over the last dimension: the MLP's first layer and its activation.
+pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if fused_here(x) && bias.dtype() == x.dtype() {
+        x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGelu)
+    } else {
+        ops::gelu(&x.broadcast_add(bias)?)
+    }
+}
+
+/// `x + y + bias`, the bias over the last dimension: a residual connection around a layer whose
+/// last linear map has a bias.
+pub fn residual_bias(x: &Tensor, y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if fused_here(x) && y.dtype() == x.dtype() && bias.dtype() == x.dtype() {
+        x.contiguous()?
+            .apply_op3(&y.contiguous()?, &bias.contiguous()?, ResidualBias)
+    } else {
+        x + y.broadcast_add(bias)?
+    }
+}
+
 fn fused_here(x: &Tensor) -> bool {
     enabled() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() > 0
 }
@@ -361,6 +381,14 @@ struct Gelu;
 /// Elements per rayon task.
 const ELEM_BLOCK: usize = 4096;
 
+/// `tanh` through one `exp` (glibc's `tanhf` goes through the slower `expm1f`); saturates to ±1
+/// without NaN, since `2 / (∞ + 1)` is 0.
+#[inline]
+fn tanh<T: Float>(y: T) -> T {
+    let two = T::one() + T::one();
+    T::one() - two / ((two * y).exp() + T::one())
+}
+
 fn gelu_consts<T: Float>() -> (T, T) {
     let c = T::from((2.0 / std::f64::consts::PI).sqrt()).expect("a constant");
     (c, T::from(0.044715).expect("a constant"))
@@ -374,10 +402,18 @@ fn gelu_fwd<T: Float + Send + Sync>(x: &[T]) -> Vec<T> {
         .zip(x.par_chunks(ELEM_BLOCK))
         .for_each(|(y, x)| {
             for (y, &x) in y.iter_mut().zip(x) {
-                *y = half * x * (T::one() + (c * (x + a * x * x * x)).tanh());
+                *y = half * x * (T::one() + tanh(c * (x + a * x * x * x)));
             }
         });
     y
+}
+
+/// `GELU'(x)`.
+#[inline]
+fn gelu_grad<T: Float>(x: T, c: T, a: T, half: T, three: T) -> T {
+    let t = tanh(c * (x + a * x * x * x));
+    let inner = c * (T::one() + three * a * x * x);
+    half * ((T::one() + t) + x * (T::one() - t * t) * inner)
 }
 
 /// `g · GELU'(x)`.
@@ -390,9 +426,7 @@ fn gelu_bwd<T: Float + Send + Sync>(x: &[T], g: &[T]) -> Vec<T> {
         .zip(x.par_chunks(ELEM_BLOCK).zip(g.par_chunks(ELEM_BLOCK)))
         .for_each(|(d, (x, g))| {
             for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
-                let t = (c * (x + a * x * x * x)).tanh();
-                let inner = c * (T::one() + three * a * x * x);
-                *d = g * half * ((T::one() + t) + x * (T::one() - t * t) * inner);
+                *d = g * gelu_grad(x, c, a, half, three);
             }
         });
     dx
@@ -441,6 +475,233 @@ impl CustomOp2 for GeluBwd {
             ))
         });
         Ok((out, l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bias + GELU, residual + bias
+
+/// Sums rows of `n` into one row: fixed blocks of rows in parallel, then the blocks in order.
+fn column_sums<T: Float + Send + Sync>(x: &[T], n: usize) -> Vec<T> {
+    let partials: Vec<Vec<T>> = x
+        .par_chunks(n * ROW_BLOCK)
+        .map(|b| {
+            let mut part = vec![T::zero(); n];
+            for row in b.chunks(n) {
+                for (p, &v) in part.iter_mut().zip(row) {
+                    *p = *p + v;
+                }
+            }
+            part
+        })
+        .collect();
+    let mut sum = vec![T::zero(); n];
+    for part in &partials {
+        for (s, &p) in sum.iter_mut().zip(part) {
+            *s = *s + p;
+        }
+    }
+    sum
+}
+
+struct BiasGelu;
+
+fn bias_gelu_fwd<T: Float + Send + Sync>(x: &[T], bias: &[T]) -> Vec<T> {
+    let (c, a) = gelu_consts::<T>();
+    let half = T::from(0.5).expect("a constant");
+    let n = bias.len();
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(n * ROW_BLOCK)
+        .zip(x.par_chunks(n * ROW_BLOCK))
+        .for_each(|(yb, xb)| {
+            for (y, x) in yb.chunks_mut(n).zip(xb.chunks(n)) {
+                for ((y, &x), &b) in y.iter_mut().zip(x).zip(bias) {
+                    let x = x + b;
+                    *y = half * x * (T::one() + tanh(c * (x + a * x * x * x)));
+                }
+            }
+        });
+    y
+}
+
+/// `dx = g · GELU'(x + bias)` and, as one more row, `dbias = Σ dx` over rows.
+fn bias_gelu_bwd<T: Float + Send + Sync>(x: &[T], bias: &[T], g: &[T]) -> Vec<T> {
+    let (c, a) = gelu_consts::<T>();
+    let half = T::from(0.5).expect("a constant");
+    let three = T::from(3.0).expect("a constant");
+    let n = bias.len();
+    let mut out = vec![T::zero(); x.len() + n];
+    let (dx, dbias) = out.split_at_mut(x.len());
+    dx.par_chunks_mut(n * ROW_BLOCK)
+        .zip(x.par_chunks(n * ROW_BLOCK).zip(g.par_chunks(n * ROW_BLOCK)))
+        .for_each(|(db, (xb, gb))| {
+            for (d, (x, g)) in db.chunks_mut(n).zip(xb.chunks(n).zip(gb.chunks(n))) {
+                for (((d, &x), &g), &b) in d.iter_mut().zip(x).zip(g).zip(bias) {
+                    *d = g * gelu_grad(x + b, c, a, half, three);
+                }
+            }
+        });
+    dbias.copy_from_slice(&column_sums(dx, n));
+    out
+}
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "fused-bias-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check_bias(self.name(), l1, l2)?;
+        let out = by_dtype!(self.name(), s1, |T| {
+            let x = data::<T>(self.name(), s1, l1)?;
+            let bias = data::<T>(self.name(), s2, l2)?;
+            <T as candle_core::WithDType>::to_cpu_storage_owned(bias_gelu_fwd(x, bias))
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = bias.elem_count();
+        let rows = x.elem_count() / n;
+        let all = x.apply_op3_no_bwd(bias, &g.contiguous()?, &BiasGeluBwd)?;
+        let dx = all.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dbias = all.narrow(0, rows, 1)?.reshape(bias.shape())?;
+        Ok((Some(dx), Some(dbias)))
+    }
+}
+
+fn check_bias(op: &str, x: &Layout, bias: &Layout) -> Result<()> {
+    let n = last_dim(x);
+    if bias.shape().elem_count() != n {
+        candle_core::bail!(
+            "{op}: bias {:?} must have the input's last dimension {n}",
+            bias.shape()
+        );
+    }
+    Ok(())
+}
+
+struct BiasGeluBwd;
+
+impl CustomOp3 for BiasGeluBwd {
+    fn name(&self) -> &'static str {
+        "fused-bias-gelu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = l2.shape().elem_count();
+        let rows = l1.shape().elem_count() / n.max(1);
+        let out = by_dtype!(self.name(), s1, |T| {
+            let x = data::<T>(self.name(), s1, l1)?;
+            let bias = data::<T>(self.name(), s2, l2)?;
+            let g = data::<T>(self.name(), s3, l3)?;
+            <T as candle_core::WithDType>::to_cpu_storage_owned(bias_gelu_bwd(x, bias, g))
+        });
+        Ok((out, Shape::from((rows + 1, n))))
+    }
+}
+
+struct ResidualBias;
+
+fn residual_bias_fwd<T: Float + Send + Sync>(x: &[T], y: &[T], bias: &[T]) -> Vec<T> {
+    let n = bias.len();
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(n * ROW_BLOCK)
+        .zip(x.par_chunks(n * ROW_BLOCK).zip(y.par_chunks(n * ROW_BLOCK)))
+        .for_each(|(ob, (xb, yb))| {
+            for (o, (x, y)) in ob.chunks_mut(n).zip(xb.chunks(n).zip(yb.chunks(n))) {
+                for (((o, &x), &y), &b) in o.iter_mut().zip(x).zip(y).zip(bias) {
+                    *o = x + y + b;
+                }
+            }
+        });
+    out
+}
+
+impl CustomOp3 for ResidualBias {
+    fn name(&self) -> &'static str {
+        "fused-residual-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check_bias(self.name(), l1, l3)?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "{}: shapes {:?} and {:?} differ",
+                self.name(),
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let out = by_dtype!(self.name(), s1, |T| {
+            let x = data::<T>(self.name(), s1, l1)?;
+            let y = data::<T>(self.name(), s2, l2)?;
+            let bias = data::<T>(self.name(), s3, l3)?;
+            let out = residual_bias_fwd(x, y, bias);
+            <T as candle_core::WithDType>::to_cpu_storage_owned(out)
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dbias = g.apply_op1_no_bwd(&ColumnSums)?.reshape(bias.shape())?;
+        Ok((Some(g.clone()), Some(g), Some(dbias)))
+    }
+}
+
+/// Sums over all dimensions but the last.
+struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "fused-column-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = last_dim(l);
+        let out = by_dtype!(self.name(), s, |T| {
+            <T as candle_core::WithDType>::to_cpu_storage_owned(column_sums(
+                data::<T>(self.name(), s, l)?,
+                n,
+            ))
+        });
+        Ok((out, Shape::from(n)))
     }
 }
 

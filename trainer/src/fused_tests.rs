@@ -125,6 +125,19 @@ fn gelu_reference(t: &[Tensor]) -> candle_core::Result<Tensor> {
     ops::gelu(&t[0])
 }
 
+fn bias_gelu_fused(t: &[Tensor]) -> candle_core::Result<Tensor> {
+    bias_gelu(&t[0], &t[1])
+}
+fn bias_gelu_reference(t: &[Tensor]) -> candle_core::Result<Tensor> {
+    ops::gelu(&t[0].broadcast_add(&t[1])?)
+}
+fn residual_bias_fused(t: &[Tensor]) -> candle_core::Result<Tensor> {
+    residual_bias(&t[0], &t[1], &t[2])
+}
+fn residual_bias_reference(t: &[Tensor]) -> candle_core::Result<Tensor> {
+    &t[0] + t[1].broadcast_add(&t[2])?
+}
+
 /// Rows over several of the kernels' row blocks, one of them partial.
 const DIMS: [usize; 3] = [3, 13, 37];
 
@@ -173,6 +186,48 @@ fn gelu_matches_its_reference_and_finite_differences() {
 }
 
 #[test]
+fn bias_gelu_matches_its_reference_and_finite_differences() {
+    let inputs = |dims: &[usize]| {
+        let n = *dims.last().unwrap();
+        [values(dims, 15, DType::F64), values(&[n], 16, DType::F64)]
+    };
+    let x = inputs(&DIMS);
+    check_against_reference(bias_gelu_fused, bias_gelu_reference, &x, DType::F64, 1e-12);
+    check_against_reference(bias_gelu_fused, bias_gelu_reference, &x, DType::F32, 1e-4);
+    check_finite_differences(bias_gelu_fused, &inputs(&[2, 19, 5]));
+}
+
+#[test]
+fn residual_bias_matches_its_reference_and_finite_differences() {
+    let inputs = |dims: &[usize]| {
+        let n = *dims.last().unwrap();
+        [
+            values(dims, 17, DType::F64),
+            values(dims, 18, DType::F64),
+            values(&[n], 19, DType::F64),
+        ]
+    };
+    let x = inputs(&DIMS);
+    check_against_reference(
+        residual_bias_fused,
+        residual_bias_reference,
+        &x,
+        DType::F64,
+        1e-12,
+    );
+    check_against_reference(
+        residual_bias_fused,
+        residual_bias_reference,
+        &x,
+        DType::F32,
+        1e-5,
+    );
+    check_finite_differences(residual_bias_fused, &inputs(&[2, 19, 5]));
+    let wrong = residual_bias(&x[0], &x[1], &values(&[4], 1, DType::F64)).unwrap_err();
+    assert!(wrong.to_string().contains("bias"), "{wrong}");
+}
+
+#[test]
 fn a_strided_input_is_made_contiguous_first() {
     let x = values(&[6, 10], 10, DType::F32);
     let t = x.t().unwrap();
@@ -198,6 +253,8 @@ fn results_do_not_depend_on_the_number_of_threads() {
         pool.install(|| {
             let y = layer_norm(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 1e-5).unwrap();
             let y = softmax_scaled(&gelu(&y).unwrap(), 0.5).unwrap();
+            let y = bias_gelu(&y, beta.as_tensor()).unwrap();
+            let y = residual_bias(&y, x.as_tensor(), gamma.as_tensor()).unwrap();
             let w = values(y.dims(), 14, DType::F32);
             let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let mut out = flat(&y);
