@@ -6,6 +6,8 @@
 #
 #   scripts/bench-trainer.sh [ROUNDS]      (BIN, STEPS, THREADS, TWIN, VENV override defaults)
 #
+# REFERENCE=1 also runs ours with ATMOREP_FUSED=0 (the primitive-op reference path instead of the
+# fused kernels) in each round, as a third column.
 # The twin needs torch: on first use it is installed from PyPI into $VENV (default
 # $CARGO_TARGET_DIR/torch-venv, else target/torch-venv; ~5 GB), reused afterwards.
 set -euo pipefail
@@ -76,32 +78,41 @@ for _ in $(seq 600); do
 done
 endpoint="http://$(sed -n 's/^listening on //p' "$work/serve.out")"
 
-printf '%-6s %12s %12s %12s %12s %8s %10s %10s\n' round "ours tok/s" "twin tok/s" "ours GF/s" \
-  "twin GF/s" ratio "ours MiB" "twin MiB"
+REFERENCE=${REFERENCE:-0}
+printf '%-6s %12s %12s %12s %12s %8s %10s %10s %10s\n' round "ours tok/s" "twin tok/s" "ours GF/s" \
+  "twin GF/s" ratio "ours MiB" "twin MiB" "ref tok/s"
 for round in $(seq "$ROUNDS"); do
   env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$VENV/bin/python" "$TWIN" --threads "$THREADS" \
     --steps "$STEPS" --warmup 2 --fwd-steps 8 --json "$work/twin.jsonl" >"$work/twin.txt"
-  rm -rf "$work/run"
-  RAYON_NUM_THREADS=$THREADS /usr/bin/time -f 'peak_rss_kib %M' "$BIN" train \
-    --config "$work/train.toml" --loader "$endpoint" --out "$work/run" --bench --quiet \
-    >"$work/ours.txt" 2>"$work/ours.err" || { cat "$work/ours.err" >&2; exit 1; }
-  python3 - "$work/ours.txt" "$work/ours.err" "$work/twin.jsonl" "$round" >>"$work/rows.txt" <<'PY'
+  ours() {
+    rm -rf "$work/run"
+    RAYON_NUM_THREADS=$THREADS /usr/bin/time -f 'peak_rss_kib %M' "$BIN" train \
+      --config "$work/train.toml" --loader "$endpoint" --out "$work/run" --bench --quiet \
+      >"$work/$1.txt" 2>"$work/$1.err" || { cat "$work/$1.err" >&2; exit 1; }
+  }
+  ours ours
+  echo "0 tokens/s" >"$work/ref.txt"
+  [ "$REFERENCE" = 1 ] && ATMOREP_FUSED=0 ours ref
+  python3 - "$work/ours.txt" "$work/ours.err" "$work/twin.jsonl" "$round" "$work/ref.txt" \
+    >>"$work/rows.txt" <<'PY'
 import json, re, sys
 ours, err = open(sys.argv[1]).read(), open(sys.argv[2]).read()
+ref = float(re.search(r"([0-9.]+) tokens/s", open(sys.argv[5]).read()).group(1))
 twin = [json.loads(l) for l in open(sys.argv[3])][-1]
 tok = float(re.search(r"([0-9.]+) tokens/s", ours).group(1))
 gf = re.search(r"([0-9.]+) GFLOP/s", ours)
 rss = int(re.search(r"peak_rss_kib (\d+)", err).group(1)) / 1024
 print(sys.argv[4], tok, twin["tokens_per_s"], gf.group(1) if gf else "nan", twin["train_gflops"],
-      tok / twin["tokens_per_s"], round(rss), twin["peak_rss_mib"], twin["fwd_tokens_per_s"])
+      tok / twin["tokens_per_s"], round(rss), twin["peak_rss_mib"], ref, twin["fwd_tokens_per_s"],
+      twin["fwd_in_step_ms"])
 PY
-  tail -n1 "$work/rows.txt" | awk '{printf "%-6s %12.0f %12.0f %12s %12s %8.3f %10s %10s\n", $1, $2, $3, $4, $5, $6, $7, $8}'
+  tail -n1 "$work/rows.txt" | awk '{printf "%-6s %12.0f %12.0f %12s %12s %8.3f %10s %10s %10.0f\n", $1, $2, $3, $4, $5, $6, $7, $8, $9}'
 done
 python3 - "$work/rows.txt" <<'PY'
 import statistics, sys
 rows = [line.split()[1:] for line in open(sys.argv[1])]
 med = [statistics.median(float(x) for x in col) for col in zip(*rows)]
-print("%-6s %12.0f %12.0f %12.1f %12.1f %8.3f %10.0f %10.0f" % ("median", *med[:7]))
-print(f"twin forward-only: {med[8]:.0f} tokens/s")
+print("%-6s %12.0f %12.0f %12.1f %12.1f %8.3f %10.0f %10.0f %10.0f" % ("median", *med[:8]))
+print(f"twin: forward-only {med[8]:.0f} tokens/s, forward in the training step {med[9]:.0f} ms")
 PY
-echo "ours: $(grep -E 'tokens/s|forward' "$work/ours.txt" | tr '\n' ' ')"
+echo "ours (last round): $(grep -E 'tokens/s' "$work/ours.txt")"
