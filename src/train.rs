@@ -338,7 +338,11 @@ async fn train_in(args: TrainArgs, collective: Box<dyn Collective>) -> Result<()
             cfg.request.batch_size,
             cfg.optimizer.accumulation
         );
-        print!("{}", summary.breakdown(skip).to_text());
+        let per_token = cfg.model.forward_flops_per_sample() / cfg.tokens_per_sample() as f64;
+        print!(
+            "{}",
+            summary.breakdown_with_flops(skip, per_token).to_text()
+        );
     }
     Ok(())
 }

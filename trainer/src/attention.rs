@@ -12,7 +12,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::ops::{linear, softmax_last_dim};
+use crate::fused::softmax_scaled;
+use crate::ops::{linear, residual_linear};
 
 /// `[B, T, H·dh]` → `[B, H, T, dh]`.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
@@ -35,11 +36,8 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// matmul wants each matrix contiguous, and `contiguous()` costs nothing when they already are.
 pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     let dh = q.dim(3)?;
-    let scores = q
-        .contiguous()?
-        .matmul(&k.transpose(2, 3)?.contiguous()?)?
-        .affine(1.0 / (dh as f64).sqrt(), 0.0)?;
-    let weights = softmax_last_dim(&scores)?;
+    let scores = q.contiguous()?.matmul(&k.transpose(2, 3)?.contiguous()?)?;
+    let weights = softmax_scaled(&scores, 1.0 / (dh as f64).sqrt())?;
     let ctx = weights.matmul(&v.contiguous()?)?;
     Ok((ctx, weights))
 }
@@ -76,6 +74,18 @@ impl MultiHeadAttention {
     /// The output projection of a context `[B, H, T, dh]`, giving `[B, T, D]`.
     pub fn project_out(&self, ctx: &Tensor) -> Result<Tensor> {
         self.out.forward(&merge_heads(ctx)?)
+    }
+
+    /// `residual` plus the output projection of a context `[B, H, T, dh]`.
+    pub fn project_out_residual(&self, residual: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        residual_linear(residual, &self.out, &merge_heads(ctx)?)
+    }
+
+    /// `residual` plus the attention output of `x` `[B, T, D]`, and the weights `[B, H, T, T]`.
+    pub fn residual_with_weights(&self, residual: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (q, k, v) = self.project_qkv(x)?;
+        let (ctx, weights) = scaled_dot_product(&q, &k, &v)?;
+        Ok((self.project_out_residual(residual, &ctx)?, weights))
     }
 
     /// The attention output `[B, T, D]` and weights `[B, H, T, T]`.
@@ -115,17 +125,34 @@ impl CrossAttention {
     /// The output `[B, T, D]` for queries from `x` `[B, T, D]` and keys/values from `memory`
     /// `[B, S, D]`, and the weights `[B, H, T, S]`.
     pub fn forward_with_weights(&self, x: &Tensor, memory: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (ctx, weights) = self.context(x, memory)?;
+        Ok((self.out.forward(&ctx)?, weights))
+    }
+
+    pub fn forward(&self, x: &Tensor, memory: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_with_weights(x, memory)?.0)
+    }
+
+    /// `residual` plus [`Self::forward_with_weights`]'s output, and the weights.
+    pub fn residual_with_weights(
+        &self,
+        residual: &Tensor,
+        x: &Tensor,
+        memory: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (ctx, weights) = self.context(x, memory)?;
+        Ok((residual_linear(residual, &self.out, &ctx)?, weights))
+    }
+
+    /// The merged context `[B, T, D]` before the output projection, and the weights.
+    fn context(&self, x: &Tensor, memory: &Tensor) -> Result<(Tensor, Tensor)> {
         let q = split_heads(&self.q.forward(x)?, self.num_heads)?;
         let kv = self.kv.forward(memory)?;
         let d = kv.dim(2)? / 2;
         let k = split_heads(&kv.narrow(2, 0, d)?, self.num_heads)?;
         let v = split_heads(&kv.narrow(2, d, d)?, self.num_heads)?;
         let (ctx, weights) = scaled_dot_product(&q, &k, &v)?;
-        Ok((self.out.forward(&merge_heads(&ctx)?)?, weights))
-    }
-
-    pub fn forward(&self, x: &Tensor, memory: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_with_weights(x, memory)?.0)
+        Ok((merge_heads(&ctx)?, weights))
     }
 }
 

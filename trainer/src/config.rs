@@ -337,6 +337,39 @@ impl ModelConfig {
         self.d_model / self.num_heads
     }
 
+    /// Matrix-multiply FLOPs (2 per multiply-add) of one forward pass over one sample: the
+    /// linear layers and the two products of attention, as the PyTorch twin of `bench-mid`
+    /// counts them (element-wise work left out). A training step costs about three times this.
+    pub fn forward_flops_per_sample(&self) -> f64 {
+        let (d, r) = (self.d_model as f64, self.mlp_hidden() as f64);
+        let all: f64 = self.fields.iter().map(|f| f.num_tokens as f64).sum();
+        let dh = self.head_dim() as f64;
+        let (hw, hc) = (self.within_heads() as f64, self.cross_heads as f64);
+        let mlp = 2.0 * 2.0 * d * r;
+        self.fields
+            .iter()
+            .map(|f| {
+                let (n, v) = (f.num_tokens as f64, f.token_numel as f64);
+                // A positional encoding as wide as the model is added without a projection.
+                let pe = if f.pe_width == self.d_model {
+                    0.0
+                } else {
+                    2.0 * f.pe_width as f64 * d
+                };
+                let embed = 2.0 * v * d + pe;
+                // Per query token: scores and the weighted sum, each 2·dh per key.
+                let enc_att = 4.0 * dh * (hw * n + hc * all);
+                let enc = 2.0 * 4.0 * d * d + mlp + enc_att;
+                let dec = 2.0 * 8.0 * d * d + mlp + 2.0 * 4.0 * d * n;
+                let tail = 2.0 * d * v;
+                n * (embed
+                    + self.encoder_layers as f64 * enc
+                    + self.decoder_layers as f64 * dec
+                    + tail)
+            })
+            .sum()
+    }
+
     /// Heads of an encoder layer that attend within the field.
     pub fn within_heads(&self) -> usize {
         self.num_heads - self.cross_heads
@@ -530,6 +563,10 @@ mod tests {
         assert_eq!((c.encoder_layers, c.decoder_layers), (4, 4));
         assert_eq!((c.mlp_hidden(), c.d_info, c.ensemble), (1024, 16, 1));
         assert_eq!(c.aux_info, AuxInfo::Concat);
+        // The PyTorch twin counts 15.08 GFLOP per sample; it embeds into D − 16 values and its
+        // cross heads see the other field only, ours all fields.
+        let flops = c.forward_flops_per_sample();
+        assert!((flops / 15.083e9 - 1.0).abs() < 0.03, "{flops}");
     }
 
     #[test]

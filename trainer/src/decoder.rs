@@ -64,20 +64,21 @@ impl DecoderLayer {
         memory: &Tensor,
         info: Option<&Tensor>,
     ) -> Result<(Tensor, DecoderAttention)> {
-        let (a, self_w) = self.self_attn.forward_with_weights(&self.ln1.forward(x)?)?;
-        let mut h = (x + a)?;
+        let (mut h, self_w) = self
+            .self_attn
+            .residual_with_weights(x, &self.ln1.forward(x)?)?;
         if let (Some((p, _)), Some(info)) = (&self.reappend, info) {
             h = reappend_info(&h, p, info)?;
         }
         let memory = self.ln_memory.forward(memory)?;
-        let (a, cross_w) = self
-            .cross_attn
-            .forward_with_weights(&self.ln2.forward(&h)?, &memory)?;
-        h = (h + a)?;
+        let (hc, cross_w) =
+            self.cross_attn
+                .residual_with_weights(&h, &self.ln2.forward(&h)?, &memory)?;
+        h = hc;
         if let (Some((_, p)), Some(info)) = (&self.reappend, info) {
             h = reappend_info(&h, p, info)?;
         }
-        let h = (&h + self.mlp.forward(&self.ln3.forward(&h)?)?)?;
+        let h = self.mlp.residual(&h, &self.ln3.forward(&h)?)?;
         Ok((
             h,
             DecoderAttention {

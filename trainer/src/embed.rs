@@ -6,7 +6,8 @@ use candle_nn::{Init, Linear, VarBuilder};
 
 use crate::batch::PREDICTED_PRIOR_KINDS;
 use crate::config::{AuxInfo, FieldSpec, ModelConfig, Prior};
-use crate::ops::{gelu, linear};
+use crate::fused::gelu;
+use crate::ops::linear;
 
 /// Floats of token info per token (`atmorep_proto::token_info::TOKEN_INFO_LEN`).
 pub const TOKEN_INFO_LEN: usize = 8;

@@ -125,11 +125,11 @@ impl EncoderLayer {
             } else {
                 Tensor::cat(&ctxs, 1)?
             };
-            let mut h = (x + block.attn.project_out(&ctx)?)?;
+            let mut h = block.attn.project_out_residual(x, &ctx)?;
             if let (Some(proj), Some(Some(info))) = (&block.reappend, infos.get(f)) {
                 h = reappend_info(&h, proj, info)?;
             }
-            let h = (&h + block.mlp.forward(&block.ln2.forward(&h)?)?)?;
+            let h = block.mlp.residual(&h, &block.ln2.forward(&h)?)?;
             outs.push(h);
             if let Some(w) = weights.as_mut() {
                 w.push(maps);

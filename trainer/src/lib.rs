@@ -1,7 +1,7 @@
 //! `atmorep-trainer`: the AtmoRep-style multiformer in candle (docs/design.md §4).
 //!
 //! This crate owns the *model*: its configuration ([`config`]), the differentiable building
-//! blocks candle-nn lacks ([`ops`]), token embedding with the aux-info variants ([`embed`]),
+//! blocks candle-nn lacks ([`ops`]) and their fused CPU kernels ([`fused`]), token embedding with the aux-info variants ([`embed`]),
 //! attention that can return its weights ([`attention`]), the field-coupled encoder layer
 //! ([`encoder`]), the per-field decoder layer ([`decoder`]), the tail ([`tail`]), the whole
 //! [`MultiFormer`] ([`model`]), losses on masked tokens ([`loss`]), seeded initialization
@@ -38,6 +38,7 @@ pub mod embed;
 pub mod encoder;
 pub mod error;
 pub mod eval;
+pub mod fused;
 pub mod infer;
 pub mod init;
 pub mod loss;

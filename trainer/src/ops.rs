@@ -5,6 +5,9 @@
 //! before them. Everything here is composed of ops that candle's autograd knows (exp, sums,
 //! broadcasts, tanh, matmul), so gradients flow through all of it; the gradient-completeness
 //! test of the model checks that this stays true.
+//!
+//! The model's layers ([`LayerNorm`], [`Mlp`]) run the fused CPU kernels of [`crate::fused`],
+//! which these functions are the reference of.
 
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
@@ -57,7 +60,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, &self.weight, &self.bias, self.eps)
+        crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -74,6 +77,27 @@ pub fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Resu
     Ok(Linear::new(weight, bias))
 }
 
+/// `x · Wᵀ` of a linear layer, without its bias (as `candle_nn::Linear` multiplies: one matrix
+/// product over all leading dimensions of a contiguous `x`).
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let w = w.t()?;
+    match *x.dims() {
+        [b, m, k] if x.is_contiguous() => x.reshape((b * m, k))?.matmul(&w)?.reshape((b, m, ())),
+        [b, _, _] => x.matmul(&w.broadcast_left(b)?),
+        _ => x.matmul(&w),
+    }
+}
+
+/// `x + lin(y)`: the residual connection around a layer ending in `lin`, its bias added in the
+/// same pass as the residual ([`crate::fused::residual_bias`]).
+pub fn residual_linear(x: &Tensor, lin: &Linear, y: &Tensor) -> Result<Tensor> {
+    let z = matmul_t(y, lin.weight())?;
+    match lin.bias() {
+        Some(b) => crate::fused::residual_bias(x, &z, b),
+        None => x + z,
+    }
+}
+
 /// The transformer MLP: `Linear(D → hidden)`, GELU, `Linear(hidden → D)`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
@@ -88,11 +112,25 @@ impl Mlp {
             fc2: linear(vb.pp("fc2"), hidden, dim, true)?,
         })
     }
+
+    /// `GELU(fc1(x))`, the bias added in the activation's pass.
+    fn hidden(&self, x: &Tensor) -> Result<Tensor> {
+        let h = matmul_t(x, self.fc1.weight())?;
+        match self.fc1.bias() {
+            Some(b) => crate::fused::bias_gelu(&h, b),
+            None => crate::fused::gelu(&h),
+        }
+    }
+
+    /// `residual + MLP(x)`.
+    pub fn residual(&self, residual: &Tensor, x: &Tensor) -> Result<Tensor> {
+        residual_linear(residual, &self.fc2, &self.hidden(x)?)
+    }
 }
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&gelu(&self.fc1.forward(x)?)?)
+        self.fc2.forward(&self.hidden(x)?)
     }
 }
 

@@ -261,18 +261,20 @@ impl AdamW {
             .into_iter()
             .filter(|(name, _)| is_trainable(name))
             .collect();
-        let zeros = vars
-            .iter()
-            .map(|(_, v)| v.as_tensor().zeros_like())
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        // Each moment its own buffer: the CPU step updates them in place.
+        let zeros = || {
+            vars.iter()
+                .map(|(_, v)| v.as_tensor().zeros_like())
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
         Ok(Self {
             beta1: cfg.beta1,
             beta2: cfg.beta2,
             eps: cfg.eps,
             weight_decay: cfg.weight_decay,
+            m: zeros()?,
+            v: zeros()?,
             vars,
-            m: zeros.clone(),
-            v: zeros,
             step: 0,
         })
     }
@@ -304,6 +306,24 @@ impl AdamW {
         for (i, g) in grads.0.iter().enumerate() {
             let Some(g) = g else { continue };
             let (_, var) = &self.vars[i];
+            if var.device().is_cpu() && matches!(var.dtype(), DType::F32 | DType::F64) {
+                let decay = self.weight_decay > 0.0 && Self::decays(var.rank());
+                let update = inplace::Update {
+                    beta1: b1,
+                    beta2: b2,
+                    inv_bias1: 1.0 / bias1,
+                    inv_bias2: 1.0 / bias2,
+                    eps: self.eps,
+                    lr,
+                    decay: if decay {
+                        1.0 - lr * self.weight_decay
+                    } else {
+                        1.0
+                    },
+                };
+                inplace::step(var.as_tensor(), &self.m[i], &self.v[i], g, update)?;
+                continue;
+            }
             let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let mut theta = var.as_tensor().clone();
@@ -326,9 +346,10 @@ impl AdamW {
             .iter()
             .zip(self.m.iter().zip(&self.v))
             .flat_map(|((name, _), (m, v))| {
+                // Copies: the next step updates the moments in place.
                 [
-                    (format!("m.{name}"), m.clone()),
-                    (format!("v.{name}"), v.clone()),
+                    (format!("m.{name}"), m.copy().expect("a copy of a tensor")),
+                    (format!("v.{name}"), v.copy().expect("a copy of a tensor")),
                 ]
             })
             .collect()
@@ -356,7 +377,11 @@ impl AdamW {
                         var.dims()
                     ));
                 }
-                let t = t.to_dtype(var.dtype()).map_err(|e| e.to_string())?;
+                // Its own buffer (`to_dtype` to the same type shares it), updated in place.
+                let t = t
+                    .to_dtype(var.dtype())
+                    .and_then(|t| t.copy())
+                    .map_err(|e| e.to_string())?;
                 out.push(t);
             }
         }
@@ -369,6 +394,150 @@ impl AdamW {
         self.v = v;
         self.step = step;
         Ok(())
+    }
+}
+
+/// AdamW's step on the CPU as in-place kernels over the variable and its moments: no fresh
+/// tensor per variable and step, the same arithmetic as the tensor-op path.
+mod inplace {
+    use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+    use num_traits::Float;
+
+    #[derive(Debug, Clone, Copy)]
+    pub struct Update {
+        pub beta1: f64,
+        pub beta2: f64,
+        pub inv_bias1: f64,
+        pub inv_bias2: f64,
+        pub eps: f64,
+        pub lr: f64,
+        /// `1 − lr·wd`, or 1 for a variable that is not decayed.
+        pub decay: f64,
+    }
+
+    /// `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`, then the variable `theta`.
+    pub fn step(theta: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, u: Update) -> Result<()> {
+        let g = g.to_dtype(theta.dtype())?.contiguous()?;
+        m.inplace_op2(
+            &g,
+            &Moment {
+                beta: u.beta1,
+                square: false,
+            },
+        )?;
+        v.inplace_op2(
+            &g,
+            &Moment {
+                beta: u.beta2,
+                square: true,
+            },
+        )?;
+        theta.inplace_op3(m, v, &u)
+    }
+
+    /// The contiguous range of a layout.
+    fn range(l: &Layout) -> Result<std::ops::Range<usize>> {
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(a..b),
+            None => candle_core::bail!("adamw: operand not contiguous"),
+        }
+    }
+
+    /// The variable's data and the operands', all of one float type.
+    macro_rules! by_dtype {
+        ($s1:expr, $l1:expr, [$($s:expr, $l:expr),*], |$dst:ident, $src:ident| $body:expr) => {
+            match $s1 {
+                CpuStorage::F32(d) => {
+                    let $dst = &mut d[range($l1)?];
+                    let $src = [$(match $s {
+                        CpuStorage::F32(v) => &v[range($l)?],
+                        _ => candle_core::bail!("adamw: operands of mixed types"),
+                    }),*];
+                    $body
+                }
+                CpuStorage::F64(d) => {
+                    let $dst = &mut d[range($l1)?];
+                    let $src = [$(match $s {
+                        CpuStorage::F64(v) => &v[range($l)?],
+                        _ => candle_core::bail!("adamw: operands of mixed types"),
+                    }),*];
+                    $body
+                }
+                _ => candle_core::bail!("adamw: no in-place step for this type"),
+            }
+        };
+    }
+
+    struct Moment {
+        beta: f64,
+        square: bool,
+    }
+
+    fn moment<T: Float>(m: &mut [T], g: &[T], beta: f64, square: bool) {
+        let b = T::from(beta).expect("a constant");
+        let c = T::from(1.0 - beta).expect("a constant");
+        for (m, &g) in m.iter_mut().zip(g) {
+            let g = if square { g * g } else { g };
+            *m = *m * b + g * c;
+        }
+    }
+
+    impl InplaceOp2 for Moment {
+        fn name(&self) -> &'static str {
+            "adamw-moment"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<()> {
+            by_dtype!(s1, l1, [s2, l2], |m, g| moment(
+                m,
+                g[0],
+                self.beta,
+                self.square
+            ));
+            Ok(())
+        }
+    }
+
+    fn update<T: Float>(theta: &mut [T], m: &[T], v: &[T], u: &Update) {
+        let k = |x: f64| T::from(x).expect("a constant");
+        let (ib1, ib2, eps, lr, decay) = (
+            k(u.inv_bias1),
+            k(u.inv_bias2),
+            k(u.eps),
+            k(u.lr),
+            k(u.decay),
+        );
+        for ((t, &m), &v) in theta.iter_mut().zip(m).zip(v) {
+            let step = (m * ib1) / ((v * ib2).sqrt() + eps);
+            *t = *t * decay - step * lr;
+        }
+    }
+
+    impl InplaceOp3 for Update {
+        fn name(&self) -> &'static str {
+            "adamw-update"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<()> {
+            by_dtype!(s1, l1, [s2, l2, s3, l3], |theta, mv| update(
+                theta, mv[0], mv[1], self
+            ));
+            Ok(())
+        }
     }
 }
 
@@ -470,6 +639,19 @@ mod tests {
         assert_eq!(
             other.m[0].to_vec1::<f64>().unwrap(),
             opt.m[0].to_vec1::<f64>().unwrap()
+        );
+        // The step updates moments in place: saved and restored state is nobody's buffer.
+        let saved = state["m.w"].to_vec1::<f64>().unwrap();
+        let g = Grads(vec![Some(
+            Tensor::new(&[1.0f64, -1.0], &Device::Cpu).unwrap(),
+        )]);
+        other.step(&g, 0.1).unwrap();
+        opt.step(&g, 0.1).unwrap();
+        assert_eq!(state["m.w"].to_vec1::<f64>().unwrap(), saved);
+        assert_ne!(other.m[0].to_vec1::<f64>().unwrap(), saved);
+        assert_ne!(
+            other.m[0].to_vec1::<f64>().unwrap(),
+            other.v[0].to_vec1::<f64>().unwrap()
         );
 
         let mut missing = state.clone();

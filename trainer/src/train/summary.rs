@@ -70,6 +70,9 @@ pub struct Breakdown {
     pub forward_s: f64,
     pub backward_s: f64,
     pub optimizer_s: f64,
+    /// Matrix-multiply GFLOP per second of the training step (three forward passes' worth,
+    /// [`crate::ModelConfig::forward_flops_per_sample`]); 0 when not known.
+    pub gflops: f64,
 }
 
 impl Breakdown {
@@ -81,9 +84,10 @@ impl Breakdown {
     pub fn to_text(&self) -> String {
         let pct = |s: f64| 100.0 * s / self.step_s.max(1e-12);
         format!(
-            "{:.0} tokens/s over {} steps; {:.2} ms per step: data wait {:.2} ms ({:.1}%), \
+            "{:.0} tokens/s, {:.1} GFLOP/s over {} steps; {:.2} ms per step: data wait {:.2} ms ({:.1}%), \
              forward {:.2} ms ({:.1}%), backward {:.2} ms ({:.1}%), optimizer {:.2} ms ({:.1}%)\n",
             self.tokens_per_s,
+            self.gflops,
             self.steps,
             self.step_s * 1e3,
             self.data_wait_s * 1e3,
@@ -104,6 +108,16 @@ impl RunSummary {
         self.steps.iter().map(|s| s.loss).collect()
     }
 
+    /// [`Self::breakdown`] with the GFLOP/s of a model that costs `forward_flops_per_token`
+    /// matrix-multiply FLOPs per token in a forward pass.
+    pub fn breakdown_with_flops(&self, skip: usize, forward_flops_per_token: f64) -> Breakdown {
+        let b = self.breakdown(skip);
+        Breakdown {
+            gflops: 3.0 * forward_flops_per_token * b.tokens_per_s / 1e9,
+            ..b
+        }
+    }
+
     /// Means over the steps after the first `skip` (warm-up of caches and the stream).
     pub fn breakdown(&self, skip: usize) -> Breakdown {
         let rows = &self.steps[skip.min(self.steps.len())..];
@@ -118,6 +132,7 @@ impl RunSummary {
             forward_s: sum(|r| r.forward_s) / n,
             backward_s: sum(|r| r.backward_s) / n,
             optimizer_s: sum(|r| r.optimizer_s) / n,
+            gflops: 0.0,
         }
     }
 }
