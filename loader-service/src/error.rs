@@ -56,6 +56,17 @@ pub enum StoreError {
         key: String,
     },
 
+    /// A chunk whose object is not the version this server first read: the store was rewritten
+    /// while served (`store::version`).
+    #[error(
+        "dataset `{dataset}`: store changed under the server: chunk `{key}` of array `{array}` is not the version it first read; restart the loader to serve the store as it is now"
+    )]
+    StoreChanged {
+        dataset: String,
+        array: String,
+        key: String,
+    },
+
     /// A variable the store does not have.
     #[error("store `{url}` has no variable `{name}` (available: {available})")]
     UnknownVariable {

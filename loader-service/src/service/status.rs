@@ -43,6 +43,9 @@ pub fn from_store(error: &StoreError) -> Status {
         // metadata promises the chunk); the store lost data, which no retry or other request
         // will bring back, like a chunk that does not decode.
         StoreError::MissingChunk { .. } => Code::DataLoss,
+        // The data the stream planned on is gone: no retry brings it back until the operator
+        // reopens the store.
+        StoreError::StoreChanged { .. } => Code::DataLoss,
         // A bug of ours, not the request's: INTERNAL, so no client takes it for its own fault.
         StoreError::Panicked(_) => Code::Internal,
         _ => Code::Internal,

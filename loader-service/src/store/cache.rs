@@ -188,6 +188,24 @@ impl ChunkCache {
         }
     }
 
+    /// Drops the cached chunks of every array whose cache name starts with `prefix` (one store
+    /// as one dataset sees it); returns how many.
+    pub fn remove_prefix(&self, prefix: &str) -> usize {
+        let mut inner = self.lock();
+        let doomed: Vec<ChunkKey> = inner
+            .lru
+            .iter()
+            .filter(|(key, _)| key.0.starts_with(prefix))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &doomed {
+            if let Some(chunk) = inner.lru.pop(key) {
+                inner.resident_bytes -= chunk.bytes();
+            }
+        }
+        doomed.len()
+    }
+
     /// Drops every cached chunk.
     pub fn clear(&self) {
         let mut inner = self.lock();
@@ -277,6 +295,18 @@ mod tests {
                 .await
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn removing_a_prefix_drops_only_that_stores_chunks() {
+        let cache = ChunkCache::new(1 << 20);
+        for (name, i) in [("s/a", 0), ("s/b", 1), ("s2/a", 2), ("t/a", 3)] {
+            cache.insert((Arc::from(name), vec![i]), chunk(10));
+        }
+        assert_eq!(cache.remove_prefix("s/"), 2);
+        assert!(cache.get(&(Arc::from("s/a"), vec![0])).is_none());
+        assert!(cache.get(&(Arc::from("s2/a"), vec![2])).is_some());
+        assert_eq!(cache.stats().resident_bytes, 80);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::store::decode::{decode_chunk, decode_raw, run_on_rayon, to_f64};
 use crate::store::discovery::{ArrayNode, StoreMetadata, discover};
 use crate::store::location::StoreLocation;
 use crate::store::missing::{MissingChunkPolicy, MissingChunks};
+use crate::store::version::{Changed, ObjectVersion, VersionLedger};
 
 /// Default decoded-chunk cache size for a store opened on its own.
 pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
@@ -181,6 +182,8 @@ pub struct Dataset {
     /// a benchmark can replay exactly the decoding a run did.
     pub(crate) fetch_log: std::sync::Mutex<Option<Vec<FetchedChunk>>>,
     pub(crate) missing: MissingChunkPolicy,
+    /// The version of each chunk first read, which every later read must find.
+    pub(crate) versions: Arc<VersionLedger>,
 }
 
 impl Dataset {
@@ -294,6 +297,7 @@ impl Dataset {
             counters: ReadCounters::default(),
             fetch_log: std::sync::Mutex::new(None),
             missing: MissingChunkPolicy::default(),
+            versions: Arc::default(),
         }
     }
 
@@ -525,6 +529,7 @@ impl Dataset {
         let chunk_indices = indices.to_vec();
         let started = std::time::Instant::now();
         let refuse_missing = self.missing.mode == MissingChunks::Error;
+        let versions = self.versions.clone();
         let outcome = match self.location.local_root() {
             // A local chunk is read on the rayon thread that decodes it, into a buffer that
             // thread keeps (see `location::read_local`).
@@ -535,10 +540,16 @@ impl Dataset {
                 let root = root.clone();
                 run_on_rayon(move || {
                     READ_BUFFER.with_borrow_mut(|buf| {
-                        let found =
+                        let version =
                             crate::store::location::read_local(&root, &url, &store_key, buf)?;
+                        let found = version.is_some();
+                        if let Err(changed) =
+                            versions.check(&store_key, version.unwrap_or(ObjectVersion::Absent))
+                        {
+                            return Ok(Fetched::Changed(changed));
+                        }
                         if !found && refuse_missing {
-                            return Ok(None);
+                            return Ok(Fetched::Refused);
                         }
                         let encoded = found.then_some(buf.as_slice());
                         let decoded = decode_chunk(
@@ -549,16 +560,20 @@ impl Dataset {
                             encoded,
                             &packing,
                         )?;
-                        Ok::<_, StoreError>(Some((found.then_some(buf.len()), decoded)))
+                        Ok::<_, StoreError>(Fetched::Decoded(found.then_some(buf.len()), decoded))
                     })
                 })
                 .await??
             }
             None => {
-                let encoded = self.location.get(&store_key).await?;
+                let read = self.location.get_versioned(&store_key).await?;
+                let version = read.as_ref().map_or(ObjectVersion::Absent, |(_, v)| *v);
+                let encoded = read.map(|(bytes, _)| bytes);
                 let fetched = encoded.as_ref().map(|bytes| bytes.len());
-                if fetched.is_none() && refuse_missing {
-                    None
+                if let Err(changed) = versions.check(&store_key, version) {
+                    Fetched::Changed(changed)
+                } else if fetched.is_none() && refuse_missing {
+                    Fetched::Refused
                 } else {
                     let decoded = run_on_rayon(move || {
                         decode_chunk(
@@ -571,15 +586,21 @@ impl Dataset {
                         )
                     })
                     .await??;
-                    Some((fetched, decoded))
+                    Fetched::Decoded(fetched, decoded)
                 }
             }
         };
         let key = || variable.node.array.chunk_key(indices).to_string();
-        let Some((fetched, decoded)) = outcome else {
-            return Err(self
-                .missing
-                .refused(self.url(), &variable.node.name, &key()));
+        let (fetched, decoded) = match outcome {
+            Fetched::Decoded(fetched, decoded) => (fetched, decoded),
+            Fetched::Refused => {
+                return Err(self
+                    .missing
+                    .refused(self.url(), &variable.node.name, &key()));
+            }
+            Fetched::Changed(changed) => {
+                return Err(self.store_changed(&variable.node.name, &key(), changed));
+            }
         };
         if fetched.is_none() {
             self.missing.filled(self.url(), &variable.node.name, &key());
@@ -608,6 +629,45 @@ impl Dataset {
         Ok(Arc::new(decoded))
     }
 
+    /// The error for a chunk found changed under the server; the first change logged, counted
+    /// and answered by dropping the dataset's cached chunks, so none of them is served again
+    /// unchecked beside the new ones.
+    fn store_changed(&self, array: &str, key: &str, changed: Changed) -> StoreError {
+        let dataset = self.missing.dataset(self.url()).to_string();
+        if changed.first_in_store {
+            let dropped = self.cache.remove_prefix(&format!("{}/", self.cache_id));
+            tracing::warn!(
+                dataset,
+                store = self.url(),
+                dropped,
+                "store changed under the server: its cached chunks are dropped; restart the loader to serve the store as it is now"
+            );
+        }
+        if changed.first_report {
+            tracing::warn!(
+                dataset,
+                array,
+                chunk = key,
+                store = self.url(),
+                first = ?changed.first,
+                now = ?changed.now,
+                "store changed: chunk is not the version first read; its reads fail"
+            );
+            metrics::counter!("atmorep_store_changes_total", "dataset" => dataset.clone())
+                .increment(1);
+        }
+        StoreError::StoreChanged {
+            dataset,
+            array: array.to_string(),
+            key: key.to_string(),
+        }
+    }
+
+    /// Whether a chunk was found changed since the store was opened (see [`crate::store::version`]).
+    pub fn store_changed_seen(&self) -> bool {
+        self.versions.changed()
+    }
+
     /// Starts (or, with `false`, stops and returns) recording the chunks fetched from storage.
     pub fn record_fetches(&self, on: bool) -> Vec<FetchedChunk> {
         let mut log = self
@@ -624,6 +684,16 @@ impl Dataset {
     fn cache_key(&self, node: &ArrayNode) -> Arc<str> {
         Arc::from(format!("{}/{}", self.cache_id, node.name).as_str())
     }
+}
+
+/// What a read of one chunk from storage found.
+enum Fetched {
+    /// Decoded values, with the encoded size (`None`: missing, read as the fill value).
+    Decoded(Option<usize>, DecodedChunk),
+    /// Missing under `missing_chunks = "error"`.
+    Refused,
+    /// Not the version first read.
+    Changed(Changed),
 }
 
 fn attr_str<'a>(attrs: &'a Map<String, Value>, key: &str) -> Option<&'a str> {

@@ -34,6 +34,7 @@ use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, 
 use url::Url;
 
 use crate::error::{Result, StoreError};
+use crate::store::version::ObjectVersion;
 
 /// An opened store location: the object store, the store's prefix in it, and the URL the user gave.
 #[derive(Debug, Clone)]
@@ -219,10 +220,21 @@ impl StoreLocation {
 
     /// Reads a whole object; `Ok(None)` when it does not exist.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        Ok(self.get_versioned(key).await?.map(|(bytes, _)| bytes))
+    }
+
+    /// Reads a whole object with its version (from the same answer as its bytes); `Ok(None)`
+    /// when it does not exist.
+    pub async fn get_versioned(&self, key: &str) -> Result<Option<(Bytes, ObjectVersion)>> {
         let path = self.path(key);
-        let fetched = async { self.store.get(&path).await?.bytes().await }.await;
+        let fetched = async {
+            let answer = self.store.get(&path).await?;
+            let version = ObjectVersion::of_object(&answer.meta);
+            Ok((answer.bytes().await?, version))
+        }
+        .await;
         match fetched {
-            Ok(bytes) => Ok(Some(bytes)),
+            Ok(read) => Ok(Some(read)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(source) => Err(self.error(key, source)),
         }
@@ -370,19 +382,28 @@ pub fn retry_config_from(
 }
 
 /// Reads the object `key` of the local store at `root` (opened from `url`) into `buf`, replacing
-/// its contents; `Ok(false)` when it does not exist. Chunk reads use this instead of the object
+/// its contents, and returns the file's version as it was after the read (a rewrite during the
+/// read shows); `Ok(None)` when it does not exist. Chunk reads use this instead of the object
 /// store's local reader, which zero-fills a new buffer per read on a blocking-pool thread: with
 /// a buffer kept per decoding thread, a read touches no fresh memory (page faults were a third of
 /// the pipeline's system time).
-pub fn read_local(root: &std::path::Path, url: &str, key: &str, buf: &mut Vec<u8>) -> Result<bool> {
+pub fn read_local(
+    root: &std::path::Path,
+    url: &str,
+    key: &str,
+    buf: &mut Vec<u8>,
+) -> Result<Option<ObjectVersion>> {
     use std::io::Read as _;
     let mut path = root.to_path_buf();
     path.extend(key.split('/').filter(|s| !s.is_empty()));
     buf.clear();
-    let read = std::fs::File::open(&path).and_then(|mut file| file.read_to_end(buf));
+    let read = std::fs::File::open(&path).and_then(|mut file| {
+        file.read_to_end(buf)?;
+        file.metadata()
+    });
     match read {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Ok(meta) => Ok(Some(ObjectVersion::of_file(&meta))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(StoreError::ObjectStore {
             url: format!("{}/{}", url.trim_end_matches('/'), key),
             source: object_store::Error::Generic {
@@ -408,9 +429,13 @@ mod tests {
             .expect("a path is a local store")
             .clone();
         let mut buf = b"left from an earlier, longer read".to_vec();
-        assert!(read_local(&root, "store.zarr", "t/c/0/1", &mut buf).unwrap());
+        let version = read_local(&root, "store.zarr", "t/c/0/1", &mut buf).unwrap();
         assert_eq!(buf, b"chunk");
-        assert!(!read_local(&root, "store.zarr", "t/c/0/2", &mut buf).unwrap());
+        assert!(matches!(version, Some(ObjectVersion::Present(_))));
+        assert_eq!(
+            read_local(&root, "store.zarr", "t/c/0/2", &mut buf).unwrap(),
+            None
+        );
         // A key that is a folder cannot be read: the error names the object.
         let err = read_local(&root, "store.zarr/", "t/c/0", &mut buf).unwrap_err();
         assert!(err.to_string().contains("`store.zarr/t/c/0`"), "{err}");
