@@ -21,7 +21,7 @@ pub fn from_request(error: RequestError) -> Status {
 
 /// The status for a store failure.
 pub fn from_store(error: &StoreError) -> Status {
-    let code = match error {
+    let code = match error.root() {
         StoreError::UnknownVariable { .. } => Code::NotFound,
         StoreError::InvalidHyperslab { .. } => Code::InvalidArgument,
         // The store refused our credentials: retrying cannot help, and the operator must act.

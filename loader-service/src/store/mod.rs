@@ -9,6 +9,7 @@ pub mod cf_time;
 pub mod dataset;
 pub mod decode;
 pub mod discovery;
+mod fetch;
 pub mod hyperslab;
 pub mod location;
 pub mod missing;
