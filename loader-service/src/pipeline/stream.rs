@@ -72,19 +72,6 @@ impl Drop for PipelineStream {
     }
 }
 
-/// Sample tasks that stop with the batch that spawned them: once a stream fails or is dropped,
-/// its samples in flight read nothing more (a refused chunk is not asked for again by samples
-/// whose batch will never be sent).
-struct AbortOnDrop<T>(Vec<tokio::task::JoinHandle<T>>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
-    }
-}
-
 impl Pipeline {
     /// Batches of `spec.batch_size` samples of `rank`'s shard from `spec.start` on, assembled by a
     /// background task that keeps about `sample_concurrency` samples in flight (whole batches,
@@ -138,17 +125,12 @@ impl Pipeline {
                             None => None,
                         };
                         let cursor_after = items.last().expect("non-empty batch").2;
-                        let mut tasks = AbortOnDrop(
-                            items
-                                .into_iter()
-                                .map(|(epoch, id, _)| {
-                                    let pipeline = pipeline.clone();
-                                    tokio::spawn(async move { pipeline.sample(epoch, id).await })
-                                })
-                                .collect(),
-                        );
+                        let tasks = items.into_iter().map(|(epoch, id, _)| {
+                            let pipeline = pipeline.clone();
+                            tokio::spawn(async move { pipeline.sample(epoch, id).await })
+                        });
                         let mut samples = Vec::with_capacity(spec.batch_size);
-                        for joined in futures::future::join_all(tasks.0.iter_mut()).await {
+                        for joined in futures::future::join_all(tasks).await {
                             let sample = match joined {
                                 Ok(sample) => sample?,
                                 Err(e) if e.is_panic() => {

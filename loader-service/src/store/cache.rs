@@ -112,7 +112,7 @@ impl ChunkCache {
     /// The cached chunk, or the result of `load` — run once however many callers ask for the
     /// same missing chunk at the same time, and its outcome, value or error, given to each —
     /// inserted into the cache. A failure is not kept: a later caller loads again. The error is
-    /// the only reference to `load`'s error when no other caller shared it
+    /// the only reference to `load`'s error when nobody else shared or kept it
     /// (`Arc::try_unwrap` gets it back).
     pub async fn get_or_load<E, F, Fut>(
         &self,
@@ -122,7 +122,7 @@ impl ChunkCache {
     where
         E: Send + Sync + 'static,
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<Arc<DecodedChunk>, E>>,
+        Fut: std::future::Future<Output = Result<Arc<DecodedChunk>, Arc<E>>>,
     {
         if let Some(hit) = self.get(&key) {
             return Ok(hit);
@@ -138,7 +138,7 @@ impl ChunkCache {
             .get_or_init(|| async {
                 let chunk = load()
                     .await
-                    .map_err(|e| Arc::new(e) as Arc<dyn std::any::Any + Send + Sync>)?;
+                    .map_err(|e| e as Arc<dyn std::any::Any + Send + Sync>)?;
                 self.insert(key.clone(), chunk.clone());
                 Ok(chunk)
             })
@@ -290,7 +290,7 @@ mod tests {
                         .get_or_load(key(9), || async {
                             loads.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                            Ok::<_, ()>(chunk(10))
+                            Ok::<_, Arc<()>>(chunk(10))
                         })
                         .await
                 })
@@ -302,12 +302,14 @@ mod tests {
         assert_eq!(loads.load(Ordering::SeqCst), 1);
         // A failed load is not cached: the next caller tries again.
         let err = cache
-            .get_or_load(key(10), || async { Err::<Arc<DecodedChunk>, _>("boom") })
+            .get_or_load(key(10), || async {
+                Err::<Arc<DecodedChunk>, _>(Arc::new("boom"))
+            })
             .await;
         assert_eq!(Arc::try_unwrap(err.unwrap_err()), Ok("boom"), "not shared");
         assert!(
             cache
-                .get_or_load(key(10), || async { Ok::<_, &str>(chunk(3)) })
+                .get_or_load(key(10), || async { Ok::<_, Arc<&str>>(chunk(3)) })
                 .await
                 .is_ok()
         );
@@ -325,7 +327,7 @@ mod tests {
                         .get_or_load(key(4), || async {
                             loads.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            Err::<Arc<DecodedChunk>, _>(String::from("403 on s/a/4"))
+                            Err::<Arc<DecodedChunk>, _>(Arc::new(String::from("403 on s/a/4")))
                         })
                         .await
                 })

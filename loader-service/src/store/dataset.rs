@@ -184,8 +184,6 @@ pub struct Dataset {
     pub(crate) missing: MissingChunkPolicy,
     /// The version of each chunk first read, which every later read must find.
     pub(crate) versions: Arc<VersionLedger>,
-    /// Chunks the store refused lately, answered without asking again.
-    pub(crate) refusals: crate::store::fetch::Refusals,
 }
 
 impl Dataset {
@@ -300,7 +298,6 @@ impl Dataset {
             fetch_log: std::sync::Mutex::new(None),
             missing: MissingChunkPolicy::default(),
             versions: Arc::default(),
-            refusals: Default::default(),
         }
     }
 

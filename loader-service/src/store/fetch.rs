@@ -1,17 +1,14 @@
 //! Reading one chunk of a dataset: through the shared cache, where concurrent readers share one
 //! read and its outcome; from storage with its version checked against the one first read
 //! ([`crate::store::version`]); a missing chunk filled or refused ([`crate::store::missing`]);
-//! decoded on the rayon pool. A chunk the store refused the server's credentials for (401/403)
-//! is not asked for again for [`REFUSAL_MEMO`]: samples in flight that need it later, and
-//! clients that reconnect, get the same answer without a request each.
+//! decoded on the rayon pool. Remote reads of one object are shared below too
+//! ([`crate::store::location`]), and a refused object is not asked for again at once.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use crate::error::{Result, StoreError};
-use crate::store::cache::{ChunkKey, DecodedChunk};
+use crate::store::cache::DecodedChunk;
 use crate::store::dataset::{Dataset, Variable};
 use crate::store::decode::{decode_chunk, run_on_rayon};
 use crate::store::missing::MissingChunks;
@@ -21,19 +18,15 @@ impl Dataset {
     /// Fetches one chunk of `node` (through the cache) and decodes it to physical values.
     pub async fn chunk(&self, variable: &Variable, indices: &[u64]) -> Result<Arc<DecodedChunk>> {
         let key = (self.cache_key(&variable.node), indices.to_vec());
-        if let Some(refused) = self.refusals.recent(&key) {
-            return Err(StoreError::Shared(refused));
-        }
-        let loaded = self
-            .cache
-            .get_or_load(key.clone(), || self.fetch_and_decode(variable, indices))
-            .await;
-        loaded.map_err(|error| {
-            if error.root().is_refusal() {
-                self.refusals.note(key, &error);
-            }
-            StoreError::unshare(error)
-        })
+        let load = || async {
+            self.fetch_and_decode(variable, indices)
+                .await
+                .map_err(Arc::new)
+        };
+        self.cache
+            .get_or_load(key, load)
+            .await
+            .map_err(StoreError::unshare)
     }
 
     async fn fetch_and_decode(
@@ -191,41 +184,4 @@ enum Fetched {
     Refused,
     /// Not the version first read.
     Changed(Changed),
-}
-
-/// How long a chunk the store refused the server's credentials for is answered from memory: long
-/// enough that the samples in flight of the streams that need it do not ask again, short enough
-/// that fixed credentials or a fixed bucket policy are seen at once by the next stream.
-pub const REFUSAL_MEMO: Duration = Duration::from_secs(5);
-
-/// The chunks the store refused lately (401/403), by cache key, with when and why.
-#[derive(Debug, Default)]
-pub(crate) struct Refusals(Mutex<HashMap<ChunkKey, (Instant, Arc<StoreError>)>>);
-
-impl Refusals {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChunkKey, (Instant, Arc<StoreError>)>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The refusal of `key` if it is younger than [`REFUSAL_MEMO`].
-    fn recent(&self, key: &ChunkKey) -> Option<Arc<StoreError>> {
-        let mut map = self.lock();
-        let (at, error) = map.get(key)?;
-        if at.elapsed() < REFUSAL_MEMO {
-            return Some(error.clone());
-        }
-        map.remove(key);
-        None
-    }
-
-    fn note(&self, key: ChunkKey, error: &Arc<StoreError>) {
-        let mut map = self.lock();
-        // A whole refused store is many keys: the old ones go before the map grows.
-        if map.len() >= 4096 {
-            map.retain(|_, (at, _)| at.elapsed() < REFUSAL_MEMO);
-        }
-        map.insert(key, (Instant::now(), error.clone()));
-    }
 }

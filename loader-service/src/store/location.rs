@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, RetryConfig};
 use url::Url;
@@ -44,6 +45,48 @@ pub struct StoreLocation {
     prefix: ObjectPath,
     /// The store's folder when it is on a local filesystem.
     local_root: Option<Arc<std::path::Path>>,
+    /// Reads in flight and objects refused lately, shared by every clone.
+    gets: Arc<Gets>,
+}
+
+/// How long an object the store refused the server's credentials for (401/403) is answered from
+/// memory: long enough that the samples in flight that need it, and the clients that come back,
+/// do not ask again, short enough that fixed credentials or a fixed bucket policy are soon seen.
+pub const REFUSAL_MEMO: Duration = Duration::from_secs(5);
+
+type ReadOutcome = std::result::Result<Option<(Bytes, ObjectVersion)>, Arc<StoreError>>;
+type SharedRead = futures::future::Shared<futures::future::BoxFuture<'static, ReadOutcome>>;
+
+/// One read per object at a time: concurrent readers of an object share its read, which runs in
+/// its own task, so a reader that gives up (a sample whose other read failed) cancels nothing
+/// the others wait for; a refusal is remembered for [`REFUSAL_MEMO`]. Both maps change under one
+/// lock, so a reader sees a read either in flight or finished, never neither.
+#[derive(Default)]
+struct Gets(std::sync::Mutex<GetState>);
+
+#[derive(Default)]
+struct GetState {
+    in_flight: std::collections::HashMap<String, SharedRead>,
+    refused: std::collections::HashMap<String, (std::time::Instant, Arc<StoreError>)>,
+}
+
+impl std::fmt::Debug for Gets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.lock();
+        f.debug_struct("Gets")
+            .field("in_flight", &state.in_flight.len())
+            .field("refused", &state.refused.len())
+            .finish()
+    }
+}
+
+impl Gets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GetState> {
+        // Every update is one call on a map: a poisoned lock holds consistent data.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl StoreLocation {
@@ -111,6 +154,7 @@ impl StoreLocation {
                     store: Arc::new(store),
                     prefix,
                     local_root: None,
+                    gets: Arc::default(),
                 });
             }
             "gs" => Arc::new(
@@ -159,6 +203,7 @@ impl StoreLocation {
             store,
             prefix,
             local_root: None,
+            gets: Arc::default(),
         })
     }
 
@@ -179,6 +224,7 @@ impl StoreLocation {
             store: Arc::new(store),
             prefix: ObjectPath::default(),
             local_root: Some(Arc::from(canonical.as_path())),
+            gets: Arc::default(),
         })
     }
 
@@ -189,6 +235,7 @@ impl StoreLocation {
             store,
             prefix: ObjectPath::from(prefix),
             local_root: None,
+            gets: Arc::default(),
         }
     }
 
@@ -224,8 +271,62 @@ impl StoreLocation {
     }
 
     /// Reads a whole object with its version (from the same answer as its bytes); `Ok(None)`
-    /// when it does not exist.
+    /// when it does not exist. Concurrent reads of one object share one request, and an object
+    /// refused lately is not asked for again (see [`REFUSAL_MEMO`]).
     pub async fn get_versioned(&self, key: &str) -> Result<Option<(Bytes, ObjectVersion)>> {
+        let read = {
+            let mut state = self.gets.lock();
+            if let Some((at, refusal)) = state.refused.get(key) {
+                if at.elapsed() < REFUSAL_MEMO {
+                    return Err(StoreError::Shared(refusal.clone()));
+                }
+                state.refused.remove(key);
+            }
+            match state.in_flight.get(key) {
+                Some(read) => read.clone(),
+                None => {
+                    // Spawned while the lock is held: the task's own bookkeeping, under the
+                    // same lock, comes after the entry is in place.
+                    let (this, owned) = (self.clone(), key.to_string());
+                    let task = tokio::spawn(async move {
+                        let outcome = this.get_once(&owned).await.map_err(Arc::new);
+                        let mut state = this.gets.lock();
+                        state.in_flight.remove(&owned);
+                        if let Err(refusal) = &outcome
+                            && refusal.is_refusal()
+                        {
+                            if state.refused.len() >= 4096 {
+                                state
+                                    .refused
+                                    .retain(|_, (at, _)| at.elapsed() < REFUSAL_MEMO);
+                            }
+                            state
+                                .refused
+                                .insert(owned, (std::time::Instant::now(), refusal.clone()));
+                        }
+                        outcome
+                    });
+                    let url = format!("{}/{key}", self.url.trim_end_matches('/'));
+                    let read: SharedRead = async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(Arc::new(StoreError::Io {
+                                path: url,
+                                source: std::io::Error::other(format!("read task failed: {e}")),
+                            }))
+                        })
+                    }
+                    .boxed()
+                    .shared();
+                    state.in_flight.insert(key.to_string(), read.clone());
+                    read
+                }
+            }
+        };
+        read.await.map_err(StoreError::unshare)
+    }
+
+    /// One request for `key`, not shared.
+    async fn get_once(&self, key: &str) -> Result<Option<(Bytes, ObjectVersion)>> {
         let path = self.path(key);
         let fetched = async {
             let answer = self.store.get(&path).await?;
