@@ -191,6 +191,55 @@ async fn transient_server_errors_are_retried_and_the_read_is_bit_equal() {
     assert_backed_off(&tries);
 }
 
+/// Sixteen concurrent reads of one object share one request, a slow one (latency) or a refused
+/// one (403) alike; a refused object is then answered from memory, without another request,
+/// while objects nobody refused are read as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_of_one_object_share_one_request_and_a_refusal_is_remembered() {
+    let fx = Fixture::new(BLOSC);
+    let location = fx.open_s3().await.unwrap().location().clone();
+    let faults = fx.server.faults();
+    let read_16 = |key: &'static str| {
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let location = location.clone();
+                tokio::spawn(async move { location.get_versioned(key).await })
+            })
+            .collect();
+        futures::future::join_all(tasks)
+    };
+
+    let slow = fx.key("z/1.0.0.0");
+    faults.times(BUCKET, &slow, Fault::Latency(Duration::from_millis(200)), 1);
+    for read in read_16("z/1.0.0.0").await {
+        assert!(read.unwrap().unwrap().is_some(), "the object is served");
+    }
+    assert_eq!(
+        faults.requests(BUCKET, &slow).len(),
+        1,
+        "one request for 16 reads"
+    );
+
+    let refused = fx.key(CHUNK);
+    faults.always(BUCKET, &refused, Fault::Status(403));
+    for read in read_16(CHUNK).await {
+        let err = read.unwrap().unwrap_err();
+        assert!(err.is_refusal(), "{err}");
+        assert!(
+            chain(&err).contains(&fx.url(CHUNK)),
+            "names the object: {err}"
+        );
+    }
+    let again = location.get_versioned(CHUNK).await.unwrap_err();
+    assert!(again.is_refusal(), "{again}");
+    assert_eq!(
+        faults.requests(BUCKET, &refused).len(),
+        1,
+        "one request for 17 reads of a refused object"
+    );
+    assert!(location.get_versioned("z/2.0.0.0").await.unwrap().is_some());
+}
+
 #[tokio::test]
 async fn latency_is_waited_out_and_the_read_is_bit_equal() {
     let fx = Fixture::new(BLOSC);

@@ -75,8 +75,7 @@ pub struct ChunkCache {
     capacity_bytes: u64,
     inner: Mutex<Inner>,
     /// Chunks being fetched and decoded right now: concurrent readers of the same chunk wait
-    /// for the first one and share its outcome, a failure included, instead of reading it again
-    /// (a refused or broken object is asked for once, however many samples need it).
+    /// for the first one and share its outcome, a failure included, instead of reading it again.
     inflight: Mutex<std::collections::HashMap<ChunkKey, Arc<tokio::sync::OnceCell<Shared>>>>,
     hits: AtomicU64,
     misses: AtomicU64,

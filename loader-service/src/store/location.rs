@@ -23,7 +23,9 @@
 //!
 //! A 401 or 403 answer is not retried (object_store never retries 4xx answers): it fails at once
 //! as `object_store::Error::Unauthenticated` / `PermissionDenied`, which the service turns into
-//! UNAUTHENTICATED / PERMISSION_DENIED, codes its clients do not retry either.
+//! UNAUTHENTICATED / PERMISSION_DENIED, codes its clients do not retry either. Concurrent reads of
+//! one object share one request, and a refused object is answered from memory for
+//! [`REFUSAL_MEMO`]: a stream's samples in flight, which share chunks, ask the store once.
 
 use std::sync::Arc;
 use std::time::Duration;
