@@ -56,6 +56,21 @@ pub enum StoreError {
         key: String,
     },
 
+    /// A chunk whose object is not the version this server first read: the store was rewritten
+    /// while served (`store::version`).
+    #[error(
+        "dataset `{dataset}`: store changed under the server: chunk `{key}` of array `{array}` is not the version it first read; restart the loader to serve the store as it is now"
+    )]
+    StoreChanged {
+        dataset: String,
+        array: String,
+        key: String,
+    },
+
+    /// A failure shared by concurrent readers of one chunk (the cache reads it once for all).
+    #[error(transparent)]
+    Shared(std::sync::Arc<StoreError>),
+
     /// A variable the store does not have.
     #[error("store `{url}` has no variable `{name}` (available: {available})")]
     UnknownVariable {
@@ -99,6 +114,32 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The failure itself, looking through [`StoreError::Shared`].
+    pub fn root(&self) -> &StoreError {
+        match self {
+            Self::Shared(inner) => inner.root(),
+            other => other,
+        }
+    }
+
+    /// Whether the store refused the server's credentials (HTTP 401 or 403).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self.root(),
+            Self::ObjectStore {
+                source: object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. },
+                ..
+            }
+        )
+    }
+
+    /// The error of a read that concurrent readers may have shared: itself when nobody else
+    /// holds it.
+    pub(crate) fn unshare(shared: std::sync::Arc<StoreError>) -> Self {
+        std::sync::Arc::try_unwrap(shared).unwrap_or_else(Self::Shared)
+    }
+
     pub(crate) fn metadata(path: impl Into<String>, detail: impl std::fmt::Display) -> Self {
         Self::Metadata {
             path: path.into(),

@@ -3,9 +3,10 @@
 //! ran it — INTERNAL to its client, an error line in the log and `atmorep_panics_total` — and
 //! the server keeps serving everyone else (docs/operations.md, "Failures and restarts").
 //!
-//! The test hook [`DECODE_PANIC_ENV`] makes decodes panic on purpose. It is read from the
-//! server's own environment once, so no client request can turn it on, and costs one load of
-//! an initialised `OnceLock` per decoded chunk when unset.
+//! The test hooks [`DECODE_PANIC_ENV`] and [`SAMPLE_PANIC_ENV`] make decodes or sample tasks
+//! panic on purpose. They are read from the server's own environment once, so no client request
+//! can turn them on, and cost one load of an initialised `OnceLock` per decoded chunk or sample
+//! when unset.
 
 use std::any::Any;
 use std::future::Future;
@@ -17,6 +18,10 @@ use futures::FutureExt;
 /// Test hook: every chunk decode whose `STORE_URL/ARRAY/KEY` contains this variable's value
 /// panics (an empty value matches nothing).
 pub const DECODE_PANIC_ENV: &str = "ATMOREP_FAULT_DECODE_PANIC";
+
+/// Test hook: every sample task of a stream whose dataset's store URL contains this variable's
+/// value panics before it reads anything (an empty value matches nothing).
+pub const SAMPLE_PANIC_ENV: &str = "ATMOREP_FAULT_SAMPLE_PANIC";
 
 /// A panic caught where it happened, with the place and the panic's message.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -57,15 +62,21 @@ pub async fn contain<F: Future>(place: &'static str, future: F) -> Result<F::Out
 /// Panics if the [`DECODE_PANIC_ENV`] hook matches the chunk `what` (`STORE_URL/ARRAY/KEY`).
 pub(crate) fn decode_hook(what: impl FnOnce() -> String) {
     static PATTERN: OnceLock<Option<String>> = OnceLock::new();
-    let pattern = PATTERN.get_or_init(|| {
-        std::env::var(DECODE_PANIC_ENV)
-            .ok()
-            .filter(|p| !p.is_empty())
-    });
+    hook(DECODE_PANIC_ENV, &PATTERN, "decoding", what);
+}
+
+/// Panics if the [`SAMPLE_PANIC_ENV`] hook matches the store URL `what` of a sample's dataset.
+pub(crate) fn sample_hook(what: impl FnOnce() -> String) {
+    static PATTERN: OnceLock<Option<String>> = OnceLock::new();
+    hook(SAMPLE_PANIC_ENV, &PATTERN, "in a sample task of", what);
+}
+
+fn hook(var: &str, pattern: &OnceLock<Option<String>>, doing: &str, what: impl FnOnce() -> String) {
+    let pattern = pattern.get_or_init(|| std::env::var(var).ok().filter(|p| !p.is_empty()));
     if let Some(pattern) = pattern {
         let what = what();
         if what.contains(pattern.as_str()) {
-            panic!("{DECODE_PANIC_ENV}={pattern}: injected panic decoding `{what}`");
+            panic!("{var}={pattern}: injected panic {doing} `{what}`");
         }
     }
 }

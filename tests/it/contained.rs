@@ -2,7 +2,8 @@
 //! injected into the decodes of one dataset (the `ATMOREP_FAULT_DECODE_PANIC` test hook) fails
 //! that dataset's stream and `GetSample` with INTERNAL, logs it and counts it in
 //! `atmorep_panics_total`, while another client's stream on the same server, running at the same
-//! time, delivers its epoch exactly once. A chunk deleted from a store reads as the fill value
+//! time, delivers its epoch exactly once; a panic injected into the sample tasks of one dataset
+//! (`ATMOREP_FAULT_SAMPLE_PANIC`) likewise. A chunk deleted from a store reads as the fill value
 //! (reported once) or, under `missing_chunks = "error"`, fails the stream with DATA_LOSS naming
 //! it.
 
@@ -85,6 +86,66 @@ async fn a_panic_in_a_decode_fails_only_its_stream() {
     let panics = metric(&text, "atmorep_panics_total{place=\"decode\"}");
     println!("atmorep_panics_total{{place=\"decode\"}} = {panics:?}");
     assert!(panics.is_some_and(|n| n >= 2.0), "{text}");
+}
+
+/// A panic in a sample task (not in a decode: the `ATMOREP_FAULT_SAMPLE_PANIC` hook fires before
+/// the sample reads anything) fails that stream with INTERNAL, counted under
+/// `place="sample task"`, while the other dataset's stream, running at the same time, delivers
+/// its epoch exactly once and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_sample_task_fails_only_its_stream() {
+    let dir = TempDir::new().unwrap();
+    let good = store_with_stats(dir.path(), "good.zarr", &tiny_config(40)).await;
+    let bad = store_with_stats(dir.path(), "bad.zarr", &tiny_config(40)).await;
+    let metrics_port = free_port();
+    let mut server = Server::start_with_env(
+        "127.0.0.1:0",
+        &[
+            "--dataset".into(),
+            format!("good={}", good.display()),
+            "--dataset".into(),
+            format!("bad={}", bad.display()),
+            "--metrics-bind".into(),
+            format!("127.0.0.1:{metrics_port}"),
+        ],
+        &[("ATMOREP_FAULT_SAMPLE_PANIC", "bad.zarr")],
+        &dir.path().join("server.log"),
+    );
+    let client = connect(client_config(vec![server.endpoint()])).await;
+
+    let mut good_stream = client.stream(request("good", 4, 8, "end_epoch = 1"));
+    let mut bad_stream = client.stream(request("bad", 4, 8, "end_epoch = 1"));
+    let (good_batches, bad_first) = tokio::join!(collect(&mut good_stream), async {
+        tokio::time::timeout(Duration::from_secs(60), bad_stream.next())
+            .await
+            .expect("the panicking stream is answered")
+    });
+    assert_whole_epoch(&ids(&good_batches), 0, 32);
+    let err = match bad_first {
+        Some(Err(e)) => e,
+        other => panic!("the panicking stream must fail, got {other:?}"),
+    };
+    println!("panicking stream: {err}");
+    assert_eq!(err.code(), Some(Code::Internal), "{err}");
+    assert!(err.to_string().contains("panic in sample task"), "{err}");
+    assert!(bad_stream.next().await.is_none(), "nothing after the error");
+
+    let mut again = client.stream(request("good", 4, 8, "end_epoch = 1"));
+    assert_whole_epoch(&ids(&collect(&mut again).await), 0, 32);
+    assert!(
+        server.is_running(),
+        "the server died:\n{}",
+        log_of(dir.path())
+    );
+    let text = scrape(metrics_port).expect("the metrics endpoint answers");
+    let panics = metric(&text, "atmorep_panics_total{place=\"sample task\"}");
+    println!("atmorep_panics_total{{place=\"sample task\"}} = {panics:?}");
+    assert!(panics.is_some_and(|n| n >= 1.0), "{text}");
+    assert_eq!(
+        metric(&text, "atmorep_panics_total{place=\"decode\"}"),
+        None,
+        "no decode panicked"
+    );
 }
 
 /// A store with one chunk deleted, served twice by one server: as `fill` (the default) and as

@@ -127,8 +127,10 @@ async fn answer(client: &LoaderClient, call: Call) -> Result<(), ClientError> {
     }
 }
 
-/// Every hostile request is answered promptly with its code and field; the server neither dies
-/// nor grows, reports its limits in `GetDatasetInfo`, and streams a whole epoch afterwards.
+/// Every hostile request is answered promptly with its code and field while a well-behaved
+/// client's stream flows on another connection (its rate before and during the attack printed,
+/// and batches during it asserted); the server neither dies nor grows, reports its limits in
+/// `GetDatasetInfo`, and streams a whole epoch afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_requests_are_refused_by_their_cost_and_the_server_carries_on() {
     let dir = TempDir::new().unwrap();
@@ -157,50 +159,99 @@ async fn huge_requests_are_refused_by_their_cost_and_the_server_carries_on() {
     assert_eq!(limits.max_window_bytes, 64 << 20);
     assert_eq!(limits.max_blur_sigma, 1.0);
 
-    let calls = hostile_calls();
-    let mut failures = Vec::new();
-    let mut table = vec![
-        "| case | code | response |".to_string(),
-        "|---|---|---|".into(),
-    ];
-    for Hostile {
-        what,
-        call,
-        code,
-        names,
-    } in calls
-    {
-        let start = Instant::now();
-        let outcome = answer(&client, call).await;
-        let took = start.elapsed();
-        match outcome {
-            Ok(()) => failures.push(format!("{what}: accepted")),
-            Err(e) => {
-                let message = e
-                    .status()
-                    .map_or_else(|| e.to_string(), |s| s.message().to_string());
-                let got = e.code().map_or_else(|| "none".into(), |c| format!("{c:?}"));
-                table.push(format!(
-                    "| {what} | {got} | {:.1} ms |",
-                    took.as_secs_f64() * 1e3
-                ));
-                println!("{what}: {message}");
-                if e.code() != Some(code) || !message.contains(names) {
-                    failures.push(format!(
-                        "{what}: expected {code:?} naming `{names}`, got {:?}: {message}",
-                        e.code()
-                    ));
+    // A well-behaved client on a connection of its own streams throughout the attack.
+    let mut flowing = connect(client_config(vec![server.endpoint()]))
+        .await
+        .stream(request("era5", 4, 8, ""));
+    let before = throughput(&mut flowing, Duration::from_secs(1)).await;
+
+    // The attack: rounds of the whole table, for at least a second, so that the stream's rate
+    // during it is measured over more than a batch or two.
+    let rows = hostile_calls().len();
+    let mut samples_during = 0;
+    let (failures, times, codes, attack_took) = {
+        let attack = async {
+            let mut failures = Vec::new();
+            let mut times = vec![Vec::new(); rows];
+            let mut codes = vec![String::new(); rows];
+            let start = Instant::now();
+            while times[0].is_empty() || start.elapsed() < Duration::from_secs(1) {
+                let round = times[0].len();
+                for (i, hostile) in hostile_calls().into_iter().enumerate() {
+                    let Hostile {
+                        what,
+                        call,
+                        code,
+                        names,
+                    } = hostile;
+                    let asked = Instant::now();
+                    let outcome = answer(&client, call).await;
+                    times[i].push(asked.elapsed());
+                    match outcome {
+                        Ok(()) => failures.push(format!("{what}: accepted")),
+                        Err(e) => {
+                            let message = e
+                                .status()
+                                .map_or_else(|| e.to_string(), |s| s.message().to_string());
+                            codes[i] = e.code().map_or_else(|| "none".into(), |c| format!("{c:?}"));
+                            if round == 0 {
+                                println!("{what}: {message}");
+                            }
+                            if e.code() != Some(code) || !message.contains(names) {
+                                failures.push(format!(
+                                "{what}: expected {code:?} naming `{names}`, got {:?}: {message}",
+                                e.code()
+                            ));
+                            }
+                        }
+                    }
+                    assert!(server.is_running(), "the server died on `{what}`");
+                }
+            }
+            (failures, times, codes, start.elapsed())
+        };
+        tokio::pin!(attack);
+        loop {
+            tokio::select! {
+                done = &mut attack => break done,
+                batch = flowing.next() => {
+                    samples_during +=
+                        batch.expect("endless").expect("the stream flows").sample_ids.len();
                 }
             }
         }
-        assert!(server.is_running(), "the server died on `{what}`");
+    };
+    let during = samples_during as f64 / attack_took.as_secs_f64();
+
+    let rounds = times[0].len();
+    println!("| case | code | first response | median of {rounds} | slowest of {rounds} |");
+    println!("|---|---|---|---|---|");
+    for (hostile, (mut took, code)) in hostile_calls().iter().zip(times.into_iter().zip(codes)) {
+        let first = took[0];
+        took.sort();
+        println!(
+            "| {} | {code} | {} | {} | {} |",
+            hostile.what,
+            ms(first),
+            ms(took[took.len() / 2]),
+            ms(took[took.len() - 1])
+        );
     }
-    println!("{}", table.join("\n"));
+    println!(
+        "well-behaved stream: {before:.0} samples/s before, {during:.0} during the attack \
+         ({rounds} rounds of {rows} requests in {})",
+        ms(attack_took)
+    );
     assert!(
         failures.is_empty(),
         "rows that failed:\n{}",
         failures.join("\n")
     );
+    assert!(
+        samples_during > 0,
+        "the well-behaved stream delivered nothing during the attack"
+    );
+    drop(flowing);
 
     // Nothing was allocated for them: the server's peak resident set stays small.
     let peak_kib = server.proc_status_kib("VmHWM");

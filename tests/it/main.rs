@@ -23,5 +23,6 @@ mod s3_faults;
 mod s3_server;
 mod s3_store;
 mod service;
+mod store_changes;
 mod track;
 mod train;

@@ -191,6 +191,55 @@ async fn transient_server_errors_are_retried_and_the_read_is_bit_equal() {
     assert_backed_off(&tries);
 }
 
+/// Sixteen concurrent reads of one object share one request, a slow one (latency) or a refused
+/// one (403) alike; a refused object is then answered from memory, without another request,
+/// while objects nobody refused are read as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_of_one_object_share_one_request_and_a_refusal_is_remembered() {
+    let fx = Fixture::new(BLOSC);
+    let location = fx.open_s3().await.unwrap().location().clone();
+    let faults = fx.server.faults();
+    let read_16 = |key: &'static str| {
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let location = location.clone();
+                tokio::spawn(async move { location.get_versioned(key).await })
+            })
+            .collect();
+        futures::future::join_all(tasks)
+    };
+
+    let slow = fx.key("z/1.0.0.0");
+    faults.times(BUCKET, &slow, Fault::Latency(Duration::from_millis(200)), 1);
+    for read in read_16("z/1.0.0.0").await {
+        assert!(read.unwrap().unwrap().is_some(), "the object is served");
+    }
+    assert_eq!(
+        faults.requests(BUCKET, &slow).len(),
+        1,
+        "one request for 16 reads"
+    );
+
+    let refused = fx.key(CHUNK);
+    faults.always(BUCKET, &refused, Fault::Status(403));
+    for read in read_16(CHUNK).await {
+        let err = read.unwrap().unwrap_err();
+        assert!(err.is_refusal(), "{err}");
+        assert!(
+            chain(&err).contains(&fx.url(CHUNK)),
+            "names the object: {err}"
+        );
+    }
+    let again = location.get_versioned(CHUNK).await.unwrap_err();
+    assert!(again.is_refusal(), "{again}");
+    assert_eq!(
+        faults.requests(BUCKET, &refused).len(),
+        1,
+        "one request for 17 reads of a refused object"
+    );
+    assert!(location.get_versioned("z/2.0.0.0").await.unwrap().is_some());
+}
+
 #[tokio::test]
 async fn latency_is_waited_out_and_the_read_is_bit_equal() {
     let fx = Fixture::new(BLOSC);
@@ -438,9 +487,9 @@ fn the_request_timeout_comes_from_the_environment_and_a_timeout_is_retried() {
 
 /// A loader serving a store over S3 whose objects answer 403 `AccessDenied` once it is up:
 /// the stream fails within seconds with PERMISSION_DENIED naming the object, every refused object
-/// was asked for once (object_store retries no 4xx; one sample in flight, so no two samples ask
-/// for the same chunk), and the client opened the stream once (it retries no PERMISSION_DENIED,
-/// though its policy allows 8 attempts).
+/// was asked for exactly once (object_store retries no 4xx; the 16 samples in flight, which share
+/// chunks, share each chunk's one read and its failure, and stop with the stream), and the client
+/// opened the stream once (it retries no PERMISSION_DENIED, though its policy allows 8 attempts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_403_from_the_store_is_permission_denied_and_never_retried() {
     let dir = tempfile::tempdir().unwrap();
@@ -451,7 +500,7 @@ async fn a_403_from_the_store_is_permission_denied_and_never_retried() {
     std::fs::write(
         &config,
         format!(
-            "sample_concurrency = 1\n\n[[datasets]]\nname = \"era5\"\nurl = \"{}\"\nstats = \"{}.stats\"\n",
+            "sample_concurrency = 16\n\n[[datasets]]\nname = \"era5\"\nurl = \"{}\"\nstats = \"{}.stats\"\n",
             server.url(BUCKET, "tiny.zarr"),
             local.display()
         ),
@@ -474,7 +523,7 @@ async fn a_403_from_the_store_is_permission_denied_and_never_retried() {
 
     let client = connect(client_config(vec![loader.endpoint()])).await;
     let started = std::time::Instant::now();
-    let mut stream = client.stream(request("era5", 1, 8, "end_epoch = 1"));
+    let mut stream = client.stream(request("era5", 4, 8, "end_epoch = 1"));
     let first = tokio::time::timeout(Duration::from_secs(60), stream.next())
         .await
         .expect("the stream is answered");
@@ -501,7 +550,7 @@ async fn a_403_from_the_store_is_permission_denied_and_never_retried() {
     println!("refused objects: {per_key:?}");
     assert!(
         per_key.values().all(|&n| n == 1),
-        "a refused object was asked for again: {per_key:?}"
+        "a refused object was asked for more than once: {per_key:?}"
     );
     let opened = std::fs::read_to_string(&log)
         .unwrap()

@@ -127,7 +127,10 @@ impl Pipeline {
                         let cursor_after = items.last().expect("non-empty batch").2;
                         let tasks = items.into_iter().map(|(epoch, id, _)| {
                             let pipeline = pipeline.clone();
-                            tokio::spawn(async move { pipeline.sample(epoch, id).await })
+                            tokio::spawn(async move {
+                                crate::panic::sample_hook(|| pipeline.dataset.url().to_string());
+                                pipeline.sample(epoch, id).await
+                            })
                         });
                         let mut samples = Vec::with_capacity(spec.batch_size);
                         for joined in futures::future::join_all(tasks).await {

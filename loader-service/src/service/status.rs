@@ -21,7 +21,7 @@ pub fn from_request(error: RequestError) -> Status {
 
 /// The status for a store failure.
 pub fn from_store(error: &StoreError) -> Status {
-    let code = match error {
+    let code = match error.root() {
         StoreError::UnknownVariable { .. } => Code::NotFound,
         StoreError::InvalidHyperslab { .. } => Code::InvalidArgument,
         // The store refused our credentials: retrying cannot help, and the operator must act.
@@ -43,6 +43,9 @@ pub fn from_store(error: &StoreError) -> Status {
         // metadata promises the chunk); the store lost data, which no retry or other request
         // will bring back, like a chunk that does not decode.
         StoreError::MissingChunk { .. } => Code::DataLoss,
+        // The data the stream planned on is gone: no retry brings it back until the operator
+        // reopens the store.
+        StoreError::StoreChanged { .. } => Code::DataLoss,
         // A bug of ours, not the request's: INTERNAL, so no client takes it for its own fault.
         StoreError::Panicked(_) => Code::Internal,
         _ => Code::Internal,

@@ -75,13 +75,16 @@ pub struct ChunkCache {
     capacity_bytes: u64,
     inner: Mutex<Inner>,
     /// Chunks being fetched and decoded right now: concurrent readers of the same chunk wait
-    /// for the first one instead of decoding it again.
-    inflight:
-        Mutex<std::collections::HashMap<ChunkKey, Arc<tokio::sync::OnceCell<Arc<DecodedChunk>>>>>,
+    /// for the first one and share its outcome, a failure included, instead of reading it again.
+    inflight: Mutex<std::collections::HashMap<ChunkKey, Arc<tokio::sync::OnceCell<Shared>>>>,
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: AtomicU64,
 }
+
+/// The outcome of one load, shared by every reader that waited for it (the error type erased
+/// so that one map serves every caller's error type).
+type Shared = Result<Arc<DecodedChunk>, Arc<dyn std::any::Any + Send + Sync>>;
 
 #[derive(Debug)]
 struct Inner {
@@ -106,15 +109,19 @@ impl ChunkCache {
     }
 
     /// The cached chunk, or the result of `load` — run once however many callers ask for the
-    /// same missing chunk at the same time — inserted into the cache.
+    /// same missing chunk at the same time, and its outcome, value or error, given to each —
+    /// inserted into the cache. A failure is not kept: a later caller loads again. The error is
+    /// the only reference to `load`'s error when nobody else shared or kept it
+    /// (`Arc::try_unwrap` gets it back).
     pub async fn get_or_load<E, F, Fut>(
         &self,
         key: ChunkKey,
         load: F,
-    ) -> Result<Arc<DecodedChunk>, E>
+    ) -> Result<Arc<DecodedChunk>, Arc<E>>
     where
+        E: Send + Sync + 'static,
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<Arc<DecodedChunk>, E>>,
+        Fut: std::future::Future<Output = Result<Arc<DecodedChunk>, Arc<E>>>,
     {
         if let Some(hit) = self.get(&key) {
             return Ok(hit);
@@ -126,22 +133,30 @@ impl ChunkCache {
             .entry(key.clone())
             .or_default()
             .clone();
-        let result = cell
-            .get_or_try_init(|| async {
-                let chunk = load().await?;
+        let outcome: Shared = cell
+            .get_or_init(|| async {
+                let chunk = load()
+                    .await
+                    .map_err(|e| e as Arc<dyn std::any::Any + Send + Sync>)?;
                 self.insert(key.clone(), chunk.clone());
                 Ok(chunk)
             })
             .await
-            .cloned();
-        let mut inflight = self
-            .inflight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            inflight.remove(&key);
+            .clone();
+        {
+            let mut inflight = self
+                .inflight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                inflight.remove(&key);
+            }
         }
-        result
+        drop(cell);
+        outcome.map_err(|e| {
+            e.downcast::<E>()
+                .expect("one chunk key is loaded with one error type")
+        })
     }
 
     /// Looks up a chunk, marking it most recently used.
@@ -186,6 +201,24 @@ impl ChunkCache {
             resident_bytes: self.lock().resident_bytes,
             capacity_bytes: self.capacity_bytes,
         }
+    }
+
+    /// Drops the cached chunks of every array whose cache name starts with `prefix` (one store
+    /// as one dataset sees it); returns how many.
+    pub fn remove_prefix(&self, prefix: &str) -> usize {
+        let mut inner = self.lock();
+        let doomed: Vec<ChunkKey> = inner
+            .lru
+            .iter()
+            .filter(|(key, _)| key.0.starts_with(prefix))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &doomed {
+            if let Some(chunk) = inner.lru.pop(key) {
+                inner.resident_bytes -= chunk.bytes();
+            }
+        }
+        doomed.len()
     }
 
     /// Drops every cached chunk.
@@ -256,7 +289,7 @@ mod tests {
                         .get_or_load(key(9), || async {
                             loads.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                            Ok::<_, ()>(chunk(10))
+                            Ok::<_, Arc<()>>(chunk(10))
                         })
                         .await
                 })
@@ -268,15 +301,54 @@ mod tests {
         assert_eq!(loads.load(Ordering::SeqCst), 1);
         // A failed load is not cached: the next caller tries again.
         let err = cache
-            .get_or_load(key(10), || async { Err::<Arc<DecodedChunk>, _>("boom") })
+            .get_or_load(key(10), || async {
+                Err::<Arc<DecodedChunk>, _>(Arc::new("boom"))
+            })
             .await;
-        assert_eq!(err.unwrap_err(), "boom");
+        assert_eq!(Arc::try_unwrap(err.unwrap_err()), Ok("boom"), "not shared");
         assert!(
             cache
-                .get_or_load(key(10), || async { Ok::<_, &str>(chunk(3)) })
+                .get_or_load(key(10), || async { Ok::<_, Arc<&str>>(chunk(3)) })
                 .await
                 .is_ok()
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_readers_of_a_failing_chunk_share_one_load_and_its_error() {
+        let cache = Arc::new(ChunkCache::new(1 << 20));
+        let loads = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (cache, loads) = (cache.clone(), loads.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get_or_load(key(4), || async {
+                            loads.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            Err::<Arc<DecodedChunk>, _>(Arc::new(String::from("403 on s/a/4")))
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(*t.await.unwrap().unwrap_err(), "403 on s/a/4");
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1, "one load for 16 readers");
+        assert!(cache.get(&key(4)).is_none(), "a failure is not cached");
+    }
+
+    #[test]
+    fn removing_a_prefix_drops_only_that_stores_chunks() {
+        let cache = ChunkCache::new(1 << 20);
+        for (name, i) in [("s/a", 0), ("s/b", 1), ("s2/a", 2), ("t/a", 3)] {
+            cache.insert((Arc::from(name), vec![i]), chunk(10));
+        }
+        assert_eq!(cache.remove_prefix("s/"), 2);
+        assert!(cache.get(&(Arc::from("s/a"), vec![0])).is_none());
+        assert!(cache.get(&(Arc::from("s2/a"), vec![2])).is_some());
+        assert_eq!(cache.stats().resident_bytes, 80);
     }
 
     #[test]

@@ -5,17 +5,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use serde_json::{Map, Value};
 
 use crate::error::{Result, StoreError};
-use crate::store::cache::{ChunkCache, DecodedChunk};
+use crate::store::cache::ChunkCache;
 use crate::store::cf_time::CfTimeUnits;
-use crate::store::decode::{decode_chunk, decode_raw, run_on_rayon, to_f64};
+use crate::store::decode::{decode_raw, to_f64};
 use crate::store::discovery::{ArrayNode, StoreMetadata, discover};
 use crate::store::location::StoreLocation;
 use crate::store::missing::{MissingChunkPolicy, MissingChunks};
+use crate::store::version::VersionLedger;
 
 /// Default decoded-chunk cache size for a store opened on its own.
 pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
@@ -181,6 +182,8 @@ pub struct Dataset {
     /// a benchmark can replay exactly the decoding a run did.
     pub(crate) fetch_log: std::sync::Mutex<Option<Vec<FetchedChunk>>>,
     pub(crate) missing: MissingChunkPolicy,
+    /// The version of each chunk first read, which every later read must find.
+    pub(crate) versions: Arc<VersionLedger>,
 }
 
 impl Dataset {
@@ -294,6 +297,7 @@ impl Dataset {
             counters: ReadCounters::default(),
             fetch_log: std::sync::Mutex::new(None),
             missing: MissingChunkPolicy::default(),
+            versions: Arc::default(),
         }
     }
 
@@ -505,107 +509,9 @@ impl Dataset {
         ))
     }
 
-    /// Fetches one chunk of `node` (through the cache) and decodes it to physical values.
-    pub async fn chunk(&self, variable: &Variable, indices: &[u64]) -> Result<Arc<DecodedChunk>> {
-        let key = (self.cache_key(&variable.node), indices.to_vec());
-        self.cache
-            .get_or_load(key, || self.fetch_and_decode(variable, indices))
-            .await
-    }
-
-    async fn fetch_and_decode(
-        &self,
-        variable: &Variable,
-        indices: &[u64],
-    ) -> Result<Arc<DecodedChunk>> {
-        let store_key = variable.node.array.chunk_key(indices).to_string();
-        let node = variable.node.clone();
-        let packing = variable.packing.clone();
-        let url = self.url().to_string();
-        let chunk_indices = indices.to_vec();
-        let started = std::time::Instant::now();
-        let refuse_missing = self.missing.mode == MissingChunks::Error;
-        let outcome = match self.location.local_root() {
-            // A local chunk is read on the rayon thread that decodes it, into a buffer that
-            // thread keeps (see `location::read_local`).
-            Some(root) => {
-                thread_local! {
-                    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-                }
-                let root = root.clone();
-                run_on_rayon(move || {
-                    READ_BUFFER.with_borrow_mut(|buf| {
-                        let found =
-                            crate::store::location::read_local(&root, &url, &store_key, buf)?;
-                        if !found && refuse_missing {
-                            return Ok(None);
-                        }
-                        let encoded = found.then_some(buf.as_slice());
-                        let decoded = decode_chunk(
-                            &url,
-                            &node,
-                            &store_key,
-                            &chunk_indices,
-                            encoded,
-                            &packing,
-                        )?;
-                        Ok::<_, StoreError>(Some((found.then_some(buf.len()), decoded)))
-                    })
-                })
-                .await??
-            }
-            None => {
-                let encoded = self.location.get(&store_key).await?;
-                let fetched = encoded.as_ref().map(|bytes| bytes.len());
-                if fetched.is_none() && refuse_missing {
-                    None
-                } else {
-                    let decoded = run_on_rayon(move || {
-                        decode_chunk(
-                            &url,
-                            &node,
-                            &store_key,
-                            &chunk_indices,
-                            encoded.as_deref(),
-                            &packing,
-                        )
-                    })
-                    .await??;
-                    Some((fetched, decoded))
-                }
-            }
-        };
-        let key = || variable.node.array.chunk_key(indices).to_string();
-        let Some((fetched, decoded)) = outcome else {
-            return Err(self
-                .missing
-                .refused(self.url(), &variable.node.name, &key()));
-        };
-        if fetched.is_none() {
-            self.missing.filled(self.url(), &variable.node.name, &key());
-        }
-        if let Some(log) = self
-            .fetch_log
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_mut()
-        {
-            log.push((variable.name.clone(), indices.to_vec()));
-        }
-        if let Some(len) = fetched {
-            self.counters
-                .fetched_bytes
-                .fetch_add(len as u64, Ordering::Relaxed);
-            self.counters.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-        }
-        self.counters
-            .decode_nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        self.counters.decoded_bytes.fetch_add(
-            std::mem::size_of_val(decoded.values()) as u64,
-            Ordering::Relaxed,
-        );
-        Ok(Arc::new(decoded))
+    /// Whether a chunk was found changed since the store was opened (see [`crate::store::version`]).
+    pub fn store_changed_seen(&self) -> bool {
+        self.versions.changed()
     }
 
     /// Starts (or, with `false`, stops and returns) recording the chunks fetched from storage.
@@ -621,7 +527,7 @@ impl Dataset {
         taken
     }
 
-    fn cache_key(&self, node: &ArrayNode) -> Arc<str> {
+    pub(crate) fn cache_key(&self, node: &ArrayNode) -> Arc<str> {
         Arc::from(format!("{}/{}", self.cache_id, node.name).as_str())
     }
 }

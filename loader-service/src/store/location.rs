@@ -23,17 +23,21 @@
 //!
 //! A 401 or 403 answer is not retried (object_store never retries 4xx answers): it fails at once
 //! as `object_store::Error::Unauthenticated` / `PermissionDenied`, which the service turns into
-//! UNAUTHENTICATED / PERMISSION_DENIED, codes its clients do not retry either.
+//! UNAUTHENTICATED / PERMISSION_DENIED, codes its clients do not retry either. Concurrent reads of
+//! one object share one request, and a refused object is answered from memory for
+//! [`REFUSAL_MEMO`]: a stream's samples in flight, which share chunks, ask the store once.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, RetryConfig};
 use url::Url;
 
 use crate::error::{Result, StoreError};
+use crate::store::version::ObjectVersion;
 
 /// An opened store location: the object store, the store's prefix in it, and the URL the user gave.
 #[derive(Debug, Clone)]
@@ -43,6 +47,48 @@ pub struct StoreLocation {
     prefix: ObjectPath,
     /// The store's folder when it is on a local filesystem.
     local_root: Option<Arc<std::path::Path>>,
+    /// Reads in flight and objects refused lately, shared by every clone.
+    gets: Arc<Gets>,
+}
+
+/// How long an object the store refused the server's credentials for (401/403) is answered from
+/// memory: long enough that the samples in flight that need it, and the clients that come back,
+/// do not ask again, short enough that fixed credentials or a fixed bucket policy are soon seen.
+pub const REFUSAL_MEMO: Duration = Duration::from_secs(5);
+
+type ReadOutcome = std::result::Result<Option<(Bytes, ObjectVersion)>, Arc<StoreError>>;
+type SharedRead = futures::future::Shared<futures::future::BoxFuture<'static, ReadOutcome>>;
+
+/// One read per object at a time: concurrent readers of an object share its read, which runs in
+/// its own task, so a reader that gives up (a sample whose other read failed) cancels nothing
+/// the others wait for; a refusal is remembered for [`REFUSAL_MEMO`]. Both maps change under one
+/// lock, so a reader sees a read either in flight or finished, never neither.
+#[derive(Default)]
+struct Gets(std::sync::Mutex<GetState>);
+
+#[derive(Default)]
+struct GetState {
+    in_flight: std::collections::HashMap<String, SharedRead>,
+    refused: std::collections::HashMap<String, (std::time::Instant, Arc<StoreError>)>,
+}
+
+impl std::fmt::Debug for Gets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.lock();
+        f.debug_struct("Gets")
+            .field("in_flight", &state.in_flight.len())
+            .field("refused", &state.refused.len())
+            .finish()
+    }
+}
+
+impl Gets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GetState> {
+        // Every update is one call on a map: a poisoned lock holds consistent data.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl StoreLocation {
@@ -110,6 +156,7 @@ impl StoreLocation {
                     store: Arc::new(store),
                     prefix,
                     local_root: None,
+                    gets: Arc::default(),
                 });
             }
             "gs" => Arc::new(
@@ -158,6 +205,7 @@ impl StoreLocation {
             store,
             prefix,
             local_root: None,
+            gets: Arc::default(),
         })
     }
 
@@ -178,6 +226,7 @@ impl StoreLocation {
             store: Arc::new(store),
             prefix: ObjectPath::default(),
             local_root: Some(Arc::from(canonical.as_path())),
+            gets: Arc::default(),
         })
     }
 
@@ -188,6 +237,7 @@ impl StoreLocation {
             store,
             prefix: ObjectPath::from(prefix),
             local_root: None,
+            gets: Arc::default(),
         }
     }
 
@@ -219,10 +269,75 @@ impl StoreLocation {
 
     /// Reads a whole object; `Ok(None)` when it does not exist.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        Ok(self.get_versioned(key).await?.map(|(bytes, _)| bytes))
+    }
+
+    /// Reads a whole object with its version (from the same answer as its bytes); `Ok(None)`
+    /// when it does not exist. Concurrent reads of one object share one request, and an object
+    /// refused lately is not asked for again (see [`REFUSAL_MEMO`]).
+    pub async fn get_versioned(&self, key: &str) -> Result<Option<(Bytes, ObjectVersion)>> {
+        let read = {
+            let mut state = self.gets.lock();
+            if let Some((at, refusal)) = state.refused.get(key) {
+                if at.elapsed() < REFUSAL_MEMO {
+                    return Err(StoreError::Shared(refusal.clone()));
+                }
+                state.refused.remove(key);
+            }
+            match state.in_flight.get(key) {
+                Some(read) => read.clone(),
+                None => {
+                    // Spawned while the lock is held: the task's own bookkeeping, under the
+                    // same lock, comes after the entry is in place.
+                    let (this, owned) = (self.clone(), key.to_string());
+                    let task = tokio::spawn(async move {
+                        let outcome = this.get_once(&owned).await.map_err(Arc::new);
+                        let mut state = this.gets.lock();
+                        state.in_flight.remove(&owned);
+                        if let Err(refusal) = &outcome
+                            && refusal.is_refusal()
+                        {
+                            if state.refused.len() >= 4096 {
+                                state
+                                    .refused
+                                    .retain(|_, (at, _)| at.elapsed() < REFUSAL_MEMO);
+                            }
+                            state
+                                .refused
+                                .insert(owned, (std::time::Instant::now(), refusal.clone()));
+                        }
+                        outcome
+                    });
+                    let url = format!("{}/{key}", self.url.trim_end_matches('/'));
+                    let read: SharedRead = async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(Arc::new(StoreError::Io {
+                                path: url,
+                                source: std::io::Error::other(format!("read task failed: {e}")),
+                            }))
+                        })
+                    }
+                    .boxed()
+                    .shared();
+                    state.in_flight.insert(key.to_string(), read.clone());
+                    read
+                }
+            }
+        };
+        read.await.map_err(StoreError::unshare)
+    }
+
+    /// One request for `key`, not shared.
+    async fn get_once(&self, key: &str) -> Result<Option<(Bytes, ObjectVersion)>> {
         let path = self.path(key);
-        let fetched = async { self.store.get(&path).await?.bytes().await }.await;
+        let fetched = async {
+            let answer = self.store.get(&path).await?;
+            let version = ObjectVersion::of_object(&answer.meta);
+            Ok((answer.bytes().await?, version))
+        }
+        .await;
         match fetched {
-            Ok(bytes) => Ok(Some(bytes)),
+            Ok(read) => Ok(Some(read)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(source) => Err(self.error(key, source)),
         }
@@ -370,19 +485,28 @@ pub fn retry_config_from(
 }
 
 /// Reads the object `key` of the local store at `root` (opened from `url`) into `buf`, replacing
-/// its contents; `Ok(false)` when it does not exist. Chunk reads use this instead of the object
+/// its contents, and returns the file's version as it was after the read (a rewrite during the
+/// read shows); `Ok(None)` when it does not exist. Chunk reads use this instead of the object
 /// store's local reader, which zero-fills a new buffer per read on a blocking-pool thread: with
 /// a buffer kept per decoding thread, a read touches no fresh memory (page faults were a third of
 /// the pipeline's system time).
-pub fn read_local(root: &std::path::Path, url: &str, key: &str, buf: &mut Vec<u8>) -> Result<bool> {
+pub fn read_local(
+    root: &std::path::Path,
+    url: &str,
+    key: &str,
+    buf: &mut Vec<u8>,
+) -> Result<Option<ObjectVersion>> {
     use std::io::Read as _;
     let mut path = root.to_path_buf();
     path.extend(key.split('/').filter(|s| !s.is_empty()));
     buf.clear();
-    let read = std::fs::File::open(&path).and_then(|mut file| file.read_to_end(buf));
+    let read = std::fs::File::open(&path).and_then(|mut file| {
+        file.read_to_end(buf)?;
+        file.metadata()
+    });
     match read {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Ok(meta) => Ok(Some(ObjectVersion::of_file(&meta))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(StoreError::ObjectStore {
             url: format!("{}/{}", url.trim_end_matches('/'), key),
             source: object_store::Error::Generic {
@@ -408,9 +532,13 @@ mod tests {
             .expect("a path is a local store")
             .clone();
         let mut buf = b"left from an earlier, longer read".to_vec();
-        assert!(read_local(&root, "store.zarr", "t/c/0/1", &mut buf).unwrap());
+        let version = read_local(&root, "store.zarr", "t/c/0/1", &mut buf).unwrap();
         assert_eq!(buf, b"chunk");
-        assert!(!read_local(&root, "store.zarr", "t/c/0/2", &mut buf).unwrap());
+        assert!(matches!(version, Some(ObjectVersion::Present(_))));
+        assert_eq!(
+            read_local(&root, "store.zarr", "t/c/0/2", &mut buf).unwrap(),
+            None
+        );
         // A key that is a folder cannot be read: the error names the object.
         let err = read_local(&root, "store.zarr/", "t/c/0", &mut buf).unwrap_err();
         assert!(err.to_string().contains("`store.zarr/t/c/0`"), "{err}");

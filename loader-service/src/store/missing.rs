@@ -58,7 +58,7 @@ impl MissingChunkPolicy {
         }
     }
 
-    fn dataset<'a>(&'a self, url: &'a str) -> &'a str {
+    pub(crate) fn dataset<'a>(&'a self, url: &'a str) -> &'a str {
         self.dataset.as_deref().unwrap_or(url)
     }
 

@@ -366,6 +366,76 @@ async fn a_missing_chunk_reads_as_the_fill_value() {
     assert!(strict.read(&Hyperslab::full(&strict, vo)).await.is_ok());
 }
 
+/// A store rewritten under an open dataset: a changed chunk read again from storage fails with
+/// `StoreChanged` naming it, and the first change drops the dataset's cached chunks, so a chunk
+/// rewritten while cached fails too on its next read instead of serving its old values beside
+/// the new store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_store_fails_its_changed_chunks_and_drops_their_cached_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "changing.zarr", &base_config());
+    let url = path.to_str().unwrap();
+    // A cache that holds all of `z` and nothing more.
+    let z_bytes = {
+        let dataset = Dataset::open(url).await.unwrap();
+        let z = dataset.variable("z").unwrap();
+        dataset.read(&Hyperslab::full(&dataset, z)).await.unwrap();
+        dataset.cache().stats().resident_bytes
+    };
+    let cache = Arc::new(ChunkCache::new(z_bytes));
+    let dataset = Dataset::open_location(StoreLocation::open(url).unwrap(), cache.clone())
+        .await
+        .unwrap();
+    let full = |name: &str| Hyperslab::full(&dataset, dataset.variable(name).unwrap());
+    // `vo` read (its versions recorded) then evicted by `z`, which stays cached.
+    let vo_before = dataset.read(&full("vo")).await.unwrap();
+    let z_before = dataset.read(&full("z")).await.unwrap();
+    assert_eq!(cache.stats().resident_bytes, z_bytes);
+
+    // Level 0's first chunk of each variable gets level 1's bytes, with a new time.
+    for v in VARS {
+        let (from, to) = (path.join(v).join("0.1.0.0"), path.join(v).join("0.0.0.0"));
+        std::fs::copy(&from, &to).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&to)
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000))
+            .unwrap();
+    }
+    // `z` is cached: served as first read, unchanged (a change is seen when read from storage).
+    assert_bitwise(
+        &dataset.read(&full("z")).await.unwrap(),
+        &z_before,
+        "cached z",
+    );
+    assert!(!dataset.store_changed_seen());
+
+    // `vo` is read from storage: the change is seen and named.
+    let err = dataset.read(&full("vo")).await.unwrap_err();
+    assert!(matches!(err, StoreError::StoreChanged { .. }), "{err}");
+    let text = err.to_string();
+    for part in ["store changed", "`vo/0.0.0.0`", "array `vo`"] {
+        assert!(text.contains(part), "{text} names {part}");
+    }
+    assert!(dataset.store_changed_seen());
+    // The old `z` values were dropped with the change: `z`'s rewritten chunk now fails too.
+    let err = dataset.read(&full("z")).await.unwrap_err();
+    assert!(
+        err.to_string().contains("`z/0.0.0.0`"),
+        "z's rewritten chunk is refused, not served from the cache: {err}"
+    );
+    // Chunks that did not change still read as before.
+    let mut elsewhere = full("vo");
+    elsewhere.levels = vec![1];
+    let got = dataset.read(&elsewhere).await.unwrap();
+    assert_bitwise(
+        &got,
+        &slice(&vo_before, [6, 2, 19, 36], &elsewhere),
+        "vo level 1",
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_codec_and_bad_requests_are_named() {
     let dir = tempfile::tempdir().unwrap();
