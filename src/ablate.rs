@@ -218,6 +218,7 @@ pub async fn ablate(args: AblateArgs) -> Result<AblationReport> {
             &EvalOptions {
                 split: config.eval.split,
                 batches: config.eval.batches,
+                climatology: None,
             },
         )
         .await

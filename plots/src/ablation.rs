@@ -262,8 +262,12 @@ mod tests {
                         level: 850.0,
                         baseline: Baseline::Climatology,
                         values: 100,
+                        samples: 10,
                         model_rmse: 0.3 + 0.2 * i as f64,
                         baseline_rmse: 1.0,
+                        model_ci: [0.2 + 0.2 * i as f64, 0.4 + 0.2 * i as f64],
+                        baseline_ci: [0.9, 1.1],
+                        skill_ci: [0.5 - 0.2 * i as f64, 0.9 - 0.2 * i as f64],
                     })
                     .collect(),
             })

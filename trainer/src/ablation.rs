@@ -670,8 +670,12 @@ mod tests {
             level,
             baseline,
             values,
+            samples: 1,
             model_rmse: model,
             baseline_rmse: base,
+            model_ci: [model; 2],
+            baseline_ci: [base; 2],
+            skill_ci: [1.0 - model / base; 2],
         }
     }
 

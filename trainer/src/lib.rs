@@ -29,7 +29,9 @@
 pub mod ablation;
 pub mod attention;
 pub mod batch;
+pub mod bootstrap;
 pub mod checkpoint;
+pub mod climatology;
 pub mod collective;
 pub mod config;
 pub mod decoder;
