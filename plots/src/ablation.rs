@@ -268,6 +268,7 @@ mod tests {
                         model_ci: [0.2 + 0.2 * i as f64, 0.4 + 0.2 * i as f64],
                         baseline_ci: [0.9, 1.1],
                         skill_ci: [0.5 - 0.2 * i as f64, 0.9 - 0.2 * i as f64],
+                        ensemble: None,
                     })
                     .collect(),
             })

@@ -676,6 +676,7 @@ mod tests {
             model_ci: [model; 2],
             baseline_ci: [base; 2],
             skill_ci: [1.0 - model / base; 2],
+            ensemble: None,
         }
     }
 

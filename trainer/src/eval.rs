@@ -26,12 +26,13 @@ use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt64Array}
 use arrow_schema::{DataType as ArrowType, Field, Schema};
 use atmorep_proto::request::{NormalizationName, SplitName};
 use atmorep_proto::{Batch, FieldBatch, LoaderClient, MonthlyStatistics};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use parquet::arrow::ArrowWriter;
 
 use crate::batch::batch_tensors;
 use crate::bootstrap::{Bootstrap, Interval};
 use crate::climatology::{self, PointClimatology};
+use crate::ensemble::{self, EnsembleScore, EnsembleSums};
 use crate::error::{Error, Result, input_err, io_err};
 use crate::model::{FieldInput, MultiFormer};
 use crate::train::TrainConfig;
@@ -149,6 +150,9 @@ pub struct EvalRow {
     pub model_ci: Interval,
     pub baseline_ci: Interval,
     pub skill_ci: Interval,
+    /// The ensemble's CRPS and spread–skill of the (task, field, level), for a model of more
+    /// than one member (the same on every baseline's row).
+    pub ensemble: Option<EnsembleScore>,
 }
 
 impl EvalRow {
@@ -170,20 +174,26 @@ pub struct References<'a> {
 
 type Key = (String, String, u64, Baseline);
 
-/// Squared errors per (task, field, level, baseline), per sample.
+/// Squared errors per (task, field, level, baseline), per sample; with an ensemble, its sums
+/// per (task, field, level), per sample.
 #[derive(Debug, Clone, Default)]
 pub struct Scores {
     acc: BTreeMap<Key, Vec<SampleSums>>,
+    members: usize,
+    ensemble: BTreeMap<(String, String, u64), Vec<EnsembleSums>>,
 }
 
 impl Scores {
-    /// Scores one field of a batch. `pred` is the model's output for every token, `[B, N, V]`
-    /// (the ensemble mean), in the field's normalized units.
+    /// Scores one field of a batch. `pred` is the model's output for every token and ensemble
+    /// member, `[B, N, members, V]`, in the field's normalized units: the ensemble mean is
+    /// scored against the baselines, and with more than one member the ensemble itself
+    /// ([`crate::ensemble`]).
     pub fn add_field(
         &mut self,
         task: &str,
         fb: &FieldBatch,
         pred: &[f32],
+        members: usize,
         layout: &FieldLayout,
         refs: &References,
     ) -> Result<()> {
@@ -208,11 +218,12 @@ impl Scores {
                 ),
             ));
         }
-        if pred.len() != b * n * v || fb.windows.len() != b {
+        let e = members;
+        if e == 0 || pred.len() != b * n * e * v || fb.windows.len() != b {
             return Err(input_err(
                 what(),
                 format!(
-                    "{} predicted values and {} windows for {b} samples of {n}×{v}",
+                    "{} predicted values of {e} members and {} windows for {b} samples of {n}×{v}",
                     pred.len(),
                     fb.windows.len()
                 ),
@@ -247,6 +258,8 @@ impl Scores {
                 }
             }
             let mut sums: BTreeMap<(usize, Baseline), SampleSums> = BTreeMap::new();
+            let mut ens: BTreeMap<usize, EnsembleSums> = BTreeMap::new();
+            let mut xs = vec![0.0; e];
             let mut off_grid = None;
             let masked = &fb.masked_indices[i];
             known.fill(f64::NAN);
@@ -260,7 +273,7 @@ impl Scores {
                     known[index(l, t, y, x)] = f64::from(source[k * v + j]) * std + mean;
                 });
             }
-            let p = &pred[i * n * v..(i + 1) * n * v];
+            let p = &pred[i * n * e * v..(i + 1) * n * e * v];
             for &k in masked {
                 let k = k as usize;
                 let target = fb.target.get(row * v..(row + 1) * v).ok_or_else(|| {
@@ -270,7 +283,13 @@ impl Scores {
                 for_each_value(k, layout, |j, l, t, y, x| {
                     let (mean, std) = moments[l * wt + t];
                     let truth = f64::from(target[j]) * std + mean;
-                    let model = f64::from(p[k * v + j]) * std + mean;
+                    for (m, x) in xs.iter_mut().enumerate() {
+                        *x = f64::from(p[(k * e + m) * v + j]) * std + mean;
+                    }
+                    let model = xs.iter().sum::<f64>() / e as f64;
+                    if e > 1 {
+                        ensemble::add_value(ens.entry(l).or_default(), &xs, truth);
+                    }
                     let mut add = |baseline: Baseline, value: f64| {
                         add_sq(sums.entry((l, baseline)).or_default(), truth, model, value);
                     };
@@ -308,6 +327,14 @@ impl Scores {
                     .or_default()
                     .push(s);
             }
+            for (l, s) in ens {
+                let level = layout.levels[l].to_bits();
+                self.members = e;
+                self.ensemble
+                    .entry((task.to_string(), layout.name.clone(), level))
+                    .or_default()
+                    .push(s);
+            }
         }
         if row * v != fb.target.len() {
             return Err(input_err(
@@ -329,6 +356,14 @@ impl Scores {
 
     /// The report with intervals drawn by `bootstrap`.
     pub fn rows_with(&self, bootstrap: &Bootstrap) -> Vec<EvalRow> {
+        let ensembles: BTreeMap<_, _> = self
+            .ensemble
+            .iter()
+            .map(|(k, samples)| {
+                let score = EnsembleScore::from_samples(samples, self.members, bootstrap);
+                (k.clone(), score)
+            })
+            .collect();
         self.acc
             .iter()
             .map(|((task, field, level, baseline), samples)| {
@@ -353,6 +388,9 @@ impl Scores {
                     model_ci,
                     baseline_ci,
                     skill_ci,
+                    ensemble: ensembles
+                        .get(&(task.clone(), field.clone(), *level))
+                        .copied(),
                 }
             })
             .collect()
@@ -429,6 +467,39 @@ pub fn table(rows: &[EvalRow]) -> String {
             ),
         ));
     }
+    let mut ensembles: Vec<(&EvalRow, EnsembleScore)> = rows
+        .iter()
+        .filter_map(|r| r.ensemble.map(|e| (r, e)))
+        .collect();
+    ensembles
+        .dedup_by(|a, b| (&a.0.task, &a.0.field, a.0.level) == (&b.0.task, &b.0.field, b.0.level));
+    if let Some((_, first)) = ensembles.first() {
+        out.push_str(&format!(
+            "\nensemble of {} members (CRPS: lower is better; spread–skill: 1 when reliable, \
+             < 1 overconfident):\n{:<13} {:<6} {:>6} {:>31} {:>12} {:>24}\n",
+            first.members,
+            "task",
+            "field",
+            "level",
+            "CRPS [95 % CI]",
+            "spread",
+            "spread–skill [95 % CI]"
+        ));
+        for (r, e) in ensembles {
+            out.push_str(&format!(
+                "{:<13} {:<6} {:>6} {:>31} {:>12} {:>24}\n",
+                r.task,
+                r.field,
+                r.level,
+                with_ci(e.crps, e.crps_ci),
+                num(e.spread),
+                format!(
+                    "{:.3} [{:.3}, {:.3}]",
+                    e.spread_skill, e.spread_skill_ci[0], e.spread_skill_ci[1]
+                ),
+            ));
+        }
+    }
     out
 }
 
@@ -445,6 +516,32 @@ pub fn write_parquet(path: &Path, rows: &[EvalRow]) -> Result<()> {
         ("skill_hi", floats(&|r| r.skill_ci[1])),
     ] {
         fields.push(Field::new(name, ArrowType::Float64, false));
+        columns.push(column);
+    }
+    // The ensemble's scores: null for a single-member model.
+    fields.push(Field::new("members", ArrowType::UInt64, true));
+    columns.push(Arc::new(UInt64Array::from(
+        rows.iter()
+            .map(|r| r.ensemble.map(|e| e.members as u64))
+            .collect::<Vec<_>>(),
+    )));
+    let ens = |f: &dyn Fn(&EnsembleScore) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from(
+            rows.iter()
+                .map(|r| r.ensemble.as_ref().map(f))
+                .collect::<Vec<_>>(),
+        ))
+    };
+    for (name, column) in [
+        ("crps", ens(&|e| e.crps)),
+        ("crps_lo", ens(&|e| e.crps_ci[0])),
+        ("crps_hi", ens(&|e| e.crps_ci[1])),
+        ("spread", ens(&|e| e.spread)),
+        ("spread_skill", ens(&|e| e.spread_skill)),
+        ("spread_skill_lo", ens(&|e| e.spread_skill_ci[0])),
+        ("spread_skill_hi", ens(&|e| e.spread_skill_ci[1])),
+    ] {
+        fields.push(Field::new(name, ArrowType::Float64, true));
         columns.push(column);
     }
     let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
@@ -663,10 +760,9 @@ fn score_batch(
         if fb.masked_indices.iter().all(Vec::is_empty) {
             continue;
         }
-        // [B, N, E, V] → the ensemble mean [B, N, V].
-        let mean: Tensor = pred.mean(2)?.to_dtype(DType::F32)?;
-        let values = mean.flatten_all()?.to_vec1::<f32>()?;
-        scores.add_field(task, fb, &values, layout, refs)?;
+        let members = pred.dims4()?.2;
+        let values = pred.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        scores.add_field(task, fb, &values, members, layout, refs)?;
     }
     Ok(())
 }
@@ -794,7 +890,7 @@ mod tests {
         let pred = vec![0.5f32; 8];
         let mut scores = Scores::default();
         scores
-            .add_field("bert", &fb, &pred, &layout(), &refs(&s, time, Some(&c)))
+            .add_field("bert", &fb, &pred, 1, &layout(), &refs(&s, time, Some(&c)))
             .unwrap();
         let rows = scores.rows();
         assert_eq!(rows.len(), 4);
@@ -838,7 +934,7 @@ mod tests {
         }
         let mut scores = Scores::default();
         scores
-            .add_field("bert", &fb, &pred, &layout(), &refs(&s, time, None))
+            .add_field("bert", &fb, &pred, 1, &layout(), &refs(&s, time, None))
             .unwrap();
         let rows = scores.rows();
         assert_eq!(row(&rows, Baseline::GlobalMean).values, 4);
@@ -860,6 +956,7 @@ mod tests {
                 "bert",
                 &fb,
                 &[0.0; 8],
+                1,
                 &layout(),
                 &refs(&MonthlyStatistics::default(), time, None),
             )
@@ -870,7 +967,14 @@ mod tests {
         let mut c = PointClimatology::new(3, 4, 3600);
         c.add("t", 850.0, 1_577_836_800, &[280.0; 12]).unwrap();
         let err = Scores::default()
-            .add_field("bert", &fb, &[0.0; 8], &layout(), &refs(&s, time, Some(&c)))
+            .add_field(
+                "bert",
+                &fb,
+                &[0.0; 8],
+                1,
+                &layout(),
+                &refs(&s, time, Some(&c)),
+            )
             .unwrap_err();
         assert!(err.to_string().contains("01:00 UTC"), "{err}");
         let c = point_climatology(|_, _, _| 280.0);
@@ -881,6 +985,7 @@ mod tests {
                 "bert",
                 &far,
                 &[0.0; 8],
+                1,
                 &layout(),
                 &refs(&s, time, Some(&c)),
             )
@@ -903,13 +1008,13 @@ mod tests {
         // Sample A: the model predicts 285 everywhere; sample B: the model is exact.
         let fb = field(vec![1, 3], 0.0);
         scores
-            .add_field("bert", &fb, &[0.5; 8], &layout(), &r)
+            .add_field("bert", &fb, &[0.5; 8], 1, &layout(), &r)
             .unwrap();
         let exact: Vec<f32> = (0..8)
             .map(|i| (i / 2) as f32 + (i % 2) as f32 / 2.0)
             .collect();
         scores
-            .add_field("bert", &fb, &exact, &layout(), &r)
+            .add_field("bert", &fb, &exact, 1, &layout(), &r)
             .unwrap();
         let rows = scores.rows();
         let g = row(&rows, Baseline::GlobalMean);
@@ -931,6 +1036,61 @@ mod tests {
         );
     }
 
+    /// A two-member prediction: member 0 exact, member 1 two normalized units (20 K) high.
+    fn two_members() -> Vec<f32> {
+        // [B = 1, N = 4, E = 2, V = 2]
+        let mut out = Vec::new();
+        for t in 0..4 {
+            for m in 0..2 {
+                for x in 0..2 {
+                    out.push(t as f32 + x as f32 / 2.0 + 2.0 * m as f32);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn an_ensemble_gets_crps_and_spread_skill() {
+        let (s, time) = stats();
+        let mut scores = Scores::default();
+        scores
+            .add_field(
+                "bert",
+                &field(vec![1, 3], 0.0),
+                &two_members(),
+                2,
+                &layout(),
+                &refs(&s, time, None),
+            )
+            .unwrap();
+        let rows = scores.rows();
+        // The ensemble mean is 10 K high everywhere.
+        let g = row(&rows, Baseline::GlobalMean);
+        assert!((g.model_rmse - 10.0).abs() < 1e-9, "{g:?}");
+        // CRPS per value: (0 + 20)/2 − 20/4 = 5; unbiased variance (10² + 10²)/1 = 200, so
+        // spread √200 and spread–skill √(3/2) · √200 / 10 = √3.
+        let e = g.ensemble.expect("two members make an ensemble");
+        assert_eq!(e.members, 2);
+        assert!((e.crps - 5.0).abs() < 1e-9, "{e:?}");
+        assert!((e.spread - 200f64.sqrt()).abs() < 1e-9, "{e:?}");
+        assert!((e.spread_skill - 3f64.sqrt()).abs() < 1e-9, "{e:?}");
+        assert!(rows.iter().all(|r| r.ensemble == Some(e)));
+        assert!(table(&rows).contains("spread–skill"));
+        // A wrong member count is refused.
+        let err = Scores::default()
+            .add_field(
+                "bert",
+                &field(vec![1], 0.0),
+                &two_members(),
+                3,
+                &layout(),
+                &refs(&s, time, None),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("of 3 members"), "{err}");
+    }
+
     #[test]
     fn the_report_round_trips_through_parquet() {
         let (s, time) = stats();
@@ -939,7 +1099,8 @@ mod tests {
             .add_field(
                 "bert",
                 &field(vec![1, 3], 0.0),
-                &[0.5; 8],
+                &two_members(),
+                2,
                 &layout(),
                 &refs(&s, time, None),
             )
@@ -964,6 +1125,14 @@ mod tests {
             "baseline_rmse_hi",
             "skill_lo",
             "skill_hi",
+            "members",
+            "crps",
+            "crps_lo",
+            "crps_hi",
+            "spread",
+            "spread_skill",
+            "spread_skill_lo",
+            "spread_skill_hi",
         ] {
             assert!(batches[0].column_by_name(column).is_some(), "no {column}");
         }

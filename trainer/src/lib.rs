@@ -38,6 +38,7 @@ pub mod decoder;
 pub mod device;
 pub mod embed;
 pub mod encoder;
+pub mod ensemble;
 pub mod error;
 pub mod eval;
 pub mod infer;
