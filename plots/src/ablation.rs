@@ -254,6 +254,8 @@ mod tests {
                     .map(|s| (s, (1.0 + i as f64) / (1.0 + s as f64 * 0.05)))
                     .collect(),
                 val_losses: vec![(60, 0.5 + 0.1 * i as f64), (120, 0.3 + 0.1 * i as f64)],
+                seed: 0,
+                other_seeds: Vec::new(),
                 eval: ["t", "z"]
                     .iter()
                     .map(|f| EvalRow {

@@ -706,25 +706,35 @@ pub async fn evaluate_on(
         request.split = opts.split;
         request.resume = None;
         request.end_epoch = Some(1);
+        // A model trained on blurred fields still gets blurred inputs, but is scored (and the
+        // baselines with it) on the raw values: the same windows and masks, from the same seed,
+        // without the blur — so every variant of an ablation is scored on the same targets.
+        let mut raw = request.clone();
+        for f in &mut raw.fields {
+            f.blur_sigma = 0.0;
+        }
+        let mut raw_stream = (raw != request).then(|| client.stream(raw.to_proto()));
         let mut stream = client.stream(request.to_proto());
         let mut taken = 0;
         while taken < opts.batches {
-            let batch = match stream.next().await {
-                Some(Ok(batch)) if batch.is_empty() => {
-                    if batch.end_of_stream {
-                        break;
-                    }
-                    continue;
-                }
-                Some(Ok(batch)) => batch,
-                Some(Err(e)) => return Err(e.into()),
-                None => break,
+            let Some(batch) = next_batch(&mut stream).await? else {
+                break;
+            };
+            let truth = match &mut raw_stream {
+                Some(s) => Some(next_batch(s).await?.ok_or_else(|| {
+                    input_err(
+                        format!("task `{}`", task.name),
+                        "the unblurred stream ended before the blurred one",
+                    )
+                })?),
+                None => None,
             };
             taken += 1;
             score_batch(
                 &mut scores,
                 &task.name,
                 &batch,
+                truth.as_ref(),
                 model,
                 &layouts,
                 &refs,
@@ -741,10 +751,30 @@ pub async fn evaluate_on(
     Ok(scores)
 }
 
+/// The next batch with samples, `None` at the end of the stream.
+async fn next_batch(stream: &mut atmorep_proto::LoaderStream) -> Result<Option<Batch>> {
+    loop {
+        match stream.next().await {
+            Some(Ok(batch)) if batch.is_empty() => {
+                if batch.end_of_stream {
+                    return Ok(None);
+                }
+            }
+            Some(Ok(batch)) => return Ok(Some(batch)),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Ok(None),
+        }
+    }
+}
+
+/// Scores the model's predictions from `batch` against `truth` (the same samples unblurred;
+/// `None`: `batch` itself).
+#[allow(clippy::too_many_arguments)]
 fn score_batch(
     scores: &mut Scores,
     task: &str,
     batch: &Batch,
+    truth: Option<&Batch>,
     model: &MultiFormer,
     layouts: &[FieldLayout],
     refs: &References,
@@ -760,6 +790,22 @@ fn score_batch(
         if fb.masked_indices.iter().all(Vec::is_empty) {
             continue;
         }
+        let fb = match truth {
+            None => fb,
+            Some(raw) => {
+                let what = || format!("field `{}` of task `{task}`", spec.name);
+                let r = raw
+                    .field(&spec.name)
+                    .ok_or_else(|| input_err(what(), "missing from the unblurred stream"))?;
+                if r.windows != fb.windows || r.masked_indices != fb.masked_indices {
+                    return Err(input_err(
+                        what(),
+                        "the unblurred stream cut other windows or masks than the blurred one",
+                    ));
+                }
+                r
+            }
+        };
         let members = pred.dims4()?.2;
         let values = pred.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         scores.add_field(task, fb, &values, members, layout, refs)?;
