@@ -2,7 +2,9 @@
 //! store with cyclones and its statistics; the loader service as a **separate process** on
 //! loopback; one epoch streamed over gRPC and checked; the trainer as a **separate process**
 //! training the multiformer on the loader's stream (600 steps, 2½–4 minutes on 2 cores); evaluation
-//! against climatology, persistence and interpolation; global inference written back as a Zarr
+//! out of sample (the store's weather after the training split is new) against the training
+//! split's climatology, the global mean, persistence and interpolation, with bootstrap intervals;
+//! global inference written back as a Zarr
 //! store; cyclones tracked in the reanalysis and in the model's output (each through a loader);
 //! figures of the run — training curves, attention and tokens of a test sample, vorticity at
 //! 850 hPa with the tracks — drawn by `atmorep plot` as child processes; everything in one
