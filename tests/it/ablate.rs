@@ -108,12 +108,19 @@ async fn two_runs_of_an_ablation_give_the_same_table_with_one_row_per_variant() 
     assert_eq!(variant_rows(&md), expected, "{md}");
     // Every variant was scored on both fields (no empty cell) from three seeds (mean ± std),
     // and the baselines are there.
-    for line in md.lines().filter(|l| l.starts_with("| ")).skip(2).take(4) {
+    let rows: Vec<&str> = md
+        .lines()
+        .skip_while(|l| !l.starts_with("| variant"))
+        .skip(2)
+        .take_while(|l| l.starts_with("| "))
+        .collect();
+    assert_eq!(rows.len(), 4, "{md}");
+    for line in rows {
         assert!(!line.contains("| – |"), "{line}");
         assert_eq!(
             line.matches(" ± ").count(),
-            3,
-            "loss and two fields: {line}"
+            5,
+            "loss, two RMSEs, two skills: {line}"
         );
     }
     assert!(md.contains("3 model seeds per variant"), "{md}");
