@@ -245,7 +245,7 @@ impl Scores {
         let mut row = 0usize;
         for i in 0..b {
             let window = &fb.windows[i];
-            let t0 = window.time_start as usize;
+            let t0 = window.time_start;
             let mut moments = Vec::with_capacity(nl * wt);
             let mut clim = Vec::with_capacity(nl * wt);
             for l in 0..nl {
@@ -295,8 +295,7 @@ impl Scores {
                     };
                     add(Baseline::GlobalMean, mean);
                     if let Some(c) = clim.get(l * wt + t) {
-                        let (lat, lon) =
-                            (window.lat_start as usize + y, window.lon_start as usize + x);
+                        let (lat, lon) = (window.lat_start + y, window.lon_start + x);
                         match c.mean(lat, lon) {
                             Some(m) => add(Baseline::Climatology, m),
                             None => off_grid = Some(lat),
