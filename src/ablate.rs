@@ -1,5 +1,6 @@
 //! `atmorep ablate`: trains every variant of an ablation config for the same budget on the same
-//! loader stream, evaluates each on the same test batches against the baselines, and writes a
+//! loader stream from each of its model seeds, evaluates each run on the same unblurred test
+//! batches against the baselines, and writes a
 //! markdown table, Parquet, a bar chart and the overlaid loss curves. `--quick` brings its own
 //! synthetic store and loader process (examples/ablation-quick.toml).
 
@@ -13,8 +14,8 @@ use atmorep_loader::progress::NoProgress;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_plot::ablation::{bar_chart, loss_chart};
 use atmorep_proto::client::{ClientConfig, LoaderClient};
-use atmorep_trainer::ablation::{AblationConfig, AblationReport, VariantResult};
-use atmorep_trainer::eval::{EvalOptions, evaluate};
+use atmorep_trainer::ablation::{AblationConfig, AblationReport, SeedRun, VariantResult};
+use atmorep_trainer::eval::{EvalOptions, FieldLayout, evaluate};
 use atmorep_trainer::{RunOptions, Trainer};
 use clap::Args;
 
@@ -160,77 +161,135 @@ pub async fn ablate(args: AblateArgs) -> Result<AblationReport> {
             .collect(),
         variants: Vec::new(),
         caption: format!(
-            "Dataset `{}`, {} variants × {steps} steps (seed {}, batch {}), scored on {} \
-             batches per task of the {} split.",
+            "Dataset `{}`, {} variants × {steps} steps (batch {}), {}, scored on {} batches \
+             per task of the {} split, every variant on the same unblurred values.",
             config.base.request.dataset,
             variants.len(),
-            config.base.seed,
             config.base.request.batch_size,
+            if config.seeds == 1 {
+                format!(
+                    "one model seed ({}) per variant — no spread over seeds, so differences \
+                     between variants may be noise",
+                    config.base.seed
+                )
+            } else {
+                format!(
+                    "{} model seeds per variant ({} to {}; mean ± standard deviation over them)",
+                    config.seeds,
+                    config.base.seed,
+                    config.base.seed + config.seeds - 1
+                )
+            },
             config.eval.batches,
             format!("{:?}", config.eval.split).to_lowercase(),
         ),
     };
+    // One climatology of the training split for every run: the split is the base's.
+    let layouts = config
+        .base
+        .request
+        .fields
+        .iter()
+        .filter(|f| config.base.model.fields.iter().any(|m| m.name == f.name))
+        .map(FieldLayout::from_request)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut climatology = None;
     let runs = args.out.join("runs");
     for (i, variant) in variants.iter().enumerate() {
         let cfg = config.variant_config(variant)?;
         let mut result = VariantResult::new(&variant.name, &cfg);
-        println!(
-            "variant {}/{}: {} (aux info {}, PE {}, blur σ {})",
-            i + 1,
-            variants.len(),
-            variant.name,
-            result.aux_info,
-            result.pe,
-            result.blur_sigma
-        );
-        let run_dir = runs.join(folder_name(&variant.name));
-        if run_dir.exists() {
-            std::fs::remove_dir_all(&run_dir)
-                .with_context(|| format!("clearing {}", run_dir.display()))?;
-        }
-        let started = Instant::now();
-        let mut trainer = Trainer::new(cfg.clone())?;
-        let summary = trainer
-            .run(
+        for k in 0..config.seeds {
+            let cfg = config.seeded_config(variant, k)?;
+            println!(
+                "variant {}/{}: {} (aux info {}, PE {}, blur σ {})",
+                i + 1,
+                variants.len(),
+                variant.name,
+                result.aux_info,
+                result.pe,
+                result.blur_sigma
+            );
+            let run_dir = if k == 0 {
+                runs.join(folder_name(&variant.name))
+            } else {
+                runs.join(format!("{}-seed{}", folder_name(&variant.name), cfg.seed))
+            };
+            if run_dir.exists() {
+                std::fs::remove_dir_all(&run_dir)
+                    .with_context(|| format!("clearing {}", run_dir.display()))?;
+            }
+            let started = Instant::now();
+            let mut trainer = Trainer::new(cfg.clone())?;
+            let summary = trainer
+                .run(
+                    &client,
+                    &RunOptions {
+                        stop_at: None,
+                        out: Some(run_dir),
+                        progress: StepBar::unless(args.quiet),
+                    },
+                )
+                .await
+                .with_context(|| format!("training variant `{}`", variant.name))?;
+            let losses: Vec<(u64, f64)> = summary.steps.iter().map(|s| (s.step, s.loss)).collect();
+            let mut val_losses: Vec<(u64, f64)> = summary
+                .steps
+                .iter()
+                .filter_map(|s| Some((s.step, s.val_loss?)))
+                .collect();
+            if val_losses.last().map(|v| v.0) != Some(trainer.step()) {
+                let val = trainer.validate(&client).await?;
+                val_losses.push((trainer.step(), val));
+            }
+            // After the first training run, so a stream the loader refuses names the variant.
+            let climatology = match &climatology {
+                Some(c) => std::sync::Arc::clone(c),
+                None => {
+                    let c = atmorep_trainer::climatology::from_loader(
+                        &client,
+                        &config.base.request,
+                        &layouts,
+                    )
+                    .await
+                    .context("the training split's climatology")?;
+                    climatology.insert(std::sync::Arc::new(c)).clone()
+                }
+            };
+            let scores = evaluate(
+                trainer.model(),
+                trainer.config(),
                 &client,
-                &RunOptions {
-                    stop_at: None,
-                    out: Some(run_dir),
-                    progress: StepBar::unless(args.quiet),
+                &EvalOptions {
+                    split: config.eval.split,
+                    batches: config.eval.batches,
+                    climatology: Some(climatology),
                 },
             )
             .await
-            .with_context(|| format!("training variant `{}`", variant.name))?;
-        result.losses = summary.steps.iter().map(|s| (s.step, s.loss)).collect();
-        result.val_losses = summary
-            .steps
-            .iter()
-            .filter_map(|s| Some((s.step, s.val_loss?)))
-            .collect();
-        if result.val_losses.last().map(|v| v.0) != Some(trainer.step()) {
-            let val = trainer.validate(&client).await?;
-            result.val_losses.push((trainer.step(), val));
+            .with_context(|| format!("evaluating variant `{}`", variant.name))?;
+            let mut run = VariantResult::new(&variant.name, &cfg);
+            run.losses = losses;
+            run.val_losses = val_losses;
+            run.eval = scores.rows();
+            println!(
+                "  seed {}: loss {:.4} → {:.4}, validation {:.4}; {:.0} s, {:.0} tokens/s in training",
+                cfg.seed,
+                run.losses.first().map_or(f64::NAN, |l| l.1),
+                run.final_loss().unwrap_or(f64::NAN),
+                run.val_losses.last().map_or(f64::NAN, |v| v.1),
+                started.elapsed().as_secs_f64(),
+                summary.breakdown(0).tokens_per_s,
+            );
+            if k == 0 {
+                result = run;
+            } else {
+                result.other_seeds.push(SeedRun {
+                    seed: cfg.seed,
+                    final_loss: run.final_loss(),
+                    eval: run.eval,
+                });
+            }
         }
-        let scores = evaluate(
-            trainer.model(),
-            trainer.config(),
-            &client,
-            &EvalOptions {
-                split: config.eval.split,
-                batches: config.eval.batches,
-            },
-        )
-        .await
-        .with_context(|| format!("evaluating variant `{}`", variant.name))?;
-        result.eval = scores.rows();
-        println!(
-            "  loss {:.4} → {:.4}, validation {:.4}; {:.0} s, {:.0} tokens/s in training",
-            result.losses.first().map_or(f64::NAN, |l| l.1),
-            result.final_loss().unwrap_or(f64::NAN),
-            result.val_losses.last().map_or(f64::NAN, |v| v.1),
-            started.elapsed().as_secs_f64(),
-            summary.breakdown(0).tokens_per_s,
-        );
         report.variants.push(result);
     }
 

@@ -2,7 +2,9 @@
 //! store with cyclones and its statistics; the loader service as a **separate process** on
 //! loopback; one epoch streamed over gRPC and checked; the trainer as a **separate process**
 //! training the multiformer on the loader's stream (600 steps, 2½–4 minutes on 2 cores); evaluation
-//! against climatology, persistence and interpolation; global inference written back as a Zarr
+//! out of sample (the store's weather after the training split is new) against the training
+//! split's climatology, the global mean, persistence and interpolation, with bootstrap intervals;
+//! global inference written back as a Zarr
 //! store; cyclones tracked in the reanalysis and in the model's output (each through a loader);
 //! figures of the run — training curves, attention and tokens of a test sample, vorticity at
 //! 850 hPa with the tracks — drawn by `atmorep plot` as child processes; everything in one
@@ -63,6 +65,10 @@ pe_width = 16
 mask = { kind = "forecast", steps = 1 }
 "#;
 
+/// Days of the demo store in the training split: its end is `train_end` of [`DEMO_TRAIN`] and
+/// the store's unseen weather begins there.
+const DEMO_TRAIN_DAYS: f64 = 21.0;
+
 /// The demo's training run: `t`, `z` and `vo` (so the tracker can run on the model's output)
 /// at 850 and 500 hPa, windows of 4 steps × 15° × 20° in tokens of 1 × 5 × 5 points; BERT,
 /// forecast and interpolation tasks.
@@ -119,7 +125,9 @@ keep = 1
 dataset = "demo"
 batch_size = 8
 seed = 0
-split_fractions = [0.7, 0.15]
+# 21 days of training (where the store's unseen weather begins), 4½ of validation, 4½ of test.
+train_end = "2020-09-22T00:00:00Z"
+validation_end = "2020-09-26T12:00:00Z"
 
 [[request.fields]]
 name = "vo"
@@ -168,12 +176,14 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         .with_context(|| format!("creating {}", args.out.display()))?;
     let store = args.out.join("era5.zarr");
     // 30 days, 6-hourly: long enough for train, validation and test splits of 4-step windows.
+    // Validation and test are out of sample: their storms and wave phases are new.
     let synth = SynthConfig {
         grid_deg: args.grid,
         steps: 121,
         step_hours: 6,
         levels: vec![850, 500, 300],
         variables: ["t", "z", "vo", "u", "v"].map(String::from).to_vec(),
+        unseen_after_hours: Some(DEMO_TRAIN_DAYS * 24.0),
         ..SynthConfig::default()
     };
     println!("1/9 synthetic ERA5 → {}", store.display());

@@ -1,6 +1,7 @@
 //! `atmorep eval`: scores a checkpoint on a held-out split of the loader's stream — masked-token
-//! RMSE per task, field and level in physical units beside climatology, persistence and
-//! interpolation — as a table on stdout and a Parquet file.
+//! RMSE per task, field and level in physical units beside the training split's per-point
+//! climatology, the global mean, persistence and interpolation, each with a 95 % bootstrap
+//! interval — as a table on stdout (or JSON) and a Parquet file.
 
 use std::path::{Path, PathBuf};
 
@@ -61,6 +62,7 @@ pub async fn eval(args: EvalArgs) -> Result<Vec<EvalRow>> {
         &EvalOptions {
             split,
             batches: args.batches,
+            climatology: None,
         },
         trainer.device(),
     )
@@ -78,8 +80,10 @@ pub async fn eval(args: EvalArgs) -> Result<Vec<EvalRow>> {
             .map(|r| {
                 serde_json::json!({
                     "task": r.task, "field": r.field, "level": r.level,
-                    "baseline": r.baseline.name(), "values": r.values,
-                    "model_rmse": r.model_rmse, "baseline_rmse": r.baseline_rmse,
+                    "baseline": r.baseline.name(), "values": r.values, "samples": r.samples,
+                    "model_rmse": r.model_rmse, "model_rmse_ci": r.model_ci,
+                    "baseline_rmse": r.baseline_rmse, "baseline_rmse_ci": r.baseline_ci,
+                    "skill": r.skill(), "skill_ci": r.skill_ci,
                 })
             })
             .collect();

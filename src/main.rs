@@ -296,6 +296,10 @@ struct SynthArgs {
     /// Random seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// From this time on (UTC, RFC 3339; e.g. a training split's end) the store holds storms
+    /// and wave phases the earlier steps never saw: out-of-sample tests (docs/model.md).
+    #[arg(long)]
+    unseen_after: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -453,6 +457,15 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 long_names: args.long_names,
                 cyclones: args.cyclones,
                 seed: args.seed,
+                unseen_after_hours: args
+                    .unseen_after
+                    .as_deref()
+                    .map(|t| {
+                        parse_iso(t)
+                            .map(|u| (u - start) as f64 / 3600.0)
+                            .with_context(|| format!("--unseen-after {t}"))
+                    })
+                    .transpose()?,
             };
             let started = std::time::Instant::now();
             let summary =

@@ -254,6 +254,8 @@ mod tests {
                     .map(|s| (s, (1.0 + i as f64) / (1.0 + s as f64 * 0.05)))
                     .collect(),
                 val_losses: vec![(60, 0.5 + 0.1 * i as f64), (120, 0.3 + 0.1 * i as f64)],
+                seed: 0,
+                other_seeds: Vec::new(),
                 eval: ["t", "z"]
                     .iter()
                     .map(|f| EvalRow {
@@ -262,8 +264,13 @@ mod tests {
                         level: 850.0,
                         baseline: Baseline::Climatology,
                         values: 100,
+                        samples: 10,
                         model_rmse: 0.3 + 0.2 * i as f64,
                         baseline_rmse: 1.0,
+                        model_ci: [0.2 + 0.2 * i as f64, 0.4 + 0.2 * i as f64],
+                        baseline_ci: [0.9, 1.1],
+                        skill_ci: [0.5 - 0.2 * i as f64, 0.9 - 0.2 * i as f64],
+                        ensemble: None,
                     })
                     .collect(),
             })

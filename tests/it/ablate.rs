@@ -1,7 +1,9 @@
 //! `atmorep ablate` against a real loader process: a tiny ablation (the example training config
 //! on a 10° store, a few steps per variant) run twice as the CLI.
 //!
-//! Covered: the table has one row per variant, in order; the two runs write the same
+//! Covered: the table has one row per variant, in order, with the mean ± std over three
+//! seeds; the blurred variant is scored on the same unblurred values as the base; the two runs
+//! write the same
 //! table and the same evaluation numbers (every variant's stream and weights are pure functions
 //! of the seeds); the Parquet holds every variant's rows; both charts are PNGs with content.
 //! Bad input — an unknown `--only` name, a base config whose field the loader lacks — fails
@@ -104,13 +106,83 @@ async fn two_runs_of_an_ablation_give_the_same_table_with_one_row_per_variant() 
     assert!(stdout.contains(&md), "the table is printed:\n{stdout}");
     let expected = ["base", "blur=0.8", "aux=class-token", "no-pe-no-info"];
     assert_eq!(variant_rows(&md), expected, "{md}");
-    // Every variant was scored on both fields (no empty cell), and the baselines are there.
-    for line in md.lines().filter(|l| l.starts_with("| ")).skip(2).take(4) {
+    // Every variant was scored on both fields (no empty cell) from three seeds (mean ± std),
+    // and the baselines are there.
+    let rows: Vec<&str> = md
+        .lines()
+        .skip_while(|l| !l.starts_with("| variant"))
+        .skip(2)
+        .take_while(|l| l.starts_with("| "))
+        .collect();
+    assert_eq!(rows.len(), 4, "{md}");
+    for line in rows {
         assert!(!line.contains("| – |"), "{line}");
+        assert_eq!(
+            line.matches(" ± ").count(),
+            5,
+            "loss, two RMSEs, two skills: {line}"
+        );
     }
-    for b in ["climatology", "persistence", "interpolation"] {
+    assert!(md.contains("3 model seeds per variant"), "{md}");
+    for b in ["climatology", "global mean", "persistence", "interpolation"] {
         assert!(md.contains(&format!("| {b} |")), "{md}");
     }
+    // The blurred variant was scored on the same (unblurred) values as the base: every
+    // baseline's error, a function of the targets alone, is the same for both.
+    let baseline_errors = |variant: &str| -> Vec<(String, f64)> {
+        let file = std::fs::File::open(first.join("ablation.parquet")).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut out = Vec::new();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let col = |name: &str| batch.column_by_name(name).unwrap().clone();
+            let strings = |name: &str| {
+                col(name)
+                    .as_any()
+                    .downcast_ref::<arrow_array::StringArray>()
+                    .unwrap()
+                    .clone()
+            };
+            let floats = |name: &str| {
+                col(name)
+                    .as_any()
+                    .downcast_ref::<arrow_array::Float64Array>()
+                    .unwrap()
+                    .clone()
+            };
+            let seeds = col("seed");
+            let seeds = seeds
+                .as_any()
+                .downcast_ref::<arrow_array::UInt64Array>()
+                .unwrap();
+            let (v, t, f, b) = (
+                strings("variant"),
+                strings("task"),
+                strings("field"),
+                strings("baseline"),
+            );
+            let (level, base) = (floats("level"), floats("baseline_rmse"));
+            for i in 0..batch.num_rows() {
+                if v.value(i) == variant && seeds.value(i) == 0 {
+                    let key = format!(
+                        "{} {} {} {}",
+                        t.value(i),
+                        f.value(i),
+                        level.value(i),
+                        b.value(i)
+                    );
+                    out.push((key, base.value(i)));
+                }
+            }
+        }
+        out
+    };
+    let (base, blurred) = (baseline_errors("base"), baseline_errors("blur=0.8"));
+    assert!(!base.is_empty());
+    assert_eq!(base, blurred);
     for chart in ["ablation-bars.png", "ablation-losses.png"] {
         assert_png(&first.join(chart));
     }
@@ -125,6 +197,10 @@ async fn two_runs_of_an_ablation_give_the_same_table_with_one_row_per_variant() 
     for v in expected {
         let run = first.join("runs").join(v.replace('=', "_"));
         assert!(run.join("metrics").is_dir(), "{}", run.display());
+        let seed2 = first
+            .join("runs")
+            .join(format!("{}-seed2", v.replace('=', "_")));
+        assert!(seed2.join("metrics").is_dir(), "{}", seed2.display());
     }
 
     let (second, _) = run("second");

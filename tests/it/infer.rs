@@ -1,7 +1,8 @@
 //! Evaluation and global inference against real loader processes, and the cyclone
 //! tracker on the model's output: a short training run on a tiny synthetic store of
-//! `vo` and `z`, then `atmorep eval` (the model beats climatology; rows per task, field, level
-//! and baseline), `atmorep infer` (a Zarr store the loader opens, holding the model's global
+//! `vo` and `z`, then `atmorep eval` (rows per task, field, level and baseline with bootstrap
+//! intervals; the training split's per-point climatology beats the global mean, the model
+//! beats the global mean on `z`), `atmorep infer` (a Zarr store the loader opens, holding the model's global
 //! reconstruction within a fraction of the truth's spread), a second loader serving that store
 //! and `atmorep track` on it.
 
@@ -134,22 +135,40 @@ async fn eval_and_global_inference_on_a_loader_and_tracking_on_the_output() {
     for task in ["bert", "forecast"] {
         for field in ["vo", "z"] {
             for level in [850.0, 500.0] {
-                let clim = rows
-                    .iter()
-                    .find(|r| {
-                        r["task"] == task
-                            && r["field"] == field
-                            && r["level"] == level
-                            && r["baseline"] == "climatology"
-                    })
-                    .unwrap_or_else(|| panic!("no climatology row for {task} {field} {level}"));
-                let (model, base) = (
-                    clim["model_rmse"].as_f64().unwrap(),
-                    clim["baseline_rmse"].as_f64().unwrap(),
-                );
+                let find = |baseline: &str| {
+                    rows.iter()
+                        .find(|r| {
+                            r["task"] == task
+                                && r["field"] == field
+                                && r["level"] == level
+                                && r["baseline"] == baseline
+                        })
+                        .unwrap_or_else(|| panic!("no {baseline} row for {task} {field} {level}"))
+                };
+                let (clim, global) = (find("climatology"), find("global mean"));
+                let f = |r: &serde_json::Value, key: &str| r[key].as_f64().unwrap();
+                let ci = |r: &serde_json::Value, key: &str| {
+                    [r[key][0].as_f64().unwrap(), r[key][1].as_f64().unwrap()]
+                };
+                let (model, base) = (f(clim, "model_rmse"), f(clim, "baseline_rmse"));
                 assert!(model.is_finite() && base > 0.0, "{clim}");
+                // Every score within its bootstrap interval, from more than one sample.
+                for (value, interval) in [
+                    (model, ci(clim, "model_rmse_ci")),
+                    (base, ci(clim, "baseline_rmse_ci")),
+                    (f(clim, "skill"), ci(clim, "skill_ci")),
+                ] {
+                    assert!(interval[0] <= value && value <= interval[1], "{clim}");
+                }
+                assert!(clim["samples"].as_u64().unwrap() > 1, "{clim}");
+                // The training split's mean at each point is closer to the truth than one
+                // global mean per level and month.
+                assert!(base < f(global, "baseline_rmse"), "{clim}\n{global}");
                 if field == "z" {
-                    assert!(model < base, "the model does not beat climatology: {clim}");
+                    assert!(
+                        model < f(global, "baseline_rmse"),
+                        "the model does not beat the global mean: {global}"
+                    );
                 }
             }
         }

@@ -22,6 +22,7 @@ mod public_stores;
 mod s3_faults;
 mod s3_server;
 mod s3_store;
+mod scores;
 mod service;
 mod store_changes;
 mod track;

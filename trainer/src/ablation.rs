@@ -7,7 +7,11 @@
 //! the same seed on the same stream (same samples, same masks: the loader's choices are pure
 //! functions of the request seed), for the same number of steps, and is then scored on the
 //! same test batches with [`crate::eval`] — masked-token RMSE per field in physical units,
-//! beside the baselines on exactly the same values.
+//! beside the baselines on exactly the same values. Those values are the raw fields for every
+//! variant: a variant trained on blurred data gets blurred inputs but is scored on unblurred
+//! targets. Each variant is trained from `seeds` model seeds (3 by default: the base config's
+//! seed and the next ones; the stream is the same), and the table gives the mean ± standard
+//! deviation over them.
 //!
 //! ```toml
 //! base = "train.toml"         # a training config file (relative to this file) or a [base] table
@@ -19,6 +23,8 @@
 //! name = "class-token+standard"
 //! aux_info = "class-token"
 //! pe = "standard"
+//!
+//! seeds = 3                   # model seeds per variant (default 3)
 //!
 //! [eval]
 //! split = "test"
@@ -133,6 +139,10 @@ fn default_blur_sigma() -> f64 {
     1.0
 }
 
+fn default_seeds() -> u64 {
+    3
+}
+
 /// A whole ablation (see the module docs), with the base config read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -147,6 +157,9 @@ pub struct AblationConfig {
     pub blur_sigma: f64,
     #[serde(default)]
     pub variants: Vec<Variant>,
+    /// Model seeds per variant: the base config's `seed` and the next `seeds − 1`.
+    #[serde(default = "default_seeds")]
+    pub seeds: u64,
     #[serde(default)]
     pub eval: AblationEval,
 }
@@ -196,6 +209,9 @@ impl AblationConfig {
         }
         if self.eval.batches == 0 {
             return Err(train_config_err("eval.batches", "must be at least 1"));
+        }
+        if self.seeds == 0 {
+            return Err(train_config_err("seeds", "must be at least 1"));
         }
         let variants = self.expand();
         if variants.len() < 2 {
@@ -275,6 +291,13 @@ impl AblationConfig {
         }
         Ok(cfg)
     }
+
+    /// [`Self::variant_config`] with the `k`-th model seed (`k < seeds`): the base's seed + k.
+    pub fn seeded_config(&self, variant: &Variant, k: u64) -> Result<TrainConfig> {
+        let mut cfg = self.variant_config(variant)?;
+        cfg.seed = self.base.seed.wrapping_add(k);
+        Ok(cfg)
+    }
 }
 
 /// What one variant's run and evaluation gave.
@@ -291,6 +314,26 @@ pub struct VariantResult {
     pub val_losses: Vec<(u64, f64)>,
     /// The evaluation's rows (every task, field, level and baseline).
     pub eval: Vec<EvalRow>,
+    /// The model seed of the run above.
+    pub seed: u64,
+    /// The runs from the other seeds (the losses above are the first seed's).
+    pub other_seeds: Vec<SeedRun>,
+}
+
+/// One more seed's run of a variant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeedRun {
+    pub seed: u64,
+    pub final_loss: Option<f64>,
+    pub eval: Vec<EvalRow>,
+}
+
+/// Mean and sample standard deviation (0 for one value).
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, var.sqrt())
 }
 
 impl VariantResult {
@@ -311,7 +354,28 @@ impl VariantResult {
             losses: Vec::new(),
             val_losses: Vec::new(),
             eval: Vec::new(),
+            seed: cfg.seed,
+            other_seeds: Vec::new(),
         }
+    }
+
+    /// Every seed's (seed, final loss, evaluation rows), the first run's first.
+    pub fn seed_runs(&self) -> Vec<(u64, Option<f64>, &[EvalRow])> {
+        let mut out = vec![(self.seed, self.final_loss(), self.eval.as_slice())];
+        out.extend(
+            self.other_seeds
+                .iter()
+                .map(|s| (s.seed, s.final_loss, s.eval.as_slice())),
+        );
+        out
+    }
+
+    /// Per seed, [`Self::pooled`] for that seed's rows.
+    pub fn pooled_per_seed(&self, field: &str, baseline: Baseline) -> Vec<Pooled> {
+        self.seed_runs()
+            .into_iter()
+            .filter_map(|(_, _, eval)| pool(eval, field, baseline))
+            .collect()
     }
 
     /// The mean training loss of the last tenth of the run (at least one step): one step's
@@ -330,26 +394,29 @@ impl VariantResult {
     /// The masked-token RMSE of the model and of `baseline` for `field`, pooled over tasks and
     /// levels on the values where `baseline` is defined, and how many values that is.
     pub fn pooled(&self, field: &str, baseline: Baseline) -> Option<Pooled> {
-        let mut p = Pooled::default();
-        for r in self
-            .eval
-            .iter()
-            .filter(|r| r.field == field && r.baseline == baseline)
-        {
-            let n = r.values as f64;
-            p.values += r.values;
-            p.model += n * r.model_rmse.powi(2);
-            p.baseline += n * r.baseline_rmse.powi(2);
-        }
-        (p.values > 0).then(|| {
-            let n = p.values as f64;
-            Pooled {
-                values: p.values,
-                model: (p.model / n).sqrt(),
-                baseline: (p.baseline / n).sqrt(),
-            }
-        })
+        pool(&self.eval, field, baseline)
     }
+}
+
+fn pool(eval: &[EvalRow], field: &str, baseline: Baseline) -> Option<Pooled> {
+    let mut p = Pooled::default();
+    for r in eval
+        .iter()
+        .filter(|r| r.field == field && r.baseline == baseline)
+    {
+        let n = r.values as f64;
+        p.values += r.values;
+        p.model += n * r.model_rmse.powi(2);
+        p.baseline += n * r.baseline_rmse.powi(2);
+    }
+    (p.values > 0).then(|| {
+        let n = p.values as f64;
+        Pooled {
+            values: p.values,
+            model: (p.model / n).sqrt(),
+            baseline: (p.baseline / n).sqrt(),
+        }
+    })
 }
 
 /// RMSEs pooled over rows (see [`VariantResult::pooled`]).
@@ -428,16 +495,37 @@ impl AblationReport {
                 v.aux_info,
                 v.pe,
                 v.blur_sigma,
-                v.final_loss().map(num).unwrap_or_else(|| "–".into()),
+                {
+                    let losses: Vec<f64> = v.seed_runs().iter().filter_map(|s| s.1).collect();
+                    match losses.len() {
+                        0 => "–".into(),
+                        1 => num(losses[0]),
+                        _ => {
+                            let (m, sd) = mean_std(&losses);
+                            format!("{} ± {}", num(m), num(sd))
+                        }
+                    }
+                },
                 v.val_losses
                     .last()
                     .map(|l| num(l.1))
                     .unwrap_or_else(|| "–".into()),
             ));
             for f in &self.fields {
-                let cell = match v.pooled(f, Baseline::Climatology) {
-                    Some(p) => format!(" {} ({:+.3}) |", num(p.model), 1.0 - p.ratio()),
-                    None => " – |".into(),
+                let seeds = v.pooled_per_seed(f, Baseline::Climatology);
+                let cell = match seeds.len() {
+                    0 => " – |".into(),
+                    1 => format!(
+                        " {} ({:+.3}) |",
+                        num(seeds[0].model),
+                        1.0 - seeds[0].ratio()
+                    ),
+                    _ => {
+                        let rmse: Vec<f64> = seeds.iter().map(|p| p.model).collect();
+                        let skill: Vec<f64> = seeds.iter().map(|p| 1.0 - p.ratio()).collect();
+                        let ((m, sd), (sm, ssd)) = (mean_std(&rmse), mean_std(&skill));
+                        format!(" {} ± {} ({sm:+.3} ± {ssd:.3}) |", num(m), num(sd))
+                    }
                 };
                 out.push_str(&cell);
             }
@@ -445,8 +533,9 @@ impl AblationReport {
         }
         if let Some(base) = self.variants.first() {
             out.push_str(&format!(
-                "\nBaselines on the values `{}` was scored on (the model's RMSE on the same \
-                 values in brackets; skill = 1 − model / climatology):\n\n| baseline |",
+                "\nBaselines on the values `{}` was scored on (its first seed's RMSE on the \
+                 same values in brackets; skill = 1 − model / climatology, the training \
+                 split's mean at each grid point and hour):\n\n| baseline |",
                 base.name
             ));
             let mut rule = String::from("|---|");
@@ -475,18 +564,22 @@ impl AblationReport {
     /// Writes every variant's evaluation rows (long format, one row per variant, task, field,
     /// level and baseline) as Parquet.
     pub fn write_parquet(&self, path: &Path) -> Result<()> {
-        let rows: Vec<(&VariantResult, &EvalRow)> = self
+        let runs: Vec<(&VariantResult, u64, Option<f64>, &[EvalRow])> = self
             .variants
             .iter()
-            .flat_map(|v| v.eval.iter().map(move |r| (v, r)))
+            .flat_map(|v| v.seed_runs().into_iter().map(move |(s, l, e)| (v, s, l, e)))
+            .collect();
+        let rows: Vec<(&VariantResult, u64, Option<f64>, &EvalRow)> = runs
+            .iter()
+            .flat_map(|&(v, s, l, e)| e.iter().map(move |r| (v, s, l, r)))
             .collect();
         let mut final_loss = Float64Builder::with_capacity(rows.len());
-        for (v, _) in &rows {
-            final_loss.append_option(v.final_loss());
+        for (_, _, l, _) in &rows {
+            final_loss.append_option(*l);
         }
         let strings = |f: &dyn Fn(&VariantResult) -> String| -> ArrayRef {
             Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|(v, _)| f(v)),
+                rows.iter().map(|(v, ..)| f(v)),
             ))
         };
         let mut fields = vec![
@@ -494,6 +587,7 @@ impl AblationReport {
             Field::new("aux_info", ArrowType::Utf8, false),
             Field::new("pe", ArrowType::Utf8, false),
             Field::new("blur_sigma", ArrowType::Float64, false),
+            Field::new("seed", ArrowType::UInt64, false),
             Field::new("final_train_loss", ArrowType::Float64, true),
         ];
         let mut columns: Vec<ArrayRef> = vec![
@@ -501,11 +595,14 @@ impl AblationReport {
             strings(&|v| v.aux_info.to_string()),
             strings(&|v| v.pe.clone()),
             Arc::new(Float64Array::from_iter_values(
-                rows.iter().map(|(v, _)| v.blur_sigma),
+                rows.iter().map(|(v, ..)| v.blur_sigma),
+            )),
+            Arc::new(arrow_array::UInt64Array::from_iter_values(
+                rows.iter().map(|r| r.1),
             )),
             Arc::new(final_loss.finish()),
         ];
-        let eval_rows: Vec<&EvalRow> = rows.iter().map(|(_, r)| *r).collect();
+        let eval_rows: Vec<&EvalRow> = rows.iter().map(|r| r.3).collect();
         let (eval_fields, eval_columns) = eval_row_columns(&eval_rows);
         fields.extend(eval_fields);
         columns.extend(eval_columns);
@@ -515,7 +612,8 @@ impl AblationReport {
     }
 
     /// Per variant, the field RMSEs as fractions of climatology's on the same values (what the
-    /// bar chart draws): `[variant][field]`, NaN where a field was not scored.
+    /// bar chart draws; the mean over seeds): `[variant][field]`, NaN where a field was not
+    /// scored.
     pub fn climatology_ratios(&self) -> Vec<Vec<f64>> {
         self.variants
             .iter()
@@ -523,8 +621,13 @@ impl AblationReport {
                 self.fields
                     .iter()
                     .map(|f| {
-                        v.pooled(f, Baseline::Climatology)
-                            .map_or(f64::NAN, |p| p.ratio())
+                        let seeds = v.pooled_per_seed(f, Baseline::Climatology);
+                        let ratios: Vec<f64> = seeds.iter().map(Pooled::ratio).collect();
+                        if ratios.is_empty() {
+                            f64::NAN
+                        } else {
+                            mean_std(&ratios).0
+                        }
                     })
                     .collect()
             })
@@ -670,8 +773,13 @@ mod tests {
             level,
             baseline,
             values,
+            samples: 1,
             model_rmse: model,
             baseline_rmse: base,
+            model_ci: [model; 2],
+            baseline_ci: [base; 2],
+            skill_ci: [1.0 - model / base; 2],
+            ensemble: None,
         }
     }
 
@@ -740,6 +848,52 @@ mod tests {
         let ratios = r.climatology_ratios();
         assert!((ratios[1][0] - 1.0 / 3.0).abs() < 1e-12);
         assert!(ratios[1][1].is_nan());
+    }
+
+    #[test]
+    fn seeds_give_mean_and_std_in_the_table_and_rows_in_the_parquet() {
+        let mut r = report();
+        // Two more seeds of `aux=none`: model RMSEs 2, 3, 4 against climatology's 6.
+        let v = &mut r.variants[1];
+        for (seed, model) in [(1, 3.0), (2, 4.0)] {
+            v.other_seeds.push(SeedRun {
+                seed,
+                final_loss: Some(0.5 + seed as f64),
+                eval: vec![row("t", 850.0, Baseline::Climatology, 4, model, 6.0)],
+            });
+        }
+        let md = r.markdown();
+        // Mean 3, sample std 1; skills 2/3, 1/2, 1/3: mean 1/2, std 1/6. Losses 0.5, 1.5, 2.5.
+        assert!(
+            md.contains("| aux=none | none | global | 0 | 1.5000 ± 1.0000 | 0.7500 | 3.0000 ± 1.0000 (+0.500 ± 0.167) | – |"),
+            "{md}"
+        );
+        assert!((r.climatology_ratios()[1][0] - 0.5).abs() < 1e-12);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ablation.parquet");
+        r.write_parquet(&path).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+        assert_eq!(batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 7);
+        let seeds = batches[0]
+            .column_by_name("seed")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<arrow_array::UInt64Array>()
+            .unwrap()
+            .clone();
+        assert_eq!(seeds.values().to_vec(), [0, 0, 0, 0, 0, 1, 2]);
+        // The quick ablation runs one seed; the default is three.
+        assert_eq!(AblationConfig::from_toml_str(QUICK, None).unwrap().seeds, 1);
+        let three = QUICK.replace("seeds = 1\n", "");
+        let cfg = AblationConfig::from_toml_str(&three, None).unwrap();
+        assert_eq!(cfg.seeds, 3);
+        let v = &cfg.expand()[1];
+        assert_eq!(cfg.seeded_config(v, 2).unwrap().seed, cfg.base.seed + 2);
     }
 
     #[test]

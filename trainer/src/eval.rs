@@ -2,8 +2,11 @@
 //! predictions per task, field and level **in physical units**, each beside a baseline scored on
 //! exactly the same values:
 //!
-//! - **climatology**: the loader's global statistics' mean for the field, level and month (what a
-//!   normalized prediction of 0 means) — defined for every masked value;
+//! - **climatology**: the mean of the training split at the same grid point and hour of day
+//!   ([`crate::climatology`]) — a climatology the model could have known, defined for every
+//!   masked value;
+//! - **global mean**: the loader's global statistics' mean for the field, level and month (what
+//!   a normalized prediction of 0 means), over the whole store — defined for every masked value;
 //! - **persistence**: the latest earlier value of the same grid point the model could see (an
 //!   unmasked token of the sample) — defined where such a value exists (forecast masks);
 //! - **interpolation**: linear in time between the nearest visible values before and after —
@@ -11,8 +14,9 @@
 //!
 //! Normalized values map back through the loader's statistics (`GetStatistics`): each value
 //! with the moments of its own level and month, the month taken from the window's place on the
-//! dataset's time axis. The scoring ([`Scores::add_field`]) is pure, so a case with a known
-//! answer tests it; [`evaluate`] drives it over the loader's test stream.
+//! dataset's time axis. Every RMSE and skill comes with a 95 % bootstrap interval over the
+//! samples ([`crate::bootstrap`]). The scoring ([`Scores::add_field`]) is pure, so a case with a
+//! known answer tests it; [`evaluate`] drives it over the loader's test stream.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,10 +26,13 @@ use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt64Array}
 use arrow_schema::{DataType as ArrowType, Field, Schema};
 use atmorep_proto::request::{NormalizationName, SplitName};
 use atmorep_proto::{Batch, FieldBatch, LoaderClient, MonthlyStatistics};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use parquet::arrow::ArrowWriter;
 
 use crate::batch::batch_tensors;
+use crate::bootstrap::{Bootstrap, Interval};
+use crate::climatology::{self, PointClimatology};
+use crate::ensemble::{self, EnsembleScore, EnsembleSums};
 use crate::error::{Error, Result, input_err, io_err};
 use crate::model::{FieldInput, MultiFormer};
 use crate::train::TrainConfig;
@@ -34,13 +41,15 @@ use crate::train::TrainConfig;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Baseline {
     Climatology,
+    GlobalMean,
     Persistence,
     Interpolation,
 }
 
 impl Baseline {
-    pub const ALL: [Baseline; 3] = [
+    pub const ALL: [Baseline; 4] = [
         Baseline::Climatology,
+        Baseline::GlobalMean,
         Baseline::Persistence,
         Baseline::Interpolation,
     ];
@@ -48,6 +57,7 @@ impl Baseline {
     pub fn name(self) -> &'static str {
         match self {
             Baseline::Climatology => "climatology",
+            Baseline::GlobalMean => "global mean",
             Baseline::Persistence => "persistence",
             Baseline::Interpolation => "interpolation",
         }
@@ -108,20 +118,19 @@ impl FieldLayout {
     }
 }
 
-/// Squared errors of the model and of one baseline over the same values.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct Acc {
-    n: u64,
-    model: f64,
-    baseline: f64,
+/// Per sample: values, and the squared errors of the model and of one baseline over them.
+type SampleSums = [f64; 3];
+
+fn add_sq(acc: &mut SampleSums, truth: f64, model: f64, baseline: f64) {
+    acc[0] += 1.0;
+    acc[1] += (model - truth).powi(2);
+    acc[2] += (baseline - truth).powi(2);
 }
 
-impl Acc {
-    fn add(&mut self, truth: f64, model: f64, baseline: f64) {
-        self.n += 1;
-        self.model += (model - truth).powi(2);
-        self.baseline += (baseline - truth).powi(2);
-    }
+/// Model RMSE, baseline RMSE and skill from totals of [`SampleSums`].
+fn rmse_and_skill(t: &SampleSums) -> [f64; 3] {
+    let (m, b) = ((t[1] / t[0]).sqrt(), (t[2] / t[0]).sqrt());
+    [m, b, 1.0 - m / b]
 }
 
 /// One line of the report.
@@ -133,8 +142,17 @@ pub struct EvalRow {
     pub baseline: Baseline,
     /// Masked values both were scored on.
     pub values: u64,
+    /// Samples (windows) they came from: the unit the intervals resample.
+    pub samples: u64,
     pub model_rmse: f64,
     pub baseline_rmse: f64,
+    /// 95 % bootstrap intervals of the model's RMSE, the baseline's and the skill.
+    pub model_ci: Interval,
+    pub baseline_ci: Interval,
+    pub skill_ci: Interval,
+    /// The ensemble's CRPS and spread–skill of the (task, field, level), for a model of more
+    /// than one member (the same on every baseline's row).
+    pub ensemble: Option<EnsembleScore>,
 }
 
 impl EvalRow {
@@ -144,24 +162,46 @@ impl EvalRow {
     }
 }
 
-/// Accumulated squared errors per (task, field, level, baseline).
+/// What the baselines and the mapping to physical units need besides a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct References<'a> {
+    /// The loader's global statistics: physical units and the global-mean baseline.
+    pub stats: &'a MonthlyStatistics,
+    pub time: TimeAxis,
+    /// The training split's per-point climatology; `None` leaves that baseline out.
+    pub climatology: Option<&'a PointClimatology>,
+}
+
+type Key = (String, String, u64, Baseline);
+
+/// Squared errors per (task, field, level, baseline), per sample; with an ensemble, its sums
+/// per (task, field, level), per sample.
 #[derive(Debug, Clone, Default)]
 pub struct Scores {
-    acc: BTreeMap<(String, String, u64, Baseline), Acc>,
+    acc: BTreeMap<Key, Vec<SampleSums>>,
+    members: usize,
+    ensemble: BTreeMap<(String, String, u64), Vec<EnsembleSums>>,
 }
 
 impl Scores {
-    /// Scores one field of a batch. `pred` is the model's output for every token, `[B, N, V]`
-    /// (the ensemble mean), in the field's normalized units.
+    /// Scores one field of a batch. `pred` is the model's output for every token and ensemble
+    /// member, `[B, N, members, V]`, in the field's normalized units: the ensemble mean is
+    /// scored against the baselines, and with more than one member the ensemble itself
+    /// ([`crate::ensemble`]).
     pub fn add_field(
         &mut self,
         task: &str,
         fb: &FieldBatch,
         pred: &[f32],
+        members: usize,
         layout: &FieldLayout,
-        stats: &MonthlyStatistics,
-        time: TimeAxis,
+        refs: &References,
     ) -> Result<()> {
+        let References {
+            stats,
+            time,
+            climatology,
+        } = *refs;
         let what = || format!("field `{}`", layout.name);
         let [nt, ny, nx] = layout.num_tokens;
         let [st, sy, sx] = layout.token_size;
@@ -178,11 +218,12 @@ impl Scores {
                 ),
             ));
         }
-        if pred.len() != b * n * v || fb.windows.len() != b {
+        let e = members;
+        if e == 0 || pred.len() != b * n * e * v || fb.windows.len() != b {
             return Err(input_err(
                 what(),
                 format!(
-                    "{} predicted values and {} windows for {b} samples of {n}×{v}",
+                    "{} predicted values of {e} members and {} windows for {b} samples of {n}×{v}",
                     pred.len(),
                     fb.windows.len()
                 ),
@@ -203,13 +244,23 @@ impl Scores {
         let mut known = vec![f64::NAN; nl * wt * plane];
         let mut row = 0usize;
         for i in 0..b {
-            let t0 = fb.windows[i].time_start;
+            let window = &fb.windows[i];
+            let t0 = window.time_start;
             let mut moments = Vec::with_capacity(nl * wt);
+            let mut clim = Vec::with_capacity(nl * wt);
             for l in 0..nl {
                 for t in 0..wt {
                     moments.push(affine(l, t0 + t)?);
+                    if let Some(c) = climatology {
+                        let unix = time.start_unix + (t0 + t) as i64 * time.step_s;
+                        clim.push(c.at(&layout.name, layout.levels[l], unix)?);
+                    }
                 }
             }
+            let mut sums: BTreeMap<(usize, Baseline), SampleSums> = BTreeMap::new();
+            let mut ens: BTreeMap<usize, EnsembleSums> = BTreeMap::new();
+            let mut xs = vec![0.0; e];
+            let mut off_grid = None;
             let masked = &fb.masked_indices[i];
             known.fill(f64::NAN);
             let source = fb.source_of(i);
@@ -222,7 +273,7 @@ impl Scores {
                     known[index(l, t, y, x)] = f64::from(source[k * v + j]) * std + mean;
                 });
             }
-            let p = &pred[i * n * v..(i + 1) * n * v];
+            let p = &pred[i * n * e * v..(i + 1) * n * e * v];
             for &k in masked {
                 let k = k as usize;
                 let target = fb.target.get(row * v..(row + 1) * v).ok_or_else(|| {
@@ -232,15 +283,24 @@ impl Scores {
                 for_each_value(k, layout, |j, l, t, y, x| {
                     let (mean, std) = moments[l * wt + t];
                     let truth = f64::from(target[j]) * std + mean;
-                    let model = f64::from(p[k * v + j]) * std + mean;
-                    let level = layout.levels[l].to_bits();
+                    for (m, x) in xs.iter_mut().enumerate() {
+                        *x = f64::from(p[(k * e + m) * v + j]) * std + mean;
+                    }
+                    let model = xs.iter().sum::<f64>() / e as f64;
+                    if e > 1 {
+                        ensemble::add_value(ens.entry(l).or_default(), &xs, truth);
+                    }
                     let mut add = |baseline: Baseline, value: f64| {
-                        self.acc
-                            .entry((task.to_string(), layout.name.clone(), level, baseline))
-                            .or_default()
-                            .add(truth, model, value);
+                        add_sq(sums.entry((l, baseline)).or_default(), truth, model, value);
                     };
-                    add(Baseline::Climatology, mean);
+                    add(Baseline::GlobalMean, mean);
+                    if let Some(c) = clim.get(l * wt + t) {
+                        let (lat, lon) = (window.lat_start + y, window.lon_start + x);
+                        match c.mean(lat, lon) {
+                            Some(m) => add(Baseline::Climatology, m),
+                            None => off_grid = Some(lat),
+                        }
+                    }
                     let at = |tt: usize| known[index(l, tt, y, x)];
                     let before = (0..t).rev().find(|&tt| !at(tt).is_nan());
                     let after = (t + 1..wt).find(|&tt| !at(tt).is_nan());
@@ -252,6 +312,27 @@ impl Scores {
                         }
                     }
                 });
+            }
+            if let Some(lat) = off_grid {
+                return Err(input_err(
+                    what(),
+                    format!("window {i} reaches grid row {lat}, past the climatology's grid"),
+                ));
+            }
+            for ((l, baseline), s) in sums {
+                let level = layout.levels[l].to_bits();
+                self.acc
+                    .entry((task.to_string(), layout.name.clone(), level, baseline))
+                    .or_default()
+                    .push(s);
+            }
+            for (l, s) in ens {
+                let level = layout.levels[l].to_bits();
+                self.members = e;
+                self.ensemble
+                    .entry((task.to_string(), layout.name.clone(), level))
+                    .or_default()
+                    .push(s);
             }
         }
         if row * v != fb.target.len() {
@@ -266,18 +347,50 @@ impl Scores {
         Ok(())
     }
 
-    /// The report, sorted by task, field, level and baseline.
+    /// The report, sorted by task, field, level and baseline, with the default intervals
+    /// (1000 resamples, seed 0).
     pub fn rows(&self) -> Vec<EvalRow> {
+        self.rows_with(&Bootstrap::default())
+    }
+
+    /// The report with intervals drawn by `bootstrap`.
+    pub fn rows_with(&self, bootstrap: &Bootstrap) -> Vec<EvalRow> {
+        let ensembles: BTreeMap<_, _> = self
+            .ensemble
+            .iter()
+            .map(|(k, samples)| {
+                let score = EnsembleScore::from_samples(samples, self.members, bootstrap);
+                (k.clone(), score)
+            })
+            .collect();
         self.acc
             .iter()
-            .map(|((task, field, level, baseline), a)| EvalRow {
-                task: task.clone(),
-                field: field.clone(),
-                level: f64::from_bits(*level),
-                baseline: *baseline,
-                values: a.n,
-                model_rmse: (a.model / a.n as f64).sqrt(),
-                baseline_rmse: (a.baseline / a.n as f64).sqrt(),
+            .map(|((task, field, level, baseline), samples)| {
+                let mut total = [0.0; 3];
+                for s in samples {
+                    for (t, v) in total.iter_mut().zip(s) {
+                        *t += v;
+                    }
+                }
+                let [model_rmse, baseline_rmse, _] = rmse_and_skill(&total);
+                let [model_ci, baseline_ci, skill_ci] =
+                    bootstrap.intervals(samples, rmse_and_skill);
+                EvalRow {
+                    task: task.clone(),
+                    field: field.clone(),
+                    level: f64::from_bits(*level),
+                    baseline: *baseline,
+                    values: total[0] as u64,
+                    samples: samples.len() as u64,
+                    model_rmse,
+                    baseline_rmse,
+                    model_ci,
+                    baseline_ci,
+                    skill_ci,
+                    ensemble: ensembles
+                        .get(&(task.clone(), field.clone(), *level))
+                        .copied(),
+                }
             })
             .collect()
     }
@@ -305,32 +418,86 @@ pub(crate) fn for_each_value(
     }
 }
 
-/// The report as an aligned text table.
+/// A number for the tables: vorticity and divergence are ~1e-5 s⁻¹, so fixed decimals would
+/// print them as zeros.
+pub(crate) fn num(x: f64) -> String {
+    if x != 0.0 && x.abs() < 1e-2 {
+        format!("{x:.3e}")
+    } else {
+        format!("{x:.4}")
+    }
+}
+
+/// `value [lo, hi]`.
+pub(crate) fn with_ci(value: f64, ci: Interval) -> String {
+    format!("{} [{}, {}]", num(value), num(ci[0]), num(ci[1]))
+}
+
+/// The report as an aligned text table: each RMSE and skill with its 95 % bootstrap interval.
 pub fn table(rows: &[EvalRow]) -> String {
     let mut out = format!(
-        "{:<13} {:<6} {:>8} {:<14} {:>9} {:>12} {:>12} {:>7}\n",
-        "task", "field", "level", "baseline", "values", "model RMSE", "base RMSE", "skill"
+        "{:<13} {:<6} {:>6} {:<13} {:>8} {:>7} {:>31} {:>31} {:>24}\n",
+        "task",
+        "field",
+        "level",
+        "baseline",
+        "values",
+        "samples",
+        "model RMSE [95 % CI]",
+        "base RMSE [95 % CI]",
+        "skill [95 % CI]"
     );
-    // Vorticity and divergence are ~1e-5 s⁻¹: fixed decimals would print them as zeros.
-    let num = |x: f64| {
-        if x != 0.0 && x.abs() < 1e-2 {
-            format!("{x:>12.4e}")
-        } else {
-            format!("{x:>12.5}")
-        }
-    };
     for r in rows {
         out.push_str(&format!(
-            "{:<13} {:<6} {:>8} {:<14} {:>9} {} {} {:>+7.3}\n",
+            "{:<13} {:<6} {:>6} {:<13} {:>8} {:>7} {:>31} {:>31} {:>24}\n",
             r.task,
             r.field,
             r.level,
             r.baseline.name(),
             r.values,
-            num(r.model_rmse),
-            num(r.baseline_rmse),
-            r.skill()
+            r.samples,
+            with_ci(r.model_rmse, r.model_ci),
+            with_ci(r.baseline_rmse, r.baseline_ci),
+            format!(
+                "{:+.3} [{:+.3}, {:+.3}]",
+                r.skill(),
+                r.skill_ci[0],
+                r.skill_ci[1]
+            ),
         ));
+    }
+    let mut ensembles: Vec<(&EvalRow, EnsembleScore)> = rows
+        .iter()
+        .filter_map(|r| r.ensemble.map(|e| (r, e)))
+        .collect();
+    ensembles
+        .dedup_by(|a, b| (&a.0.task, &a.0.field, a.0.level) == (&b.0.task, &b.0.field, b.0.level));
+    if let Some((_, first)) = ensembles.first() {
+        out.push_str(&format!(
+            "\nensemble of {} members (CRPS: lower is better; spread–skill: 1 when reliable, \
+             < 1 overconfident):\n{:<13} {:<6} {:>6} {:>31} {:>12} {:>24}\n",
+            first.members,
+            "task",
+            "field",
+            "level",
+            "CRPS [95 % CI]",
+            "spread",
+            "spread–skill [95 % CI]"
+        ));
+        for (r, e) in ensembles {
+            out.push_str(&format!(
+                "{:<13} {:<6} {:>6} {:>31} {:>12} {:>24}\n",
+                r.task,
+                r.field,
+                r.level,
+                with_ci(e.crps, e.crps_ci),
+                num(e.spread),
+                format!(
+                    "{:.3} [{:.3}, {:.3}]",
+                    e.spread_skill, e.spread_skill_ci[0], e.spread_skill_ci[1]
+                ),
+            ));
+        }
     }
     out
 }
@@ -339,17 +506,50 @@ pub fn table(rows: &[EvalRow]) -> String {
 pub fn write_parquet(path: &Path, rows: &[EvalRow]) -> Result<()> {
     let rows: Vec<&EvalRow> = rows.iter().collect();
     let (mut fields, mut columns) = eval_row_columns(&rows);
-    fields.push(Field::new("skill", ArrowType::Float64, false));
-    columns.push(Arc::new(Float64Array::from_iter_values(
-        rows.iter().map(|r| r.skill()),
+    let floats = |f: &dyn Fn(&EvalRow) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| f(r))))
+    };
+    for (name, column) in [
+        ("skill", floats(&|r| r.skill())),
+        ("skill_lo", floats(&|r| r.skill_ci[0])),
+        ("skill_hi", floats(&|r| r.skill_ci[1])),
+    ] {
+        fields.push(Field::new(name, ArrowType::Float64, false));
+        columns.push(column);
+    }
+    // The ensemble's scores: null for a single-member model.
+    fields.push(Field::new("members", ArrowType::UInt64, true));
+    columns.push(Arc::new(UInt64Array::from(
+        rows.iter()
+            .map(|r| r.ensemble.map(|e| e.members as u64))
+            .collect::<Vec<_>>(),
     )));
+    let ens = |f: &dyn Fn(&EnsembleScore) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from(
+            rows.iter()
+                .map(|r| r.ensemble.as_ref().map(f))
+                .collect::<Vec<_>>(),
+        ))
+    };
+    for (name, column) in [
+        ("crps", ens(&|e| e.crps)),
+        ("crps_lo", ens(&|e| e.crps_ci[0])),
+        ("crps_hi", ens(&|e| e.crps_ci[1])),
+        ("spread", ens(&|e| e.spread)),
+        ("spread_skill", ens(&|e| e.spread_skill)),
+        ("spread_skill_lo", ens(&|e| e.spread_skill_ci[0])),
+        ("spread_skill_hi", ens(&|e| e.spread_skill_ci[1])),
+    ] {
+        fields.push(Field::new(name, ArrowType::Float64, true));
+        columns.push(column);
+    }
     let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
         .map_err(|e| parquet_err(path, e))?;
     write_record_batch(path, &batch)
 }
 
-/// The columns every table of evaluation rows has (task, field, level, baseline, values and
-/// both RMSEs), and their schema fields, in that order.
+/// The columns every table of evaluation rows has (task, field, level, baseline, values,
+/// samples and both RMSEs with their interval bounds), and their schema fields, in that order.
 pub(crate) fn eval_row_columns(rows: &[&EvalRow]) -> (Vec<Field>, Vec<ArrayRef>) {
     let strings = |f: fn(&EvalRow) -> &str| -> ArrayRef {
         Arc::new(StringArray::from_iter_values(rows.iter().map(|r| f(r))))
@@ -363,8 +563,13 @@ pub(crate) fn eval_row_columns(rows: &[&EvalRow]) -> (Vec<Field>, Vec<ArrayRef>)
         Field::new("level", ArrowType::Float64, false),
         Field::new("baseline", ArrowType::Utf8, false),
         Field::new("values", ArrowType::UInt64, false),
+        Field::new("samples", ArrowType::UInt64, false),
         Field::new("model_rmse", ArrowType::Float64, false),
+        Field::new("model_rmse_lo", ArrowType::Float64, false),
+        Field::new("model_rmse_hi", ArrowType::Float64, false),
         Field::new("baseline_rmse", ArrowType::Float64, false),
+        Field::new("baseline_rmse_lo", ArrowType::Float64, false),
+        Field::new("baseline_rmse_hi", ArrowType::Float64, false),
     ];
     let columns = vec![
         strings(|r| &r.task),
@@ -372,8 +577,15 @@ pub(crate) fn eval_row_columns(rows: &[&EvalRow]) -> (Vec<Field>, Vec<ArrayRef>)
         floats(|r| r.level),
         strings(|r| r.baseline.name()),
         Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.values))),
+        Arc::new(UInt64Array::from_iter_values(
+            rows.iter().map(|r| r.samples),
+        )),
         floats(|r| r.model_rmse),
+        floats(|r| r.model_ci[0]),
+        floats(|r| r.model_ci[1]),
         floats(|r| r.baseline_rmse),
+        floats(|r| r.baseline_ci[0]),
+        floats(|r| r.baseline_ci[1]),
     ];
     (fields, columns)
 }
@@ -412,6 +624,9 @@ pub struct EvalOptions {
     pub split: SplitName,
     /// Batches per task at most (one pass over the split's first epoch otherwise).
     pub batches: u64,
+    /// The training split's per-point climatology, if already computed (for several models on
+    /// one stream); `None`: computed from the loader.
+    pub climatology: Option<Arc<PointClimatology>>,
 }
 
 /// Scores `model` (on the CPU) on every task of `config` over the `opts.split` stream of
@@ -475,35 +690,53 @@ pub async fn evaluate_on(
     } else {
         client.statistics(dataset, &names).await?
     };
+    let climatology = match &opts.climatology {
+        Some(c) => c.clone(),
+        None => Arc::new(climatology::from_loader(client, &config.request, &layouts).await?),
+    };
+    let refs = References {
+        stats: &stats,
+        time,
+        climatology: Some(&climatology),
+    };
     let mut scores = Scores::default();
     for (i, task) in config.tasks().iter().enumerate() {
         let mut request = config.task_request(i);
         request.split = opts.split;
         request.resume = None;
         request.end_epoch = Some(1);
+        // A model trained on blurred fields still gets blurred inputs, but is scored (and the
+        // baselines with it) on the raw values: the same windows and masks, from the same seed,
+        // without the blur — so every variant of an ablation is scored on the same targets.
+        let mut raw = request.clone();
+        for f in &mut raw.fields {
+            f.blur_sigma = 0.0;
+        }
+        let mut raw_stream = (raw != request).then(|| client.stream(raw.to_proto()));
         let mut stream = client.stream(request.to_proto());
         let mut taken = 0;
         while taken < opts.batches {
-            let batch = match stream.next().await {
-                Some(Ok(batch)) if batch.is_empty() => {
-                    if batch.end_of_stream {
-                        break;
-                    }
-                    continue;
-                }
-                Some(Ok(batch)) => batch,
-                Some(Err(e)) => return Err(e.into()),
-                None => break,
+            let Some(batch) = next_batch(&mut stream).await? else {
+                break;
+            };
+            let truth = match &mut raw_stream {
+                Some(s) => Some(next_batch(s).await?.ok_or_else(|| {
+                    input_err(
+                        format!("task `{}`", task.name),
+                        "the unblurred stream ended before the blurred one",
+                    )
+                })?),
+                None => None,
             };
             taken += 1;
             score_batch(
                 &mut scores,
                 &task.name,
                 &batch,
+                truth.as_ref(),
                 model,
                 &layouts,
-                &stats,
-                time,
+                &refs,
                 device,
             )?;
         }
@@ -517,15 +750,33 @@ pub async fn evaluate_on(
     Ok(scores)
 }
 
+/// The next batch with samples, `None` at the end of the stream.
+async fn next_batch(stream: &mut atmorep_proto::LoaderStream) -> Result<Option<Batch>> {
+    loop {
+        match stream.next().await {
+            Some(Ok(batch)) if batch.is_empty() => {
+                if batch.end_of_stream {
+                    return Ok(None);
+                }
+            }
+            Some(Ok(batch)) => return Ok(Some(batch)),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Ok(None),
+        }
+    }
+}
+
+/// Scores the model's predictions from `batch` against `truth` (the same samples unblurred;
+/// `None`: `batch` itself).
 #[allow(clippy::too_many_arguments)]
 fn score_batch(
     scores: &mut Scores,
     task: &str,
     batch: &Batch,
+    truth: Option<&Batch>,
     model: &MultiFormer,
     layouts: &[FieldLayout],
-    stats: &MonthlyStatistics,
-    time: TimeAxis,
+    refs: &References,
     device: &Device,
 ) -> Result<()> {
     let fields = batch_tensors(batch, model.config(), DType::F32, device)?;
@@ -538,10 +789,25 @@ fn score_batch(
         if fb.masked_indices.iter().all(Vec::is_empty) {
             continue;
         }
-        // [B, N, E, V] → the ensemble mean [B, N, V].
-        let mean: Tensor = pred.mean(2)?.to_dtype(DType::F32)?;
-        let values = mean.flatten_all()?.to_vec1::<f32>()?;
-        scores.add_field(task, fb, &values, layout, stats, time)?;
+        let fb = match truth {
+            None => fb,
+            Some(raw) => {
+                let what = || format!("field `{}` of task `{task}`", spec.name);
+                let r = raw
+                    .field(&spec.name)
+                    .ok_or_else(|| input_err(what(), "missing from the unblurred stream"))?;
+                if r.windows != fb.windows || r.masked_indices != fb.masked_indices {
+                    return Err(input_err(
+                        what(),
+                        "the unblurred stream cut other windows or masks than the blurred one",
+                    ));
+                }
+                r
+            }
+        };
+        let members = pred.dims4()?.2;
+        let values = pred.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        scores.add_field(task, fb, &values, members, layout, refs)?;
     }
     Ok(())
 }
@@ -621,21 +887,66 @@ mod tests {
         rows.iter().find(|r| r.baseline == b).unwrap()
     }
 
+    fn refs<'a>(
+        s: &'a MonthlyStatistics,
+        time: TimeAxis,
+        c: Option<&'a PointClimatology>,
+    ) -> References<'a> {
+        References {
+            stats: s,
+            time,
+            climatology: c,
+        }
+    }
+
+    /// A 3 × 4 grid whose training mean at 850 hPa, hour `h` of day, point (lat, lon) is
+    /// `want(h, lat, lon)`, from two days of values `want ∓ 1`.
+    fn point_climatology(want: impl Fn(i64, usize, usize) -> f32) -> PointClimatology {
+        let mut c = PointClimatology::new(3, 4, 3600);
+        for day in [-3, -2] {
+            for h in 0..24 {
+                let values: Vec<f32> = (0..12)
+                    .map(|i| want(h, i / 4, i % 4) + if day == -3 { -1.0 } else { 1.0 })
+                    .collect();
+                c.add("t", 850.0, 1_577_836_800 + day * 86_400 + h * 3600, &values)
+                    .unwrap();
+            }
+        }
+        c
+    }
+
     #[test]
     fn baselines_have_their_known_answers() {
         let (s, time) = stats();
         // Tokens 1 and 3 masked: step 1 lies between visible steps 0 and 2, step 3 has only a
         // past. The model predicts normalized 0.5 everywhere (physical 285).
-        let fb = field(vec![1, 3], 9.0);
+        let mut fb = field(vec![1, 3], 9.0);
+        // The window's two columns are grid columns 3 and 0 (across 360°) of row 1.
+        fb.windows[0].lat_start = 1;
+        fb.windows[0].lon_start = 3;
+        // The training mean there: 01:00 → 289 at column 3, 296 at column 0; 03:00 → 310, 313.
+        let c = point_climatology(|h, lat, lon| match (h, lat, lon) {
+            (1, 1, 3) => 289.0,
+            (1, 1, 0) => 296.0,
+            (3, 1, 3) => 310.0,
+            (3, 1, 0) => 313.0,
+            _ => 0.0,
+        });
         let pred = vec![0.5f32; 8];
         let mut scores = Scores::default();
         scores
-            .add_field("bert", &fb, &pred, &layout(), &s, time)
+            .add_field("bert", &fb, &pred, 1, &layout(), &refs(&s, time, Some(&c)))
             .unwrap();
         let rows = scores.rows();
-        assert_eq!(rows.len(), 3);
+        assert_eq!(rows.len(), 4);
         // Truths (physical): step 1 → 290, 295; step 3 → 310, 315.
-        let clim = row(&rows, Baseline::Climatology);
+        let point = row(&rows, Baseline::Climatology);
+        assert_eq!((point.values, point.samples), (4, 1));
+        let want = ((1.0 + 1.0 + 0.0 + 4.0) / 4.0f64).sqrt();
+        assert!((point.baseline_rmse - want).abs() < 1e-9, "{point:?}");
+        // One sample: every resample is that sample.
+        assert_eq!(point.baseline_ci, [point.baseline_rmse; 2]);
+        let clim = row(&rows, Baseline::GlobalMean);
         assert_eq!(clim.values, 4);
         let want = ((10f64.powi(2) + 15f64.powi(2) + 30f64.powi(2) + 35f64.powi(2)) / 4.0).sqrt();
         assert!((clim.baseline_rmse - want).abs() < 1e-9, "{clim:?}");
@@ -668,10 +979,10 @@ mod tests {
         }
         let mut scores = Scores::default();
         scores
-            .add_field("bert", &fb, &pred, &layout(), &s, time)
+            .add_field("bert", &fb, &pred, 1, &layout(), &refs(&s, time, None))
             .unwrap();
         let rows = scores.rows();
-        assert_eq!(row(&rows, Baseline::Climatology).values, 4);
+        assert_eq!(row(&rows, Baseline::GlobalMean).values, 4);
         assert_eq!(row(&rows, Baseline::Persistence).values, 2);
         let interp = row(&rows, Baseline::Interpolation);
         assert_eq!(interp.values, 2);
@@ -690,12 +1001,41 @@ mod tests {
                 "bert",
                 &fb,
                 &[0.0; 8],
+                1,
                 &layout(),
-                &MonthlyStatistics::default(),
-                time,
+                &refs(&MonthlyStatistics::default(), time, None),
             )
             .unwrap_err();
         assert!(err.to_string().contains("`t`"), "{err}");
+        // A climatology without the window's hours, or off the window's grid rows.
+        let (s, _) = stats();
+        let mut c = PointClimatology::new(3, 4, 3600);
+        c.add("t", 850.0, 1_577_836_800, &[280.0; 12]).unwrap();
+        let err = Scores::default()
+            .add_field(
+                "bert",
+                &fb,
+                &[0.0; 8],
+                1,
+                &layout(),
+                &refs(&s, time, Some(&c)),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("01:00 UTC"), "{err}");
+        let c = point_climatology(|_, _, _| 280.0);
+        let mut far = field(vec![1], 0.0);
+        far.windows[0].lat_start = 3;
+        let err = Scores::default()
+            .add_field(
+                "bert",
+                &far,
+                &[0.0; 8],
+                1,
+                &layout(),
+                &refs(&s, time, Some(&c)),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("grid row 3"), "{err}");
         let f: atmorep_proto::FieldRequestConfig = toml::from_str(
             "name = 't'\nnum_tokens = [1, 1, 1]\ntoken_size = [1, 1, 1]\npe = 'local'\n\
              pe_width = 8\nnormalization = 'local'",
@@ -706,6 +1046,97 @@ mod tests {
     }
 
     #[test]
+    fn intervals_resample_samples_and_reach_the_report() {
+        let (s, time) = stats();
+        let r = refs(&s, time, None);
+        let mut scores = Scores::default();
+        // Sample A: the model predicts 285 everywhere; sample B: the model is exact.
+        let fb = field(vec![1, 3], 0.0);
+        scores
+            .add_field("bert", &fb, &[0.5; 8], 1, &layout(), &r)
+            .unwrap();
+        let exact: Vec<f32> = (0..8)
+            .map(|i| (i / 2) as f32 + (i % 2) as f32 / 2.0)
+            .collect();
+        scores
+            .add_field("bert", &fb, &exact, 1, &layout(), &r)
+            .unwrap();
+        let rows = scores.rows();
+        let g = row(&rows, Baseline::GlobalMean);
+        assert_eq!((g.values, g.samples), (8, 2));
+        // Two samples of equal size: the interval runs from B's RMSE alone to A's alone.
+        let a = ((5f64.powi(2) + 10f64.powi(2) + 25f64.powi(2) + 30f64.powi(2)) / 4.0).sqrt();
+        assert!(
+            g.model_ci[0] == 0.0 && (g.model_ci[1] - a).abs() < 1e-9,
+            "{g:?}"
+        );
+        assert!((g.model_rmse - a / 2f64.sqrt()).abs() < 1e-9, "{g:?}");
+        // Both samples have the same truth, so the baseline's interval has no width.
+        assert_eq!(g.baseline_ci, [g.baseline_rmse; 2]);
+        assert!(g.skill_ci[0] <= g.skill() && g.skill() <= g.skill_ci[1] && g.skill_ci[1] == 1.0);
+        let text = table(&rows);
+        assert!(
+            text.contains("[0.0000, ") && text.contains("+1.000]"),
+            "{text}"
+        );
+    }
+
+    /// A two-member prediction: member 0 exact, member 1 two normalized units (20 K) high.
+    fn two_members() -> Vec<f32> {
+        // [B = 1, N = 4, E = 2, V = 2]
+        let mut out = Vec::new();
+        for t in 0..4 {
+            for m in 0..2 {
+                for x in 0..2 {
+                    out.push(t as f32 + x as f32 / 2.0 + 2.0 * m as f32);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn an_ensemble_gets_crps_and_spread_skill() {
+        let (s, time) = stats();
+        let mut scores = Scores::default();
+        scores
+            .add_field(
+                "bert",
+                &field(vec![1, 3], 0.0),
+                &two_members(),
+                2,
+                &layout(),
+                &refs(&s, time, None),
+            )
+            .unwrap();
+        let rows = scores.rows();
+        // The ensemble mean is 10 K high everywhere.
+        let g = row(&rows, Baseline::GlobalMean);
+        assert!((g.model_rmse - 10.0).abs() < 1e-9, "{g:?}");
+        // CRPS per value: (0 + 20)/2 − 20/4 = 5; unbiased variance (10² + 10²)/1 = 200, so
+        // spread √200 and spread–skill √(3/2) · √200 / 10 = √3.
+        let e = g.ensemble.expect("two members make an ensemble");
+        assert_eq!(e.members, 2);
+        assert!((e.crps - 5.0).abs() < 1e-9, "{e:?}");
+        assert!((e.spread - 200f64.sqrt()).abs() < 1e-9, "{e:?}");
+        assert!((e.spread_skill - 3f64.sqrt()).abs() < 1e-9, "{e:?}");
+        assert!(rows.iter().all(|r| r.ensemble == Some(e)));
+        assert!(table(&rows).contains("spread–skill"));
+        // A wrong member count is refused.
+        let err = Scores::default()
+            .add_field(
+                "bert",
+                &field(vec![1], 0.0),
+                &two_members(),
+                3,
+                &layout(),
+                &refs(&s, time, None),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("of 3 members"), "{err}");
+    }
+
+    #[test]
     fn the_report_round_trips_through_parquet() {
         let (s, time) = stats();
         let mut scores = Scores::default();
@@ -713,10 +1144,10 @@ mod tests {
             .add_field(
                 "bert",
                 &field(vec![1, 3], 0.0),
-                &[0.5; 8],
+                &two_members(),
+                2,
                 &layout(),
-                &s,
-                time,
+                &refs(&s, time, None),
             )
             .unwrap();
         let rows = scores.rows();
@@ -728,8 +1159,28 @@ mod tests {
             .unwrap()
             .build()
             .unwrap();
-        let n: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+        let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+        let n: usize = batches.iter().map(|b| b.num_rows()).sum();
         assert_eq!(n, rows.len());
+        for column in [
+            "samples",
+            "model_rmse_lo",
+            "model_rmse_hi",
+            "baseline_rmse_lo",
+            "baseline_rmse_hi",
+            "skill_lo",
+            "skill_hi",
+            "members",
+            "crps",
+            "crps_lo",
+            "crps_hi",
+            "spread",
+            "spread_skill",
+            "spread_skill_lo",
+            "spread_skill_hi",
+        ] {
+            assert!(batches[0].column_by_name(column).is_some(), "no {column}");
+        }
         let text = table(&rows);
         assert!(
             text.contains("interpolation") && text.contains("persistence"),

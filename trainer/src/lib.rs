@@ -13,7 +13,9 @@
 //! config ([`train`]) and, across processes, the collective operations of data-parallel training
 //! ([`collective`]) and how NCCL ranks meet ([`rendezvous`]), the device the model computes on
 //! (the CPU, or a GPU with the `cuda` feature: [`device`]), evaluation against baselines in
-//! physical units ([`eval`]) and global inference, every token predicted from the others
+//! physical units ([`eval`]: the training split's per-point [`climatology`] among them, every
+//! score with a [`bootstrap`] interval, an [`ensemble`]'s CRPS and spread–skill) and global
+//! inference, every token predicted from the others
 //! ([`infer`]); ablation studies run variants of one config on one stream and report them side
 //! by side ([`ablation`]).
 //!
@@ -29,13 +31,16 @@
 pub mod ablation;
 pub mod attention;
 pub mod batch;
+pub mod bootstrap;
 pub mod checkpoint;
+pub mod climatology;
 pub mod collective;
 pub mod config;
 pub mod decoder;
 pub mod device;
 pub mod embed;
 pub mod encoder;
+pub mod ensemble;
 pub mod error;
 pub mod eval;
 pub mod fused;

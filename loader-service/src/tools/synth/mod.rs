@@ -107,6 +107,12 @@ pub struct SynthConfig {
     /// Number of cyclones (the first two are fixed: one per hemisphere, crossing 180° and 0°).
     pub cyclones: usize,
     pub seed: u64,
+    /// Hours after the first step from which on the store holds weather the earlier steps never
+    /// saw, for out-of-sample tests (set it to the end of a training split): every storm of the
+    /// earlier period dies at least a step before it, as many new storms are born after it
+    /// elsewhere, and the planetary waves move to new phases (over a day, so the fields stay
+    /// smooth). `None`: one period.
+    pub unseen_after_hours: Option<f64>,
 }
 
 impl Default for SynthConfig {
@@ -130,6 +136,7 @@ impl Default for SynthConfig {
             long_names: false,
             cyclones: 2,
             seed: 42,
+            unseen_after_hours: None,
         }
     }
 }
@@ -200,13 +207,44 @@ impl SynthConfig {
                 return Err("the shard shape must be a multiple of the inner chunk shape".into());
             }
         }
+        if let Some(after) = self.unseen_after_hours {
+            let (step, end) = (
+                f64::from(self.step_hours),
+                (self.steps.saturating_sub(1) * self.step_hours as usize) as f64,
+            );
+            if !(after >= 2.0 * step && after <= end - step) {
+                return Err(format!(
+                    "unseen weather from hour {after}: needs at least two steps before it and \
+                     one after it (the store spans hours 0 to {end} in steps of {step})"
+                ));
+            }
+        }
         Ok(())
     }
 
     /// The cyclones this configuration places: two fixed ones that cross 180° (north) and 0°
-    /// (south), then seeded random ones in the tropics of both hemispheres.
+    /// (south), then seeded random ones in the tropics of both hemispheres; with
+    /// `unseen_after_hours`, those die before it and as many random ones follow after it.
     pub fn cyclones(&self) -> Vec<Cyclone> {
-        let hours = ((self.steps - 1) as f64 * self.step_hours as f64).max(1.0);
+        let end = ((self.steps - 1) as f64 * self.step_hours as f64).max(1.0);
+        let Some(after) = self.unseen_after_hours else {
+            return self.era_cyclones(0.0, end, 0, self.seed);
+        };
+        // The earlier storms die a step before `after`; the later ones are born after it.
+        let step = f64::from(self.step_hours);
+        let mut out = self.era_cyclones(0.0, (after - step).max(step), 0, self.seed);
+        let later = self.era_cyclones(after, (end - after).max(step), self.cyclones, !self.seed);
+        out.extend(later.into_iter().map(|mut c| {
+            c.genesis_hours += after;
+            c
+        }));
+        out
+    }
+
+    /// The `cyclones` storms of a period of `hours` (genesis relative to its start `start`, which
+    /// only places the fixed pair: a later period gets random storms only), numbered from
+    /// `first + 1`, drawn with `seed`.
+    fn era_cyclones(&self, start: f64, hours: f64, first: usize, seed: u64) -> Vec<Cyclone> {
         let radius = (2.5f64).max(2.0 * self.grid_deg);
         let base = |sid: &str, lat0: f64, lon0: f64, dlat: f64, dlon: f64, accel: f64| Cyclone {
             sid: sid.to_string(),
@@ -223,14 +261,16 @@ impl SynthConfig {
         // Both fixed storms travel ~16° west over the store, so they cross their meridian.
         let span = 16.0 / hours;
         let mut out = Vec::new();
-        if self.cyclones >= 1 {
+        let fixed = if start == 0.0 { 2 } else { 0 };
+        if self.cyclones >= 1 && fixed > 0 {
             out.push(base("SYN0001N", 14.0, 188.0, 6.0 / hours, -span, 0.0));
         }
-        if self.cyclones >= 2 {
+        if self.cyclones >= 2 && fixed > 0 {
             out.push(base("SYN0002S", -16.0, 8.0, -5.0 / hours, -span, 0.0));
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x7c_u64);
-        for i in 2..self.cyclones {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7c_u64);
+        for i in fixed.min(self.cyclones)..self.cyclones {
+            let i = first + i;
             let south = i % 2 == 1;
             let lat0 = rng.random_range(10.0..22.0) * if south { -1.0 } else { 1.0 };
             let lon0 = rng.random_range(0.0..360.0);
@@ -597,5 +637,108 @@ mod tests {
         let (s_lat, s_end, _) = cs[1].state(hours).unwrap();
         assert!(s_start < 20.0 && s_end > 340.0, "south storm crosses 0°");
         assert!(s_lat < 0.0);
+    }
+
+    #[test]
+    fn storms_after_the_unseen_hour_are_new_ones() {
+        // 30 days of 6 h; the last 9 unseen.
+        let after = 21.0 * 24.0;
+        let cfg = SynthConfig {
+            steps: 121,
+            step_hours: 6,
+            cyclones: 4,
+            unseen_after_hours: Some(after),
+            ..SynthConfig::default()
+        };
+        let cs = cfg.cyclones();
+        assert_eq!(cs.len(), 8);
+        let (before, later): (Vec<&Cyclone>, Vec<&Cyclone>) =
+            cs.iter().partition(|c| c.genesis_hours < after);
+        assert_eq!((before.len(), later.len()), (4, 4));
+        // No earlier storm lives at the unseen hour or after; every later one is born then.
+        for c in &before {
+            assert!(c.genesis_hours + c.lifetime_hours <= after - 6.0, "{c:?}");
+            assert!(c.state(after).is_none(), "{c:?}");
+        }
+        for c in &later {
+            assert!(
+                c.genesis_hours >= after && c.state(after - 6.0).is_none(),
+                "{c:?}"
+            );
+            assert!(before.iter().all(|b| b.sid != c.sid), "{c:?}");
+            // Somewhere else than any earlier storm was at its birth.
+            let (lat, lon, _) = c.state(c.genesis_hours).unwrap();
+            for b in &before {
+                let (blat, blon, _) = b.state(b.genesis_hours).unwrap();
+                assert!((lat - blat).abs() + (lon - blon).abs() > 1.0, "{c:?} {b:?}");
+            }
+        }
+        // Both hemispheres, as before.
+        assert!(later.iter().any(|c| c.lat0 > 0.0) && later.iter().any(|c| c.lat0 < 0.0));
+        // Without the option the store is the one it always was.
+        let plain = SynthConfig {
+            unseen_after_hours: None,
+            ..cfg.clone()
+        };
+        assert_eq!(plain.cyclones().len(), 4);
+        assert_eq!(
+            plain.cyclones(),
+            SynthConfig {
+                cyclones: 4,
+                steps: 121,
+                step_hours: 6,
+                ..SynthConfig::default()
+            }
+            .cyclones()
+        );
+        for bad in [0.0, 6.0, 720.0] {
+            let err = SynthConfig {
+                unseen_after_hours: Some(bad),
+                ..cfg.clone()
+            }
+            .validate()
+            .unwrap_err();
+            assert!(err.contains("unseen weather"), "{err}");
+        }
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn the_written_tracks_of_the_unseen_period_are_new_storms() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SynthConfig {
+            grid_deg: 10.0,
+            steps: 20,
+            step_hours: 6,
+            levels: vec![850],
+            variables: vec!["vo".into()],
+            unseen_after_hours: Some(72.0),
+            ..SynthConfig::default()
+        };
+        let summary = write_store(
+            &cfg,
+            &dir.path().join("s.zarr"),
+            &crate::progress::NoProgress,
+        )
+        .unwrap();
+        let csv = std::fs::read_to_string(&summary.tracks_csv).unwrap();
+        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+        let (sid, time) = (col("SID"), col("ISO_TIME"));
+        let mut seen = (
+            std::collections::BTreeSet::new(),
+            std::collections::BTreeSet::new(),
+        );
+        for line in csv.lines().skip(1) {
+            let cells: Vec<&str> = line.split(',').collect();
+            // 2020-09-04 00:00 is hour 72.
+            if cells[time] < "2020-09-04" {
+                seen.0.insert(cells[sid].to_string());
+            } else {
+                seen.1.insert(cells[sid].to_string());
+            }
+        }
+        assert_eq!((seen.0.len(), seen.1.len()), (2, 2), "{csv}");
+        assert!(seen.0.is_disjoint(&seen.1), "{seen:?}");
     }
 }

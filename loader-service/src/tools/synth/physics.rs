@@ -116,6 +116,11 @@ pub(super) fn compute_level(
     let wave_amp = 1.0e7 * (0.6 + 0.7 * height);
     let diurnal_chi = 1.0e7 * (1.0 - 2.0 * height).clamp(-1.0, 1.0);
     let seed_phase = (cfg.seed % 1000) as f64 * 0.001 * 2.0 * PI;
+    // Unseen weather: the waves move to new phases over the day after `unseen_after_hours`.
+    let unseen = cfg
+        .unseen_after_hours
+        .map_or(0.0, |after| ((hours - after) / 24.0).clamp(0.0, 1.0));
+    let unseen = unseen * unseen * (3.0 - 2.0 * unseen);
 
     // Zonal streamfunction from u(φ) = jet · sin²(2φ): ψ(φ) = −a ∫ u dφ, integrated north→south.
     let mut psi_zonal = vec![0.0; nlat];
@@ -135,7 +140,8 @@ pub(super) fn compute_level(
             let mut w = 0.0;
             for (k, speed_deg_per_day) in [(3.0f64, 6.0f64), (4.0, 8.0), (5.0, 10.0)] {
                 let omega = k * speed_deg_per_day.to_radians() / 24.0;
-                w += (k * lam - omega * hours + seed_phase * k).cos() / k;
+                let shift = unseen * PI * (k - 2.0) / 2.0;
+                w += (k * lam - omega * hours + seed_phase * k + shift).cos() / k;
             }
             psi[j * nlon + i] = psi_zonal[j] + wave_amp * envelope * w;
             chi[j * nlon + i] = diurnal_chi * phi.cos() * (lam - sun_lon).cos();
@@ -309,5 +315,36 @@ mod tests {
         let z = f.z[j * grid.nlon + i];
         let z_far = f.z[j * grid.nlon + (i + 15) % grid.nlon];
         assert!(z < z_far);
+    }
+
+    #[test]
+    fn waves_take_new_phases_only_after_the_unseen_hour() {
+        let plain = SynthConfig {
+            cyclones: 0,
+            grid_deg: 5.0,
+            ..SynthConfig::default()
+        };
+        let unseen = SynthConfig {
+            unseen_after_hours: Some(48.0),
+            ..plain.clone()
+        };
+        let grid = Grid::new(&plain);
+        let z = |cfg: &SynthConfig, hours: f64| compute_level(cfg, &grid, &[], hours, 500.0).z;
+        assert_eq!(z(&plain, 47.0), z(&unseen, 47.0));
+        assert_eq!(z(&plain, 48.0), z(&unseen, 48.0));
+        let rms = |a: &[f32], b: &[f32]| {
+            (a.iter()
+                .zip(b)
+                .map(|(x, y)| f64::from(x - y).powi(2))
+                .sum::<f64>()
+                / a.len() as f64)
+                .sqrt()
+        };
+        // A day later the waves stand elsewhere: differences of the order of the waves' own.
+        let (p, u) = (z(&plain, 72.0), z(&unseen, 72.0));
+        assert!(rms(&p, &u) > 100.0, "{}", rms(&p, &u));
+        // Half an hour apart the unseen store changes smoothly, not by a jump.
+        let step = rms(&z(&unseen, 60.0), &z(&unseen, 60.5));
+        assert!(step < 0.1 * rms(&p, &u), "{step}");
     }
 }
