@@ -1,7 +1,8 @@
 //! Request validation: arbitrary bytes decoded as a `BatchRequest` or a `SampleRequest` (the
 //! first byte picks which) and checked by the server exactly as `StreamBatches` and `GetSample`
 //! check them before reading any data. It must never panic, and a bad request must be refused
-//! with a code a client can act on, never INTERNAL or UNKNOWN.
+//! with a code a client can act on (over a server limit: RESOURCE_EXHAUSTED), never INTERNAL or
+//! UNKNOWN.
 //!
 //! The server serves a tiny synthetic store (written once under the temporary folder) as
 //! dataset `tiny`.
@@ -87,7 +88,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(
             matches!(
                 status.code(),
-                Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition
+                Code::InvalidArgument
+                    | Code::NotFound
+                    | Code::FailedPrecondition
+                    | Code::ResourceExhausted
             ),
             "a request refused with {:?}: {}",
             status.code(),
