@@ -22,13 +22,22 @@ fn log_of(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panic_in_a_decode_fails_only_its_stream() {
+/// A server of two tiny datasets, `good` and `bad`, with the panic hook `hook` set for `bad`;
+/// a stream of each at once. The good stream delivers its epoch exactly once, the bad one fails
+/// with INTERNAL saying `panic in {place}` and ends there.
+struct Panicked {
+    dir: TempDir,
+    server: Server,
+    metrics_port: u16,
+    client: atmorep_proto::client::LoaderClient,
+}
+
+async fn panic_beside_a_good_stream(hook: &str, place: &str) -> Panicked {
     let dir = TempDir::new().unwrap();
     let good = store_with_stats(dir.path(), "good.zarr", &tiny_config(40)).await;
     let bad = store_with_stats(dir.path(), "bad.zarr", &tiny_config(40)).await;
     let metrics_port = free_port();
-    let mut server = Server::start_with_env(
+    let server = Server::start_with_env(
         "127.0.0.1:0",
         &[
             "--dataset".into(),
@@ -38,12 +47,13 @@ async fn a_panic_in_a_decode_fails_only_its_stream() {
             "--metrics-bind".into(),
             format!("127.0.0.1:{metrics_port}"),
         ],
-        &[("ATMOREP_FAULT_DECODE_PANIC", "bad.zarr")],
+        &[(hook, "bad.zarr")],
         &dir.path().join("server.log"),
     );
     let client = connect(client_config(vec![server.endpoint()])).await;
 
-    // Both streams at once: the panics happen on the decode pool the good stream uses too.
+    // Both streams at once: the panics happen on the decode pool and the runtime the good
+    // stream uses too.
     let mut good_stream = client.stream(request("good", 4, 8, "end_epoch = 1"));
     let mut bad_stream = client.stream(request("bad", 4, 8, "end_epoch = 1"));
     let (good_batches, bad_first) = tokio::join!(collect(&mut good_stream), async {
@@ -58,31 +68,51 @@ async fn a_panic_in_a_decode_fails_only_its_stream() {
     };
     println!("panicking stream: {err}");
     assert_eq!(err.code(), Some(Code::Internal), "{err}");
-    assert!(err.to_string().contains("panic in decode"), "{err}");
+    assert!(
+        err.to_string().contains(&format!("panic in {place}")),
+        "{err}"
+    );
     assert!(bad_stream.next().await.is_none(), "nothing after the error");
+    Panicked {
+        dir,
+        server,
+        metrics_port,
+        client,
+    }
+}
+
+impl Panicked {
+    /// A second good epoch on the same connection, the server alive, and the Prometheus text.
+    async fn carries_on(&mut self) -> String {
+        let mut again = self.client.stream(request("good", 4, 8, "end_epoch = 1"));
+        assert_whole_epoch(&ids(&collect(&mut again).await), 0, 32);
+        assert!(
+            self.server.is_running(),
+            "the server died:\n{}",
+            log_of(self.dir.path())
+        );
+        scrape(self.metrics_port).expect("the metrics endpoint answers")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_decode_fails_only_its_stream() {
+    let mut panicked = panic_beside_a_good_stream("ATMOREP_FAULT_DECODE_PANIC", "decode").await;
 
     // GetSample runs the same decode in its handler: INTERNAL too, and the connection lives.
-    let sample = client
+    let sample = panicked
+        .client
         .sample(pb::SampleRequest::by_id(request("bad", 1, 8, ""), 0, 0))
         .await
         .expect_err("a sample of the panicking dataset fails");
     assert_eq!(sample.code(), Some(Code::Internal), "{sample}");
 
-    // The server carries on: a second good epoch after the panics, on the same connection.
-    let mut again = client.stream(request("good", 4, 8, "end_epoch = 1"));
-    assert_whole_epoch(&ids(&collect(&mut again).await), 0, 32);
-    assert!(
-        server.is_running(),
-        "the server died:\n{}",
-        log_of(dir.path())
-    );
-
-    let log = log_of(dir.path());
+    let text = panicked.carries_on().await;
+    let log = log_of(panicked.dir.path());
     assert!(
         log.contains("panic contained") && log.contains("ERROR"),
         "no error line for the panic:\n{log}"
     );
-    let text = scrape(metrics_port).expect("the metrics endpoint answers");
     let panics = metric(&text, "atmorep_panics_total{place=\"decode\"}");
     println!("atmorep_panics_total{{place=\"decode\"}} = {panics:?}");
     assert!(panics.is_some_and(|n| n >= 2.0), "{text}");
@@ -94,50 +124,9 @@ async fn a_panic_in_a_decode_fails_only_its_stream() {
 /// its epoch exactly once and the server keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_a_sample_task_fails_only_its_stream() {
-    let dir = TempDir::new().unwrap();
-    let good = store_with_stats(dir.path(), "good.zarr", &tiny_config(40)).await;
-    let bad = store_with_stats(dir.path(), "bad.zarr", &tiny_config(40)).await;
-    let metrics_port = free_port();
-    let mut server = Server::start_with_env(
-        "127.0.0.1:0",
-        &[
-            "--dataset".into(),
-            format!("good={}", good.display()),
-            "--dataset".into(),
-            format!("bad={}", bad.display()),
-            "--metrics-bind".into(),
-            format!("127.0.0.1:{metrics_port}"),
-        ],
-        &[("ATMOREP_FAULT_SAMPLE_PANIC", "bad.zarr")],
-        &dir.path().join("server.log"),
-    );
-    let client = connect(client_config(vec![server.endpoint()])).await;
-
-    let mut good_stream = client.stream(request("good", 4, 8, "end_epoch = 1"));
-    let mut bad_stream = client.stream(request("bad", 4, 8, "end_epoch = 1"));
-    let (good_batches, bad_first) = tokio::join!(collect(&mut good_stream), async {
-        tokio::time::timeout(Duration::from_secs(60), bad_stream.next())
-            .await
-            .expect("the panicking stream is answered")
-    });
-    assert_whole_epoch(&ids(&good_batches), 0, 32);
-    let err = match bad_first {
-        Some(Err(e)) => e,
-        other => panic!("the panicking stream must fail, got {other:?}"),
-    };
-    println!("panicking stream: {err}");
-    assert_eq!(err.code(), Some(Code::Internal), "{err}");
-    assert!(err.to_string().contains("panic in sample task"), "{err}");
-    assert!(bad_stream.next().await.is_none(), "nothing after the error");
-
-    let mut again = client.stream(request("good", 4, 8, "end_epoch = 1"));
-    assert_whole_epoch(&ids(&collect(&mut again).await), 0, 32);
-    assert!(
-        server.is_running(),
-        "the server died:\n{}",
-        log_of(dir.path())
-    );
-    let text = scrape(metrics_port).expect("the metrics endpoint answers");
+    let mut panicked =
+        panic_beside_a_good_stream("ATMOREP_FAULT_SAMPLE_PANIC", "sample task").await;
+    let text = panicked.carries_on().await;
     let panics = metric(&text, "atmorep_panics_total{place=\"sample task\"}");
     println!("atmorep_panics_total{{place=\"sample task\"}} = {panics:?}");
     assert!(panics.is_some_and(|n| n >= 1.0), "{text}");
