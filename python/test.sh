@@ -19,7 +19,23 @@ if [ ! -x "$venv/bin/python" ]; then
   mkdir -p target
   python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install "${pip[@]}" "maturin>=1.9,<2" numpy pytest torch torchdata
+"$venv/bin/pip" install "${pip[@]}" "maturin>=1.9,<2" numpy pytest
+# PyTorch without triton (only torch.compile uses it: ~1 GB) and without pip's cache (a second
+# copy of ~3 GB of wheels): a CI machine may have little disk left by now. What torch and
+# torchdata require, read from their metadata (no wheel downloaded), less triton and the extras,
+# is installed first; then the two themselves, without their dependencies.
+torch=(torch==2.15.0 torchdata==0.11.0)
+if ! "$venv/bin/python" -c 'import torch, torchdata' 2>/dev/null; then
+  "$venv/bin/pip" install "${pip[@]}" --dry-run --no-deps --ignore-installed --no-cache-dir \
+    --report - "${torch[@]}" | "$venv/bin/python" -c '
+import json, sys
+for package in json.load(sys.stdin)["install"]:
+    for requirement in package["metadata"].get("requires_dist", []):
+        if "extra ==" not in requirement and not requirement.startswith(("triton", "torch")):
+            print(requirement)' >target/torch-requires.txt
+  "$venv/bin/pip" install "${pip[@]}" --no-cache-dir -r target/torch-requires.txt
+  "$venv/bin/pip" install "${pip[@]}" --no-cache-dir --no-deps "${torch[@]}"
+fi
 
 # The package, installed the way users install it (`pip install ./python`, maturin as the
 # PEP 517 backend), with the workspace's Cargo.lock and target folder: its dependencies are
