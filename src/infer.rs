@@ -10,12 +10,14 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use atmorep_loader::store::writer::{GridAxes, StoreWriter, VariableSpec};
 use atmorep_proto::MaskConfig;
-use atmorep_proto::calendar::parse_iso;
+use atmorep_proto::calendar::{TimeFormat, format_time, parse_iso};
 use atmorep_proto::request::{ModeName, UnitsName};
 use atmorep_proto::stitch::{StitchedStep, TileField, TileStitcher, TimeAxis};
 use atmorep_track::Grid;
+use atmorep_trainer::collective::SingleProcess;
 use atmorep_trainer::eval::{self, FieldLayout};
-use atmorep_trainer::{DeviceSpec, infer};
+use atmorep_trainer::infer::Hidden;
+use atmorep_trainer::{DeviceSpec, Trainer, infer};
 use clap::Args;
 
 use crate::saved_run::{SavedRun, connect};
@@ -37,8 +39,17 @@ pub struct InferArgs {
     #[arg(long)]
     end: Option<String>,
     /// Interleaved masked passes per tile: each token is predicted in the pass that masks it.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, conflicts_with = "forecast")]
     passes: usize,
+    /// A forecast instead: each tile's last time-token slice is hidden and predicted from the
+    /// slices before it (the forecast task); tiles overlap in time so that every step is the
+    /// last of one. The output starts where the first tile has a full past.
+    #[arg(long)]
+    forecast: bool,
+    /// The checkpoint's model as it was before training (its config's seeded initial weights):
+    /// what the temporal prior alone gives, to compare against what the network learned.
+    #[arg(long)]
+    untrained: bool,
     /// Tiles per batch.
     #[arg(long, default_value_t = 16)]
     batch: u32,
@@ -52,7 +63,13 @@ pub struct InferArgs {
 }
 
 pub async fn infer(args: InferArgs) -> Result<PathBuf> {
-    let SavedRun { dir, trainer, .. } = crate::eval::load_on(&args.ckpt, args.device)?;
+    let SavedRun {
+        dir, mut trainer, ..
+    } = crate::eval::load_on(&args.ckpt, args.device)?;
+    if args.untrained {
+        let device = trainer.device().clone();
+        trainer = Trainer::new_in(trainer.config().clone(), Box::new(SingleProcess), &device)?;
+    }
     let (model, config) = (trainer.model(), trainer.config());
     let client = connect(&args.loader, args.token.as_deref()).await?;
     let dataset = config.request.dataset.clone();
@@ -68,9 +85,6 @@ pub async fn infer(args: InferArgs) -> Result<PathBuf> {
     request.resume = None;
     request.end_epoch = None;
     request.batch_size = args.batch;
-    // Explicit bounds: without them tiles cover the request's time split only.
-    request.tile_time_start = Some(args.start.clone().unwrap_or_else(|| axis.start.clone()));
-    request.tile_time_end = Some(args.end.clone().unwrap_or_else(|| axis.end.clone()));
     let mut layouts = Vec::new();
     let mut tile_fields = Vec::new();
     let mut mask_value = 0.0;
@@ -95,6 +109,41 @@ pub async fn infer(args: InferArgs) -> Result<PathBuf> {
         .filter(|l| l.normalized)
         .map(|l| l.name.clone())
         .collect();
+    let hidden = if args.forecast {
+        Hidden::Future { slices: 1 }
+    } else {
+        Hidden::Checkerboard {
+            passes: args.passes,
+        }
+    };
+    // A forecast's tiles step by one time token, so that each step is some tile's last; the
+    // steps before the first tile's last have no past in the tiling.
+    let past_steps = match hidden {
+        Hidden::Future { slices } => {
+            let [window, token] = [
+                layouts[0].num_tokens[0] * layouts[0].token_size[0],
+                layouts[0].token_size[0],
+            ];
+            if let Some(l) = layouts
+                .iter()
+                .find(|l| l.num_tokens[0] * l.token_size[0] != window || l.token_size[0] != token)
+            {
+                bail!(
+                    "--forecast needs every field on one time tiling: `{}` has {} time tokens \
+                     of {} steps, `{}` {} of {}",
+                    layouts[0].name,
+                    layouts[0].num_tokens[0],
+                    token,
+                    l.name,
+                    l.num_tokens[0],
+                    l.token_size[0]
+                );
+            }
+            request.tile_overlap[0] = u32::try_from(window - slices * token)?;
+            window - slices * token
+        }
+        Hidden::Checkerboard { .. } => 0,
+    };
     let stats = if normalized.is_empty() {
         atmorep_proto::MonthlyStatistics::default()
     } else {
@@ -105,9 +154,20 @@ pub async fn infer(args: InferArgs) -> Result<PathBuf> {
     let parse = |what: &str, text: &str| {
         parse_iso(text).with_context(|| format!("--{what}: `{text}` is not an ISO 8601 time"))
     };
+    let past = past_steps as i64 * time.step_seconds;
     let first = match &args.start {
-        Some(s) => parse("start", s)?,
-        None => axis.start_unix,
+        Some(s) => {
+            let first = parse("start", s)?;
+            if first - past < axis.start_unix {
+                bail!(
+                    "--start {s}: a forecast needs the {past_steps} steps before it, and \
+                     `{dataset}` begins at {}",
+                    axis.start
+                );
+            }
+            first
+        }
+        None => axis.start_unix + past,
     };
     let last = match &args.end {
         Some(s) => parse("end", s)?,
@@ -117,6 +177,9 @@ pub async fn infer(args: InferArgs) -> Result<PathBuf> {
         .map(|i| time.time_of(i))
         .filter(|t| (first..=last).contains(t))
         .collect();
+    // Explicit bounds: without them tiles cover the request's time split only.
+    request.tile_time_start = Some(format_time(first - past, TimeFormat::Iso));
+    request.tile_time_end = Some(format_time(last, TimeFormat::Iso));
     if times.is_empty() {
         bail!(
             "no time step of `{dataset}` ({} … {}) lies in {first} … {last}",
@@ -217,7 +280,7 @@ pub async fn infer(args: InferArgs) -> Result<PathBuf> {
             model,
             &batch,
             &layouts,
-            args.passes,
+            hidden,
             mask_value,
             trainer.device(),
         )?;
@@ -247,10 +310,13 @@ pub async fn infer(args: InferArgs) -> Result<PathBuf> {
     }
     let out = writer.finish()?;
     let secs = started.elapsed().as_secs_f64();
+    let how = match hidden {
+        Hidden::Checkerboard { passes } => format!("{passes} passes"),
+        Hidden::Future { .. } => "the last time slice hidden".to_string(),
+    };
     println!(
-        "{} tiles × {} passes → {written} time steps of {} in {secs:.1} s ({:.1} steps/s) → {}",
-        tiles,
-        args.passes,
+        "{}{tiles} tiles × {how} → {written} time steps of {} in {secs:.1} s ({:.1} steps/s) → {}",
+        if args.untrained { "untrained: " } else { "" },
         variables
             .iter()
             .map(|v| v.name.as_str())

@@ -285,7 +285,9 @@ impl TileStitcher {
 
     /// Averages where tiles overlap instead of requiring them to agree: for tiles that are a
     /// model's predictions, not cuts of one stored field (the inverse of an overlapping tiling
-    /// for global inference).
+    /// for global inference). A NaN in a tile is then "no prediction here" and skipped, so that
+    /// tiles predicting only part of their window (a forecast of their last time steps) stitch
+    /// into the steps they predict; a time step no tile predicts at all is not handed out.
     pub fn with_averaged_overlaps(mut self) -> Self {
         self.average = true;
         self
@@ -387,6 +389,10 @@ impl TileStitcher {
                 return Err(self.missing(next, 0, None));
             }
             let planes = entry.remove();
+            if self.average && planes.iter().all(|p| p.count == 0) {
+                self.next = Some(t + 1);
+                continue;
+            }
             if let Some(p) = planes.iter().position(|p| p.count < self.nlat * self.nlon) {
                 return Err(self.missing(t, p, Some(&planes[p])));
             }
@@ -513,6 +519,9 @@ impl TileStitcher {
                         let at = row * nlon + col;
                         let v = values[src + x];
                         if average {
+                            if v.is_nan() {
+                                continue;
+                            }
                             if !plane.covered[at] {
                                 plane.covered[at] = true;
                                 plane.values[at] = 0.0;
@@ -771,6 +780,71 @@ mod tests {
             .stitch_all(batches)
             .unwrap();
         check_close(&out, 0..6, 1e-6);
+    }
+
+    /// Tiles that predict only their last time step (a forecast, NaN elsewhere), overlapping
+    /// in time so that every step is some tile's last: averaged, they give each step that has
+    /// a past exactly; the first step, which no tile predicts, is not handed out.
+    #[test]
+    fn tiles_predicting_their_last_step_stitch_into_the_steps_they_predict() {
+        let grid = GRID;
+        let forecast = |mut batches: Vec<Batch>| {
+            for b in &mut batches {
+                for (f, field) in b.fields.iter_mut().zip(fields()) {
+                    let geometry =
+                        FieldGeometry::new((0..field.levels.len()).collect(), field.geometry);
+                    let [_, wy, wx] = field.geometry.window();
+                    let per_step = field.levels.len() * wy * wx;
+                    let n = f.source_shape[1] * f.source_shape[2];
+                    for sample in f.source.chunks_mut(n) {
+                        let mut values = untokenize(&geometry, sample);
+                        values[..per_step].fill(f32::NAN);
+                        sample.copy_from_slice(&tokenize(&geometry, &values));
+                    }
+                }
+            }
+            batches
+        };
+        let batches = forecast(stream(&grid, 3..9, [1, 0, 0], 16));
+        let stitch = |batches: Vec<Batch>| {
+            TileStitcher::new(fields(), grid.nlat, grid.nlon, axis())
+                .unwrap()
+                .with_averaged_overlaps()
+                .stitch_all(batches)
+        };
+        check_exact(&stitch(batches.clone()).unwrap(), 4..9);
+        // Without averaging, NaN is a value like any other, which overlapping tiles disagree on.
+        let err = TileStitcher::new(fields(), grid.nlat, grid.nlon, axis())
+            .unwrap()
+            .stitch_all(batches.clone())
+            .unwrap_err();
+        assert!(
+            matches!(err, StitchError::InconsistentOverlap { .. }),
+            "{err}"
+        );
+        // A point one tile left unpredicted in a step others predict is a missing tile.
+        let mut holed = batches;
+        let f = &mut holed[0].fields[0];
+        let n = f.source_shape[1] * f.source_shape[2];
+        let geometry = FieldGeometry::new(vec![0], fields()[0].geometry);
+        let mut values = untokenize(&geometry, &f.source[..n]);
+        let last = values.len() - 1;
+        values[last] = f32::NAN;
+        f.source[..n].copy_from_slice(&tokenize(&geometry, &values));
+        let err = stitch(holed).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StitchError::MissingTiles {
+                    time_index: 4,
+                    missing: 1,
+                    row: 14,
+                    column: 27,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     /// `a` followed by the samples of `b`, as one batch.

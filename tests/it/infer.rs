@@ -3,8 +3,9 @@
 //! `vo` and `z`, then `atmorep eval` (rows per task, field, level and baseline with bootstrap
 //! intervals; the training split's per-point climatology beats the global mean, the model
 //! beats the global mean on `z`), `atmorep infer` (a Zarr store the loader opens, holding the model's global
-//! reconstruction within a fraction of the truth's spread), a second loader serving that store
-//! and `atmorep track` on it.
+//! reconstruction within a fraction of the truth's spread; `--forecast`, the future hidden,
+//! as good as eval's forecast task and far better than `--untrained`), a second loader serving
+//! that store and `atmorep track` on it.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -14,6 +15,7 @@ use atmorep_loader::pipeline::normalization::GlobalStats;
 use atmorep_loader::progress::NoProgress;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_loader::{Dataset, Hyperslab};
+use atmorep_proto::calendar::{TimeFormat, format_time};
 use atmorep_proto::client::{ClientConfig, LoaderClient};
 use atmorep_testkit::{Server, atmorep_bin};
 use atmorep_trainer::{RunOptions, TrainConfig, Trainer};
@@ -73,6 +75,51 @@ fn rmse_and_spread(model: &[f32], truth: &[f32]) -> (f64, f64) {
         / n)
         .sqrt();
     (rmse, spread)
+}
+
+/// Per (field, level) of a forecast store (every step but the truth's first): its RMSE against
+/// the truth, the truth's spread and eval's forecast-task RMSE of the model.
+async fn forecast_errors(
+    store: &Path,
+    truth: &Dataset,
+    rows: &[serde_json::Value],
+) -> Vec<(&'static str, f64, f64, f64, f64)> {
+    let model = Dataset::open(store.to_str().unwrap()).await.unwrap();
+    assert_eq!(model.times, truth.times[1..], "the first step has no past");
+    let mut out = Vec::new();
+    for name in ["vo", "z"] {
+        let (mv, tv) = (model.variable(name).unwrap(), truth.variable(name).unwrap());
+        let m = model.read(&Hyperslab::full(&model, mv)).await.unwrap();
+        let t = truth.read(&Hyperslab::full(truth, tv)).await.unwrap();
+        assert!(m.iter().all(|v| v.is_finite()), "{name}: non-finite output");
+        let plane = truth.lats.len() * truth.lons.len();
+        let levels = mv.levels.len();
+        for l in 0..levels {
+            // (time, level, lat, lon) planes of level `l`, from time index `skip` on.
+            let pick = |v: &[f32], skip: usize| -> Vec<f32> {
+                v.chunks(plane)
+                    .skip(skip * levels)
+                    .enumerate()
+                    .filter(|(k, _)| k % levels == l)
+                    .flat_map(|(_, p)| p.to_vec())
+                    .collect()
+            };
+            let (rmse, spread) = rmse_and_spread(&pick(&m, 0), &pick(&t, 1));
+            let eval_rmse = rows
+                .iter()
+                .find(|r| {
+                    r["task"] == "forecast"
+                        && r["field"] == name
+                        && r["level"] == mv.levels[l]
+                        && r["baseline"] == "climatology"
+                })
+                .unwrap()["model_rmse"]
+                .as_f64()
+                .unwrap();
+            out.push((name, mv.levels[l], rmse, spread, eval_rmse));
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,6 +284,66 @@ async fn eval_and_global_inference_on_a_loader_and_tracking_on_the_output() {
             );
         }
     }
+
+    // A forecast: each tile's last step hidden, tiles a step apart, so every step with a
+    // past is forecast once — about as well as eval's forecast task measured. The same from
+    // the untrained model (the checkpoint's config, its seeded initial weights) is far worse:
+    // what the network learned.
+    let forecast_store = dir.path().join("forecast.zarr");
+    let untrained_store = dir.path().join("untrained.zarr");
+    for (store, untrained) in [(&forecast_store, false), (&untrained_store, true)] {
+        let mut args = vec![
+            "infer",
+            run_arg,
+            "--loader",
+            &endpoint,
+            "--forecast",
+            "--out",
+            store.to_str().unwrap(),
+        ];
+        if untrained {
+            args.push("--untrained");
+        }
+        run(&args);
+    }
+    let trained = forecast_errors(&forecast_store, &truth, &rows).await;
+    let untrained = forecast_errors(&untrained_store, &truth, &rows).await;
+    for (&(name, level, rmse, spread, eval_rmse), &(.., untrained_rmse, _, _)) in
+        trained.iter().zip(&untrained)
+    {
+        eprintln!(
+            "forecast {name} {level}: RMSE {rmse:.4e} (eval {eval_rmse:.4e}, untrained \
+             {untrained_rmse:.4e}, spread {spread:.4e})"
+        );
+    }
+    for (&(name, level, rmse, spread, eval_rmse), &(.., untrained_rmse, _, _)) in
+        trained.iter().zip(&untrained)
+    {
+        assert!(
+            rmse < 1.3 * eval_rmse && rmse < spread && 1.4 * rmse < untrained_rmse,
+            "{name} {level}: forecast RMSE {rmse}, eval's {eval_rmse}, untrained \
+             {untrained_rmse}, spread {spread}"
+        );
+    }
+    // A forecast needs its past: a --start without one is refused, naming it.
+    let out = Command::new(atmorep_bin())
+        .args([
+            "infer",
+            run_arg,
+            "--loader",
+            &endpoint,
+            "--forecast",
+            "--out",
+        ])
+        .arg(dir.path().join("early.zarr"))
+        .args(["--start", &format_time(truth.times[0], TimeFormat::Iso)])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--start") && stderr.contains("1 steps before"),
+        "{stderr}"
+    );
 
     // Embeddings: one D-vector per token of each exported sample, with its token info.
     let emb = dir.path().join("emb.zarr");

@@ -1,11 +1,15 @@
-//! Global inference: every token of a tile predicted by the model from the tokens around it.
+//! Global inference: tokens of a tile predicted by the model from the tokens around it.
 //!
-//! A tile's tokens are split into `passes` interleaved groups by the parity of
-//! `level + t + lat + lon` (with two passes, a checkerboard in all four token axes): in pass `j`
-//! group `j` is replaced by the mask value and predicted, so each token is predicted once, from
-//! context the model saw in training (BERT masks of up to half the tokens), and the output is
-//! the model's everywhere. [`denormalize`] maps the predictions back to physical units with the
-//! loader's statistics, for stitching and writing as a store the loader can serve.
+//! [`Hidden`] says which: with [`Hidden::Checkerboard`] a tile's tokens are split into `passes`
+//! interleaved groups by the parity of `level + t + lat + lon` (with two passes, a checkerboard
+//! in all four token axes): in pass `j` group `j` is replaced by the mask value and predicted,
+//! so each token is predicted once, from context the model saw in training (BERT masks of up to
+//! half the tokens), and the output is the model's everywhere — but a hidden token's neighbours
+//! in time are shown, so persistence alone predicts it well. With [`Hidden::Future`] one pass
+//! hides the tile's last time slices, as the forecast task does: they are predicted from the
+//! past alone, and tiles that overlap in time (each step the last of some tile) give a forecast
+//! of every step. [`denormalize`] maps the predictions back to physical units with the loader's
+//! statistics, for stitching and writing as a store the loader can serve.
 
 use atmorep_proto::{Batch, MonthlyStatistics};
 use candle_core::{DType, Device, Tensor};
@@ -16,31 +20,74 @@ use crate::error::{Result, input_err};
 use crate::eval::{FieldLayout, TimeAxis, for_each_value};
 use crate::model::{FieldInput, MultiFormer};
 
-/// The group of token `k` of a field laid out as `layout`.
-fn group(k: usize, layout: &FieldLayout, passes: usize) -> usize {
-    let [nt, ny, nx] = layout.num_tokens;
-    let (x, rest) = (k % nx, k / nx);
-    let (y, rest) = (rest % ny, rest / ny);
-    let (t, l) = (rest % nt, rest / nt);
-    (l + t + y + x) % passes
+/// Which tokens [`reconstruct`] hides and predicts; see the [module documentation](self).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hidden {
+    /// `passes` (≥ 2) interleaved groups, one hidden per pass: every token is predicted.
+    Checkerboard { passes: usize },
+    /// One pass hiding the last `slices` time-token slices of every level (at least one slice
+    /// stays visible): only those are predicted.
+    Future { slices: usize },
 }
 
-/// Per model field, the predictions `[B, N, V]` (normalized units, the ensemble mean) of every
-/// token of `batch`, each from a pass in which it was masked with `mask_value`.
+impl Hidden {
+    fn passes(self) -> usize {
+        match self {
+            Self::Checkerboard { passes } => passes,
+            Self::Future { .. } => 1,
+        }
+    }
+
+    /// Whether pass `pass` hides token `k` of a field laid out as `layout`.
+    fn hides(self, pass: usize, k: usize, layout: &FieldLayout) -> bool {
+        let [nt, ny, nx] = layout.num_tokens;
+        let (x, rest) = (k % nx, k / nx);
+        let (y, rest) = (rest % ny, rest / ny);
+        let (t, l) = (rest % nt, rest / nt);
+        match self {
+            Self::Checkerboard { passes } => (l + t + y + x) % passes == pass,
+            Self::Future { slices } => t + slices >= nt,
+        }
+    }
+
+    fn validate(self, layouts: &[FieldLayout]) -> Result<()> {
+        match self {
+            Self::Checkerboard { passes } if passes < 2 => Err(input_err(
+                "passes",
+                format!("{passes}: at least 2, so every token is predicted from others"),
+            )),
+            Self::Future { slices } => {
+                for layout in layouts {
+                    let nt = layout.num_tokens[0];
+                    if slices == 0 || slices >= nt {
+                        return Err(input_err(
+                            format!("field `{}`", layout.name),
+                            format!(
+                                "hiding the last {slices} of {nt} time-token slices: at least one \
+                                 must be hidden and one shown"
+                            ),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            Self::Checkerboard { .. } => Ok(()),
+        }
+    }
+}
+
+/// Per model field, the predictions `[B, N, V]` (normalized units, the ensemble mean) of the
+/// tokens of `batch` that `hidden` hides, each from the pass in which it was replaced by
+/// `mask_value`; tokens no pass hides are NaN.
 pub fn reconstruct(
     model: &MultiFormer,
     batch: &Batch,
     layouts: &[FieldLayout],
-    passes: usize,
+    hidden: Hidden,
     mask_value: f32,
     device: &Device,
 ) -> Result<Vec<Vec<f32>>> {
-    if passes < 2 {
-        return Err(input_err(
-            "passes",
-            format!("{passes}: at least 2, so every token is predicted from others"),
-        ));
-    }
+    hidden.validate(layouts)?;
     let cfg = model.config();
     if layouts.len() != cfg.fields.len() {
         return Err(input_err(
@@ -72,14 +119,14 @@ pub fn reconstruct(
         .collect::<Result<_>>()?;
     let mut out: Vec<Vec<f32>> = fields
         .iter()
-        .map(|f| vec![0.0; f.input.source.elem_count()])
+        .map(|f| vec![f32::NAN; f.input.source.elem_count()])
         .collect();
-    for pass in 0..passes {
+    for pass in 0..hidden.passes() {
         let mut inputs = Vec::with_capacity(fields.len());
         let mut masks = Vec::with_capacity(fields.len());
         for ((f, layout), raw) in fields.iter().zip(layouts).zip(&raw) {
             let (_, n, _) = f.input.source.dims3()?;
-            let masked: Vec<bool> = (0..n).map(|k| group(k, layout, passes) == pass).collect();
+            let masked: Vec<bool> = (0..n).map(|k| hidden.hides(pass, k, layout)).collect();
             let keep: Vec<f32> = masked.iter().map(|&m| if m { 0.0 } else { 1.0 }).collect();
             let keep = Tensor::from_vec(keep, (1, n, 1), device)?;
             let fill = keep.affine(-f64::from(mask_value), f64::from(mask_value))?;
@@ -229,7 +276,7 @@ mod tests {
             &model,
             &b,
             &[layout("t"), layout("z")],
-            2,
+            Hidden::Checkerboard { passes: 2 },
             0.0,
             &Device::Cpu,
         )
@@ -259,7 +306,8 @@ mod tests {
         let (model, _) = MultiFormer::seeded(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
         let layouts = [layout("t"), layout("z")];
         let b = batch(&cfg, 2);
-        let out = reconstruct(&model, &b, &layouts, 2, 0.0, &Device::Cpu).unwrap();
+        let two = Hidden::Checkerboard { passes: 2 };
+        let out = reconstruct(&model, &b, &layouts, two, 0.0, &Device::Cpu).unwrap();
         // The same by hand: pass 0 masks the even-parity tokens, pass 1 the odd ones.
         let fields = batch_tensors(&b, &cfg, DType::F32, &Device::Cpu).unwrap();
         for pass in 0..2 {
@@ -277,7 +325,7 @@ mod tests {
                     let (n, v) = (16, 12);
                     for i in 0..2 {
                         for k in 0..n {
-                            if group(k, layout, 2) == pass {
+                            if two.hides(pass, k, layout) {
                                 src[(i * n + k) * v..(i * n + k + 1) * v].fill(0.0);
                             }
                         }
@@ -291,7 +339,7 @@ mod tests {
             let preds = model.forward(&inputs).unwrap();
             for ((p, o), layout) in preds.iter().zip(&out).zip(&layouts) {
                 let p = p.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                for k in (0..32).filter(|k| group(k % 16, layout, 2) == pass) {
+                for k in (0..32).filter(|k| two.hides(pass, k % 16, layout)) {
                     assert_eq!(
                         &o[k * 12..(k + 1) * 12],
                         &p[k * 12..(k + 1) * 12],
@@ -307,11 +355,92 @@ mod tests {
         for k in 0..16 {
             for (bit, d) in [(8, 8), (4, 4), (2, 2), (1, 1)] {
                 if k & bit == 0 {
-                    assert_ne!(group(k, &l, 2), group(k + d, &l, 2), "{k} {d}");
+                    assert_ne!(two.hides(0, k, &l), two.hides(0, k + d, &l), "{k} {d}");
                 }
             }
         }
-        assert!(reconstruct(&model, &b, &layouts, 1, 0.0, &Device::Cpu).is_err());
+        let one = Hidden::Checkerboard { passes: 1 };
+        assert!(reconstruct(&model, &b, &layouts, one, 0.0, &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn the_future_is_predicted_from_the_past_alone() {
+        let cfg = ModelConfig::tiny().with_temporal_prior([2, 2, 2]);
+        let (model, vm) = MultiFormer::seeded(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+        let layouts = [layout("t"), layout("z")];
+        let b = batch(&cfg, 2);
+        let future = Hidden::Future { slices: 1 };
+        let out = reconstruct(&model, &b, &layouts, future, 0.0, &Device::Cpu).unwrap();
+        // The same by hand: the last time slice (t = 1: tokens 4..8 and 12..16) masked.
+        let fields = batch_tensors(&b, &cfg, DType::F32, &Device::Cpu).unwrap();
+        let (n, v) = (16, 12);
+        let last = |k: usize| k & 4 != 0;
+        let inputs: Vec<FieldInput> = fields
+            .iter()
+            .map(|f| {
+                let values = f.input.source.flatten_all().unwrap().to_vec1().unwrap();
+                let mut src = values.clone();
+                for i in 0..2 {
+                    for k in (0..n).filter(|&k| last(k)) {
+                        src[(i * n + k) * v..(i * n + k + 1) * v].fill(0.0);
+                    }
+                }
+                let grid = cfg.fields[0].grid.as_ref().unwrap();
+                let prior = temporal_prior(&values, [2, n, v], grid, |_, k| last(k));
+                FieldInput {
+                    source: Tensor::from_vec(src, (2, n, v), &Device::Cpu).unwrap(),
+                    prior: Some(prior.to_input([2, n, v], DType::F32, &Device::Cpu).unwrap()),
+                    ..f.input.clone()
+                }
+            })
+            .collect();
+        let preds = model.forward(&inputs).unwrap();
+        for (p, o) in preds.iter().zip(&out) {
+            let p = p
+                .mean(2)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for k in 0..2 * n {
+                let (got, want) = (&o[k * v..(k + 1) * v], &p[k * v..(k + 1) * v]);
+                if last(k % n) {
+                    assert_eq!(got, want, "token {k}");
+                } else {
+                    assert!(got.iter().all(|x| x.is_nan()), "token {k}: {got:?}");
+                }
+            }
+        }
+        // A tail that adds nothing: the forecast is persistence, the last shown step.
+        for (name, var) in vm.data().lock().unwrap().iter() {
+            if name.starts_with("tail.") && name.contains(".proj_") {
+                var.set(&var.zeros_like().unwrap()).unwrap();
+            }
+        }
+        let out = reconstruct(&model, &b, &layouts, future, 0.0, &Device::Cpu).unwrap();
+        for (f, o) in b.fields.iter().zip(&out) {
+            for k in (0..2 * n).filter(|k| last(k % n)) {
+                assert_eq!(
+                    &o[k * v..(k + 1) * v],
+                    &f.source[(k - 4) * v..(k - 3) * v],
+                    "{} token {k}",
+                    f.name
+                );
+            }
+        }
+        for slices in [0, 2] {
+            let err = reconstruct(
+                &model,
+                &b,
+                &layouts,
+                Hidden::Future { slices },
+                0.0,
+                &Device::Cpu,
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("`t`"), "{err}");
+        }
     }
 
     #[test]
