@@ -21,6 +21,7 @@ use atmorep_loader::tools::synth::{SynthConfig, write_store};
 use atmorep_proto::calendar::{TimeFormat, format_time};
 use atmorep_proto::client::{ClientConfig, LoaderClient};
 use atmorep_proto::request::RequestConfig;
+use atmorep_track::EvalReport;
 use atmorep_track::tracks::{Track, read_tracks_csv};
 use clap::Args;
 
@@ -158,6 +159,24 @@ pe_width = 16
 /// window holds the southern storm (the store, the split and the windows are all seeded).
 const DEMO_SAMPLE: u64 = 65;
 
+/// The tracker's scores in each source, one row each: what the network adds over the prior.
+fn tracking_table(scores: &[(&str, EvalReport)]) -> String {
+    let mut out = format!(
+        "    {:<38} {:>4} {:>6} {:>12} {:>14}\n",
+        "tracked in", "hits", "misses", "false alarms", "mean error km"
+    );
+    for (label, r) in scores {
+        let error = r
+            .mean_error_km
+            .map_or("–".to_string(), |e| format!("{e:.1}"));
+        out += &format!(
+            "    {label:<38} {:>4} {:>6} {:>12} {error:>14}\n",
+            r.hits, r.misses, r.false_alarms
+        );
+    }
+    out
+}
+
 /// The store time (ISO 8601) at which the most of `tracks` have a point; the earliest of equals.
 fn busiest_time(tracks: &[Track], times: &[i64]) -> Option<String> {
     let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
@@ -265,57 +284,87 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     )
     .await?;
 
-    println!("7/9 global inference of the last week → model.zarr");
-    let model_store = args.out.join("model.zarr");
-    run_child(
-        "atmorep infer",
-        &[
+    println!(
+        "7/9 global inference of the last week: trained and untrained, neighbours shown and forecast"
+    );
+    // What the tracker finds in each says what the network adds: the untrained model is the
+    // temporal prior alone (plus its initial, small corrections); a forecast hides the future.
+    let inferences = [
+        (
+            "model",
+            "model.zarr",
+            &[][..],
+            "the model, neighbours in time shown",
+        ),
+        (
+            "untrained",
+            "untrained.zarr",
+            &["--untrained"][..],
+            "untrained (the prior alone), shown",
+        ),
+        (
+            "forecast",
+            "forecast.zarr",
+            &["--forecast"][..],
+            "the model, forecast (future hidden)",
+        ),
+        (
+            "untrained-forecast",
+            "untrained-forecast.zarr",
+            &["--untrained", "--forecast"][..],
+            "untrained, forecast (persistence)",
+        ),
+    ];
+    for (_, zarr, flags, _) in &inferences {
+        let mut infer_args = vec![
             "infer".into(),
             path_arg(&run),
             "--loader".into(),
             endpoint.clone(),
             "--out".into(),
-            path_arg(&model_store),
+            path_arg(&args.out.join(zarr)),
             // The last week (of 30 days): the test split and the days before it.
             "--start".into(),
             "2020-09-24T00:00:00Z".into(),
-        ],
-    )
-    .await?;
+        ];
+        infer_args.extend(flags.iter().map(|f| f.to_string()));
+        run_child("atmorep infer", &infer_args).await?;
+    }
 
-    println!("8/9 tropical cyclones tracked in the reanalysis and in the model's output");
-    for (name, client_endpoint, tracks, map) in [
-        ("demo", endpoint.clone(), "tracks.csv", "tracks.png"),
-        (
-            "model",
-            String::new(),
-            "model-tracks.csv",
-            "model-tracks.png",
-        ),
-    ] {
-        let model_loader;
-        let ep = if client_endpoint.is_empty() {
-            let (guard, ep) = start_loader(
-                &[("model", &model_store)],
-                &args.out.join("model-loader.log"),
-            )?;
-            model_loader = Some(guard);
-            ep
-        } else {
-            model_loader = None;
-            client_endpoint
+    println!("8/9 tropical cyclones tracked in the reanalysis and in each inference");
+    let mut scores = Vec::new();
+    let sources = std::iter::once(("demo", None, "the reanalysis")).chain(
+        inferences
+            .iter()
+            .map(|(name, zarr, _, label)| (*name, Some(args.out.join(zarr)), *label)),
+    );
+    for (name, store, label) in sources {
+        let (model_loader, ep) = match &store {
+            Some(store) => {
+                let (guard, ep) = start_loader(
+                    &[(name, store)],
+                    &args.out.join(format!("{name}-loader.log")),
+                )?;
+                (Some(guard), ep)
+            }
+            None => (None, endpoint.clone()),
         };
         let client = LoaderClient::connect(ClientConfig::new(vec![ep])).await?;
         println!("  in `{name}`:");
-        crate::track::track_with(
+        let prefix = if store.is_some() {
+            format!("{name}-")
+        } else {
+            String::new()
+        };
+        let report = crate::track::track_with(
             &client,
             &crate::track::RunArgs {
                 loader: Vec::new(),
                 dataset: name.into(),
                 start: None,
                 end: None,
-                out: args.out.join(tracks),
-                map: Some(args.out.join(map)),
+                out: args.out.join(format!("{prefix}tracks.csv")),
+                map: Some(args.out.join(format!("{prefix}tracks.png"))),
                 truth: Some(summary.tracks_csv.clone()),
                 config: None,
                 every_hours: 6,
@@ -325,7 +374,14 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         )
         .await?;
         drop(model_loader);
+        scores.push((
+            label,
+            report.context("tracks scored against the synthetic truth")?,
+        ));
     }
+    let table = tracking_table(&scores);
+    print!("{table}");
+    std::fs::write(args.out.join("tracking.txt"), &table)?;
     println!("9/9 figures: training curves, a test sample through the model, vo at 850 hPa");
     let training_png = args.out.join("training.png");
     run_child(

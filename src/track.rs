@@ -12,8 +12,8 @@ use atmorep_plot::{MapConfig, draw_map};
 use atmorep_proto::stitch::{TileField, TileStitcher, TimeAxis};
 use atmorep_proto::{ClientConfig, LoaderClient, RequestConfig, pb};
 use atmorep_track::{
-    EvalConfig, FieldSnapshot, Grid, TrackConfig, evaluate, read_reference, read_tracks_csv,
-    write_tracks_csv,
+    EvalConfig, EvalReport, FieldSnapshot, Grid, TrackConfig, evaluate, read_reference,
+    read_tracks_csv, write_tracks_csv,
 };
 use clap::{Args, Subcommand};
 
@@ -219,12 +219,13 @@ async fn run(args: &RunArgs) -> Result<()> {
             Some(std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?);
     }
     let client = LoaderClient::connect(client_config).await?;
-    track_with(&client, args).await
+    track_with(&client, args).await.map(drop)
 }
 
 /// Tracks `args.dataset` from `client`'s loader and writes what `args` asks for (the loader
-/// and TLS settings of `args` are not used: the client is already connected).
-pub async fn track_with(client: &LoaderClient, args: &RunArgs) -> Result<()> {
+/// and TLS settings of `args` are not used: the client is already connected); with
+/// `args.truth`, returns the tracks' scores against it.
+pub async fn track_with(client: &LoaderClient, args: &RunArgs) -> Result<Option<EvalReport>> {
     let mut cfg = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -319,8 +320,12 @@ pub async fn track_with(client: &LoaderClient, args: &RunArgs) -> Result<()> {
         }
         None => None,
     };
-    if let Some(reference) = &reference {
-        print!("{}", evaluate(&tracks, reference, &EvalConfig::default())?);
+    let report = match &reference {
+        Some(reference) => Some(evaluate(&tracks, reference, &EvalConfig::default())?),
+        None => None,
+    };
+    if let Some(report) = &report {
+        print!("{report}");
     }
     if let Some(map) = &args.map {
         draw_map(
@@ -334,5 +339,5 @@ pub async fn track_with(client: &LoaderClient, args: &RunArgs) -> Result<()> {
         )?;
         println!("map → {}", map.display());
     }
-    Ok(())
+    Ok(report)
 }

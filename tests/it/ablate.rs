@@ -11,6 +11,8 @@
 
 use std::path::Path;
 
+use arrow_array::Array;
+
 use atmorep_testkit::cli::{atmorep, stdout_of_success};
 use atmorep_testkit::tiny::{store_with_stats, tiny_with};
 use atmorep_testkit::{Server, workspace_root};
@@ -59,6 +61,10 @@ name = "no-pe-no-info"
 aux_info = "none"
 pe = "none"
 
+[[variants]]
+name = "ensemble=3"
+ensemble = 3
+
 [eval]
 batches = 1
 "#,
@@ -104,7 +110,13 @@ async fn two_runs_of_an_ablation_give_the_same_table_with_one_row_per_variant() 
     let (first, stdout) = run("first");
     let md = std::fs::read_to_string(first.join("ablation.md")).unwrap();
     assert!(stdout.contains(&md), "the table is printed:\n{stdout}");
-    let expected = ["base", "blur=0.8", "aux=class-token", "no-pe-no-info"];
+    let expected = [
+        "base",
+        "blur=0.8",
+        "aux=class-token",
+        "no-pe-no-info",
+        "ensemble=3",
+    ];
     assert_eq!(variant_rows(&md), expected, "{md}");
     // Every variant was scored on both fields (no empty cell) from three seeds (mean ± std),
     // and the baselines are there.
@@ -114,7 +126,7 @@ async fn two_runs_of_an_ablation_give_the_same_table_with_one_row_per_variant() 
         .skip(2)
         .take_while(|l| l.starts_with("| "))
         .collect();
-    assert_eq!(rows.len(), 4, "{md}");
+    assert_eq!(rows.len(), 5, "{md}");
     for line in rows {
         assert!(!line.contains("| – |"), "{line}");
         assert_eq!(
@@ -124,6 +136,19 @@ async fn two_runs_of_an_ablation_give_the_same_table_with_one_row_per_variant() 
         );
     }
     assert!(md.contains("3 model seeds per variant"), "{md}");
+    // The ensemble's own table: CRPS and spread–skill per field, mean ± std over the seeds.
+    let ensemble_rows: Vec<&str> = md
+        .lines()
+        .skip_while(|l| !l.starts_with("Ensembles"))
+        .filter(|l| l.starts_with("| ensemble=3 |"))
+        .collect();
+    assert_eq!(ensemble_rows.len(), 1, "{md}");
+    assert!(ensemble_rows[0].starts_with("| ensemble=3 | 3 |"), "{md}");
+    assert_eq!(
+        ensemble_rows[0].matches(" ± ").count(),
+        4,
+        "two CRPS, two spread–skill ratios: {md}"
+    );
     for b in ["climatology", "global mean", "persistence", "interpolation"] {
         assert!(md.contains(&format!("| {b} |")), "{md}");
     }
@@ -165,7 +190,16 @@ async fn two_runs_of_an_ablation_give_the_same_table_with_one_row_per_variant() 
                 strings("baseline"),
             );
             let (level, base) = (floats("level"), floats("baseline_rmse"));
+            let crps = floats("crps");
             for i in 0..batch.num_rows() {
+                // Ensemble scores where the model has members, and only there.
+                assert_eq!(
+                    crps.is_valid(i),
+                    v.value(i) == "ensemble=3",
+                    "{} crps {:?}",
+                    v.value(i),
+                    crps.is_valid(i).then(|| crps.value(i))
+                );
                 if v.value(i) == variant && seeds.value(i) == 0 {
                     let key = format!(
                         "{} {} {} {}",

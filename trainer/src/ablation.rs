@@ -76,6 +76,10 @@ pub struct Variant {
     /// The Gaussian blur of every field, in grid points (0 = raw).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blur_sigma: Option<f64>,
+    /// Ensemble members of the model's tail (trained with the CRPS besides the MSE of their
+    /// mean, scored with the CRPS and the spread–skill ratio besides the RMSE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensemble: Option<usize>,
 }
 
 impl Variant {
@@ -89,7 +93,16 @@ impl Variant {
                 format!("{sigma} must be finite and at least 0"),
             ));
         }
+        if self.ensemble == Some(0) {
+            return Err(train_config_err(
+                format!("variants.{}.ensemble", self.name),
+                "must be at least 1 member",
+            ));
+        }
         let mut cfg = base.clone();
+        if let Some(members) = self.ensemble {
+            cfg.model.ensemble = members;
+        }
         if let Some(aux) = self.aux_info {
             cfg.model.aux_info = aux;
         }
@@ -239,6 +252,7 @@ impl AblationConfig {
             aux_info: None,
             pe: None,
             blur_sigma: None,
+            ensemble: None,
         };
         let mut out = vec![none("base".into())];
         let base_blur = self.base.request.fields.first().map(|f| f.blur_sigma);
@@ -308,6 +322,8 @@ pub struct VariantResult {
     /// The fields' positional encoding (`mixed` when they differ).
     pub pe: String,
     pub blur_sigma: f64,
+    /// Ensemble members (1: none).
+    pub ensemble: usize,
     /// `(step, training loss)` of every step.
     pub losses: Vec<(u64, f64)>,
     /// `(step, validation loss)` wherever validation ran, the final one included.
@@ -351,6 +367,7 @@ impl VariantResult {
             aux_info: cfg.model.aux_info,
             pe,
             blur_sigma: sigmas.iter().copied().fold(0.0, f64::max),
+            ensemble: cfg.model.ensemble,
             losses: Vec::new(),
             val_losses: Vec::new(),
             eval: Vec::new(),
@@ -395,6 +412,36 @@ impl VariantResult {
     /// levels on the values where `baseline` is defined, and how many values that is.
     pub fn pooled(&self, field: &str, baseline: Baseline) -> Option<Pooled> {
         pool(&self.eval, field, baseline)
+    }
+
+    /// Per seed, the ensemble's `(CRPS, spread–skill)` for `field` pooled over tasks and levels
+    /// (empty without an ensemble): the CRPS as the mean over values, the spread–skill ratio
+    /// from the pooled ensemble variance and squared error of the mean.
+    pub fn ensemble_per_seed(&self, field: &str) -> Vec<(f64, f64)> {
+        self.seed_runs()
+            .into_iter()
+            .filter_map(|(_, _, eval)| {
+                let mut sums = [0.0; 4];
+                let mut members = 0;
+                // Every baseline's row holds the same ensemble scores: one baseline's rows.
+                for r in eval
+                    .iter()
+                    .filter(|r| r.field == field && r.baseline == Baseline::Climatology)
+                {
+                    let Some(e) = &r.ensemble else { continue };
+                    let n = r.values as f64;
+                    members = e.members;
+                    sums[0] += n;
+                    sums[1] += n * e.crps;
+                    sums[2] += n * e.spread.powi(2);
+                    sums[3] += n * r.model_rmse.powi(2);
+                }
+                (sums[0] > 0.0).then(|| {
+                    let factor = ((members as f64 + 1.0) / members as f64).sqrt();
+                    (sums[1] / sums[0], factor * (sums[2] / sums[3]).sqrt())
+                })
+            })
+            .collect()
     }
 }
 
@@ -479,8 +526,8 @@ impl AblationReport {
             out.push_str(&self.caption);
             out.push_str("\n\n");
         }
-        out.push_str("| variant | aux info | PE | blur σ | train loss | val loss |");
-        let mut rule = String::from("|---|---|---|---:|---:|---:|");
+        out.push_str("| variant | aux info | PE | blur σ | members | train loss | val loss |");
+        let mut rule = String::from("|---|---|---|---:|---:|---:|---:|");
         for f in &self.fields {
             out.push_str(&format!(" {f} RMSE [{}] (skill) |", units(f)));
             rule.push_str("---:|");
@@ -490,11 +537,12 @@ impl AblationReport {
         out.push('\n');
         for v in &self.variants {
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 v.name,
                 v.aux_info,
                 v.pe,
                 v.blur_sigma,
+                v.ensemble,
                 {
                     let losses: Vec<f64> = v.seed_runs().iter().filter_map(|s| s.1).collect();
                     match losses.len() {
@@ -531,6 +579,7 @@ impl AblationReport {
             }
             out.push('\n');
         }
+        out.push_str(&self.ensemble_markdown());
         if let Some(base) = self.variants.first() {
             out.push_str(&format!(
                 "\nBaselines on the values `{}` was scored on (its first seed's RMSE on the \
@@ -561,6 +610,47 @@ impl AblationReport {
         out
     }
 
+    /// The variants with an ensemble: per field the CRPS and the spread–skill ratio (1 when
+    /// the spread matches the error of the mean), the mean ± std over seeds; empty without one.
+    fn ensemble_markdown(&self) -> String {
+        let ensembles: Vec<&VariantResult> =
+            self.variants.iter().filter(|v| v.ensemble > 1).collect();
+        if ensembles.is_empty() {
+            return String::new();
+        }
+        let mut out = String::from(
+            "\nEnsembles (pooled over tasks and levels; spread–skill 1 = as spread as the \
+             ensemble mean errs, below 1 = overconfident):\n\n| variant | members |",
+        );
+        let mut rule = String::from("|---|---:|");
+        for f in &self.fields {
+            out.push_str(&format!(" {f} CRPS [{}] (spread–skill) |", units(f)));
+            rule.push_str("---:|");
+        }
+        out.push('\n');
+        out.push_str(&rule);
+        out.push('\n');
+        for v in ensembles {
+            out.push_str(&format!("| {} | {} |", v.name, v.ensemble));
+            for f in &self.fields {
+                let seeds = v.ensemble_per_seed(f);
+                let cell = match seeds.len() {
+                    0 => " – |".into(),
+                    1 => format!(" {} ({:.3}) |", num(seeds[0].0), seeds[0].1),
+                    _ => {
+                        let crps: Vec<f64> = seeds.iter().map(|s| s.0).collect();
+                        let ratio: Vec<f64> = seeds.iter().map(|s| s.1).collect();
+                        let ((m, sd), (rm, rsd)) = (mean_std(&crps), mean_std(&ratio));
+                        format!(" {} ± {} ({rm:.3} ± {rsd:.3}) |", num(m), num(sd))
+                    }
+                };
+                out.push_str(&cell);
+            }
+            out.push('\n');
+        }
+        out
+    }
+
     /// Writes every variant's evaluation rows (long format, one row per variant, task, field,
     /// level and baseline) as Parquet.
     pub fn write_parquet(&self, path: &Path) -> Result<()> {
@@ -587,6 +677,7 @@ impl AblationReport {
             Field::new("aux_info", ArrowType::Utf8, false),
             Field::new("pe", ArrowType::Utf8, false),
             Field::new("blur_sigma", ArrowType::Float64, false),
+            Field::new("ensemble", ArrowType::UInt64, false),
             Field::new("seed", ArrowType::UInt64, false),
             Field::new("final_train_loss", ArrowType::Float64, true),
         ];
@@ -596,6 +687,9 @@ impl AblationReport {
             strings(&|v| v.pe.clone()),
             Arc::new(Float64Array::from_iter_values(
                 rows.iter().map(|(v, ..)| v.blur_sigma),
+            )),
+            Arc::new(arrow_array::UInt64Array::from_iter_values(
+                rows.iter().map(|(v, ..)| v.ensemble as u64),
             )),
             Arc::new(arrow_array::UInt64Array::from_iter_values(
                 rows.iter().map(|r| r.1),
@@ -638,6 +732,7 @@ impl AblationReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ensemble::EnsembleScore;
     use crate::error::Error;
 
     const QUICK: &str = include_str!("../../examples/ablation-quick.toml");
@@ -647,7 +742,7 @@ mod tests {
     }
 
     #[test]
-    fn the_quick_config_expands_into_ten_variants() {
+    fn the_quick_config_expands_into_eleven_variants() {
         let cfg = AblationConfig::from_toml_str(QUICK, None).unwrap();
         assert_eq!(
             names(&cfg),
@@ -662,6 +757,7 @@ mod tests {
                 "pe=info+standard",
                 "pe=none",
                 "blur=1",
+                "ensemble=4",
             ]
         );
         // Each variant changes exactly its setting, and takes the ablation's steps.
@@ -672,6 +768,7 @@ mod tests {
             assert_eq!(c.seed, base.seed);
             assert_eq!(c.tasks, base.tasks);
             assert_eq!(c.model.aux_info, v.aux_info.unwrap_or(base.model.aux_info));
+            assert_eq!(c.model.ensemble, v.ensemble.unwrap_or(base.model.ensemble));
             for (f, b) in c.request.fields.iter().zip(&base.request.fields) {
                 assert_eq!(f.pe, v.pe.unwrap_or(b.pe));
                 assert_eq!(f.blur_sigma, v.blur_sigma.unwrap_or(b.blur_sigma));
@@ -687,6 +784,7 @@ mod tests {
             f.blur_sigma = 2.0;
         }
         cfg.studies = vec![Study::Blur];
+        cfg.variants.clear();
         let variants = cfg.expand();
         assert_eq!(variants.len(), 2);
         assert_eq!(variants[1].blur_sigma, Some(0.0));
@@ -743,8 +841,10 @@ mod tests {
             setting(&table.replace("batches = 4\n", "batches = 0\n")),
             "eval.batches"
         );
+        // Without its studies and its explicit variant, the base alone is left.
+        let studies_only = &table[..table.find("\n# A four-member ensemble").unwrap()];
         assert_eq!(
-            setting(&table.replace(
+            setting(&studies_only.replace(
                 "studies = [\"aux-info\", \"positional-encoding\", \"blur\"]",
                 "studies = []"
             )),
@@ -755,6 +855,8 @@ mod tests {
         // A variant whose settings make the base invalid names itself.
         let bad = format!("{QUICK}\n[[variants]]\nname = \"huge-blur\"\nblur_sigma = -3.0\n");
         assert_eq!(setting(&bad), "variants.huge-blur.blur_sigma");
+        let none = format!("{QUICK}\n[[variants]]\nname = \"no-members\"\nensemble = 0\n");
+        assert_eq!(setting(&none), "variants.no-members.ensemble");
         let unknown = QUICK.replace("studies = [", "studies = [\"dropout\", ");
         assert_eq!(setting(&unknown), "<ablation file>");
     }
@@ -826,19 +928,19 @@ mod tests {
         assert_eq!(lines[0], "caption");
         assert_eq!(
             lines[2],
-            "| variant | aux info | PE | blur σ | train loss | val loss | t RMSE [K] (skill) | z RMSE [m² s⁻²] (skill) |"
+            "| variant | aux info | PE | blur σ | members | train loss | val loss | t RMSE [K] (skill) | z RMSE [m² s⁻²] (skill) |"
         );
         assert_eq!(
             lines[4],
             format!(
-                "| base | concat | global | 0 | 0.5000 | 0.7500 | {:.4} ({:+.3}) | 2.000e-6 (+0.800) |",
+                "| base | concat | global | 0 | 1 | 0.5000 | 0.7500 | {:.4} ({:+.3}) | 2.000e-6 (+0.800) |",
                 3f64.sqrt(),
                 1.0 - 3f64.sqrt() / 6.0
             )
         );
         assert_eq!(
             lines[5],
-            "| aux=none | none | global | 0 | 0.5000 | 0.7500 | 2.0000 (+0.667) | – |"
+            "| aux=none | none | global | 0 | 1 | 0.5000 | 0.7500 | 2.0000 (+0.667) | – |"
         );
         assert!(md.contains("| persistence | 0.5000 (2.0000) | – |"), "{md}");
         assert!(
@@ -848,6 +950,62 @@ mod tests {
         let ratios = r.climatology_ratios();
         assert!((ratios[1][0] - 1.0 / 3.0).abs() < 1e-12);
         assert!(ratios[1][1].is_nan());
+    }
+
+    #[test]
+    fn an_ensemble_variant_gets_pooled_crps_and_spread_skill() {
+        let mut r = report();
+        assert!(!r.markdown().contains("Ensembles"), "no ensemble, no table");
+        let mut v = r.variants[1].clone();
+        v.name = "ensemble=4".into();
+        v.ensemble = 4;
+        let scored = |mut row: EvalRow, crps: f64, spread: f64| {
+            row.ensemble = Some(EnsembleScore {
+                members: 4,
+                crps,
+                crps_ci: [crps; 2],
+                spread,
+                spread_skill: 0.0,
+                spread_skill_ci: [0.0; 2],
+            });
+            row
+        };
+        // Two levels: CRPS (1·2 + 3·1) / 4 = 1.25; spread² (1·1 + 3·1) / 4 = 1 against the
+        // mean's squared error (1·2² + 3·1²) / 4 = 1.75, times √(5/4) for 4 members. Another
+        // baseline's row of the same values repeats the scores and must not count twice.
+        v.eval = vec![
+            scored(
+                row("t", 850.0, Baseline::Climatology, 1, 2.0, 6.0),
+                2.0,
+                1.0,
+            ),
+            scored(
+                row("t", 500.0, Baseline::Climatology, 3, 1.0, 6.0),
+                1.0,
+                1.0,
+            ),
+            scored(
+                row("t", 850.0, Baseline::Persistence, 1, 2.0, 0.5),
+                9.0,
+                9.0,
+            ),
+        ];
+        let pooled = v.ensemble_per_seed("t");
+        assert_eq!(pooled.len(), 1);
+        let want = (1.25f64 / 1.75).sqrt();
+        assert!((pooled[0].0 - 1.25).abs() < 1e-12, "{pooled:?}");
+        assert!((pooled[0].1 - want).abs() < 1e-12, "{pooled:?}");
+        assert!(v.ensemble_per_seed("z").is_empty());
+        r.variants.push(v);
+        let md = r.markdown();
+        assert!(
+            md.contains(&format!("| ensemble=4 | 4 | 1.2500 ({want:.3}) | – |")),
+            "{md}"
+        );
+        assert!(
+            md.contains("| ensemble=4 | none | global | 0 | 4 |"),
+            "{md}"
+        );
     }
 
     #[test]
@@ -865,7 +1023,7 @@ mod tests {
         let md = r.markdown();
         // Mean 3, sample std 1; skills 2/3, 1/2, 1/3: mean 1/2, std 1/6. Losses 0.5, 1.5, 2.5.
         assert!(
-            md.contains("| aux=none | none | global | 0 | 1.5000 ± 1.0000 | 0.7500 | 3.0000 ± 1.0000 (+0.500 ± 0.167) | – |"),
+            md.contains("| aux=none | none | global | 0 | 1 | 1.5000 ± 1.0000 | 0.7500 | 3.0000 ± 1.0000 (+0.500 ± 0.167) | – |"),
             "{md}"
         );
         assert!((r.climatology_ratios()[1][0] - 0.5).abs() < 1e-12);

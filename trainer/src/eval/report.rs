@@ -100,51 +100,15 @@ pub fn table(rows: &[EvalRow]) -> String {
 /// Writes the report as Parquet (temporary file, then rename).
 pub fn write_parquet(path: &Path, rows: &[EvalRow]) -> Result<()> {
     let rows: Vec<&EvalRow> = rows.iter().collect();
-    let (mut fields, mut columns) = eval_row_columns(&rows);
-    let floats = |f: &dyn Fn(&EvalRow) -> f64| -> ArrayRef {
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| f(r))))
-    };
-    for (name, column) in [
-        ("skill", floats(&|r| r.skill())),
-        ("skill_lo", floats(&|r| r.skill_ci[0])),
-        ("skill_hi", floats(&|r| r.skill_ci[1])),
-    ] {
-        fields.push(Field::new(name, ArrowType::Float64, false));
-        columns.push(column);
-    }
-    // The ensemble's scores: null for a single-member model.
-    fields.push(Field::new("members", ArrowType::UInt64, true));
-    columns.push(Arc::new(UInt64Array::from(
-        rows.iter()
-            .map(|r| r.ensemble.map(|e| e.members as u64))
-            .collect::<Vec<_>>(),
-    )));
-    let ens = |f: &dyn Fn(&EnsembleScore) -> f64| -> ArrayRef {
-        Arc::new(Float64Array::from(
-            rows.iter()
-                .map(|r| r.ensemble.as_ref().map(f))
-                .collect::<Vec<_>>(),
-        ))
-    };
-    for (name, column) in [
-        ("crps", ens(&|e| e.crps)),
-        ("crps_lo", ens(&|e| e.crps_ci[0])),
-        ("crps_hi", ens(&|e| e.crps_ci[1])),
-        ("spread", ens(&|e| e.spread)),
-        ("spread_skill", ens(&|e| e.spread_skill)),
-        ("spread_skill_lo", ens(&|e| e.spread_skill_ci[0])),
-        ("spread_skill_hi", ens(&|e| e.spread_skill_ci[1])),
-    ] {
-        fields.push(Field::new(name, ArrowType::Float64, true));
-        columns.push(column);
-    }
+    let (fields, columns) = eval_row_columns(&rows);
     let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
         .map_err(|e| parquet_err(path, e))?;
     write_record_batch(path, &batch)
 }
 
 /// The columns every table of evaluation rows has (task, field, level, baseline, values,
-/// samples and both RMSEs with their interval bounds), and their schema fields, in that order.
+/// samples, both RMSEs and the skill with their interval bounds, and the ensemble's scores,
+/// null for a single-member model), and their schema fields, in that order.
 pub(crate) fn eval_row_columns(rows: &[&EvalRow]) -> (Vec<Field>, Vec<ArrayRef>) {
     let strings = |f: fn(&EvalRow) -> &str| -> ArrayRef {
         Arc::new(StringArray::from_iter_values(rows.iter().map(|r| f(r))))
@@ -182,6 +146,41 @@ pub(crate) fn eval_row_columns(rows: &[&EvalRow]) -> (Vec<Field>, Vec<ArrayRef>)
         floats(|r| r.baseline_ci[0]),
         floats(|r| r.baseline_ci[1]),
     ];
+    let (mut fields, mut columns) = (fields, columns);
+    for (name, column) in [
+        ("skill", floats(|r| r.skill())),
+        ("skill_lo", floats(|r| r.skill_ci[0])),
+        ("skill_hi", floats(|r| r.skill_ci[1])),
+    ] {
+        fields.push(Field::new(name, ArrowType::Float64, false));
+        columns.push(column);
+    }
+    // The ensemble's scores: null for a single-member model.
+    fields.push(Field::new("members", ArrowType::UInt64, true));
+    columns.push(Arc::new(UInt64Array::from(
+        rows.iter()
+            .map(|r| r.ensemble.map(|e| e.members as u64))
+            .collect::<Vec<_>>(),
+    )));
+    let ens = |f: &dyn Fn(&EnsembleScore) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from(
+            rows.iter()
+                .map(|r| r.ensemble.as_ref().map(f))
+                .collect::<Vec<_>>(),
+        ))
+    };
+    for (name, column) in [
+        ("crps", ens(&|e| e.crps)),
+        ("crps_lo", ens(&|e| e.crps_ci[0])),
+        ("crps_hi", ens(&|e| e.crps_ci[1])),
+        ("spread", ens(&|e| e.spread)),
+        ("spread_skill", ens(&|e| e.spread_skill)),
+        ("spread_skill_lo", ens(&|e| e.spread_skill_ci[0])),
+        ("spread_skill_hi", ens(&|e| e.spread_skill_ci[1])),
+    ] {
+        fields.push(Field::new(name, ArrowType::Float64, true));
+        columns.push(column);
+    }
     (fields, columns)
 }
 
