@@ -18,7 +18,7 @@ use atmorep_loader::Dataset;
 use atmorep_loader::pipeline::normalization::GlobalStats;
 use atmorep_loader::progress::NoProgress;
 use atmorep_loader::tools::synth::{SynthConfig, write_store};
-use atmorep_proto::calendar::{TimeFormat, format_time};
+use atmorep_proto::calendar::{TimeFormat, format_time, parse_iso};
 use atmorep_proto::client::{ClientConfig, LoaderClient};
 use atmorep_proto::request::RequestConfig;
 use atmorep_track::EvalReport;
@@ -155,9 +155,23 @@ pe = "local"
 pe_width = 16
 "#;
 
-/// The test-split sample whose attention and tokens the demo draws: with the default grid its
-/// window holds the southern storm (the store, the split and the windows are all seeded).
-const DEMO_SAMPLE: u64 = 65;
+/// The point of `tracks` the demo draws a test sample around: the middle one, in the test split
+/// (from `test_start`, unix seconds), of the storm with the most points there.
+fn storm_in_test(tracks: &[Track], test_start: i64) -> Option<(i64, f64, f64)> {
+    tracks
+        .iter()
+        .map(|t| {
+            let points: Vec<_> = t
+                .points
+                .iter()
+                .filter(|p| p.time_unix >= test_start)
+                .collect();
+            points
+        })
+        .max_by_key(|points| points.len())
+        .and_then(|points| points.get(points.len() / 2).copied())
+        .map(|p| (p.time_unix, p.lat, p.lon))
+}
 
 /// The tracker's scores in each source, one row each: what the network adds over the prior.
 fn tracking_table(scores: &[(&str, EvalReport)]) -> String {
@@ -396,6 +410,20 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     )
     .await?;
     let figures = args.out.join("plots");
+    let truth = read_tracks_csv(&summary.tracks_csv)
+        .with_context(|| format!("reading the tracks {}", summary.tracks_csv.display()))?;
+    // The test split begins where the training config's validation split ends.
+    let test_start =
+        atmorep_trainer::TrainConfig::from_toml_str(&std::fs::read_to_string(&config)?, None)?
+            .request
+            .validation_end
+            .as_deref()
+            .map(parse_iso)
+            .transpose()?
+            .context("the demo's training config has no validation_end")?;
+    let (time, lat, lon) = storm_in_test(&truth, test_start)
+        .context("the synthetic store has no storm in the test split")?;
+    let at = format!("{},{lat:.2},{lon:.2}", format_time(time, TimeFormat::Iso));
     for kind in ["attention", "tokens"] {
         run_child(
             &format!("atmorep plot {kind}"),
@@ -407,8 +435,8 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
                 endpoint.clone(),
                 "--split".into(),
                 "test".into(),
-                "--sample".into(),
-                DEMO_SAMPLE.to_string(),
+                "--at".into(),
+                at.clone(),
                 "--out".into(),
                 path_arg(&figures),
             ],
@@ -454,7 +482,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     }
     println!("    training curves: {}", training_png.display());
     println!(
-        "    attention and tokens of test sample {DEMO_SAMPLE}: {}",
+        "    attention and tokens of the test sample on a storm at {at}: {}",
         figures.display()
     );
     if let Some(time) = storm_time {

@@ -84,8 +84,12 @@ struct SampleArgs {
     #[arg(long, value_delimiter = ',', required = true)]
     loader: Vec<String>,
     /// The sample id (as the stream of the checkpoint's request numbers them).
-    #[arg(long)]
-    sample: u64,
+    #[arg(long, required_unless_present = "at", conflicts_with = "at")]
+    sample: Option<u64>,
+    /// Instead of an id, the sample whose window is centred at `TIME,LAT,LON` (ISO 8601 UTC,
+    /// degrees north and east), e.g. on a storm.
+    #[arg(long, value_name = "TIME,LAT,LON")]
+    at: Option<String>,
     /// The epoch the id belongs to (it decides the masks).
     #[arg(long, default_value_t = 0)]
     epoch: u64,
@@ -178,30 +182,82 @@ async fn model_run(args: &SampleArgs) -> Result<(ModelRun, String)> {
     let client = connect(&args.loader, args.token.as_deref()).await?;
     let loader = args.loader.join(",");
     check_fields(&client, &request, &dir, &loader).await?;
-    let batch = client
-        .sample(pb::SampleRequest::by_id(
-            request.to_proto(),
-            args.epoch,
-            args.sample,
-        ))
-        .await
-        .with_context(|| {
-            format!(
-                "fetching sample {} of epoch {} ({} split) from {loader}",
-                args.sample, args.epoch, args.split
+    let (selector, which) = match (&args.at, args.sample) {
+        (Some(at), _) => {
+            let (time, lat, lon) = parse_at(at)?;
+            let which = format!("the sample centred at {time}, {lat}° N {lon}° E");
+            let time = pb::sample_by_centre::Time::IsoTime(time);
+            (
+                pb::SampleRequest::by_centre(request.to_proto(), time, lat, lon),
+                which,
             )
-        })?;
+        }
+        (None, Some(id)) => (
+            pb::SampleRequest::by_id(request.to_proto(), args.epoch, id),
+            format!("sample {id} of epoch {}", args.epoch),
+        ),
+        (None, None) => bail!("give --sample ID or --at TIME,LAT,LON"),
+    };
+    let batch = client
+        .sample(selector)
+        .await
+        .with_context(|| format!("fetching {which} ({} split) from {loader}", args.split))?;
+    // Which window that is, in the dataset's coordinates.
+    let info = client.dataset_info(&request.dataset).await?;
+    if let (Some(grid), Some(axis), Some(w)) = (
+        info.grid.as_ref(),
+        info.time.as_ref(),
+        batch.fields.first().and_then(|f| f.windows.first()),
+    ) {
+        let grid = atmorep_track::Grid::from_proto(grid)?;
+        let time = atmorep_proto::stitch::TimeAxis::from_proto(axis);
+        let [nt, ny, nx] = w.size;
+        let (lats, lons) = (
+            [grid.lat(w.lat_start), grid.lat(w.lat_start + ny - 1)],
+            [
+                grid.lon(w.lon_start),
+                grid.lon((w.lon_start + nx - 1) % grid.nlon),
+            ],
+        );
+        println!(
+            "{which}: window {} … {}, latitude {:.2} … {:.2}° N, longitude {:.2} … {:.2}° E",
+            format_time(time.time_of(w.time_start), TimeFormat::Iso),
+            format_time(time.time_of(w.time_start + nt - 1), TimeFormat::Iso),
+            lats[0].min(lats[1]),
+            lats[0].max(lats[1]),
+            lons[0],
+            lons[1],
+        );
+    }
     let run = ModelRun::new(trainer.model(), &batch, &request)
         .with_context(|| format!("running the model of {}", dir.display()))?;
     let subtitle = format!(
-        "sample {} of epoch {}, {} split, {} masking · checkpoint {} (step {step})",
-        args.sample,
-        args.epoch,
+        "{which}, {} split, {} masking · checkpoint {} (step {step})",
         args.split,
         tasks[task].name,
         dir.display()
     );
     Ok((run, subtitle))
+}
+
+/// `--at TIME,LAT,LON` as its parts.
+fn parse_at(text: &str) -> Result<(String, f64, f64)> {
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    let [time, lat, lon] = parts[..] else {
+        bail!("--at `{text}`: expected TIME,LAT,LON (e.g. 2020-09-29T06:00:00Z,-21.5,90)");
+    };
+    parse_iso(time).with_context(|| format!("--at: `{time}` is not an ISO 8601 time"))?;
+    let degrees = |what: &str, v: &str, limit: f64| -> Result<f64> {
+        match v.parse::<f64>() {
+            Ok(x) if x.abs() <= limit => Ok(x),
+            _ => bail!("--at: {what} `{v}` is not a number of degrees within ±{limit}"),
+        }
+    };
+    Ok((
+        time.to_string(),
+        degrees("latitude", lat, 90.0)?,
+        degrees("longitude", lon, 360.0)?,
+    ))
 }
 
 /// Fails, naming the field, when the loader's dataset lacks a field or level the checkpoint's

@@ -146,6 +146,50 @@ async fn every_plot_command_draws_from_a_loader_process_and_a_training_run() {
         assert_eq!(image::AnimationDecoder::into_frames(decoder).count(), 2);
     }
 
+    // The sample centred on a storm of the store: its window holds the storm's centre.
+    let tracks = atmorep_track::read_tracks_csv(&dir.path().join("tiny.tracks.csv")).unwrap();
+    let storm = &tracks[0].points[tracks[0].points.len() / 2];
+    let at = format!(
+        "{},{},{}",
+        atmorep_proto::calendar::format_time(
+            storm.time_unix,
+            atmorep_proto::calendar::TimeFormat::Iso
+        ),
+        storm.lat,
+        storm.lon
+    );
+    let out = stdout_of_success(&atmorep(&[
+        "plot", "tokens", run_s, "--loader", &endpoint, "--at", &at, "--out", figs_s,
+    ]));
+    assert_eq!(written(&out).len(), 4, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("the sample centred at"))
+        .unwrap_or_else(|| panic!("no window line: {out}"));
+    let numbers: Vec<f64> = line
+        .split(['…', ',', ' ', '°'])
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let [.., lat0, lat1, lon0, lon1] = numbers[..] else {
+        panic!("{line}")
+    };
+    assert!(
+        (lat0..=lat1).contains(&storm.lat) && (lon0..=lon1).contains(&storm.lon),
+        "{line} does not hold {at}"
+    );
+    let err = stderr_of_failure(&atmorep(&[
+        "plot",
+        "tokens",
+        run_s,
+        "--loader",
+        &endpoint,
+        "--at",
+        "2020-01-01,95,0",
+        "--out",
+        figs_s,
+    ]));
+    assert!(err.contains("latitude `95`"), "{err}");
+
     // Training curves from the run's Parquet log: the log has per-field losses, so the loss
     // per field is a fifth chart.
     let out = stdout_of_success(&atmorep(&["plot", "training", run_s]));
