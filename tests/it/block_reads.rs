@@ -1,0 +1,217 @@
+//! Reading only the blosc blocks a request uses: a store chunked like ARCO-ERA5 (every chunk one
+//! hour × all 16 levels × the globe, blosc-lz4 in blocks smaller than a level) read over plain
+//! HTTP (the in-process file server, which counts the bytes it sends) and from local files.
+//! Reads of 2 of the 16 levels give the same bits as whole-chunk reads of the same store, while
+//! the server sends, and the loader decodes, little more than those levels.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use atmorep_loader::progress::NoProgress;
+use atmorep_loader::tools::synth::{SynthConfig, write_store};
+use atmorep_loader::{ChunkCache, Dataset, Hyperslab, StoreLocation};
+use atmorep_testkit::http_files::HttpFileServer;
+use tempfile::TempDir;
+use zarrs::array::codec::bytes_to_bytes::blosc::{
+    BloscCompressionLevel, BloscCompressor, BloscShuffleMode, blosc_compress_bytes,
+    blosc_decompress_bytes, blosc_nbytes,
+};
+
+/// Blocks of 64 KiB (the least lz4 with shuffle keeps): a level of a 1° grid is ~4 blocks.
+const BLOCK: usize = 1 << 16;
+
+/// A 1° store of `t` and `z` on 16 levels, chunked (1, 16, 181, 360), its chunks rewritten by
+/// blosc in [`BLOCK`]-byte blocks (the writer lets blosc choose, which gives one block per chunk
+/// this small). Returns the encoded and decoded bytes of `t`'s chunks.
+fn arco_like_store(store: &Path) -> (u64, u64) {
+    let config = SynthConfig {
+        grid_deg: 1.0,
+        steps: 3,
+        step_hours: 1,
+        levels: vec![
+            1000, 975, 950, 925, 900, 850, 800, 700, 600, 500, 400, 300, 250, 200, 150, 100,
+        ],
+        variables: vec!["t".into(), "z".into()],
+        chunks: Some([1, 16, 181, 360]),
+        ..SynthConfig::default()
+    };
+    write_store(&config, store, &NoProgress).unwrap();
+    let (mut encoded, mut decoded) = (0, 0);
+    for var in ["t", "z"] {
+        let zarray = store.join(var).join(".zarray");
+        let meta = std::fs::read_to_string(&zarray).unwrap();
+        assert!(meta.contains("\"blocksize\": 0") || meta.contains("\"blocksize\":0"));
+        std::fs::write(
+            &zarray,
+            meta.replace("\"blocksize\": 0", "\"blocksize\": 65536"),
+        )
+        .unwrap();
+        for entry in std::fs::read_dir(store.join(var)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.file_name().unwrap().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let chunk = std::fs::read(&path).unwrap();
+            let raw = blosc_decompress_bytes(&chunk, blosc_nbytes(&chunk).unwrap(), 1).unwrap();
+            let level = BloscCompressionLevel::try_from(5u8).unwrap();
+            let (lz4, shuffle) = (BloscCompressor::LZ4, BloscShuffleMode::Shuffle);
+            let rewritten = blosc_compress_bytes(&raw, level, shuffle, 4, lz4, BLOCK, 1).unwrap();
+            assert_eq!(
+                u32::from_le_bytes(rewritten[8..12].try_into().unwrap()),
+                1 << 16
+            );
+            if var == "t" {
+                encoded += rewritten.len() as u64;
+                decoded += raw.len() as u64;
+            }
+            std::fs::write(&path, rewritten).unwrap();
+        }
+    }
+    (encoded, decoded)
+}
+
+/// Windows of 2 of the 16 levels: the globe, and a window across 0° east.
+fn slabs(dataset: &Dataset) -> Vec<Hyperslab> {
+    let variable = dataset.variable("t").unwrap();
+    let full = Hyperslab::full(dataset, variable);
+    vec![
+        Hyperslab {
+            levels: vec![3, 11],
+            ..full.clone()
+        },
+        Hyperslab {
+            levels: vec![12, 4],
+            lat: 40..100,
+            lon_start: 330,
+            lon_len: 60,
+            ..full
+        },
+    ]
+}
+
+async fn open(url: &str) -> Dataset {
+    let location = StoreLocation::open(url).unwrap();
+    Dataset::open_location(location, Arc::new(ChunkCache::new(1 << 30)))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_of_sixteen_levels_fetch_and_decode_little_more_than_those_levels() {
+    let dir = TempDir::new().unwrap();
+    let store = dir.path().join("arco.zarr");
+    let (encoded, decoded) = arco_like_store(&store);
+    let server = HttpFileServer::start(dir.path()).unwrap();
+    let local_url = store.to_str().unwrap().to_string();
+    let http_url = format!("{}/arco.zarr", server.url());
+
+    // The whole-chunk path gives the reference values.
+    let whole = open(&local_url).await;
+    whole.set_block_reads(false);
+    let mut expected = Vec::new();
+    for slab in slabs(&whole) {
+        expected.push(whole.read(&slab).await.unwrap());
+    }
+    assert_eq!(
+        whole.counters.fetched_bytes.load(Ordering::Relaxed),
+        encoded,
+        "the whole path reads every chunk of t whole"
+    );
+
+    for url in [&local_url, &http_url] {
+        let blocks = open(url).await;
+        let served_before = server.served_bytes();
+        let slabs = slabs(&blocks);
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        // 2 of the 16 levels, the whole globe.
+        let got = blocks.read(&slabs[0]).await.unwrap();
+        assert_eq!(bits(&got), bits(&expected[0]), "{url}");
+        let delivered = got.len() as u64 * 4;
+        let counters = &blocks.counters;
+        let fetched = counters.fetched_bytes.load(Ordering::Relaxed);
+        let decoded_now = counters.decoded_bytes.load(Ordering::Relaxed);
+        let requests = counters.fetch_requests.load(Ordering::Relaxed);
+        assert_eq!(counters.fetched_chunks.load(Ordering::Relaxed), 0, "{url}");
+        // Each level's ~4 blocks and at most one more where it starts mid-block.
+        assert!(
+            (decoded_now as f64) <= 1.3 * delivered as f64,
+            "{url}: decoded {decoded_now} for {delivered} delivered"
+        );
+        let ratio = encoded as f64 / decoded as f64;
+        let headers = 3 * 4096;
+        assert!(
+            (fetched as f64) <= 1.5 * delivered as f64 * ratio + headers as f64,
+            "{url}: fetched {fetched} for {delivered} delivered, compressed {ratio:.2}:1"
+        );
+        assert!(fetched < encoded / 4, "{url}: {fetched} of {encoded}");
+        // One header per chunk and a request per block.
+        assert_eq!(
+            requests,
+            3 + counters.fetched_blocks.load(Ordering::Relaxed),
+            "{url}"
+        );
+        if url == &http_url {
+            assert_eq!(server.served_bytes() - served_before, fetched, "{url}");
+        }
+        // A window across 0° east of 2 other levels: block by block too, the same bits.
+        let got = blocks.read(&slabs[1]).await.unwrap();
+        assert_eq!(bits(&got), bits(&expected[1]), "{url}");
+        assert_eq!(counters.fetched_chunks.load(Ordering::Relaxed), 0, "{url}");
+        let more = counters.decoded_bytes.load(Ordering::Relaxed) - decoded_now;
+        // Per chunk and level, the 60 rows' blocks and at most two partly used ones.
+        let needed = (got.len() * 4) as u64;
+        assert!(
+            more <= needed + 3 * 2 * 2 * BLOCK as u64,
+            "{url}: {more} decoded for {needed}"
+        );
+    }
+}
+
+/// A chunk read whole, then by blocks (and the other way round) is the same version of the
+/// same object: the store-version check lets both through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_and_block_reads_of_one_chunk_agree_on_its_version() {
+    let dir = TempDir::new().unwrap();
+    let store = dir.path().join("arco.zarr");
+    arco_like_store(&store);
+    let server = HttpFileServer::start(dir.path()).unwrap();
+    for url in [
+        store.to_str().unwrap().to_string(),
+        format!("{}/arco.zarr", server.url()),
+    ] {
+        let dataset = open(&url).await;
+        let variable = dataset.variable("t").unwrap();
+        let full = Hyperslab::full(&dataset, variable);
+        let part = slabs(&dataset).remove(0);
+        let all = dataset.read(&full).await.unwrap();
+        dataset.cache().clear();
+        let some = dataset.read(&part).await.unwrap();
+        dataset.cache().clear();
+        assert_eq!(dataset.read(&full).await.unwrap(), all, "{url}");
+        assert_eq!(dataset.read(&part).await.unwrap(), some, "{url}");
+        assert!(!dataset.store_changed_seen(), "{url}");
+        assert!(dataset.counters.fetched_blocks.load(Ordering::Relaxed) > 0);
+    }
+}
+
+/// A chunk rewritten after its header was read is refused on the next block read, as a whole
+/// read refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_rewritten_under_block_reads_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let store = dir.path().join("arco.zarr");
+    arco_like_store(&store);
+    let dataset = open(store.to_str().unwrap()).await;
+    let part = slabs(&dataset).remove(1);
+    let before = dataset.read(&part).await.unwrap();
+    let chunk = store.join("t").join("1.0.0.0");
+    let bytes = std::fs::read(&chunk).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&chunk, &bytes).unwrap();
+    dataset.cache().clear();
+    let err = dataset.read(&part).await.unwrap_err().to_string();
+    assert!(err.contains("1.0.0.0"), "{err}");
+    assert!(dataset.store_changed_seen());
+    assert_eq!(before.len(), part.len());
+}
