@@ -59,7 +59,8 @@ fn arco_like_store(store: &Path) -> (u64, u64) {
             let raw = blosc_decompress_bytes(&chunk, blosc_nbytes(&chunk).unwrap(), 1).unwrap();
             let level = BloscCompressionLevel::try_from(5u8).unwrap();
             let (lz4, shuffle) = (BloscCompressor::LZ4, BloscShuffleMode::Shuffle);
-            let rewritten = blosc_compress_bytes(&raw, level, shuffle, 4, lz4, ASKED_BLOCK, 1).unwrap();
+            let rewritten =
+                blosc_compress_bytes(&raw, level, shuffle, 4, lz4, ASKED_BLOCK, 1).unwrap();
             assert_eq!(
                 u32::from_le_bytes(rewritten[8..12].try_into().unwrap()),
                 1 << 16

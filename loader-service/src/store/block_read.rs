@@ -1,5 +1,5 @@
-//! Reading only the blosc blocks a read uses (docs/loader.md, "Reading only the blocks a
-//! request uses"). A variable stored as f32 through exactly [bytes (little endian) → blosc],
+//! Reading only the blosc blocks a read uses (docs/performance.md, "Reading only the blosc blocks
+//! a request uses"). A variable stored as f32 through exactly [bytes (little endian) → blosc],
 //! unpacked, is read block by block when a read uses a small part of a chunk (a few levels of a
 //! chunk holding many): the chunk's header is fetched with a bounded range read and its block
 //! table kept per chunk, then only the needed blocks' byte ranges are fetched (range requests
@@ -32,6 +32,11 @@ const SMALL_PART: f64 = 0.5;
 
 /// The block tables of the chunks read block by block, by chunk.
 pub(crate) type IndexCache = std::sync::Mutex<lru::LruCache<ChunkKey, Arc<BloscIndex>>>;
+
+/// Header reads in flight, by chunk.
+pub(crate) type IndexReads = std::sync::Mutex<
+    std::collections::HashMap<ChunkKey, Arc<tokio::sync::OnceCell<Option<Arc<BloscIndex>>>>>,
+>;
 
 pub(crate) fn index_cache() -> IndexCache {
     std::sync::Mutex::new(lru::LruCache::new(
@@ -260,6 +265,35 @@ impl Dataset {
         if let Some(index) = self.lock_indexes().get(&key) {
             return Ok(Some(index.clone()));
         }
+        // Concurrent readers of one chunk (the samples of a batch) share one header read.
+        let cell = self
+            .index_reads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let read = cell
+            .get_or_try_init(|| self.read_index(variable, store_key))
+            .await
+            .cloned();
+        // Kept before the read is forgotten, so a later reader finds one or the other.
+        if let Ok(Some(index)) = &read {
+            self.lock_indexes().put(key.clone(), index.clone());
+        }
+        self.index_reads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&key);
+        read
+    }
+
+    /// Reads a chunk's block table from its first bytes; `None` when the chunk is missing.
+    async fn read_index(
+        &self,
+        variable: &Variable,
+        store_key: &str,
+    ) -> Result<Option<Arc<BloscIndex>>> {
         let Some(mut first) = self.read_range(variable, store_key, 0..FIRST_READ).await? else {
             return Ok(None);
         };
@@ -279,9 +313,7 @@ impl Dataset {
             all.extend_from_slice(&rest);
             first = Bytes::from(all);
         }
-        let index = Arc::new(BloscIndex::parse(&first).map_err(bad)?);
-        self.lock_indexes().put(key, index.clone());
-        Ok(Some(index))
+        Ok(Some(Arc::new(BloscIndex::parse(&first).map_err(bad)?)))
     }
 
     fn lock_indexes(&self) -> std::sync::MutexGuard<'_, lru::LruCache<ChunkKey, Arc<BloscIndex>>> {

@@ -2,7 +2,7 @@
 //! and a table of block offsets (`bstarts`), then independently compressed (and shuffled)
 //! blocks, so a reader that needs a few rows of a large chunk can fetch the header, then only the
 //! byte ranges of the blocks holding those rows, and decode each of them alone
-//! (docs/loader.md, "Reading only the blocks a request uses").
+//! (docs/performance.md, "Reading only the blosc blocks a request uses").
 //!
 //! A block is decoded by wrapping its compressed bytes in a one-block blosc buffer and letting
 //! c-blosc decode that (through zarrs' safe wrapper): the same code decodes it, byte for byte as

@@ -195,6 +195,7 @@ pub struct Dataset {
     pub(crate) block_reads: std::sync::atomic::AtomicBool,
     /// The block tables of chunks read block by block.
     pub(crate) blosc_indexes: crate::store::block_read::IndexCache,
+    pub(crate) index_reads: crate::store::block_read::IndexReads,
 }
 
 impl Dataset {
@@ -311,6 +312,7 @@ impl Dataset {
             versions: Arc::default(),
             block_reads: std::sync::atomic::AtomicBool::new(true),
             blosc_indexes: crate::store::block_read::index_cache(),
+            index_reads: Default::default(),
         }
     }
 
