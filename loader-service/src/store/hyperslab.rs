@@ -76,6 +76,9 @@ impl Hyperslab {
 /// that axis.
 type AxisPairs = Vec<(usize, usize)>;
 
+/// The value ranges of a chunk that a read touches.
+type Touched = Vec<Range<usize>>;
+
 struct ChunkPlan {
     indices: Vec<u64>,
     pairs: Vec<AxisPairs>,
@@ -353,7 +356,7 @@ impl Dataset {
         // Owned indices keep the future `Send` (a borrowed closure argument trips the
         // higher-ranked lifetime check when the read runs in a spawned task). A small part of a
         // blosc chunk is read block by block: the value ranges it touches go along.
-        let reads: Vec<(Vec<u64>, Option<Vec<Range<usize>>>)> = plans
+        let reads: Vec<(Vec<u64>, Option<Touched>)> = plans
             .iter()
             .map(|plan| {
                 let touched = variable.blosc_blocks.then(|| plan_ranges(variable, plan));
