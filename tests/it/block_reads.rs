@@ -23,10 +23,14 @@ use zarrs::array::codec::bytes_to_bytes::blosc::{
 /// asked for a quarter.
 const BLOCK: usize = 1 << 16;
 const ASKED_BLOCK: usize = BLOCK / 4;
+/// zstd keeps the block size it is asked for.
+const Z_BLOCK: usize = 2048;
 
 /// A 1° store of `t` and `z` on 16 levels, chunked (1, 16, 181, 360), its chunks rewritten by
-/// blosc in [`BLOCK`]-byte blocks (the writer lets blosc choose, which gives one block per chunk
-/// this small). Returns the encoded and decoded bytes of `t`'s chunks.
+/// blosc in smaller blocks than the writer's (it lets blosc choose, which gives one block per
+/// chunk this small): `t` blosc-lz4 in [`BLOCK`]-byte blocks, `z` blosc-zstd in blocks of 2 KiB,
+/// 2 037 of them per chunk, more than the first read of a header covers. Returns the encoded and
+/// decoded bytes of `t`'s chunks.
 fn arco_like_store(store: &Path) -> (u64, u64) {
     let config = SynthConfig {
         grid_deg: 1.0,
@@ -45,11 +49,14 @@ fn arco_like_store(store: &Path) -> (u64, u64) {
         let zarray = store.join(var).join(".zarray");
         let meta = std::fs::read_to_string(&zarray).unwrap();
         assert!(meta.contains("\"blocksize\": 0") || meta.contains("\"blocksize\":0"));
-        std::fs::write(
-            &zarray,
-            meta.replace("\"blocksize\": 0", "\"blocksize\": 16384"),
-        )
-        .unwrap();
+        let asked = if var == "t" { ASKED_BLOCK } else { Z_BLOCK };
+        let meta = meta.replace("\"blocksize\": 0", &format!("\"blocksize\": {asked}"));
+        let meta = if var == "t" {
+            meta
+        } else {
+            meta.replace("\"lz4\"", "\"zstd\"")
+        };
+        std::fs::write(&zarray, meta).unwrap();
         for entry in std::fs::read_dir(store.join(var)).unwrap() {
             let path = entry.unwrap().path();
             if path.file_name().unwrap().to_string_lossy().starts_with('.') {
@@ -58,13 +65,15 @@ fn arco_like_store(store: &Path) -> (u64, u64) {
             let chunk = std::fs::read(&path).unwrap();
             let raw = blosc_decompress_bytes(&chunk, blosc_nbytes(&chunk).unwrap(), 1).unwrap();
             let level = BloscCompressionLevel::try_from(5u8).unwrap();
-            let (lz4, shuffle) = (BloscCompressor::LZ4, BloscShuffleMode::Shuffle);
-            let rewritten =
-                blosc_compress_bytes(&raw, level, shuffle, 4, lz4, ASKED_BLOCK, 1).unwrap();
-            assert_eq!(
-                u32::from_le_bytes(rewritten[8..12].try_into().unwrap()),
-                1 << 16
-            );
+            let shuffle = BloscShuffleMode::Shuffle;
+            let (codec, block) = if var == "t" {
+                (BloscCompressor::LZ4, BLOCK)
+            } else {
+                (BloscCompressor::Zstd, Z_BLOCK)
+            };
+            let rewritten = blosc_compress_bytes(&raw, level, shuffle, 4, codec, asked, 1).unwrap();
+            let blocksize = u32::from_le_bytes(rewritten[8..12].try_into().unwrap()) as usize;
+            assert_eq!(blocksize, block);
             if var == "t" {
                 encoded += rewritten.len() as u64;
                 decoded += raw.len() as u64;
@@ -220,4 +229,44 @@ async fn a_chunk_rewritten_under_block_reads_is_refused() {
     assert!(err.contains("1.0.0.0"), "{err}");
     assert!(dataset.store_changed_seen());
     assert_eq!(before.len(), part.len());
+}
+
+/// A chunk of more blocks than the first read of a header covers (2 037 × 2 KiB blocks of
+/// blosc-zstd): its block table is completed by a second read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_table_longer_than_the_first_read_is_read_whole() {
+    let dir = TempDir::new().unwrap();
+    let store = dir.path().join("arco.zarr");
+    arco_like_store(&store);
+    let server = HttpFileServer::start(dir.path()).unwrap();
+    let whole = open(store.to_str().unwrap()).await;
+    whole.set_block_reads(false);
+    let variable = whole.variable("z").unwrap();
+    let full = Hyperslab::full(&whole, variable);
+    let part = Hyperslab {
+        levels: vec![0, 15],
+        lat: 0..30,
+        ..full
+    };
+    let want = whole.read(&part).await.unwrap();
+    for url in [
+        store.to_str().unwrap().to_string(),
+        format!("{}/arco.zarr", server.url()),
+    ] {
+        let blocks = open(&url).await;
+        let got = blocks.read(&part).await.unwrap();
+        assert_eq!(got, want, "{url}");
+        let counters = &blocks.counters;
+        let fetched_blocks = counters.fetched_blocks.load(Ordering::Relaxed);
+        // Per chunk: two header reads, then the blocks of 30 rows of 2 levels.
+        assert_eq!(
+            counters.fetch_requests.load(Ordering::Relaxed),
+            3 * 2 + fetched_blocks,
+            "{url}"
+        );
+        assert!(
+            (40..=3 * 2 * 23).contains(&fetched_blocks),
+            "{url}: {fetched_blocks}"
+        );
+    }
 }
