@@ -270,3 +270,67 @@ async fn a_block_table_longer_than_the_first_read_is_read_whole() {
         );
     }
 }
+
+/// Pipeline samples (global normalization, BERT masking) of 2 of the 16 levels are the same
+/// bytes whether the chunks are read whole or block by block, from files and over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_samples_are_the_same_bytes_with_block_reads() {
+    use atmorep_loader::pipeline::masking::MaskSpec;
+    use atmorep_loader::pipeline::normalization::GlobalStats;
+    use atmorep_loader::pipeline::{FieldConfig, Normalization, Pipeline, PipelineConfig, Split};
+
+    let dir = TempDir::new().unwrap();
+    let store = dir.path().join("arco.zarr");
+    arco_like_store(&store);
+    let server = HttpFileServer::start(dir.path()).unwrap();
+    let whole = Arc::new(open(store.to_str().unwrap()).await);
+    whole.set_block_reads(false);
+    let stats = Arc::new(
+        GlobalStats::compute(&whole, None, &NoProgress)
+            .await
+            .unwrap(),
+    );
+    let field = |name: &str| FieldConfig {
+        name: name.into(),
+        reply_name: None,
+        levels: vec![850.0, 300.0],
+        num_tokens: [1, 6, 12],
+        token_size: [3, 9, 9],
+        blur_sigma: 0.0,
+        normalization: Normalization::Global,
+        pe: atmorep_proto::PeMode::Local,
+        pe_width: 16,
+        mask: MaskSpec::Bert {
+            r_max: 0.5,
+            noise_fraction: 0.1,
+            mask_value: 0.0,
+        },
+    };
+    let config = PipelineConfig {
+        fields: vec![field("t"), field("z")],
+        split: Split::Train,
+        split_fractions: [1.0, 0.0],
+        split_dates: None,
+        mode: Default::default(),
+        seed: 5,
+        block_steps: 3,
+        samples_per_block: 6,
+        buffer_blocks: 1,
+        latitude_weighting: Default::default(),
+    };
+    let reference = Pipeline::new(whole.clone(), config.clone(), Some(stats.clone())).unwrap();
+    for url in [
+        store.to_str().unwrap().to_string(),
+        format!("{}/arco.zarr", server.url()),
+    ] {
+        let blocks = Arc::new(open(&url).await);
+        let pipeline = Pipeline::new(blocks.clone(), config.clone(), Some(stats.clone())).unwrap();
+        for id in 0..6 {
+            let want = reference.sample(0, id).await.unwrap();
+            assert_eq!(pipeline.sample(0, id).await.unwrap(), want, "{url}: {id}");
+        }
+        let counters = &blocks.counters;
+        assert_eq!(counters.fetched_chunks.load(Ordering::Relaxed), 0, "{url}");
+        assert!(counters.fetched_blocks.load(Ordering::Relaxed) > 0, "{url}");
+    }
+}

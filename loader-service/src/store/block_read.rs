@@ -27,8 +27,13 @@ use crate::store::version::ObjectVersion;
 /// Block tables kept (about 1 KB each): enough for every chunk of a long run of a large store.
 pub(crate) const INDEX_CACHE_ENTRIES: usize = 1 << 16;
 
-/// A read uses the block path when it needs less than this fraction of a chunk's values.
+/// A read uses the block path when it needs less than this fraction of a chunk's values, and
+/// of its encoded bytes once its block table is known.
 const SMALL_PART: f64 = 0.5;
+
+/// Chunks smaller than this (decoded) are read whole: a range request costs about as much as
+/// reading all of it.
+const SMALL_CHUNK: usize = 1 << 16;
 
 /// The block tables of the chunks read block by block, by chunk.
 pub(crate) type IndexCache = std::sync::Mutex<lru::LruCache<ChunkKey, Arc<BloscIndex>>>;
@@ -170,6 +175,7 @@ impl Dataset {
     ) -> bool {
         variable.blosc_blocks
             && self.block_reads.load(Ordering::Relaxed)
+            && values * 4 >= SMALL_CHUNK
             && (touched.iter().map(|r| r.len()).sum::<usize>() as f64) < SMALL_PART * values as f64
     }
 
@@ -213,6 +219,11 @@ impl Dataset {
             .iter()
             .flat_map(|r| index.blocks_for(r.start * 4..r.end * 4))
             .collect();
+        let encoded: usize = needed.iter().map(|&j| index.encoded_range(j).len()).sum();
+        if index.nblocks() == 1 || encoded as f64 >= SMALL_PART * index.cbytes as f64 {
+            // Most of the chunk after all: one whole read serves it.
+            return Ok(ChunkData::Whole(self.chunk(variable, indices).await?));
+        }
         let key_name: Arc<str> =
             Arc::from(format!("{}#blosc-blocks", self.cache_key(&variable.node)).as_str());
         let loads = needed.iter().map(|&j| {
