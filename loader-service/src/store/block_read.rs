@@ -3,7 +3,8 @@
 //! unpacked, is read block by block when a read uses a small part of a chunk (a few levels of a
 //! chunk holding many): the chunk's header is fetched with a bounded range read and its block
 //! table kept per chunk, then only the needed blocks' byte ranges are fetched (range requests
-//! of the object store, positioned reads of a local file), each decoded alone
+//! of the object store, positioned reads of a local file; blocks stored back to back, such as
+//! the blocks of one level, in one request), each decoded alone
 //! ([`crate::store::blosc_blocks`]) and cached as its own entry of the chunk cache. Every read
 //! checks the object's version like a whole read ([`crate::store::version`]); a missing chunk,
 //! and every other variable, takes the whole-chunk path.
@@ -226,20 +227,75 @@ impl Dataset {
         }
         let key_name: Arc<str> =
             Arc::from(format!("{}#blosc-blocks", self.cache_key(&variable.node)).as_str());
-        let loads = needed.iter().map(|&j| {
+        let block_key = |j: usize| {
             let mut key = indices.to_vec();
             key.push(j as u64);
+            (key_name.clone(), key)
+        };
+        // Blocks not cached that are stored back to back: one range read per run of them.
+        let mut missing: Vec<usize> = needed
+            .iter()
+            .copied()
+            .filter(|&j| self.cache.get(&block_key(j)).is_none())
+            .collect();
+        missing.sort_by_key(|&j| index.encoded_range(j).start);
+        let mut runs: Vec<Vec<usize>> = Vec::new();
+        for j in missing {
+            match runs.last_mut() {
+                Some(run)
+                    if index.encoded_range(run[run.len() - 1]).end
+                        == index.encoded_range(j).start =>
+                {
+                    run.push(j);
+                }
+                _ => runs.push(vec![j]),
+            }
+        }
+        let run_reads = runs.into_iter().filter(|run| run.len() > 1).map(|run| {
+            let (index, store_key, block_key) = (&index, &store_key, &block_key);
+            async move {
+                let span =
+                    index.encoded_range(run[0]).start..index.encoded_range(run[run.len() - 1]).end;
+                let bytes = self
+                    .read_block_bytes(variable, store_key, span.clone())
+                    .await?;
+                for &j in &run {
+                    let range = index.encoded_range(j);
+                    let encoded = bytes.slice(range.start - span.start..range.end - span.start);
+                    let decode = || async {
+                        self.decode_block(variable, store_key, index, j, encoded)
+                            .await
+                            .map_err(Arc::new)
+                    };
+                    self.cache
+                        .get_or_load(block_key(j), decode)
+                        .await
+                        .map_err(StoreError::unshare)?;
+                }
+                Ok::<_, StoreError>(())
+            }
+        });
+        futures::future::try_join_all(run_reads).await?;
+        // Every needed block, from the cache or (a lone block, or one evicted meanwhile) read.
+        let loads = needed.iter().map(|&j| {
             let (index, store_key) = (index.clone(), store_key.clone());
-            let key_name = key_name.clone();
+            let key = block_key(j);
             let load = move || async move {
-                self.load_block(variable, &store_key, &index, j)
-                    .await
-                    .map_err(Arc::new)
+                let range = index.encoded_range(j);
+                let encoded = self.read_block_bytes(variable, &store_key, range).await;
+                match encoded {
+                    Ok(encoded) => {
+                        self.decode_block(variable, &store_key, &index, j, encoded)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
+                .map_err(Arc::new)
             };
             async move {
                 let block = self
                     .cache
-                    .get_or_load((key_name, key), load)
+                    .get_or_load(key, load)
                     .await
                     .map_err(StoreError::unshare)?;
                 Ok::<_, StoreError>((j, block))
@@ -334,25 +390,22 @@ impl Dataset {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Fetches and decodes block `j` of a chunk.
-    async fn load_block(
+    /// Reads the encoded bytes `range` (blocks) of a chunk whose header was read.
+    async fn read_block_bytes(
         &self,
         variable: &Variable,
         store_key: &str,
-        index: &Arc<BloscIndex>,
-        j: usize,
-    ) -> Result<Arc<DecodedChunk>> {
-        let started = std::time::Instant::now();
-        let range = index.encoded_range(j);
+        range: Range<usize>,
+    ) -> Result<Bytes> {
         let expected = range.len();
         let encoded = self
-            .read_range(variable, store_key, range)
+            .read_range(variable, store_key, range.clone())
             .await?
             .ok_or_else(|| {
                 self.corrupt(
                     variable,
                     store_key,
-                    format!("block {j} read after the chunk's header found the chunk gone"),
+                    format!("bytes {range:?} read after the chunk's header found the chunk gone"),
                 )
             })?;
         if encoded.len() != expected {
@@ -360,11 +413,24 @@ impl Dataset {
                 variable,
                 store_key,
                 format!(
-                    "block {j}: {} bytes read, the header says {expected}",
+                    "bytes {range:?}: {} read, the header says {expected}",
                     encoded.len()
                 ),
             ));
         }
+        Ok(encoded)
+    }
+
+    /// Decodes block `j` of a chunk from its encoded bytes, on the rayon pool.
+    async fn decode_block(
+        &self,
+        variable: &Variable,
+        store_key: &str,
+        index: &Arc<BloscIndex>,
+        j: usize,
+        encoded: Bytes,
+    ) -> Result<Arc<DecodedChunk>> {
+        let started = std::time::Instant::now();
         let index = index.clone();
         let decoded = run_on_rayon(move || index.decode_block(j, &encoded)).await?;
         let bytes = decoded.map_err(|e| self.corrupt(variable, store_key, e.to_string()))?;

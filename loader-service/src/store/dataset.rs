@@ -147,7 +147,8 @@ pub struct ReadCounters {
     pub fetched_bytes: AtomicU64,
     /// Whole chunks fetched (cache misses that hit storage).
     pub fetched_chunks: AtomicU64,
-    /// Blosc blocks fetched alone ([`crate::store::block_read`]).
+    /// Blosc blocks fetched and decoded alone ([`crate::store::block_read`]); blocks stored
+    /// back to back are fetched in one request.
     pub fetched_blocks: AtomicU64,
     /// Requests (or file reads) that fetched bytes: whole chunks, chunk headers, blocks.
     pub fetch_requests: AtomicU64,
