@@ -39,6 +39,9 @@ const SMALL_CHUNK: usize = 1 << 16;
 /// The block tables of the chunks read block by block, by chunk.
 pub(crate) type IndexCache = std::sync::Mutex<lru::LruCache<ChunkKey, Arc<BloscIndex>>>;
 
+/// One turn per chunk for the readers fetching its missing blocks.
+pub(crate) type BlockGates = std::collections::HashMap<ChunkKey, Arc<tokio::sync::Mutex<()>>>;
+
 /// Header reads in flight, by chunk.
 pub(crate) type IndexReads = std::sync::Mutex<
     std::collections::HashMap<ChunkKey, Arc<tokio::sync::OnceCell<Option<Arc<BloscIndex>>>>>,
@@ -232,7 +235,15 @@ impl Dataset {
             key.push(j as u64);
             (key_name.clone(), key)
         };
-        // Blocks not cached that are stored back to back: one range read per run of them.
+        // Blocks not cached that are stored back to back: one range read per run of them. The
+        // readers of one chunk take turns here, so a run is read once, not once per sample.
+        let gate_key: ChunkKey = (key_name.clone(), indices.to_vec());
+        let gate = self
+            .lock_gates()
+            .entry(gate_key.clone())
+            .or_default()
+            .clone();
+        let held = gate.lock().await;
         let mut missing: Vec<usize> = needed
             .iter()
             .copied()
@@ -251,7 +262,7 @@ impl Dataset {
                 _ => runs.push(vec![j]),
             }
         }
-        let run_reads = runs.into_iter().filter(|run| run.len() > 1).map(|run| {
+        let run_reads = runs.into_iter().map(|run| {
             let (index, store_key, block_key) = (&index, &store_key, &block_key);
             async move {
                 let span =
@@ -275,8 +286,17 @@ impl Dataset {
                 Ok::<_, StoreError>(())
             }
         });
-        futures::future::try_join_all(run_reads).await?;
-        // Every needed block, from the cache or (a lone block, or one evicted meanwhile) read.
+        let read = futures::future::try_join_all(run_reads).await;
+        drop(held);
+        {
+            let mut gates = self.lock_gates();
+            // Only the map and this reader hold it: nobody waits.
+            if Arc::strong_count(&gate) == 2 {
+                gates.remove(&gate_key);
+            }
+        }
+        read?;
+        // Every needed block, from the cache (or read again when evicted meanwhile).
         let loads = needed.iter().map(|&j| {
             let (index, store_key) = (index.clone(), store_key.clone());
             let key = block_key(j);
@@ -381,6 +401,13 @@ impl Dataset {
             first = Bytes::from(all);
         }
         Ok(Some(Arc::new(BloscIndex::parse(&first).map_err(bad)?)))
+    }
+
+    fn lock_gates(&self) -> std::sync::MutexGuard<'_, BlockGates> {
+        // Every update is one call on the map: a poisoned lock holds consistent data.
+        self.block_gates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn lock_indexes(&self) -> std::sync::MutexGuard<'_, lru::LruCache<ChunkKey, Arc<BloscIndex>>> {

@@ -197,6 +197,7 @@ pub struct Dataset {
     /// The block tables of chunks read block by block.
     pub(crate) blosc_indexes: crate::store::block_read::IndexCache,
     pub(crate) index_reads: crate::store::block_read::IndexReads,
+    pub(crate) block_gates: std::sync::Mutex<crate::store::block_read::BlockGates>,
 }
 
 impl Dataset {
@@ -314,6 +315,7 @@ impl Dataset {
             block_reads: std::sync::atomic::AtomicBool::new(true),
             blosc_indexes: crate::store::block_read::index_cache(),
             index_reads: Default::default(),
+            block_gates: Default::default(),
         }
     }
 
