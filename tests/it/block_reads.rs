@@ -334,3 +334,24 @@ async fn pipeline_samples_are_the_same_bytes_with_block_reads() {
         assert!(counters.fetched_blocks.load(Ordering::Relaxed) > 0, "{url}");
     }
 }
+
+/// With caching off, a read still fetches each needed block once and serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_cache_each_block_is_read_once() {
+    let dir = TempDir::new().unwrap();
+    let store = dir.path().join("arco.zarr");
+    arco_like_store(&store);
+    let reference = open(store.to_str().unwrap()).await;
+    reference.set_block_reads(false);
+    let part = slabs(&reference).remove(0);
+    let want = reference.read(&part).await.unwrap();
+    let location = StoreLocation::open(store.to_str().unwrap()).unwrap();
+    let uncached = Dataset::open_location(location, Arc::new(ChunkCache::new(0)))
+        .await
+        .unwrap();
+    assert_eq!(uncached.read(&part).await.unwrap(), want);
+    let counters = &uncached.counters;
+    // A header and one read per level of each of the 3 chunks.
+    assert_eq!(counters.fetch_requests.load(Ordering::Relaxed), 3 + 3 * 2);
+    assert_eq!(counters.fetched_chunks.load(Ordering::Relaxed), 0);
+}

@@ -244,11 +244,14 @@ impl Dataset {
             .or_default()
             .clone();
         let held = gate.lock().await;
-        let mut missing: Vec<usize> = needed
-            .iter()
-            .copied()
-            .filter(|&j| self.cache.get(&block_key(j)).is_none())
-            .collect();
+        let mut blocks = vec![None; index.nblocks()];
+        let mut missing = Vec::new();
+        for &j in &needed {
+            match self.cache.get(&block_key(j)) {
+                Some(block) => blocks[j] = Some(block),
+                None => missing.push(j),
+            }
+        }
         missing.sort_by_key(|&j| index.encoded_range(j).start);
         let mut runs: Vec<Vec<usize>> = Vec::new();
         for j in missing {
@@ -270,6 +273,7 @@ impl Dataset {
                 let bytes = self
                     .read_block_bytes(variable, store_key, span.clone())
                     .await?;
+                let mut decoded = Vec::with_capacity(run.len());
                 for &j in &run {
                     let range = index.encoded_range(j);
                     let encoded = bytes.slice(range.start - span.start..range.end - span.start);
@@ -278,12 +282,14 @@ impl Dataset {
                             .await
                             .map_err(Arc::new)
                     };
-                    self.cache
+                    let block = self
+                        .cache
                         .get_or_load(block_key(j), decode)
                         .await
                         .map_err(StoreError::unshare)?;
+                    decoded.push((j, block));
                 }
-                Ok::<_, StoreError>(())
+                Ok::<_, StoreError>(decoded)
             }
         });
         let read = futures::future::try_join_all(run_reads).await;
@@ -295,34 +301,7 @@ impl Dataset {
                 gates.remove(&gate_key);
             }
         }
-        read?;
-        // Every needed block, from the cache (or read again when evicted meanwhile).
-        let loads = needed.iter().map(|&j| {
-            let (index, store_key) = (index.clone(), store_key.clone());
-            let key = block_key(j);
-            let load = move || async move {
-                let range = index.encoded_range(j);
-                let encoded = self.read_block_bytes(variable, &store_key, range).await;
-                match encoded {
-                    Ok(encoded) => {
-                        self.decode_block(variable, &store_key, &index, j, encoded)
-                            .await
-                    }
-                    Err(e) => Err(e),
-                }
-                .map_err(Arc::new)
-            };
-            async move {
-                let block = self
-                    .cache
-                    .get_or_load(key, load)
-                    .await
-                    .map_err(StoreError::unshare)?;
-                Ok::<_, StoreError>((j, block))
-            }
-        });
-        let mut blocks = vec![None; index.nblocks()];
-        for (j, block) in futures::future::try_join_all(loads).await? {
+        for (j, block) in read?.into_iter().flatten() {
             blocks[j] = Some(block);
         }
         Ok(ChunkData::Blocks(BlockedChunk {
