@@ -397,3 +397,21 @@ async fn block_reads_over_s3_agree_with_whole_reads() {
         }
     }
 }
+
+/// A chunk whose blosc header is bad is refused by name: the array, the chunk and what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_blosc_header_names_the_array_and_the_chunk() {
+    let dir = TempDir::new().unwrap();
+    let store = dir.path().join("arco.zarr");
+    arco_like_store(&store);
+    let chunk = store.join("t").join("2.0.0.0");
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    bytes[0] = 7;
+    std::fs::write(&chunk, &bytes).unwrap();
+    let dataset = open(store.to_str().unwrap()).await;
+    let part = slabs(&dataset).remove(0);
+    let err = dataset.read(&part).await.unwrap_err().to_string();
+    for word in ["arco.zarr/t", "2.0.0.0", "blosc format version 7"] {
+        assert!(err.contains(word), "{word} not in: {err}");
+    }
+}
