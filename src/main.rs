@@ -204,7 +204,19 @@ enum LoaderCommand {
         /// Samples in flight.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+        /// Read small parts of blosc chunks block by block (`on`), whole chunks only (`off`),
+        /// or run each epoch both ways, whole chunks first (`both`).
+        #[arg(long, value_enum, default_value = "on")]
+        block_reads: BlockReadsArg,
     },
+}
+
+/// `bench-pipeline --block-reads`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BlockReadsArg {
+    On,
+    Off,
+    Both,
 }
 
 /// Global statistics of a part of the store (docs/loader.md, "Statistics of a subset").
@@ -493,6 +505,7 @@ async fn loader(command: LoaderCommand) -> Result<()> {
             samples,
             epochs,
             concurrency,
+            block_reads,
         } => {
             let request = match config {
                 Some(path) => {
@@ -517,6 +530,11 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                 samples,
                 epochs,
                 concurrency,
+                match block_reads {
+                    BlockReadsArg::On => bench_pipeline::BlockReads::On,
+                    BlockReadsArg::Off => bench_pipeline::BlockReads::Off,
+                    BlockReadsArg::Both => bench_pipeline::BlockReads::Both,
+                },
                 &Bars::new(true),
             )
             .await?;

@@ -1,12 +1,13 @@
 //! A plain HTTP file server on 127.0.0.1:0 — what a public bucket looks like to an anonymous
 //! reader (`https://storage.googleapis.com/BUCKET/PATH`): GET and HEAD of the files under a
 //! folder, byte ranges, 404 for anything else, no listing. It logs every request path, so a
-//! test can tell which URLs a reader asked for.
+//! test can tell which URLs a reader asked for, and counts the body bytes it sent.
 
 use std::convert::Infallible;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -24,6 +25,7 @@ use tokio::sync::oneshot;
 pub struct HttpFileServer {
     addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
+    served: Arc<AtomicU64>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -36,6 +38,8 @@ impl HttpFileServer {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let log = Arc::new(Mutex::new(Vec::new()));
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = sent.clone();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("http-file-server")
@@ -59,9 +63,11 @@ impl HttpFileServer {
                             _ = &mut stop_rx => break,
                         };
                         let (root, log) = (root.clone(), served.clone());
+                        let counter = counter.clone();
                         let service = service_fn(move |req| {
                             let (root, log) = (root.clone(), log.clone());
-                            async move { Ok::<_, Infallible>(answer(&root, &log, &req)) }
+                            let counter = counter.clone();
+                            async move { Ok::<_, Infallible>(answer(&root, &log, &counter, &req)) }
                         });
                         tokio::spawn(async move {
                             let _ = hyper::server::conn::http1::Builder::new()
@@ -75,6 +81,7 @@ impl HttpFileServer {
         Ok(Self {
             addr,
             log,
+            served: sent,
             stop: Some(stop_tx),
             thread: Some(thread),
         })
@@ -91,6 +98,13 @@ impl HttpFileServer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+}
+
+impl HttpFileServer {
+    /// Body bytes sent so far (whole files and ranges), headers not counted.
+    pub fn served_bytes(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
     }
 }
 
@@ -111,7 +125,12 @@ fn status(code: StatusCode) -> Response<Full<Bytes>> {
     response
 }
 
-fn answer(root: &Path, log: &Mutex<Vec<String>>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn answer(
+    root: &Path,
+    log: &Mutex<Vec<String>>,
+    served: &AtomicU64,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     log.lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -160,6 +179,7 @@ fn answer(root: &Path, log: &Mutex<Vec<String>>, req: &Request<Incoming>) -> Res
     } else {
         Bytes::from(body)
     };
+    served.fetch_add(body.len() as u64, Ordering::Relaxed);
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = code;
     let headers = response.headers_mut();

@@ -4,6 +4,7 @@
 //! server of `atmorep-testkit`. A module per subject.
 
 mod ablate;
+mod block_reads;
 mod contained;
 // ERA5 NetCDF and GRIB conversion: needs libnetcdf and libeccodes (`.ci/run` installs them).
 #[cfg(feature = "era5-files")]

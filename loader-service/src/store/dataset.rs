@@ -91,6 +91,9 @@ pub struct Variable {
     pub stored_dtype: String,
     /// Packing and missing values.
     pub packing: Packing,
+    /// Unpacked f32 through exactly [bytes (little endian) → blosc]: small parts of its chunks
+    /// are read block by block ([`crate::store::block_read`]).
+    pub(crate) blosc_blocks: bool,
 }
 
 impl Variable {
@@ -142,8 +145,13 @@ pub type FetchedChunk = (String, Vec<u64>);
 pub struct ReadCounters {
     /// Encoded bytes fetched from the object store.
     pub fetched_bytes: AtomicU64,
-    /// Chunks fetched (cache misses that hit storage).
+    /// Whole chunks fetched (cache misses that hit storage).
     pub fetched_chunks: AtomicU64,
+    /// Blosc blocks fetched and decoded alone ([`crate::store::block_read`]); blocks stored
+    /// back to back are fetched in one request.
+    pub fetched_blocks: AtomicU64,
+    /// Requests (or file reads) that fetched bytes: whole chunks, chunk headers, blocks.
+    pub fetch_requests: AtomicU64,
     /// Bytes of decoded values produced by decoding.
     pub decoded_bytes: AtomicU64,
     /// Bytes of values delivered to callers.
@@ -184,6 +192,12 @@ pub struct Dataset {
     pub(crate) missing: MissingChunkPolicy,
     /// The version of each chunk first read, which every later read must find.
     pub(crate) versions: Arc<VersionLedger>,
+    /// Whether small parts of blosc chunks are read block by block.
+    pub(crate) block_reads: std::sync::atomic::AtomicBool,
+    /// The block tables of chunks read block by block.
+    pub(crate) blosc_indexes: crate::store::block_read::IndexCache,
+    pub(crate) index_reads: crate::store::block_read::IndexReads,
+    pub(crate) block_gates: std::sync::Mutex<crate::store::block_read::BlockGates>,
 }
 
 impl Dataset {
@@ -298,6 +312,10 @@ impl Dataset {
             fetch_log: std::sync::Mutex::new(None),
             missing: MissingChunkPolicy::default(),
             versions: Arc::default(),
+            block_reads: std::sync::atomic::AtomicBool::new(true),
+            blosc_indexes: crate::store::block_read::index_cache(),
+            index_reads: Default::default(),
+            block_gates: Default::default(),
         }
     }
 
@@ -585,7 +603,13 @@ fn make_variable(
             dtype: stored_dtype,
         });
     }
+    let packing = Packing {
+        scale: attr_f64(attrs, "scale_factor").unwrap_or(1.0),
+        offset: attr_f64(attrs, "add_offset").unwrap_or(0.0),
+        missing,
+    };
     Ok(Variable {
+        blosc_blocks: packing.is_identity() && crate::store::block_read::is_blosc_f32(array),
         name,
         node: node.clone(),
         roles,
@@ -593,11 +617,7 @@ fn make_variable(
         units: attr_str(attrs, "units").map(str::to_string),
         long_name: attr_str(attrs, "long_name").map(str::to_string),
         stored_dtype,
-        packing: Packing {
-            scale: attr_f64(attrs, "scale_factor").unwrap_or(1.0),
-            offset: attr_f64(attrs, "add_offset").unwrap_or(0.0),
-            missing,
-        },
+        packing,
     })
 }
 

@@ -130,6 +130,7 @@ impl Dataset {
                 .fetched_bytes
                 .fetch_add(len as u64, Ordering::Relaxed);
             self.counters.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+            self.counters.fetch_requests.fetch_add(1, Ordering::Relaxed);
         }
         self.counters
             .decode_nanos
@@ -144,7 +145,7 @@ impl Dataset {
     /// The error for a chunk found changed under the server; the first change logged, counted
     /// and answered by dropping the dataset's cached chunks, so none of them is served again
     /// unchecked beside the new ones.
-    fn store_changed(&self, array: &str, key: &str, changed: Changed) -> StoreError {
+    pub(crate) fn store_changed(&self, array: &str, key: &str, changed: Changed) -> StoreError {
         let dataset = self.missing.dataset(self.url()).to_string();
         if changed.first_in_store {
             let dropped = self.cache.remove_prefix(&format!("{}/", self.cache_id));

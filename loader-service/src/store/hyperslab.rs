@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::error::{Result, StoreError};
 use crate::progress::Progress;
-use crate::store::cache::DecodedChunk;
+use crate::store::block_read::{ChunkData, touched_ranges};
 use crate::store::dataset::{Dataset, Role, Variable};
 use crate::store::decode::run_on_rayon;
 
@@ -75,6 +75,9 @@ impl Hyperslab {
 /// Per store axis: (canonical output index, index within the chunk) pairs, for one chunk along
 /// that axis.
 type AxisPairs = Vec<(usize, usize)>;
+
+/// The value ranges of a chunk that a read touches.
+type Touched = Vec<Range<usize>>;
 
 struct ChunkPlan {
     indices: Vec<u64>,
@@ -282,7 +285,7 @@ impl Dataset {
         &self,
         variable: &Variable,
         slab: &Hyperslab,
-    ) -> Result<(Vec<ChunkPlan>, Vec<Arc<DecodedChunk>>)> {
+    ) -> Result<(Vec<ChunkPlan>, Vec<ChunkData>)> {
         self.validate(variable, slab)?;
         let array = &variable.node.array;
         let chunk_shape = variable.chunk_shape();
@@ -351,10 +354,24 @@ impl Dataset {
         );
 
         // Owned indices keep the future `Send` (a borrowed closure argument trips the
-        // higher-ranked lifetime check when the read runs in a spawned task).
-        let indices: Vec<Vec<u64>> = plans.iter().map(|p| p.indices.clone()).collect();
-        let chunks: Vec<Arc<DecodedChunk>> = futures::stream::iter(indices)
-            .map(|idx| async move { self.chunk(variable, &idx).await })
+        // higher-ranked lifetime check when the read runs in a spawned task). A small part of a
+        // blosc chunk is read block by block: the value ranges it touches go along.
+        let reads: Vec<(Vec<u64>, Option<Touched>)> = plans
+            .iter()
+            .map(|plan| {
+                let touched = variable.blosc_blocks.then(|| plan_ranges(variable, plan));
+                let touched =
+                    touched.filter(|(ranges, values)| self.wants_blocks(variable, ranges, *values));
+                (plan.indices.clone(), touched.map(|(ranges, _)| ranges))
+            })
+            .collect();
+        let chunks: Vec<ChunkData> = futures::stream::iter(reads)
+            .map(|(idx, touched)| async move {
+                match touched {
+                    Some(ranges) => self.chunk_blocks(variable, &idx, &ranges).await,
+                    None => Ok(ChunkData::Whole(self.chunk(variable, &idx).await?)),
+                }
+            })
             .buffered(FETCH_CONCURRENCY)
             .try_collect()
             .await?;
@@ -410,7 +427,7 @@ impl Dataset {
 /// `base`, placing each point where `layout` says and mapping it through its plane's `affine`.
 /// The innermost store axis is copied in runs that are contiguous on both sides.
 fn scatter(
-    chunk: &DecodedChunk,
+    chunk: &ChunkData,
     pairs: &[AxisPairs],
     axes: &[Option<usize>],
     layout: &OutputLayout,
@@ -419,10 +436,11 @@ fn scatter(
     base: usize,
 ) {
     let values = chunk.values();
-    let ndim = chunk.shape.len();
+    let shape = chunk.shape();
+    let ndim = shape.len();
     let mut chunk_strides = vec![1usize; ndim];
     for a in (0..ndim - 1).rev() {
-        chunk_strides[a] = chunk_strides[a + 1] * chunk.shape[a + 1];
+        chunk_strides[a] = chunk_strides[a + 1] * shape[a + 1];
     }
     let levels = layout.offsets[1].len();
     // Per store axis: (output offset, chunk offset, plane index contribution) of each pair.
@@ -465,24 +483,47 @@ fn scatter(
     let first = runs.iter().map(|r| r.1).min().unwrap_or(0);
     let last = runs.iter().map(|r| r.1 + r.2).max().unwrap_or(0);
     for (i, &(out_off, chunk_off, plane)) in rows.iter().enumerate() {
-        if let Some(&(_, ahead, _)) = rows.get(i + PREFETCH_ROWS) {
+        if let (Some(values), Some(&(_, ahead, _))) = (values, rows.get(i + PREFETCH_ROWS)) {
             prefetch(&values[ahead + first..ahead + last]);
         }
         for &(o, c, len, p) in &runs {
             let dst = out_off + o - base;
-            let src = chunk_off + c;
-            let (dst, src) = (&mut out[dst..dst + len], &values[src..src + len]);
-            match affine {
-                None => dst.copy_from_slice(src),
-                Some(affine) => {
-                    let (offset, scale) = affine[plane + p];
-                    for (d, s) in dst.iter_mut().zip(src) {
-                        *d = (*s - offset) * scale;
+            let dst = &mut out[dst..dst + len];
+            chunk.pieces(chunk_off + c, len, |at, src| {
+                let dst = &mut dst[at..at + src.len()];
+                match affine {
+                    None => dst.copy_from_slice(src),
+                    Some(affine) => {
+                        let (offset, scale) = affine[plane + p];
+                        for (d, s) in dst.iter_mut().zip(src) {
+                            *d = (*s - offset) * scale;
+                        }
                     }
                 }
-            }
+            });
         }
     }
+}
+
+/// The value ranges of its chunk that `plan` touches, and the chunk's number of values.
+fn plan_ranges(variable: &Variable, plan: &ChunkPlan) -> (Vec<Range<usize>>, usize) {
+    let shape: Vec<usize> = variable
+        .node
+        .array
+        .chunk_shape(&plan.indices)
+        .map(|s| s.iter().map(|n| n.get() as usize).collect())
+        .unwrap_or_default();
+    let Some((inner, outer)) = plan.pairs.split_last() else {
+        return (Vec::new(), 0);
+    };
+    let outer: Vec<Vec<usize>> = outer
+        .iter()
+        .map(|pairs| pairs.iter().map(|&(_, c)| c).collect())
+        .collect();
+    let first = inner.iter().map(|&(_, c)| c).min().unwrap_or(0);
+    let last = inner.iter().map(|&(_, c)| c + 1).max().unwrap_or(0);
+    let values = shape.iter().product();
+    (touched_ranges(&shape, &outer, first..last), values)
 }
 
 /// How many rows ahead [`scatter`] prefetches.

@@ -4,6 +4,8 @@
 //! ([`zarr_meta`], [`writer`]), with Parquet tables (statistics, benchmark figures) beside them;
 //! a store rewritten while served is noticed through the versions of its chunks ([`version`]).
 
+mod block_read;
+pub mod blosc_blocks;
 pub mod cache;
 pub mod cf_time;
 pub mod dataset;

@@ -3,7 +3,9 @@
 //! the time the same machine needs to decode, on all cores, exactly the chunks the run fetched
 //! (the decode limit measured in the same process right after the run). It runs several epochs
 //! in one process: the first pays for faulting in fresh memory (a new process's buffers), the
-//! later ones show the steady state a long training run sees.
+//! later ones show the steady state a long training run sees. It also reports the bytes fetched
+//! and decoded per byte delivered, and can run each epoch with and without block reads
+//! ([`BlockReads`]) for a side-by-side comparison in one process.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -22,10 +24,40 @@ use crate::store::dataset::Dataset;
 use crate::store::decode::{decode_chunk, run_on_rayon};
 use crate::{ChunkCache, StoreLocation};
 
+/// Which read path the benchmark's epochs take for small parts of blosc chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BlockReads {
+    /// Block reads where they apply (the default of every reader).
+    #[default]
+    On,
+    /// Whole chunks always.
+    Off,
+    /// Each epoch twice: whole chunks, then block reads.
+    Both,
+}
+
+impl BlockReads {
+    fn modes(self) -> &'static [bool] {
+        match self {
+            Self::On => &[true],
+            Self::Off => &[false],
+            Self::Both => &[false, true],
+        }
+    }
+}
+
 /// A benchmark run's figures.
 #[derive(Debug, Clone)]
 pub struct PipelineBenchReport {
     pub epoch: u64,
+    /// Whether small parts of blosc chunks were read block by block.
+    pub block_reads: bool,
+    /// Bytes fetched from storage (whole chunks, chunk headers, blocks) and the requests.
+    pub fetched_bytes: u64,
+    pub fetch_requests: u64,
+    /// Bytes of decoded values produced, and of values delivered by the store's reads.
+    pub decoded_bytes: u64,
+    pub delivered_bytes: u64,
     pub samples: u64,
     pub seconds: f64,
     pub samples_per_second: f64,
@@ -49,6 +81,7 @@ pub async fn run(
     samples: Option<u64>,
     epochs: u64,
     concurrency: usize,
+    block_reads: BlockReads,
     progress: &dyn Progress,
 ) -> Result<Vec<PipelineBenchReport>, PipelineError> {
     let location = StoreLocation::open(url)?;
@@ -78,7 +111,13 @@ pub async fn run(
 
     let mut reports = Vec::new();
     for epoch in 0..epochs.max(1) {
-        reports.push(run_epoch(&dataset, &pipeline, epoch, total, concurrency, progress).await?);
+        for &on in block_reads.modes() {
+            dataset.set_block_reads(on);
+            let mut report =
+                run_epoch(&dataset, &pipeline, epoch, total, concurrency, progress).await?;
+            report.block_reads = on;
+            reports.push(report);
+        }
     }
     Ok(reports)
 }
@@ -94,7 +133,14 @@ async fn run_epoch(
 ) -> Result<PipelineBenchReport, PipelineError> {
     dataset.cache().clear();
     dataset.record_fetches(true);
-    let decoded_before = dataset.counters.decoded_bytes.load(Ordering::Relaxed);
+    let counters = &dataset.counters;
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let before = [
+        count(&counters.decoded_bytes),
+        count(&counters.fetched_bytes),
+        count(&counters.fetch_requests),
+        count(&counters.delivered_bytes),
+    ];
     progress.start("samples", total);
     let started = Instant::now();
     // The same batch stream the service sends: samples assembled `concurrency` at a time on the
@@ -129,7 +175,12 @@ async fn run_epoch(
     let seconds = started.elapsed().as_secs_f64();
     progress.finish();
     let fetched = dataset.record_fetches(false);
-    let decoded = dataset.counters.decoded_bytes.load(Ordering::Relaxed) - decoded_before;
+    let [decoded, fetched_bytes, fetch_requests, delivered_bytes] = [
+        count(&counters.decoded_bytes) - before[0],
+        count(&counters.fetched_bytes) - before[1],
+        count(&counters.fetch_requests) - before[2],
+        count(&counters.delivered_bytes) - before[3],
+    ];
 
     // The decode limit: fetch the same chunks' bytes first, then decode them all in parallel.
     let mut encoded = Vec::with_capacity(fetched.len());
@@ -162,6 +213,11 @@ async fn run_epoch(
     let decoded_limit = decoded_limit??;
     Ok(PipelineBenchReport {
         epoch,
+        block_reads: false,
+        fetched_bytes,
+        fetch_requests,
+        decoded_bytes: decoded,
+        delivered_bytes,
         samples: delivered,
         seconds,
         samples_per_second: delivered as f64 / seconds,
@@ -169,7 +225,12 @@ async fn run_epoch(
         read_amplification: decoded as f64 / payload.max(1) as f64,
         decode_seconds,
         decode_gbps: decoded_limit as f64 / decode_seconds / 1e9,
-        ratio: decode_seconds / seconds,
+        // Block reads are not in the fetch log: the limit covers whole chunks only.
+        ratio: if decoded_limit > 0 {
+            decode_seconds / seconds
+        } else {
+            0.0
+        },
         cores: rayon::current_num_threads(),
     })
 }
@@ -223,6 +284,15 @@ impl PipelineBenchReport {
         );
         let _ = writeln!(
             s,
+            "read path          {}",
+            if self.block_reads {
+                "block reads where they apply"
+            } else {
+                "whole chunks"
+            }
+        );
+        let _ = writeln!(
+            s,
             "samples            {} in {:.2} s",
             self.samples, self.seconds
         );
@@ -233,11 +303,30 @@ impl PipelineBenchReport {
             "read amplification {:.2} (decoded bytes / delivered bytes)",
             self.read_amplification
         );
+        let per = |bytes: u64| bytes as f64 / self.delivered_bytes.max(1) as f64;
         let _ = writeln!(
             s,
-            "decode limit       {:.2} s to decode the same chunks on {} cores ({:.2} GB/s)",
-            self.decode_seconds, self.cores, self.decode_gbps
+            "fetched/delivered  {:.2} ({:.1} MB in {} requests; delivered {:.1} MB of values)",
+            per(self.fetched_bytes),
+            self.fetched_bytes as f64 / 1e6,
+            self.fetch_requests,
+            self.delivered_bytes as f64 / 1e6
         );
+        let _ = writeln!(
+            s,
+            "decoded/delivered  {:.2} ({:.1} MB decoded)",
+            per(self.decoded_bytes),
+            self.decoded_bytes as f64 / 1e6
+        );
+        if self.ratio > 0.0 {
+            let _ = writeln!(
+                s,
+                "decode limit       {:.2} s to decode the same chunks on {} cores ({:.2} GB/s)",
+                self.decode_seconds, self.cores, self.decode_gbps
+            );
+        } else {
+            let _ = writeln!(s, "decode limit       n/a (no whole chunk was fetched)");
+        }
         let _ = writeln!(
             s,
             "ratio              {:.3} (decode time / pipeline time)",

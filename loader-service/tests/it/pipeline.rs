@@ -539,15 +539,23 @@ async fn bench_pipeline_reports_each_epoch_against_its_own_decode_limit() {
         None,
         3,
         8,
+        atmorep_loader::tools::bench_pipeline::BlockReads::Both,
         &NoProgress,
     )
     .await
     .unwrap();
+    // Each epoch twice: whole chunks, then block reads where they apply (nowhere here: chunks
+    // this small are read whole).
     assert_eq!(
-        reports.iter().map(|r| r.epoch).collect::<Vec<_>>(),
-        [0, 1, 2]
+        reports
+            .iter()
+            .map(|r| (r.epoch, r.block_reads))
+            .collect::<Vec<_>>(),
+        [0, 1, 2].map(|e| [(e, false), (e, true)]).concat()
     );
     for r in &reports {
+        assert!(r.fetched_bytes > 0 && r.fetch_requests > 0, "{r:?}");
+        assert!(r.to_text().contains("fetched/delivered"), "{r:?}");
         // 38 training steps: two 16-step blocks, 6 samples each.
         assert_eq!(r.samples, 12, "epoch {}", r.epoch);
         // Every epoch starts from an empty cache, so each decodes (and is compared with

@@ -1,0 +1,471 @@
+//! The blocks of a blosc1 chunk, read and decoded one by one. A blosc chunk is a 16-byte header
+//! and a table of block offsets (`bstarts`), then independently compressed (and shuffled)
+//! blocks, so a reader that needs a few rows of a large chunk can fetch the header, then only the
+//! byte ranges of the blocks holding those rows, and decode each of them alone
+//! (docs/performance.md, "Reading only the blosc blocks a request uses").
+//!
+//! A block is decoded by wrapping its compressed bytes in a one-block blosc buffer and letting
+//! c-blosc decode that (through zarrs' safe wrapper): the same code decodes it, byte for byte as
+//! in a whole-chunk decode. Blocks of a chunk compressed by several threads may be stored out of
+//! order, so a block ends at the next larger offset (or at the end of the chunk), not at the next
+//! table entry.
+
+use std::ops::Range;
+
+use zarrs::array::codec::bytes_to_bytes::blosc::blosc_decompress_bytes;
+
+/// Bytes of a blosc1 header before the block offsets.
+pub const HEADER_LEN: usize = 16;
+/// The blosc format version c-blosc 1.x writes and reads.
+const FORMAT_VERSION: u8 = 2;
+/// Stored without compression: the data follows the header, no block offsets.
+const MEMCPYED: u8 = 0x2;
+/// Blocks are not split into one stream per byte of an element.
+const DONT_SPLIT: u8 = 0x10;
+/// Bytes to read first: the header and the offsets of up to 1020 blocks (a 37-level ERA5 chunk
+/// at 0.25° has 294 blocks of 512 KiB).
+pub const FIRST_READ: usize = 4096;
+
+/// Why the start of a chunk is not a blosc1 header this reader can use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BloscIndexError {
+    #[error("blosc header truncated: {got} bytes, {needed} needed")]
+    Truncated { needed: usize, got: usize },
+    #[error("blosc format version {0}, expected {FORMAT_VERSION}")]
+    Version(u8),
+    #[error("blosc header field {field} is {value}: {why}")]
+    Field {
+        field: &'static str,
+        value: usize,
+        why: &'static str,
+    },
+    #[error("blosc block {block} starts at {start}, outside {header}..{cbytes}")]
+    BlockStart {
+        block: usize,
+        start: usize,
+        header: usize,
+        cbytes: usize,
+    },
+    #[error("blosc blocks {0} and {1} start at the same offset")]
+    SharedStart(usize, usize),
+    #[error("blosc block {block}: {detail}")]
+    Decode { block: usize, detail: String },
+}
+
+/// The header and block table of one blosc1 chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BloscIndex {
+    versionlz: u8,
+    flags: u8,
+    typesize: u8,
+    /// Decoded bytes of the whole chunk.
+    pub nbytes: usize,
+    /// Decoded bytes of every block but a shorter last one.
+    pub blocksize: usize,
+    /// Encoded bytes of the whole chunk.
+    pub cbytes: usize,
+    /// Encoded byte range of each block (empty for a memcpyed chunk).
+    ranges: Vec<Range<usize>>,
+}
+
+fn le_u32(bytes: &[u8], at: usize) -> usize {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize
+}
+
+impl BloscIndex {
+    /// How many bytes from the start of the chunk hold the header and the block table, from
+    /// its first [`HEADER_LEN`] bytes.
+    pub fn header_len(first: &[u8]) -> Result<usize, BloscIndexError> {
+        let (nbytes, blocksize, flags) = Self::fixed(first)?;
+        Ok(if flags & MEMCPYED != 0 {
+            HEADER_LEN
+        } else {
+            HEADER_LEN + 4 * nbytes.div_ceil(blocksize)
+        })
+    }
+
+    fn fixed(first: &[u8]) -> Result<(usize, usize, u8), BloscIndexError> {
+        if first.len() < HEADER_LEN {
+            return Err(BloscIndexError::Truncated {
+                needed: HEADER_LEN,
+                got: first.len(),
+            });
+        }
+        if first[0] != FORMAT_VERSION {
+            return Err(BloscIndexError::Version(first[0]));
+        }
+        let field = |field, value, why| BloscIndexError::Field { field, value, why };
+        if first[3] == 0 {
+            return Err(field("typesize", 0, "must be positive"));
+        }
+        let (nbytes, blocksize) = (le_u32(first, 4), le_u32(first, 8));
+        if nbytes == 0 {
+            return Err(field("nbytes", 0, "an empty chunk has no blocks"));
+        }
+        if blocksize == 0 {
+            return Err(field("blocksize", 0, "must be positive"));
+        }
+        Ok((nbytes, blocksize, first[2]))
+    }
+
+    /// Parses the header and block table from the first bytes of a chunk (at least
+    /// [`Self::header_len`] of them).
+    pub fn parse(bytes: &[u8]) -> Result<Self, BloscIndexError> {
+        let (nbytes, blocksize, flags) = Self::fixed(bytes)?;
+        let header = Self::header_len(bytes)?;
+        if bytes.len() < header {
+            return Err(BloscIndexError::Truncated {
+                needed: header,
+                got: bytes.len(),
+            });
+        }
+        let cbytes = le_u32(bytes, 12);
+        let mut index = Self {
+            versionlz: bytes[1],
+            flags,
+            typesize: bytes[3],
+            nbytes,
+            blocksize,
+            cbytes,
+            ranges: Vec::new(),
+        };
+        if flags & MEMCPYED != 0 {
+            if cbytes != HEADER_LEN + nbytes {
+                return Err(BloscIndexError::Field {
+                    field: "cbytes",
+                    value: cbytes,
+                    why: "a memcpyed chunk holds exactly its header and nbytes",
+                });
+            }
+            return Ok(index);
+        }
+        let nblocks = nbytes.div_ceil(blocksize);
+        let starts: Vec<usize> = (0..nblocks)
+            .map(|j| le_u32(bytes, HEADER_LEN + 4 * j))
+            .collect();
+        for (block, &start) in starts.iter().enumerate() {
+            // A block holds at least one split's 4-byte size.
+            if start < header || start + 4 > cbytes {
+                return Err(BloscIndexError::BlockStart {
+                    block,
+                    start,
+                    header,
+                    cbytes,
+                });
+            }
+        }
+        let mut order: Vec<usize> = (0..nblocks).collect();
+        order.sort_by_key(|&j| starts[j]);
+        index.ranges = vec![0..0; nblocks];
+        for (k, &j) in order.iter().enumerate() {
+            let end = match order.get(k + 1) {
+                Some(&next) if starts[next] == starts[j] => {
+                    return Err(BloscIndexError::SharedStart(j.min(next), j.max(next)));
+                }
+                Some(&next) => starts[next],
+                None => cbytes,
+            };
+            index.ranges[j] = starts[j]..end;
+        }
+        Ok(index)
+    }
+
+    /// Blocks of the chunk.
+    pub fn nblocks(&self) -> usize {
+        self.nbytes.div_ceil(self.blocksize)
+    }
+
+    /// Whether the chunk is stored uncompressed.
+    pub fn memcpyed(&self) -> bool {
+        self.flags & MEMCPYED != 0
+    }
+
+    /// The decoded byte range of block `j`.
+    pub fn decoded_range(&self, j: usize) -> Range<usize> {
+        let start = j * self.blocksize;
+        start..(start + self.blocksize).min(self.nbytes)
+    }
+
+    /// The encoded byte range of block `j` in the chunk.
+    pub fn encoded_range(&self, j: usize) -> Range<usize> {
+        if self.memcpyed() {
+            let decoded = self.decoded_range(j);
+            HEADER_LEN + decoded.start..HEADER_LEN + decoded.end
+        } else {
+            self.ranges[j].clone()
+        }
+    }
+
+    /// The blocks holding the decoded bytes `decoded` (clamped to the chunk).
+    pub fn blocks_for(&self, decoded: Range<usize>) -> Range<usize> {
+        let end = decoded.end.min(self.nbytes);
+        if decoded.start >= end {
+            return 0..0;
+        }
+        decoded.start / self.blocksize..end.div_ceil(self.blocksize)
+    }
+
+    /// Decodes block `j` alone from its encoded bytes (those of [`Self::encoded_range`]).
+    pub fn decode_block(&self, j: usize, encoded: &[u8]) -> Result<Vec<u8>, BloscIndexError> {
+        let decoded = self.decoded_range(j);
+        let size = decoded.len();
+        let fail = |detail: String| BloscIndexError::Decode { block: j, detail };
+        let expected = self.encoded_range(j).len();
+        if encoded.len() != expected {
+            return Err(fail(format!(
+                "{} encoded bytes, expected {expected}",
+                encoded.len()
+            )));
+        }
+        if self.memcpyed() {
+            return Ok(encoded.to_vec());
+        }
+        // A one-block buffer: nbytes = blocksize = this block's size, its data right after a
+        // one-entry table. The whole-chunk decoder never splits a shorter last block, while a
+        // one-block buffer has no "last block", so the flag says so.
+        let mut flags = self.flags;
+        if size < self.blocksize {
+            flags |= DONT_SPLIT;
+        }
+        let mini_len = HEADER_LEN + 4 + encoded.len();
+        let as_u32 = |v: usize| {
+            u32::try_from(v).map_err(|_| fail(format!("size {v} does not fit a blosc header")))
+        };
+        let mut mini = Vec::with_capacity(mini_len);
+        mini.extend_from_slice(&[FORMAT_VERSION, self.versionlz, flags, self.typesize]);
+        mini.extend_from_slice(&as_u32(size)?.to_le_bytes());
+        mini.extend_from_slice(&as_u32(size)?.to_le_bytes());
+        mini.extend_from_slice(&as_u32(mini_len)?.to_le_bytes());
+        mini.extend_from_slice(&as_u32(HEADER_LEN + 4)?.to_le_bytes());
+        mini.extend_from_slice(encoded);
+        let out = blosc_decompress_bytes(&mini, size, 1).map_err(|e| fail(e.to_string()))?;
+        if out.len() != size {
+            return Err(fail(format!(
+                "decoded {} bytes, expected {size}",
+                out.len()
+            )));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zarrs::array::codec::bytes_to_bytes::blosc::{
+        BloscCompressionLevel, BloscCompressor, BloscShuffleMode, blosc_compress_bytes,
+    };
+
+    /// Smooth-ish floats (compressible), `n` of them, as little-endian bytes.
+    fn field(n: usize) -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| {
+                let x = i as f32;
+                let v = (x * 0.013).sin() * 40.0 + (x * 0.0007).cos() * 250.0;
+                // Few significant bits, as in ERA5's packed origins: compressible unshuffled too.
+                ((v * 8.0).round() / 8.0).to_le_bytes()
+            })
+            .collect()
+    }
+
+    /// Random bytes: blosc stores them uncompressed.
+    fn noise(n: usize) -> Vec<u8> {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn compress(
+        data: &[u8],
+        compressor: BloscCompressor,
+        shuffle: BloscShuffleMode,
+        clevel: u8,
+        blocksize: usize,
+    ) -> Vec<u8> {
+        blosc_compress_bytes(
+            data,
+            BloscCompressionLevel::try_from(clevel).unwrap(),
+            shuffle,
+            4,
+            compressor,
+            blocksize,
+            1,
+        )
+        .unwrap()
+    }
+
+    /// Every block decoded alone equals the same bytes of the whole-chunk decode.
+    fn blocks_match_whole(chunk: &[u8], data: &[u8]) -> BloscIndex {
+        let whole = blosc_decompress_bytes(chunk, data.len(), 1).unwrap();
+        assert_eq!(whole, data);
+        let index = BloscIndex::parse(&chunk[..BloscIndex::header_len(chunk).unwrap()]).unwrap();
+        assert_eq!(index.nbytes, data.len());
+        for j in 0..index.nblocks() {
+            let block = index
+                .decode_block(j, &chunk[index.encoded_range(j)])
+                .unwrap();
+            assert_eq!(block, whole[index.decoded_range(j)], "block {j}");
+        }
+        index
+    }
+
+    #[test]
+    fn every_block_alone_matches_the_whole_chunk() {
+        use BloscCompressor::{LZ4, Zstd};
+        use BloscShuffleMode::{BitShuffle, NoShuffle, Shuffle};
+        // 100 000 floats in blocks asked to be 16 KiB: lz4 splits (one stream per byte of a
+        // float) and so enlarges them to 64 KiB (6 blocks and a leftover), zstd keeps them
+        // (24 and a leftover).
+        let data = field(100_000);
+        for (compressor, shuffle) in [
+            (LZ4, Shuffle),
+            (Zstd, Shuffle),
+            (LZ4, BitShuffle),
+            (Zstd, BitShuffle),
+            (LZ4, NoShuffle),
+        ] {
+            let chunk = compress(&data, compressor, shuffle, 5, 16384);
+            let index = blocks_match_whole(&chunk, &data);
+            let what = format!("{compressor:?} {shuffle:?}");
+            assert!(index.nblocks() >= 7, "{what}: {} blocks", index.nblocks());
+            assert!(!index.memcpyed(), "{what}");
+            let last = index.nblocks() - 1;
+            assert!(index.decoded_range(last).len() < index.blocksize, "{what}");
+        }
+        // Blosc's own block size (0: chosen from the level and the codec).
+        let chunk = compress(&field(400_000), LZ4, Shuffle, 5, 0);
+        assert!(blocks_match_whole(&chunk, &field(400_000)).nblocks() > 1);
+    }
+
+    #[test]
+    fn memcpyed_chunks_are_copied_block_by_block() {
+        for (data, clevel) in [(noise(300_000), 5), (field(75_000), 0)] {
+            let chunk = compress(
+                &data,
+                BloscCompressor::LZ4,
+                BloscShuffleMode::Shuffle,
+                clevel,
+                16384,
+            );
+            let index = blocks_match_whole(&chunk, &data);
+            assert!(index.memcpyed(), "clevel {clevel}");
+            assert!(index.nblocks() > 1);
+            assert_eq!(BloscIndex::header_len(&chunk).unwrap(), HEADER_LEN);
+        }
+    }
+
+    #[test]
+    fn blocks_stored_out_of_order_end_at_the_next_larger_offset() {
+        let data = field(10_000);
+        let chunk = compress(
+            &data,
+            BloscCompressor::Zstd,
+            BloscShuffleMode::Shuffle,
+            5,
+            8192,
+        );
+        let index = BloscIndex::parse(&chunk).unwrap();
+        assert_eq!(index.nblocks(), 5);
+        // Store the blocks in the order 3, 0, 4, 1, 2, rewriting the offsets.
+        let order = [3, 0, 4, 1, 2];
+        let header = BloscIndex::header_len(&chunk).unwrap();
+        let mut permuted = chunk[..header].to_vec();
+        for &j in &order {
+            let at = permuted.len() as u32;
+            permuted[HEADER_LEN + 4 * j..HEADER_LEN + 4 * j + 4].copy_from_slice(&at.to_le_bytes());
+            permuted.extend_from_slice(&chunk[index.encoded_range(j)]);
+        }
+        assert_eq!(permuted.len(), chunk.len());
+        let permuted_index = blocks_match_whole(&permuted, &data);
+        let len = |j: usize| index.encoded_range(j).len();
+        let at4 = header + len(3) + len(0);
+        assert_eq!(permuted_index.encoded_range(4), at4..at4 + len(4));
+        assert_eq!(permuted_index.encoded_range(2).end, chunk.len());
+    }
+
+    #[test]
+    fn blocks_for_covers_a_decoded_range() {
+        let chunk = compress(
+            &field(10_000),
+            BloscCompressor::Zstd,
+            BloscShuffleMode::Shuffle,
+            5,
+            8192,
+        );
+        let index = BloscIndex::parse(&chunk).unwrap();
+        assert_eq!(index.blocks_for(0..1), 0..1);
+        assert_eq!(index.blocks_for(8191..8193), 0..2);
+        assert_eq!(index.blocks_for(8192..16384), 1..2);
+        assert_eq!(index.blocks_for(39_000..1 << 30), 4..5);
+        assert_eq!(index.blocks_for(5..5), 0..0);
+    }
+
+    #[test]
+    fn bad_headers_are_refused_with_the_reason() {
+        let data = field(10_000);
+        let chunk = compress(
+            &data,
+            BloscCompressor::Zstd,
+            BloscShuffleMode::Shuffle,
+            5,
+            8192,
+        );
+        assert_eq!(
+            BloscIndex::parse(&chunk[..10]),
+            Err(BloscIndexError::Truncated {
+                needed: 16,
+                got: 10
+            })
+        );
+        assert_eq!(
+            BloscIndex::parse(&chunk[..20]),
+            Err(BloscIndexError::Truncated {
+                needed: 36,
+                got: 20
+            })
+        );
+        let mut bad = chunk.clone();
+        bad[0] = 3;
+        assert_eq!(BloscIndex::parse(&bad), Err(BloscIndexError::Version(3)));
+        let mut bad = chunk.clone();
+        bad[8..12].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(
+            BloscIndex::parse(&bad),
+            Err(BloscIndexError::Field {
+                field: "blocksize",
+                ..
+            })
+        ));
+        let mut bad = chunk.clone();
+        bad[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&(chunk.len() as u32).to_le_bytes());
+        assert!(matches!(
+            BloscIndex::parse(&bad),
+            Err(BloscIndexError::BlockStart { block: 2, .. })
+        ));
+        let mut bad = chunk.clone();
+        let first = bad[HEADER_LEN..HEADER_LEN + 4].to_vec();
+        bad[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&first);
+        assert_eq!(
+            BloscIndex::parse(&bad),
+            Err(BloscIndexError::SharedStart(0, 1))
+        );
+        // Corrupt compressed bytes fail in the decoder, naming the block.
+        let index = BloscIndex::parse(&chunk).unwrap();
+        let mut block = chunk[index.encoded_range(1)].to_vec();
+        block[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            index.decode_block(1, &block),
+            Err(BloscIndexError::Decode { block: 1, .. })
+        ));
+        assert!(matches!(
+            index.decode_block(1, &block[1..]),
+            Err(BloscIndexError::Decode { block: 1, .. })
+        ));
+    }
+}
