@@ -250,6 +250,7 @@ mod tests {
                 aux_info: AuxInfo::Concat,
                 pe: "global".into(),
                 blur_sigma: 0.0,
+                ensemble: 1,
                 losses: (1..=120)
                     .map(|s| (s, (1.0 + i as f64) / (1.0 + s as f64 * 0.05)))
                     .collect(),
