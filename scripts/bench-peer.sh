@@ -40,7 +40,8 @@ EPOCHS=${EPOCHS:-6}
 BLOCK_READS=${BLOCK_READS:-on}
 PEER=${PEER:-$root/../shared/bench/python_peer}
 ROUNDS=${1:-5}
-# The peer's Python packages (zarr 3 writes and reads the Zarr v2 store; Python 3.11).
+# The peer's Python packages: make_store.py uses zarr 3's API (`create_array`, `compressors=`) to
+# write its Zarr v2 store; numpy 2.4 is the last for Python 3.11.
 PINS="numpy==2.4.6 zarr==3.1.6 numcodecs==0.16.6 xarray==2026.9.0"
 
 [ "$EPOCHS" -ge 2 ] || { echo "EPOCHS must be at least 2 (epoch 0 and a steady one)" >&2; exit 2; }
@@ -98,7 +99,7 @@ bench() {
   "$BIN" loader bench-pipeline "$STORE" --config "$request" --block-reads "$BLOCK_READS" "$@"
 }
 # Warm the page cache with the store's chunks (both sides read the same files).
-bench --epochs 1 >/dev/null 2>&1
+bench --epochs 1 >"$work/bench.txt" 2>&1 || { cat "$work/bench.txt" >&2; exit 1; }
 
 printf '%-6s %12s %14s %14s %12s %12s\n' round "peer smp/s" "fresh smp/s" "steady smp/s" "fresh/peer" "steady/peer"
 for round in $(seq "$ROUNDS"); do
