@@ -138,7 +138,7 @@ async fn shutdown_signal(until_stdin_closes: bool) {
 
 #[cfg(test)]
 mod tests {
-    use super::{ServeArgs, server_config};
+    use super::{ServeArgs, Switch, server_config};
     use atmorep_loader::service::ServerConfig;
     use atmorep_proto::request::RequestConfig;
 
