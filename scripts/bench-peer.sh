@@ -8,7 +8,9 @@
 # Environment: BIN (default target/release/atmorep), STORE (reuse a store; default: the peer's
 # store with NT steps, written once under the target folder and kept), NT (48), PER_BLOCK (128),
 # MIN_SECONDS (the peer's timing per round, 15), EPOCHS (bench-pipeline epochs per round, 6),
-# BLOCK_READS (bench-pipeline --block-reads, on), PEER (the peer's folder).
+# BLOCK_READS (bench-pipeline --block-reads: on, the default, reads only the blosc blocks a chunk's
+# samples use where they use less than half of it, as with PER_BLOCK 16; off, whole chunks),
+# PEER (the peer's folder).
 #
 # The peer is `peer_loader.py --variants smart_raw --procs 2`: two independent processes, each
 # picking a random 36-step time block, decoding its 36 × 5 chunks per variable with numcodecs
@@ -26,6 +28,11 @@
 #   - ours does more per sample: BERT masking and local positional encodings (as the reference
 #     request, examples/reference.toml), and global per-level statistics from `loader stats`
 #     rather than the peer's every-6th-step estimate (the same arithmetic: (x - mean) / std);
+#   - an epoch of ours is one block, PER_BLOCK samples (about a second in a release build), so
+#     the steady state is the median of EPOCHS - 1 short epochs; the peer times >= MIN_SECONDS;
+#   - the first figures (96–104 / 129–135 samples/s) came from bench-pipeline's default
+#     request, `block_steps` = all 48 steps with each sample picking its own 36: 480 chunks
+#     decoded per block of 128 samples, where the peer and this script's request decode 360;
 #   - ours is one process on all cores; the peer's epoch 0 (imports, first block) is not timed,
 #     so its figure compares with both of ours.
 set -euo pipefail
@@ -44,6 +51,7 @@ ROUNDS=${1:-5}
 # write its Zarr v2 store; numpy 2.4 is the last for Python 3.11.
 PINS="numpy==2.4.6 zarr==3.1.6 numcodecs==0.16.6 xarray==2026.9.0"
 
+case $BLOCK_READS in on | off) ;; *) echo "BLOCK_READS must be on or off" >&2; exit 2 ;; esac
 [ "$EPOCHS" -ge 2 ] || { echo "EPOCHS must be at least 2 (epoch 0 and a steady one)" >&2; exit 2; }
 [ "$NT" -ge 36 ] || { echo "NT must be at least 36 (the peer's window)" >&2; exit 2; }
 [ -f "$PEER/peer_loader.py" ] || { echo "no peer_loader.py in $PEER (set PEER)" >&2; exit 2; }
