@@ -21,10 +21,20 @@ pub struct ServeArgs {
     /// Override the Prometheus address.
     #[arg(long)]
     metrics_bind: Option<SocketAddr>,
+    /// Override the configured `block_reads`: `off` fetches and decodes whole chunks only.
+    #[arg(long, value_enum)]
+    block_reads: Option<Switch>,
     /// Also shut down when standard input closes: a parent that started this loader over a
     /// pipe takes it along when it exits, even when it is killed.
     #[arg(long)]
     until_stdin_closes: bool,
+}
+
+/// `serve --block-reads`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
@@ -73,6 +83,9 @@ fn server_config(args: &ServeArgs) -> Result<ServerConfig> {
     }
     if let Some(bind) = args.metrics_bind {
         config.metrics_bind = Some(bind);
+    }
+    if let Some(switch) = args.block_reads {
+        config.block_reads = switch == Switch::On;
     }
     config.check()?;
     Ok(config)
@@ -125,7 +138,7 @@ async fn shutdown_signal(until_stdin_closes: bool) {
 
 #[cfg(test)]
 mod tests {
-    use super::{ServeArgs, server_config};
+    use super::{ServeArgs, Switch, server_config};
     use atmorep_loader::service::ServerConfig;
     use atmorep_proto::request::RequestConfig;
 
@@ -148,6 +161,7 @@ mod tests {
             datasets: datasets.iter().map(|d| d.to_string()).collect(),
             bind: None,
             metrics_bind: None,
+            block_reads: None,
             until_stdin_closes: false,
         }
     }
@@ -167,6 +181,13 @@ mod tests {
         // Datasets from neither place: still refused, by name.
         let err = server_config(&args(Some(&file), &[])).unwrap_err();
         assert!(err.to_string().contains("no [[datasets]]"), "{err}");
+        assert!(config.block_reads);
+        let off = server_config(&ServeArgs {
+            block_reads: Some(Switch::Off),
+            ..args(Some(&file), &["arco=/data/arco.zarr"])
+        })
+        .unwrap();
+        assert!(!off.block_reads);
         let err = server_config(&args(None, &["no-equals-sign"])).unwrap_err();
         assert!(err.to_string().contains("expected NAME=URL"), "{err}");
     }

@@ -415,3 +415,125 @@ async fn a_bad_blosc_header_names_the_array_and_the_chunk() {
         assert!(err.contains(word), "{word} not in: {err}");
     }
 }
+
+/// The bytes of sample `i` of `batch`: every field's sources, targets, token info, positional
+/// encodings and masked indices.
+fn sample_bytes(batch: &atmorep_proto::batch::Batch, i: usize) -> Vec<Vec<u8>> {
+    let bits = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut out = Vec::new();
+    for field in &batch.fields {
+        out.push(bits(field.source_of(i)));
+        out.push(bits(field.target_of(i)));
+        out.push(bits(field.token_info_of(i)));
+        out.push(bits(field.pe_of(i)));
+        out.push(
+            field.masked_indices[i]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        );
+    }
+    out
+}
+
+/// `atmorep loader serve` with `block_reads = false` in its file (over HTTP, which counts the
+/// bytes it sends) serves the same bytes as a server with block reads on, fetching every chunk
+/// its samples touch whole; the one with block reads fetches a fraction of them. `serve
+/// --block-reads off` overrides a file that leaves them on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_block_reads_off_serves_the_same_samples_from_whole_chunks() {
+    use atmorep_loader::pipeline::normalization::GlobalStats;
+    use atmorep_proto::client::{ClientConfig, LoaderClient};
+    use atmorep_proto::pb;
+    use atmorep_proto::request::RequestConfig;
+    use atmorep_testkit::Server;
+
+    let dir = TempDir::new().unwrap();
+    let store = dir.path().join("arco.zarr");
+    arco_like_store(&store);
+    let stats = dir.path().join("arco.zarr.stats");
+    let local = open(store.to_str().unwrap()).await;
+    GlobalStats::compute_into(&local, &stats, false, &NoProgress)
+        .await
+        .unwrap();
+    // Every chunk file of both variables: a sample's window spans the store's 3 steps.
+    let mut whole_bytes = 0;
+    for var in ["t", "z"] {
+        for entry in std::fs::read_dir(store.join(var)).unwrap() {
+            let entry = entry.unwrap();
+            if !entry.file_name().to_string_lossy().starts_with('.') {
+                whole_bytes += entry.metadata().unwrap().len();
+            }
+        }
+    }
+    let files = HttpFileServer::start(dir.path()).unwrap();
+    let config = |name: &str, block_reads: &str| {
+        let file = dir.path().join(format!("{name}.toml"));
+        let text = format!(
+            "{block_reads}\n[[datasets]]\nname = \"arco\"\nurl = \"{}/arco.zarr\"\nstats = \"{}\"\n",
+            files.url(),
+            stats.display()
+        );
+        std::fs::write(&file, text).unwrap();
+        vec!["--config".to_string(), file.to_str().unwrap().to_string()]
+    };
+    let request = RequestConfig::from_toml(
+        r#"
+dataset = "arco"
+batch_size = 1
+seed = 3
+block_steps = 3
+samples_per_block = 4
+split_fractions = [1.0, 0.0]
+[[fields]]
+name = "t"
+levels = [850, 300]
+num_tokens = [1, 6, 12]
+token_size = [3, 9, 9]
+pe = "local"
+pe_width = 16
+mask = { kind = "bert", r_max = 0.5, noise_fraction = 0.1 }
+[[fields]]
+name = "z"
+levels = [700, 200]
+num_tokens = [1, 6, 12]
+token_size = [3, 9, 9]
+pe = "local"
+pe_width = 16
+"#,
+    )
+    .unwrap()
+    .to_proto();
+
+    // The samples of one server and the bytes the file server sent for them.
+    let samples = |args: Vec<String>, log: &str| {
+        let server = Server::start(&args, &dir.path().join(log));
+        let files = &files;
+        let request = request.clone();
+        async move {
+            let client = LoaderClient::connect(ClientConfig::new([server.endpoint()]))
+                .await
+                .unwrap();
+            let before = files.served_bytes();
+            let mut out = Vec::new();
+            for id in 0..4 {
+                let sample = pb::SampleRequest::by_id(request.clone(), 0, id);
+                out.push(sample_bytes(&client.sample(sample).await.unwrap(), 0));
+            }
+            (out, files.served_bytes() - before)
+        }
+    };
+    let (blocks, block_bytes) = samples(config("on", ""), "on.log").await;
+    let (whole, whole_served) = samples(config("off", "block_reads = false"), "off.log").await;
+    assert!(whole == blocks, "block_reads = false serves other bytes");
+    assert_eq!(whole_served, whole_bytes, "whole chunks, each once");
+    assert!(
+        block_bytes * 3 < whole_bytes,
+        "block reads fetched {block_bytes} of {whole_bytes}"
+    );
+    let mut flag = config("flag", "");
+    flag.extend(["--block-reads".to_string(), "off".to_string()]);
+    let (overridden, overridden_served) = samples(flag, "flag.log").await;
+    assert!(overridden == blocks);
+    assert_eq!(overridden_served, whole_bytes);
+}

@@ -21,6 +21,11 @@ pub struct ServerConfig {
     /// Decoded-chunk cache shared by every dataset and stream.
     #[serde(default = "default_cache_mib")]
     pub cache_mib: u64,
+    /// Read only the blosc blocks a sample needs when it uses a small part of a chunk (by byte
+    /// range, then decoding those blocks alone); off, every read fetches and decodes whole
+    /// chunks (docs/performance.md, "Reading only the blosc blocks a request uses").
+    #[serde(default = "default_block_reads")]
+    pub block_reads: bool,
     /// Samples in flight plus batches waiting to be sent, over all streams.
     #[serde(default = "default_budget_mib")]
     pub memory_budget_mib: u64,
@@ -125,6 +130,9 @@ fn default_bind() -> SocketAddr {
 fn default_cache_mib() -> u64 {
     4096
 }
+fn default_block_reads() -> bool {
+    true
+}
 fn default_budget_mib() -> u64 {
     1024
 }
@@ -216,6 +224,7 @@ impl ServerConfig {
             bind: default_bind(),
             metrics_bind: None,
             cache_mib: default_cache_mib(),
+            block_reads: default_block_reads(),
             memory_budget_mib: default_budget_mib(),
             max_message_mib: default_message_mib(),
             prefetch_batches: default_prefetch(),
@@ -459,5 +468,25 @@ mod tests {
                 .to_string()
                 .contains("max_connections")
         );
+    }
+
+    #[test]
+    fn block_reads_are_on_by_default_and_a_file_may_turn_them_off() {
+        let minimal = "[[datasets]]\nname = \"era5\"\nurl = \"demo.zarr\"\n";
+        let config: ServerConfig = toml::from_str(minimal).unwrap();
+        assert!(config.block_reads);
+        assert!(ServerConfig::with_datasets(Vec::new()).block_reads);
+        let off: ServerConfig = toml::from_str(&format!("block_reads = false\n{minimal}")).unwrap();
+        assert!(!off.block_reads);
+        off.check().unwrap();
+        // A misspelt key is refused by name rather than silently leaving block reads on.
+        let err = toml::from_str::<ServerConfig>(&format!("block_read = false\n{minimal}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("block_read"), "{err}");
+        let err = toml::from_str::<ServerConfig>(&format!("block_reads = \"no\"\n{minimal}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("block_reads"), "{err}");
     }
 }

@@ -105,6 +105,7 @@ impl LoaderService {
                 .await
                 .map_err(open_err)?;
             dataset.set_missing_chunks(&d.name, d.missing_chunks);
+            dataset.set_block_reads(config.block_reads);
             let dataset = Arc::new(dataset);
             let dir = d
                 .stats
