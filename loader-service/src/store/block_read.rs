@@ -28,8 +28,11 @@ use crate::store::version::ObjectVersion;
 /// Block tables kept (about 1 KB each): enough for every chunk of a long run of a large store.
 pub(crate) const INDEX_CACHE_ENTRIES: usize = 1 << 16;
 
-/// A read uses the block path when it needs less than this fraction of a chunk's values, and
-/// of its encoded bytes once its block table is known.
+/// A read uses the block path when its steps and levels are less than this share of a chunk's
+/// (a few levels of a chunk holding many), and when it needs less than this fraction of the
+/// chunk's encoded bytes once its block table is known. A chunk of one step and level (the globe)
+/// is read whole: the samples of a block together cover most of it, and whole reads of it are
+/// cheaper than block by block (docs/performance.md).
 const SMALL_PART: f64 = 0.5;
 
 /// Chunks smaller than this (decoded) are read whole: a range request costs about as much as
@@ -169,18 +172,13 @@ impl Dataset {
         self.block_reads.store(on, Ordering::Relaxed);
     }
 
-    /// Whether a read of `touched` (value ranges, from [`touched_ranges`]) of a chunk of
-    /// `variable` holding `values` values takes the block path.
-    pub(crate) fn wants_blocks(
-        &self,
-        variable: &Variable,
-        touched: &[Range<usize>],
-        values: usize,
-    ) -> bool {
+    /// Whether a read of a chunk of `variable` holding `values` values, whose steps and levels
+    /// are `share` of the chunk's, takes the block path.
+    pub(crate) fn wants_blocks(&self, variable: &Variable, values: usize, share: f64) -> bool {
         variable.blosc_blocks
             && self.block_reads.load(Ordering::Relaxed)
             && values * 4 >= SMALL_CHUNK
-            && (touched.iter().map(|r| r.len()).sum::<usize>() as f64) < SMALL_PART * values as f64
+            && share < SMALL_PART
     }
 
     /// The values `touched` (value ranges) of chunk `indices` of `variable`: only the blocks

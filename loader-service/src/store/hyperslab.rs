@@ -5,6 +5,7 @@
 //! f32 buffer of shape (time, level, lat, lon).
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -360,9 +361,9 @@ impl Dataset {
             .iter()
             .map(|plan| {
                 let touched = variable.blosc_blocks.then(|| plan_ranges(variable, plan));
-                let touched =
-                    touched.filter(|(ranges, values)| self.wants_blocks(variable, ranges, *values));
-                (plan.indices.clone(), touched.map(|(ranges, _)| ranges))
+                let touched = touched
+                    .filter(|(_, values, share)| self.wants_blocks(variable, *values, *share));
+                (plan.indices.clone(), touched.map(|(ranges, ..)| ranges))
             })
             .collect();
         let chunks: Vec<ChunkData> = futures::stream::iter(reads)
@@ -506,7 +507,11 @@ fn scatter(
 }
 
 /// The value ranges of its chunk that `plan` touches, and the chunk's number of values.
-fn plan_ranges(variable: &Variable, plan: &ChunkPlan) -> (Vec<Range<usize>>, usize) {
+/// The value ranges `plan` touches in its chunk, the chunk's number of values, and the share of
+/// the chunk the read's non-horizontal indices (time, level) select, the two horizontal axes
+/// taken whole: what every read of the same steps and levels touches together, as the samples of
+/// a block cover the globe.
+fn plan_ranges(variable: &Variable, plan: &ChunkPlan) -> (Vec<Range<usize>>, usize, f64) {
     let shape: Vec<usize> = variable
         .node
         .array
@@ -514,7 +519,7 @@ fn plan_ranges(variable: &Variable, plan: &ChunkPlan) -> (Vec<Range<usize>>, usi
         .map(|s| s.iter().map(|n| n.get() as usize).collect())
         .unwrap_or_default();
     let Some((inner, outer)) = plan.pairs.split_last() else {
-        return (Vec::new(), 0);
+        return (Vec::new(), 0, 1.0);
     };
     let outer: Vec<Vec<usize>> = outer
         .iter()
@@ -523,7 +528,16 @@ fn plan_ranges(variable: &Variable, plan: &ChunkPlan) -> (Vec<Range<usize>>, usi
     let first = inner.iter().map(|&(_, c)| c).min().unwrap_or(0);
     let last = inner.iter().map(|&(_, c)| c + 1).max().unwrap_or(0);
     let values = shape.iter().product();
-    (touched_ranges(&shape, &outer, first..last), values)
+    let vertical = outer.len().saturating_sub(1);
+    let share = outer[..vertical]
+        .iter()
+        .zip(&shape)
+        .map(|(indices, &n)| {
+            let distinct: BTreeSet<usize> = indices.iter().copied().collect();
+            distinct.len() as f64 / n.max(1) as f64
+        })
+        .product();
+    (touched_ranges(&shape, &outer, first..last), values, share)
 }
 
 /// How many rows ahead [`scatter`] prefetches.
