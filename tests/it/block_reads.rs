@@ -438,26 +438,6 @@ async fn a_bad_blosc_header_names_the_array_and_the_chunk() {
     }
 }
 
-/// The bytes of sample `i` of `batch`: every field's sources, targets, token info, positional
-/// encodings and masked indices.
-fn sample_bytes(batch: &atmorep_proto::batch::Batch, i: usize) -> Vec<Vec<u8>> {
-    let bits = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let mut out = Vec::new();
-    for field in &batch.fields {
-        out.push(bits(field.source_of(i)));
-        out.push(bits(field.target_of(i)));
-        out.push(bits(field.token_info_of(i)));
-        out.push(bits(field.pe_of(i)));
-        out.push(
-            field.masked_indices[i]
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        );
-    }
-    out
-}
-
 /// `atmorep loader serve` with `block_reads = false` in its file (over HTTP, which counts the
 /// bytes it sends) serves the same bytes as a server with block reads on, fetching every chunk
 /// its samples touch whole; the one with block reads fetches a fraction of them. `serve
@@ -540,7 +520,10 @@ pe_width = 16
             let mut out = Vec::new();
             for id in 0..4 {
                 let sample = pb::SampleRequest::by_id(request.clone(), 0, id);
-                out.push(sample_bytes(&client.sample(sample).await.unwrap(), 0));
+                out.push(crate::service::sample_bytes(
+                    &client.sample(sample).await.unwrap(),
+                    0,
+                ));
             }
             (out, files.served_bytes() - before)
         }

@@ -77,18 +77,22 @@ fn rmse_and_spread(model: &[f32], truth: &[f32]) -> (f64, f64) {
     (rmse, spread)
 }
 
-/// Per (field, level) of a forecast store (every step but the truth's first): its RMSE against
-/// the truth, the truth's spread and eval's forecast-task RMSE of the model.
-async fn forecast_errors(
+/// Per (field, level) of the store an `infer` wrote: its RMSE against the truth, the truth's
+/// spread and eval's RMSE of the model on `task`. The store starts `past` steps after the truth
+/// (a forecast's first steps have no past) and must hold finite values on the truth's levels.
+async fn level_errors(
     store: &Path,
     truth: &Dataset,
     rows: &[serde_json::Value],
+    task: &str,
+    past: usize,
 ) -> Vec<(&'static str, f64, f64, f64, f64)> {
     let model = Dataset::open(store.to_str().unwrap()).await.unwrap();
-    assert_eq!(model.times, truth.times[1..], "the first step has no past");
+    assert_eq!(model.times, truth.times[past..], "{}", store.display());
     let mut out = Vec::new();
     for name in ["vo", "z"] {
         let (mv, tv) = (model.variable(name).unwrap(), truth.variable(name).unwrap());
+        assert_eq!(mv.levels, tv.levels);
         let m = model.read(&Hyperslab::full(&model, mv)).await.unwrap();
         let t = truth.read(&Hyperslab::full(truth, tv)).await.unwrap();
         assert!(m.iter().all(|v| v.is_finite()), "{name}: non-finite output");
@@ -104,11 +108,11 @@ async fn forecast_errors(
                     .flat_map(|(_, p)| p.to_vec())
                     .collect()
             };
-            let (rmse, spread) = rmse_and_spread(&pick(&m, 0), &pick(&t, 1));
+            let (rmse, spread) = rmse_and_spread(&pick(&m, 0), &pick(&t, past));
             let eval_rmse = rows
                 .iter()
                 .find(|r| {
-                    r["task"] == "forecast"
+                    r["task"] == task
                         && r["field"] == name
                         && r["level"] == mv.levels[l]
                         && r["baseline"] == "climatology"
@@ -238,51 +242,23 @@ async fn eval_and_global_inference_on_a_loader_and_tracking_on_the_output() {
         model_store.to_str().unwrap(),
     ]);
     let model = Dataset::open(model_store.to_str().unwrap()).await.unwrap();
-    assert_eq!(model.times, truth.times);
     // The grid from the loader's (first, step) description: equal up to rounding.
     let close = |a: &[f64], b: &[f64]| {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-9)
     };
     assert!(close(&model.lats, &truth.lats), "{:?}", model.lats);
     assert!(close(&model.lons, &truth.lons), "{:?}", model.lons);
-    for name in ["vo", "z"] {
-        let (mv, tv) = (model.variable(name).unwrap(), truth.variable(name).unwrap());
-        assert_eq!(mv.levels, tv.levels);
-        let m = model.read(&Hyperslab::full(&model, mv)).await.unwrap();
-        let t = truth.read(&Hyperslab::full(&truth, tv)).await.unwrap();
-        assert!(m.iter().all(|v| v.is_finite()), "{name}: non-finite output");
-        let plane = truth.lats.len() * truth.lons.len();
-        // Per level (time, level, lat, lon): the reconstruction is close to the truth where a
-        // misplaced tile, a wrong level or month, or a missing denormalization is not.
-        for l in 0..mv.levels.len() {
-            let pick = |v: &[f32]| -> Vec<f32> {
-                v.chunks(plane)
-                    .enumerate()
-                    .filter(|(k, _)| k % mv.levels.len() == l)
-                    .flat_map(|(_, p)| p.to_vec())
-                    .collect()
-            };
-            let (rmse, spread) = rmse_and_spread(&pick(&m), &pick(&t));
-            // Every token predicted with half its neighbours masked: about the BERT error eval
-            // measured, far below it were tiles misplaced or values mapped with the wrong
-            // level or month.
-            let bert = rows
-                .iter()
-                .find(|r| {
-                    r["task"] == "bert"
-                        && r["field"] == name
-                        && r["level"] == mv.levels[l]
-                        && r["baseline"] == "climatology"
-                })
-                .unwrap();
-            let eval_rmse = bert["model_rmse"].as_f64().unwrap();
-            assert!(
-                rmse < 1.3 * eval_rmse && rmse < spread,
-                "{name} level {}: reconstruction RMSE {rmse}, eval's BERT RMSE {eval_rmse}, \
-                 spread {spread}",
-                mv.levels[l]
-            );
-        }
+    // Per level: the reconstruction is close to the truth where a misplaced tile, a wrong level
+    // or month, or a missing denormalization is not. Every token predicted with half its
+    // neighbours masked: about the BERT error eval measured.
+    for (name, level, rmse, spread, eval_rmse) in
+        level_errors(&model_store, &truth, &rows, "bert", 0).await
+    {
+        assert!(
+            rmse < 1.3 * eval_rmse && rmse < spread,
+            "{name} level {level}: reconstruction RMSE {rmse}, eval's BERT RMSE {eval_rmse}, \
+             spread {spread}"
+        );
     }
 
     // A forecast: each tile's last step hidden, tiles a step apart, so every step with a
@@ -306,8 +282,9 @@ async fn eval_and_global_inference_on_a_loader_and_tracking_on_the_output() {
         }
         run(&args);
     }
-    let trained = forecast_errors(&forecast_store, &truth, &rows).await;
-    let untrained = forecast_errors(&untrained_store, &truth, &rows).await;
+    // The first step has no past.
+    let trained = level_errors(&forecast_store, &truth, &rows, "forecast", 1).await;
+    let untrained = level_errors(&untrained_store, &truth, &rows, "forecast", 1).await;
     for (&(name, level, rmse, spread, eval_rmse), &(.., untrained_rmse, _, _)) in
         trained.iter().zip(&untrained)
     {

@@ -114,7 +114,7 @@ fn request_file(dir: &Path, file: &str, toml: &str) -> PathBuf {
 
 /// The raw bytes of sample `i` of a batch, field by field (sources, targets, token info, PE):
 /// what "the same sample" means when comparing two streams.
-fn sample_bytes(batch: &Batch, i: usize) -> Vec<Vec<u8>> {
+pub(crate) fn sample_bytes(batch: &Batch, i: usize) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for field in &batch.fields {
         let bits = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
