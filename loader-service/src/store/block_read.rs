@@ -23,6 +23,7 @@ use crate::store::cache::{ChunkKey, DecodedChunk};
 use crate::store::dataset::{Dataset, Variable};
 use crate::store::decode::run_on_rayon;
 use crate::store::discovery::MetaArray;
+use crate::store::location::local_outcome;
 use crate::store::version::ObjectVersion;
 
 /// Block tables kept (about 1 KB each): enough for every chunk of a long run of a large store.
@@ -514,17 +515,7 @@ fn read_local_range(
         // The version after the read: a rewrite during it shows.
         Ok((Bytes::from(buf), ObjectVersion::of_file(&file.metadata()?)))
     });
-    match read {
-        Ok(read) => Ok(Some(read)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(StoreError::ObjectStore {
-            url: url.to_string(),
-            source: object_store::Error::Generic {
-                store: "LocalFileSystem",
-                source: Box::new(source),
-            },
-        }),
-    }
+    local_outcome(read, || url.to_string())
 }
 
 #[cfg(test)]

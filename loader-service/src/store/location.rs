@@ -504,11 +504,22 @@ pub fn read_local(
         file.read_to_end(buf)?;
         file.metadata()
     });
+    local_outcome(read.map(|meta| ObjectVersion::of_file(&meta)), || {
+        format!("{}/{}", url.trim_end_matches('/'), key)
+    })
+}
+
+/// A local read's outcome as the object store reports one: a missing file is `None`, any other
+/// failure an object-store error naming the object's URL.
+pub(crate) fn local_outcome<T>(
+    read: std::io::Result<T>,
+    url: impl FnOnce() -> String,
+) -> Result<Option<T>> {
     match read {
-        Ok(meta) => Ok(Some(ObjectVersion::of_file(&meta))),
+        Ok(value) => Ok(Some(value)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(StoreError::ObjectStore {
-            url: format!("{}/{}", url.trim_end_matches('/'), key),
+            url: url(),
             source: object_store::Error::Generic {
                 store: "LocalFileSystem",
                 source: Box::new(source),
