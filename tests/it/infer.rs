@@ -288,14 +288,6 @@ async fn eval_and_global_inference_on_a_loader_and_tracking_on_the_output() {
     for (&(name, level, rmse, spread, eval_rmse), &(.., untrained_rmse, _, _)) in
         trained.iter().zip(&untrained)
     {
-        eprintln!(
-            "forecast {name} {level}: RMSE {rmse:.4e} (eval {eval_rmse:.4e}, untrained \
-             {untrained_rmse:.4e}, spread {spread:.4e})"
-        );
-    }
-    for (&(name, level, rmse, spread, eval_rmse), &(.., untrained_rmse, _, _)) in
-        trained.iter().zip(&untrained)
-    {
         assert!(
             rmse < 1.3 * eval_rmse && rmse < spread && 1.4 * rmse < untrained_rmse,
             "{name} {level}: forecast RMSE {rmse}, eval's {eval_rmse}, untrained \
