@@ -56,22 +56,25 @@ const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 /// Tunes the allocator for the loader's buffers, unless the user's `MIMALLOC_*` variables say
 /// otherwise (the measurements behind both: docs/performance.md#memory-and-the-allocator).
 ///
-/// - **Purge delay, one second.** mimalloc returns freed memory to the OS 10 ms after the last
-///   free by default. The loader frees and reallocates multi-megabyte chunk and token buffers
-///   every few milliseconds, so each one came back as fresh pages the kernel had to zero.
+/// - **Purge delay** (`purge_delay_ms`, -1 = never). mimalloc returns freed memory to the OS 10 ms
+///   after the last free by default. The loader frees and reallocates multi-megabyte chunk and
+///   token buffers every few milliseconds, so each one came back as fresh pages the kernel had to
+///   zero: one second covers that. A model step frees its activations and gradients at its end
+///   and allocates the same sizes again in the next step, seconds later: for the model's commands
+///   freed memory is kept (the working set is the same every step).
 /// - **No transparent huge pages.** mimalloc asks for huge pages on its arenas (`madvise`), so
 ///   each small allocation in a fresh 2 MiB region makes 2 MiB resident and freed memory comes
 ///   back only in whole huge pages, and the kernel stalls compacting memory to find them.
 ///   mimalloc reads the option when it starts, before `main`, so this also does what it would
 ///   then have done: mark the process THP-disabled (`PR_SET_THP_DISABLE`, which covers mappings
 ///   made earlier too).
-fn tune_allocator() {
+fn tune_allocator(purge_delay_ms: std::ffi::c_long) {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets a process-wide integer option of the allocator linked above; mimalloc
         // documents `mi_option_set` as callable at any time from any thread.
         #[allow(unsafe_code)]
         unsafe {
-            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000);
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, purge_delay_ms);
         }
     }
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
@@ -136,6 +139,22 @@ enum Command {
     /// the same stream and compare them against the baselines (`--quick`: a built-in one).
     #[cfg(feature = "trainer")]
     Ablate(ablate::AblateArgs),
+}
+
+impl Command {
+    /// The allocator's purge delay for this command ([`tune_allocator`]): never for the model's
+    /// own commands, one second for the loader and the commands that run one in-process.
+    fn purge_delay_ms(&self) -> std::ffi::c_long {
+        match self {
+            #[cfg(feature = "trainer")]
+            Command::Train(_)
+            | Command::Eval(_)
+            | Command::Infer(_)
+            | Command::Embed(_)
+            | Command::Ablate(_) => -1,
+            _ => 1000,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -349,7 +368,8 @@ fn shape4(name: &str, v: Option<Vec<u64>>) -> Result<Option<[u64; 4]>> {
 }
 
 fn main() -> Result<()> {
-    tune_allocator();
+    let cli = Cli::parse();
+    tune_allocator(cli.command.purge_delay_ms());
     // Storage reads run on tokio's blocking pool (object_store's local files), where every thread
     // keeps an allocator heap of its own: tokio's default of 512 threads let a burst of reads
     // hold tens of MiB of idle heaps. A few threads per core keep the disks just as busy.
@@ -359,19 +379,18 @@ fn main() -> Result<()> {
         .max_blocking_threads(BLOCKING_THREADS_PER_CORE * cores)
         .build()
         .context("starting the tokio runtime")?
-        .block_on(run())
+        .block_on(run(cli))
 }
 
 /// Blocking-pool threads per core (file reads and other blocking calls).
 const BLOCKING_THREADS_PER_CORE: usize = 4;
 
-async fn run() -> Result<()> {
+async fn run(cli: Cli) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     match cli.command {
         #[cfg(feature = "trainer")]
         Command::Demo(args) => demo::demo(args).await,
