@@ -5,15 +5,26 @@
 //! sum to 1), where the output projection's bias already is. Both would only collect gradients
 //! that are zero up to rounding.
 //!
-//! Weights come back as `[B, heads, T, S]` (query tokens × key tokens, rows summing to 1): the
-//! plotting of attention maps per layer and head needs them, and returning them costs nothing
-//! extra because they are computed anyway.
+//! Weights come back as `[B, heads, T, S]` (query tokens × key tokens, rows summing to 1) when
+//! asked for: the plotting of attention maps per layer and head needs them. Otherwise the
+//! context comes from the fused kernel ([`crate::fused_attention`]), which never stores them.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::fused::softmax_scaled;
 use crate::ops::{linear, residual_linear};
+
+/// The context of `q` over `k`, `v` from the fused kernel of [`crate::fused_attention`], and
+/// the weights (as [`scaled_dot_product`] gives them) when `want`: a model asked for its
+/// attention maps predicts exactly what it predicts without them.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, want: bool) -> Result<(Tensor, Option<Tensor>)> {
+    let ctx = crate::fused_attention::attention(q, k, v)?;
+    let weights = want
+        .then(|| scaled_dot_product(q, k, v).map(|(_, w)| w))
+        .transpose()?;
+    Ok((ctx, weights))
+}
 
 /// `[B, T, H·dh]` → `[B, H, T, dh]`.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
@@ -81,24 +92,31 @@ impl MultiHeadAttention {
         residual_linear(residual, &self.out, &merge_heads(ctx)?)
     }
 
-    /// `residual` plus the attention output of `x` `[B, T, D]`, and the weights `[B, H, T, T]`.
-    pub fn residual_with_weights(&self, residual: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// `residual` plus the attention output of `x` `[B, T, D]`, and the weights `[B, H, T, T]`
+    /// when `want`.
+    pub fn residual(
+        &self,
+        residual: &Tensor,
+        x: &Tensor,
+        want: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (q, k, v) = self.project_qkv(x)?;
-        let (ctx, weights) = scaled_dot_product(&q, &k, &v)?;
+        let (ctx, weights) = attend(&q, &k, &v, want)?;
         Ok((self.project_out_residual(residual, &ctx)?, weights))
     }
 
     /// The attention output `[B, T, D]` and weights `[B, H, T, T]`.
     pub fn forward_with_weights(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let (q, k, v) = self.project_qkv(x)?;
-        let (ctx, weights) = scaled_dot_product(&q, &k, &v)?;
-        Ok((self.project_out(&ctx)?, weights))
+        let (ctx, weights) = attend(&q, &k, &v, true)?;
+        Ok((self.project_out(&ctx)?, weights.expect("asked for")))
     }
 }
 
 impl Module for MultiHeadAttention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_with_weights(x)?.0)
+        let (q, k, v) = self.project_qkv(x)?;
+        self.project_out(&attend(&q, &k, &v, false)?.0)
     }
 }
 
@@ -125,33 +143,34 @@ impl CrossAttention {
     /// The output `[B, T, D]` for queries from `x` `[B, T, D]` and keys/values from `memory`
     /// `[B, S, D]`, and the weights `[B, H, T, S]`.
     pub fn forward_with_weights(&self, x: &Tensor, memory: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (ctx, weights) = self.context(x, memory)?;
-        Ok((self.out.forward(&ctx)?, weights))
+        let (ctx, weights) = self.context(x, memory, true)?;
+        Ok((self.out.forward(&ctx)?, weights.expect("asked for")))
     }
 
     pub fn forward(&self, x: &Tensor, memory: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_with_weights(x, memory)?.0)
+        self.out.forward(&self.context(x, memory, false)?.0)
     }
 
-    /// `residual` plus [`Self::forward_with_weights`]'s output, and the weights.
-    pub fn residual_with_weights(
+    /// `residual` plus [`Self::forward_with_weights`]'s output, and the weights when `want`.
+    pub fn residual(
         &self,
         residual: &Tensor,
         x: &Tensor,
         memory: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let (ctx, weights) = self.context(x, memory)?;
+        want: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (ctx, weights) = self.context(x, memory, want)?;
         Ok((residual_linear(residual, &self.out, &ctx)?, weights))
     }
 
-    /// The merged context `[B, T, D]` before the output projection, and the weights.
-    fn context(&self, x: &Tensor, memory: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// The merged context `[B, T, D]` before the output projection, and the weights when `want`.
+    fn context(&self, x: &Tensor, memory: &Tensor, want: bool) -> Result<(Tensor, Option<Tensor>)> {
         let q = split_heads(&self.q.forward(x)?, self.num_heads)?;
         let kv = self.kv.forward(memory)?;
         let d = kv.dim(2)? / 2;
         let k = split_heads(&kv.narrow(2, 0, d)?, self.num_heads)?;
         let v = split_heads(&kv.narrow(2, d, d)?, self.num_heads)?;
-        let (ctx, weights) = scaled_dot_product(&q, &k, &v)?;
+        let (ctx, weights) = attend(&q, &k, &v, want)?;
         Ok((merge_heads(&ctx)?, weights))
     }
 }

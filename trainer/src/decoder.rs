@@ -63,28 +63,30 @@ impl DecoderLayer {
         x: &Tensor,
         memory: &Tensor,
         info: Option<&Tensor>,
-    ) -> Result<(Tensor, DecoderAttention)> {
+        want_weights: bool,
+    ) -> Result<(Tensor, Option<DecoderAttention>)> {
         let (mut h, self_w) = self
             .self_attn
-            .residual_with_weights(x, &self.ln1.forward(x)?)?;
+            .residual(x, &self.ln1.forward(x)?, want_weights)?;
         if let (Some((p, _)), Some(info)) = (&self.reappend, info) {
             h = reappend_info(&h, p, info)?;
         }
         let memory = self.ln_memory.forward(memory)?;
         let (hc, cross_w) =
             self.cross_attn
-                .residual_with_weights(&h, &self.ln2.forward(&h)?, &memory)?;
+                .residual(&h, &self.ln2.forward(&h)?, &memory, want_weights)?;
         h = hc;
         if let (Some((_, p)), Some(info)) = (&self.reappend, info) {
             h = reappend_info(&h, p, info)?;
         }
         let h = self.mlp.residual(&h, &self.ln3.forward(&h)?)?;
-        Ok((
-            h,
-            DecoderAttention {
-                self_attn: self_w,
-                cross_attn: cross_w,
-            },
-        ))
+        let weights = match (self_w, cross_w) {
+            (Some(self_attn), Some(cross_attn)) => Some(DecoderAttention {
+                self_attn,
+                cross_attn,
+            }),
+            _ => None,
+        };
+        Ok((h, weights))
     }
 }

@@ -10,7 +10,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::attention::{MultiHeadAttention, scaled_dot_product};
+use crate::attention::{MultiHeadAttention, attend};
 use crate::config::{AuxInfo, ModelConfig};
 use crate::ops::{LayerNorm, Mlp, linear};
 
@@ -110,15 +110,19 @@ impl EncoderLayer {
             };
             let heads = |t: &Tensor, start, len| t.narrow(1, start, len);
             if hw > 0 {
-                let (ctx, w) =
-                    scaled_dot_product(&heads(q, 0, hw)?, &heads(k, 0, hw)?, &heads(v, 0, hw)?)?;
+                let (ctx, w) = attend(
+                    &heads(q, 0, hw)?,
+                    &heads(k, 0, hw)?,
+                    &heads(v, 0, hw)?,
+                    want_weights,
+                )?;
                 ctxs.push(ctx);
-                maps.within = Some(w);
+                maps.within = w;
             }
             if let (Some(ck), Some(cv)) = (&cross_k, &cross_v) {
-                let (ctx, w) = scaled_dot_product(&heads(q, hw, hc)?, ck, cv)?;
+                let (ctx, w) = attend(&heads(q, hw, hc)?, ck, cv, want_weights)?;
                 ctxs.push(ctx);
-                maps.across = Some(w);
+                maps.across = w;
             }
             let ctx = if ctxs.len() == 1 {
                 ctxs.pop().expect("one context")

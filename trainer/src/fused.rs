@@ -80,7 +80,7 @@ pub fn residual_bias(x: &Tensor, y: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn fused_here(x: &Tensor) -> bool {
+pub(crate) fn fused_here(x: &Tensor) -> bool {
     enabled() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() > 0
 }
 

@@ -131,6 +131,26 @@ fn bias_gelu_fused(t: &[Tensor]) -> candle_core::Result<Tensor> {
 fn bias_gelu_reference(t: &[Tensor]) -> candle_core::Result<Tensor> {
     ops::gelu(&t[0].broadcast_add(&t[1])?)
 }
+/// Queries `t[0]` over keys `t[1]` and values `t[2]`; or, given two inputs, over the keys and
+/// values held by `t[1]`: 5 heads of which heads 1..4 are used, as the encoder slices its heads.
+fn attention_fused(t: &[Tensor]) -> candle_core::Result<Tensor> {
+    let (k, v) = attention_keys_values(t)?;
+    crate::fused_attention::attention(&t[0], &k, &v)
+}
+fn attention_reference(t: &[Tensor]) -> candle_core::Result<Tensor> {
+    let (k, v) = attention_keys_values(t)?;
+    Ok(crate::attention::scaled_dot_product(&t[0], &k, &v)?.0)
+}
+fn attention_keys_values(t: &[Tensor]) -> candle_core::Result<(Tensor, Tensor)> {
+    match t.get(2) {
+        Some(v) => Ok((t[1].clone(), v.clone())),
+        None => {
+            let heads = t[1].narrow(1, 1, 3)?;
+            Ok((heads.narrow(3, 0, 4)?, heads.narrow(3, 4, 4)?))
+        }
+    }
+}
+
 fn residual_bias_fused(t: &[Tensor]) -> candle_core::Result<Tensor> {
     residual_bias(&t[0], &t[1], &t[2])
 }
@@ -228,6 +248,45 @@ fn residual_bias_matches_its_reference_and_finite_differences() {
 }
 
 #[test]
+fn attention_matches_its_reference_and_finite_differences() {
+    let inputs = |s: usize| {
+        [
+            values(&[2, 3, 5, 4], 20, DType::F64)
+                .affine(1.5, 0.0)
+                .unwrap(),
+            values(&[2, 3, s, 4], 21, DType::F64)
+                .affine(1.5, 0.0)
+                .unwrap(),
+            values(&[2, 3, s, 4], 22, DType::F64),
+        ]
+    };
+    let x = inputs(7);
+    check_against_reference(attention_fused, attention_reference, &x, DType::F64, 1e-12);
+    check_against_reference(attention_fused, attention_reference, &x, DType::F32, 1e-5);
+    check_finite_differences(attention_fused, &inputs(6));
+    // Keys and values read in place from head and column slices of a wider tensor.
+    let strided = [x[0].clone(), values(&[2, 5, 7, 8], 23, DType::F64)];
+    assert!(!attention_keys_values(&strided).unwrap().0.is_contiguous());
+    check_against_reference(
+        attention_fused,
+        attention_reference,
+        &strided,
+        DType::F64,
+        1e-12,
+    );
+    check_against_reference(
+        attention_fused,
+        attention_reference,
+        &strided,
+        DType::F32,
+        1e-5,
+    );
+    // Shapes that do not fit name the operand.
+    let wrong = crate::fused_attention::attention(&x[0], &x[1], &inputs(6)[2]).unwrap_err();
+    assert!(wrong.to_string().contains("values"), "{wrong}");
+}
+
+#[test]
 fn a_strided_input_is_made_contiguous_first() {
     let x = values(&[6, 10], 10, DType::F32);
     let t = x.t().unwrap();
@@ -255,6 +314,11 @@ fn results_do_not_depend_on_the_number_of_threads() {
             let y = softmax_scaled(&gelu(&y).unwrap(), 0.5).unwrap();
             let y = bias_gelu(&y, beta.as_tensor()).unwrap();
             let y = residual_bias(&y, x.as_tensor(), gamma.as_tensor()).unwrap();
+            let heads = y.reshape((2, 4, 5, 48)).unwrap();
+            let y = crate::fused_attention::attention(&heads, &heads, &heads)
+                .unwrap()
+                .reshape((40, 48))
+                .unwrap();
             let w = values(y.dims(), 14, DType::F32);
             let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let mut out = flat(&y);

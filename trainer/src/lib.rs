@@ -44,6 +44,7 @@ pub mod ensemble;
 pub mod error;
 pub mod eval;
 pub mod fused;
+pub mod fused_attention;
 pub mod infer;
 pub mod init;
 pub mod loss;

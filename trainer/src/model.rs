@@ -195,9 +195,9 @@ impl MultiFormer {
             let memory = &encoder_outputs[encoder_outputs.len().saturating_sub(l + 1)];
             let mut layer_maps = Vec::with_capacity(xs.len());
             for (f, field_layer) in layer.iter().enumerate() {
-                let (y, w) = field_layer.forward(&xs[f], &memory[f], infos[f].as_ref())?;
+                let (y, w) = field_layer.forward(&xs[f], &memory[f], infos[f].as_ref(), want)?;
                 xs[f] = y;
-                layer_maps.push(w);
+                layer_maps.extend(w);
             }
             if let Some(m) = maps.as_mut() {
                 m.decoder.push(layer_maps);

@@ -1,0 +1,469 @@
+//! Fused scaled dot-product attention for the CPU: the context `softmax(q kᵀ / √dh) v` in one
+//! kernel, forward and backward, without keeping the attention weights.
+//!
+//! The primitive path ([`crate::attention::scaled_dot_product`]) materialises the score and
+//! weight matrices of every head (`[B, H, T, S]`), keeps them for the backward pass (most of a
+//! GiB over `bench-mid`'s layers), and every matrix product of it allocates a zeroed output and
+//! copies transposed operands. Here one task takes one (batch, head): its scores live in a
+//! `T × S` scratch that stays in cache while the softmax and the weighted sum run over it, and
+//! the backward pass recomputes them from `q` and `k` (as flash attention does) instead of
+//! storing them. The products are `gemm` calls (the GEMM candle itself uses), single-threaded
+//! inside a task, reading strided operands (head slices of a wider tensor) where they lie.
+//!
+//! Determinism: each (batch, head) is computed by one thread in a fixed order, so results do not
+//! depend on the number of threads.
+
+use std::mem::MaybeUninit;
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use gemm::Parallelism;
+use num_traits::Float;
+use rayon::prelude::*;
+
+use crate::fused::fused_here;
+
+/// The context `[B, H, T, dh]` of queries `q` `[B, H, T, dh]` over keys and values `k`, `v`
+/// `[B, H, S, dh]` (see [`crate::attention::scaled_dot_product`], which also returns the
+/// weights). Operands may be strided except along `dh`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let same = k.dtype() == q.dtype() && v.dtype() == q.dtype();
+    if fused_here(q) && same && q.rank() == 4 && k.rank() == 4 && v.rank() == 4 {
+        let scale = 1.0 / (q.dim(3)? as f64).sqrt();
+        rows_contiguous(q)?.apply_op3(
+            &rows_contiguous(k)?,
+            &rows_contiguous(v)?,
+            Attention { scale },
+        )
+    } else {
+        Ok(crate::attention::scaled_dot_product(q, k, v)?.0)
+    }
+}
+
+/// `t` itself when its last dimension is contiguous (the kernel reads any other strides).
+fn rows_contiguous(t: &Tensor) -> Result<Tensor> {
+    if t.stride().last() == Some(&1) {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// Where the `[N, dh]` matrix of each (batch, head) of a `[B, H, N, dh]` operand lies.
+#[derive(Debug, Clone, Copy)]
+struct Heads {
+    batch: usize,
+    heads: usize,
+    rows: usize,
+    dh: usize,
+    start: usize,
+    batch_stride: usize,
+    head_stride: usize,
+    row_stride: usize,
+}
+
+impl Heads {
+    fn of(op: &str, what: &str, l: &Layout) -> Result<Self> {
+        let (&[batch, heads, rows, dh], &[batch_stride, head_stride, row_stride, 1]) =
+            (l.dims(), l.stride())
+        else {
+            candle_core::bail!(
+                "{op}: {what} must be [B, H, N, dh] with dh contiguous, got {:?} strides {:?}",
+                l.dims(),
+                l.stride()
+            );
+        };
+        Ok(Self {
+            batch,
+            heads,
+            rows,
+            dh,
+            start: l.start_offset(),
+            batch_stride,
+            head_stride,
+            row_stride,
+        })
+    }
+
+    /// The operand's data from the first element of item `i` = (batch `i / H`, head `i % H`).
+    fn item<'a, T>(&self, data: &'a [T], i: usize) -> &'a [T] {
+        let (b, h) = (i / self.heads, i % self.heads);
+        &data[self.start + b * self.batch_stride + h * self.head_stride..]
+    }
+
+    fn check_against(&self, op: &str, q: &Heads, what: &str, same_rows: bool) -> Result<()> {
+        if self.batch != q.batch
+            || self.heads != q.heads
+            || self.dh != q.dh
+            || (same_rows && self.rows != q.rows)
+        {
+            candle_core::bail!(
+                "{op}: {what} [{}, {}, {}, {}] does not fit the queries [{}, {}, {}, {}]",
+                self.batch,
+                self.heads,
+                self.rows,
+                self.dh,
+                q.batch,
+                q.heads,
+                q.rows,
+                q.dh
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A matrix operand of [`product`]: its data from the first element, and its row and column
+/// strides.
+#[derive(Clone, Copy)]
+struct Mat<'a, T> {
+    data: &'a [T],
+    rs: usize,
+    cs: usize,
+}
+
+fn mat<T>(data: &[T], rs: usize, cs: usize) -> Mat<'_, T> {
+    Mat { data, rs, cs }
+}
+
+/// The number of elements from the first to the last of a `rows × cols` matrix with strides.
+fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    (rows - 1) * rs + (cols - 1) * cs + 1
+}
+
+/// `dst = beta · lhs · rhs` for `lhs` `m × k` and `rhs` `k × n` into `dst` `m × n` (row stride
+/// `dst_rs`, columns contiguous), every element of `dst` written and none read. One thread.
+fn product<T: Float + 'static>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [MaybeUninit<T>],
+    dst_rs: usize,
+    lhs: Mat<'_, T>,
+    rhs: Mat<'_, T>,
+    beta: T,
+) {
+    assert!(m > 0 && n > 0 && k > 0, "empty product {m}×{k}·{k}×{n}");
+    assert!(
+        dst.len() >= extent(m, n, dst_rs, 1),
+        "product: destination too short"
+    );
+    assert!(
+        lhs.data.len() >= extent(m, k, lhs.rs, lhs.cs),
+        "product: lhs too short"
+    );
+    assert!(
+        rhs.data.len() >= extent(k, n, rhs.rs, rhs.cs),
+        "product: rhs too short"
+    );
+    // SAFETY: the asserts above keep every element gemm touches inside the three slices (it
+    // reads `lhs` and `rhs` at `i·rs + j·cs` within the given shapes and writes `dst` likewise);
+    // `dst` is borrowed mutably and the operands shared, so they do not overlap; with
+    // `read_dst = false` gemm writes `beta · lhs · rhs` to every element of `dst` without reading
+    // it, so uninitialised memory is never read.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().cast::<T>(),
+            1,
+            dst_rs as isize,
+            false,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::zero(),
+            beta,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+/// The same view of initialised data: `product` writes every element, so `T`s may be written
+/// where `MaybeUninit<T>`s are expected.
+fn as_uninit<T>(s: &mut [T]) -> &mut [MaybeUninit<T>] {
+    // SAFETY: `MaybeUninit<T>` has the layout of `T`, and every write through the returned slice
+    // (`product` only) stores an initialised `T`, so `s` stays initialised.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len())
+    }
+}
+
+/// `p = softmax(scale · q kᵀ)` of one (batch, head): `p` is `T × S`.
+fn weights<T: Float + 'static>(
+    p: &mut [T],
+    q: Mat<'_, T>,
+    k: Mat<'_, T>,
+    dims: (usize, usize, usize),
+    scale: T,
+) {
+    let (t, s, dh) = dims;
+    product((t, s, dh), as_uninit(p), s, q, mat(k.data, 1, k.rs), scale);
+    for row in p.chunks_mut(s) {
+        let max = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+        let mut sum = T::zero();
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum = sum + *x;
+        }
+        let inv = T::one() / sum;
+        row.iter_mut().for_each(|x| *x = *x * inv);
+    }
+}
+
+/// A vector of `n` elements, each written by `fill` (which must write all of them).
+fn filled<T>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut out = Vec::with_capacity(n);
+    fill(&mut out.spare_capacity_mut()[..n]);
+    // SAFETY: `fill` wrote every one of the first `n` elements (each caller hands every element
+    // to `product`, which writes all of its destination).
+    #[allow(unsafe_code)]
+    unsafe {
+        out.set_len(n);
+    }
+    out
+}
+
+struct Attention {
+    scale: f64,
+}
+
+fn attention_fwd<T: Float + Send + Sync + 'static>(
+    (q, qh): (&[T], Heads),
+    (k, kh): (&[T], Heads),
+    (v, vh): (&[T], Heads),
+    scale: T,
+) -> Vec<T> {
+    let (t, s, dh) = (qh.rows, kh.rows, qh.dh);
+    let items = qh.batch * qh.heads;
+    filled(items * t * dh, |out| {
+        out.par_chunks_mut(t * dh).enumerate().for_each_init(
+            || vec![T::zero(); t * s],
+            |p, (i, o)| {
+                let qm = mat(qh.item(q, i), qh.row_stride, 1);
+                let km = mat(kh.item(k, i), kh.row_stride, 1);
+                weights(p, qm, km, (t, s, dh), scale);
+                product(
+                    (t, dh, s),
+                    o,
+                    dh,
+                    mat(p, s, 1),
+                    mat(vh.item(v, i), vh.row_stride, 1),
+                    T::one(),
+                );
+            },
+        )
+    })
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let qh = Heads::of(op, "queries", l1)?;
+        let kh = Heads::of(op, "keys", l2)?;
+        let vh = Heads::of(op, "values", l3)?;
+        kh.check_against(op, &qh, "keys", false)?;
+        vh.check_against(op, &kh, "values", true)?;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                CpuStorage::F32(attention_fwd((q, qh), (k, kh), (v, vh), self.scale as f32))
+            }
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
+                CpuStorage::F64(attention_fwd((q, qh), (k, kh), (v, vh), self.scale))
+            }
+            _ => candle_core::bail!("{op}: f32 or f64 operands of one dtype"),
+        };
+        Ok((out, Shape::from((qh.batch, qh.heads, qh.rows, qh.dh))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = AttentionBwd {
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            scale: self.scale,
+        };
+        let grads = o.apply_op2_no_bwd(&g.contiguous()?, &op)?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let part = |start: usize, like: &Tensor| {
+            grads
+                .narrow(0, start, like.elem_count())?
+                .reshape(like.shape())
+        };
+        Ok((
+            Some(part(0, q)?),
+            Some(part(nq, k)?),
+            Some(part(nq + nk, v)?),
+        ))
+    }
+}
+
+/// The gradients of [`Attention`] for its output `o` and the output's gradient `g` (both
+/// contiguous `[B, H, T, dh]`): `dq`, `dk`, `dv` one after the other in one buffer.
+struct AttentionBwd {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_bwd<T: Float + Send + Sync + 'static>(
+    (q, qh): (&[T], Heads),
+    (k, kh): (&[T], Heads),
+    (v, vh): (&[T], Heads),
+    o: &[T],
+    g: &[T],
+    scale: T,
+) -> Vec<T> {
+    let (t, s, dh) = (qh.rows, kh.rows, qh.dh);
+    let items = qh.batch * qh.heads;
+    filled(items * (t + 2 * s) * dh, |out| {
+        let (dq, rest) = out.split_at_mut(items * t * dh);
+        let (dk, dv) = rest.split_at_mut(items * s * dh);
+        dq.par_chunks_mut(t * dh)
+            .zip(dk.par_chunks_mut(s * dh).zip(dv.par_chunks_mut(s * dh)))
+            .enumerate()
+            .for_each_init(
+                || (vec![T::zero(); t * s], vec![T::zero(); t * s]),
+                |(p, dp), (i, (dq, (dk, dv)))| {
+                    let qm = mat(qh.item(q, i), qh.row_stride, 1);
+                    let km = mat(kh.item(k, i), kh.row_stride, 1);
+                    let vi = vh.item(v, i);
+                    let (oi, gi) = (
+                        &o[i * t * dh..(i + 1) * t * dh],
+                        &g[i * t * dh..(i + 1) * t * dh],
+                    );
+                    weights(p, qm, km, (t, s, dh), scale);
+                    // dv = pᵀ g
+                    product((s, dh, t), dv, dh, mat(p, 1, s), mat(gi, dh, 1), T::one());
+                    // dp = g vᵀ, then the softmax's backward in place: ds = p ⊙ (dp − Σ g ⊙ o) · scale
+                    product(
+                        (t, s, dh),
+                        as_uninit(dp),
+                        s,
+                        mat(gi, dh, 1),
+                        mat(vi, 1, vh.row_stride),
+                        T::one(),
+                    );
+                    for (r, (dpr, pr)) in dp.chunks_mut(s).zip(p.chunks(s)).enumerate() {
+                        let row = r * dh..(r + 1) * dh;
+                        let d = gi[row.clone()]
+                            .iter()
+                            .zip(&oi[row])
+                            .fold(T::zero(), |a, (&g, &o)| a + g * o);
+                        for (x, &p) in dpr.iter_mut().zip(pr) {
+                            *x = p * (*x - d) * scale;
+                        }
+                    }
+                    // dq = ds k, dk = dsᵀ q
+                    product((t, dh, s), dq, dh, mat(dp, s, 1), km, T::one());
+                    product((s, dh, t), dk, dh, mat(dp, 1, s), qm, T::one());
+                },
+            )
+    })
+}
+
+/// The CPU data of an operand held by the op (not passed to `cpu_fwd`).
+fn cpu_data<R>(
+    op: &str,
+    t: &Tensor,
+    f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => f(s, layout),
+        _ => candle_core::bail!("{op}: operands on the CPU only"),
+    }
+}
+
+impl CustomOp2 for AttentionBwd {
+    fn name(&self) -> &'static str {
+        "fused-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (Some((o0, o1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("{op}: output and its gradient must be contiguous");
+        };
+        cpu_data(op, &self.q, |sq, lq| {
+            cpu_data(op, &self.k, |sk, lk| {
+                cpu_data(op, &self.v, |sv, lv| {
+                    let qh = Heads::of(op, "queries", lq)?;
+                    let kh = Heads::of(op, "keys", lk)?;
+                    let vh = Heads::of(op, "values", lv)?;
+                    let n = qh.batch * qh.heads * qh.rows * qh.dh;
+                    if o1 - o0 != n || g1 - g0 != n {
+                        candle_core::bail!("{op}: output or gradient not of the queries' shape");
+                    }
+                    let out = match (sq, sk, sv, s1, s2) {
+                        (
+                            CpuStorage::F32(q),
+                            CpuStorage::F32(k),
+                            CpuStorage::F32(v),
+                            CpuStorage::F32(o),
+                            CpuStorage::F32(g),
+                        ) => CpuStorage::F32(attention_bwd(
+                            (q, qh),
+                            (k, kh),
+                            (v, vh),
+                            &o[o0..o1],
+                            &g[g0..g1],
+                            self.scale as f32,
+                        )),
+                        (
+                            CpuStorage::F64(q),
+                            CpuStorage::F64(k),
+                            CpuStorage::F64(v),
+                            CpuStorage::F64(o),
+                            CpuStorage::F64(g),
+                        ) => CpuStorage::F64(attention_bwd(
+                            (q, qh),
+                            (k, kh),
+                            (v, vh),
+                            &o[o0..o1],
+                            &g[g0..g1],
+                            self.scale,
+                        )),
+                        _ => candle_core::bail!("{op}: f32 or f64 operands of one dtype"),
+                    };
+                    let len = n + 2 * kh.batch * kh.heads * kh.rows * kh.dh;
+                    Ok((out, Shape::from(len)))
+                })
+            })
+        })
+    }
+}
