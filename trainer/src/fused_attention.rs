@@ -196,7 +196,7 @@ fn as_uninit<T>(s: &mut [T]) -> &mut [MaybeUninit<T>] {
 }
 
 /// `p = softmax(scale · q kᵀ)` of one (batch, head): `p` is `T × S`.
-fn weights<T: Float + 'static>(
+fn weights<T: Kernel>(
     p: &mut [T],
     q: Mat<'_, T>,
     k: Mat<'_, T>,
@@ -205,16 +205,133 @@ fn weights<T: Float + 'static>(
 ) {
     let (t, s, dh) = dims;
     product((t, s, dh), as_uninit(p), s, q, mat(k.data, 1, k.rs), scale);
-    for row in p.chunks_mut(s) {
-        let max = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
-        let mut sum = T::zero();
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum = sum + *x;
+    // Dispatched once per item: AVX-512 where the CPU has it, else the build's baseline (SSE2).
+    // Both give the same bits: the same IEEE operations in the same order (Rust never fuses a
+    // multiply and an add on its own); the callees are `#[inline(always)]`, so they are compiled
+    // into the AVX-512 function with its features.
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        #[target_feature(enable = "avx512f")]
+        fn avx512<T: Kernel>(p: &mut [T], s: usize) {
+            softmax_rows(p, s)
         }
-        let inv = T::one() / sum;
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        #[allow(unsafe_code)]
+        return unsafe { avx512(p, s) };
+    }
+    softmax_rows(p, s)
+}
+
+/// Each row of `s` scores in `p` replaced by its softmax.
+#[inline(always)]
+fn softmax_rows<T: Kernel>(p: &mut [T], s: usize) {
+    for row in p.chunks_mut(s) {
+        let max = lanes(row, T::neg_infinity(), |m, v| m.max(v));
+        T::exp_shifted(row, max);
+        let inv = T::one() / lanes(row, T::zero(), |a, v| a + v);
         row.iter_mut().for_each(|x| *x = *x * inv);
     }
+}
+
+/// The softmax's backward pass in place of `dp` (`T × S`) given the weights `p`:
+/// `ds = p ⊙ (dp − Σ g ⊙ o) · scale`, the sum over each row of the output `o` and its gradient
+/// `g` (`T × dh`). Dispatched as [`weights`]' softmax.
+fn softmax_grad<T: Kernel>(dp: &mut [T], p: &[T], go: (&[T], &[T]), dh: usize, scale: T) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        #[target_feature(enable = "avx512f")]
+        fn avx512<T: Kernel>(dp: &mut [T], p: &[T], go: (&[T], &[T]), dh: usize, scale: T) {
+            softmax_grad_rows(dp, p, go, dh, scale)
+        }
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        #[allow(unsafe_code)]
+        return unsafe { avx512(dp, p, go, dh, scale) };
+    }
+    softmax_grad_rows(dp, p, go, dh, scale)
+}
+
+#[inline(always)]
+fn softmax_grad_rows<T: Kernel>(dp: &mut [T], p: &[T], (g, o): (&[T], &[T]), dh: usize, scale: T) {
+    let s = p.len() / (g.len() / dh);
+    let rows = dp.chunks_mut(s).zip(p.chunks(s));
+    for ((dpr, pr), (gr, or)) in rows.zip(g.chunks(dh).zip(o.chunks(dh))) {
+        let d = gr.iter().zip(or).fold(T::zero(), |a, (&g, &o)| a + g * o);
+        for (x, &p) in dpr.iter_mut().zip(pr) {
+            *x = p * (*x - d) * scale;
+        }
+    }
+}
+
+/// The reduction `f` of `xs` over 8 interleaved partial results, then those in order: a fixed
+/// order (so the same bits on every run) that the compiler can keep in vector registers.
+#[inline(always)]
+fn lanes<T: Float>(xs: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [init; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = f(*a, x);
+        }
+    }
+    let mut total = acc.iter().fold(init, |a, &x| f(a, x));
+    for &x in tail {
+        total = f(total, x);
+    }
+    total
+}
+
+/// The element types of the kernels: f32 (training) and f64 (the finite-difference tests).
+pub(crate) trait Kernel: Float + Send + Sync + 'static {
+    /// `x ← exp(x − shift)` for every `x` of `xs`, all of them ≤ `shift`.
+    fn exp_shifted(xs: &mut [Self], shift: Self);
+}
+
+impl Kernel for f64 {
+    #[inline(always)]
+    fn exp_shifted(xs: &mut [f64], shift: f64) {
+        xs.iter_mut().for_each(|x| *x = (*x - shift).exp());
+    }
+}
+
+impl Kernel for f32 {
+    #[inline(always)]
+    fn exp_shifted(xs: &mut [f32], shift: f32) {
+        xs.iter_mut().for_each(|x| *x = exp_f32(*x - shift));
+    }
+}
+
+/// `exp(x)` for f32 in a form the compiler vectorizes (libm's `expf` is a call per element, a
+/// tenth of the training step): `2^k · e^r` with `k = round(x / ln 2)`, `|r| ≤ ln 2 / 2`, and
+/// Cephes' polynomial for `e^r` (within a few ulp of `exp`). Arguments below −87.3 give 2⁻¹²⁶
+/// (≈ 1e-38) instead of a subnormal or zero.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.3, 88.7);
+    // Rounds to the nearest integer (ties to even) by adding 1.5 · 2²³, whose low mantissa bits
+    // then hold `k` as an integer: all in vector instructions on the SSE2 baseline, where
+    // `round_ties_even` is a libm call and a float-to-int cast is done one element at a time.
+    const ROUND: f32 = 12_582_912.0;
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let k = shifted - ROUND;
+    let r = x - k * LN2_HI - k * LN2_LO;
+    // Plain products and sums: `mul_add` is a libm call on a CPU baseline without FMA.
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    // 2^k: the biased exponent `k + 127` in the exponent field (`k` is within −126..=128 here).
+    let two_k = (shifted
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127))
+        << 23;
+    e * f32::from_bits(two_k)
 }
 
 /// A vector of `n` elements, each written by `fill` (which must write all of them).
@@ -234,7 +351,7 @@ struct Attention {
     scale: f64,
 }
 
-fn attention_fwd<T: Float + Send + Sync + 'static>(
+fn attention_fwd<T: Kernel>(
     (q, qh): (&[T], Heads),
     (k, kh): (&[T], Heads),
     (v, vh): (&[T], Heads),
@@ -333,7 +450,7 @@ struct AttentionBwd {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn attention_bwd<T: Float + Send + Sync + 'static>(
+fn attention_bwd<T: Kernel>(
     (q, qh): (&[T], Heads),
     (k, kh): (&[T], Heads),
     (v, vh): (&[T], Heads),
@@ -371,16 +488,7 @@ fn attention_bwd<T: Float + Send + Sync + 'static>(
                         mat(vi, 1, vh.row_stride),
                         T::one(),
                     );
-                    for (r, (dpr, pr)) in dp.chunks_mut(s).zip(p.chunks(s)).enumerate() {
-                        let row = r * dh..(r + 1) * dh;
-                        let d = gi[row.clone()]
-                            .iter()
-                            .zip(&oi[row])
-                            .fold(T::zero(), |a, (&g, &o)| a + g * o);
-                        for (x, &p) in dpr.iter_mut().zip(pr) {
-                            *x = p * (*x - d) * scale;
-                        }
-                    }
+                    softmax_grad(dp, p, (gi, oi), dh, scale);
                     // dq = ds k, dk = dsᵀ q
                     product((t, dh, s), dq, dh, mat(dp, s, 1), km, T::one());
                     product((s, dh, t), dk, dh, mat(dp, 1, s), qm, T::one());
