@@ -2,7 +2,8 @@
 # The trainer benchmark: the PyTorch eager twin of the `bench-mid` model
 # (../shared/bench/torch_ref/bench_mid.py) and `atmorep train --bench` on the `bench-mid` preset
 # against a loader on a 1° t/z store, alternating round by round in one run so that both see the
-# same machine. Prints one row per round, the medians and the ratio ours / twin.
+# same machine. Prints one row per round, the medians and the ratio ours / twin, for the training
+# step and for forward passes alone (as eval and infer run the model).
 #
 #   scripts/bench-trainer.sh [ROUNDS]      (BIN, STEPS, THREADS, TWIN, VENV override defaults)
 #
@@ -79,8 +80,9 @@ done
 endpoint="http://$(sed -n 's/^listening on //p' "$work/serve.out")"
 
 REFERENCE=${REFERENCE:-0}
-printf '%-6s %12s %12s %12s %12s %8s %10s %10s %10s\n' round "ours tok/s" "twin tok/s" "ours GF/s" \
-  "twin GF/s" ratio "ours MiB" "twin MiB" "ref tok/s"
+printf '%-6s %12s %12s %12s %12s %8s %10s %10s %10s %10s %10s %8s\n' round "ours tok/s" \
+  "twin tok/s" "ours GF/s" "twin GF/s" ratio "ours MiB" "twin MiB" "ref tok/s" "ours fwd" \
+  "twin fwd" "fwd ratio"
 for round in $(seq "$ROUNDS"); do
   env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$VENV/bin/python" "$TWIN" --threads "$THREADS" \
     --steps "$STEPS" --warmup 2 --fwd-steps 8 --json "$work/twin.jsonl" >"$work/twin.txt"
@@ -102,17 +104,19 @@ twin = [json.loads(l) for l in open(sys.argv[3])][-1]
 tok = float(re.search(r"([0-9.]+) tokens/s", ours).group(1))
 gf = re.search(r"([0-9.]+) GFLOP/s", ours)
 rss = int(re.search(r"peak_rss_kib (\d+)", err).group(1)) / 1024
+fwd = float(re.search(r"forward only: ([0-9.]+) tokens/s", ours).group(1))
 print(sys.argv[4], tok, twin["tokens_per_s"], gf.group(1) if gf else "nan", twin["train_gflops"],
-      tok / twin["tokens_per_s"], round(rss), twin["peak_rss_mib"], ref, twin["fwd_tokens_per_s"],
-      twin["fwd_in_step_ms"])
+      tok / twin["tokens_per_s"], round(rss), twin["peak_rss_mib"], ref, fwd,
+      twin["fwd_tokens_per_s"], fwd / twin["fwd_tokens_per_s"], twin["fwd_in_step_ms"])
 PY
-  tail -n1 "$work/rows.txt" | awk '{printf "%-6s %12.0f %12.0f %12s %12s %8.3f %10s %10s %10.0f\n", $1, $2, $3, $4, $5, $6, $7, $8, $9}'
+  tail -n1 "$work/rows.txt" | awk '{printf "%-6s %12.0f %12.0f %12s %12s %8.3f %10s %10s %10.0f %10.0f %10.0f %8.3f\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12}'
 done
 python3 - "$work/rows.txt" <<'PY'
 import statistics, sys
 rows = [line.split()[1:] for line in open(sys.argv[1])]
 med = [statistics.median(float(x) for x in col) for col in zip(*rows)]
-print("%-6s %12.0f %12.0f %12.1f %12.1f %8.3f %10.0f %10.0f %10.0f" % ("median", *med[:8]))
-print(f"twin: forward-only {med[8]:.0f} tokens/s, forward in the training step {med[9]:.0f} ms")
+print("%-6s %12.0f %12.0f %12.1f %12.1f %8.3f %10.0f %10.0f %10.0f %10.0f %10.0f %8.3f"
+      % ("median", *med[:11]))
+print(f"twin: forward in the training step {med[11]:.0f} ms")
 PY
 echo "ours (last round): $(grep -E 'tokens/s' "$work/ours.txt")"

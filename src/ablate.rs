@@ -227,6 +227,7 @@ pub async fn ablate(args: AblateArgs) -> Result<AblationReport> {
                         stop_at: None,
                         out: Some(run_dir),
                         progress: StepBar::unless(args.quiet),
+                        forward_passes: 0,
                     },
                 )
                 .await

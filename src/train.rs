@@ -23,6 +23,9 @@ use clap::Args;
 
 use crate::bars::StepBar;
 
+/// Forward passes alone timed after a `--bench` run.
+const FORWARD_PASSES: usize = 8;
+
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Training config (TOML; see examples/train.toml). Optional with --resume, which then uses
@@ -43,7 +46,8 @@ pub struct TrainArgs {
     /// Continue from a checkpoint: a checkpoint folder or a run's output folder (its latest).
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Print tokens/s and the step-time breakdown (data wait, forward, backward, optimizer).
+    /// Print tokens/s and the step-time breakdown (data wait, forward, backward, optimizer),
+    /// then time forward passes alone (as eval and infer run the model) over the last batch.
     #[arg(long)]
     bench: bool,
     /// Batches the client keeps ready per task stream.
@@ -290,6 +294,7 @@ async fn train_in(args: TrainArgs, collective: Box<dyn Collective>) -> Result<()
                 stop_at: args.steps,
                 out: Some(out.clone()),
                 progress: StepBar::unless(args.quiet),
+                forward_passes: if args.bench { FORWARD_PASSES } else { 0 },
             },
         )
         .await?;
@@ -343,6 +348,15 @@ async fn train_in(args: TrainArgs, collective: Box<dyn Collective>) -> Result<()
             "{}",
             summary.breakdown_with_flops(skip, per_token).to_text()
         );
+        if let Some(f) = summary.forward_only {
+            // One forward pass, not the step's three (forward, and backward at twice its cost).
+            println!(
+                "forward only: {:.0} tokens/s, {:.1} GFLOP/s over {} passes of the last batch",
+                f.tokens_per_s(),
+                per_token * f.tokens_per_s() / 1e9,
+                f.passes
+            );
+        }
     }
     Ok(())
 }

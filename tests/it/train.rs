@@ -197,7 +197,7 @@ async fn resume_reproduces(mut cfg: TrainConfig) -> Vec<(String, Vec<f32>)> {
     let opts = |out: &Path, stop: Option<u64>| RunOptions {
         stop_at: stop,
         out: Some(out.to_path_buf()),
-        progress: None,
+        ..Default::default()
     };
 
     let whole_out = dir.path().join("whole");

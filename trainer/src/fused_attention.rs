@@ -205,6 +205,11 @@ fn weights<T: Kernel>(
 ) {
     let (t, s, dh) = dims;
     product((t, s, dh), as_uninit(p), s, q, mat(k.data, 1, k.rs), scale);
+    softmax(p, s);
+}
+
+/// Each row of `s` scores in `p` replaced by its softmax.
+fn softmax<T: Kernel>(p: &mut [T], s: usize) {
     // Dispatched once per item: AVX-512 where the CPU has it, else the build's baseline (SSE2).
     // Both give the same bits: the same IEEE operations in the same order (Rust never fuses a
     // multiply and an add on its own); the callees are `#[inline(always)]`, so they are compiled
@@ -222,7 +227,6 @@ fn weights<T: Kernel>(
     softmax_rows(p, s)
 }
 
-/// Each row of `s` scores in `p` replaced by its softmax.
 #[inline(always)]
 fn softmax_rows<T: Kernel>(p: &mut [T], s: usize) {
     for row in p.chunks_mut(s) {
@@ -235,7 +239,7 @@ fn softmax_rows<T: Kernel>(p: &mut [T], s: usize) {
 
 /// The softmax's backward pass in place of `dp` (`T × S`) given the weights `p`:
 /// `ds = p ⊙ (dp − Σ g ⊙ o) · scale`, the sum over each row of the output `o` and its gradient
-/// `g` (`T × dh`). Dispatched as [`weights`]' softmax.
+/// `g` (`T × dh`). Dispatched as [`softmax`].
 fn softmax_grad<T: Kernel>(dp: &mut [T], p: &[T], go: (&[T], &[T]), dh: usize, scale: T) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
@@ -323,7 +327,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     // 2^k: the biased exponent `k + 127` in the exponent field (`k` is within −126..=128 here).
     let two_k = (shifted
@@ -573,5 +577,43 @@ impl CustomOp2 for AttentionBwd {
                 })
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values in about [-8, 8], deterministic.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 10_000) as f32 / 625.0 - 8.0)
+            .collect()
+    }
+
+    #[test]
+    fn the_avx512_and_baseline_builds_give_the_same_bits() {
+        let (t, s, dh) = (7, 37, 5);
+        let scores = values(t * s, 1);
+        let (mut wide, mut base) = (scores.clone(), scores);
+        softmax(&mut wide, s);
+        softmax_rows(&mut base, s);
+        assert!(
+            wide.iter()
+                .zip(&base)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        let (g, o) = (values(t * dh, 2), values(t * dh, 3));
+        let dp = values(t * s, 4);
+        let (mut wide_dp, mut base_dp) = (dp.clone(), dp);
+        softmax_grad(&mut wide_dp, &wide, (&g, &o), dh, 0.3);
+        softmax_grad_rows(&mut base_dp, &base, (&g, &o), dh, 0.3);
+        assert!(
+            wide_dp
+                .iter()
+                .zip(&base_dp)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        assert_ne!(wide_dp, values(t * s, 4), "the gradient was computed");
     }
 }

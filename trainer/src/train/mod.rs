@@ -78,5 +78,5 @@ mod validation;
 
 pub use config::{CheckpointConfig, TaskConfig, TrainConfig, ValidationConfig};
 pub use setup::Trainer;
-pub use summary::{Breakdown, RunOptions, RunProgress, RunSummary};
+pub use summary::{Breakdown, ForwardOnly, RunOptions, RunProgress, RunSummary};
 pub use validation::Validation;

@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use rand::Rng;
 
 use super::objective::FieldMeans;
-use super::{RunOptions, RunSummary, Trainer};
+use super::{ForwardOnly, RunOptions, RunSummary, Trainer};
 use crate::config::Prior;
 use crate::error::{Error, Result};
 use crate::metrics_log::{self, StepRecord};
@@ -141,6 +141,7 @@ impl Trainer {
         let mut saved_at = None;
         // Reconnects of the validation streams, which end with each validation.
         let mut validation_reconnects = 0;
+        let mut last_batch = None;
 
         while self.step() < stop {
             let started = Instant::now();
@@ -189,7 +190,11 @@ impl Trainer {
                 )?)?;
                 record.backward_s += t.elapsed().as_secs_f64();
                 self.cursors[task] = Some(batch.cursor_after);
-                streams[task].recycle(batch);
+                if opts.forward_passes > 0 && step + 1 == stop {
+                    last_batch = Some(batch);
+                } else {
+                    streams[task].recycle(batch);
+                }
             }
             // The combined batch's loss, terms and tokens: the ranks' parts add up to them.
             let mut sums = vec![record.loss, record.tokens as f64];
@@ -258,10 +263,33 @@ impl Trainer {
                     .extend(metrics_log::write_steps(out, &unwritten)?);
             }
         }
+        if let Some(batch) = last_batch {
+            summary.forward_only = Some(self.time_forward(&batch, opts.forward_passes)?);
+        }
         if let Some(p) = progress {
             p.finish();
         }
         Ok(summary)
+    }
+}
+
+impl Trainer {
+    /// `passes` forward passes alone over `batch`, after one untimed (as [`Self::run`]'s own
+    /// steps, the first of a kind fills caches).
+    fn time_forward(&self, batch: &Batch, passes: usize) -> Result<ForwardOnly> {
+        let (loss, _, tokens_per_pass) = self.forward_loss(batch)?;
+        drop(loss);
+        let started = Instant::now();
+        for _ in 0..passes {
+            let (loss, _, _) = self.forward_loss(batch)?;
+            // The value, as eval reads it: the pass is not done until the loss is.
+            loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        }
+        Ok(ForwardOnly {
+            passes,
+            tokens_per_pass,
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
 }
 

@@ -17,6 +17,9 @@ pub struct RunOptions {
     pub out: Option<PathBuf>,
     /// Told of each step (on rank 0 of a data-parallel run); `None`: nobody watches.
     pub progress: Option<Arc<dyn RunProgress>>,
+    /// After the last step, time this many forward passes alone (no backward pass, no update)
+    /// over the last step's batch, for [`RunSummary::forward_only`]; 0: none.
+    pub forward_passes: usize,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -25,6 +28,7 @@ impl std::fmt::Debug for RunOptions {
             .field("stop_at", &self.stop_at)
             .field("out", &self.out)
             .field("progress", &self.progress.is_some())
+            .field("forward_passes", &self.forward_passes)
             .finish()
     }
 }
@@ -58,6 +62,23 @@ pub struct RunSummary {
     /// Loader calls re-issued after a lost stream (training and validation streams): each is a
     /// pause in which the client reconnected and resumed from its cursor.
     pub reconnects: u64,
+    /// Forward passes alone over one batch ([`RunOptions::forward_passes`]), as eval and infer
+    /// run the model: passes, tokens per pass and seconds in all.
+    pub forward_only: Option<ForwardOnly>,
+}
+
+/// Timed forward passes of the model without backward passes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ForwardOnly {
+    pub passes: usize,
+    pub tokens_per_pass: u64,
+    pub seconds: f64,
+}
+
+impl ForwardOnly {
+    pub fn tokens_per_s(&self) -> f64 {
+        (self.passes as u64 * self.tokens_per_pass) as f64 / self.seconds.max(1e-9)
+    }
 }
 
 /// Mean time per step and its parts, over some steps of a run.
