@@ -13,7 +13,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::fused::softmax_scaled;
-use crate::ops::{linear, residual_linear};
+use crate::ops::{apply_linear, linear, residual_linear};
 
 /// The context of `q` over `k`, `v` from the fused kernel of [`crate::fused_attention`], and
 /// the weights (as [`scaled_dot_product`] gives them) when `want`: a model asked for its
@@ -76,7 +76,7 @@ impl MultiHeadAttention {
 
     /// Queries, keys and values of `x` `[B, T, D]`, each `[B, H, T, dh]`.
     pub fn project_qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let qkv = self.qkv.forward(x)?;
+        let qkv = apply_linear(&self.qkv, x)?;
         let d = qkv.dim(2)? / 3;
         let part = |i: usize| split_heads(&qkv.narrow(2, i * d, d)?, self.num_heads);
         Ok((part(0)?, part(1)?, part(2)?))
@@ -84,7 +84,7 @@ impl MultiHeadAttention {
 
     /// The output projection of a context `[B, H, T, dh]`, giving `[B, T, D]`.
     pub fn project_out(&self, ctx: &Tensor) -> Result<Tensor> {
-        self.out.forward(&merge_heads(ctx)?)
+        apply_linear(&self.out, &merge_heads(ctx)?)
     }
 
     /// `residual` plus the output projection of a context `[B, H, T, dh]`.
@@ -144,11 +144,11 @@ impl CrossAttention {
     /// `[B, S, D]`, and the weights `[B, H, T, S]`.
     pub fn forward_with_weights(&self, x: &Tensor, memory: &Tensor) -> Result<(Tensor, Tensor)> {
         let (ctx, weights) = self.context(x, memory, true)?;
-        Ok((self.out.forward(&ctx)?, weights.expect("asked for")))
+        Ok((apply_linear(&self.out, &ctx)?, weights.expect("asked for")))
     }
 
     pub fn forward(&self, x: &Tensor, memory: &Tensor) -> Result<Tensor> {
-        self.out.forward(&self.context(x, memory, false)?.0)
+        apply_linear(&self.out, &self.context(x, memory, false)?.0)
     }
 
     /// `residual` plus [`Self::forward_with_weights`]'s output, and the weights when `want`.
@@ -165,8 +165,8 @@ impl CrossAttention {
 
     /// The merged context `[B, T, D]` before the output projection, and the weights when `want`.
     fn context(&self, x: &Tensor, memory: &Tensor, want: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let q = split_heads(&self.q.forward(x)?, self.num_heads)?;
-        let kv = self.kv.forward(memory)?;
+        let q = split_heads(&apply_linear(&self.q, x)?, self.num_heads)?;
+        let kv = apply_linear(&self.kv, memory)?;
         let d = kv.dim(2)? / 2;
         let k = split_heads(&kv.narrow(2, 0, d)?, self.num_heads)?;
         let v = split_heads(&kv.narrow(2, d, d)?, self.num_heads)?;

@@ -13,14 +13,15 @@
 //! Determinism: each (batch, head) is computed by one thread in a fixed order, so results do not
 //! depend on the number of threads.
 
-use std::mem::MaybeUninit;
-
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
-use gemm::Parallelism;
 use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::fused::fused_here;
+use crate::product::{Mat, as_uninit, filled, mat, product};
+
+/// Products inside a task run on its thread: the tasks (batch × heads) are the parallelism.
+const ONE_THREAD: gemm::Parallelism = gemm::Parallelism::None;
 
 /// The context `[B, H, T, dh]` of queries `q` `[B, H, T, dh]` over keys and values `k`, `v`
 /// `[B, H, S, dh]` (see [`crate::attention::scaled_dot_product`], which also returns the
@@ -112,89 +113,6 @@ impl Heads {
     }
 }
 
-/// A matrix operand of [`product`]: its data from the first element, and its row and column
-/// strides.
-#[derive(Clone, Copy)]
-struct Mat<'a, T> {
-    data: &'a [T],
-    rs: usize,
-    cs: usize,
-}
-
-fn mat<T>(data: &[T], rs: usize, cs: usize) -> Mat<'_, T> {
-    Mat { data, rs, cs }
-}
-
-/// The number of elements from the first to the last of a `rows × cols` matrix with strides.
-fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
-    (rows - 1) * rs + (cols - 1) * cs + 1
-}
-
-/// `dst = beta · lhs · rhs` for `lhs` `m × k` and `rhs` `k × n` into `dst` `m × n` (row stride
-/// `dst_rs`, columns contiguous), every element of `dst` written and none read. One thread.
-fn product<T: Float + 'static>(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [MaybeUninit<T>],
-    dst_rs: usize,
-    lhs: Mat<'_, T>,
-    rhs: Mat<'_, T>,
-    beta: T,
-) {
-    assert!(m > 0 && n > 0 && k > 0, "empty product {m}×{k}·{k}×{n}");
-    assert!(
-        dst.len() >= extent(m, n, dst_rs, 1),
-        "product: destination too short"
-    );
-    assert!(
-        lhs.data.len() >= extent(m, k, lhs.rs, lhs.cs),
-        "product: lhs too short"
-    );
-    assert!(
-        rhs.data.len() >= extent(k, n, rhs.rs, rhs.cs),
-        "product: rhs too short"
-    );
-    // SAFETY: the asserts above keep every element gemm touches inside the three slices (it
-    // reads `lhs` and `rhs` at `i·rs + j·cs` within the given shapes and writes `dst` likewise);
-    // `dst` is borrowed mutably and the operands shared, so they do not overlap; with
-    // `read_dst = false` gemm writes `beta · lhs · rhs` to every element of `dst` without reading
-    // it, so uninitialised memory is never read.
-    #[allow(unsafe_code)]
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr().cast::<T>(),
-            1,
-            dst_rs as isize,
-            false,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            T::zero(),
-            beta,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
-}
-
-/// The same view of initialised data: `product` writes every element, so `T`s may be written
-/// where `MaybeUninit<T>`s are expected.
-fn as_uninit<T>(s: &mut [T]) -> &mut [MaybeUninit<T>] {
-    // SAFETY: `MaybeUninit<T>` has the layout of `T`, and every write through the returned slice
-    // (`product` only) stores an initialised `T`, so `s` stays initialised.
-    #[allow(unsafe_code)]
-    unsafe {
-        std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len())
-    }
-}
-
 /// `p = softmax(scale · q kᵀ)` of one (batch, head): `p` is `T × S`.
 fn weights<T: Kernel>(
     p: &mut [T],
@@ -204,7 +122,15 @@ fn weights<T: Kernel>(
     scale: T,
 ) {
     let (t, s, dh) = dims;
-    product((t, s, dh), as_uninit(p), s, q, mat(k.data, 1, k.rs), scale);
+    product(
+        (t, s, dh),
+        as_uninit(p),
+        s,
+        q,
+        mat(k.data, 1, k.rs),
+        scale,
+        ONE_THREAD,
+    );
     softmax(p, s);
 }
 
@@ -338,19 +264,6 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     e * f32::from_bits(two_k)
 }
 
-/// A vector of `n` elements, each written by `fill` (which must write all of them).
-fn filled<T>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
-    let mut out = Vec::with_capacity(n);
-    fill(&mut out.spare_capacity_mut()[..n]);
-    // SAFETY: `fill` wrote every one of the first `n` elements (each caller hands every element
-    // to `product`, which writes all of its destination).
-    #[allow(unsafe_code)]
-    unsafe {
-        out.set_len(n);
-    }
-    out
-}
-
 struct Attention {
     scale: f64,
 }
@@ -377,6 +290,7 @@ fn attention_fwd<T: Kernel>(
                     mat(p, s, 1),
                     mat(vh.item(v, i), vh.row_stride, 1),
                     T::one(),
+                    ONE_THREAD,
                 );
             },
         )
@@ -482,7 +396,15 @@ fn attention_bwd<T: Kernel>(
                     );
                     weights(p, qm, km, (t, s, dh), scale);
                     // dv = pᵀ g
-                    product((s, dh, t), dv, dh, mat(p, 1, s), mat(gi, dh, 1), T::one());
+                    product(
+                        (s, dh, t),
+                        dv,
+                        dh,
+                        mat(p, 1, s),
+                        mat(gi, dh, 1),
+                        T::one(),
+                        ONE_THREAD,
+                    );
                     // dp = g vᵀ, then the softmax's backward in place: ds = p ⊙ (dp − Σ g ⊙ o) · scale
                     product(
                         (t, s, dh),
@@ -491,11 +413,12 @@ fn attention_bwd<T: Kernel>(
                         mat(gi, dh, 1),
                         mat(vi, 1, vh.row_stride),
                         T::one(),
+                        ONE_THREAD,
                     );
                     softmax_grad(dp, p, (gi, oi), dh, scale);
                     // dq = ds k, dk = dsᵀ q
-                    product((t, dh, s), dq, dh, mat(dp, s, 1), km, T::one());
-                    product((s, dh, t), dk, dh, mat(dp, 1, s), qm, T::one());
+                    product((t, dh, s), dq, dh, mat(dp, s, 1), km, T::one(), ONE_THREAD);
+                    product((s, dh, t), dk, dh, mat(dp, 1, s), qm, T::one(), ONE_THREAD);
                 },
             )
     })

@@ -151,6 +151,13 @@ fn attention_keys_values(t: &[Tensor]) -> candle_core::Result<(Tensor, Tensor)> 
     }
 }
 
+fn matmul_t_fused(t: &[Tensor]) -> candle_core::Result<Tensor> {
+    crate::fused_linear::matmul_t(&t[0], &t[1])
+}
+fn matmul_t_reference(t: &[Tensor]) -> candle_core::Result<Tensor> {
+    ops::matmul_t_reference(&t[0], &t[1])
+}
+
 fn residual_bias_fused(t: &[Tensor]) -> candle_core::Result<Tensor> {
     residual_bias(&t[0], &t[1], &t[2])
 }
@@ -284,6 +291,26 @@ fn attention_matches_its_reference_and_finite_differences() {
     // Shapes that do not fit name the operand.
     let wrong = crate::fused_attention::attention(&x[0], &x[1], &inputs(6)[2]).unwrap_err();
     assert!(wrong.to_string().contains("values"), "{wrong}");
+}
+
+#[test]
+fn matmul_t_matches_its_reference_and_finite_differences() {
+    let inputs = |dims: &[usize], n: usize| {
+        let k = *dims.last().unwrap();
+        [
+            values(dims, 24, DType::F64),
+            values(&[n, k], 25, DType::F64),
+        ]
+    };
+    let x = inputs(&DIMS, 11);
+    check_against_reference(matmul_t_fused, matmul_t_reference, &x, DType::F64, 1e-12);
+    check_against_reference(matmul_t_fused, matmul_t_reference, &x, DType::F32, 1e-5);
+    check_finite_differences(matmul_t_fused, &inputs(&[2, 3, 5], 4));
+    // A transposed (strided) input, made contiguous first.
+    let t = [values(&[37, 13], 26, DType::F64).t().unwrap(), x[1].clone()];
+    check_against_reference(matmul_t_fused, matmul_t_reference, &t, DType::F64, 1e-12);
+    let wrong = crate::fused_linear::matmul_t(&x[0], &values(&[11, 5], 1, DType::F64)).unwrap_err();
+    assert!(wrong.to_string().contains("weight"), "{wrong}");
 }
 
 #[test]

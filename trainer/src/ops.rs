@@ -77,9 +77,24 @@ pub fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Resu
     Ok(Linear::new(weight, bias))
 }
 
-/// `x · Wᵀ` of a linear layer, without its bias (as `candle_nn::Linear` multiplies: one matrix
-/// product over all leading dimensions of a contiguous `x`).
+/// `x · Wᵀ` of a linear layer, without its bias: the fused op of [`crate::fused_linear`] on the
+/// CPU, else [`matmul_t_reference`].
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    crate::fused_linear::matmul_t(x, w)
+}
+
+/// A linear layer applied to `x`: `x · Wᵀ (+ b)`.
+pub fn apply_linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    let y = matmul_t(x, lin.weight())?;
+    match lin.bias() {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// `x · Wᵀ` from candle's ops (as `candle_nn::Linear` multiplies: one matrix product over all
+/// leading dimensions of a contiguous `x`).
+pub fn matmul_t_reference(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let w = w.t()?;
     match *x.dims() {
         [b, m, k] if x.is_contiguous() => x.reshape((b * m, k))?.matmul(&w)?.reshape((b, m, ())),
