@@ -157,8 +157,7 @@ fn softmax<T: Kernel>(p: &mut [T], s: usize) {
 fn softmax_rows<T: Kernel>(p: &mut [T], s: usize) {
     for row in p.chunks_mut(s) {
         let max = lanes(row, T::neg_infinity(), |m, v| m.max(v));
-        T::exp_shifted(row, max);
-        let inv = T::one() / lanes(row, T::zero(), |a, v| a + v);
+        let inv = T::one() / T::exp_shifted_sum(row, max);
         row.iter_mut().for_each(|x| *x = *x * inv);
     }
 }
@@ -213,22 +212,42 @@ fn lanes<T: Float>(xs: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
 
 /// The element types of the kernels: f32 (training) and f64 (the finite-difference tests).
 pub(crate) trait Kernel: Float + Send + Sync + 'static {
-    /// `x ← exp(x − shift)` for every `x` of `xs`, all of them ≤ `shift`.
-    fn exp_shifted(xs: &mut [Self], shift: Self);
+    /// `x ← exp(x − shift)` for every `x` of `xs` (all of them ≤ `shift`), and their sum in
+    /// the order of [`lanes`].
+    fn exp_shifted_sum(xs: &mut [Self], shift: Self) -> Self;
 }
 
 impl Kernel for f64 {
     #[inline(always)]
-    fn exp_shifted(xs: &mut [f64], shift: f64) {
-        xs.iter_mut().for_each(|x| *x = (*x - shift).exp());
+    fn exp_shifted_sum(xs: &mut [f64], shift: f64) -> f64 {
+        exp_sum(xs, |x| (x - shift).exp())
     }
 }
 
 impl Kernel for f32 {
     #[inline(always)]
-    fn exp_shifted(xs: &mut [f32], shift: f32) {
-        xs.iter_mut().for_each(|x| *x = exp_f32(*x - shift));
+    fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
+        exp_sum(xs, |x| exp_f32(x - shift))
     }
+}
+
+/// `x ← exp(x)` over `xs` and the sum of the results, in one pass, summed as [`lanes`] sums.
+#[inline(always)]
+fn exp_sum<T: Float>(xs: &mut [T], exp: impl Fn(T) -> T) -> T {
+    let mut acc = [T::zero(); 8];
+    let mut chunks = xs.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *x = exp(*x);
+            *a = *a + *x;
+        }
+    }
+    let mut total = acc.iter().fold(T::zero(), |a, &x| a + x);
+    for x in chunks.into_remainder() {
+        *x = exp(*x);
+        total = total + *x;
+    }
+    total
 }
 
 /// `exp(x)` for f32 in a form the compiler vectorizes (libm's `expf` is a call per element, a
