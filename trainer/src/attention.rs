@@ -26,12 +26,17 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, want: bool) -> Result<(Tensor,
     Ok((ctx, weights))
 }
 
-/// `[B, T, H·dh]` → `[B, H, T, dh]`.
-pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+/// `[B, T, P·H·dh]` → `P` views `[B, H, T, dh]`: the queries, keys and values of a fused
+/// projection. They are strided views of `x` (no copy when `x` is contiguous), which the fused
+/// attention reads where they lie.
+pub fn split_heads(x: &Tensor, parts: usize, heads: usize) -> Result<Vec<Tensor>> {
     let (b, t, d) = x.dims3()?;
-    x.reshape((b, t, heads, d / heads))?
-        .transpose(1, 2)?
-        .contiguous()
+    let x = x
+        .contiguous()?
+        .reshape((b, t, parts, heads, d / (parts * heads)))?;
+    (0..parts)
+        .map(|i| x.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2))
+        .collect()
 }
 
 /// `[B, H, T, dh]` → `[B, T, H·dh]`.
@@ -76,10 +81,10 @@ impl MultiHeadAttention {
 
     /// Queries, keys and values of `x` `[B, T, D]`, each `[B, H, T, dh]`.
     pub fn project_qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let qkv = apply_linear(&self.qkv, x)?;
-        let d = qkv.dim(2)? / 3;
-        let part = |i: usize| split_heads(&qkv.narrow(2, i * d, d)?, self.num_heads);
-        Ok((part(0)?, part(1)?, part(2)?))
+        let [q, k, v]: [Tensor; 3] = split_heads(&apply_linear(&self.qkv, x)?, 3, self.num_heads)?
+            .try_into()
+            .expect("three parts");
+        Ok((q, k, v))
     }
 
     /// The output projection of a context `[B, H, T, dh]`, giving `[B, T, D]`.
@@ -165,11 +170,12 @@ impl CrossAttention {
 
     /// The merged context `[B, T, D]` before the output projection, and the weights when `want`.
     fn context(&self, x: &Tensor, memory: &Tensor, want: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let q = split_heads(&apply_linear(&self.q, x)?, self.num_heads)?;
-        let kv = apply_linear(&self.kv, memory)?;
-        let d = kv.dim(2)? / 2;
-        let k = split_heads(&kv.narrow(2, 0, d)?, self.num_heads)?;
-        let v = split_heads(&kv.narrow(2, d, d)?, self.num_heads)?;
+        let [q]: [Tensor; 1] = split_heads(&apply_linear(&self.q, x)?, 1, self.num_heads)?
+            .try_into()
+            .expect("one part");
+        let [k, v]: [Tensor; 2] = split_heads(&apply_linear(&self.kv, memory)?, 2, self.num_heads)?
+            .try_into()
+            .expect("two parts");
         let (ctx, weights) = attend(&q, &k, &v, want)?;
         Ok((merge_heads(&ctx)?, weights))
     }
@@ -217,7 +223,7 @@ mod tests {
     #[test]
     fn heads_round_trip() -> Result<()> {
         let x = Tensor::arange(0f32, 24.0, &Device::Cpu)?.reshape((1, 3, 8))?;
-        let h = split_heads(&x, 2)?;
+        let h = split_heads(&x, 1, 2)?.remove(0);
         assert_eq!(h.dims(), &[1, 2, 3, 4]);
         // Head 1 of token 2 holds channels 4..8 of token 2.
         assert_eq!(
@@ -225,6 +231,13 @@ mod tests {
             [20.0, 21.0, 22.0, 23.0]
         );
         assert_eq!(merge_heads(&h)?.to_vec3::<f32>()?, x.to_vec3::<f32>()?);
+        // Two parts (keys and values): the second part's head 0 of token 1 is channels 12..14.
+        let kv = split_heads(&x, 2, 2)?;
+        assert_eq!(kv[1].dims(), &[1, 2, 3, 2]);
+        assert_eq!(
+            kv[1].get(0)?.get(0)?.get(1)?.to_vec1::<f32>()?,
+            [12.0, 13.0]
+        );
         Ok(())
     }
 }
