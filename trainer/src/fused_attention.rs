@@ -156,7 +156,8 @@ fn softmax<T: Kernel>(p: &mut [T], s: usize) {
 #[inline(always)]
 fn softmax_rows<T: Kernel>(p: &mut [T], s: usize) {
     for row in p.chunks_mut(s) {
-        let max = lanes(row, T::neg_infinity(), |m, v| m.max(v));
+        // A plain comparison (not `max`, whose NaN rule costs a compare and a blend per vector).
+        let max = lanes(row, T::neg_infinity(), |m, v| if v > m { v } else { m });
         let inv = T::one() / T::exp_shifted_sum(row, max);
         row.iter_mut().for_each(|x| *x = *x * inv);
     }
@@ -191,12 +192,15 @@ fn softmax_grad_rows<T: Kernel>(dp: &mut [T], p: &[T], (g, o): (&[T], &[T]), dh:
     }
 }
 
-/// The reduction `f` of `xs` over 8 interleaved partial results, then those in order: a fixed
-/// order (so the same bits on every run) that the compiler can keep in vector registers.
+/// Partial results of [`lanes`]: one AVX-512 vector of f32.
+const LANES: usize = 16;
+
+/// The reduction `f` of `xs` over [`LANES`] interleaved partial results, then those in order: a
+/// fixed order (so the same bits on every run) that the compiler can keep in vector registers.
 #[inline(always)]
 fn lanes<T: Float>(xs: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
-    let mut acc = [init; 8];
-    let chunks = xs.chunks_exact(8);
+    let mut acc = [init; LANES];
+    let chunks = xs.chunks_exact(LANES);
     let tail = chunks.remainder();
     for c in chunks {
         for (a, &x) in acc.iter_mut().zip(c) {
@@ -234,8 +238,8 @@ impl Kernel for f32 {
 /// `x ← exp(x)` over `xs` and the sum of the results, in one pass, summed as [`lanes`] sums.
 #[inline(always)]
 fn exp_sum<T: Float>(xs: &mut [T], exp: impl Fn(T) -> T) -> T {
-    let mut acc = [T::zero(); 8];
-    let mut chunks = xs.chunks_exact_mut(8);
+    let mut acc = [T::zero(); LANES];
+    let mut chunks = xs.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for (a, x) in acc.iter_mut().zip(c) {
             *x = exp(*x);
