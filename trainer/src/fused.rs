@@ -20,6 +20,7 @@ use candle_core::{
 use num_traits::Float;
 use rayon::prelude::*;
 
+use crate::fused_attention::Kernel;
 use crate::ops;
 
 /// Rows per rayon task: enough work per task to amortise scheduling.
@@ -381,12 +382,13 @@ struct Gelu;
 /// Elements per rayon task.
 const ELEM_BLOCK: usize = 4096;
 
-/// `tanh` through one `exp` (glibc's `tanhf` goes through the slower `expm1f`); saturates to ±1
-/// without NaN, since `2 / (∞ + 1)` is 0.
-#[inline]
-fn tanh<T: Float>(y: T) -> T {
+/// `tanh` through one `exp` (glibc's `tanhf` goes through the slower `expm1f`; f32 takes the
+/// vectorizable [`crate::fused_attention::exp_f32`]); saturates to ±1 without NaN, since
+/// `2 / (e^{2y} + 1)` goes to 0 and 2 at the ends.
+#[inline(always)]
+fn tanh<T: Kernel>(y: T) -> T {
     let two = T::one() + T::one();
-    T::one() - two / ((two * y).exp() + T::one())
+    T::one() - two / (T::exp_fast(two * y) + T::one())
 }
 
 fn gelu_consts<T: Float>() -> (T, T) {
@@ -394,7 +396,7 @@ fn gelu_consts<T: Float>() -> (T, T) {
     (c, T::from(0.044715).expect("a constant"))
 }
 
-fn gelu_fwd<T: Float + Send + Sync>(x: &[T]) -> Vec<T> {
+fn gelu_fwd<T: Kernel>(x: &[T]) -> Vec<T> {
     let (c, a) = gelu_consts::<T>();
     let half = T::from(0.5).expect("a constant");
     let mut y = vec![T::zero(); x.len()];
@@ -410,14 +412,14 @@ fn gelu_fwd<T: Float + Send + Sync>(x: &[T]) -> Vec<T> {
 
 /// `GELU'(x)`.
 #[inline]
-fn gelu_grad<T: Float>(x: T, c: T, a: T, half: T, three: T) -> T {
+fn gelu_grad<T: Kernel>(x: T, c: T, a: T, half: T, three: T) -> T {
     let t = tanh(c * (x + a * x * x * x));
     let inner = c * (T::one() + three * a * x * x);
     half * ((T::one() + t) + x * (T::one() - t * t) * inner)
 }
 
 /// `g · GELU'(x)`.
-fn gelu_bwd<T: Float + Send + Sync>(x: &[T], g: &[T]) -> Vec<T> {
+fn gelu_bwd<T: Kernel>(x: &[T], g: &[T]) -> Vec<T> {
     let (c, a) = gelu_consts::<T>();
     let half = T::from(0.5).expect("a constant");
     let three = T::from(3.0).expect("a constant");
@@ -506,7 +508,7 @@ fn column_sums<T: Float + Send + Sync>(x: &[T], n: usize) -> Vec<T> {
 
 struct BiasGelu;
 
-fn bias_gelu_fwd<T: Float + Send + Sync>(x: &[T], bias: &[T]) -> Vec<T> {
+fn bias_gelu_fwd<T: Kernel>(x: &[T], bias: &[T]) -> Vec<T> {
     let (c, a) = gelu_consts::<T>();
     let half = T::from(0.5).expect("a constant");
     let n = bias.len();
@@ -525,7 +527,7 @@ fn bias_gelu_fwd<T: Float + Send + Sync>(x: &[T], bias: &[T]) -> Vec<T> {
 }
 
 /// `dx = g · GELU'(x + bias)` and, as one more row, `dbias = Σ dx` over rows.
-fn bias_gelu_bwd<T: Float + Send + Sync>(x: &[T], bias: &[T], g: &[T]) -> Vec<T> {
+fn bias_gelu_bwd<T: Kernel>(x: &[T], bias: &[T], g: &[T]) -> Vec<T> {
     let (c, a) = gelu_consts::<T>();
     let half = T::from(0.5).expect("a constant");
     let three = T::from(3.0).expect("a constant");

@@ -219,6 +219,9 @@ pub(crate) trait Kernel: Float + Send + Sync + 'static {
     /// `x ← exp(x − shift)` for every `x` of `xs` (all of them ≤ `shift`), and their sum in
     /// the order of [`lanes`].
     fn exp_shifted_sum(xs: &mut [Self], shift: Self) -> Self;
+
+    /// `exp(x)`: [`exp_f32`] for f32, the exact `exp` for f64.
+    fn exp_fast(x: Self) -> Self;
 }
 
 impl Kernel for f64 {
@@ -226,12 +229,22 @@ impl Kernel for f64 {
     fn exp_shifted_sum(xs: &mut [f64], shift: f64) -> f64 {
         exp_sum(xs, |x| (x - shift).exp())
     }
+
+    #[inline(always)]
+    fn exp_fast(x: f64) -> f64 {
+        x.exp()
+    }
 }
 
 impl Kernel for f32 {
     #[inline(always)]
     fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
         exp_sum(xs, |x| exp_f32(x - shift))
+    }
+
+    #[inline(always)]
+    fn exp_fast(x: f32) -> f32 {
+        exp_f32(x)
     }
 }
 
