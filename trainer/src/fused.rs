@@ -20,7 +20,7 @@ use candle_core::{
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::fused_attention::Kernel;
+use crate::fused_attention::{Kernel, dispatch_wide};
 use crate::ops;
 
 /// Rows per rayon task: enough work per task to amortise scheduling.
@@ -402,16 +402,54 @@ fn gelu_fwd<T: Kernel>(x: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(ELEM_BLOCK)
         .zip(x.par_chunks(ELEM_BLOCK))
-        .for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = half * x * (T::one() + tanh(c * (x + a * x * x * x)));
-            }
-        });
+        .for_each(|(y, x)| gelu_block(y, x, &[], (c, a, half)));
     y
 }
 
+dispatch_wide! {
+    /// `y = GELU(x + bias)` over rows of `bias.len()` (no bias when it is empty).
+    fn gelu_block<T: Kernel>(y: &mut [T], x: &[T], bias: &[T], consts: (T, T, T)) => gelu_rows
+}
+
+#[inline(always)]
+fn gelu_rows<T: Kernel>(y: &mut [T], x: &[T], bias: &[T], (c, a, half): (T, T, T)) {
+    let gelu = |x: T| half * x * (T::one() + tanh(c * (x + a * x * x * x)));
+    if bias.is_empty() {
+        y.iter_mut().zip(x).for_each(|(y, &x)| *y = gelu(x));
+        return;
+    }
+    for (y, x) in y.chunks_mut(bias.len()).zip(x.chunks(bias.len())) {
+        for ((y, &x), &b) in y.iter_mut().zip(x).zip(bias) {
+            *y = gelu(x + b);
+        }
+    }
+}
+
+dispatch_wide! {
+    /// `d = g · GELU'(x + bias)` over rows of `bias.len()` (no bias when it is empty).
+    fn gelu_grad_block<T: Kernel>(d: &mut [T], x: &[T], g: &[T], bias: &[T], consts: (T, T, T))
+        => gelu_grad_rows
+}
+
+#[inline(always)]
+fn gelu_grad_rows<T: Kernel>(d: &mut [T], x: &[T], g: &[T], bias: &[T], (c, a, half): (T, T, T)) {
+    let three = T::one() + T::one() + T::one();
+    if bias.is_empty() {
+        for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+            *d = g * gelu_grad(x, c, a, half, three);
+        }
+        return;
+    }
+    let n = bias.len();
+    for ((d, x), g) in d.chunks_mut(n).zip(x.chunks(n)).zip(g.chunks(n)) {
+        for (((d, &x), &g), &b) in d.iter_mut().zip(x).zip(g).zip(bias) {
+            *d = g * gelu_grad(x + b, c, a, half, three);
+        }
+    }
+}
+
 /// `GELU'(x)`.
-#[inline]
+#[inline(always)]
 fn gelu_grad<T: Kernel>(x: T, c: T, a: T, half: T, three: T) -> T {
     let t = tanh(c * (x + a * x * x * x));
     let inner = c * (T::one() + three * a * x * x);
@@ -422,15 +460,10 @@ fn gelu_grad<T: Kernel>(x: T, c: T, a: T, half: T, three: T) -> T {
 fn gelu_bwd<T: Kernel>(x: &[T], g: &[T]) -> Vec<T> {
     let (c, a) = gelu_consts::<T>();
     let half = T::from(0.5).expect("a constant");
-    let three = T::from(3.0).expect("a constant");
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(ELEM_BLOCK)
         .zip(x.par_chunks(ELEM_BLOCK).zip(g.par_chunks(ELEM_BLOCK)))
-        .for_each(|(d, (x, g))| {
-            for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
-                *d = g * gelu_grad(x, c, a, half, three);
-            }
-        });
+        .for_each(|(d, (x, g))| gelu_grad_block(d, x, g, &[], (c, a, half)));
     dx
 }
 
@@ -515,14 +548,7 @@ fn bias_gelu_fwd<T: Kernel>(x: &[T], bias: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(n * ROW_BLOCK)
         .zip(x.par_chunks(n * ROW_BLOCK))
-        .for_each(|(yb, xb)| {
-            for (y, x) in yb.chunks_mut(n).zip(xb.chunks(n)) {
-                for ((y, &x), &b) in y.iter_mut().zip(x).zip(bias) {
-                    let x = x + b;
-                    *y = half * x * (T::one() + tanh(c * (x + a * x * x * x)));
-                }
-            }
-        });
+        .for_each(|(yb, xb)| gelu_block(yb, xb, bias, (c, a, half)));
     y
 }
 
@@ -530,19 +556,12 @@ fn bias_gelu_fwd<T: Kernel>(x: &[T], bias: &[T]) -> Vec<T> {
 fn bias_gelu_bwd<T: Kernel>(x: &[T], bias: &[T], g: &[T]) -> Vec<T> {
     let (c, a) = gelu_consts::<T>();
     let half = T::from(0.5).expect("a constant");
-    let three = T::from(3.0).expect("a constant");
     let n = bias.len();
     let mut out = vec![T::zero(); x.len() + n];
     let (dx, dbias) = out.split_at_mut(x.len());
     dx.par_chunks_mut(n * ROW_BLOCK)
         .zip(x.par_chunks(n * ROW_BLOCK).zip(g.par_chunks(n * ROW_BLOCK)))
-        .for_each(|(db, (xb, gb))| {
-            for (d, (x, g)) in db.chunks_mut(n).zip(xb.chunks(n).zip(gb.chunks(n))) {
-                for (((d, &x), &g), &b) in d.iter_mut().zip(x).zip(g).zip(bias) {
-                    *d = g * gelu_grad(x + b, c, a, half, three);
-                }
-            }
-        });
+        .for_each(|(db, (xb, gb))| gelu_grad_block(db, xb, gb, bias, (c, a, half)));
     dbias.copy_from_slice(&column_sums(dx, n));
     out
 }

@@ -134,23 +134,9 @@ fn weights<T: Kernel>(
     softmax(p, s);
 }
 
-/// Each row of `s` scores in `p` replaced by its softmax.
-fn softmax<T: Kernel>(p: &mut [T], s: usize) {
-    // Dispatched once per item: AVX-512 where the CPU has it, else the build's baseline (SSE2).
-    // Both give the same bits: the same IEEE operations in the same order (Rust never fuses a
-    // multiply and an add on its own); the callees are `#[inline(always)]`, so they are compiled
-    // into the AVX-512 function with its features.
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        #[target_feature(enable = "avx512f")]
-        fn avx512<T: Kernel>(p: &mut [T], s: usize) {
-            softmax_rows(p, s)
-        }
-        // SAFETY: the CPU has AVX-512F, checked just above.
-        #[allow(unsafe_code)]
-        return unsafe { avx512(p, s) };
-    }
-    softmax_rows(p, s)
+dispatch_wide! {
+    /// Each row of `s` scores in `p` replaced by its softmax.
+    fn softmax<T: Kernel>(p: &mut [T], s: usize) => softmax_rows
 }
 
 #[inline(always)]
@@ -163,21 +149,12 @@ fn softmax_rows<T: Kernel>(p: &mut [T], s: usize) {
     }
 }
 
-/// The softmax's backward pass in place of `dp` (`T × S`) given the weights `p`:
-/// `ds = p ⊙ (dp − Σ g ⊙ o) · scale`, the sum over each row of the output `o` and its gradient
-/// `g` (`T × dh`). Dispatched as [`softmax`].
-fn softmax_grad<T: Kernel>(dp: &mut [T], p: &[T], go: (&[T], &[T]), dh: usize, scale: T) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        #[target_feature(enable = "avx512f")]
-        fn avx512<T: Kernel>(dp: &mut [T], p: &[T], go: (&[T], &[T]), dh: usize, scale: T) {
-            softmax_grad_rows(dp, p, go, dh, scale)
-        }
-        // SAFETY: the CPU has AVX-512F, checked just above.
-        #[allow(unsafe_code)]
-        return unsafe { avx512(dp, p, go, dh, scale) };
-    }
-    softmax_grad_rows(dp, p, go, dh, scale)
+dispatch_wide! {
+    /// The softmax's backward pass in place of `dp` (`T × S`) given the weights `p`:
+    /// `ds = p ⊙ (dp − Σ g ⊙ o) · scale`, the sum over each row of the output `o` and its
+    /// gradient `g` (`T × dh`).
+    fn softmax_grad<T: Kernel>(dp: &mut [T], p: &[T], go: (&[T], &[T]), dh: usize, scale: T)
+        => softmax_grad_rows
 }
 
 #[inline(always)]
@@ -191,6 +168,31 @@ fn softmax_grad_rows<T: Kernel>(dp: &mut [T], p: &[T], (g, o): (&[T], &[T]), dh:
         }
     }
 }
+
+/// Defines `fn $name<T: Kernel>(args)`, which calls `$body(args)` (an `#[inline(always)]`
+/// function) compiled for AVX-512 where the CPU has it, else for the build's baseline (SSE2).
+/// Both give the same bits: the same IEEE operations in the same order (Rust never fuses a
+/// multiply and an add on its own). Inlined, `$body` and what it calls are compiled into the
+/// AVX-512 function with its features.
+macro_rules! dispatch_wide {
+    ($(#[$m:meta])* fn $name:ident<T: Kernel>($($arg:ident: $ty:ty),* $(,)?) => $body:ident) => {
+        $(#[$m])*
+        fn $name<T: Kernel>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                #[target_feature(enable = "avx512f")]
+                fn avx512<T: Kernel>($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                // SAFETY: the CPU has AVX-512F, checked just above.
+                #[allow(unsafe_code)]
+                return unsafe { avx512($($arg),*) };
+            }
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use dispatch_wide;
 
 /// Partial results of [`lanes`]: one AVX-512 vector of f32.
 const LANES: usize = 16;
