@@ -86,14 +86,19 @@ pub(crate) fn fused_here(x: &Tensor) -> bool {
 }
 
 /// The contiguous data of an operand, or an error naming the op.
-fn data<'a, T: candle_core::WithDType>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+pub(crate) fn data<'a, T: candle_core::WithDType>(
+    op: &str,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
         None => candle_core::bail!("{op}: operand not contiguous"),
     }
 }
 
-/// Applies `f` to `$t`-typed data for an f32 or f64 storage; other dtypes are an error.
+/// Applies `f` to `$t`-typed data for an f32 or f64 storage; other dtypes are an error (and an
+/// operand of another dtype fails `as_slice::<$t>`).
 macro_rules! by_dtype {
     ($op:expr, $s:expr, |$t:ident| $body:expr) => {
         match $s {
@@ -109,6 +114,7 @@ macro_rules! by_dtype {
         }
     };
 }
+pub(crate) use by_dtype;
 
 fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1).max(1)

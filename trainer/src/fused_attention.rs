@@ -13,11 +13,13 @@
 //! Determinism: each (batch, head) is computed by one thread in a fixed order, so results do not
 //! depend on the number of threads.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, WithDType,
+};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::fused::fused_here;
+use crate::fused::{by_dtype, fused_here};
 use crate::product::{Mat, as_uninit, filled, mat, product};
 
 /// Products inside a task run on its thread: the tasks (batch × heads) are the parallelism.
@@ -355,15 +357,14 @@ impl CustomOp3 for Attention {
         let vh = Heads::of(op, "values", l3)?;
         kh.check_against(op, &qh, "keys", false)?;
         vh.check_against(op, &kh, "values", true)?;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(attention_fwd((q, qh), (k, kh), (v, vh), self.scale as f32))
-            }
-            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                CpuStorage::F64(attention_fwd((q, qh), (k, kh), (v, vh), self.scale))
-            }
-            _ => candle_core::bail!("{op}: f32 or f64 operands of one dtype"),
-        };
+        let out = by_dtype!(op, s1, |T| {
+            <T as WithDType>::to_cpu_storage_owned(attention_fwd(
+                (s1.as_slice::<T>()?, qh),
+                (s2.as_slice::<T>()?, kh),
+                (s3.as_slice::<T>()?, vh),
+                self.scale as T,
+            ))
+        });
         Ok((out, Shape::from((qh.batch, qh.heads, qh.rows, qh.dh))))
     }
 
@@ -502,37 +503,16 @@ impl CustomOp2 for AttentionBwd {
                     if o1 - o0 != n || g1 - g0 != n {
                         candle_core::bail!("{op}: output or gradient not of the queries' shape");
                     }
-                    let out = match (sq, sk, sv, s1, s2) {
-                        (
-                            CpuStorage::F32(q),
-                            CpuStorage::F32(k),
-                            CpuStorage::F32(v),
-                            CpuStorage::F32(o),
-                            CpuStorage::F32(g),
-                        ) => CpuStorage::F32(attention_bwd(
-                            (q, qh),
-                            (k, kh),
-                            (v, vh),
-                            &o[o0..o1],
-                            &g[g0..g1],
-                            self.scale as f32,
-                        )),
-                        (
-                            CpuStorage::F64(q),
-                            CpuStorage::F64(k),
-                            CpuStorage::F64(v),
-                            CpuStorage::F64(o),
-                            CpuStorage::F64(g),
-                        ) => CpuStorage::F64(attention_bwd(
-                            (q, qh),
-                            (k, kh),
-                            (v, vh),
-                            &o[o0..o1],
-                            &g[g0..g1],
-                            self.scale,
-                        )),
-                        _ => candle_core::bail!("{op}: f32 or f64 operands of one dtype"),
-                    };
+                    let out = by_dtype!(op, sq, |T| {
+                        <T as WithDType>::to_cpu_storage_owned(attention_bwd(
+                            (sq.as_slice::<T>()?, qh),
+                            (sk.as_slice::<T>()?, kh),
+                            (sv.as_slice::<T>()?, vh),
+                            &s1.as_slice::<T>()?[o0..o1],
+                            &s2.as_slice::<T>()?[g0..g1],
+                            self.scale as T,
+                        ))
+                    });
                     let len = n + 2 * kh.batch * kh.heads * kh.rows * kh.dh;
                     Ok((out, Shape::from(len)))
                 })

@@ -7,11 +7,11 @@
 //! backward products (`dx = g · W`, `dW = gᵀ · x`) are GEMM calls on the operands where they lie,
 //! into outputs written once.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 use num_traits::Float;
 
-use crate::fused::fused_here;
+use crate::fused::{by_dtype, data, fused_here};
 use crate::product::{filled, mat, product};
 
 /// `x · Wᵀ` for `x` `[…, K]` and `w` `[N, K]`, giving `[…, N]`.
@@ -41,14 +41,6 @@ fn dims(op: &str, x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
             w.dims(),
             x.dims()
         ),
-    }
-}
-
-/// The contiguous data of an operand.
-fn data<'a, T: candle_core::WithDType>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("{op}: operand not contiguous"),
     }
 }
 
@@ -118,15 +110,10 @@ impl CustomOp2 for MatmulT {
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
         let (rows, k, n) = dims(op, l1, l2)?;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(forward(data(op, s1, l1)?, data(op, s2, l2)?, (rows, k, n)))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(forward(data(op, s1, l1)?, data(op, s2, l2)?, (rows, k, n)))
-            }
-            _ => candle_core::bail!("{op}: f32 or f64 operands of one dtype"),
-        };
+        let out = by_dtype!(op, s1, |T| {
+            let (x, w) = (data::<T>(op, s1, l1)?, data::<T>(op, s2, l2)?);
+            <T as WithDType>::to_cpu_storage_owned(forward(x, w, (rows, k, n)))
+        });
         let mut shape = l1.dims().to_vec();
         *shape.last_mut().expect("dims checks the rank") = n;
         Ok((out, Shape::from(shape)))
@@ -169,25 +156,11 @@ impl CustomOp3 for MatmulTBwd {
         if l3.shape().elem_count() != rows * n {
             candle_core::bail!("{op}: gradient {:?} is not [{rows}, {n}]", l3.dims());
         }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(backward(
-                    data(op, s1, l1)?,
-                    data(op, s2, l2)?,
-                    data(op, s3, l3)?,
-                    (rows, k, n),
-                ))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(backward(
-                    data(op, s1, l1)?,
-                    data(op, s2, l2)?,
-                    data(op, s3, l3)?,
-                    (rows, k, n),
-                ))
-            }
-            _ => candle_core::bail!("{op}: f32 or f64 operands of one dtype"),
-        };
+        let out = by_dtype!(op, s1, |T| {
+            let (x, w) = (data::<T>(op, s1, l1)?, data::<T>(op, s2, l2)?);
+            let g = data::<T>(op, s3, l3)?;
+            <T as WithDType>::to_cpu_storage_owned(backward(x, w, g, (rows, k, n)))
+        });
         Ok((out, Shape::from((rows + n) * k)))
     }
 }
