@@ -227,7 +227,19 @@ enum LoaderCommand {
         /// or run each epoch both ways, whole chunks first (`both`).
         #[arg(long, value_enum, default_value = "on")]
         block_reads: BlockReadsArg,
+        /// Cut a time block's samples at once where the request allows (`group`), each sample
+        /// on its own (`sample`), or run each epoch both ways, sample by sample first (`both`).
+        #[arg(long, value_enum, default_value = "group")]
+        cut: CutArg,
     },
+}
+
+/// `bench-pipeline --cut`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CutArg {
+    Group,
+    Sample,
+    Both,
 }
 
 /// `bench-pipeline --block-reads`.
@@ -525,6 +537,7 @@ async fn loader(command: LoaderCommand) -> Result<()> {
             epochs,
             concurrency,
             block_reads,
+            cut,
         } => {
             let request = match config {
                 Some(path) => {
@@ -553,6 +566,11 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                     BlockReadsArg::On => bench_pipeline::BlockReads::On,
                     BlockReadsArg::Off => bench_pipeline::BlockReads::Off,
                     BlockReadsArg::Both => bench_pipeline::BlockReads::Both,
+                },
+                match cut {
+                    CutArg::Group => bench_pipeline::Cut::Group,
+                    CutArg::Sample => bench_pipeline::Cut::Sample,
+                    CutArg::Both => bench_pipeline::Cut::Both,
                 },
                 &Bars::new(true),
             )

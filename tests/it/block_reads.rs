@@ -36,7 +36,7 @@ fn arco_like_store(store: &Path) -> (u64, u64) {
 }
 
 /// [`arco_like_store`]'s store in chunks of `chunks`.
-fn store_in_small_blocks(store: &Path, chunks: [u64; 4]) -> (u64, u64) {
+pub(crate) fn store_in_small_blocks(store: &Path, chunks: [u64; 4]) -> (u64, u64) {
     let config = SynthConfig {
         grid_deg: 1.0,
         steps: 3,

@@ -12,6 +12,7 @@ mod convert;
 mod deploy;
 mod faults;
 mod fuzz_seeds;
+mod group_cut;
 mod hostile;
 mod infer;
 mod loaders;

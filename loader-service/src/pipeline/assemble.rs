@@ -60,7 +60,17 @@ impl Pipeline {
                 self.num_samples()
             )));
         }
-        let windows: Vec<FieldWindow> = match &self.tiling {
+        let windows = self.windows(epoch, id)?;
+        self.assemble(epoch, id, windows).await
+    }
+
+    /// The windows (one per field) of sample `id` of `epoch`.
+    pub(super) fn windows(
+        &self,
+        epoch: u64,
+        id: SampleId,
+    ) -> Result<Vec<FieldWindow>, PipelineError> {
+        Ok(match &self.tiling {
             Some(tiling) => vec![tiling.tiles()[id as usize]; self.fields.len()],
             None => {
                 let block = id / self.config.samples_per_block;
@@ -76,8 +86,7 @@ impl Pipeline {
                     .map(|i| sampler.window(i, centre))
                     .collect()
             }
-        };
-        self.assemble(epoch, id, windows).await
+        })
     }
 
     /// Builds the sample centred on (`time` index, latitude, longitude in degrees): the nearest
@@ -156,7 +165,7 @@ impl Pipeline {
         Ok(Sample { id, epoch, fields })
     }
 
-    async fn field_sample(
+    pub(super) async fn field_sample(
         &self,
         epoch: u64,
         id: SampleId,
@@ -165,47 +174,24 @@ impl Pipeline {
         window: FieldWindow,
     ) -> Result<FieldSample, PipelineError> {
         let ds = &self.dataset;
-        let [wt, wy, wx] = window.size;
-        let name = &field.config.name;
-        let levels = if ds.variable(name)?.has_level() {
-            field.level_indices.clone()
-        } else {
-            vec![]
-        };
         let tokens = match (&field.blur, field.config.normalization) {
             // The common case cuts tokens straight from the decoded chunks, normalizing on the
             // way: one pass instead of read, normalize and tokenize.
             (None, Normalization::Global | Normalization::None) => {
-                let slab = Hyperslab {
-                    variable: name.clone(),
-                    time: window.time_start..window.time_start + wt,
-                    levels,
-                    lat: window.lat_start..window.lat_start + wy,
-                    lon_start: window.lon_start,
-                    lon_len: wx,
-                };
-                let affine = match field.config.normalization {
-                    Normalization::Global => {
-                        let stats = self.stats.as_ref().expect("checked in Pipeline::new");
-                        let mut affine = Vec::with_capacity(wt * field.level_values.len());
-                        for t in 0..wt {
-                            for &level in &field.level_values {
-                                affine.push(stats.affine(
-                                    name,
-                                    level,
-                                    ds.times[window.time_start + t],
-                                )?);
-                            }
-                        }
-                        Some(affine)
-                    }
-                    _ => None,
-                };
+                let slab = self.field_slab(field, &window)?;
+                let affine = self.plane_affine(field, &window)?;
                 let out = self.pool.take_len(slab.len());
                 ds.read_layout_into(&slab, &field.layout, affine.as_deref(), out)
                     .await?
             }
-            _ => self.window_tokens(field, &window, levels).await?,
+            _ => {
+                let levels = if ds.variable(&field.config.name)?.has_level() {
+                    field.level_indices.clone()
+                } else {
+                    vec![]
+                };
+                self.window_tokens(field, &window, levels).await?
+            }
         };
         // Masks, token info and positional encodings: CPU work that grows with the request
         // (a wide encoding is hundreds of megabytes), so not on the worker that awaits it.
@@ -217,6 +203,31 @@ impl Pipeline {
             window,
         };
         off_worker(move || cut.finish(tokens)).await
+    }
+
+    /// The per-plane normalization of `field`'s window (`None` without normalization).
+    pub(super) fn plane_affine(
+        &self,
+        field: &PreparedField,
+        window: &FieldWindow,
+    ) -> Result<Option<Vec<(f32, f32)>>, PipelineError> {
+        if field.config.normalization != Normalization::Global {
+            return Ok(None);
+        }
+        let stats = self.stats.as_ref().expect("checked in Pipeline::new");
+        let name = &field.config.name;
+        let wt = window.size[0];
+        let mut affine = Vec::with_capacity(wt * field.level_values.len());
+        for t in 0..wt {
+            for &level in &field.level_values {
+                affine.push(stats.affine(
+                    name,
+                    level,
+                    self.dataset.times[window.time_start + t],
+                )?);
+            }
+        }
+        Ok(Some(affine))
     }
 
     /// Tokens of a field window through a window buffer: the path for blurred fields (the blur
@@ -335,7 +346,7 @@ pub(super) struct Shared {
 }
 
 impl Pipeline {
-    fn shared(&self) -> Shared {
+    pub(super) fn shared(&self) -> Shared {
         Shared {
             dataset: self.dataset.clone(),
             fields: self.fields.clone(),
@@ -348,17 +359,17 @@ impl Pipeline {
 }
 
 /// What finishing one field of a sample needs, owned, for a blocking thread.
-struct Cut {
-    pipeline: Shared,
-    field: usize,
-    epoch: u64,
-    id: SampleId,
-    window: FieldWindow,
+pub(super) struct Cut {
+    pub(super) pipeline: Shared,
+    pub(super) field: usize,
+    pub(super) epoch: u64,
+    pub(super) id: SampleId,
+    pub(super) window: FieldWindow,
 }
 
 impl Cut {
     /// Masks `tokens` and adds the token info and positional encoding.
-    fn finish(self, tokens: Vec<f32>) -> Result<FieldSample, PipelineError> {
+    pub(super) fn finish(self, tokens: Vec<f32>) -> Result<FieldSample, PipelineError> {
         let Self {
             pipeline: shared,
             field: index,

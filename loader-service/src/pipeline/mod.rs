@@ -21,6 +21,7 @@ pub mod seeding;
 
 mod assemble;
 mod config;
+mod group;
 mod memory_budget;
 mod prepare;
 mod stream;
@@ -99,6 +100,8 @@ pub struct Pipeline {
     /// Window and token buffers returned by finished samples. Reusing them spares the kernel
     /// zeroing fresh pages for every sample, which otherwise costs more than the decoding.
     pool: Arc<BufferPool>,
+    /// Whether streams cut whole groups of samples at once where they can ([`group`]).
+    group_cut: std::sync::atomic::AtomicBool,
 }
 
 impl Pipeline {
@@ -171,8 +174,14 @@ impl Pipeline {
             grid_spacing: (dataset.lats[0] - dataset.lats[1]).abs(),
             plan,
             tiling,
-            // Enough for every sample in flight of one stream; more would only hold memory.
-            pool: Arc::new(BufferPool::new(64, u64::MAX)),
+            // Enough for every sample in flight of one stream (a group: a block's samples, a
+            // source and a target per field, the group's and the one being consumed); more
+            // would only hold memory.
+            pool: Arc::new(BufferPool::new(
+                (4 * config.fields.len() * config.samples_per_block as usize).clamp(64, 4096),
+                u64::MAX,
+            )),
+            group_cut: std::sync::atomic::AtomicBool::new(true),
             dataset,
             stats,
             local,

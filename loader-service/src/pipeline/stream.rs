@@ -115,6 +115,64 @@ impl Pipeline {
                     next.map(|batch| (batch, Some(items)))
                 },
             ));
+            if let Some(group) = pipeline.group_batches(&spec) {
+                // Batches cut in groups: the group reserves its batches' memory at once and
+                // hands its reservation to its last batch.
+                let mut groups = batch_items
+                    .chunks(group)
+                    .map(|group| {
+                        let pipeline = pipeline.clone();
+                        let memory = spec.memory.clone();
+                        async move {
+                            let reservation = match &memory {
+                                Some(budget) => {
+                                    Some(budget.reserve(batch_bytes * group.len() as u64).await)
+                                }
+                                None => None,
+                            };
+                            let items: Vec<(u64, u64)> = group
+                                .iter()
+                                .flat_map(|(items, _)| items.iter().map(|&(e, id, _)| (e, id)))
+                                .collect();
+                            let mut samples = pipeline.cut_group(items).await?.into_iter();
+                            let count = group.len();
+                            let mut reservation = reservation;
+                            Ok::<_, PipelineError>(
+                                group
+                                    .into_iter()
+                                    .enumerate()
+                                    .map(|(k, (items, last))| SampleBatch {
+                                        samples: samples.by_ref().take(items.len()).collect(),
+                                        cursor_after: items.last().expect("non-empty batch").2,
+                                        last: last && spec.end_epoch.is_some(),
+                                        reservation: if k + 1 == count {
+                                            reservation.take()
+                                        } else {
+                                            None
+                                        },
+                                    })
+                                    .collect::<Vec<_>>(),
+                            )
+                        }
+                    })
+                    .buffered(1);
+                while let Some(group) = groups.next().await {
+                    match group {
+                        Ok(batches) => {
+                            for batch in batches {
+                                if tx.send(Ok(batch)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    }
+                }
+                return;
+            }
             let mut batches = batch_items
                 .map(|(items, last)| {
                     let pipeline = pipeline.clone();

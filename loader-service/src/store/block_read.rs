@@ -310,7 +310,7 @@ impl Dataset {
         }))
     }
 
-    fn corrupt(&self, variable: &Variable, key: &str, detail: String) -> StoreError {
+    pub(crate) fn corrupt(&self, variable: &Variable, key: &str, detail: String) -> StoreError {
         StoreError::CorruptChunk {
             array: format!("{}/{}", self.url(), variable.node.name),
             key: key.to_string(),
@@ -388,7 +388,9 @@ impl Dataset {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn lock_indexes(&self) -> std::sync::MutexGuard<'_, lru::LruCache<ChunkKey, Arc<BloscIndex>>> {
+    pub(crate) fn lock_indexes(
+        &self,
+    ) -> std::sync::MutexGuard<'_, lru::LruCache<ChunkKey, Arc<BloscIndex>>> {
         // Every update is one call on the map: a poisoned lock holds consistent data.
         self.blosc_indexes
             .lock()

@@ -75,7 +75,7 @@ impl Hyperslab {
 
 /// Per store axis: (canonical output index, index within the chunk) pairs, for one chunk along
 /// that axis.
-type AxisPairs = Vec<(usize, usize)>;
+pub(crate) type AxisPairs = Vec<(usize, usize)>;
 
 /// The value ranges of a chunk that a read touches.
 type Touched = Vec<Range<usize>>;
@@ -126,6 +126,11 @@ impl OutputLayout {
         }
     }
 
+    /// The output offset of level `l`'s first value.
+    pub fn level_offset(&self, l: usize) -> usize {
+        self.offsets[1][l]
+    }
+
     /// The window shape (time, level, lat, lon) this layout covers.
     pub fn shape(&self) -> [usize; 4] {
         std::array::from_fn(|a| self.offsets[a].len())
@@ -137,7 +142,7 @@ impl OutputLayout {
 pub type PlaneAffine = [(f32, f32)];
 
 /// Which canonical axis each store axis feeds (`None` for the stacked field axis).
-fn canonical_axes(variable: &Variable) -> Vec<Option<usize>> {
+pub(crate) fn canonical_axes(variable: &Variable) -> Vec<Option<usize>> {
     variable
         .roles
         .iter()
@@ -287,46 +292,8 @@ impl Dataset {
         variable: &Variable,
         slab: &Hyperslab,
     ) -> Result<(Vec<ChunkPlan>, Vec<ChunkData>)> {
-        self.validate(variable, slab)?;
         let array = &variable.node.array;
-        let chunk_shape = variable.chunk_shape();
-        let nlon = self.lons.len();
-
-        // For every store axis: (output index, store index) pairs.
-        let axis_pairs: Vec<Vec<(usize, usize)>> = variable
-            .roles
-            .iter()
-            .map(|role| match *role {
-                Role::Time => slab.time.clone().enumerate().collect(),
-                Role::Level => slab.levels.iter().copied().enumerate().collect(),
-                Role::Lat => slab
-                    .lat
-                    .clone()
-                    .enumerate()
-                    .map(|(i, y)| (i, self.store_lat(y)))
-                    .collect(),
-                Role::Lon => (0..slab.lon_len)
-                    .map(|i| (i, self.store_lon((slab.lon_start + i) % nlon)))
-                    .collect(),
-                Role::Field(f) => vec![(0, f as usize)],
-            })
-            .collect();
-
-        // Group each axis's pairs by chunk; the touched chunks are their cartesian product.
-        let per_axis: Vec<BTreeMap<u64, AxisPairs>> = axis_pairs
-            .iter()
-            .zip(&chunk_shape)
-            .map(|(pairs, &cs)| {
-                let mut groups: BTreeMap<u64, AxisPairs> = BTreeMap::new();
-                for &(out, store) in pairs {
-                    groups
-                        .entry(store as u64 / cs)
-                        .or_default()
-                        .push((out, (store as u64 % cs) as usize));
-                }
-                groups
-            })
-            .collect();
+        let per_axis = self.slab_pairs(variable, slab)?;
         let mut plans = vec![ChunkPlan {
             indices: Vec::new(),
             pairs: Vec::new(),
@@ -379,6 +346,55 @@ impl Dataset {
         Ok((plans, chunks))
     }
 
+    /// Per store axis of `variable`: the (output index, index within the chunk) pairs of
+    /// `slab`, grouped by chunk index along that axis. The chunks `slab` touches are the
+    /// cartesian product of the axes' groups.
+    pub(crate) fn slab_pairs(
+        &self,
+        variable: &Variable,
+        slab: &Hyperslab,
+    ) -> Result<Vec<BTreeMap<u64, AxisPairs>>> {
+        self.validate(variable, slab)?;
+        let chunk_shape = variable.chunk_shape();
+        let nlon = self.lons.len();
+
+        // For every store axis: (output index, store index) pairs.
+        let axis_pairs: Vec<Vec<(usize, usize)>> = variable
+            .roles
+            .iter()
+            .map(|role| match *role {
+                Role::Time => slab.time.clone().enumerate().collect(),
+                Role::Level => slab.levels.iter().copied().enumerate().collect(),
+                Role::Lat => slab
+                    .lat
+                    .clone()
+                    .enumerate()
+                    .map(|(i, y)| (i, self.store_lat(y)))
+                    .collect(),
+                Role::Lon => (0..slab.lon_len)
+                    .map(|i| (i, self.store_lon((slab.lon_start + i) % nlon)))
+                    .collect(),
+                Role::Field(f) => vec![(0, f as usize)],
+            })
+            .collect();
+
+        // Group each axis's pairs by chunk; the touched chunks are their cartesian product.
+        Ok(axis_pairs
+            .iter()
+            .zip(&chunk_shape)
+            .map(|(pairs, &cs)| {
+                let mut groups: BTreeMap<u64, AxisPairs> = BTreeMap::new();
+                for &(out, store) in pairs {
+                    groups
+                        .entry(store as u64 / cs)
+                        .or_default()
+                        .push((out, (store as u64 % cs) as usize));
+                }
+                groups
+            })
+            .collect())
+    }
+
     fn validate(&self, variable: &Variable, slab: &Hyperslab) -> Result<()> {
         let bad = |detail: String| StoreError::InvalidHyperslab {
             variable: variable.name.clone(),
@@ -424,6 +440,92 @@ impl Dataset {
     }
 }
 
+/// The copies that move a read's part of one chunk into its output: runs of the innermost axis,
+/// contiguous on both sides and within one plane, repeated for each row (point of the outer
+/// axes). Rows come in the order of the read's pairs.
+pub(crate) struct ChunkRows {
+    /// (output offset, chunk offset, length, plane contribution) of each run within a row.
+    pub runs: Vec<(usize, usize, usize, usize)>,
+    /// (output offset, chunk offset, plane index) of each row.
+    pub rows: Vec<(usize, usize, usize)>,
+    /// The span of a row the runs read, relative to the row's chunk offset (a window wrapping
+    /// across 0° reads both ends).
+    pub first: usize,
+    pub last: usize,
+}
+
+impl ChunkRows {
+    /// The rows and runs of `pairs` (per store axis) in a chunk of `shape`, placed by `layout`.
+    pub(crate) fn new(
+        shape: &[usize],
+        pairs: &[AxisPairs],
+        axes: &[Option<usize>],
+        layout: &OutputLayout,
+    ) -> Self {
+        let ndim = shape.len();
+        let mut chunk_strides = vec![1usize; ndim];
+        for a in (0..ndim - 1).rev() {
+            chunk_strides[a] = chunk_strides[a + 1] * shape[a + 1];
+        }
+        let levels = layout.offsets[1].len();
+        // Per store axis: (output offset, chunk offset, plane index contribution) of each pair.
+        let steps: Vec<Vec<(usize, usize, usize)>> = pairs
+            .iter()
+            .zip(axes)
+            .enumerate()
+            .map(|(a, (pairs, axis))| {
+                pairs
+                    .iter()
+                    .map(|&(o, c)| {
+                        let (offset, plane) = match *axis {
+                            Some(0) => (layout.offsets[0][o], o * levels),
+                            Some(1) => (layout.offsets[1][o], o),
+                            Some(k) => (layout.offsets[k][o], 0),
+                            None => (0, 0),
+                        };
+                        (offset, c * chunk_strides[a], plane)
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut runs: Vec<(usize, usize, usize, usize)> = Vec::new();
+        for &(o, c, p) in &steps[ndim - 1] {
+            match runs.last_mut() {
+                Some((ro, rc, len, rp)) if *ro + *len == o && *rc + *len == c && *rp == p => {
+                    *len += 1
+                }
+                _ => runs.push((o, c, 1, p)),
+            }
+        }
+        let mut rows: Vec<(usize, usize, usize)> = Vec::new();
+        walk(0, ndim - 1, &steps, 0, 0, 0, &mut |o, c, p| {
+            rows.push((o, c, p))
+        });
+        let first = runs.iter().map(|r| r.1).min().unwrap_or(0);
+        let last = runs.iter().map(|r| r.1 + r.2).max().unwrap_or(0);
+        Self {
+            runs,
+            rows,
+            first,
+            last,
+        }
+    }
+}
+
+/// Copies `src` into `dst` through the plane's affine map, if any: the one arithmetic every
+/// cut uses, so that every path gives the same bits.
+#[inline]
+pub(crate) fn copy_mapped(dst: &mut [f32], src: &[f32], affine: Option<(f32, f32)>) {
+    match affine {
+        None => dst.copy_from_slice(src),
+        Some((offset, scale)) => {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = (*s - offset) * scale;
+            }
+        }
+    }
+}
+
 /// Copies the selected part of one decoded chunk into `out`, which starts at output offset
 /// `base`, placing each point where `layout` says and mapping it through its plane's `affine`.
 /// The innermost store axis is copied in runs that are contiguous on both sides.
@@ -437,52 +539,15 @@ fn scatter(
     base: usize,
 ) {
     let values = chunk.values();
-    let shape = chunk.shape();
-    let ndim = shape.len();
-    let mut chunk_strides = vec![1usize; ndim];
-    for a in (0..ndim - 1).rev() {
-        chunk_strides[a] = chunk_strides[a + 1] * shape[a + 1];
-    }
-    let levels = layout.offsets[1].len();
-    // Per store axis: (output offset, chunk offset, plane index contribution) of each pair.
-    let steps: Vec<Vec<(usize, usize, usize)>> = pairs
-        .iter()
-        .zip(axes)
-        .enumerate()
-        .map(|(a, (pairs, axis))| {
-            pairs
-                .iter()
-                .map(|&(o, c)| {
-                    let (offset, plane) = match *axis {
-                        Some(0) => (layout.offsets[0][o], o * levels),
-                        Some(1) => (layout.offsets[1][o], o),
-                        Some(k) => (layout.offsets[k][o], 0),
-                        None => (0, 0),
-                    };
-                    (offset, c * chunk_strides[a], plane)
-                })
-                .collect()
-        })
-        .collect();
-    // Runs of the innermost axis, contiguous on both sides and within one plane:
-    // (output offset, chunk offset, length, plane contribution).
-    let mut runs: Vec<(usize, usize, usize, usize)> = Vec::new();
-    for &(o, c, p) in &steps[ndim - 1] {
-        match runs.last_mut() {
-            Some((ro, rc, len, rp)) if *ro + *len == o && *rc + *len == c && *rp == p => *len += 1,
-            _ => runs.push((o, c, 1, p)),
-        }
-    }
-    // The rows (one per point of the outer axes) first, so that each row's source can be
-    // prefetched a few rows ahead: a window's rows lie a whole grid row apart in the chunk, in
-    // different pages, and copying them one by one ran at memory latency.
-    let mut rows: Vec<(usize, usize, usize)> = Vec::new();
-    walk(0, ndim - 1, &steps, 0, 0, 0, &mut |o, c, p| {
-        rows.push((o, c, p))
-    });
-    // The span of a row the runs read (a window wrapping across 0° reads both ends).
-    let first = runs.iter().map(|r| r.1).min().unwrap_or(0);
-    let last = runs.iter().map(|r| r.1 + r.2).max().unwrap_or(0);
+    let ChunkRows {
+        runs,
+        rows,
+        first,
+        last,
+    } = ChunkRows::new(chunk.shape(), pairs, axes, layout);
+    // The rows first, so that each row's source can be prefetched a few rows ahead: a window's
+    // rows lie a whole grid row apart in the chunk, in different pages, and copying them one by
+    // one ran at memory latency.
     for (i, &(out_off, chunk_off, plane)) in rows.iter().enumerate() {
         if let (Some(values), Some(&(_, ahead, _))) = (values, rows.get(i + PREFETCH_ROWS)) {
             prefetch(&values[ahead + first..ahead + last]);
@@ -490,17 +555,9 @@ fn scatter(
         for &(o, c, len, p) in &runs {
             let dst = out_off + o - base;
             let dst = &mut out[dst..dst + len];
+            let affine = affine.map(|a| a[plane + p]);
             chunk.pieces(chunk_off + c, len, |at, src| {
-                let dst = &mut dst[at..at + src.len()];
-                match affine {
-                    None => dst.copy_from_slice(src),
-                    Some(affine) => {
-                        let (offset, scale) = affine[plane + p];
-                        for (d, s) in dst.iter_mut().zip(src) {
-                            *d = (*s - offset) * scale;
-                        }
-                    }
-                }
+                copy_mapped(&mut dst[at..at + src.len()], src, affine);
             });
         }
     }

@@ -12,6 +12,7 @@ pub mod dataset;
 pub mod decode;
 pub mod discovery;
 mod fetch;
+pub(crate) mod group_read;
 pub mod hyperslab;
 pub mod location;
 pub mod missing;

@@ -46,12 +46,36 @@ impl BlockReads {
     }
 }
 
+/// How the benchmark's epochs cut samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Cut {
+    /// A time block's samples at once where the request allows (the default of every stream).
+    #[default]
+    Group,
+    /// Each sample on its own.
+    Sample,
+    /// Each epoch twice: sample by sample, then in groups.
+    Both,
+}
+
+impl Cut {
+    fn modes(self) -> &'static [bool] {
+        match self {
+            Self::Group => &[true],
+            Self::Sample => &[false],
+            Self::Both => &[false, true],
+        }
+    }
+}
+
 /// A benchmark run's figures.
 #[derive(Debug, Clone)]
 pub struct PipelineBenchReport {
     pub epoch: u64,
     /// Whether small parts of blosc chunks were read block by block.
     pub block_reads: bool,
+    /// Whether the pipeline was allowed to cut groups of samples at once.
+    pub group_cut: bool,
     /// Bytes fetched from storage (whole chunks, chunk headers, blocks) and the requests.
     pub fetched_bytes: u64,
     pub fetch_requests: u64,
@@ -82,6 +106,7 @@ pub async fn run(
     epochs: u64,
     concurrency: usize,
     block_reads: BlockReads,
+    cut: Cut,
     progress: &dyn Progress,
 ) -> Result<Vec<PipelineBenchReport>, PipelineError> {
     let location = StoreLocation::open(url)?;
@@ -111,12 +136,16 @@ pub async fn run(
 
     let mut reports = Vec::new();
     for epoch in 0..epochs.max(1) {
-        for &on in block_reads.modes() {
-            dataset.set_block_reads(on);
-            let mut report =
-                run_epoch(&dataset, &pipeline, epoch, total, concurrency, progress).await?;
-            report.block_reads = on;
-            reports.push(report);
+        for &group in cut.modes() {
+            pipeline.set_group_cut(group);
+            for &on in block_reads.modes() {
+                dataset.set_block_reads(on);
+                let mut report =
+                    run_epoch(&dataset, &pipeline, epoch, total, concurrency, progress).await?;
+                report.block_reads = on;
+                report.group_cut = group;
+                reports.push(report);
+            }
         }
     }
     Ok(reports)
@@ -174,7 +203,10 @@ async fn run_epoch(
     drop(batches);
     let seconds = started.elapsed().as_secs_f64();
     progress.finish();
-    let fetched = dataset.record_fetches(false);
+    // Lanes of a group read log a chunk holding several of their levels once each.
+    let mut fetched = dataset.record_fetches(false);
+    fetched.sort();
+    fetched.dedup();
     let [decoded, fetched_bytes, fetch_requests, delivered_bytes] = [
         count(&counters.decoded_bytes) - before[0],
         count(&counters.fetched_bytes) - before[1],
@@ -214,6 +246,7 @@ async fn run_epoch(
     Ok(PipelineBenchReport {
         epoch,
         block_reads: false,
+        group_cut: false,
         fetched_bytes,
         fetch_requests,
         decoded_bytes: decoded,
@@ -289,6 +322,15 @@ impl PipelineBenchReport {
                 "block reads where they apply"
             } else {
                 "whole chunks"
+            }
+        );
+        let _ = writeln!(
+            s,
+            "cut                {}",
+            if self.group_cut {
+                "a block's samples at once where the request allows"
+            } else {
+                "sample by sample"
             }
         );
         let _ = writeln!(

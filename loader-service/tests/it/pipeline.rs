@@ -540,18 +540,26 @@ async fn bench_pipeline_reports_each_epoch_against_its_own_decode_limit() {
         3,
         8,
         atmorep_loader::tools::bench_pipeline::BlockReads::Both,
+        atmorep_loader::tools::bench_pipeline::Cut::Both,
         &NoProgress,
     )
     .await
     .unwrap();
-    // Each epoch twice: whole chunks, then block reads where they apply (nowhere here: chunks
-    // this small are read whole).
+    // Each epoch four times: sample by sample, then in groups, each with whole chunks and then
+    // block reads where they apply (nowhere here: chunks this small are read whole).
     assert_eq!(
         reports
             .iter()
-            .map(|r| (r.epoch, r.block_reads))
+            .map(|r| (r.epoch, r.group_cut, r.block_reads))
             .collect::<Vec<_>>(),
-        [0, 1, 2].map(|e| [(e, false), (e, true)]).concat()
+        [0, 1, 2]
+            .map(|e| [
+                (e, false, false),
+                (e, false, true),
+                (e, true, false),
+                (e, true, true)
+            ])
+            .concat()
     );
     for r in &reports {
         assert!(r.fetched_bytes > 0 && r.fetch_requests > 0, "{r:?}");

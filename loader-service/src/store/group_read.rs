@@ -1,0 +1,482 @@
+//! Reading the windows of many readers at once, one blosc block at a time (docs/performance.md,
+//! "Cutting a group of samples"). The per-read path decodes whole chunks into the chunk cache
+//! and every reader copies its rows out of them: a block's 1.5 GB of decoded chunks go to memory
+//! and come back. Here each chunk's needed blocks are decoded one after another into a buffer
+//! that stays in the core's cache, and every reader's rows are cut from a block while it is
+//! there. A *lane* is one requested level of one variable: its values are a contiguous part of
+//! every reader's output (token order is level-major), so lanes run in parallel on disjoint
+//! slices, each walking its chunks in time order.
+//!
+//! Only local stores of f32 through exactly [bytes → blosc] (see [`Dataset::group_readable`])
+//! take this path; a read that fails here (a missing chunk, a corrupt one, a store changed under
+//! the server) fails as a whole, for the caller to redo the per-read way, which fills missing
+//! chunks and names what is wrong.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rayon::prelude::*;
+
+use crate::error::{Result, StoreError};
+use crate::store::blosc_blocks::{BloscIndex, FIRST_READ};
+use crate::store::cache::ChunkKey;
+use crate::store::dataset::{Dataset, Role, Variable};
+use crate::store::hyperslab::{
+    AxisPairs, ChunkRows, Hyperslab, OutputLayout, PlaneAffine, canonical_axes, copy_mapped,
+};
+use crate::store::version::ObjectVersion;
+
+/// The readers of one variable in a group read: every window has the same shape and levels,
+/// placed by one layout.
+#[derive(Debug)]
+pub struct FieldReads<'a> {
+    pub variable: &'a Variable,
+    pub layout: &'a OutputLayout,
+    /// Each reader's window and plane transforms (see [`Dataset::read_layout_into`]).
+    pub windows: Vec<(Hyperslab, Option<&'a PlaneAffine>)>,
+}
+
+/// One lane: a requested level (output level index) of one field.
+struct Lane {
+    field: usize,
+    level: usize,
+}
+
+/// A reader of one chunk: its index in its field and the per-axis pairs within the chunk.
+struct Consumer {
+    reader: usize,
+    pairs: Vec<AxisPairs>,
+}
+
+/// One chunk a lane reads in a step, with the readers that need it.
+struct ChunkJob {
+    indices: Vec<u64>,
+    consumers: Vec<Consumer>,
+}
+
+/// What a lane keeps between chunks: the encoded bytes of the chunk being read.
+#[derive(Default)]
+struct Scratch {
+    encoded: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+impl Dataset {
+    /// Whether reads of `variable` placed by `layout` can take [`Self::read_group`]: a local
+    /// store, f32 through exactly [bytes → blosc], axes (time, [level,] lat, lon), and each
+    /// requested level a contiguous part of the output.
+    pub fn group_readable(&self, variable: &Variable, layout: &OutputLayout) -> bool {
+        let axes_ok = matches!(
+            variable.roles.as_slice(),
+            [Role::Time, Role::Level, Role::Lat, Role::Lon] | [Role::Time, Role::Lat, Role::Lon]
+        );
+        let shape = layout.shape();
+        let per_level = shape.iter().product::<usize>() / shape[1].max(1);
+        variable.blosc_blocks
+            && axes_ok
+            && self.location.local_root().is_some()
+            && (0..shape[1]).all(|l| layout.level_offset(l) == l * per_level)
+    }
+
+    /// Reads every reader's window of every field in `fields` into `outputs` (per field, per
+    /// reader, the layout's length), decoding each needed blosc block once and cutting every
+    /// reader's rows from it while it is in cache. Synchronous: run it on the rayon pool.
+    pub fn read_group(
+        &self,
+        fields: &[FieldReads<'_>],
+        outputs: &mut [Vec<Vec<f32>>],
+    ) -> Result<()> {
+        // Each reader's pairs per store axis, grouped by chunk.
+        let mut pairs: Vec<Vec<Vec<BTreeMap<u64, AxisPairs>>>> = Vec::with_capacity(fields.len());
+        let mut lanes = Vec::new();
+        let mut steps = BTreeSet::new();
+        for (f, field) in fields.iter().enumerate() {
+            if !self.group_readable(field.variable, field.layout) {
+                return Err(StoreError::InvalidHyperslab {
+                    variable: field.variable.name.clone(),
+                    detail: "not readable as a group".into(),
+                });
+            }
+            let per_reader = field
+                .windows
+                .iter()
+                .map(|(slab, _)| {
+                    if slab.shape() != field.layout.shape() {
+                        return Err(StoreError::InvalidHyperslab {
+                            variable: field.variable.name.clone(),
+                            detail: format!(
+                                "output layout {:?} does not match the window {:?}",
+                                field.layout.shape(),
+                                slab.shape()
+                            ),
+                        });
+                    }
+                    self.slab_pairs(field.variable, slab)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            for p in &per_reader {
+                steps.extend(p[0].keys().copied());
+            }
+            pairs.push(per_reader);
+            lanes.extend((0..field.layout.shape()[1]).map(|level| Lane { field: f, level }));
+            if outputs[f].len() != field.windows.len() {
+                return Err(StoreError::InvalidHyperslab {
+                    variable: field.variable.name.clone(),
+                    detail: format!(
+                        "{} outputs for {} windows",
+                        outputs[f].len(),
+                        field.windows.len()
+                    ),
+                });
+            }
+            for out in &mut outputs[f] {
+                out.resize(field.layout.shape().iter().product(), 0.0);
+            }
+        }
+        for step in steps {
+            let jobs: Vec<Vec<ChunkJob>> = lanes
+                .iter()
+                .map(|lane| Self::lane_jobs(fields, &pairs, lane, step))
+                .collect();
+            // Each lane's slice of every reader's output of its field.
+            let mut lane_outputs: Vec<Vec<&mut [f32]>> = Vec::with_capacity(lanes.len());
+            for (field, field_outputs) in fields.iter().zip(outputs.iter_mut()) {
+                let levels = field.layout.shape()[1];
+                let per_level = field.layout.shape().iter().product::<usize>() / levels;
+                let mut by_level: Vec<Vec<&mut [f32]>> = (0..levels).map(|_| Vec::new()).collect();
+                for out in field_outputs.iter_mut() {
+                    for (l, part) in out.chunks_exact_mut(per_level).enumerate() {
+                        by_level[l].push(part);
+                    }
+                }
+                lane_outputs.extend(by_level);
+            }
+            lanes.par_iter().zip(jobs).zip(lane_outputs).try_for_each(
+                |((lane, jobs), mut outs)| {
+                    let field = &fields[lane.field];
+                    jobs.iter()
+                        .try_for_each(|job| self.cut_chunk(field, lane.level, job, &mut outs))
+                },
+            )?;
+        }
+        let delivered: usize = outputs.iter().flatten().map(Vec::len).sum();
+        self.counters
+            .delivered_bytes
+            .fetch_add(delivered as u64 * 4, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The chunks lane `lane` reads in time-chunk `step`, with their readers.
+    fn lane_jobs(
+        fields: &[FieldReads<'_>],
+        pairs: &[Vec<Vec<BTreeMap<u64, AxisPairs>>>],
+        lane: &Lane,
+        step: u64,
+    ) -> Vec<ChunkJob> {
+        let variable = fields[lane.field].variable;
+        let has_level = variable.has_level();
+        let mut jobs: BTreeMap<Vec<u64>, Vec<Consumer>> = BTreeMap::new();
+        for (reader, axes) in pairs[lane.field].iter().enumerate() {
+            let Some(times) = axes[0].get(&step) else {
+                continue;
+            };
+            let (level_key, level_pairs) = if has_level {
+                // The lane's level: one (output level, index in chunk) pair in one chunk.
+                let found = axes[1].iter().find_map(|(key, pairs)| {
+                    pairs
+                        .iter()
+                        .find(|(o, _)| *o == lane.level)
+                        .map(|&pair| (*key, pair))
+                });
+                let Some((key, pair)) = found else {
+                    continue;
+                };
+                (Some(key), vec![pair])
+            } else {
+                (None, Vec::new())
+            };
+            let (lat_axis, lon_axis) = if has_level { (2, 3) } else { (1, 2) };
+            for (&yc, lat_pairs) in &axes[lat_axis] {
+                for (&xc, lon_pairs) in &axes[lon_axis] {
+                    let mut indices = vec![step];
+                    let mut chunk_pairs = vec![times.clone()];
+                    if let Some(key) = level_key {
+                        indices.push(key);
+                        chunk_pairs.push(level_pairs.clone());
+                    }
+                    indices.extend([yc, xc]);
+                    chunk_pairs.extend([lat_pairs.clone(), lon_pairs.clone()]);
+                    jobs.entry(indices).or_default().push(Consumer {
+                        reader,
+                        pairs: chunk_pairs,
+                    });
+                }
+            }
+        }
+        jobs.into_iter()
+            .map(|(indices, consumers)| ChunkJob { indices, consumers })
+            .collect()
+    }
+
+    /// Reads the blocks of one chunk that its consumers need, decoding them one at a time and
+    /// cutting each consumer's rows of level `level` into `outs` (the lane's slice of each
+    /// reader's output) as soon as the block holding a row's end is decoded.
+    fn cut_chunk(
+        &self,
+        field: &FieldReads<'_>,
+        level: usize,
+        job: &ChunkJob,
+        outs: &mut [&mut [f32]],
+    ) -> Result<()> {
+        let variable = field.variable;
+        let array = &variable.node.array;
+        let store_key = array.chunk_key(&job.indices).to_string();
+        let shape: Vec<usize> = array
+            .chunk_shape(&job.indices)
+            .map_err(|e| self.corrupt(variable, &store_key, e.to_string()))?
+            .iter()
+            .map(|n| n.get() as usize)
+            .collect();
+        let axes = canonical_axes(variable);
+        let base = field.layout.level_offset(level);
+        // Each consumer's rows, in chunk order, with offsets into the lane's slice.
+        let mut cuts: Vec<(usize, ChunkRows)> = job
+            .consumers
+            .iter()
+            .map(|c| {
+                let mut rows = ChunkRows::new(&shape, &c.pairs, &axes, field.layout);
+                for row in &mut rows.rows {
+                    row.0 -= base;
+                }
+                rows.rows.sort_unstable_by_key(|r| r.1);
+                (c.reader, rows)
+            })
+            .collect();
+        let values: usize = shape.iter().product();
+        let root = self
+            .location
+            .local_root()
+            .expect("group reads are local")
+            .clone();
+        let mut path = root.to_path_buf();
+        path.extend(store_key.split('/').filter(|s| !s.is_empty()));
+        let index = self.local_index(variable, &job.indices, &store_key, &path)?;
+        if let Some(log) = self
+            .fetch_log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_mut()
+        {
+            log.push((variable.name.clone(), job.indices.clone()));
+        }
+        if index.nbytes != values * 4 || index.blocksize % 4 != 0 {
+            return Err(self.corrupt(
+                variable,
+                &store_key,
+                format!(
+                    "blosc header says {} decoded bytes in blocks of {}, the chunk holds {} f32 values",
+                    index.nbytes, index.blocksize, values
+                ),
+            ));
+        }
+        let block_len = index.blocksize / 4;
+        let mut needed = BTreeSet::new();
+        for (_, rows) in &cuts {
+            for &(_, c, _) in &rows.rows {
+                needed.extend(index.blocks_for((c + rows.first) * 4..(c + rows.last) * 4));
+            }
+        }
+        if needed.is_empty() {
+            return Ok(());
+        }
+        // One positioned read of the encoded bytes from the first needed block to the last.
+        let starts = needed.iter().map(|&j| index.encoded_range(j).start);
+        let ends = needed.iter().map(|&j| index.encoded_range(j).end);
+        let span = starts.min().unwrap_or(0)..ends.max().unwrap_or(0);
+        SCRATCH.with_borrow_mut(|scratch| {
+            self.read_local_span(
+                variable,
+                &store_key,
+                &path,
+                span.clone(),
+                &mut scratch.encoded,
+            )?;
+            let started = std::time::Instant::now();
+            let mut cursors = vec![0usize; cuts.len()];
+            // The blocks a pending row may still read: a row spans at most `keep` blocks.
+            let span_values = cuts
+                .iter()
+                .map(|(_, r)| r.last - r.first)
+                .max()
+                .unwrap_or(0);
+            let keep = span_values.div_ceil(block_len) + 1;
+            let mut recent: std::collections::VecDeque<(usize, Vec<u8>)> =
+                std::collections::VecDeque::with_capacity(keep + 1);
+            let mut decoded = 0u64;
+            for &j in &needed {
+                let r = index.encoded_range(j);
+                let bytes = index
+                    .decode_block(
+                        j,
+                        &scratch.encoded[r.start - span.start..r.end - span.start],
+                    )
+                    .map_err(|e| self.corrupt(variable, &store_key, e.to_string()))?;
+                decoded += bytes.len() as u64;
+                if recent.len() == keep {
+                    recent.pop_front();
+                }
+                recent.push_back((j, bytes));
+                let start = j * block_len;
+                let cur = floats(&recent.back().expect("just pushed").1);
+                let end = start + cur.len();
+                for ((reader, rows), cursor) in cuts.iter_mut().zip(&mut cursors) {
+                    let out = &mut *outs[*reader];
+                    let affine = field.windows[*reader].1;
+                    while let Some(&(out_off, chunk_off, plane)) = rows.rows.get(*cursor) {
+                        if chunk_off + rows.last > end {
+                            break;
+                        }
+                        for &(o, c, len, p) in &rows.runs {
+                            let dst = &mut out[out_off + o..out_off + o + len];
+                            let affine = affine.map(|a| a[plane + p]);
+                            let at = chunk_off + c;
+                            if at >= start {
+                                copy_mapped(dst, &cur[at - start..at - start + len], affine);
+                            } else {
+                                copy_pieces(&recent, block_len, at, dst, affine);
+                            }
+                        }
+                        *cursor += 1;
+                    }
+                }
+            }
+            debug_assert!(
+                cursors
+                    .iter()
+                    .zip(&cuts)
+                    .all(|(c, (_, r))| *c == r.rows.len())
+            );
+            let counters = &self.counters;
+            counters
+                .fetched_blocks
+                .fetch_add(needed.len() as u64, Ordering::Relaxed);
+            counters.decoded_bytes.fetch_add(decoded, Ordering::Relaxed);
+            counters
+                .decode_nanos
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            Ok(())
+        })
+    }
+
+    /// The block table of a local chunk: kept, or read from its first bytes.
+    fn local_index(
+        &self,
+        variable: &Variable,
+        indices: &[u64],
+        store_key: &str,
+        path: &std::path::Path,
+    ) -> Result<Arc<BloscIndex>> {
+        let key: ChunkKey = (self.cache_key(&variable.node), indices.to_vec());
+        if let Some(index) = self.lock_indexes().get(&key) {
+            return Ok(index.clone());
+        }
+        let bad = |e: crate::store::blosc_blocks::BloscIndexError| {
+            self.corrupt(variable, store_key, e.to_string())
+        };
+        let mut first = Vec::new();
+        self.read_local_span(variable, store_key, path, 0..FIRST_READ, &mut first)?;
+        let header = BloscIndex::header_len(&first).map_err(bad)?;
+        if first.len() < header {
+            self.read_local_span(variable, store_key, path, 0..header, &mut first)?;
+        }
+        let index = Arc::new(BloscIndex::parse(&first).map_err(bad)?);
+        self.lock_indexes().put(key, index.clone());
+        Ok(index)
+    }
+
+    /// Reads bytes `range` of a local chunk file (fewer when the file ends before) into `buf`
+    /// (replacing its contents; its memory is reused), checking the file's version.
+    fn read_local_span(
+        &self,
+        variable: &Variable,
+        store_key: &str,
+        path: &std::path::Path,
+        range: Range<usize>,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        use std::os::unix::fs::FileExt as _;
+        let url = || format!("{}/{store_key}", self.url().trim_end_matches('/'));
+        let read = std::fs::File::open(path).and_then(|file| {
+            let len = file.metadata()?.len() as usize;
+            let end = range.end.min(len);
+            let n = end.saturating_sub(range.start);
+            if buf.capacity() < n {
+                buf.reserve(n - buf.len());
+            }
+            // Growing only: the bytes are overwritten by the read.
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            buf.truncate(n);
+            file.read_exact_at(buf, range.start as u64)?;
+            Ok(ObjectVersion::of_file(&file.metadata()?))
+        });
+        let version = crate::store::location::local_outcome(read, url)?.ok_or_else(|| {
+            StoreError::CorruptChunk {
+                array: format!("{}/{}", self.url(), variable.node.name),
+                key: store_key.to_string(),
+                detail: "missing (group reads need every chunk)".into(),
+            }
+        })?;
+        if let Err(changed) = self.versions.check(store_key, version) {
+            return Err(self.store_changed(&variable.node.name, store_key, changed));
+        }
+        self.counters
+            .fetched_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.counters.fetch_requests.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Copies values `at..at + dst.len()` of a chunk from the decoded blocks in `recent` (each
+/// `block_len` values but the last), for a run that starts in an earlier block than the last.
+fn copy_pieces(
+    recent: &std::collections::VecDeque<(usize, Vec<u8>)>,
+    block_len: usize,
+    at: usize,
+    dst: &mut [f32],
+    affine: Option<(f32, f32)>,
+) {
+    let mut done = 0;
+    while done < dst.len() {
+        let (j, offset) = ((at + done) / block_len, (at + done) % block_len);
+        let block = &recent
+            .iter()
+            .find(|(k, _)| *k == j)
+            .expect("a row's blocks are decoded and kept until the row is cut")
+            .1;
+        let values = floats(block);
+        let n = (values.len() - offset).min(dst.len() - done);
+        copy_mapped(
+            &mut dst[done..done + n],
+            &values[offset..offset + n],
+            affine,
+        );
+        done += n;
+    }
+}
+
+/// Decoded block bytes as f32 values: in place when aligned (they are, from the allocator),
+/// copied otherwise.
+fn floats(bytes: &[u8]) -> std::borrow::Cow<'_, [f32]> {
+    match bytemuck::try_cast_slice(bytes) {
+        Ok(values) => std::borrow::Cow::Borrowed(values),
+        Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
+    }
+}
