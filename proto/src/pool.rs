@@ -43,6 +43,11 @@ impl BufferPool {
                 .rposition(|b| b.len() >= len)
                 .or_else(|| (0..buffers.len()).max_by_key(|&i| buffers[i].len()))
         });
+        if buffer.capacity() == 0 {
+            // A new buffer: zeroed pages straight from the allocator, faulted in by whoever
+            // writes them first rather than all here.
+            return vec![0.0; len];
+        }
         buffer.truncate(len);
         buffer.resize(len, 0.0);
         buffer

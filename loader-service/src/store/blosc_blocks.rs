@@ -26,6 +26,9 @@ const DONT_SPLIT: u8 = 0x10;
 /// at 0.25° has 294 blocks of 512 KiB).
 pub const FIRST_READ: usize = 4096;
 
+/// The header (and one-entry block table) of a block decoded alone.
+pub const MINI_HEADER_LEN: usize = HEADER_LEN + 4;
+
 /// Why the start of a chunk is not a blosc1 header this reader can use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BloscIndexError {
@@ -186,6 +189,12 @@ impl BloscIndex {
         start..(start + self.blocksize).min(self.nbytes)
     }
 
+    /// Whether the blocks are stored in their order (each after the one before), as a
+    /// single-threaded compressor writes them.
+    pub fn in_order(&self) -> bool {
+        (1..self.nblocks()).all(|j| self.encoded_range(j - 1).end <= self.encoded_range(j).start)
+    }
+
     /// The encoded byte range of block `j` in the chunk.
     pub fn encoded_range(&self, j: usize) -> Range<usize> {
         if self.memcpyed() {
@@ -207,18 +216,34 @@ impl BloscIndex {
 
     /// Decodes block `j` alone from its encoded bytes (those of [`Self::encoded_range`]).
     pub fn decode_block(&self, j: usize, encoded: &[u8]) -> Result<Vec<u8>, BloscIndexError> {
+        let mut mini = vec![0u8; MINI_HEADER_LEN];
+        mini.extend_from_slice(encoded);
+        self.decode_block_in_place(j, &mut mini, MINI_HEADER_LEN)
+    }
+
+    /// Decodes block `j` from `buf[at..]`, which starts with its encoded bytes (those of
+    /// [`Self::encoded_range`]), writing a one-block header over the [`MINI_HEADER_LEN`] bytes
+    /// before them: no copy of the block, for a reader that has used those bytes (the block
+    /// before, or the chunk's header).
+    pub fn decode_block_in_place(
+        &self,
+        j: usize,
+        buf: &mut [u8],
+        at: usize,
+    ) -> Result<Vec<u8>, BloscIndexError> {
         let decoded = self.decoded_range(j);
         let size = decoded.len();
         let fail = |detail: String| BloscIndexError::Decode { block: j, detail };
-        let expected = self.encoded_range(j).len();
-        if encoded.len() != expected {
+        let len = self.encoded_range(j).len();
+        if at < MINI_HEADER_LEN || buf.len() < at + len {
             return Err(fail(format!(
-                "{} encoded bytes, expected {expected}",
-                encoded.len()
+                "{} encoded bytes after {at}, expected {len} after at least {MINI_HEADER_LEN}",
+                buf.len().saturating_sub(at)
             )));
         }
+        let encoded = &mut buf[at - MINI_HEADER_LEN..at + len];
         if self.memcpyed() {
-            return Ok(encoded.to_vec());
+            return Ok(encoded[MINI_HEADER_LEN..].to_vec());
         }
         // A one-block buffer: nbytes = blocksize = this block's size, its data right after a
         // one-entry table. The whole-chunk decoder never splits a shorter last block, while a
@@ -227,18 +252,17 @@ impl BloscIndex {
         if size < self.blocksize {
             flags |= DONT_SPLIT;
         }
-        let mini_len = HEADER_LEN + 4 + encoded.len();
         let as_u32 = |v: usize| {
             u32::try_from(v).map_err(|_| fail(format!("size {v} does not fit a blosc header")))
         };
-        let mut mini = Vec::with_capacity(mini_len);
-        mini.extend_from_slice(&[FORMAT_VERSION, self.versionlz, flags, self.typesize]);
-        mini.extend_from_slice(&as_u32(size)?.to_le_bytes());
-        mini.extend_from_slice(&as_u32(size)?.to_le_bytes());
-        mini.extend_from_slice(&as_u32(mini_len)?.to_le_bytes());
-        mini.extend_from_slice(&as_u32(HEADER_LEN + 4)?.to_le_bytes());
-        mini.extend_from_slice(encoded);
-        let out = blosc_decompress_bytes(&mini, size, 1).map_err(|e| fail(e.to_string()))?;
+        let mut header = [0u8; MINI_HEADER_LEN];
+        header[..4].copy_from_slice(&[FORMAT_VERSION, self.versionlz, flags, self.typesize]);
+        header[4..8].copy_from_slice(&as_u32(size)?.to_le_bytes());
+        header[8..12].copy_from_slice(&as_u32(size)?.to_le_bytes());
+        header[12..16].copy_from_slice(&as_u32(MINI_HEADER_LEN + len)?.to_le_bytes());
+        header[16..20].copy_from_slice(&as_u32(MINI_HEADER_LEN)?.to_le_bytes());
+        encoded[..MINI_HEADER_LEN].copy_from_slice(&header);
+        let out = blosc_decompress_bytes(encoded, size, 1).map_err(|e| fail(e.to_string()))?;
         if out.len() != size {
             return Err(fail(format!(
                 "decoded {} bytes, expected {size}",
@@ -311,6 +335,17 @@ mod tests {
                 .decode_block(j, &chunk[index.encoded_range(j)])
                 .unwrap();
             assert_eq!(block, whole[index.decoded_range(j)], "block {j}");
+        }
+        if index.in_order() && !index.memcpyed() {
+            // In place, in order, over one buffer holding the chunk: each block's header
+            // overwrites the end of the block before, which is decoded already.
+            let mut buf = chunk.to_vec();
+            for j in 0..index.nblocks() {
+                let at = index.encoded_range(j).start;
+                let block = index.decode_block_in_place(j, &mut buf, at).unwrap();
+                assert_eq!(block, whole[index.decoded_range(j)], "block {j} in place");
+            }
+            assert_ne!(buf, chunk, "the headers were written over the buffer");
         }
         index
     }

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use rayon::prelude::*;
 
 use crate::error::{Result, StoreError};
-use crate::store::blosc_blocks::{BloscIndex, FIRST_READ};
+use crate::store::blosc_blocks::{BloscIndex, FIRST_READ, MINI_HEADER_LEN};
 use crate::store::cache::ChunkKey;
 use crate::store::dataset::{Dataset, Role, Variable};
 use crate::store::hyperslab::{
@@ -298,12 +298,17 @@ impl Dataset {
         let starts = needed.iter().map(|&j| index.encoded_range(j).start);
         let ends = needed.iter().map(|&j| index.encoded_range(j).end);
         let span = starts.min().unwrap_or(0)..ends.max().unwrap_or(0);
+        // Read with the bytes before the first block, so that each block, decoded in order,
+        // gets its one-block header written over the bytes before it instead of being copied.
+        let prefix = MINI_HEADER_LEN.min(span.start);
+        let in_place = prefix == MINI_HEADER_LEN && !index.memcpyed() && index.in_order();
+        let read_start = span.start - prefix;
         SCRATCH.with_borrow_mut(|scratch| {
             self.read_local_span(
                 variable,
                 &store_key,
                 &path,
-                span.clone(),
+                read_start..span.end,
                 &mut scratch.encoded,
             )?;
             let started = std::time::Instant::now();
@@ -320,12 +325,13 @@ impl Dataset {
             let mut decoded = 0u64;
             for &j in &needed {
                 let r = index.encoded_range(j);
-                let bytes = index
-                    .decode_block(
-                        j,
-                        &scratch.encoded[r.start - span.start..r.end - span.start],
-                    )
-                    .map_err(|e| self.corrupt(variable, &store_key, e.to_string()))?;
+                let at = r.start - read_start;
+                let bytes = if in_place {
+                    index.decode_block_in_place(j, &mut scratch.encoded, at)
+                } else {
+                    index.decode_block(j, &scratch.encoded[at..at + r.len()])
+                }
+                .map_err(|e| self.corrupt(variable, &store_key, e.to_string()))?;
                 decoded += bytes.len() as u64;
                 if recent.len() == keep {
                     recent.pop_front();
@@ -333,6 +339,7 @@ impl Dataset {
                 recent.push_back((j, bytes));
                 let start = j * block_len;
                 let cur = floats(&recent.back().expect("just pushed").1);
+                let cur: &[f32] = &cur;
                 let end = start + cur.len();
                 for ((reader, rows), cursor) in cuts.iter_mut().zip(&mut cursors) {
                     let out = &mut *outs[*reader];
@@ -341,14 +348,27 @@ impl Dataset {
                         if chunk_off + rows.last > end {
                             break;
                         }
-                        for &(o, c, len, p) in &rows.runs {
-                            let dst = &mut out[out_off + o..out_off + o + len];
-                            let affine = affine.map(|a| a[plane + p]);
-                            let at = chunk_off + c;
-                            if at >= start {
-                                copy_mapped(dst, &cur[at - start..at - start + len], affine);
-                            } else {
-                                copy_pieces(&recent, block_len, at, dst, affine);
+                        // Runs along longitude stay in their row's plane.
+                        let affine = affine.map(|a| a[plane]);
+                        if chunk_off + rows.first >= start {
+                            let src = &cur[chunk_off - start.min(chunk_off)..];
+                            let shift = start.saturating_sub(chunk_off);
+                            for &(o, c, len, _) in &rows.runs {
+                                copy_mapped(
+                                    &mut out[out_off + o..out_off + o + len],
+                                    &src[c - shift..c - shift + len],
+                                    affine,
+                                );
+                            }
+                        } else {
+                            for &(o, c, len, _) in &rows.runs {
+                                let dst = &mut out[out_off + o..out_off + o + len];
+                                let at = chunk_off + c;
+                                if at >= start {
+                                    copy_mapped(dst, &cur[at - start..at - start + len], affine);
+                                } else {
+                                    copy_pieces(&recent, block_len, at, dst, affine);
+                                }
                             }
                         }
                         *cursor += 1;
