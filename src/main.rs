@@ -231,6 +231,9 @@ enum LoaderCommand {
         /// on its own (`sample`), or run each epoch both ways, sample by sample first (`both`).
         #[arg(long, value_enum, default_value = "group")]
         cut: CutArg,
+        /// Skip the decode limit after each epoch (for a profile of the pipeline alone).
+        #[arg(long)]
+        no_decode_limit: bool,
     },
 }
 
@@ -538,6 +541,7 @@ async fn loader(command: LoaderCommand) -> Result<()> {
             concurrency,
             block_reads,
             cut,
+            no_decode_limit,
         } => {
             let request = match config {
                 Some(path) => {
@@ -572,6 +576,7 @@ async fn loader(command: LoaderCommand) -> Result<()> {
                     CutArg::Sample => bench_pipeline::Cut::Sample,
                     CutArg::Both => bench_pipeline::Cut::Both,
                 },
+                !no_decode_limit,
                 &Bars::new(true),
             )
             .await?;

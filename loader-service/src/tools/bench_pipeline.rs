@@ -107,6 +107,7 @@ pub async fn run(
     concurrency: usize,
     block_reads: BlockReads,
     cut: Cut,
+    decode_limit: bool,
     progress: &dyn Progress,
 ) -> Result<Vec<PipelineBenchReport>, PipelineError> {
     let location = StoreLocation::open(url)?;
@@ -140,8 +141,16 @@ pub async fn run(
             pipeline.set_group_cut(group);
             for &on in block_reads.modes() {
                 dataset.set_block_reads(on);
-                let mut report =
-                    run_epoch(&dataset, &pipeline, epoch, total, concurrency, progress).await?;
+                let mut report = run_epoch(
+                    &dataset,
+                    &pipeline,
+                    epoch,
+                    total,
+                    concurrency,
+                    decode_limit,
+                    progress,
+                )
+                .await?;
                 report.block_reads = on;
                 report.group_cut = group;
                 reports.push(report);
@@ -158,6 +167,7 @@ async fn run_epoch(
     epoch: u64,
     total: u64,
     concurrency: usize,
+    decode_limit: bool,
     progress: &dyn Progress,
 ) -> Result<PipelineBenchReport, PipelineError> {
     dataset.cache().clear();
@@ -207,6 +217,10 @@ async fn run_epoch(
     let mut fetched = dataset.record_fetches(false);
     fetched.sort();
     fetched.dedup();
+    if !decode_limit {
+        // Skipped (for profiles of the pipeline alone): the report says n/a.
+        fetched.clear();
+    }
     let [decoded, fetched_bytes, fetch_requests, delivered_bytes] = [
         count(&counters.decoded_bytes) - before[0],
         count(&counters.fetched_bytes) - before[1],

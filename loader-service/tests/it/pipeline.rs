@@ -541,6 +541,7 @@ async fn bench_pipeline_reports_each_epoch_against_its_own_decode_limit() {
         8,
         atmorep_loader::tools::bench_pipeline::BlockReads::Both,
         atmorep_loader::tools::bench_pipeline::Cut::Both,
+        true,
         &NoProgress,
     )
     .await
