@@ -2,7 +2,9 @@
 //! time block: the split's time axis is cut into blocks of `block_steps`, `samples_per_block`
 //! samples are drawn inside each block, and an epoch visits blocks through a bounded shuffle
 //! buffer ([`epoch::BlockShuffle`]), so each block's chunks are decoded once (they stay in the
-//! shared chunk cache while the block is open) and many samples are cut from them. Every random
+//! shared chunk cache while the block is open) and many samples are cut from them. Where the
+//! request and store allow, a stream cuts a block's samples together instead ([`group`]): each
+//! blosc block decoded once into cache and every sample's rows cut from it there. Every random
 //! choice is a pure function of (seed, epoch, sample id, field) ([`seeding`]).
 //!
 //! Its parts: [`normalization`] statistics, the Gaussian [`blur`], the [`sampler`] of windows

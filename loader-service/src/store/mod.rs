@@ -1,6 +1,7 @@
 //! Storage: where a store lives ([`location`]), what its metadata says ([`discovery`],
 //! [`cf_time`]), the canonical view of it ([`dataset`]), turning its chunks into values
-//! ([`decode`], [`cache`]), reading canonical hyperslabs ([`hyperslab`]), and writing Zarr stores
+//! ([`decode`], [`cache`]), reading canonical hyperslabs ([`hyperslab`]) — the windows of many
+//! readers at once block by block ([`group_read`]) — and writing Zarr stores
 //! ([`zarr_meta`], [`writer`]), with Parquet tables (statistics, benchmark figures) beside them;
 //! a store rewritten while served is noticed through the versions of its chunks ([`version`]).
 
