@@ -44,16 +44,31 @@ struct Lane {
     level: usize,
 }
 
-/// A reader of one chunk: its index in its field and the per-axis pairs within the chunk.
+/// A reader of one chunk: its index in its field, its (output, chunk) time indices in the chunk,
+/// and its rows of one time step (the same in every chunk of the lane at these horizontal chunk
+/// indices), placed in the lane's slice and sorted in chunk order.
 struct Consumer {
     reader: usize,
-    pairs: Vec<AxisPairs>,
+    times: AxisPairs,
+    rows: Arc<ChunkRows>,
 }
+
+/// Identifies a reader's rows of one time step: field, reader, level, and the chunk indices
+/// after time.
+type RowsKey = (usize, usize, usize, Vec<u64>);
 
 /// One chunk a lane reads in a step, with the readers that need it.
 struct ChunkJob {
     indices: Vec<u64>,
     consumers: Vec<Consumer>,
+}
+
+/// A consumer's rows of one chunk, with the runs each row copies.
+struct Cuts<'a> {
+    runs: &'a [(usize, usize, usize, usize)],
+    rows: Vec<(usize, usize, usize)>,
+    first: usize,
+    last: usize,
 }
 
 /// What a lane keeps between chunks: the encoded bytes of the chunk being read.
@@ -138,11 +153,12 @@ impl Dataset {
                 out.resize(field.layout.shape().iter().product(), 0.0);
             }
         }
+        let mut plans = std::collections::HashMap::new();
         for step in steps {
             let jobs: Vec<Vec<ChunkJob>> = lanes
                 .iter()
-                .map(|lane| Self::lane_jobs(fields, &pairs, lane, step))
-                .collect();
+                .map(|lane| self.lane_jobs(fields, &pairs, lane, step, &mut plans))
+                .collect::<Result<_>>()?;
             // Each lane's slice of every reader's output of its field.
             let mut lane_outputs: Vec<Vec<&mut [f32]>> = Vec::with_capacity(lanes.len());
             for (field, field_outputs) in fields.iter().zip(outputs.iter_mut()) {
@@ -160,7 +176,7 @@ impl Dataset {
                 |((lane, jobs), mut outs)| {
                     let field = &fields[lane.field];
                     jobs.iter()
-                        .try_for_each(|job| self.cut_chunk(field, lane.level, job, &mut outs))
+                        .try_for_each(|job| self.cut_chunk(field, job, &mut outs))
                 },
             )?;
         }
@@ -171,23 +187,29 @@ impl Dataset {
         Ok(())
     }
 
-    /// The chunks lane `lane` reads in time-chunk `step`, with their readers.
+    /// The chunks lane `lane` reads in time-chunk `step`, with their readers; a reader's rows
+    /// of a time step are planned once per lane and horizontal chunk, kept in `plans`.
     fn lane_jobs(
+        &self,
         fields: &[FieldReads<'_>],
         pairs: &[Vec<Vec<BTreeMap<u64, AxisPairs>>>],
         lane: &Lane,
         step: u64,
-    ) -> Vec<ChunkJob> {
-        let variable = fields[lane.field].variable;
+        plans: &mut std::collections::HashMap<RowsKey, Arc<ChunkRows>>,
+    ) -> Result<Vec<ChunkJob>> {
+        let field = &fields[lane.field];
+        let variable = field.variable;
         let has_level = variable.has_level();
+        let axes = canonical_axes(variable);
+        let base = field.layout.level_offset(lane.level);
         let mut jobs: BTreeMap<Vec<u64>, Vec<Consumer>> = BTreeMap::new();
-        for (reader, axes) in pairs[lane.field].iter().enumerate() {
-            let Some(times) = axes[0].get(&step) else {
+        for (reader, reader_axes) in pairs[lane.field].iter().enumerate() {
+            let Some(times) = reader_axes[0].get(&step) else {
                 continue;
             };
             let (level_key, level_pairs) = if has_level {
                 // The lane's level: one (output level, index in chunk) pair in one chunk.
-                let found = axes[1].iter().find_map(|(key, pairs)| {
+                let found = reader_axes[1].iter().find_map(|(key, pairs)| {
                     pairs
                         .iter()
                         .find(|(o, _)| *o == lane.level)
@@ -201,35 +223,65 @@ impl Dataset {
                 (None, Vec::new())
             };
             let (lat_axis, lon_axis) = if has_level { (2, 3) } else { (1, 2) };
-            for (&yc, lat_pairs) in &axes[lat_axis] {
-                for (&xc, lon_pairs) in &axes[lon_axis] {
+            for (&yc, lat_pairs) in &reader_axes[lat_axis] {
+                for (&xc, lon_pairs) in &reader_axes[lon_axis] {
                     let mut indices = vec![step];
-                    let mut chunk_pairs = vec![times.clone()];
-                    if let Some(key) = level_key {
-                        indices.push(key);
-                        chunk_pairs.push(level_pairs.clone());
-                    }
+                    indices.extend(level_key);
                     indices.extend([yc, xc]);
-                    chunk_pairs.extend([lat_pairs.clone(), lon_pairs.clone()]);
+                    let key = (lane.field, reader, lane.level, indices[1..].to_vec());
+                    let rows = match plans.get(&key) {
+                        Some(rows) => rows.clone(),
+                        None => {
+                            let shape: Vec<usize> = variable
+                                .node
+                                .array
+                                .chunk_shape(&indices)
+                                .map_err(|e| {
+                                    let key = variable.node.array.chunk_key(&indices).to_string();
+                                    self.corrupt(variable, &key, e.to_string())
+                                })?
+                                .iter()
+                                .map(|n| n.get() as usize)
+                                .collect();
+                            // Time index 0 of the output and the chunk: steps add to it.
+                            let mut chunk_pairs = vec![vec![(0, 0)]];
+                            if has_level {
+                                chunk_pairs.push(level_pairs.clone());
+                            }
+                            chunk_pairs.extend([lat_pairs.clone(), lon_pairs.clone()]);
+                            let mut rows =
+                                ChunkRows::new(&shape, &chunk_pairs, &axes, field.layout);
+                            for row in &mut rows.rows {
+                                row.0 -= base;
+                            }
+                            rows.rows.sort_unstable_by_key(|r| r.1);
+                            let rows = Arc::new(rows);
+                            plans.insert(key, rows.clone());
+                            rows
+                        }
+                    };
+                    let mut times = times.clone();
+                    times.sort_unstable_by_key(|&(_, c)| c);
                     jobs.entry(indices).or_default().push(Consumer {
                         reader,
-                        pairs: chunk_pairs,
+                        times,
+                        rows,
                     });
                 }
             }
         }
-        jobs.into_iter()
+        Ok(jobs
+            .into_iter()
             .map(|(indices, consumers)| ChunkJob { indices, consumers })
-            .collect()
+            .collect())
     }
 
     /// Reads the blocks of one chunk that its consumers need, decoding them one at a time and
-    /// cutting each consumer's rows of level `level` into `outs` (the lane's slice of each
+    /// cutting each consumer's rows of the lane's level into `outs` (the lane's slice of each
     /// reader's output) as soon as the block holding a row's end is decoded.
     fn cut_chunk(
         &self,
         field: &FieldReads<'_>,
-        level: usize,
         job: &ChunkJob,
         outs: &mut [&mut [f32]],
     ) -> Result<()> {
@@ -242,19 +294,35 @@ impl Dataset {
             .iter()
             .map(|n| n.get() as usize)
             .collect();
-        let axes = canonical_axes(variable);
-        let base = field.layout.level_offset(level);
-        // Each consumer's rows, in chunk order, with offsets into the lane's slice.
-        let mut cuts: Vec<(usize, ChunkRows)> = job
+        // Each consumer's rows of every step in the chunk, in chunk order, with offsets into the
+        // lane's slice.
+        let time_stride: usize = shape[1..].iter().product();
+        let levels = field.layout.shape()[1];
+        let cuts: Vec<(usize, Cuts<'_>)> = job
             .consumers
             .iter()
             .map(|c| {
-                let mut rows = ChunkRows::new(&shape, &c.pairs, &axes, field.layout);
-                for row in &mut rows.rows {
-                    row.0 -= base;
+                let mut rows = Vec::with_capacity(c.times.len() * c.rows.rows.len());
+                for &(t, ct) in &c.times {
+                    let (o_t, c_t, p_t) =
+                        (field.layout.time_offset(t), ct * time_stride, t * levels);
+                    rows.extend(
+                        c.rows
+                            .rows
+                            .iter()
+                            .map(|&(o, c, p)| (o + o_t, c + c_t, p + p_t)),
+                    );
                 }
-                rows.rows.sort_unstable_by_key(|r| r.1);
-                (c.reader, rows)
+                let plan = &*c.rows;
+                (
+                    c.reader,
+                    Cuts {
+                        runs: &plan.runs,
+                        rows,
+                        first: plan.first,
+                        last: plan.last,
+                    },
+                )
             })
             .collect();
         let values: usize = shape.iter().product();
@@ -285,12 +353,15 @@ impl Dataset {
             ));
         }
         let block_len = index.blocksize / 4;
-        let mut needed = BTreeSet::new();
+        let mut wanted = vec![false; index.nblocks()];
         for (_, rows) in &cuts {
             for &(_, c, _) in &rows.rows {
-                needed.extend(index.blocks_for((c + rows.first) * 4..(c + rows.last) * 4));
+                for j in index.blocks_for((c + rows.first) * 4..(c + rows.last) * 4) {
+                    wanted[j] = true;
+                }
             }
         }
+        let needed: Vec<usize> = (0..wanted.len()).filter(|&j| wanted[j]).collect();
         if needed.is_empty() {
             return Ok(());
         }
@@ -341,7 +412,7 @@ impl Dataset {
                 let cur = floats(&recent.back().expect("just pushed").1);
                 let cur: &[f32] = &cur;
                 let end = start + cur.len();
-                for ((reader, rows), cursor) in cuts.iter_mut().zip(&mut cursors) {
+                for ((reader, rows), cursor) in cuts.iter().zip(&mut cursors) {
                     let out = &mut *outs[*reader];
                     let affine = field.windows[*reader].1;
                     while let Some(&(out_off, chunk_off, plane)) = rows.rows.get(*cursor) {
@@ -353,7 +424,7 @@ impl Dataset {
                         if chunk_off + rows.first >= start {
                             let src = &cur[chunk_off - start.min(chunk_off)..];
                             let shift = start.saturating_sub(chunk_off);
-                            for &(o, c, len, _) in &rows.runs {
+                            for &(o, c, len, _) in rows.runs {
                                 copy_mapped(
                                     &mut out[out_off + o..out_off + o + len],
                                     &src[c - shift..c - shift + len],
@@ -361,7 +432,7 @@ impl Dataset {
                                 );
                             }
                         } else {
-                            for &(o, c, len, _) in &rows.runs {
+                            for &(o, c, len, _) in rows.runs {
                                 let dst = &mut out[out_off + o..out_off + o + len];
                                 let at = chunk_off + c;
                                 if at >= start {

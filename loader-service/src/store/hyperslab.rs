@@ -126,6 +126,11 @@ impl OutputLayout {
         }
     }
 
+    /// The output offset of time step `t`'s first value.
+    pub fn time_offset(&self, t: usize) -> usize {
+        self.offsets[0][t]
+    }
+
     /// The output offset of level `l`'s first value.
     pub fn level_offset(&self, l: usize) -> usize {
         self.offsets[1][l]
