@@ -229,41 +229,60 @@ pub fn try_apply_in_place(
     spec: &MaskSpec,
     geometry: &MaskGeometry,
     tokens: Vec<f32>,
-    mut target: Vec<f32>,
+    target: Vec<f32>,
     rng: &mut impl Rng,
 ) -> Result<Masked, MaskError> {
-    spec.validate(geometry)?;
     let expected = geometry.num_values();
     if tokens.len() != expected {
+        spec.validate(geometry)?;
         return Err(MaskError::TokenLength {
             expected,
             got: tokens.len(),
         });
     }
-    target.clear();
-    Ok(match *spec {
-        MaskSpec::None => Masked {
-            source: tokens,
-            target,
-            ..Masked::default()
-        },
+    Ok(try_plan(spec, geometry, rng)?.apply(tokens, target))
+}
+
+/// Draws the mask of `spec` before the tokens exist: a mask depends on the random draws alone,
+/// never on the values, so drawing first and applying later gives the same bytes as
+/// [`try_apply_in_place`] with the same generator (which is this, applied at once).
+pub fn try_plan(
+    spec: &MaskSpec,
+    geometry: &MaskGeometry,
+    rng: &mut impl Rng,
+) -> Result<MaskPlan, MaskError> {
+    spec.validate(geometry)?;
+    let numel = geometry.token_numel;
+    let mut plan = MaskPlan {
+        token_numel: numel,
+        num_tokens: geometry.num_tokens(),
+        ..MaskPlan::default()
+    };
+    match *spec {
+        MaskSpec::None => {}
         MaskSpec::Bert {
             r_max,
             noise_fraction,
             mask_value,
-        } => bert(
-            geometry,
-            tokens,
-            target,
-            r_max,
-            noise_fraction,
-            mask_value,
-            rng,
-        ),
+        } => {
+            let n = geometry.num_tokens();
+            let r = f64::from(rng.random::<f32>() * r_max);
+            let count = ((r * n as f64).round() as usize).min(n);
+            plan.masked_indices = choose_sorted(n, count, rng);
+            plan.fill = mask_value;
+            for &i in &plan.masked_indices {
+                if rng.random::<f32>() < noise_fraction {
+                    let start = plan.noise.len();
+                    plan.noise.resize(start + numel, 0.0);
+                    fill_standard_normal(&mut plan.noise[start..], rng);
+                    plan.noised_indices.push(i);
+                }
+            }
+        }
         MaskSpec::Forecast { k } => {
             let first = geometry.nt - k;
             let slices: Vec<bool> = (0..geometry.nt).map(|t| t >= first).collect();
-            mask_time_slices(geometry, tokens, target, &slices)
+            plan.mask_time_slices(geometry, &slices);
         }
         MaskSpec::Interpolation { k } => {
             // Partial Fisher–Yates over the interior slices 1..nt-1.
@@ -276,9 +295,95 @@ pub fn try_apply_in_place(
             for &t in &interior[..k] {
                 slices[t] = true;
             }
-            mask_time_slices(geometry, tokens, target, &slices)
+            plan.mask_time_slices(geometry, &slices);
         }
-    })
+    }
+    Ok(plan)
+}
+
+/// A mask drawn ahead of the tokens ([`try_plan`]): which tokens are masked and what replaces
+/// each in the source.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MaskPlan {
+    /// Indices of the masked tokens, ascending.
+    pub masked_indices: Vec<u32>,
+    /// The masked tokens that receive noise rather than the fill value, ascending.
+    pub noised_indices: Vec<u32>,
+    /// The value of the other masked tokens.
+    fill: f32,
+    /// The noised tokens' values, a token after the other in `noised_indices` order.
+    noise: Vec<f32>,
+    token_numel: usize,
+    num_tokens: usize,
+}
+
+impl MaskPlan {
+    fn mask_time_slices(&mut self, geometry: &MaskGeometry, slices: &[bool]) {
+        self.fill = DEFAULT_MASK_VALUE;
+        self.masked_indices = (0..geometry.num_tokens())
+            .filter(|&i| slices[geometry.time_of(i)])
+            .map(|i| i as u32)
+            .collect();
+    }
+
+    /// Values per token.
+    pub fn token_numel(&self) -> usize {
+        self.token_numel
+    }
+
+    /// Each token's place among the masked ones (`u32::MAX` for a token not masked): where its
+    /// values go in the target.
+    pub fn slots(&self) -> Vec<u32> {
+        let mut slots = vec![u32::MAX; self.num_tokens];
+        for (slot, &i) in self.masked_indices.iter().enumerate() {
+            slots[i as usize] = slot as u32;
+        }
+        slots
+    }
+
+    /// Writes the masked tokens' replacements (fill value or noise) into `source`.
+    pub fn fill_source(&self, source: &mut [f32]) {
+        let numel = self.token_numel;
+        let mut noised = self
+            .noised_indices
+            .iter()
+            .zip(self.noise.chunks_exact(numel));
+        let mut next = noised.next();
+        for &i in &self.masked_indices {
+            let token = &mut source[i as usize * numel..(i as usize + 1) * numel];
+            match next {
+                Some((&n, values)) if n == i => {
+                    token.copy_from_slice(values);
+                    next = noised.next();
+                }
+                _ => token.fill(self.fill),
+            }
+        }
+    }
+
+    /// Masks `tokens` (the source after this) and collects the masked tokens' values into the
+    /// reused `target` buffer.
+    pub fn apply(self, mut tokens: Vec<f32>, mut target: Vec<f32>) -> Masked {
+        let numel = self.token_numel;
+        target.clear();
+        target.reserve(self.masked_indices.len() * numel);
+        for &i in &self.masked_indices {
+            target.extend_from_slice(&tokens[i as usize * numel..(i as usize + 1) * numel]);
+        }
+        self.fill_source(&mut tokens);
+        self.into_masked(tokens, target)
+    }
+
+    /// The result of a cut that wrote the masked tokens' values into `target` (in
+    /// `masked_indices` order) and left their places in `source` to [`Self::fill_source`].
+    pub fn into_masked(self, source: Vec<f32>, target: Vec<f32>) -> Masked {
+        Masked {
+            source,
+            target,
+            masked_indices: self.masked_indices,
+            noised_indices: self.noised_indices,
+        }
+    }
 }
 
 /// Chooses `count` distinct indices of `0..n` uniformly (partial Fisher–Yates), sorted.
@@ -292,65 +397,6 @@ fn choose_sorted(n: usize, count: usize, rng: &mut impl Rng) -> Vec<u32> {
     idx.truncate(count);
     idx.sort_unstable();
     idx
-}
-
-fn bert(
-    geometry: &MaskGeometry,
-    mut source: Vec<f32>,
-    mut target: Vec<f32>,
-    r_max: f32,
-    noise_fraction: f32,
-    mask_value: f32,
-    rng: &mut impl Rng,
-) -> Masked {
-    let n = geometry.num_tokens();
-    let numel = geometry.token_numel;
-    let r = f64::from(rng.random::<f32>() * r_max);
-    let count = ((r * n as f64).round() as usize).min(n);
-    let masked_indices = choose_sorted(n, count, rng);
-
-    target.reserve(count * numel);
-    let mut noised_indices = Vec::new();
-    for &i in &masked_indices {
-        let range = i as usize * numel..(i as usize + 1) * numel;
-        target.extend_from_slice(&source[range.clone()]);
-        if rng.random::<f32>() < noise_fraction {
-            fill_standard_normal(&mut source[range], rng);
-            noised_indices.push(i);
-        } else {
-            source[range].fill(mask_value);
-        }
-    }
-    Masked {
-        source,
-        target,
-        masked_indices,
-        noised_indices,
-    }
-}
-
-fn mask_time_slices(
-    geometry: &MaskGeometry,
-    mut source: Vec<f32>,
-    mut target: Vec<f32>,
-    slices: &[bool],
-) -> Masked {
-    let numel = geometry.token_numel;
-    let mut masked_indices = Vec::new();
-    for i in 0..geometry.num_tokens() {
-        if slices[geometry.time_of(i)] {
-            let range = i * numel..(i + 1) * numel;
-            target.extend_from_slice(&source[range.clone()]);
-            source[range].fill(DEFAULT_MASK_VALUE);
-            masked_indices.push(i as u32);
-        }
-    }
-    Masked {
-        source,
-        target,
-        masked_indices,
-        noised_indices: Vec::new(),
-    }
 }
 
 /// Fills `out` with independent standard-normal values (the ziggurat method: mostly one draw
@@ -367,6 +413,171 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
+
+    /// The former one-pass masking (the values copied and replaced as the draws are made), kept
+    /// as the reference the drawn-ahead plan must reproduce bit for bit.
+    fn one_pass(
+        spec: &MaskSpec,
+        geometry: &MaskGeometry,
+        tokens: Vec<f32>,
+        rng: &mut impl Rng,
+    ) -> Masked {
+        match *spec {
+            MaskSpec::None => Masked {
+                source: tokens,
+                ..Masked::default()
+            },
+            MaskSpec::Bert {
+                r_max,
+                noise_fraction,
+                mask_value,
+            } => bert(
+                geometry,
+                tokens,
+                Vec::new(),
+                r_max,
+                noise_fraction,
+                mask_value,
+                rng,
+            ),
+            MaskSpec::Forecast { k } => {
+                let first = geometry.nt - k;
+                let slices: Vec<bool> = (0..geometry.nt).map(|t| t >= first).collect();
+                mask_time_slices(geometry, tokens, Vec::new(), &slices)
+            }
+            MaskSpec::Interpolation { k } => {
+                let mut interior: Vec<usize> = (1..geometry.nt - 1).collect();
+                for i in 0..k {
+                    let j = rng.random_range(i..interior.len());
+                    interior.swap(i, j);
+                }
+                let mut slices = vec![false; geometry.nt];
+                for &t in &interior[..k] {
+                    slices[t] = true;
+                }
+                mask_time_slices(geometry, tokens, Vec::new(), &slices)
+            }
+        }
+    }
+
+    fn bert(
+        geometry: &MaskGeometry,
+        mut source: Vec<f32>,
+        mut target: Vec<f32>,
+        r_max: f32,
+        noise_fraction: f32,
+        mask_value: f32,
+        rng: &mut impl Rng,
+    ) -> Masked {
+        let n = geometry.num_tokens();
+        let numel = geometry.token_numel;
+        let r = f64::from(rng.random::<f32>() * r_max);
+        let count = ((r * n as f64).round() as usize).min(n);
+        let masked_indices = choose_sorted(n, count, rng);
+
+        target.reserve(count * numel);
+        let mut noised_indices = Vec::new();
+        for &i in &masked_indices {
+            let range = i as usize * numel..(i as usize + 1) * numel;
+            target.extend_from_slice(&source[range.clone()]);
+            if rng.random::<f32>() < noise_fraction {
+                fill_standard_normal(&mut source[range], rng);
+                noised_indices.push(i);
+            } else {
+                source[range].fill(mask_value);
+            }
+        }
+        Masked {
+            source,
+            target,
+            masked_indices,
+            noised_indices,
+        }
+    }
+
+    fn mask_time_slices(
+        geometry: &MaskGeometry,
+        mut source: Vec<f32>,
+        mut target: Vec<f32>,
+        slices: &[bool],
+    ) -> Masked {
+        let numel = geometry.token_numel;
+        let mut masked_indices = Vec::new();
+        for i in 0..geometry.num_tokens() {
+            if slices[geometry.time_of(i)] {
+                let range = i * numel..(i + 1) * numel;
+                target.extend_from_slice(&source[range.clone()]);
+                source[range].fill(DEFAULT_MASK_VALUE);
+                masked_indices.push(i as u32);
+            }
+        }
+        Masked {
+            source,
+            target,
+            masked_indices,
+            noised_indices: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn masks_drawn_ahead_are_the_same_bytes_as_one_pass_masking() {
+        let geometry = geometry();
+        let tokens: Vec<f32> = (0..geometry.num_values())
+            .map(|i| i as f32 * 0.25 - 7.0)
+            .collect();
+        let specs = [
+            MaskSpec::None,
+            MaskSpec::Bert {
+                r_max: 0.9,
+                noise_fraction: 0.3,
+                mask_value: -1.5,
+            },
+            MaskSpec::Forecast { k: 1 },
+            MaskSpec::Interpolation { k: 1 },
+        ];
+        for spec in &specs {
+            for seed in 0..50 {
+                let want = one_pass(
+                    spec,
+                    &geometry,
+                    tokens.clone(),
+                    &mut ChaCha8Rng::seed_from_u64(seed),
+                );
+                let plan = try_plan(spec, &geometry, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
+                // Applied at once, and as a cut does it: targets gathered by slot, the source
+                // filled afterwards.
+                let slots = plan.slots();
+                let numel = plan.token_numel();
+                let mut target = vec![f32::NAN; plan.masked_indices.len() * numel];
+                for (i, &slot) in slots.iter().enumerate() {
+                    if slot != u32::MAX {
+                        let slot = slot as usize;
+                        target[slot * numel..(slot + 1) * numel]
+                            .copy_from_slice(&tokens[i * numel..(i + 1) * numel]);
+                    }
+                }
+                let mut source = tokens.clone();
+                plan.fill_source(&mut source);
+                let cut = plan.clone().into_masked(source, target);
+                let at_once = plan.apply(tokens.clone(), Vec::new());
+                for got in [&at_once, &cut] {
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got.source),
+                        bits(&want.source),
+                        "{spec:?} seed {seed}"
+                    );
+                    assert_eq!(
+                        bits(&got.target),
+                        bits(&want.target),
+                        "{spec:?} seed {seed}"
+                    );
+                    assert_eq!(got.masked_indices, want.masked_indices);
+                    assert_eq!(got.noised_indices, want.noised_indices);
+                }
+            }
+        }
+    }
 
     fn geometry() -> MaskGeometry {
         MaskGeometry {
