@@ -35,12 +35,13 @@ impl BufferPool {
     /// A buffer of exactly `len` values whose contents are left from earlier use, for a caller
     /// that overwrites every value: filling 4 MB with zeros first cost as much as a copy.
     pub fn take_len(&self, len: usize) -> Vec<f32> {
-        // One already that long if there is one (nothing to fill or reallocate), else the
-        // longest.
+        // The shortest already that long if there is one (nothing to fill or reallocate, and
+        // longer ones stay for longer requests: a stream takes sources and small targets from
+        // one pool), else the longest.
         let mut buffer = self.pop(|buffers| {
-            buffers
-                .iter()
-                .rposition(|b| b.len() >= len)
+            (0..buffers.len())
+                .filter(|&i| buffers[i].len() >= len)
+                .min_by_key(|&i| buffers[i].len())
                 .or_else(|| (0..buffers.len()).max_by_key(|&i| buffers[i].len()))
         });
         if buffer.capacity() == 0 {

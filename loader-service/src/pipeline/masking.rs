@@ -331,16 +331,6 @@ impl MaskPlan {
         self.token_numel
     }
 
-    /// Each token's place among the masked ones (`u32::MAX` for a token not masked): where its
-    /// values go in the target.
-    pub fn slots(&self) -> Vec<u32> {
-        let mut slots = vec![u32::MAX; self.num_tokens];
-        for (slot, &i) in self.masked_indices.iter().enumerate() {
-            slots[i as usize] = slot as u32;
-        }
-        slots
-    }
-
     /// Writes the masked tokens' replacements (fill value or noise) into `source`.
     pub fn fill_source(&self, source: &mut [f32]) {
         let numel = self.token_numel;
@@ -371,14 +361,8 @@ impl MaskPlan {
             target.extend_from_slice(&tokens[i as usize * numel..(i as usize + 1) * numel]);
         }
         self.fill_source(&mut tokens);
-        self.into_masked(tokens, target)
-    }
-
-    /// The result of a cut that wrote the masked tokens' values into `target` (in
-    /// `masked_indices` order) and left their places in `source` to [`Self::fill_source`].
-    pub fn into_masked(self, source: Vec<f32>, target: Vec<f32>) -> Masked {
         Masked {
-            source,
+            source: tokens,
             target,
             masked_indices: self.masked_indices,
             noised_indices: self.noised_indices,
@@ -544,21 +528,21 @@ mod tests {
                     &mut ChaCha8Rng::seed_from_u64(seed),
                 );
                 let plan = try_plan(spec, &geometry, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
-                // Applied at once, and as a cut does it: targets gathered by slot, the source
-                // filled afterwards.
-                let slots = plan.slots();
+                // Applied at once, and as a reader that gathers the targets itself and fills the
+                // source afterwards.
                 let numel = plan.token_numel();
-                let mut target = vec![f32::NAN; plan.masked_indices.len() * numel];
-                for (i, &slot) in slots.iter().enumerate() {
-                    if slot != u32::MAX {
-                        let slot = slot as usize;
-                        target[slot * numel..(slot + 1) * numel]
-                            .copy_from_slice(&tokens[i * numel..(i + 1) * numel]);
-                    }
+                let mut target = Vec::new();
+                for &i in &plan.masked_indices {
+                    target.extend_from_slice(&tokens[i as usize * numel..(i as usize + 1) * numel]);
                 }
                 let mut source = tokens.clone();
                 plan.fill_source(&mut source);
-                let cut = plan.clone().into_masked(source, target);
+                let cut = Masked {
+                    source,
+                    target,
+                    masked_indices: plan.masked_indices.clone(),
+                    noised_indices: plan.noised_indices.clone(),
+                };
                 let at_once = plan.apply(tokens.clone(), Vec::new());
                 for got in [&at_once, &cut] {
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
