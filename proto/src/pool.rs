@@ -54,13 +54,15 @@ impl BufferPool {
         buffer
     }
 
-    /// An empty buffer with room for `capacity` values, for a caller that appends them: a pooled
-    /// one already that large if there is one, else the largest, grown.
+    /// An empty buffer with room for `capacity` values, for a caller that appends them: the
+    /// smallest pooled one already that large if there is one, else the largest, grown.
     pub fn take_capacity(&self, capacity: usize) -> Vec<f32> {
+        // The smallest already that large (larger ones stay for larger requests), else the
+        // largest.
         let mut buffer = self.pop(|buffers| {
-            buffers
-                .iter()
-                .position(|b| b.capacity() >= capacity)
+            (0..buffers.len())
+                .filter(|&i| buffers[i].capacity() >= capacity)
+                .min_by_key(|&i| buffers[i].capacity())
                 .or_else(|| (0..buffers.len()).max_by_key(|&i| buffers[i].capacity()))
         });
         buffer.clear();

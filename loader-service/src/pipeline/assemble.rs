@@ -383,11 +383,15 @@ impl Cut {
         let [wt, wy, wx] = window.size;
         let name = &field.config.name;
         let mut rng = sample_rng(shared.seed, epoch, id, index as u32, Purpose::Mask);
+        // A target with room for the largest mask: one that grew would take fresh pages.
+        let target = shared
+            .pool
+            .take_capacity(field.config.mask.max_target_len(&field.mask_geometry));
         let masked = try_apply_in_place(
             &field.config.mask,
             &field.mask_geometry,
             tokens,
-            shared.pool.take(),
+            target,
             &mut rng,
         )
         .map_err(|e| field_err(name, e))?;

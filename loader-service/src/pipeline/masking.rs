@@ -143,6 +143,20 @@ pub enum MaskError {
 }
 
 impl MaskSpec {
+    /// The most values a mask of this spec can take into its target: what a reused target
+    /// buffer needs room for, so that it never grows.
+    pub fn max_target_len(&self, geometry: &MaskGeometry) -> usize {
+        let n = geometry.num_tokens();
+        let tokens = match *self {
+            Self::None => 0,
+            Self::Bert { r_max, .. } => ((f64::from(r_max) * n as f64).round() as usize).min(n),
+            Self::Forecast { k } | Self::Interpolation { k } => {
+                (n / geometry.nt.max(1)) * k.min(geometry.nt)
+            }
+        };
+        tokens * geometry.token_numel
+    }
+
     /// Checks the parameters against the geometry (and the geometry itself).
     pub fn validate(&self, geometry: &MaskGeometry) -> Result<(), MaskError> {
         geometry.validate()?;
@@ -500,6 +514,45 @@ mod tests {
             target,
             masked_indices,
             noised_indices: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn no_mask_takes_more_than_its_spec_s_largest_target() {
+        let geometry = geometry();
+        let tokens = vec![1.0f32; geometry.num_values()];
+        let specs = [
+            (MaskSpec::None, true),
+            (
+                MaskSpec::Bert {
+                    r_max: 0.95,
+                    noise_fraction: 0.1,
+                    mask_value: 0.0,
+                },
+                false,
+            ),
+            (MaskSpec::Forecast { k: 1 }, true),
+            (MaskSpec::Interpolation { k: 1 }, true),
+        ];
+        for (spec, exact) in &specs {
+            let max = spec.max_target_len(&geometry);
+            let mut largest = 0;
+            for seed in 0..400 {
+                let masked = try_apply(
+                    spec,
+                    &geometry,
+                    &tokens,
+                    &mut ChaCha8Rng::seed_from_u64(seed),
+                )
+                .unwrap();
+                assert!(masked.target.len() <= max, "{spec:?} seed {seed}");
+                largest = largest.max(masked.target.len());
+            }
+            if *exact {
+                assert_eq!(largest, max, "{spec:?}");
+            } else {
+                assert!(largest * 10 >= max * 9, "{spec:?}: {largest} of {max}");
+            }
         }
     }
 
