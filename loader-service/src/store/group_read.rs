@@ -153,33 +153,34 @@ impl Dataset {
                 out.resize(field.layout.shape().iter().product(), 0.0);
             }
         }
-        let mut plans = std::collections::HashMap::new();
-        for step in steps {
-            let jobs: Vec<Vec<ChunkJob>> = lanes
-                .iter()
-                .map(|lane| self.lane_jobs(fields, &pairs, lane, step, &mut plans))
-                .collect::<Result<_>>()?;
-            // Each lane's slice of every reader's output of its field.
-            let mut lane_outputs: Vec<Vec<&mut [f32]>> = Vec::with_capacity(lanes.len());
-            for (field, field_outputs) in fields.iter().zip(outputs.iter_mut()) {
-                let levels = field.layout.shape()[1];
-                let per_level = field.layout.shape().iter().product::<usize>() / levels;
-                let mut by_level: Vec<Vec<&mut [f32]>> = (0..levels).map(|_| Vec::new()).collect();
-                for out in field_outputs.iter_mut() {
-                    for (l, part) in out.chunks_exact_mut(per_level).enumerate() {
-                        by_level[l].push(part);
+        // Each lane's slice of every reader's output of its field: lanes own disjoint parts of
+        // the outputs, so each walks all its steps on its own, without waiting for the others.
+        let mut lane_outputs: Vec<Vec<&mut [f32]>> = Vec::with_capacity(lanes.len());
+        for (field, field_outputs) in fields.iter().zip(outputs.iter_mut()) {
+            let levels = field.layout.shape()[1];
+            let per_level = field.layout.shape().iter().product::<usize>() / levels;
+            let mut by_level: Vec<Vec<&mut [f32]>> = (0..levels).map(|_| Vec::new()).collect();
+            for out in field_outputs.iter_mut() {
+                for (l, part) in out.chunks_exact_mut(per_level).enumerate() {
+                    by_level[l].push(part);
+                }
+            }
+            lane_outputs.extend(by_level);
+        }
+        lanes
+            .par_iter()
+            .with_max_len(1)
+            .zip(lane_outputs)
+            .try_for_each(|(lane, mut outs)| {
+                let field = &fields[lane.field];
+                let mut plans = std::collections::HashMap::new();
+                for &step in &steps {
+                    for job in self.lane_jobs(fields, &pairs, lane, step, &mut plans)? {
+                        self.cut_chunk(field, &job, &mut outs)?;
                     }
                 }
-                lane_outputs.extend(by_level);
-            }
-            lanes.par_iter().zip(jobs).zip(lane_outputs).try_for_each(
-                |((lane, jobs), mut outs)| {
-                    let field = &fields[lane.field];
-                    jobs.iter()
-                        .try_for_each(|job| self.cut_chunk(field, job, &mut outs))
-                },
-            )?;
-        }
+                Ok::<_, StoreError>(())
+            })?;
         let delivered: usize = outputs.iter().flatten().map(Vec::len).sum();
         self.counters
             .delivered_bytes
