@@ -293,11 +293,18 @@ pub fn try_plan(
                 }
             }
         }
-        MaskSpec::Forecast { k } => {
-            let first = geometry.nt - k;
-            let slices: Vec<bool> = (0..geometry.nt).map(|t| t >= first).collect();
+        MaskSpec::Forecast { .. } | MaskSpec::Interpolation { .. } => {
+            let slices = masked_time_slices(spec, geometry, rng);
             plan.mask_time_slices(geometry, &slices);
         }
+    }
+    Ok(plan)
+}
+
+/// Which time slices a forecast or interpolation mask masks (none for other specs).
+fn masked_time_slices(spec: &MaskSpec, geometry: &MaskGeometry, rng: &mut impl Rng) -> Vec<bool> {
+    match *spec {
+        MaskSpec::Forecast { k } => (0..geometry.nt).map(|t| t >= geometry.nt - k).collect(),
         MaskSpec::Interpolation { k } => {
             // Partial Fisher–Yates over the interior slices 1..nt-1.
             let mut interior: Vec<usize> = (1..geometry.nt - 1).collect();
@@ -309,10 +316,10 @@ pub fn try_plan(
             for &t in &interior[..k] {
                 slices[t] = true;
             }
-            plan.mask_time_slices(geometry, &slices);
+            slices
         }
+        _ => vec![false; geometry.nt],
     }
-    Ok(plan)
 }
 
 /// A mask drawn ahead of the tokens ([`try_plan`]): which tokens are masked and what replaces
@@ -438,21 +445,9 @@ mod tests {
                 mask_value,
                 rng,
             ),
-            MaskSpec::Forecast { k } => {
-                let first = geometry.nt - k;
-                let slices: Vec<bool> = (0..geometry.nt).map(|t| t >= first).collect();
-                mask_time_slices(geometry, tokens, Vec::new(), &slices)
-            }
-            MaskSpec::Interpolation { k } => {
-                let mut interior: Vec<usize> = (1..geometry.nt - 1).collect();
-                for i in 0..k {
-                    let j = rng.random_range(i..interior.len());
-                    interior.swap(i, j);
-                }
-                let mut slices = vec![false; geometry.nt];
-                for &t in &interior[..k] {
-                    slices[t] = true;
-                }
+            // The slices are drawn as before; what is compared is what is done with them.
+            MaskSpec::Forecast { .. } | MaskSpec::Interpolation { .. } => {
+                let slices = masked_time_slices(spec, geometry, rng);
                 mask_time_slices(geometry, tokens, Vec::new(), &slices)
             }
         }
