@@ -507,14 +507,8 @@ impl Dataset {
             let len = file.metadata()?.len() as usize;
             let end = range.end.min(len);
             let n = end.saturating_sub(range.start);
-            if buf.capacity() < n {
-                buf.reserve(n - buf.len());
-            }
-            // Growing only: the bytes are overwritten by the read.
-            if buf.len() < n {
-                buf.resize(n, 0);
-            }
-            buf.truncate(n);
+            // Zeroes only what the buffer grows by: the bytes are overwritten by the read.
+            buf.resize(n, 0);
             file.read_exact_at(buf, range.start as u64)?;
             Ok(ObjectVersion::of_file(&file.metadata()?))
         });
