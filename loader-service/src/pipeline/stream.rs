@@ -117,13 +117,21 @@ impl Pipeline {
             ));
             if let Some(group) = pipeline.group_batches(&spec) {
                 // Batches cut in groups: the group reserves its batches' memory at once and
-                // hands its reservation to its last batch.
+                // hands its reservation to its last batch. The next group is cut while the last
+                // one's batches go out, so that cutting and sending overlap: two groups live at
+                // most (a turn each; under a budget, which holds two, their reservations too).
+                let turns = Arc::new(tokio::sync::Semaphore::new(2));
                 let mut groups = batch_items
                     .chunks(group)
                     .map(|group| {
                         let pipeline = pipeline.clone();
                         let memory = spec.memory.clone();
+                        let turns = turns.clone();
                         async move {
+                            let turn = turns
+                                .acquire_owned()
+                                .await
+                                .expect("the turns are never closed");
                             let reservation = match &memory {
                                 Some(budget) => {
                                     Some(budget.reserve(batch_bytes * group.len() as u64).await)
@@ -137,39 +145,58 @@ impl Pipeline {
                             let mut samples = pipeline.cut_group(items).await?.into_iter();
                             let count = group.len();
                             let mut reservation = reservation;
-                            Ok::<_, PipelineError>(
-                                group
-                                    .into_iter()
-                                    .enumerate()
-                                    .map(|(k, (items, last))| SampleBatch {
-                                        samples: samples.by_ref().take(items.len()).collect(),
-                                        cursor_after: items.last().expect("non-empty batch").2,
-                                        last: last && spec.end_epoch.is_some(),
-                                        reservation: if k + 1 == count {
-                                            reservation.take()
-                                        } else {
-                                            None
-                                        },
-                                    })
-                                    .collect::<Vec<_>>(),
-                            )
+                            let batches = group
+                                .into_iter()
+                                .enumerate()
+                                .map(|(k, (items, last))| SampleBatch {
+                                    samples: samples.by_ref().take(items.len()).collect(),
+                                    cursor_after: items.last().expect("non-empty batch").2,
+                                    last: last && spec.end_epoch.is_some(),
+                                    reservation: if k + 1 == count {
+                                        reservation.take()
+                                    } else {
+                                        None
+                                    },
+                                })
+                                .collect::<Vec<_>>();
+                            Ok::<_, PipelineError>((batches, turn))
                         }
                     })
                     .buffered(1);
-                while let Some(group) = groups.next().await {
-                    match group {
-                        Ok(batches) => {
-                            for batch in batches {
-                                if tx.send(Ok(batch)).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
+                let (group_tx, mut group_rx) = tokio::sync::mpsc::channel(1);
+                let cut = async move {
+                    while let Some(group) = groups.next().await {
+                        let failed = group.is_err();
+                        if group_tx.send(group).await.is_err() || failed {
                             return;
                         }
                     }
+                };
+                let send = async move {
+                    while let Some(group) = group_rx.recv().await {
+                        match group {
+                            Ok((batches, turn)) => {
+                                for batch in batches {
+                                    if tx.send(Ok(batch)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                drop(turn);
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(e)).await;
+                                return;
+                            }
+                        }
+                    }
+                };
+                // Sending ends the stream: once it stops (the consumer gone, an error sent),
+                // nothing more is cut.
+                let (cut, send) = (std::pin::pin!(cut), std::pin::pin!(send));
+                if let futures::future::Either::Left(((), send)) =
+                    futures::future::select(cut, send).await
+                {
+                    send.await;
                 }
                 return;
             }
