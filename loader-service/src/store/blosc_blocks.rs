@@ -22,6 +22,13 @@ const FORMAT_VERSION: u8 = 2;
 const MEMCPYED: u8 = 0x2;
 /// Blocks are not split into one stream per byte of an element.
 const DONT_SPLIT: u8 = 0x10;
+/// Elements are byte-shuffled (bit shuffling, 0x4, is left to c-blosc).
+const DOSHUFFLE: u8 = 0x1;
+/// The flags' top three bits name the compressor's format; lz4 and lz4hc share format 1.
+const FORMAT_MASK: u8 = 0xE0;
+const LZ4_FORMAT: u8 = 1;
+/// c-blosc splits a block only if each stream holds at least this many bytes.
+const MIN_BUFFERSIZE: usize = 128;
 /// Bytes to read first: the header and the offsets of up to 1020 blocks (a 37-level ERA5 chunk
 /// at 0.25° has 294 blocks of 512 KiB).
 pub const FIRST_READ: usize = 4096;
@@ -271,6 +278,175 @@ impl BloscIndex {
         }
         Ok(out)
     }
+
+    /// Whether [`Self::decode_f32_block`] decodes this chunk's blocks itself: 4-byte elements,
+    /// stored uncompressed or compressed by lz4 (or lz4hc: the same format), byte-shuffled or
+    /// not.
+    pub fn native_f32(&self) -> bool {
+        let known = DOSHUFFLE | DONT_SPLIT | FORMAT_MASK;
+        self.typesize == 4
+            && (self.memcpyed() || (self.flags >> 5 == LZ4_FORMAT && self.flags & !known == 0))
+    }
+
+    /// Decodes block `j` of a chunk of f32 values (see [`Self::native_f32`]) from its encoded
+    /// bytes (those of [`Self::encoded_range`]) into `out` (the block's values), as c-blosc's
+    /// block decoder does, without its per-block allocation or copy: lz4 writes each byte
+    /// stream into `planes` (reused; streams stored raw are read where they are) and the
+    /// unshuffle reads the streams straight into `out`.
+    pub fn decode_f32_block(
+        &self,
+        j: usize,
+        encoded: &[u8],
+        out: &mut [f32],
+        planes: &mut Vec<u8>,
+    ) -> Result<(), BloscIndexError> {
+        let size = self.decoded_range(j).len();
+        let fail = |detail: String| BloscIndexError::Decode { block: j, detail };
+        if !self.native_f32() {
+            return Err(fail("not an lz4 chunk of 4-byte values".into()));
+        }
+        if out.len() * 4 != size {
+            return Err(fail(format!(
+                "{} values asked for a block of {size} bytes",
+                out.len()
+            )));
+        }
+        if self.memcpyed() {
+            if encoded.len() != size {
+                return Err(fail(format!(
+                    "{} bytes stored, expected {size}",
+                    encoded.len()
+                )));
+            }
+            for (v, b) in out.iter_mut().zip(encoded.chunks_exact(4)) {
+                *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+            }
+            return Ok(());
+        }
+        // c-blosc's rule (blosc_d): a full block is split into one stream per byte of an
+        // element unless the header says not to or the streams would be too short.
+        let leftover = size < self.blocksize;
+        let nsplits = if self.flags & DONT_SPLIT == 0 && size / 4 >= MIN_BUFFERSIZE && !leftover {
+            4
+        } else {
+            1
+        };
+        let neblock = size / nsplits;
+        // Unshuffled blocks are their streams one after another, decoded straight into `out`;
+        // shuffled ones go through `planes`, or are read where they are when stored raw.
+        let shuffle = self.flags & DOSHUFFLE != 0;
+        if shuffle && planes.len() < size {
+            planes.resize(size, 0);
+        }
+        let out_bytes = bytemuck::cast_slice_mut::<f32, u8>(out);
+        let mut raw: [Option<Range<usize>>; 4] = [None, None, None, None];
+        let mut at = 0;
+        for (s, raw) in raw.iter_mut().enumerate().take(nsplits) {
+            let cbytes = encoded
+                .get(at..at + 4)
+                .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .ok_or_else(|| fail(format!("stream {s} has no size at byte {at}")))?;
+            at += 4;
+            let end = usize::try_from(cbytes)
+                .ok()
+                .filter(|&n| n > 0 && at + n <= encoded.len())
+                .map(|n| at + n)
+                .ok_or_else(|| {
+                    fail(format!(
+                        "stream {s} says {cbytes} bytes, {} are left",
+                        encoded.len() - at
+                    ))
+                })?;
+            let src = &encoded[at..end];
+            let dst = if shuffle {
+                &mut planes[s * neblock..(s + 1) * neblock]
+            } else {
+                &mut out_bytes[s * neblock..(s + 1) * neblock]
+            };
+            if src.len() == neblock {
+                if shuffle {
+                    *raw = Some(at..end);
+                } else {
+                    dst.copy_from_slice(src);
+                }
+            } else {
+                let n = lz4::block::decompress_to_buffer(src, Some(neblock as i32), dst)
+                    .map_err(|e| fail(format!("lz4 stream {s}: {e}")))?;
+                if n != neblock {
+                    return Err(fail(format!(
+                        "lz4 stream {s} decoded {n} bytes, expected {neblock}"
+                    )));
+                }
+            }
+            at = end;
+        }
+        if shuffle {
+            let stream = |s: usize| match &raw[s] {
+                Some(r) => &encoded[r.clone()],
+                None => &planes[s * neblock..(s + 1) * neblock],
+            };
+            let n = out.len();
+            let byte_planes: [&[u8]; 4] = if nsplits == 4 {
+                [stream(0), stream(1), stream(2), stream(3)]
+            } else {
+                let all = stream(0);
+                [&all[..n], &all[n..2 * n], &all[2 * n..3 * n], &all[3 * n..]]
+            };
+            unshuffle4(byte_planes, out);
+        }
+        Ok(())
+    }
+}
+
+/// c-blosc's byte unshuffle of 4-byte elements: value `i` is byte `i` of each plane, least
+/// significant first.
+fn unshuffle4(planes: [&[u8]; 4], out: &mut [f32]) {
+    let n = out.len();
+    let planes = planes.map(|p| &p[..n]);
+    let done = unshuffle4_simd(planes, out);
+    let [p0, p1, p2, p3] = planes;
+    for i in done..n {
+        out[i] = f32::from_bits(u32::from_le_bytes([p0[i], p1[i], p2[i], p3[i]]));
+    }
+}
+
+/// The unshuffle 16 values at a time with c-blosc's SSE2 kernel: two rounds of interleaving
+/// (bytes of planes 0 and 1, and of 2 and 3; then their 16-bit pairs). Returns how many values
+/// it wrote. (The scalar loop compiles to 4 values per step, ≈ 1.8× c-blosc's time.)
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+fn unshuffle4_simd(planes: [&[u8]; 4], out: &mut [f32]) -> usize {
+    use safe_arch::{
+        m128i, unpack_high_i8_m128i, unpack_high_i16_m128i, unpack_low_i8_m128i,
+        unpack_low_i16_m128i,
+    };
+    const W: usize = 16;
+    let whole = out.len() / W * W;
+    let [p0, p1, p2, p3] = planes;
+    let load = |p: &[u8]| m128i::from(<[u8; W]>::try_from(p).expect("16 bytes"));
+    for ((((o, a), b), c), d) in out[..whole]
+        .chunks_exact_mut(W)
+        .zip(p0.chunks_exact(W))
+        .zip(p1.chunks_exact(W))
+        .zip(p2.chunks_exact(W))
+        .zip(p3.chunks_exact(W))
+    {
+        let (a, b, c, d) = (load(a), load(b), load(c), load(d));
+        let (ab_lo, ab_hi) = (unpack_low_i8_m128i(a, b), unpack_high_i8_m128i(a, b));
+        let (cd_lo, cd_hi) = (unpack_low_i8_m128i(c, d), unpack_high_i8_m128i(c, d));
+        let values: [[u32; 4]; 4] = [
+            unpack_low_i16_m128i(ab_lo, cd_lo).into(),
+            unpack_high_i16_m128i(ab_lo, cd_lo).into(),
+            unpack_low_i16_m128i(ab_hi, cd_hi).into(),
+            unpack_high_i16_m128i(ab_hi, cd_hi).into(),
+        ];
+        o.copy_from_slice(&bytemuck::cast::<[[u32; 4]; 4], [f32; W]>(values));
+    }
+    whole
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
+fn unshuffle4_simd(_planes: [&[u8]; 4], _out: &mut [f32]) -> usize {
+    0
 }
 
 #[cfg(test)]
@@ -336,6 +512,17 @@ mod tests {
                 .unwrap();
             assert_eq!(block, whole[index.decoded_range(j)], "block {j}");
         }
+        if index.native_f32() {
+            let mut planes = Vec::new();
+            for j in 0..index.nblocks() {
+                let mut out = vec![f32::NAN; index.decoded_range(j).len() / 4];
+                index
+                    .decode_f32_block(j, &chunk[index.encoded_range(j)], &mut out, &mut planes)
+                    .unwrap();
+                let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
+                assert_eq!(bytes, whole[index.decoded_range(j)], "block {j} natively");
+            }
+        }
         if index.in_order() && !index.memcpyed() {
             // In place, in order, over one buffer holding the chunk: each block's header
             // overwrites the end of the block before, which is decoded already.
@@ -393,6 +580,101 @@ mod tests {
             assert!(index.nblocks() > 1);
             assert_eq!(BloscIndex::header_len(&chunk).unwrap(), HEADER_LEN);
         }
+    }
+
+    /// Floats whose least significant byte is noise: lz4 stores that byte's stream raw.
+    fn noisy_field(n: usize) -> Vec<u8> {
+        let noise = noise(n);
+        let mut data = field(n);
+        for (i, b) in noise.into_iter().enumerate() {
+            data[4 * i] = b;
+        }
+        data
+    }
+
+    #[test]
+    fn lz4_blocks_decode_natively_as_c_blosc_does() {
+        use BloscCompressor::{BloscLZ, LZ4, LZ4HC, Zstd};
+        use BloscShuffleMode::{BitShuffle, NoShuffle, Shuffle};
+        let mut native = 0;
+        for (data, blocksize) in [
+            (field(100_000), 16384),
+            (noisy_field(100_000), 16384),
+            (noisy_field(300_001 * 4 / 4), 0),
+            // Blocks of 256 bytes: 64 values, too few to split.
+            (field(1000), 256),
+        ] {
+            for (compressor, shuffle) in [
+                (LZ4, Shuffle),
+                (LZ4HC, Shuffle),
+                (LZ4, NoShuffle),
+                (LZ4, BitShuffle),
+                (Zstd, Shuffle),
+                (BloscLZ, Shuffle),
+            ] {
+                let chunk = compress(&data, compressor, shuffle, 5, blocksize);
+                let index = blocks_match_whole(&chunk, &data);
+                let lz4 = matches!(compressor, LZ4 | LZ4HC) && shuffle != BitShuffle;
+                assert_eq!(
+                    index.native_f32(),
+                    lz4 || index.memcpyed(),
+                    "{compressor:?} {shuffle:?} {blocksize}"
+                );
+                native += usize::from(index.native_f32());
+            }
+        }
+        assert!(native >= 12);
+        // The split stream path with raw streams was taken: the noisy byte's stream is raw.
+        let chunk = compress(&noisy_field(100_000), LZ4, Shuffle, 5, 16384);
+        let index = BloscIndex::parse(&chunk).unwrap();
+        let first = &chunk[index.encoded_range(0)];
+        let size = index.decoded_range(0).len();
+        assert_eq!(le_u32(first, 0), size / 4, "stream 0 stored raw");
+    }
+
+    #[test]
+    fn corrupt_lz4_blocks_are_errors_naming_the_block() {
+        let data = field(100_000);
+        let chunk = compress(
+            &data,
+            BloscCompressor::LZ4,
+            BloscShuffleMode::Shuffle,
+            5,
+            16384,
+        );
+        let index = BloscIndex::parse(&chunk).unwrap();
+        let mut planes = Vec::new();
+        let mut out = vec![0.0; index.decoded_range(2).len() / 4];
+        let mut block = chunk[index.encoded_range(2)].to_vec();
+        // A stream longer than the block.
+        let len = block.len() as u32;
+        block[..4].copy_from_slice(&len.to_le_bytes());
+        let err = index
+            .decode_f32_block(2, &block, &mut out, &mut planes)
+            .unwrap_err();
+        assert!(
+            matches!(err, BloscIndexError::Decode { block: 2, .. }),
+            "{err}"
+        );
+        // Garbage lz4 data.
+        let mut block = chunk[index.encoded_range(2)].to_vec();
+        for b in &mut block[4..40] {
+            *b = 0xff;
+        }
+        let err = index
+            .decode_f32_block(2, &block, &mut out, &mut planes)
+            .unwrap_err();
+        assert!(err.to_string().contains("block 2"), "{err}");
+        // The wrong number of values.
+        let err = index
+            .decode_f32_block(
+                2,
+                &chunk[index.encoded_range(2)],
+                &mut out[1..],
+                &mut planes,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("values asked"), "{err}");
     }
 
     #[test]

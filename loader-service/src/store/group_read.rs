@@ -71,10 +71,13 @@ struct Cuts<'a> {
     last: usize,
 }
 
-/// What a lane keeps between chunks: the encoded bytes of the chunk being read.
+/// What a lane keeps between chunks: the encoded bytes of the chunk being read, the byte
+/// streams of the block being decoded and the decoded blocks' buffers.
 #[derive(Default)]
 struct Scratch {
     encoded: Vec<u8>,
+    planes: Vec<u8>,
+    blocks: Vec<Vec<f32>>,
 }
 
 thread_local! {
@@ -392,26 +395,46 @@ impl Dataset {
                 .max()
                 .unwrap_or(0);
             let keep = span_values.div_ceil(block_len) + 1;
-            let mut recent: std::collections::VecDeque<(usize, Vec<u8>)> =
+            let mut recent: std::collections::VecDeque<(usize, Vec<f32>)> =
                 std::collections::VecDeque::with_capacity(keep + 1);
             let mut decoded = 0u64;
+            let native = index.native_f32();
             for &j in &needed {
                 let r = index.encoded_range(j);
                 let at = r.start - read_start;
-                let bytes = if in_place {
-                    index.decode_block_in_place(j, &mut scratch.encoded, at)
+                let mut block = if recent.len() == keep {
+                    recent.pop_front().map(|(_, b)| b)
                 } else {
-                    index.decode_block(j, &scratch.encoded[at..at + r.len()])
+                    scratch.blocks.pop()
                 }
-                .map_err(|e| self.corrupt(variable, &store_key, e.to_string()))?;
-                decoded += bytes.len() as u64;
-                if recent.len() == keep {
-                    recent.pop_front();
+                .unwrap_or_default();
+                let len = index.decoded_range(j).len() / 4;
+                block.resize(len, 0.0);
+                let done = if native {
+                    index.decode_f32_block(
+                        j,
+                        &scratch.encoded[at..at + r.len()],
+                        &mut block,
+                        &mut scratch.planes,
+                    )
+                } else if in_place {
+                    index
+                        .decode_block_in_place(j, &mut scratch.encoded, at)
+                        .map(|bytes| bytemuck::cast_slice_mut(&mut block).copy_from_slice(&bytes))
+                } else {
+                    index
+                        .decode_block(j, &scratch.encoded[at..at + r.len()])
+                        .map(|bytes| bytemuck::cast_slice_mut(&mut block).copy_from_slice(&bytes))
+                };
+                if let Err(e) = done {
+                    scratch.blocks.extend(recent.into_iter().map(|(_, b)| b));
+                    scratch.blocks.push(block);
+                    return Err(self.corrupt(variable, &store_key, e.to_string()));
                 }
-                recent.push_back((j, bytes));
+                decoded += len as u64 * 4;
+                recent.push_back((j, block));
                 let start = j * block_len;
-                let cur = floats(&recent.back().expect("just pushed").1);
-                let cur: &[f32] = &cur;
+                let cur: &[f32] = &recent.back().expect("just pushed").1;
                 let end = start + cur.len();
                 for ((reader, rows), cursor) in cuts.iter().zip(&mut cursors) {
                     let out = &mut *outs[*reader];
@@ -447,6 +470,7 @@ impl Dataset {
                     }
                 }
             }
+            scratch.blocks.extend(recent.into_iter().map(|(_, b)| b));
             debug_assert!(
                 cursors
                     .iter()
@@ -533,7 +557,7 @@ impl Dataset {
 /// Copies values `at..at + dst.len()` of a chunk from the decoded blocks in `recent` (each
 /// `block_len` values but the last), for a run that starts in an earlier block than the last.
 fn copy_pieces(
-    recent: &std::collections::VecDeque<(usize, Vec<u8>)>,
+    recent: &std::collections::VecDeque<(usize, Vec<f32>)>,
     block_len: usize,
     at: usize,
     dst: &mut [f32],
@@ -547,7 +571,7 @@ fn copy_pieces(
             .find(|(k, _)| *k == j)
             .expect("a row's blocks are decoded and kept until the row is cut")
             .1;
-        let values = floats(block);
+        let values: &[f32] = block;
         let n = (values.len() - offset).min(dst.len() - done);
         copy_mapped(
             &mut dst[done..done + n],
@@ -555,14 +579,5 @@ fn copy_pieces(
             affine,
         );
         done += n;
-    }
-}
-
-/// Decoded block bytes as f32 values: in place when aligned (they are, from the allocator),
-/// copied otherwise.
-fn floats(bytes: &[u8]) -> std::borrow::Cow<'_, [f32]> {
-    match bytemuck::try_cast_slice(bytes) {
-        Ok(values) => std::borrow::Cow::Borrowed(values),
-        Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
     }
 }
