@@ -62,12 +62,17 @@ const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 ///   zero: one second covers that. A model step frees its activations and gradients at its end
 ///   and allocates the same sizes again in the next step, seconds later: for the model's commands
 ///   freed memory is kept (the working set is the same every step).
-/// - **No transparent huge pages.** mimalloc asks for huge pages on its arenas (`madvise`), so
-///   each small allocation in a fresh 2 MiB region makes 2 MiB resident and freed memory comes
-///   back only in whole huge pages, and the kernel stalls compacting memory to find them.
-///   mimalloc reads the option when it starts, before `main`, so this also does what it would
-///   then have done: mark the process THP-disabled (`PR_SET_THP_DISABLE`, which covers mappings
-///   made earlier too).
+/// - **Transparent huge pages for sample buffers only.** mimalloc asks for huge pages on its
+///   arenas (`madvise`), so each small allocation in a fresh 2 MiB region makes 2 MiB resident
+///   and freed memory comes back only in whole huge pages, and the kernel stalls compacting
+///   memory to find them: its option is turned off. The loader's multi-megabyte sample buffers
+///   advise huge pages themselves (`atmorep_proto::huge_pages`), which the process must then
+///   allow. mimalloc reads the option when it starts, before `main`, so this also does what it
+///   would then have done, short of the buffers': mark the process THP-disabled except where
+///   advised (`PR_SET_THP_DISABLE` with `PR_THP_DISABLE_EXCEPT_ADVISED`, Linux 6.18). Older
+///   kernels have no exception: there the process is THP-disabled only where the system backs
+///   all memory with huge pages (`always`), where the flag is the only way to keep mimalloc's
+///   arenas off them.
 fn tune_allocator(purge_delay_ms: std::ffi::c_long) {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets a process-wide integer option of the allocator linked above; mimalloc
@@ -84,12 +89,29 @@ fn tune_allocator(purge_delay_ms: std::ffi::c_long) {
             libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
         }
         #[cfg(target_os = "linux")]
+        disable_thp_except_advised();
+    }
+}
+
+/// See [`tune_allocator`]: THP off for this process but where it is advised; on kernels before
+/// 6.18, off altogether only if the system would otherwise give huge pages to all memory.
+#[cfg(target_os = "linux")]
+fn disable_thp_except_advised() {
+    /// `PR_THP_DISABLE_EXCEPT_ADVISED` (linux/prctl.h, 6.18), not yet in the libc crate.
+    const PR_THP_DISABLE_EXCEPT_ADVISED: libc::c_ulong = 1 << 1;
+    let prctl = |flags: libc::c_ulong| {
         // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes a flag of this
         // process's memory map; it cannot invalidate any memory.
         #[allow(unsafe_code)]
-        unsafe {
-            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-        }
+        let status = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, flags, 0, 0) };
+        status == 0
+    };
+    if prctl(PR_THP_DISABLE_EXCEPT_ADVISED) {
+        return;
+    }
+    let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
+    if mode.is_ok_and(|m| m.contains("[always]")) {
+        prctl(0);
     }
 }
 

@@ -26,7 +26,8 @@
 //!   info+standard, none);
 //! - [`statistics`]: the loader's global normalization statistics, to map normalized values
 //!   back to physical units;
-//! - [`pool`]: buffers of `f32` kept for reuse.
+//! - [`pool`]: buffers of `f32` kept for reuse, backed by transparent huge pages
+//!   ([`huge_pages`]) where they are large enough.
 //!
 //! No Zarr and no candle: trainers and downstream tools depend on this crate alone. The pure
 //! modules (geometry, calendar, token info, positional) are deterministic and computed in `f64`
@@ -40,6 +41,7 @@ pub mod convert;
 pub mod era5;
 pub mod error;
 pub mod geometry;
+pub mod huge_pages;
 pub mod pool;
 pub mod positional;
 pub mod request;

@@ -46,8 +46,10 @@ impl BufferPool {
         });
         if buffer.capacity() == 0 {
             // A new buffer: zeroed pages straight from the allocator, faulted in by whoever
-            // writes them first rather than all here.
-            return vec![0.0; len];
+            // writes them first rather than all here, as huge pages where it is large enough.
+            let buffer = vec![0.0; len];
+            crate::huge_pages::advise(&buffer);
+            return buffer;
         }
         buffer.truncate(len);
         buffer.resize(len, 0.0);
@@ -66,7 +68,10 @@ impl BufferPool {
                 .or_else(|| (0..buffers.len()).max_by_key(|&i| buffers[i].capacity()))
         });
         buffer.clear();
-        buffer.reserve(capacity);
+        if buffer.capacity() < capacity {
+            buffer.reserve(capacity);
+            crate::huge_pages::advise(&buffer);
+        }
         buffer
     }
 

@@ -531,7 +531,13 @@ impl Dataset {
             let len = file.metadata()?.len() as usize;
             let end = range.end.min(len);
             let n = end.saturating_sub(range.start);
-            // Zeroes only what the buffer grows by: the bytes are overwritten by the read.
+            // Zeroes only what the buffer grows by: the bytes are overwritten by the read. A
+            // lane's buffer holds a chunk's encoded blocks (megabytes): huge pages, as the
+            // sample buffers it is cut into.
+            if buf.capacity() < n {
+                buf.reserve(n - buf.len());
+                atmorep_proto::huge_pages::advise(buf);
+            }
             buf.resize(n, 0);
             file.read_exact_at(buf, range.start as u64)?;
             Ok(ObjectVersion::of_file(&file.metadata()?))

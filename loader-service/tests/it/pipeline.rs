@@ -576,6 +576,12 @@ async fn bench_pipeline_reports_each_epoch_against_its_own_decode_limit() {
         );
         let ratio = r.decode_seconds / r.seconds;
         assert!((r.ratio - ratio).abs() < 1e-12 && r.ratio > 0.0, "{r:?}");
+        let resident = r.resident_seconds / r.seconds;
+        assert!(
+            (r.resident_ratio - resident).abs() < 1e-12 && r.resident_ratio > 0.0,
+            "{r:?}"
+        );
+        assert!(r.to_text().contains("resident limit"), "{}", r.to_text());
         assert!(r.to_text().contains(&format!("epoch {}", r.epoch)));
     }
 }
