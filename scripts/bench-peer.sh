@@ -10,7 +10,8 @@
 # MIN_SECONDS (the peer's timing per round, 15), EPOCHS (bench-pipeline epochs per round, 6),
 # BLOCK_READS (bench-pipeline --block-reads: on, the default, reads only the blosc blocks a chunk's
 # samples use where they use less than half of it, as with PER_BLOCK 16; off, whole chunks),
-# PEER (the peer's folder).
+# PEER (the peer's folder), HUGE_PAGES (off, the binary's default, or on: `--huge-pages`, sample
+# buffers and the allocator's arenas backed by transparent huge pages).
 #
 # The peer is `peer_loader.py --variants smart_raw --procs 2`: two independent processes, each
 # picking a random 36-step time block, decoding its 36 × 5 chunks per variable with numcodecs
@@ -45,6 +46,7 @@ PER_BLOCK=${PER_BLOCK:-128}
 MIN_SECONDS=${MIN_SECONDS:-15}
 EPOCHS=${EPOCHS:-6}
 BLOCK_READS=${BLOCK_READS:-on}
+HUGE_PAGES=${HUGE_PAGES:-off}
 PEER=${PEER:-$root/../shared/bench/python_peer}
 ROUNDS=${1:-5}
 # The peer's Python packages: make_store.py uses zarr 3's API (`create_array`, `compressors=`) to
@@ -52,6 +54,7 @@ ROUNDS=${1:-5}
 PINS="numpy==2.4.6 zarr==3.1.6 numcodecs==0.16.6 xarray==2026.9.0"
 
 case $BLOCK_READS in on | off) ;; *) echo "BLOCK_READS must be on or off" >&2; exit 2 ;; esac
+case $HUGE_PAGES in on) huge=(--huge-pages) ;; off) huge=() ;; *) echo "HUGE_PAGES must be on or off" >&2; exit 2 ;; esac
 [ "$EPOCHS" -ge 2 ] || { echo "EPOCHS must be at least 2 (epoch 0 and a steady one)" >&2; exit 2; }
 [ "$NT" -ge 36 ] || { echo "NT must be at least 36 (the peer's window)" >&2; exit 2; }
 [ -f "$PEER/peer_loader.py" ] || { echo "no peer_loader.py in $PEER (set PEER)" >&2; exit 2; }
@@ -104,7 +107,7 @@ request=$work/request.toml
 } >"$request"
 
 bench() {
-  "$BIN" loader bench-pipeline "$STORE" --config "$request" --block-reads "$BLOCK_READS" "$@"
+  "$BIN" "${huge[@]}" loader bench-pipeline "$STORE" --config "$request" --block-reads "$BLOCK_READS" "$@"
 }
 # Warm the page cache with the store's chunks (both sides read the same files).
 bench --epochs 1 >"$work/bench.txt" 2>&1 || { cat "$work/bench.txt" >&2; exit 1; }
@@ -115,7 +118,10 @@ for round in $(seq "$ROUNDS"); do
   py "$PEER/peer_loader.py" "$STORE" --variants smart_raw --per-block "$PER_BLOCK" --procs 2 \
     --min-seconds "$MIN_SECONDS" --json "$work/peer.json" >"$work/peer.txt" 2>&1 \
     || { cat "$work/peer.txt" >&2; exit 1; }
-  bench --epochs "$EPOCHS" >"$work/bench.txt" 2>&1 || { cat "$work/bench.txt" >&2; exit 1; }
+  # Without the decode limits: their 1.5 GB of decoded chunks, allocated and freed after each
+  # epoch, would be the next epoch's memory (they run once, after the rounds).
+  bench --epochs "$EPOCHS" --no-decode-limit >"$work/bench.txt" 2>&1 \
+    || { cat "$work/bench.txt" >&2; exit 1; }
   "$venv/bin/python" - "$work/peer.json" "$work/bench.txt" "$round" >>"$work/rows.txt" <<'EOF'
 import json, re, statistics, sys
 peer = json.loads(open(sys.argv[1]).read().splitlines()[-1])["samples_per_s"]
@@ -133,4 +139,18 @@ rows = [list(map(float, line.split()[1:])) for line in open(sys.argv[1])]
 med = [statistics.median(col) for col in zip(*rows)]
 print("%-6s %12.1f %14.1f %14.1f %12.2f %12.2f" % ("median", *med))
 print("ours/peer: fresh %.2f×, steady %.2f× (medians of the rounds' ratios)" % (med[3], med[4]))
+EOF
+# The decode limits of the same epochs, in one more process: decoding the chunks the epoch
+# fetched on all cores, each chunk's values dropped at once (in cache) or all kept (resident, as
+# the pipeline's output is). A ratio is limit time / pipeline time: 1 = at the limit.
+bench --epochs 3 >"$work/limits.txt" 2>&1 || { cat "$work/limits.txt" >&2; exit 1; }
+"$venv/bin/python" - "$work/limits.txt" <<'EOF'
+import re, statistics, sys
+text = open(sys.argv[1]).read()
+cache = [float(x) for x in re.findall(r"^ratio\s+([0-9.]+)", text, re.M)][1:]
+resident = [float(x) for x in re.findall(r"^resident limit .*\(ratio ([0-9.]+)\)", text, re.M)][1:]
+if not cache or not resident:
+    sys.exit("bench-pipeline printed no decode limits")
+print("steady state against the decode limit: %.2f (output in cache), %.2f (output kept)"
+      % (statistics.median(cache), statistics.median(resident)))
 EOF

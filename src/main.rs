@@ -62,18 +62,17 @@ const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 ///   zero: one second covers that. A model step frees its activations and gradients at its end
 ///   and allocates the same sizes again in the next step, seconds later: for the model's commands
 ///   freed memory is kept (the working set is the same every step).
-/// - **Transparent huge pages for sample buffers only.** mimalloc asks for huge pages on its
-///   arenas (`madvise`), so each small allocation in a fresh 2 MiB region makes 2 MiB resident
-///   and freed memory comes back only in whole huge pages, and the kernel stalls compacting
-///   memory to find them: its option is turned off. The loader's multi-megabyte sample buffers
-///   advise huge pages themselves (`atmorep_proto::huge_pages`), which the process must then
-///   allow. mimalloc reads the option when it starts, before `main`, so this also does what it
-///   would then have done, short of the buffers': mark the process THP-disabled except where
-///   advised (`PR_SET_THP_DISABLE` with `PR_THP_DISABLE_EXCEPT_ADVISED`, Linux 6.18). Older
-///   kernels have no exception: there the process is THP-disabled only where the system backs
-///   all memory with huge pages (`always`), where the flag is the only way to keep mimalloc's
-///   arenas off them.
-fn tune_allocator(purge_delay_ms: std::ffi::c_long) {
+/// - **Transparent huge pages off, unless asked for** (`--huge-pages`, or `MIMALLOC_ALLOW_THP=1`).
+///   mimalloc asks for huge pages on its arenas (`madvise`), so each small allocation in a fresh
+///   2 MiB region makes 2 MiB resident and freed memory comes back only in whole huge pages: the
+///   eight-client service test peaks at 144 MiB with them against 67–77 without. A loader
+///   cutting whole time blocks at once writes all over a gigabyte of sample buffers, and there
+///   huge pages save TLB misses and page faults: `--huge-pages` keeps mimalloc's default and the
+///   sample buffers advise huge pages themselves (`atmorep_proto::huge_pages`), measured in
+///   docs/performance.md#huge-pages. Off, mimalloc reads its option when it starts, before
+///   `main`, so this also does what it would then have done: mark the process THP-disabled
+///   (`PR_SET_THP_DISABLE`, which covers mappings made earlier too).
+fn tune_allocator(purge_delay_ms: std::ffi::c_long, huge_pages: bool) {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets a process-wide integer option of the allocator linked above; mimalloc
         // documents `mi_option_set` as callable at any time from any thread.
@@ -82,36 +81,19 @@ fn tune_allocator(purge_delay_ms: std::ffi::c_long) {
             libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, purge_delay_ms);
         }
     }
-    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+    if !huge_pages && std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
         // SAFETY: as above.
         #[allow(unsafe_code)]
         unsafe {
             libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
         }
         #[cfg(target_os = "linux")]
-        disable_thp_except_advised();
-    }
-}
-
-/// See [`tune_allocator`]: THP off for this process but where it is advised; on kernels before
-/// 6.18, off altogether only if the system would otherwise give huge pages to all memory.
-#[cfg(target_os = "linux")]
-fn disable_thp_except_advised() {
-    /// `PR_THP_DISABLE_EXCEPT_ADVISED` (linux/prctl.h, 6.18), not yet in the libc crate.
-    const PR_THP_DISABLE_EXCEPT_ADVISED: libc::c_ulong = 1 << 1;
-    let prctl = |flags: libc::c_ulong| {
         // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes a flag of this
         // process's memory map; it cannot invalidate any memory.
         #[allow(unsafe_code)]
-        let status = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, flags, 0, 0) };
-        status == 0
-    };
-    if prctl(PR_THP_DISABLE_EXCEPT_ADVISED) {
-        return;
-    }
-    let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
-    if mode.is_ok_and(|m| m.contains("[always]")) {
-        prctl(0);
+        unsafe {
+            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+        }
     }
 }
 
@@ -122,6 +104,11 @@ fn disable_thp_except_advised() {
     about = "ERA5 Zarr → token batches → AtmoRep-style training"
 )]
 struct Cli {
+    /// Back large buffers with transparent huge pages where the system allows them: faster
+    /// group cuts (fewer TLB misses and page faults), more resident memory for small
+    /// allocations (docs/performance.md#huge-pages).
+    #[arg(long, global = true)]
+    huge_pages: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -406,7 +393,7 @@ fn shape4(name: &str, v: Option<Vec<u64>>) -> Result<Option<[u64; 4]>> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    tune_allocator(cli.command.purge_delay_ms());
+    tune_allocator(cli.command.purge_delay_ms(), cli.huge_pages);
     // Storage reads run on tokio's blocking pool (object_store's local files), where every thread
     // keeps an allocator heap of its own: tokio's default of 512 threads let a burst of reads
     // hold tens of MiB of idle heaps. A few threads per core keep the disks just as busy.
