@@ -59,7 +59,8 @@ const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 /// - **Purge delay** (`purge_delay_ms`, -1 = never). mimalloc returns freed memory to the OS 10 ms
 ///   after the last free by default. The loader frees and reallocates multi-megabyte chunk and
 ///   token buffers every few milliseconds, so each one came back as fresh pages the kernel had to
-///   zero: one second covers that. A model step frees its activations and gradients at its end
+///   zero: ten seconds cover that, and a group cut's per-sample allocations a block (about a
+///   second) apart. A model step frees its activations and gradients at its end
 ///   and allocates the same sizes again in the next step, seconds later: for the model's commands
 ///   freed memory is kept (the working set is the same every step).
 /// - **Transparent huge pages off, unless asked for** (`--huge-pages`, or `MIMALLOC_ALLOW_THP=1`).
@@ -161,7 +162,7 @@ impl Command {
             | Command::Infer(_)
             | Command::Embed(_)
             | Command::Ablate(_) => -1,
-            _ => 1000,
+            _ => 10_000,
         }
     }
 }
