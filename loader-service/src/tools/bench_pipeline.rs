@@ -20,7 +20,8 @@ use crate::pipeline::epoch::EpochCursor;
 use crate::pipeline::normalization::GlobalStats;
 use crate::pipeline::{BatchSpec, Normalization, Pipeline, PipelineConfig, PipelineError};
 use crate::progress::Progress;
-use crate::store::dataset::Dataset;
+use crate::store::cache::DecodedChunk;
+use crate::store::dataset::{Dataset, Variable};
 use crate::store::decode::{decode_chunk, run_on_rayon};
 use crate::{ChunkCache, StoreLocation};
 
@@ -241,48 +242,23 @@ async fn run_epoch(
         let bytes = dataset.location().get(&key).await?;
         encoded.push((variable.clone(), key, indices.clone(), bytes));
     }
-    let url_owned = dataset.url().to_string();
-    let (encoded_again, url_again) = (encoded.clone(), url_owned.clone());
-    let decode_started = Instant::now();
-    let decoded_limit = run_on_rayon(move || {
-        encoded
-            .par_iter()
-            .map(|(variable, key, indices, bytes)| {
-                decode_chunk(
-                    &url_owned,
-                    &variable.node,
-                    key,
-                    indices,
-                    bytes.as_deref(),
-                    &variable.packing,
-                )
-                .map(|c| std::mem::size_of_val(c.values()) as u64)
+    let encoded = Arc::new((encoded, dataset.url().to_string()));
+    let limit = |keep: bool| {
+        let encoded = encoded.clone();
+        async move {
+            let started = Instant::now();
+            let decoded = run_on_rayon(move || {
+                let (chunks, url) = &*encoded;
+                decode_all(url, chunks, keep)
             })
-            .sum::<Result<u64, StoreError>>()
-    })
-    .await;
-    let decode_seconds = decode_started.elapsed().as_secs_f64();
-    let decoded_limit = decoded_limit??;
-    // The limit that keeps its output: every decoded chunk stays resident until the last one is
-    // decoded (freed after the clock stops).
-    let resident_started = Instant::now();
-    let kept = run_on_rayon(move || {
-        encoded_again
-            .par_iter()
-            .map(|(variable, key, indices, bytes)| {
-                decode_chunk(
-                    &url_again,
-                    &variable.node,
-                    key,
-                    indices,
-                    bytes.as_deref(),
-                    &variable.packing,
-                )
-            })
-            .collect::<Result<Vec<_>, StoreError>>()
-    })
-    .await;
-    let resident_seconds = resident_started.elapsed().as_secs_f64();
+            .await;
+            (started.elapsed().as_secs_f64(), decoded)
+        }
+    };
+    let (decode_seconds, decoded_limit) = limit(false).await;
+    let (decoded_limit, _) = decoded_limit??;
+    // The limit that keeps its output: its chunks are freed after the clock stops.
+    let (resident_seconds, kept) = limit(true).await;
     drop(kept??);
     Ok(PipelineBenchReport {
         epoch,
@@ -313,6 +289,42 @@ async fn run_epoch(
         },
         cores: rayon::current_num_threads(),
     })
+}
+
+/// A chunk's variable, store key, chunk indices and encoded bytes.
+type EncodedChunk = (Variable, String, Vec<u64>, Option<bytes::Bytes>);
+
+/// Decodes every chunk in parallel: the decoded bytes, and with `keep` the decoded chunks
+/// themselves, every one resident until the last is decoded (else each is dropped at once).
+fn decode_all(
+    url: &str,
+    chunks: &[EncodedChunk],
+    keep: bool,
+) -> Result<(u64, Vec<DecodedChunk>), StoreError> {
+    let decode = |(variable, key, indices, bytes): &EncodedChunk| {
+        decode_chunk(
+            url,
+            &variable.node,
+            key,
+            indices,
+            bytes.as_deref(),
+            &variable.packing,
+        )
+    };
+    let size = |c: &DecodedChunk| std::mem::size_of_val(c.values()) as u64;
+    if keep {
+        let kept = chunks
+            .par_iter()
+            .map(decode)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((kept.iter().map(size).sum(), kept))
+    } else {
+        let bytes = chunks
+            .par_iter()
+            .map(|c| decode(c).map(|c| size(&c)))
+            .sum::<Result<u64, StoreError>>()?;
+        Ok((bytes, Vec::new()))
+    }
 }
 
 /// The reference request of the pipeline issue: two fields × 5 levels, AtmoRep geometry
